@@ -1,0 +1,42 @@
+//! The operational HTTP routes every process serves: `/healthz` (alive), `/readyz` (dependencies
+//! reachable) and `/metrics` (Prometheus text format).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+/// A readiness probe: `Ok(())` when the process can serve, or a reason.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub fn ops_routes(
+    ready: ReadyCheck,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::with_status("ok", StatusCode::OK));
+    let readyz = warp::path!("readyz").and(warp::get()).then(move || {
+        let ready = ready.clone();
+        async move {
+            match ready().await {
+                Ok(()) => warp::reply::with_status("ready".to_owned(), StatusCode::OK),
+                Err(reason) => warp::reply::with_status(
+                    format!("not ready: {reason}"),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                ),
+            }
+        }
+    });
+    let metrics = warp::path!("metrics").and(warp::get()).map(|| {
+        warp::reply::with_header(
+            crate::telemetry::metrics_handle().render(),
+            "content-type",
+            "text/plain; version=0.0.4",
+        )
+    });
+    health.or(readyz).or(metrics)
+}

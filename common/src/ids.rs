@@ -1,0 +1,229 @@
+//! Domain identifiers with validating constructors.
+//!
+//! Every id that comes from a client, a token or a Kafka record passes through one of these
+//! `parse` functions before it is used, so the rest of the code can rely on their invariants.
+
+use std::fmt;
+
+use thiserror::Error;
+use uuid::Uuid;
+
+/// Longest accepted user or gateway id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+/// Longest accepted client message id, in bytes.
+pub const MAX_CLIENT_MESSAGE_ID_LEN: usize = 64;
+
+/// Why an id was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum IdError {
+    #[error("{kind} is empty")]
+    Empty { kind: &'static str },
+    #[error("{kind} is longer than {max} bytes")]
+    TooLong { kind: &'static str, max: usize },
+    #[error("{kind} may only contain a-z, A-Z, 0-9, '_', '-' and '.'")]
+    BadChar { kind: &'static str },
+    #[error("conversation key must be two distinct, sorted user ids joined by ':'")]
+    BadConversation,
+}
+
+fn check(kind: &'static str, s: &str, max: usize) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if s.len() > max {
+        return Err(IdError::TooLong { kind, max });
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(IdError::BadChar { kind });
+    }
+    Ok(())
+}
+
+/// A user id: 1 to 64 bytes of `[A-Za-z0-9_.-]`. The alphabet leaves out ':' (the conversation key
+/// separator), '/', whitespace and control characters, so ids are safe in keys, URLs and logs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check("user id", s, MAX_ID_LEN)?;
+        Ok(Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A gateway id: same alphabet as user ids; it becomes part of the topic name `outbound-<id>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GatewayId(String);
+
+impl GatewayId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check("gateway id", s, MAX_ID_LEN)?;
+        Ok(Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A client-chosen message id (unique per sender): same alphabet, at most 64 bytes, so a UUID fits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClientMessageId(String);
+
+impl ClientMessageId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check("client message id", s, MAX_CLIENT_MESSAGE_ID_LEN)?;
+        Ok(Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The key of a conversation between two distinct users: the two ids sorted and joined by ':'.
+///
+/// The encoding is injective: ':' is outside the user id alphabet, so the key splits back into
+/// exactly one sorted pair. A->B and B->A share the key, hence the Kafka partition and the shard.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConversationKey(String);
+
+impl ConversationKey {
+    /// The key of the conversation between `a` and `b`; `None` when they are the same user.
+    pub fn of(a: &UserId, b: &UserId) -> Option<Self> {
+        let (lo, hi) = match a.cmp(b) {
+            std::cmp::Ordering::Less => (a, b),
+            std::cmp::Ordering::Greater => (b, a),
+            std::cmp::Ordering::Equal => return None,
+        };
+        Some(Self(format!("{lo}:{hi}")))
+    }
+
+    /// Parses and validates a key read from Kafka or the database.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let (lo, hi) = s.split_once(':').ok_or(IdError::BadConversation)?;
+        let (lo, hi) = (UserId::parse(lo)?, UserId::parse(hi)?);
+        if lo >= hi {
+            return Err(IdError::BadConversation);
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The two users, in sorted order.
+    pub fn users(&self) -> (UserId, UserId) {
+        let (lo, hi) = self.0.split_once(':').unwrap_or((&self.0, ""));
+        (UserId(lo.to_owned()), UserId(hi.to_owned()))
+    }
+
+    /// The other user of the conversation, when `me` is one of the two.
+    pub fn peer_of(&self, me: &UserId) -> Option<UserId> {
+        let (lo, hi) = self.users();
+        if &lo == me {
+            Some(hi)
+        } else if &hi == me {
+            Some(lo)
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConversationKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Namespace of message ids (UUIDv5 over sender and client message id).
+const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_3a52_9d0e_4b7a_8e21_5f4c_0b9d_7a13);
+
+/// The server's id for a message: a UUIDv5 of the sender and the client message id, so a retried
+/// send (same session or another gateway) maps to the same id, and storage deduplicates on it.
+pub fn message_id(sender: &UserId, client_id: &ClientMessageId) -> Uuid {
+    // The separator is outside both alphabets, so distinct pairs never hash the same input.
+    let name = format!("{}\n{}", sender.as_str(), client_id.as_str());
+    Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u(s: &str) -> UserId {
+        UserId::parse(s).expect("valid id")
+    }
+
+    #[test]
+    fn user_ids_are_validated() {
+        assert!(UserId::parse("alice_1.x-y").is_ok());
+        assert_eq!(UserId::parse(""), Err(IdError::Empty { kind: "user id" }));
+        assert!(matches!(
+            UserId::parse(&"a".repeat(65)),
+            Err(IdError::TooLong { .. })
+        ));
+        assert!(UserId::parse(&"a".repeat(64)).is_ok());
+        for bad in [
+            "a:b",
+            "a b",
+            "a/b",
+            "a\0b",
+            "é",
+            "x'; DROP TABLE messages;--",
+            "a\n",
+        ] {
+            assert!(
+                matches!(UserId::parse(bad), Err(IdError::BadChar { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn conversation_key_is_symmetric_and_injective() {
+        let ab = ConversationKey::of(&u("alice"), &u("bob")).expect("distinct");
+        let ba = ConversationKey::of(&u("bob"), &u("alice")).expect("distinct");
+        assert_eq!(ab, ba);
+        assert_eq!(ab.as_str(), "alice:bob");
+        assert_eq!(ab.users(), (u("alice"), u("bob")));
+        assert_eq!(ConversationKey::parse("alice:bob"), Ok(ab.clone()));
+        assert_eq!(ab.peer_of(&u("alice")), Some(u("bob")));
+        assert_eq!(ab.peer_of(&u("carol")), None);
+        assert!(ConversationKey::of(&u("a"), &u("a")).is_none());
+        // Pairs that a naive concatenation would confuse stay distinct.
+        let k1 = ConversationKey::of(&u("a"), &u("bc")).expect("distinct");
+        let k2 = ConversationKey::of(&u("ab"), &u("c")).expect("distinct");
+        assert_ne!(k1, k2);
+        for bad in ["bob:alice", "alice", "alice:alice", ":bob", "a:b:c"] {
+            assert!(ConversationKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn message_ids_are_stable_per_sender_and_client_id() {
+        let c1 = ClientMessageId::parse("c1").expect("valid");
+        let c2 = ClientMessageId::parse("c2").expect("valid");
+        assert_eq!(message_id(&u("alice"), &c1), message_id(&u("alice"), &c1));
+        assert_ne!(message_id(&u("alice"), &c1), message_id(&u("alice"), &c2));
+        assert_ne!(message_id(&u("alice"), &c1), message_id(&u("bob"), &c1));
+    }
+}

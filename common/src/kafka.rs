@@ -1,0 +1,114 @@
+//! Kafka client factories: every producer and consumer in the project is built here, so the
+//! durability settings (`acks=all`, idempotence, manual offset storage) are set in one place.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use thiserror::Error;
+
+/// Errors at the Kafka boundary.
+#[derive(Debug, Error)]
+pub enum KafkaError {
+    #[error("kafka client: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("creating topic {name}: {code}")]
+    CreateTopic {
+        name: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("brokers {brokers} unreachable: {source}")]
+    Unreachable {
+        brokers: String,
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+/// Where the brokers are and how long a produce may take before it is reported as failed.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, comma separated host:port.
+    pub brokers: String,
+    /// Upper bound on a produce, retries included (`message.timeout.ms`); past it the sender gets
+    /// an error instead of waiting forever.
+    pub produce_timeout: Duration,
+    /// `linger.ms`: how long the producer waits to fill a batch.
+    pub linger: Duration,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            produce_timeout: Duration::from_secs(10),
+            linger: Duration::from_millis(2),
+        }
+    }
+
+    /// Settings shared by every client.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("broker.address.family", "v4")
+            .set("socket.keepalive.enable", "true");
+        c
+    }
+
+    /// An idempotent producer with `acks=all`: a record acknowledged by its delivery report is
+    /// on every in-sync replica and is never duplicated by the producer's own retries.
+    pub fn producer(&self) -> Result<FutureProducer, KafkaError> {
+        let mut c = self.client_config();
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("compression.type", "lz4")
+            .set(
+                "message.timeout.ms",
+                self.produce_timeout.as_millis().to_string(),
+            )
+            .set("queue.buffering.max.messages", "200000");
+        Ok(c.create()?)
+    }
+
+    /// A consumer in `group` that stores offsets only when told to (at-least-once).
+    pub fn consumer(&self, group: &str) -> Result<StreamConsumer, KafkaError> {
+        let mut c = self.client_config();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("max.poll.interval.ms", "60000")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("fetch.wait.max.ms", "10");
+        Ok(c.create()?)
+    }
+
+    /// A consumer without a group, for reading whole topics with manual assignment (presence).
+    pub fn reader(&self) -> Result<StreamConsumer, KafkaError> {
+        let mut c = self.client_config();
+        c.set("group.id", "unused-manual-assignment")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10");
+        Ok(c.create()?)
+    }
+
+    /// Checks that the brokers answer, so a misconfigured process fails at start, not at first use.
+    pub fn check_reachable(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let consumer = self.reader()?;
+        consumer
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
+            .map_err(|source| KafkaError::Unreachable {
+                brokers: self.brokers.clone(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,26 @@
+//! What every process of the chat pipeline shares.
+//!
+//! - [`ids`]: validated user, gateway, client-message and conversation ids; message id derivation.
+//! - [`auth`]: JWT verification (and minting for the local stack).
+//! - [`kafka`]: producer and consumer factories with the project's durability settings.
+//! - [`topics`]: topic names and settings (from `infra/topics.json`), explicit creation.
+//! - [`config`]: typed environment configuration helpers and local-stack defaults.
+//! - [`telemetry`]: tracing and the Prometheus recorder; [`http`]: health, readiness, metrics routes.
+//! - [`shutdown`]: the SIGTERM cancellation token.
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod ids;
+pub mod kafka;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topics;
+
+/// Milliseconds since the Unix epoch, the time unit of every timestamp on the wire.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,45 @@
+//! Logs and metrics.
+//!
+//! Logs: `tracing` with the `RUST_LOG` filter (default `info`); `LOG_FORMAT=json` switches to one
+//! JSON object per line. Metrics: the `metrics` facade recorded by a Prometheus recorder; every
+//! process serves the rendering at `GET /metrics` (see [`crate::http`]).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber. Safe to call more than once (later calls do nothing).
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+                .expect("static bucket list is non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed, in which case ours just stays unused.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

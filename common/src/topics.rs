@@ -1,0 +1,186 @@
+//! Topic names and settings, in one place.
+//!
+//! Names: `inbound`, `outbound-<gateway_id>`, `presence`, each with an optional prefix so tests
+//! (and several stacks on one cluster) stay apart. Settings come from `infra/topics.json`, which
+//! Terraform reads too. Topics are created explicitly ([`ensure_topics`]); brokers run with
+//! auto-creation off.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use serde::Deserialize;
+
+use crate::ids::GatewayId;
+use crate::kafka::{KafkaConfig, KafkaError};
+
+/// The shared topic settings file.
+pub const TOPICS_JSON: &str = include_str!("../../infra/topics.json");
+
+/// Partition count and topic-level configuration of one kind of topic.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub partitions: i32,
+    pub config: BTreeMap<String, String>,
+}
+
+/// Settings of the three kinds of topic.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct TopicSpecs {
+    pub inbound: TopicSpec,
+    pub outbound: TopicSpec,
+    pub presence: TopicSpec,
+}
+
+impl TopicSpecs {
+    /// The settings from `infra/topics.json` (checked by a unit test, so this cannot fail at run time).
+    pub fn standard() -> Self {
+        serde_json::from_str(TOPICS_JSON).expect("infra/topics.json is valid (unit-tested)")
+    }
+}
+
+/// Topic names of one deployment (or one test).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicNames {
+    prefix: String,
+}
+
+impl TopicNames {
+    /// Names with a prefix (`""` in production; a random one per test).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn inbound(&self) -> String {
+        format!("{}inbound", self.prefix)
+    }
+    pub fn presence(&self) -> String {
+        format!("{}presence", self.prefix)
+    }
+    pub fn outbound(&self, gateway: &GatewayId) -> String {
+        format!("{}outbound-{}", self.prefix, gateway.as_str())
+    }
+}
+
+/// Replication settings that depend on the cluster, not on the topic.
+#[derive(Clone, Copy, Debug)]
+pub struct Replication {
+    pub factor: i32,
+    pub min_insync: i32,
+}
+
+impl Replication {
+    /// RF 1 for a single local broker; RF 3 with min.insync.replicas 2 for a cluster of 3 or more.
+    pub fn for_brokers(brokers: usize) -> Self {
+        if brokers >= 3 {
+            Self {
+                factor: 3,
+                min_insync: 2,
+            }
+        } else {
+            Self {
+                factor: 1,
+                min_insync: 1,
+            }
+        }
+    }
+}
+
+/// Creates the given topics with their settings; topics that already exist are left as they are.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &[(String, TopicSpec)],
+    replication: Option<Replication>,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let replication = match replication {
+        Some(r) => r,
+        None => {
+            let md = admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(10))?;
+            Replication::for_brokers(md.brokers().len())
+        }
+    };
+    let min_isr = replication.min_insync.to_string();
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, spec)| {
+            let mut t = NewTopic::new(
+                name,
+                spec.partitions,
+                TopicReplication::Fixed(replication.factor),
+            );
+            for (k, v) in &spec.config {
+                t = t.set(k, v);
+            }
+            t.set("min.insync.replicas", &min_isr)
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(new_topics.iter(), &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(KafkaError::CreateTopic { name, code }),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes topics (tests clean up after themselves with it). Missing topics are not an error.
+pub async fn delete_topics(kafka: &KafkaConfig, names: &[String]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(&refs, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((name, code)) => return Err(KafkaError::CreateTopic { name, code }),
+        }
+    }
+    Ok(())
+}
+
+/// The standard set of topics for a deployment with the given gateways.
+pub fn standard_topics(names: &TopicNames, gateways: &[GatewayId]) -> Vec<(String, TopicSpec)> {
+    let specs = TopicSpecs::standard();
+    let mut v = vec![
+        (names.inbound(), specs.inbound.clone()),
+        (names.presence(), specs.presence.clone()),
+    ];
+    v.extend(
+        gateways
+            .iter()
+            .map(|g| (names.outbound(g), specs.outbound.clone())),
+    );
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_json_parses_with_required_settings() {
+        let specs = TopicSpecs::standard();
+        assert_eq!(specs.inbound.partitions, 12);
+        assert_eq!(specs.presence.config["cleanup.policy"], "compact");
+        assert_eq!(specs.inbound.config["cleanup.policy"], "delete");
+    }
+
+    #[test]
+    fn names_carry_prefix_and_gateway() {
+        let n = TopicNames::new("t1-");
+        let g = GatewayId::parse("gw-2").expect("valid");
+        assert_eq!(n.inbound(), "t1-inbound");
+        assert_eq!(n.presence(), "t1-presence");
+        assert_eq!(n.outbound(&g), "t1-outbound-gw-2");
+        assert_eq!(standard_topics(&n, &[g]).len(), 3);
+    }
+}

@@ -1,0 +1,379 @@
+//! Writes and reads of messages on the shards.
+//!
+//! Writes are batched per shard, one transaction per shard per batch, and idempotent by message
+//! id: a record seen twice (a replay, a rebalance, a client retry) finds its row and changes
+//! nothing. Sequence numbers are assigned inside the transaction while the conversation's
+//! counter row is locked, so they are dense and never given twice, even with a zombie writer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chat_common::ids::{ConversationKey, UserId};
+use chat_proto::v1::ChatMessage;
+use futures_util::future::try_join_all;
+use uuid::Uuid;
+
+use crate::error::DbError;
+use crate::shards::Shards;
+
+/// What happens to a message's content once its recipient acknowledges it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retention {
+    /// Keep forever (history can be paged).
+    Keep,
+    /// Erase the body when the recipient acks (the row, without content, stays as a tombstone).
+    DeleteOnAck,
+}
+
+impl std::str::FromStr for Retention {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "keep" => Ok(Self::Keep),
+            "delete-on-ack" => Ok(Self::DeleteOnAck),
+            other => Err(format!(
+                "unknown retention mode {other:?} (keep | delete-on-ack)"
+            )),
+        }
+    }
+}
+
+/// A message after the write: its stored form (seq assigned) and whether this write created it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored {
+    pub message: ChatMessage,
+    /// False when the row already existed (replay or client retry).
+    pub created: bool,
+    /// True when the recipient already acked it (nothing left to deliver).
+    pub acked: bool,
+}
+
+/// The effect of an ack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Highest sequence this ack newly covered, if it covered anything.
+    pub up_to_seq: Option<u64>,
+    /// Number of messages newly acknowledged.
+    pub acked: u64,
+}
+
+fn conversation_of(m: &ChatMessage) -> Result<ConversationKey, DbError> {
+    ConversationKey::parse(&m.conversation).map_err(|e| DbError::BadRow {
+        shard: usize::MAX,
+        reason: format!("message {}: {e}", m.message_id),
+    })
+}
+
+impl Shards {
+    /// Stores a batch of messages (in log order) and returns each one's stored form, in input order.
+    /// Messages repeated in the batch or already stored come back with `created = false`.
+    pub async fn store_batch(&self, batch: &[ChatMessage]) -> Result<Vec<Stored>, DbError> {
+        let mut per_shard: BTreeMap<usize, Vec<&ChatMessage>> = BTreeMap::new();
+        for m in batch {
+            let key = conversation_of(m)?;
+            per_shard
+                .entry(self.locator().shard_of(&key))
+                .or_default()
+                .push(m);
+        }
+        let results = try_join_all(
+            per_shard
+                .into_iter()
+                .map(|(shard, msgs)| self.store_on_shard(shard, msgs)),
+        )
+        .await?;
+        let mut by_id: HashMap<String, Stored> = results
+            .into_iter()
+            .flatten()
+            .map(|s| (s.message.message_id.clone(), s))
+            .collect();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut seen = HashSet::new();
+        for m in batch {
+            if let Some(s) = by_id.get(&m.message_id) {
+                let mut s = s.clone();
+                if !seen.insert(m.message_id.clone()) {
+                    s.created = false;
+                }
+                out.push(s);
+            }
+        }
+        by_id.clear();
+        Ok(out)
+    }
+
+    async fn store_on_shard(
+        &self,
+        shard: usize,
+        msgs: Vec<&ChatMessage>,
+    ) -> Result<Vec<Stored>, DbError> {
+        let pg = |source| DbError::Postgres { shard, source };
+        let bad = |reason: String| DbError::BadRow { shard, reason };
+
+        // Distinct messages in log order (a retry inside one batch counts once).
+        let mut ids = Vec::with_capacity(msgs.len());
+        let mut unique: Vec<&ChatMessage> = Vec::with_capacity(msgs.len());
+        let mut seen = HashSet::new();
+        for m in msgs {
+            let id = Uuid::parse_str(&m.message_id)
+                .map_err(|e| bad(format!("message id {:?}: {e}", m.message_id)))?;
+            if seen.insert(id) {
+                ids.push(id);
+                unique.push(m);
+            }
+        }
+        let mut conversations: Vec<String> =
+            unique.iter().map(|m| m.conversation.clone()).collect();
+        conversations.sort();
+        conversations.dedup();
+
+        let mut client = self.client(shard).await?;
+        let tx = client.transaction().await.map_err(pg)?;
+
+        // Lock the counters of every conversation in the batch, in key order (no deadlock
+        // between two writers of overlapping batches).
+        tx.execute(
+            "INSERT INTO conversations (conversation)
+             SELECT unnest($1::text[]) ORDER BY 1
+             ON CONFLICT DO NOTHING",
+            &[&conversations],
+        )
+        .await
+        .map_err(pg)?;
+        let mut last_seq: HashMap<String, i64> = tx
+            .query(
+                "SELECT conversation, last_seq FROM conversations
+                 WHERE conversation = ANY($1) ORDER BY conversation FOR UPDATE",
+                &[&conversations],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+
+        // Rows already present (replay, retry): returned as stored, not written again.
+        let mut existing: HashMap<Uuid, Stored> = HashMap::new();
+        for r in tx
+            .query(
+                "SELECT message_id, client_message_id, sender, recipient, body, sent_at_ms,
+                        seq, conversation, acked_at_ms
+                 FROM messages WHERE message_id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(pg)?
+        {
+            let acked_at: Option<i64> = r.get(8);
+            existing.insert(
+                r.get(0),
+                Stored {
+                    message: row_to_message(&r),
+                    created: false,
+                    acked: acked_at.is_some(),
+                },
+            );
+        }
+
+        let mut out = Vec::with_capacity(unique.len());
+        let (
+            mut c_conv,
+            mut c_seq,
+            mut c_id,
+            mut c_cid,
+            mut c_from,
+            mut c_to,
+            mut c_body,
+            mut c_at,
+        ) = (
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+        );
+        for (m, id) in unique.into_iter().zip(ids) {
+            if let Some(s) = existing.remove(&id) {
+                out.push(s);
+                continue;
+            }
+            let seq = last_seq
+                .get_mut(&m.conversation)
+                .ok_or_else(|| bad(format!("no counter for {}", m.conversation)))?;
+            *seq += 1;
+            let mut stored = m.clone();
+            stored.seq = *seq as u64;
+            c_conv.push(m.conversation.clone());
+            c_seq.push(*seq);
+            c_id.push(id);
+            c_cid.push(m.client_message_id.clone());
+            c_from.push(m.sender.clone());
+            c_to.push(m.recipient.clone());
+            c_body.push(m.body.clone());
+            c_at.push(m.sent_at_ms);
+            out.push(Stored {
+                message: stored,
+                created: true,
+                acked: false,
+            });
+        }
+        if !c_id.is_empty() {
+            tx.execute(
+                "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
+                                       recipient, body, sent_at_ms)
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[],
+                                      $5::text[], $6::text[], $7::text[], $8::bigint[])",
+                &[
+                    &c_conv, &c_seq, &c_id, &c_cid, &c_from, &c_to, &c_body, &c_at,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+            let (convs, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().unzip();
+            tx.execute(
+                "UPDATE conversations c SET last_seq = u.seq
+                 FROM unnest($1::text[], $2::bigint[]) AS u(conversation, seq)
+                 WHERE c.conversation = u.conversation AND c.last_seq < u.seq",
+                &[&convs, &seqs],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)?;
+        metrics::counter!("db_messages_written_total").increment(c_id.len() as u64);
+        Ok(out)
+    }
+
+    /// Records that `user` acknowledged every message sent to them in `conversation` up to
+    /// `up_to_seq`. In delete-on-ack mode the acknowledged bodies are erased in the same statement.
+    /// Idempotent: acking again (or out of order) changes nothing already acked.
+    pub async fn ack(
+        &self,
+        user: &UserId,
+        conversation: &ConversationKey,
+        up_to_seq: u64,
+        acked_at_ms: i64,
+        retention: Retention,
+    ) -> Result<AckOutcome, DbError> {
+        let shard = self.locator().shard_of(conversation);
+        let pg = |source| DbError::Postgres { shard, source };
+        let client = self.client(shard).await?;
+        let erase = retention == Retention::DeleteOnAck;
+        let up_to = i64::try_from(up_to_seq).unwrap_or(i64::MAX);
+        let row = client
+            .query_one(
+                "WITH acked AS (
+                     UPDATE messages
+                     SET acked_at_ms = $4,
+                         body = CASE WHEN $5 THEN NULL ELSE body END
+                     WHERE conversation = $1 AND recipient = $2 AND seq <= $3
+                       AND acked_at_ms IS NULL
+                     RETURNING seq)
+                 SELECT max(seq), count(*) FROM acked",
+                &[
+                    &conversation.as_str(),
+                    &user.as_str(),
+                    &up_to,
+                    &acked_at_ms,
+                    &erase,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        let max: Option<i64> = row.get(0);
+        let count: i64 = row.get(1);
+        Ok(AckOutcome {
+            up_to_seq: max.map(|s| s as u64),
+            acked: count as u64,
+        })
+    }
+
+    /// A page of a conversation's history, oldest first: the `limit` messages before `before`
+    /// (or the latest `limit` when `before` is `None`). Erased bodies come back empty.
+    pub async fn history(
+        &self,
+        conversation: &ConversationKey,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, DbError> {
+        let shard = self.locator().shard_of(conversation);
+        let client = self.client(shard).await?;
+        let before = before
+            .map(|b| i64::try_from(b).unwrap_or(i64::MAX))
+            .unwrap_or(i64::MAX);
+        let limit = i64::from(limit);
+        let rows = client
+            .query(
+                "SELECT message_id, client_message_id, sender, recipient, body, sent_at_ms,
+                        seq, conversation
+                 FROM messages WHERE conversation = $1 AND seq < $2
+                 ORDER BY seq DESC LIMIT $3",
+                &[&conversation.as_str(), &before, &limit],
+            )
+            .await
+            .map_err(|source| DbError::Postgres { shard, source })?;
+        let mut out: Vec<ChatMessage> = rows.iter().map(row_to_message).collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Every message to `user` not yet acknowledged, ordered by conversation then sequence,
+    /// skipping what the client says it holds (`after[conversation]` = last seq held).
+    /// Reads every shard: a user's conversations are spread over all of them.
+    pub async fn pending(
+        &self,
+        user: &UserId,
+        after: &HashMap<String, u64>,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, DbError> {
+        let (convs, seqs): (Vec<String>, Vec<i64>) = after
+            .iter()
+            .map(|(c, s)| (c.clone(), i64::try_from(*s).unwrap_or(i64::MAX)))
+            .unzip();
+        let limit = i64::from(limit);
+        let per_shard = try_join_all((0..self.len()).map(|shard| {
+            let (convs, seqs) = (&convs, &seqs);
+            async move {
+                let client = self.client(shard).await?;
+                let rows = client
+                    .query(
+                        "SELECT m.message_id, m.client_message_id, m.sender, m.recipient, m.body,
+                                m.sent_at_ms, m.seq, m.conversation
+                         FROM messages m
+                         LEFT JOIN unnest($2::text[], $3::bigint[]) AS h(conversation, seq)
+                                ON h.conversation = m.conversation
+                         WHERE m.recipient = $1 AND m.acked_at_ms IS NULL
+                           AND m.seq > coalesce(h.seq, 0)
+                         ORDER BY m.conversation, m.seq
+                         LIMIT $4",
+                        &[&user.as_str(), convs, seqs, &limit],
+                    )
+                    .await
+                    .map_err(|source| DbError::Postgres { shard, source })?;
+                Ok::<_, DbError>(rows.iter().map(row_to_message).collect::<Vec<_>>())
+            }
+        }))
+        .await?;
+        let mut all: Vec<ChatMessage> = per_shard.into_iter().flatten().collect();
+        all.sort_by(|a, b| (&a.conversation, a.seq).cmp(&(&b.conversation, b.seq)));
+        Ok(all)
+    }
+}
+
+fn row_to_message(r: &tokio_postgres::Row) -> ChatMessage {
+    let id: Uuid = r.get(0);
+    let body: Option<String> = r.get(4);
+    let seq: i64 = r.get(6);
+    ChatMessage {
+        message_id: id.to_string(),
+        client_message_id: r.get(1),
+        sender: r.get(2),
+        recipient: r.get(3),
+        body: body.unwrap_or_default(),
+        sent_at_ms: r.get(5),
+        seq: seq as u64,
+        conversation: r.get(7),
+    }
+}

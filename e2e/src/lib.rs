@@ -1,0 +1,229 @@
+//! The end-to-end test harness: a fresh, isolated slice of the real stack per test.
+//!
+//! Each [`TestEnv`] gets a random prefix, its own topics (`<prefix>inbound`, ...), consumer
+//! groups and shard databases on the running Kafka and Postgres, and starts gateways and
+//! multiplexers in-process on port 0. Tests therefore run in parallel and [`TestEnv::teardown`]
+//! leaves nothing behind. The stack itself is started by `make test` (see `infra/`).
+//!
+//! Environment: `CHAT_TEST_BROKERS` (default `127.0.0.1:9092`), `CHAT_TEST_PG` (an admin DSN,
+//! default `postgres://chat@127.0.0.1:54320/postgres`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use chat_common::auth::{TokenIssuer, TokenVerifier};
+use chat_common::ids::{GatewayId, UserId};
+use chat_common::kafka::KafkaConfig;
+use chat_common::topics::{delete_topics, ensure_topics, standard_topics, TopicNames};
+use db_writer::{Retention, ShardConfig};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &[u8] = b"test-secret";
+const ISSUER: &str = "chat-test";
+const AUDIENCE: &str = "chat";
+
+/// A running in-process component.
+pub struct Component {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Component {
+    /// Stops it gracefully and waits for it to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+/// One test's isolated slice of the stack.
+pub struct TestEnv {
+    pub kafka: KafkaConfig,
+    pub topics: TopicNames,
+    pub gateway_ids: Vec<GatewayId>,
+    pub shard_dsns: Vec<String>,
+    admin_dsn: String,
+    databases: Vec<String>,
+    issuer: TokenIssuer,
+    pub retention: Retention,
+}
+
+impl TestEnv {
+    /// Creates topics for `gateways` and `shards` empty databases.
+    pub async fn new(shards: usize, gateways: &[&str]) -> anyhow::Result<Self> {
+        chat_common::telemetry::init_logging();
+        let brokers =
+            std::env::var("CHAT_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let admin_dsn = std::env::var("CHAT_TEST_PG")
+            .unwrap_or_else(|_| "postgres://chat@127.0.0.1:54320/postgres".into());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("t{}-", &id[..10]);
+        let kafka = KafkaConfig::new(brokers);
+        let topics = TopicNames::new(prefix.clone());
+        let gateway_ids: Vec<GatewayId> = gateways
+            .iter()
+            .map(|g| GatewayId::parse(g))
+            .collect::<Result<_, _>>()?;
+        ensure_topics(&kafka, &standard_topics(&topics, &gateway_ids), None)
+            .await
+            .context("creating test topics (is Kafka running? `make up` or `make stack`)")?;
+
+        let (admin, conn) = tokio_postgres::connect(&admin_dsn, tokio_postgres::NoTls)
+            .await
+            .context("connecting to Postgres (is it running? `make stack`)")?;
+        tokio::spawn(conn);
+        let mut databases = Vec::new();
+        let mut shard_dsns = Vec::new();
+        let base = admin_dsn
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .unwrap_or_else(|| admin_dsn.clone());
+        for i in 0..shards {
+            let db = format!("t{}_{i}", &id[..10]);
+            admin
+                .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+                .await?;
+            shard_dsns.push(format!("{base}/{db}"));
+            databases.push(db);
+        }
+        Ok(Self {
+            kafka,
+            topics,
+            gateway_ids,
+            shard_dsns,
+            admin_dsn,
+            databases,
+            issuer: TokenIssuer::hs256(SECRET, ISSUER, AUDIENCE),
+            retention: Retention::Keep,
+        })
+    }
+
+    fn shard_config(&self) -> ShardConfig {
+        ShardConfig::from_list(&self.shard_dsns.join(","), 4).expect("test DSNs are valid")
+    }
+
+    /// A token for `user`.
+    pub fn token(&self, user: &str) -> String {
+        self.issuer
+            .issue(&UserId::parse(user).expect("valid user id"), 3600)
+            .expect("token")
+    }
+
+    /// Starts gateway `id` (one of those given to [`TestEnv::new`]) on a free port.
+    pub async fn start_gateway(&self, id: &str) -> anyhow::Result<Component> {
+        let config = gateway::Config {
+            gateway_id: GatewayId::parse(id)?,
+            addr: "127.0.0.1:0".parse()?,
+            kafka: self.kafka.clone(),
+            topics: self.topics.clone(),
+            shards: self.shard_config(),
+            verifier: TokenVerifier::hs256(SECRET, ISSUER, AUDIENCE),
+            dev_issuer: None,
+            max_body_bytes: 4096,
+            socket_queue: 1024,
+            max_in_flight: 256,
+        };
+        let shutdown = CancellationToken::new();
+        let running = gateway::start(config, shutdown.clone()).await?;
+        Ok(Component {
+            addr: running.addr,
+            shutdown,
+            task: running.task,
+        })
+    }
+
+    /// Starts a multiplexer in this test's consumer group.
+    pub async fn start_multiplexer(&self) -> anyhow::Result<Component> {
+        let config = multiplexer::Config {
+            kafka: self.kafka.clone(),
+            topics: self.topics.clone(),
+            group: format!("{}multiplexer", self.topics.prefix()),
+            shards: self.shard_config(),
+            retention: self.retention,
+            max_batch: 500,
+            batch_wait: Duration::from_millis(2),
+            http_addr: "127.0.0.1:0".parse()?,
+        };
+        let shutdown = CancellationToken::new();
+        let running = multiplexer::start(config, shutdown.clone()).await?;
+        Ok(Component {
+            addr: running.http_addr,
+            shutdown,
+            task: running.task,
+        })
+    }
+
+    /// A direct connection to shard `i`.
+    pub async fn shard(&self, i: usize) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.shard_dsns[i], tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// Every record of `topic` present now, read from the beginning.
+    pub async fn read_topic(&self, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
+        let consumer: StreamConsumer = self.kafka.reader()?;
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut highs = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics().iter().flat_map(|t| t.partitions()) {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            if high > 0 {
+                highs.insert(p.id(), high);
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        let mut out = Vec::new();
+        if highs.is_empty() {
+            return Ok(out);
+        }
+        consumer.assign(&tpl)?;
+        let mut done: HashMap<i32, bool> = highs.keys().map(|p| (*p, false)).collect();
+        while done.values().any(|d| !d) {
+            let m = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+                .await
+                .context("reading topic")??;
+            if m.offset() + 1 >= highs[&m.partition()] {
+                done.insert(m.partition(), true);
+            }
+            out.push(m.detach());
+        }
+        Ok(out)
+    }
+
+    /// Deletes this test's topics and databases.
+    pub async fn teardown(self) -> anyhow::Result<()> {
+        let mut names: Vec<String> = standard_topics(&self.topics, &self.gateway_ids)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        delete_topics(&self.kafka, &names).await?;
+        let (admin, conn) = tokio_postgres::connect(&self.admin_dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        for db in &self.databases {
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// `ws://` base URL of a component.
+pub fn ws_url(addr: SocketAddr) -> String {
+    format!("ws://{addr}")
+}
+
+/// `http://` base URL of a component.
+pub fn http_url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}

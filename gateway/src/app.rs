@@ -1,0 +1,190 @@
+//! The gateway's shared state and the operations both the websocket and REST paths use:
+//! sending a message, acknowledging, publishing presence. Each answers only after Kafka's
+//! delivery report, so "accepted" means durable.
+
+use chat_common::ids::{message_id, ClientMessageId, ConversationKey, UserId};
+use chat_common::now_ms;
+use chat_proto::v1::{
+    inbound_record, Accepted, AckRecord, ChatMessage, InboundRecord, PresenceRecord,
+};
+use db_writer::Shards;
+use prost::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::sessions::Sessions;
+
+/// Why a send or ack was refused. `code()` is the machine-readable reason clients see.
+#[derive(Debug, Error)]
+pub enum SendError {
+    #[error("invalid recipient: {0}")]
+    InvalidRecipient(String),
+    #[error("cannot send a message to yourself")]
+    SelfMessage,
+    #[error("invalid client message id: {0}")]
+    InvalidClientId(String),
+    #[error("message body is empty")]
+    EmptyBody,
+    #[error("message body is {size} bytes; the limit is {limit}")]
+    BodyTooLarge { size: usize, limit: usize },
+    #[error("too many sends awaiting acknowledgement on this connection")]
+    TooManyInFlight,
+    #[error("kafka did not accept the record: {0}")]
+    ProduceFailed(String),
+}
+
+impl SendError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            SendError::InvalidRecipient(_) => "invalid_recipient",
+            SendError::SelfMessage => "self_message",
+            SendError::InvalidClientId(_) => "invalid_client_message_id",
+            SendError::EmptyBody => "empty_body",
+            SendError::BodyTooLarge { .. } => "body_too_large",
+            SendError::TooManyInFlight => "too_many_in_flight",
+            SendError::ProduceFailed(_) => "produce_failed",
+        }
+    }
+
+    /// The HTTP status of this error on the REST path.
+    pub fn status(&self) -> u16 {
+        match self {
+            SendError::BodyTooLarge { .. } => 413,
+            SendError::TooManyInFlight => 429,
+            SendError::ProduceFailed(_) => 503,
+            _ => 400,
+        }
+    }
+}
+
+/// Shared state of one gateway process.
+pub struct App {
+    pub config: Config,
+    pub producer: FutureProducer,
+    pub shards: Shards,
+    pub sessions: Sessions,
+    /// Cancelled on SIGTERM: connections close with 1001 and the server drains.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl App {
+    /// Validates a send from `sender` and produces it to `inbound`; returns once Kafka acked.
+    pub async fn send(
+        &self,
+        sender: &UserId,
+        client_message_id: &str,
+        recipient: &str,
+        body: String,
+    ) -> Result<Accepted, SendError> {
+        let recipient =
+            UserId::parse(recipient).map_err(|e| SendError::InvalidRecipient(e.to_string()))?;
+        let client_id = ClientMessageId::parse(client_message_id)
+            .map_err(|e| SendError::InvalidClientId(e.to_string()))?;
+        let conversation = ConversationKey::of(sender, &recipient).ok_or(SendError::SelfMessage)?;
+        if body.is_empty() {
+            return Err(SendError::EmptyBody);
+        }
+        if body.len() > self.config.max_body_bytes {
+            return Err(SendError::BodyTooLarge {
+                size: body.len(),
+                limit: self.config.max_body_bytes,
+            });
+        }
+        let id = message_id(sender, &client_id).to_string();
+        let sent_at_ms = now_ms();
+        let record = InboundRecord {
+            kind: Some(inbound_record::Kind::Message(ChatMessage {
+                message_id: id.clone(),
+                client_message_id: client_id.as_str().to_owned(),
+                sender: sender.to_string(),
+                recipient: recipient.to_string(),
+                body,
+                sent_at_ms,
+                seq: 0,
+                conversation: conversation.to_string(),
+            })),
+            gateway_id: self.config.gateway_id.to_string(),
+        };
+        let started = std::time::Instant::now();
+        self.produce(
+            &self.config.topics.inbound(),
+            conversation.as_str(),
+            &record.encode_to_vec(),
+        )
+        .await?;
+        metrics::histogram!("gateway_produce_seconds").record(started.elapsed());
+        metrics::counter!("gateway_messages_accepted_total").increment(1);
+        tracing::debug!(user = %sender, conversation = %conversation, message_id = %id, "accepted");
+        Ok(Accepted {
+            client_message_id: client_id.as_str().to_owned(),
+            message_id: id,
+            sent_at_ms,
+            conversation: conversation.to_string(),
+        })
+    }
+
+    /// `user` acknowledges every message sent to them by `peer` up to `up_to_seq`.
+    pub async fn ack(&self, user: &UserId, peer: &str, up_to_seq: u64) -> Result<(), SendError> {
+        let peer = UserId::parse(peer).map_err(|e| SendError::InvalidRecipient(e.to_string()))?;
+        let conversation = ConversationKey::of(user, &peer).ok_or(SendError::SelfMessage)?;
+        let record = InboundRecord {
+            kind: Some(inbound_record::Kind::Ack(AckRecord {
+                user: user.to_string(),
+                peer: peer.to_string(),
+                conversation: conversation.to_string(),
+                up_to_seq,
+                acked_at_ms: now_ms(),
+            })),
+            gateway_id: self.config.gateway_id.to_string(),
+        };
+        self.produce(
+            &self.config.topics.inbound(),
+            conversation.as_str(),
+            &record.encode_to_vec(),
+        )
+        .await
+    }
+
+    /// Publishes that `user`'s session with `epoch` is on (or off) this gateway.
+    pub async fn publish_presence(
+        &self,
+        user: &UserId,
+        epoch: u64,
+        online: bool,
+    ) -> Result<(), SendError> {
+        let record = PresenceRecord {
+            user: user.to_string(),
+            gateway_id: self.config.gateway_id.to_string(),
+            epoch,
+            online,
+            at_ms: now_ms(),
+        };
+        self.produce(
+            &self.config.topics.presence(),
+            user.as_str(),
+            &record.encode_to_vec(),
+        )
+        .await
+    }
+
+    async fn produce(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), SendError> {
+        // The producer's message.timeout.ms bounds the wait; the queue timeout bounds how long
+        // we wait for room in a full local queue.
+        self.producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                self.config.kafka.produce_timeout,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| {
+                metrics::counter!("gateway_errors_total", "kind" => "produce").increment(1);
+                SendError::ProduceFailed(e.to_string())
+            })
+    }
+}

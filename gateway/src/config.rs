@@ -1,0 +1,94 @@
+//! Gateway configuration, from environment variables (defaults run the local stack).
+
+use std::net::SocketAddr;
+
+use chat_common::auth::{TokenIssuer, TokenVerifier, DEFAULT_AUDIENCE, DEFAULT_ISSUER};
+use chat_common::config::{
+    env_or, env_parse, ConfigError, DEFAULT_BROKERS, DEFAULT_SHARD_DSNS, DEV_JWT_SECRET,
+};
+use chat_common::ids::GatewayId;
+use chat_common::kafka::KafkaConfig;
+use chat_common::topics::TopicNames;
+use db_writer::ShardConfig;
+
+/// Everything a gateway needs to run.
+#[derive(Clone)]
+pub struct Config {
+    /// This gateway's id; it consumes `outbound-<id>`.
+    pub gateway_id: GatewayId,
+    /// Address of the HTTP server (websocket, REST, web client, health, metrics).
+    pub addr: SocketAddr,
+    pub kafka: KafkaConfig,
+    pub topics: TopicNames,
+    /// Shards, read for history and sync (writes go through Kafka and the multiplexer).
+    pub shards: ShardConfig,
+    pub verifier: TokenVerifier,
+    /// Set only when dev tokens are enabled (`DEV_TOKENS=true`, local stack only): serves
+    /// `GET /dev/token/{user}`.
+    pub dev_issuer: Option<TokenIssuer>,
+    /// Largest message body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Frames queued per socket before it counts as not draining and is closed.
+    pub socket_queue: usize,
+    /// Sends awaiting Kafka's delivery report per socket; more get an error frame.
+    pub max_in_flight: usize,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys and secrets stay out of logs.
+        f.debug_struct("Config")
+            .field("gateway_id", &self.gateway_id)
+            .field("addr", &self.addr)
+            .field("kafka", &self.kafka)
+            .field("topics", &self.topics)
+            .field("shards", &self.shards.dsns.len())
+            .field("dev_tokens", &self.dev_issuer.is_some())
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads `GATEWAY_ID`, `GATEWAY_ADDR`, `KAFKA_BROKERS`, `TOPIC_PREFIX`, `SHARD_DSNS`,
+    /// `SHARD_POOL_SIZE`, `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE`,
+    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `MAX_IN_FLIGHT`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let invalid = |name: &str, value: String, reason: String| ConfigError {
+            name: name.to_owned(),
+            value,
+            reason,
+        };
+        let id = env_or("GATEWAY_ID", "gw1");
+        let gateway_id =
+            GatewayId::parse(&id).map_err(|e| invalid("GATEWAY_ID", id.clone(), e.to_string()))?;
+        let dsns = env_or("SHARD_DSNS", DEFAULT_SHARD_DSNS);
+        let shards = ShardConfig::from_list(&dsns, env_parse("SHARD_POOL_SIZE", 8)?)
+            .map_err(|e| invalid("SHARD_DSNS", dsns.clone(), e.to_string()))?;
+        let issuer = env_or("JWT_ISSUER", DEFAULT_ISSUER);
+        let audience = env_or("JWT_AUDIENCE", DEFAULT_AUDIENCE);
+        let secret = env_or("JWT_SECRET", DEV_JWT_SECRET);
+        let verifier = match std::env::var("JWT_PUBLIC_KEY_FILE") {
+            Ok(path) if !path.is_empty() => {
+                let pem = std::fs::read(&path)
+                    .map_err(|e| invalid("JWT_PUBLIC_KEY_FILE", path.clone(), e.to_string()))?;
+                TokenVerifier::rs256(&pem, &issuer, &audience)
+                    .map_err(|e| invalid("JWT_PUBLIC_KEY_FILE", path.clone(), e.to_string()))?
+            }
+            _ => TokenVerifier::hs256(secret.as_bytes(), &issuer, &audience),
+        };
+        let dev_issuer = env_parse("DEV_TOKENS", false)?
+            .then(|| TokenIssuer::hs256(secret.as_bytes(), &issuer, &audience));
+        Ok(Self {
+            gateway_id,
+            addr: env_parse("GATEWAY_ADDR", "127.0.0.1:8080".parse().expect("valid"))?,
+            kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS)),
+            topics: TopicNames::new(env_or("TOPIC_PREFIX", "")),
+            shards,
+            verifier,
+            dev_issuer,
+            max_body_bytes: env_parse("MAX_BODY_BYTES", 4096)?,
+            socket_queue: env_parse("SOCKET_QUEUE", 1024)?,
+            max_in_flight: env_parse("MAX_IN_FLIGHT", 256)?,
+        })
+    }
+}

@@ -1,0 +1,296 @@
+//! HTTP surface: `/ws` (websocket), `PUT|GET /messages/{user_id}`, `GET /dev/token/{user}` (local
+//! stack only), and the operational routes. Authentication happens here, before any upgrade: a
+//! request without a valid token gets 401 and never becomes a websocket.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use chat_common::ids::{ConversationKey, UserId};
+use serde::{Deserialize, Serialize};
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::app::App;
+use crate::ws::{self, Format};
+
+/// A request refused with a status, a machine-readable code and a message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+fn reject(status: StatusCode, code: &'static str, message: impl Into<String>) -> Rejection {
+    warp::reject::custom(ApiError {
+        status,
+        code,
+        message: message.into(),
+    })
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+/// The caller's user id, from `Authorization: Bearer <token>` or the `access_token` query
+/// parameter (browsers cannot set headers on a websocket). Tokens are never logged.
+fn authenticated(app: Arc<App>) -> impl Filter<Extract = (UserId,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(query_map())
+        .and_then(
+            move |header: Option<String>, query: HashMap<String, String>| {
+                let app = app.clone();
+                async move {
+                    let token = header
+                        .as_deref()
+                        .and_then(|h| {
+                            h.strip_prefix("Bearer ")
+                                .or_else(|| h.strip_prefix("bearer "))
+                        })
+                        .map(str::to_owned)
+                        .or_else(|| query.get("access_token").cloned());
+                    let Some(token) = token else {
+                        metrics::counter!("gateway_auth_refused_total").increment(1);
+                        return Err(reject(
+                            StatusCode::UNAUTHORIZED,
+                            "unauthorized",
+                            "missing token",
+                        ));
+                    };
+                    app.config.verifier.verify(&token).map_err(|e| {
+                        metrics::counter!("gateway_auth_refused_total").increment(1);
+                        reject(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+                    })
+                }
+            },
+        )
+}
+
+fn query_map() -> impl Filter<Extract = (HashMap<String, String>,), Error = Infallible> + Clone {
+    warp::query::<HashMap<String, String>>()
+        .or(warp::any().map(HashMap::new))
+        .unify()
+}
+
+fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infallible> + Clone {
+    warp::any().map(move || app.clone())
+}
+
+/// Body of `PUT /messages/{user_id}`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendBody {
+    body: String,
+    /// Optional; with it a retry is idempotent. Without it each request is a new message.
+    client_message_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<u64>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct HistoryPage {
+    messages: Vec<chat_proto::v1::ChatMessage>,
+    /// Pass as `before` to get the previous page; absent at the beginning of the conversation.
+    #[serde(rename = "nextBefore", skip_serializing_if = "Option::is_none")]
+    next_before: Option<u64>,
+}
+
+fn peer_of(caller: &UserId, peer: &str) -> Result<ConversationKey, Rejection> {
+    let peer = UserId::parse(peer)
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
+    ConversationKey::of(caller, &peer).ok_or_else(|| {
+        reject(
+            StatusCode::BAD_REQUEST,
+            "self_message",
+            "that is your own user id",
+        )
+    })
+}
+
+/// Every route of the gateway.
+pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let ws_route = warp::path!("ws")
+        .and(warp::get())
+        .and(authenticated(app.clone()))
+        .and(query_map())
+        .and(warp::ws())
+        .and(with_app(app.clone()))
+        .map(
+            |user: UserId, query: HashMap<String, String>, upgrade: warp::ws::Ws, app: Arc<App>| {
+                let format = match query.get("format").map(String::as_str) {
+                    Some("json") => Format::Json,
+                    _ => Format::Binary,
+                };
+                // Frames larger than a message body plus envelope are refused by the websocket layer
+                // with close code 1009.
+                let max = app.config.max_body_bytes + 1024;
+                upgrade
+                    .max_message_size(max)
+                    .max_frame_size(max)
+                    .on_upgrade(move |socket| {
+                        let tracker = app.tracker.clone();
+                        tracker.track_future(ws::serve(app, user, socket, format))
+                    })
+            },
+        );
+
+    let max_body = (app.config.max_body_bytes as u64) * 6 + 1024; // JSON escaping headroom
+    let put = warp::path!("messages" / String)
+        .and(warp::put())
+        .and(authenticated(app.clone()))
+        .and(warp::body::content_length_limit(max_body))
+        .and(warp::body::json::<SendBody>())
+        .and(with_app(app.clone()))
+        .and_then(
+            |peer: String, user: UserId, body: SendBody, app: Arc<App>| async move {
+                let client_id = body
+                    .client_message_id
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                match app.send(&user, &client_id, &peer, body.body).await {
+                    Ok(accepted) => Ok::<_, Rejection>(warp::reply::with_status(
+                        warp::reply::json(&accepted),
+                        StatusCode::ACCEPTED,
+                    )),
+                    Err(e) => Err(reject(
+                        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                        e.code(),
+                        e.to_string(),
+                    )),
+                }
+            },
+        );
+
+    let get = warp::path!("messages" / String)
+        .and(warp::get())
+        .and(authenticated(app.clone()))
+        .and(
+            warp::query::<HistoryQuery>()
+                .or(warp::any().map(|| HistoryQuery {
+                    before: None,
+                    limit: None,
+                }))
+                .unify(),
+        )
+        .and(with_app(app.clone()))
+        .and_then(
+            |peer: String, user: UserId, q: HistoryQuery, app: Arc<App>| async move {
+                let conversation = peer_of(&user, &peer)?;
+                let limit = q.limit.unwrap_or(50).clamp(1, 500);
+                let messages = app
+                    .shards
+                    .history(&conversation, q.before, limit)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "history query failed");
+                        reject(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "history_unavailable",
+                            "history is unavailable; retry",
+                        )
+                    })?;
+                let next_before = messages
+                    .first()
+                    .filter(|m| m.seq > 1 && messages.len() as u32 == limit)
+                    .map(|m| m.seq);
+                Ok::<_, Rejection>(warp::reply::json(&HistoryPage {
+                    messages,
+                    next_before,
+                }))
+            },
+        );
+
+    let dev_token = warp::path!("dev" / "token" / String)
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .and_then(|user: String, app: Arc<App>| async move {
+            let Some(issuer) = &app.config.dev_issuer else {
+                return Err(reject(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "dev tokens are disabled",
+                ));
+            };
+            let user = UserId::parse(&user)
+                .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
+            let token = issuer.issue(&user, 24 * 3600).map_err(|e| {
+                reject(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+            Ok::<_, Rejection>(warp::reply::json(
+                &serde_json::json!({ "user": user.as_str(), "token": token }),
+            ))
+        });
+
+    let ready_app = app.clone();
+    let ready: chat_common::http::ReadyCheck = Arc::new(move || {
+        let app = ready_app.clone();
+        Box::pin(async move { app.shards.ping().await.map_err(|e| e.to_string()) })
+    });
+
+    ws_route
+        .or(put)
+        .or(get)
+        .or(dev_token)
+        .or(chat_common::http::ops_routes(ready))
+        .recover(recover)
+}
+
+async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
+    let (status, code, message) = if let Some(e) = err.find::<ApiError>() {
+        (e.status, e.code, e.message.clone())
+    } else if err.is_not_found() {
+        (
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route".to_owned(),
+        )
+    } else if let Some(e) = err.find::<warp::filters::body::BodyDeserializeError>() {
+        (StatusCode::BAD_REQUEST, "bad_body", e.to_string())
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "request body too large".to_owned(),
+        )
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed".to_owned(),
+        )
+    } else if err.find::<warp::reject::InvalidQuery>().is_some() {
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "invalid query string".to_owned(),
+        )
+    } else if err.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json".to_owned(),
+        )
+    } else if err.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "content-length required".to_owned(),
+        )
+    } else {
+        (StatusCode::BAD_REQUEST, "bad_request", format!("{err:?}"))
+    };
+    let body = warp::reply::json(&ErrorBody {
+        code,
+        message: &message,
+    });
+    Ok(warp::reply::with_status(body, status).into_response())
+}

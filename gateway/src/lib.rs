@@ -1,0 +1,93 @@
+//! The gateway: holds client websockets and serves the REST API.
+//!
+//! Every message a client sends becomes a protobuf record on `inbound` (keyed by the
+//! conversation), answered "accepted" only after Kafka's delivery report. The gateway consumes its
+//! own `outbound-<gateway_id>` topic and pushes each record to the recipient's socket, and
+//! publishes to `presence` which users it holds.
+//!
+//! - [`config`]: typed configuration from the environment.
+//! - [`app`]: shared state; send, ack and presence operations used by both transports.
+//! - [`sessions`]: the sockets held, one bounded queue each.
+//! - [`ws`]: one websocket connection (sync, then live, with no gap or duplicate at the seam).
+//! - [`outbound`]: the outbound topic consumer.
+//! - [`http`]: routes, authentication before upgrade, error mapping.
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod outbound;
+pub mod sessions;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::Consumer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// A started gateway.
+pub struct Running {
+    /// Where the HTTP server listens (useful with port 0).
+    pub addr: SocketAddr,
+    /// Ends when the gateway has drained after `shutdown`.
+    pub task: JoinHandle<()>,
+}
+
+/// Checks Kafka, connects the shards, subscribes to the outbound topic and starts serving.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    chat_common::telemetry::metrics_handle();
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
+        .await?
+        .context("kafka")?;
+    let shards = db_writer::Shards::connect(&config.shards).context("shards")?;
+    let producer = config.kafka.producer()?;
+    let group = format!("{}gateway-{}", config.topics.prefix(), config.gateway_id);
+    let consumer = config.kafka.consumer(&group)?;
+    let outbound_topic = config.topics.outbound(&config.gateway_id);
+    consumer
+        .subscribe(&[&outbound_topic])
+        .context("subscribe to outbound")?;
+
+    let app = Arc::new(app::App {
+        config,
+        producer,
+        shards,
+        sessions: sessions::Sessions::default(),
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+    });
+    let (addr, server) = warp::serve(http::routes(app.clone()))
+        .try_bind_with_graceful_shutdown(app.config.addr, {
+            let s = shutdown.clone();
+            async move { s.cancelled().await }
+        })
+        .context("bind")?;
+    let server = tokio::spawn(server);
+    let outbound = tokio::spawn(outbound::run(app.clone(), consumer, shutdown.clone()));
+    tracing::info!(%addr, gateway = %app.config.gateway_id, outbound = %outbound_topic, "gateway started");
+
+    let task = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        let _ = server.await;
+        app.tracker.close();
+        // Connections close with 1001 and publish their offline presence; bounded wait.
+        if tokio::time::timeout(Duration::from_secs(10), app.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close within 10 s");
+        }
+        let _ = outbound.await;
+        use rdkafka::producer::Producer;
+        let _ = app.producer.flush(Duration::from_secs(5));
+        tracing::info!("gateway stopped");
+    });
+    Ok(Running { addr, task })
+}

@@ -1,0 +1,61 @@
+//! Consumes this gateway's `outbound-<id>` topic and pushes each record to the socket of the
+//! user it names. A user not connected here is skipped: the message stays pending in its shard
+//! and reaches the user by the sync of their next connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_proto::v1::{outbound_record, server_frame, OutboundRecord, ServerFrame};
+use prost::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::sessions::Outgoing;
+
+/// Runs until `shutdown`.
+pub async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound consume failed");
+                metrics::counter!("gateway_errors_total", "kind" => "consume").increment(1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let user = msg.key().and_then(|k| std::str::from_utf8(k).ok());
+        let record = msg.payload().map(OutboundRecord::decode);
+        match (user, record) {
+            (Some(user), Some(Ok(OutboundRecord { kind: Some(kind) }))) => {
+                let item = match kind {
+                    outbound_record::Kind::Deliver(m) => Outgoing::Live(m),
+                    outbound_record::Kind::Receipt(r) => Outgoing::Frame(ServerFrame {
+                        kind: Some(server_frame::Kind::Receipt(r)),
+                    }),
+                };
+                let pushed = app.sessions.push(user, item);
+                let outcome = if pushed { "pushed" } else { "not_connected" };
+                metrics::counter!("gateway_outbound_total", "outcome" => outcome).increment(1);
+            }
+            _ => {
+                tracing::warn!(
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    "undecodable outbound record; skipped"
+                );
+                metrics::counter!("gateway_errors_total", "kind" => "invalid_record").increment(1);
+            }
+        }
+        if let Err(e) = consumer.store_offset_from_message(&msg) {
+            tracing::debug!(error = %e, "offset not stored");
+        }
+    }
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+}

@@ -1,0 +1,347 @@
+//! One websocket connection: authenticate (done before the upgrade), register the session,
+//! publish presence, sync what is pending, then serve frames both ways until either side closes.
+//!
+//! Order guarantees at the seam between sync and live: live messages that arrive while a sync is
+//! running are held and released after it, skipping any the sync already sent (same or lower
+//! sequence in that conversation). So the client sees each conversation in order, without gaps
+//! or duplicates, across the seam.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chat_common::ids::UserId;
+use chat_proto::v1::{
+    client_frame, server_frame, ChatMessage, ClientFrame, Deliver, ServerFrame, SyncDone,
+};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::sync::{mpsc, Semaphore};
+use warp::ws::{Message, WebSocket};
+
+use crate::app::App;
+use crate::sessions::{close, Kick, Outgoing, SessionHandle};
+
+/// Most pending messages one sync sends; the client syncs again for the rest.
+const SYNC_LIMIT: u32 = 10_000;
+/// Most live messages held while a sync runs before the socket counts as not draining.
+const MAX_HELD: usize = 4096;
+
+/// Encoding of the frames this server sends on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Protobuf in binary frames.
+    Binary,
+    /// Proto3 JSON mapping in text frames.
+    Json,
+}
+
+fn encode(format: Format, frame: &ServerFrame) -> Message {
+    match format {
+        Format::Binary => Message::binary(frame.encode_to_vec()),
+        Format::Json => Message::text(serde_json::to_string(frame).unwrap_or_else(|_| "{}".into())),
+    }
+}
+
+fn error_frame(code: &str, message: String, client_message_id: String) -> ServerFrame {
+    ServerFrame {
+        kind: Some(server_frame::Kind::Error(chat_proto::v1::Error {
+            code: code.to_owned(),
+            message,
+            client_message_id,
+        })),
+    }
+}
+
+/// The per-connection writer state: what has been sent, and what waits for a sync to finish.
+struct Writer {
+    /// Highest sequence sent per conversation on this connection.
+    last_sent: HashMap<String, u64>,
+    /// Syncs still running; live messages are held while this is non-zero.
+    syncing: usize,
+    held: Vec<ChatMessage>,
+}
+
+impl Writer {
+    /// Turns one queued item into frames to send, or `Err` with a close code.
+    fn frames(&mut self, item: Outgoing) -> Result<Vec<ServerFrame>, (u16, &'static str)> {
+        let mut out = Vec::new();
+        match item {
+            Outgoing::Frame(f) => out.push(f),
+            Outgoing::Live(m) => {
+                if self.syncing > 0 {
+                    if self.held.len() >= MAX_HELD {
+                        return Err((close::SLOW_CONSUMER, "too many messages during sync"));
+                    }
+                    self.held.push(m);
+                } else {
+                    self.deliver_if_new(m, &mut out);
+                }
+            }
+            Outgoing::Synced { messages, done } => {
+                let count = messages.len() as u64;
+                for m in messages {
+                    let seq = self.last_sent.entry(m.conversation.clone()).or_insert(0);
+                    *seq = (*seq).max(m.seq);
+                    out.push(deliver(m));
+                }
+                if done {
+                    self.syncing = self.syncing.saturating_sub(1);
+                    out.push(ServerFrame {
+                        kind: Some(server_frame::Kind::SyncDone(SyncDone { delivered: count })),
+                    });
+                    if self.syncing == 0 {
+                        for m in std::mem::take(&mut self.held) {
+                            self.deliver_if_new(m, &mut out);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn deliver_if_new(&mut self, m: ChatMessage, out: &mut Vec<ServerFrame>) {
+        let seq = self.last_sent.entry(m.conversation.clone()).or_insert(0);
+        if m.seq <= *seq {
+            metrics::counter!("gateway_duplicates_suppressed_total").increment(1);
+            return;
+        }
+        *seq = m.seq;
+        out.push(deliver(m));
+    }
+}
+
+fn deliver(m: ChatMessage) -> ServerFrame {
+    ServerFrame {
+        kind: Some(server_frame::Kind::Deliver(Deliver { message: Some(m) })),
+    }
+}
+
+/// Serves one authenticated websocket until it closes.
+pub async fn serve(app: Arc<App>, user: UserId, socket: WebSocket, mut format: Format) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel(app.config.socket_queue);
+    let kick = Arc::new(Kick::default());
+    let conn_id = app.sessions.next_conn_id();
+    let epoch = app.sessions.next_epoch();
+    let handle = SessionHandle {
+        conn_id,
+        epoch,
+        tx: tx.clone(),
+        kick: kick.clone(),
+    };
+    if let Some(old) = app.sessions.register(&user, handle) {
+        old.kick.kick(
+            close::REPLACED,
+            "replaced by a newer connection of the same user",
+        );
+    }
+    metrics::counter!("gateway_connections_opened_total").increment(1);
+    tracing::info!(user = %user, conn_id, "connected");
+
+    // Route first, then sync: see `multiplexer::presence` for why this order closes the gap.
+    let mut writer = Writer {
+        last_sent: HashMap::new(),
+        syncing: 1,
+        held: Vec::new(),
+    };
+    let close_with = if let Err(e) = app.publish_presence(&user, epoch, true).await {
+        tracing::warn!(user = %user, error = %e, "presence publish failed");
+        Some((close::INTERNAL, "presence unavailable; retry later"))
+    } else {
+        let welcome = ServerFrame {
+            kind: Some(server_frame::Kind::Welcome(chat_proto::v1::Welcome {
+                user: user.to_string(),
+                gateway_id: app.config.gateway_id.to_string(),
+            })),
+        };
+        let _ = sink.send(encode(format, &welcome)).await;
+        spawn_sync(&app, &user, HashMap::new(), tx.clone());
+        let in_flight = Arc::new(Semaphore::new(app.config.max_in_flight));
+        loop {
+            tokio::select! {
+                _ = app.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+                reason = kick.kicked() => break Some(reason),
+                item = rx.recv() => {
+                    let Some(item) = item else { break None };
+                    match writer.frames(item) {
+                        Ok(frames) => {
+                            let mut failed = false;
+                            for f in frames {
+                                if sink.feed(encode(format, &f)).await.is_err() {
+                                    failed = true;
+                                    break;
+                                }
+                            }
+                            if failed || sink.flush().await.is_err() {
+                                break None;
+                            }
+                        }
+                        Err(reason) => break Some(reason),
+                    }
+                }
+                incoming = stream.next() => {
+                    let msg = match incoming {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            tracing::debug!(user = %user, error = %e, "socket error");
+                            break None;
+                        }
+                        None => break None,
+                    };
+                    if msg.is_close() {
+                        break None;
+                    }
+                    let frame = if msg.is_binary() {
+                        format = Format::Binary;
+                        ClientFrame::decode(msg.as_bytes()).map_err(|e| e.to_string())
+                    } else if msg.is_text() {
+                        format = Format::Json;
+                        match msg.to_str() {
+                            Ok(text) => serde_json::from_str::<ClientFrame>(text).map_err(|e| e.to_string()),
+                            Err(()) => break Some((close::BAD_DATA, "text frame is not UTF-8")),
+                        }
+                    } else {
+                        // Ping/pong are answered by the websocket layer.
+                        continue;
+                    };
+                    match frame {
+                        Ok(frame) => handle_frame(&app, &user, frame, &tx, &in_flight, &mut writer),
+                        Err(e) => {
+                            metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
+                            let f = error_frame("bad_frame", format!("cannot decode frame: {e}"), String::new());
+                            if sink.send(encode(format, &f)).await.is_err() {
+                                break None;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close_with {
+        let _ = sink.send(Message::close_with(code, reason)).await;
+    }
+    let _ = sink.close().await;
+    if app.sessions.unregister(&user, conn_id) {
+        if let Err(e) = app.publish_presence(&user, epoch, false).await {
+            tracing::warn!(user = %user, error = %e, "presence offline publish failed");
+        }
+    }
+    metrics::counter!("gateway_connections_closed_total").increment(1);
+    tracing::info!(user = %user, conn_id, "disconnected");
+}
+
+/// Handles one decoded client frame. Sends and acks run in their own tasks so a slow produce
+/// never stalls this connection's reads or writes; their answers come back through the queue.
+fn handle_frame(
+    app: &Arc<App>,
+    user: &UserId,
+    frame: ClientFrame,
+    tx: &mpsc::Sender<Outgoing>,
+    in_flight: &Arc<Semaphore>,
+    writer: &mut Writer,
+) {
+    match frame.kind {
+        Some(client_frame::Kind::Send(send)) => {
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                let e = crate::app::SendError::TooManyInFlight;
+                let _ = tx.try_send(Outgoing::Frame(error_frame(
+                    e.code(),
+                    e.to_string(),
+                    send.client_message_id,
+                )));
+                return;
+            };
+            let (app, user, tx) = (app.clone(), user.clone(), tx.clone());
+            app.tracker.clone().spawn(async move {
+                let reply = match app
+                    .send(&user, &send.client_message_id, &send.recipient, send.body)
+                    .await
+                {
+                    Ok(accepted) => ServerFrame {
+                        kind: Some(server_frame::Kind::Accepted(accepted)),
+                    },
+                    Err(e) => error_frame(e.code(), e.to_string(), send.client_message_id),
+                };
+                let _ = tx.send(Outgoing::Frame(reply)).await;
+                drop(permit);
+            });
+        }
+        Some(client_frame::Kind::Ack(ack)) => {
+            let (app, user, tx) = (app.clone(), user.clone(), tx.clone());
+            app.tracker.clone().spawn(async move {
+                if let Err(e) = app.ack(&user, &ack.peer, ack.up_to_seq).await {
+                    let _ = tx
+                        .send(Outgoing::Frame(error_frame(
+                            e.code(),
+                            e.to_string(),
+                            String::new(),
+                        )))
+                        .await;
+                }
+            });
+        }
+        Some(client_frame::Kind::Sync(sync)) => {
+            let mut after = HashMap::new();
+            for (peer, seq) in sync.last_seq {
+                let conv = UserId::parse(&peer)
+                    .ok()
+                    .and_then(|p| chat_common::ids::ConversationKey::of(user, &p));
+                match conv {
+                    Some(c) => {
+                        after.insert(c.to_string(), seq);
+                    }
+                    None => {
+                        let f = error_frame(
+                            "invalid_peer",
+                            format!("invalid peer {peer:?} in sync"),
+                            String::new(),
+                        );
+                        let _ = tx.try_send(Outgoing::Frame(f));
+                        return;
+                    }
+                }
+            }
+            writer.syncing += 1;
+            spawn_sync(app, user, after, tx.clone());
+        }
+        None => {
+            let f = error_frame("bad_frame", "empty frame".into(), String::new());
+            let _ = tx.try_send(Outgoing::Frame(f));
+        }
+    }
+}
+
+/// Queries what `user` has pending after `after` and queues it as one sync answer.
+fn spawn_sync(
+    app: &Arc<App>,
+    user: &UserId,
+    after: HashMap<String, u64>,
+    tx: mpsc::Sender<Outgoing>,
+) {
+    let (app, user) = (app.clone(), user.clone());
+    app.tracker.clone().spawn(async move {
+        let messages = match app.shards.pending(&user, &after, SYNC_LIMIT).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(user = %user, error = %e, "sync query failed");
+                metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
+                let f = error_frame(
+                    "sync_failed",
+                    "history is unavailable; retry the sync".into(),
+                    String::new(),
+                );
+                let _ = tx.send(Outgoing::Frame(f)).await;
+                Vec::new()
+            }
+        };
+        metrics::counter!("gateway_synced_messages_total").increment(messages.len() as u64);
+        let _ = tx
+            .send(Outgoing::Synced {
+                messages,
+                done: true,
+            })
+            .await;
+    });
+}

@@ -1,0 +1,54 @@
+//! Multiplexer configuration, from environment variables (defaults run the local stack).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_common::config::{env_or, env_parse, ConfigError, DEFAULT_BROKERS, DEFAULT_SHARD_DSNS};
+use chat_common::kafka::KafkaConfig;
+use chat_common::topics::TopicNames;
+use db_writer::{Retention, ShardConfig};
+
+/// Everything a multiplexer needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicNames,
+    /// Consumer group over `inbound` (all multiplexers of a deployment share it).
+    pub group: String,
+    pub shards: ShardConfig,
+    pub retention: Retention,
+    /// Most records handled in one batch (one shard transaction per shard per batch).
+    pub max_batch: usize,
+    /// How long to wait to fill a batch once its first record arrived.
+    pub batch_wait: Duration,
+    /// Address of `/healthz`, `/readyz`, `/metrics`.
+    pub http_addr: SocketAddr,
+}
+
+impl Config {
+    /// Reads `KAFKA_BROKERS`, `TOPIC_PREFIX`, `MULTIPLEXER_GROUP`, `SHARD_DSNS`, `SHARD_POOL_SIZE`,
+    /// `RETENTION`, `MULTIPLEXER_MAX_BATCH`, `MULTIPLEXER_BATCH_WAIT_MS`, `MULTIPLEXER_HTTP_ADDR`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let invalid = |name: &str, value: String, reason: String| ConfigError {
+            name: name.to_owned(),
+            value,
+            reason,
+        };
+        let dsns = env_or("SHARD_DSNS", DEFAULT_SHARD_DSNS);
+        let shards = ShardConfig::from_list(&dsns, env_parse("SHARD_POOL_SIZE", 8)?)
+            .map_err(|e| invalid("SHARD_DSNS", dsns.clone(), e.to_string()))?;
+        Ok(Self {
+            kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS)),
+            topics: TopicNames::new(env_or("TOPIC_PREFIX", "")),
+            group: env_or("MULTIPLEXER_GROUP", "multiplexer"),
+            shards,
+            retention: env_parse("RETENTION", Retention::Keep)?,
+            max_batch: env_parse("MULTIPLEXER_MAX_BATCH", 500)?,
+            batch_wait: Duration::from_millis(env_parse("MULTIPLEXER_BATCH_WAIT_MS", 2)?),
+            http_addr: env_parse(
+                "MULTIPLEXER_HTTP_ADDR",
+                "127.0.0.1:9300".parse().expect("valid"),
+            )?,
+        })
+    }
+}

@@ -1,0 +1,82 @@
+//! The multiplexer: consumes `inbound` in a consumer group, stores each message in the shard the
+//! locator names (assigning its per-conversation sequence), applies acks, and produces each
+//! stored message to `outbound-<gateway>` of the gateway holding the recipient.
+//!
+//! - [`config`]: typed configuration from the environment.
+//! - [`presence`]: the routing table, read from the compacted `presence` topic.
+//! - [`pipeline`]: the batch loop; offsets are stored only after the shard commit and every
+//!   outbound delivery report.
+//!
+//! [`start`] wires them together and is what `main` and the tests call.
+
+pub mod config;
+pub mod pipeline;
+pub mod presence;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chat_common::http::{ops_routes, ReadyCheck};
+use rdkafka::consumer::Consumer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// A started multiplexer.
+pub struct Running {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub http_addr: SocketAddr,
+    /// Ends when the multiplexer has stopped (after `shutdown` fired).
+    pub task: JoinHandle<()>,
+}
+
+/// Checks the dependencies, applies shard migrations, and starts the loop and the HTTP server.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    chat_common::telemetry::metrics_handle();
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
+        .await?
+        .context("kafka")?;
+    let shards = db_writer::Shards::connect(&config.shards).context("shards")?;
+    shards.migrate().await.context("shard migrations")?;
+
+    let presence =
+        presence::PresenceView::start(&config.kafka, &config.topics.presence(), shutdown.clone())
+            .await
+            .context("presence")?;
+    let consumer = config.kafka.consumer(&config.group)?;
+    consumer
+        .subscribe(&[&config.topics.inbound()])
+        .context("subscribe to inbound")?;
+    let producer = config.kafka.producer()?;
+
+    let ready_shards = shards.clone();
+    let ready: ReadyCheck = Arc::new(move || {
+        let shards = ready_shards.clone();
+        Box::pin(async move { shards.ping().await.map_err(|e| e.to_string()) })
+    });
+    let (http_addr, server) = warp::serve(ops_routes(ready))
+        .try_bind_with_graceful_shutdown(config.http_addr, {
+            let s = shutdown.clone();
+            async move { s.cancelled().await }
+        })
+        .context("bind http")?;
+    let server = tokio::spawn(server);
+
+    tracing::info!(%http_addr, group = %config.group, inbound = %config.topics.inbound(), "multiplexer started");
+    let pipeline = pipeline::Pipeline {
+        config,
+        consumer,
+        producer,
+        shards,
+        presence,
+    };
+    let task = tokio::spawn(async move {
+        pipeline.run(shutdown).await;
+        let _ = server.await;
+    });
+    Ok(Running { http_addr, task })
+}

@@ -1,0 +1,314 @@
+//! The consume -> store -> route loop.
+//!
+//! One batch at a time: read up to `max_batch` records from `inbound`, store their messages in
+//! the shards (one transaction per shard), apply their acks, produce each stored message to the
+//! recipient's gateway topic and each receipt to the sender's, wait for every delivery report,
+//! and only then store the batch's offsets. A crash anywhere before that point replays the batch,
+//! and every step is idempotent, so the replay changes nothing but re-sends pushes that clients
+//! drop by message id.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use chat_common::ids::{ConversationKey, UserId};
+use chat_proto::v1::{
+    inbound_record, outbound_record, AckRecord, ChatMessage, InboundRecord, OutboundRecord, Receipt,
+};
+use db_writer::{DbError, Shards};
+use futures_util::future::join_all;
+use prost::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::presence::PresenceView;
+
+/// How long to wait for the presence view to catch up before routing with what it has.
+const PRESENCE_CATCH_UP: Duration = Duration::from_secs(2);
+
+/// The state the loop works with.
+pub struct Pipeline {
+    pub(crate) config: Config,
+    pub(crate) consumer: StreamConsumer,
+    pub(crate) producer: FutureProducer,
+    pub(crate) shards: Shards,
+    pub(crate) presence: PresenceView,
+}
+
+/// One decoded batch.
+#[derive(Default)]
+struct Batch {
+    messages: Vec<ChatMessage>,
+    acks: Vec<AckRecord>,
+    /// Highest offset per (topic, partition), stored once the batch is done.
+    offsets: BTreeMap<(String, i32), i64>,
+}
+
+impl Pipeline {
+    /// Runs until `shutdown`; the batch in flight is finished (or abandoned, to be replayed by
+    /// the next owner of its partitions) and stored offsets are committed before returning.
+    pub async fn run(self, shutdown: CancellationToken) {
+        while let Some(records) = self.next_records(&shutdown).await {
+            let batch = decode(records);
+            let started = Instant::now();
+            if !self.handle(&batch, &shutdown).await {
+                break;
+            }
+            for ((topic, partition), offset) in &batch.offsets {
+                // Fails only if the partition was revoked meanwhile; its new owner replays it.
+                if let Err(e) = self.consumer.store_offset(topic, *partition, *offset) {
+                    tracing::debug!(error = %e, topic, partition, "offset not stored");
+                }
+            }
+            metrics::histogram!("multiplexer_batch_seconds").record(started.elapsed());
+            metrics::histogram!("multiplexer_batch_size")
+                .record((batch.messages.len() + batch.acks.len()) as f64);
+        }
+        if let Err(e) = self
+            .consumer
+            .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        {
+            tracing::debug!(error = %e, "final commit (nothing to commit?)");
+        }
+        tracing::info!("multiplexer loop stopped");
+    }
+
+    /// Waits for the first record, then gathers more for up to `batch_wait`.
+    async fn next_records(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedMessage>> {
+        let mut records = Vec::new();
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                m = self.consumer.recv() => m,
+            };
+            match first {
+                Ok(m) => {
+                    records.push(m.detach());
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "consume failed");
+                    metrics::counter!("multiplexer_errors_total", "kind" => "consume").increment(1);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.config.batch_wait;
+        while records.len() < self.config.max_batch {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => records.push(m.detach()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "consume failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Some(records)
+    }
+
+    /// Stores, acks and routes one batch. False if shutdown interrupted it.
+    async fn handle(&self, batch: &Batch, shutdown: &CancellationToken) -> bool {
+        let stored = if batch.messages.is_empty() {
+            Vec::new()
+        } else {
+            match retry(shutdown, "store batch", || {
+                self.shards.store_batch(&batch.messages)
+            })
+            .await
+            {
+                Some(s) => s,
+                None => return false,
+            }
+        };
+        let created = stored.iter().filter(|s| s.created).count();
+        metrics::counter!("multiplexer_messages_stored_total").increment(created as u64);
+        metrics::counter!("multiplexer_messages_duplicate_total")
+            .increment((stored.len() - created) as u64);
+
+        let mut receipts = Vec::new();
+        for ack in &batch.acks {
+            let (Ok(user), Ok(conversation)) = (
+                UserId::parse(&ack.user),
+                ConversationKey::parse(&ack.conversation),
+            ) else {
+                metrics::counter!("multiplexer_errors_total", "kind" => "invalid_ack").increment(1);
+                continue;
+            };
+            let Some(peer) = conversation.peer_of(&user) else {
+                metrics::counter!("multiplexer_errors_total", "kind" => "invalid_ack").increment(1);
+                continue;
+            };
+            let outcome = retry(shutdown, "ack", || {
+                self.shards.ack(
+                    &user,
+                    &conversation,
+                    ack.up_to_seq,
+                    ack.acked_at_ms,
+                    self.config.retention,
+                )
+            })
+            .await;
+            let Some(outcome) = outcome else { return false };
+            if let Some(up_to_seq) = outcome.up_to_seq {
+                receipts.push((
+                    peer.to_string(),
+                    Receipt {
+                        peer: user.to_string(),
+                        conversation: conversation.to_string(),
+                        up_to_seq,
+                        acked_at_ms: ack.acked_at_ms,
+                    },
+                ));
+            }
+        }
+
+        // Everything this batch changed is committed; make sure the routes we use are at least
+        // as new as any session that synced before the commit (see `presence`).
+        if !stored.is_empty() || !receipts.is_empty() {
+            self.presence.catch_up(PRESENCE_CATCH_UP).await;
+        }
+        let mut out: Vec<(String, OutboundRecord)> = Vec::new();
+        for s in stored.into_iter().filter(|s| !s.acked) {
+            let to = s.message.recipient.clone();
+            out.push((
+                to,
+                OutboundRecord {
+                    kind: Some(outbound_record::Kind::Deliver(s.message)),
+                },
+            ));
+        }
+        for (to, r) in receipts {
+            out.push((
+                to,
+                OutboundRecord {
+                    kind: Some(outbound_record::Kind::Receipt(r)),
+                },
+            ));
+        }
+        self.route(out, shutdown).await
+    }
+
+    /// Produces each record to the gateway that holds its user; users without a live session
+    /// are skipped (their messages stay pending and reach them by sync).
+    async fn route(
+        &self,
+        records: Vec<(String, OutboundRecord)>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut todo: Vec<(String, String, Vec<u8>)> = Vec::new();
+        for (user, rec) in records {
+            match self.presence.route(&user) {
+                Some(gw) => {
+                    todo.push((self.config.topics.outbound(&gw), user, rec.encode_to_vec()))
+                }
+                None => {
+                    metrics::counter!("multiplexer_routed_total", "to" => "offline").increment(1)
+                }
+            }
+        }
+        let mut backoff = Duration::from_millis(50);
+        while !todo.is_empty() {
+            let results = join_all(todo.iter().map(|(topic, key, payload)| {
+                self.producer.send(
+                    FutureRecord::to(topic).key(key).payload(payload),
+                    rdkafka::util::Timeout::Never,
+                )
+            }))
+            .await;
+            let mut failed = Vec::new();
+            for (item, result) in todo.into_iter().zip(results) {
+                match result {
+                    Ok(_) => metrics::counter!("multiplexer_routed_total", "to" => "gateway")
+                        .increment(1),
+                    Err((e, _)) => {
+                        tracing::warn!(error = %e, topic = %item.0, "outbound produce failed; retrying");
+                        metrics::counter!("multiplexer_errors_total", "kind" => "produce")
+                            .increment(1);
+                        failed.push(item);
+                    }
+                }
+            }
+            todo = failed;
+            if !todo.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        true
+    }
+}
+
+fn decode(records: Vec<OwnedMessage>) -> Batch {
+    let mut batch = Batch::default();
+    for m in records {
+        let key = (m.topic().to_owned(), m.partition());
+        let offset = batch.offsets.entry(key).or_insert(m.offset());
+        *offset = (*offset).max(m.offset());
+        let Some(payload) = m.payload() else {
+            metrics::counter!("multiplexer_errors_total", "kind" => "empty_record").increment(1);
+            continue;
+        };
+        match InboundRecord::decode(payload).map(|r| r.kind) {
+            Ok(Some(inbound_record::Kind::Message(msg))) => {
+                if ConversationKey::parse(&msg.conversation).is_ok() {
+                    batch.messages.push(msg);
+                } else {
+                    tracing::warn!(
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "invalid conversation; skipped"
+                    );
+                    metrics::counter!("multiplexer_errors_total", "kind" => "invalid_record")
+                        .increment(1);
+                }
+            }
+            Ok(Some(inbound_record::Kind::Ack(ack))) => batch.acks.push(ack),
+            Ok(None) | Err(_) => {
+                tracing::warn!(
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "undecodable record; skipped"
+                );
+                metrics::counter!("multiplexer_errors_total", "kind" => "invalid_record")
+                    .increment(1);
+            }
+        }
+    }
+    batch
+}
+
+/// Runs `op` until it succeeds, backing off on retryable errors. A non-retryable error is logged
+/// and retried more slowly too: skipping would lose data, so an operator must see the metric.
+/// Returns `None` only when shutdown interrupts.
+async fn retry<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let retryable = e.is_retryable();
+                tracing::warn!(error = %e, retryable, "{what} failed; retrying");
+                metrics::counter!("multiplexer_errors_total", "kind" => "shard").increment(1);
+                if !retryable {
+                    backoff = Duration::from_secs(5);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,211 @@
+//! The routing table: which gateway holds each user's live session.
+//!
+//! Built by reading the compacted `presence` topic in full (every multiplexer reads every
+//! partition, without a consumer group). A record replaces the route of its user only when its
+//! epoch is not older, so a late "offline" from a gateway the user left cannot end the session
+//! the user opened elsewhere.
+//!
+//! [`PresenceView::catch_up`] closes the race between a user connecting and a message being
+//! routed: the gateway publishes presence (and waits for the broker's ack) *before* it runs the
+//! user's sync query, and the multiplexer catches up with the presence log *after* committing a
+//! batch. So a message committed after the sync query is routed with the new route in the view,
+//! and a message committed before it is found by the sync. Nothing falls between the two.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chat_common::ids::GatewayId;
+use chat_common::kafka::{KafkaConfig, KafkaError};
+use chat_proto::v1::PresenceRecord;
+use prost::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug)]
+struct Route {
+    gateway: GatewayId,
+    epoch: u64,
+    online: bool,
+}
+
+/// A live, shared view of the `presence` topic.
+#[derive(Clone)]
+pub struct PresenceView {
+    routes: Arc<RwLock<HashMap<String, Route>>>,
+    /// Next offset to read, per partition (advanced as records are applied).
+    positions: watch::Receiver<HashMap<i32, i64>>,
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    partitions: Vec<i32>,
+}
+
+impl PresenceView {
+    /// Starts reading `topic` from the beginning; the returned view fills as records arrive.
+    pub async fn start(
+        kafka: &KafkaConfig,
+        topic: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Self, KafkaError> {
+        let consumer = Arc::new(kafka.reader()?);
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> = md
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let (tx, rx) = watch::channel(partitions.iter().map(|p| (*p, 0)).collect());
+        let routes: Arc<RwLock<HashMap<String, Route>>> = Arc::default();
+        let view = Self {
+            routes: routes.clone(),
+            positions: rx,
+            consumer: consumer.clone(),
+            topic: topic.to_owned(),
+            partitions,
+        };
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    m = consumer.recv() => m,
+                };
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "presence read failed");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                apply(&routes, msg.key(), msg.payload());
+                let (p, o) = (msg.partition(), msg.offset());
+                tx.send_modify(|pos| {
+                    pos.insert(p, o + 1);
+                });
+            }
+        });
+        Ok(view)
+    }
+
+    /// The gateway holding `user`'s session, if the user is online.
+    pub fn route(&self, user: &str) -> Option<GatewayId> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes
+            .get(user)
+            .filter(|r| r.online)
+            .map(|r| r.gateway.clone())
+    }
+
+    /// Waits until every record that was in the presence log when this was called has been
+    /// applied. Returns false if that did not happen within `timeout` (the caller routes with
+    /// what it has; the sync on the next connect covers anything missed).
+    pub async fn catch_up(&self, timeout: Duration) -> bool {
+        let consumer = self.consumer.clone();
+        let (topic, partitions) = (self.topic.clone(), self.partitions.clone());
+        let highs = tokio::task::spawn_blocking(move || {
+            partitions
+                .iter()
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(&topic, *p, Duration::from_secs(2))
+                        .map(|(_, high)| (*p, high))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+        let highs = match highs {
+            Ok(Ok(h)) => h,
+            _ => {
+                metrics::counter!("multiplexer_presence_catch_up_failed_total").increment(1);
+                return false;
+            }
+        };
+        let mut rx = self.positions.clone();
+        let done = |pos: &HashMap<i32, i64>| {
+            highs
+                .iter()
+                .all(|(p, high)| pos.get(p).copied().unwrap_or(0) >= *high)
+        };
+        let ok = tokio::time::timeout(timeout, rx.wait_for(done)).await;
+        let caught_up = matches!(ok, Ok(Ok(_)));
+        if !caught_up {
+            metrics::counter!("multiplexer_presence_catch_up_failed_total").increment(1);
+        }
+        caught_up
+    }
+}
+
+fn apply(routes: &RwLock<HashMap<String, Route>>, key: Option<&[u8]>, payload: Option<&[u8]>) {
+    let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
+        return;
+    };
+    let mut routes = routes.write().unwrap_or_else(|p| p.into_inner());
+    let Some(payload) = payload else {
+        // Tombstone: the route is gone.
+        routes.remove(key);
+        return;
+    };
+    let Ok(rec) = PresenceRecord::decode(payload) else {
+        metrics::counter!("multiplexer_presence_invalid_total").increment(1);
+        return;
+    };
+    let Ok(gateway) = GatewayId::parse(&rec.gateway_id) else {
+        metrics::counter!("multiplexer_presence_invalid_total").increment(1);
+        return;
+    };
+    let newer = routes.get(key).is_none_or(|r| rec.epoch >= r.epoch);
+    if newer {
+        routes.insert(
+            key.to_owned(),
+            Route {
+                gateway,
+                epoch: rec.epoch,
+                online: rec.online,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(gw: &str, epoch: u64, online: bool) -> Vec<u8> {
+        PresenceRecord {
+            user: "bob".into(),
+            gateway_id: gw.into(),
+            epoch,
+            online,
+            at_ms: 0,
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn newer_epoch_wins_and_stale_offline_is_ignored() {
+        let routes = RwLock::new(HashMap::new());
+        apply(&routes, Some(b"bob"), Some(&rec("gw1", 1, true)));
+        apply(&routes, Some(b"bob"), Some(&rec("gw2", 2, true)));
+        // gw1's offline for its older session arrives late: ignored.
+        apply(&routes, Some(b"bob"), Some(&rec("gw1", 1, false)));
+        let r = routes.read().expect("lock");
+        assert_eq!(r["bob"].gateway.as_str(), "gw2");
+        assert!(r["bob"].online);
+        drop(r);
+        apply(&routes, Some(b"bob"), Some(&rec("gw2", 2, false)));
+        assert!(!routes.read().expect("lock")["bob"].online);
+        apply(&routes, Some(b"bob"), None);
+        assert!(routes.read().expect("lock").get("bob").is_none());
+        // Garbage is counted and ignored.
+        apply(&routes, Some(b"bob"), Some(b"\xff\xff\xff"));
+        assert!(routes.read().expect("lock").get("bob").is_none());
+    }
+}
