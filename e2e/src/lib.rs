@@ -129,6 +129,7 @@ impl TestEnv {
             max_body_bytes: 4096,
             socket_queue: 1024,
             max_in_flight: 256,
+            web_dir: None,
         };
         let shutdown = CancellationToken::new();
         let running = gateway::start(config, shutdown.clone()).await?;

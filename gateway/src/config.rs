@@ -32,6 +32,8 @@ pub struct Config {
     pub socket_queue: usize,
     /// Sends awaiting Kafka's delivery report per socket; more get an error frame.
     pub max_in_flight: usize,
+    /// Directory of the web client's static files, served at `/` (none when unset or missing).
+    pub web_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Config {
@@ -51,7 +53,7 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Reads `GATEWAY_ID`, `GATEWAY_ADDR`, `KAFKA_BROKERS`, `TOPIC_PREFIX`, `SHARD_DSNS`,
     /// `SHARD_POOL_SIZE`, `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE`,
-    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `MAX_IN_FLIGHT`.
+    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `MAX_IN_FLIGHT`, `WEB_DIR`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -89,6 +91,7 @@ impl Config {
             max_body_bytes: env_parse("MAX_BODY_BYTES", 4096)?,
             socket_queue: env_parse("SOCKET_QUEUE", 1024)?,
             max_in_flight: env_parse("MAX_IN_FLIGHT", 256)?,
+            web_dir: Some(env_or("WEB_DIR", "web").into()),
         })
     }
 }

@@ -236,11 +236,20 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
         Box::pin(async move { app.shards.ping().await.map_err(|e| e.to_string()) })
     });
 
+    let web_dir = app
+        .config
+        .web_dir
+        .clone()
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(|| std::path::PathBuf::from("/nonexistent"));
+    let web = warp::get().and(warp::fs::dir(web_dir));
+
     ws_route
         .or(put)
         .or(get)
         .or(dev_token)
         .or(chat_common::http::ops_routes(ready))
+        .or(web)
         .recover(recover)
 }
 

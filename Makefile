@@ -1,0 +1,100 @@
+# The operator's entry point. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+SCRIPTS  := infra/scripts
+PROFILE  ?= release
+CARGO    ?= cargo
+CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+export PROFILE
+
+# Test stack endpoints (the e2e harness reads these).
+export CHAT_TEST_BROKERS ?= 127.0.0.1:9092
+export CHAT_TEST_PG ?= postgres://chat@127.0.0.1:54320/postgres
+
+.PHONY: help
+help: ## List the targets.
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+.PHONY: deps
+deps: ## Install what is missing on this machine (Java, Maven, Postgres, curl, Kafka jars, Rust toolchain parts).
+	@$(SCRIPTS)/install-deps.sh
+	@command -v curl >/dev/null || { apt-get install -y -q curl >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q curl >/dev/null); } || { echo "deps: cannot install curl"; exit 1; }
+	@command -v cargo >/dev/null || { echo "deps: cargo not found: install Rust with rustup"; exit 1; }
+	@rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+	@$(SCRIPTS)/install-kafka.sh
+
+.PHONY: stack
+stack: deps ## Start Kafka (KRaft, single node) and Postgres (4 shard databases) on loopback.
+	@$(SCRIPTS)/kafka.sh start
+	@$(SCRIPTS)/postgres.sh start
+
+.PHONY: stack-down
+stack-down: ## Stop Kafka and Postgres (data is kept under .local/).
+	@$(SCRIPTS)/kafka.sh stop
+	@$(SCRIPTS)/postgres.sh stop
+
+.PHONY: build
+build: ## Build the binaries (PROFILE=release by default; PROFILE=debug is faster to build).
+	@$(CARGO) build $(CARGO_PROFILE_FLAG) --bins --quiet || { echo "build: cargo build failed"; exit 1; }
+
+.PHONY: topics
+topics: ## Create the topics (inbound, presence, outbound-gw1, outbound-gw2) with infra/topics.json settings.
+	@target/$(PROFILE)/chatctl topics --gateways gw1,gw2 || { echo "topics: cannot create topics (is Kafka up? make stack)"; exit 1; }
+
+.PHONY: migrate
+migrate: ## Apply the shard schema migrations (db-writer migrate).
+	@target/$(PROFILE)/db-writer migrate || { echo "migrate: cannot migrate the shards (is Postgres up? make stack)"; exit 1; }
+
+.PHONY: up
+up: stack build topics migrate ## Install, build and run everything: Kafka, Postgres, gateways gw1+gw2, a multiplexer.
+	@$(SCRIPTS)/services.sh start
+	@$(SCRIPTS)/services.sh status
+	@echo
+	@echo "The chat stack is up."
+	@echo "  websocket:  ws://127.0.0.1:8080/ws (gw1)   ws://127.0.0.1:8081/ws (gw2)"
+	@echo "  a token:    make token USER=alice   (or: curl -s http://127.0.0.1:8080/dev/token/alice)"
+	@echo "  connect:    websocat 'ws://127.0.0.1:8080/ws?format=json&access_token=<token>'"
+	@echo "  send:       {\"send\":{\"clientMessageId\":\"m1\",\"recipient\":\"bob\",\"body\":\"hi\"}}"
+	@echo "  history:    curl -H \"Authorization: Bearer <token>\" http://127.0.0.1:8080/messages/bob"
+	@echo "  metrics:    http://127.0.0.1:8080/metrics  http://127.0.0.1:9300/metrics"
+	@echo "  logs:       make logs        stop: make down"
+
+.PHONY: down
+down: ## Stop everything `make up` started.
+	@$(SCRIPTS)/services.sh stop
+	@$(SCRIPTS)/kafka.sh stop
+	@$(SCRIPTS)/postgres.sh stop
+
+.PHONY: status
+status: ## Show what is running.
+	@$(SCRIPTS)/kafka.sh status || true
+	@$(SCRIPTS)/postgres.sh status || true
+	@$(SCRIPTS)/services.sh status || true
+
+.PHONY: logs
+logs: ## Follow the logs of the gateways and the multiplexer.
+	@tail -n 50 -F .local/logs/*.log
+
+.PHONY: token
+token: ## Print a dev token: make token USER=alice
+	@test "$(origin USER)" = "command line" || { echo "token: say whose: make token USER=alice"; exit 1; }
+	@$(CARGO) run --quiet $(CARGO_PROFILE_FLAG) --bin chatctl -- token "$(USER)"
+
+.PHONY: fmt
+fmt: ## Format the code.
+	@$(CARGO) fmt --all
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy -D warnings.
+	@$(CARGO) fmt --all -- --check || { echo "lint: code is not formatted (run make fmt)"; exit 1; }
+	@$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings || { echo "lint: clippy found problems"; exit 1; }
+
+.PHONY: test
+test: stack lint ## fmt + clippy, unit tests, and integration tests against real Kafka and Postgres (started if needed).
+	@$(CARGO) test --workspace --quiet || { echo "test: tests failed"; exit 1; }
+
+.PHONY: clean
+clean: ## Stop everything and delete local state (.local/) and build output.
+	-@$(MAKE) --no-print-directory down
+	@rm -rf .local target

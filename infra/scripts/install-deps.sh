@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Usage: install-deps.sh [java] [maven] [postgres]     (no argument = all three)
+#
+# Installs the system packages the local infra needs, via apt-get, but only
+# when something is actually missing (a no-op costs a few ms). Debian/Ubuntu,
+# must run as root when an install is needed. `apt-get update` is run only
+# if the first install attempt fails (stale/missing package lists).
+#
+#   java     -> a Java >= 17 runtime   (openjdk-17-jre-headless)
+#   maven    -> mvn                    (maven)
+#   postgres -> initdb/pg_ctl/psql/... (postgresql, postgresql-client)
+#
+# Env: PG_BINDIR  directory holding initdb/pg_ctl (default: newest
+#                 /usr/lib/postgresql/*/bin)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+want=("$@")
+[[ ${#want[@]} -gt 0 ]] || want=(java maven postgres)
+
+java_ok() {
+  command -v java >/dev/null 2>&1 || return 1
+  local v
+  v="$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java\.specification\.version = //p')"
+  [[ "${v%%.*}" =~ ^[0-9]+$ ]] && (( ${v%%.*} >= 17 ))
+}
+
+pg_ok() {
+  local d
+  for d in ${PG_BINDIR:+"$PG_BINDIR"} /usr/lib/postgresql/*/bin; do
+    [[ -x "$d/initdb" && -x "$d/pg_ctl" && -x "$d/pg_isready" && -x "$d/postgres" ]] || continue
+    command -v psql >/dev/null 2>&1 || [[ -x "$d/psql" ]] || continue
+    id -u postgres >/dev/null 2>&1 || continue
+    return 0
+  done
+  return 1
+}
+
+pkgs=()
+for w in "${want[@]}"; do
+  case "$w" in
+    java) java_ok || pkgs+=(openjdk-17-jre-headless) ;;
+    maven) command -v mvn >/dev/null 2>&1 || pkgs+=(maven) ;;
+    postgres) pg_ok || pkgs+=(postgresql postgresql-client) ;;
+    *) die "unknown component '$w' (expected: java maven postgres)" ;;
+  esac
+done
+
+[[ ${#pkgs[@]} -eq 0 ]] && exit 0
+
+[[ $(id -u) -eq 0 ]] || die "need root to apt-get install: ${pkgs[*]}"
+command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install manually: ${pkgs[*]}"
+
+mkdir -p "$STATE_DIR"
+log="$STATE_DIR/install-deps.log"
+export DEBIAN_FRONTEND=noninteractive
+if ! apt-get -y -q install --no-install-recommends "${pkgs[@]}" >"$log" 2>&1; then
+  if ! { apt-get -q update && apt-get -y -q install --no-install-recommends "${pkgs[@]}"; } >>"$log" 2>&1; then
+    die "apt-get install ${pkgs[*]} failed (see $log)"
+  fi
+fi

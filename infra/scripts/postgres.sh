@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Usage: postgres.sh start|stop|status|reset|url [--name NAME] [--port PORT]
+#
+# Local PostgreSQL instance for dev/tests (defaults: --name pg --port 54320).
+#   start   initdb on first use, start, wait for pg_isready, then make sure the
+#           superuser role `chat` and databases chat_shard_0..chat_shard_{SHARDS-1}
+#           exist. Already running: only the role/database check is done.
+#   stop    fast shutdown (pg_ctl -m fast), waits for exit
+#   status  one line; exit 0 when running, 3 when stopped
+#   reset   stop and delete the instance (data, log, socket)
+#   url     print postgres://chat@127.0.0.1:PORT/chat_shard_0
+# Clients connect as  postgres://chat@127.0.0.1:54320/chat_shard_N  (trust auth,
+# dev only) or via the unix socket in the instance dir (psql -h <instance dir>).
+#
+# Where the instance lives (instance dir = data/, postgres.log, unix socket):
+#   <state>/<name>/  (state = <repo>/.local)   when the server's OS user can
+#       traverse every path component and the socket path fits in 107 bytes;
+#   /tmp/chat-pg-<sha1(state dir)[0:12]>/<name>/   otherwise (e.g. repo under
+#       /root, mode 0700). No permissions of parent dirs are ever changed.
+#       <state>/<name>.location then records the chosen dir. An existing
+#       instance is always found again at whichever of the two places it is.
+# The server runs as the `postgres` OS user when invoked as root (initdb and
+# pg_ctl refuse root), else as the invoking user.
+#
+# Env:
+#   SHARDS          number of chat_shard_N databases (default 4)
+#   PG_BINDIR       dir with initdb/pg_ctl/postgres (default: newest
+#                   /usr/lib/postgresql/*/bin)
+#   CHAT_STATE_DIR  state dir (default <repo>/.local)
+#   PG_START_TIMEOUT seconds (default 60)
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() { sed -n '2p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+cmd="" name="pg" port="54320"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) [[ $# -ge 2 ]] || usage; name="$2"; shift 2 ;;
+    --name=*) name="${1#*=}"; shift ;;
+    --port) [[ $# -ge 2 ]] || usage; port="$2"; shift 2 ;;
+    --port=*) port="${1#*=}"; shift ;;
+    -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) die "unknown option '$1'" ;;
+    *) [[ -z "$cmd" ]] || die "unexpected argument '$1'"; cmd="$1"; shift ;;
+  esac
+done
+[[ -n "$cmd" ]] || usage
+[[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "invalid --name '$name' (letters, digits, _ and - only)"
+[[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "invalid --port '$port'"
+SHARDS="${SHARDS:-4}"
+[[ "$SHARDS" =~ ^[0-9]+$ ]] || die "SHARDS must be a number, got '$SHARDS'"
+START_TIMEOUT="${PG_START_TIMEOUT:-60}"
+
+if [[ "$cmd" == url ]]; then
+  echo "postgres://chat@127.0.0.1:$port/chat_shard_0"
+  exit 0
+fi
+
+# ---- binaries ---------------------------------------------------------------
+find_bindir() {
+  if [[ -n "${PG_BINDIR:-}" ]]; then echo "$PG_BINDIR"; return 0; fi
+  local d
+  d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+  [[ -n "$d" ]] && echo "$d"
+}
+if [[ "$cmd" == start ]]; then
+  "$INFRA_SCRIPTS_DIR/install-deps.sh" postgres
+fi
+BIN="$(find_bindir || true)"
+[[ -n "$BIN" && -x "$BIN/pg_ctl" && -x "$BIN/initdb" ]] \
+  || die "PostgreSQL server binaries not found (run infra/scripts/install-deps.sh postgres or set PG_BINDIR)"
+PSQL="$BIN/psql"; [[ -x "$PSQL" ]] || PSQL="$(command -v psql || true)"
+PG_ISREADY="$BIN/pg_isready"; [[ -x "$PG_ISREADY" ]] || PG_ISREADY="$(command -v pg_isready || true)"
+
+# ---- OS user ----------------------------------------------------------------
+if [[ $(id -u) -eq 0 ]]; then
+  PG_USER=postgres
+  id -u "$PG_USER" >/dev/null 2>&1 || die "OS user 'postgres' does not exist (apt-get install postgresql creates it)"
+else
+  PG_USER="$(id -un)"
+fi
+as_pg() { # run a command as the server's OS user, from a dir it can read
+  if [[ "$(id -un)" == "$PG_USER" ]]; then
+    (cd / && "$@")
+  else
+    (cd / && runuser -u "$PG_USER" -- "$@")
+  fi
+}
+pg_can_use() { # dir -> 0 when PG_USER can enter and write it
+  as_pg test -d "$1" -a -x "$1" -a -w "$1" 2>/dev/null
+}
+
+# ---- instance location (see header) ------------------------------------------
+PRIMARY="$STATE_DIR/$name"
+FALLBACK="/tmp/chat-pg-$(printf '%s' "$(mkdir -p "$STATE_DIR" && cd "$STATE_DIR" && pwd -P)" | sha1sum | cut -c1-12)/$name"
+LOCATION_FILE="$STATE_DIR/$name.location"
+
+sock_fits() { (( ${#1} + ${#port} + 10 <= 107 )); }   # "$dir/.s.PGSQL.$port"
+
+resolve_instance() {
+  if [[ -f "$PRIMARY/data/PG_VERSION" ]]; then echo "$PRIMARY"; return; fi
+  if [[ -f "$FALLBACK/data/PG_VERSION" ]]; then echo "$FALLBACK"; return; fi
+  [[ "$cmd" == start ]] || { echo ""; return; }   # nothing to stop/show
+  if sock_fits "$PRIMARY"; then
+    mkdir -p "$PRIMARY"
+    [[ "$PG_USER" == "$(id -un)" ]] || chown "$PG_USER:" "$PRIMARY"
+    chmod 0755 "$PRIMARY"
+    if pg_can_use "$PRIMARY"; then echo "$PRIMARY"; return; fi
+    rmdir "$PRIMARY" 2>/dev/null || true
+  fi
+  echo "$FALLBACK"
+}
+
+INST="$(resolve_instance)"
+DATA="${INST:+$INST/data}"
+LOG="${INST:+$INST/postgres.log}"
+
+prepare_fallback_root() {
+  local root
+  root="$(dirname "$FALLBACK")"
+  mkdir -p "$root" "$FALLBACK"
+  # refuse a dir planted by someone else in /tmp
+  [[ "$(stat -c %u "$root")" == "$(id -u)" ]] || die "$root is owned by another user; remove it"
+  chmod 0755 "$root"
+  [[ "$PG_USER" == "$(id -un)" ]] || chown "$PG_USER:" "$FALLBACK"
+  chmod 0755 "$FALLBACK"
+  pg_can_use "$FALLBACK" || die "$PG_USER cannot use $FALLBACK"
+  echo "$FALLBACK" >"$LOCATION_FILE"
+}
+
+is_running() { [[ -n "$DATA" && -f "$DATA/PG_VERSION" ]] && as_pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; }
+running_port() { sed -n '4p' "$DATA/postmaster.pid" 2>/dev/null || true; }
+running_pid() { sed -n '1p' "$DATA/postmaster.pid" 2>/dev/null || true; }
+
+write_conf() {
+  local sockdir="${INST//\'/\'\'}"
+  as_pg tee "$DATA/chat.conf" >/dev/null <<EOF
+# Generated by infra/scripts/postgres.sh on every start; edits are overwritten.
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$sockdir'
+max_connections = 300
+shared_buffers = 128MB
+fsync = on
+synchronous_commit = on
+full_page_writes = on
+logging_collector = off
+log_line_prefix = '%m [%p] %q%u@%d '
+EOF
+  as_pg tee "$DATA/pg_hba.conf" >/dev/null <<'EOF'
+# Generated by infra/scripts/postgres.sh. DEV ONLY: trust, loopback only.
+# TYPE  DATABASE     USER  ADDRESS        METHOD
+local   all          all                  trust
+host    all          all   127.0.0.1/32   trust
+local   replication  all                  trust
+host    replication  all   127.0.0.1/32   trust
+EOF
+}
+
+init_if_needed() {
+  [[ -f "$DATA/PG_VERSION" ]] && return 0
+  local tmp="$INST/data.init"
+  as_pg rm -rf "$tmp"
+  if ! as_pg "$BIN/initdb" -D "$tmp" -U postgres --auth=trust -E UTF8 --no-locale >"$STATE_DIR/$name.initdb.log" 2>&1; then
+    die "initdb failed (see $STATE_DIR/$name.initdb.log)"
+  fi
+  echo "include_if_exists = 'chat.conf'" | as_pg tee -a "$tmp/postgresql.conf" >/dev/null
+  as_pg mv "$tmp" "$DATA"
+}
+
+ensure_db_objects() {
+  local out
+  if ! out="$("$PSQL" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres 2>&1 <<EOF
+SELECT 'CREATE ROLE chat LOGIN SUPERUSER'
+  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'chat') \gexec
+SELECT 'ALTER ROLE chat LOGIN SUPERUSER'
+  WHERE EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'chat' AND NOT (rolsuper AND rolcanlogin)) \gexec
+SELECT format('CREATE DATABASE %I OWNER chat', d)
+  FROM (SELECT 'chat_shard_' || i AS d FROM generate_series(0, $SHARDS - 1) AS i) s
+  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = s.d) \gexec
+EOF
+  )"; then
+    die "creating role/databases failed: $(echo "$out" | tr '\n' ' ')"
+  fi
+}
+
+lock() {
+  mkdir -p "$STATE_DIR"
+  exec 9>"$STATE_DIR/.$name.pg.lock"
+  flock 9
+}
+
+case "$cmd" in
+  start)
+    lock
+    [[ "$INST" == "$FALLBACK" ]] && prepare_fallback_root
+    init_if_needed
+    if is_running; then
+      rp="$(running_port)"
+      [[ "$rp" == "$port" ]] || die "$name is already running on port $rp (asked for $port); stop it first"
+    else
+      port_open 127.0.0.1 "$port" && die "port 127.0.0.1:$port is already in use by another process"
+      write_conf
+      # 9>&-: the postmaster must not inherit (and hold) our lock fd
+      if ! as_pg "$BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t "$START_TIMEOUT" -s start >/dev/null 2>&1 9>&-; then
+        tail_log "$LOG" 30
+        die "$name failed to start (see $LOG)"
+      fi
+    fi
+    deadline=$((SECONDS + START_TIMEOUT))
+    until "$PG_ISREADY" -q -h 127.0.0.1 -p "$port" -d postgres; do
+      if ((SECONDS >= deadline)); then tail_log "$LOG" 30; die "$name not ready after ${START_TIMEOUT}s (see $LOG)"; fi
+      sleep 0.2
+    done
+    ensure_db_objects
+    ;;
+  stop)
+    lock
+    if is_running; then
+      as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w -t 60 -s stop >/dev/null 2>&1 \
+        || { tail_log "$LOG" 20; die "$name did not stop (see $LOG)"; }
+    fi
+    ;;
+  status)
+    if is_running; then
+      echo "$name: running pid $(running_pid), 127.0.0.1:$(running_port), data $DATA"
+    else
+      echo "$name: stopped${DATA:+ (data $DATA)}"
+      exit 3
+    fi
+    ;;
+  reset)
+    lock
+    if is_running; then
+      as_pg "$BIN/pg_ctl" -D "$DATA" -m immediate -w -t 60 -s stop >/dev/null 2>&1 || die "$name did not stop"
+    fi
+    [[ -n "$INST" ]] && rm -rf "$INST"
+    rm -f "$LOCATION_FILE" "$STATE_DIR/$name.initdb.log"
+    ;;
+  *) usage ;;
+esac
