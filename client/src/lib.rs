@@ -1,20 +1,20 @@
 //! A Rust client for the chat gateway, used by the tests (and by the CLI and load generator).
 //!
-//! [`Client::connect`] opens a websocket with a token; [`Client::send`] returns once the server
-//! answered "accepted" (the message is durable in Kafka); [`Client::next_event`] yields messages,
-//! receipts and sync boundaries. Messages are deduplicated by message id, so the caller sees
-//! each message once even when the server delivers it again (at-least-once push). The client
-//! remembers the last sequence it holds per conversation, for resuming with [`Client::sync`].
+//! [`Client::connect`] opens a websocket with a token and keeps it open: when the connection
+//! drops it reconnects with backoff (to the next of the given gateway URLs), resumes from the last
+//! sequence it holds per conversation, and re-sends every send that was not answered yet with the
+//! same client message id (so a retry never creates a second message). Messages are handed out
+//! once each, in order per conversation: a message at or below the last sequence held for its
+//! conversation is a repeat of at-least-once delivery and is dropped.
 //!
 //! [`Rest`] wraps the REST API (`PUT`/`GET /messages/{user_id}`, dev tokens).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chat_proto::v1::{
     client_frame, server_frame, Accepted, Ack, ChatMessage, ClientFrame, Receipt, Send,
-    ServerFrame, Sync,
+    ServerFrame, Stored, Sync,
 };
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -34,7 +34,7 @@ pub enum ClientError {
     },
     #[error("the server refused the request: {code}: {message}")]
     Refused { code: String, message: String },
-    #[error("the connection is closed")]
+    #[error("the client is closed")]
     Closed,
     #[error("no answer within {0:?}")]
     Timeout(Duration),
@@ -42,166 +42,156 @@ pub enum ClientError {
     Http(String),
 }
 
-/// Something the server sent.
+/// Something the server sent, or a change of connection.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A message (each message id at most once per client).
+    /// A message: each one once, in sequence order per conversation.
     Message(ChatMessage),
-    /// The peer acknowledged messages this user sent.
+    /// One of this user's messages is stored, with its sequence.
+    Stored(Stored),
+    /// The peer acknowledged messages this user sent (delivered).
     Receipt(Receipt),
-    /// Everything pending was delivered; live messages follow.
+    /// The answer to a sync is complete; live messages follow.
     SyncDone { delivered: u64 },
     /// An error not tied to a send.
     Error { code: String, message: String },
-    /// The server closed the connection.
-    Closed { code: u16, reason: String },
+    /// The connection closed; with reconnection on, a `Connected` follows when it is back.
+    Disconnected { code: u16, reason: String },
+    /// (Re)connected to a gateway.
+    Connected { gateway_id: String },
 }
 
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Result<Accepted, ClientError>>>>>;
+/// How to connect.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Gateway base URLs (`ws://host:port`); reconnects move on to the next one.
+    pub urls: Vec<String>,
+    pub token: String,
+    /// Text frames with the proto3 JSON mapping instead of binary protobuf.
+    pub json: bool,
+    /// Reconnect (and resume) when the connection drops.
+    pub reconnect: bool,
+    /// Ack each message as soon as it is handed out.
+    pub auto_ack: bool,
+    /// Last sequence already held per conversation key (from a previous run).
+    pub resume_from: HashMap<String, u64>,
+}
+
+impl Options {
+    pub fn new(url: &str, token: &str) -> Self {
+        Self {
+            urls: vec![url.to_owned()],
+            token: token.to_owned(),
+            json: false,
+            reconnect: false,
+            auto_ack: false,
+            resume_from: HashMap::new(),
+        }
+    }
+}
+
+enum Command {
+    Send {
+        frame: Send,
+        reply: oneshot::Sender<Result<Accepted, ClientError>>,
+    },
+    Frame(client_frame::Kind),
+    Raw(Message),
+    Disconnect,
+    Close,
+}
 
 /// A connected client.
 pub struct Client {
     user: String,
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::UnboundedReceiver<Event>,
+    state: std::sync::Arc<std::sync::Mutex<Shared>>,
+}
+
+#[derive(Default)]
+struct Shared {
     gateway_id: String,
-    out: mpsc::Sender<Message>,
-    events: mpsc::Receiver<Event>,
-    pending: Pending,
-    last_seq: Arc<Mutex<HashMap<String, u64>>>,
-    json: bool,
+    /// Last sequence handed out per conversation.
+    last_seq: HashMap<String, u64>,
+}
+
+fn lock(m: &std::sync::Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(url: &str, token: &str, json: bool) -> Result<(Socket, String, String), ClientError> {
+    let format = if json { "json" } else { "binary" };
+    let full = format!(
+        "{}/ws?format={format}&sync=manual&access_token={token}",
+        url.trim_end_matches('/')
+    );
+    let (mut socket, _) = match tokio_tungstenite::connect_async(full.as_str()).await {
+        Ok(s) => s,
+        Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => {
+            return Err(ClientError::Unauthorized)
+        }
+        Err(e) => {
+            return Err(ClientError::Connect {
+                url: url.to_owned(),
+                source: Box::new(e),
+            })
+        }
+    };
+    let wait = Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(wait, socket.next()).await {
+            Ok(Some(Ok(m))) => {
+                if let Some(ServerFrame {
+                    kind: Some(server_frame::Kind::Welcome(w)),
+                }) = decode(&m)
+                {
+                    return Ok((socket, w.user, w.gateway_id));
+                }
+                if m.is_close() {
+                    return Err(ClientError::Closed);
+                }
+            }
+            Ok(_) => return Err(ClientError::Closed),
+            Err(_) => return Err(ClientError::Timeout(wait)),
+        }
+    }
 }
 
 impl Client {
-    /// Connects to `base` (for example `ws://127.0.0.1:8080`) with `token`, using binary protobuf
-    /// frames. Returns after the server's welcome.
-    pub async fn connect(base: &str, token: &str) -> Result<Self, ClientError> {
-        Self::connect_with(base, token, false).await
+    /// Connects to one gateway, without reconnection (see [`Client::connect_with`]).
+    pub async fn connect(url: &str, token: &str) -> Result<Self, ClientError> {
+        Self::connect_with(Options::new(url, token)).await
     }
 
-    /// Like [`Client::connect`]; `json` selects text frames with the proto3 JSON mapping.
-    pub async fn connect_with(base: &str, token: &str, json: bool) -> Result<Self, ClientError> {
-        let format = if json { "json" } else { "binary" };
-        let url = format!(
-            "{}/ws?format={format}&access_token={token}",
-            base.trim_end_matches('/')
-        );
-        let (socket, _) = match tokio_tungstenite::connect_async(url.as_str()).await {
-            Ok(s) => s,
-            Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => {
-                return Err(ClientError::Unauthorized)
-            }
-            Err(e) => {
-                return Err(ClientError::Connect {
-                    url: base.to_owned(),
-                    source: Box::new(e),
-                })
-            }
+    /// Connects with options; returns once the first connection is open and its sync requested.
+    pub async fn connect_with(options: Options) -> Result<Self, ClientError> {
+        let first = options.urls.first().ok_or(ClientError::Closed)?.clone();
+        let (socket, user, gateway_id) = open(&first, &options.token, options.json).await?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Shared {
+            gateway_id: gateway_id.clone(),
+            last_seq: options.resume_from.clone(),
+        }));
+        let _ = ev_tx.send(Event::Connected { gateway_id });
+        let driver = Driver {
+            options,
+            user: user.clone(),
+            state: state.clone(),
+            events: ev_tx,
+            unanswered: HashMap::new(),
+            last_receipt_ms: 0,
         };
-        let (mut sink, mut stream) = socket.split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Message>(1024);
-        let (ev_tx, ev_rx) = mpsc::channel::<Event>(65_536);
-        let pending: Pending = Arc::default();
-        let last_seq: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-
-        // The first frame is the welcome.
-        let welcome = loop {
-            match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
-                Ok(Some(Ok(m))) => match decode(&m) {
-                    Some(ServerFrame {
-                        kind: Some(server_frame::Kind::Welcome(w)),
-                    }) => break w,
-                    _ if m.is_close() => return Err(ClientError::Closed),
-                    _ => continue,
-                },
-                Ok(_) => return Err(ClientError::Closed),
-                Err(_) => return Err(ClientError::Timeout(Duration::from_secs(10))),
-            }
-        };
-
-        tokio::spawn(async move {
-            while let Some(m) = out_rx.recv().await {
-                if sink.send(m).await.is_err() {
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
-        let (p, ls) = (pending.clone(), last_seq.clone());
-        tokio::spawn(async move {
-            let mut seen: HashSet<String> = HashSet::new();
-            while let Some(m) = stream.next().await {
-                let m = match m {
-                    Ok(m) => m,
-                    Err(_) => break,
-                };
-                if let Message::Close(frame) = &m {
-                    let (code, reason) = frame
-                        .as_ref()
-                        .map(|f| (u16::from(f.code), f.reason.to_string()))
-                        .unwrap_or((1005, String::new()));
-                    let _ = ev_tx.send(Event::Closed { code, reason }).await;
-                    break;
-                }
-                let Some(frame) = decode(&m) else { continue };
-                let event = match frame.kind {
-                    Some(server_frame::Kind::Accepted(a)) => {
-                        let waiter = lock(&p).remove(&a.client_message_id);
-                        if let Some(w) = waiter {
-                            let _ = w.send(Ok(a));
-                        }
-                        continue;
-                    }
-                    Some(server_frame::Kind::Error(e)) => {
-                        let waiter = (!e.client_message_id.is_empty())
-                            .then(|| lock(&p).remove(&e.client_message_id))
-                            .flatten();
-                        match waiter {
-                            Some(w) => {
-                                let _ = w.send(Err(ClientError::Refused {
-                                    code: e.code,
-                                    message: e.message,
-                                }));
-                                continue;
-                            }
-                            None => Event::Error {
-                                code: e.code,
-                                message: e.message,
-                            },
-                        }
-                    }
-                    Some(server_frame::Kind::Deliver(d)) => {
-                        let Some(msg) = d.message else { continue };
-                        if !seen.insert(msg.message_id.clone()) {
-                            continue;
-                        }
-                        let mut ls = lock(&ls);
-                        let e = ls.entry(msg.conversation.clone()).or_insert(0);
-                        *e = (*e).max(msg.seq);
-                        drop(ls);
-                        Event::Message(msg)
-                    }
-                    Some(server_frame::Kind::Receipt(r)) => Event::Receipt(r),
-                    Some(server_frame::Kind::SyncDone(s)) => Event::SyncDone {
-                        delivered: s.delivered,
-                    },
-                    Some(server_frame::Kind::Welcome(_)) | None => continue,
-                };
-                if ev_tx.send(event).await.is_err() {
-                    break;
-                }
-            }
-            // Fail whoever still waits for an answer.
-            for (_, w) in lock(&p).drain() {
-                let _ = w.send(Err(ClientError::Closed));
-            }
-        });
+        tokio::spawn(driver.run(socket, cmd_rx));
         Ok(Self {
-            user: welcome.user,
-            gateway_id: welcome.gateway_id,
-            out: out_tx,
+            user,
+            commands: cmd_tx,
             events: ev_rx,
-            pending,
-            last_seq,
-            json,
+            state,
         })
     }
 
@@ -210,14 +200,14 @@ impl Client {
         &self.user
     }
 
-    /// The gateway holding this connection.
-    pub fn gateway_id(&self) -> &str {
-        &self.gateway_id
+    /// The gateway holding the current connection.
+    pub fn gateway_id(&self) -> String {
+        lock(&self.state).gateway_id.clone()
     }
 
-    /// The last sequence held per conversation (for resuming after a reconnect).
+    /// The last sequence held per conversation (to resume from in a later run).
     pub fn last_seq(&self) -> HashMap<String, u64> {
-        lock(&self.last_seq).clone()
+        lock(&self.state).last_seq.clone()
     }
 
     /// Sends `body` to `to` with a fresh client message id; returns the server's acceptance.
@@ -226,70 +216,62 @@ impl Client {
             .await
     }
 
-    /// Sends with a chosen client message id (a retry with the same id is idempotent).
+    /// Sends with a chosen client message id. Until answered, the send is repeated (same id)
+    /// after every reconnect; the server turns repeats into the original message.
     pub async fn send_with_id(
         &self,
         client_message_id: &str,
         to: &str,
         body: &str,
     ) -> Result<Accepted, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(client_message_id.to_owned(), tx);
-        self.frame(client_frame::Kind::Send(Send {
+        let (reply, rx) = oneshot::channel();
+        let frame = Send {
             client_message_id: client_message_id.to_owned(),
             recipient: to.to_owned(),
             body: body.to_owned(),
-        }))
-        .await?;
-        let timeout = Duration::from_secs(30);
+        };
+        self.commands
+            .send(Command::Send { frame, reply })
+            .map_err(|_| ClientError::Closed)?;
+        let timeout = Duration::from_secs(60);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => {
-                lock(&self.pending).remove(client_message_id);
-                Err(ClientError::Timeout(timeout))
-            }
+            Err(_) => Err(ClientError::Timeout(timeout)),
         }
     }
 
     /// Acknowledges everything from `peer` up to `up_to_seq`.
-    pub async fn ack(&self, peer: &str, up_to_seq: u64) -> Result<(), ClientError> {
-        self.frame(client_frame::Kind::Ack(Ack {
+    pub fn ack(&self, peer: &str, up_to_seq: u64) -> Result<(), ClientError> {
+        self.command(Command::Frame(client_frame::Kind::Ack(Ack {
             peer: peer.to_owned(),
             up_to_seq,
-        }))
-        .await
+        })))
     }
 
-    /// Asks for what is pending after the given last sequences (by peer user id).
-    pub async fn sync(&self, last_seq_by_peer: HashMap<String, u64>) -> Result<(), ClientError> {
-        self.frame(client_frame::Kind::Sync(Sync {
+    /// Asks again for what is pending after the sequences this client holds.
+    pub fn sync(&self, last_seq_by_peer: HashMap<String, u64>) -> Result<(), ClientError> {
+        self.command(Command::Frame(client_frame::Kind::Sync(Sync {
             last_seq: last_seq_by_peer,
-        }))
-        .await
+            receipts_after_ms: 0,
+        })))
     }
 
-    /// Sends a raw frame (tests use it for malformed input).
-    pub async fn raw(&self, message: Message) -> Result<(), ClientError> {
-        self.out
-            .send(message)
-            .await
-            .map_err(|_| ClientError::Closed)
+    /// Sends a raw websocket message (tests use it for malformed input).
+    pub fn raw(&self, message: Message) -> Result<(), ClientError> {
+        self.command(Command::Raw(message))
     }
 
-    async fn frame(&self, kind: client_frame::Kind) -> Result<(), ClientError> {
-        let frame = ClientFrame { kind: Some(kind) };
-        let m = if self.json {
-            Message::text(
-                serde_json::to_string(&frame).map_err(|e| ClientError::Http(e.to_string()))?,
-            )
-        } else {
-            Message::binary(frame.encode_to_vec())
-        };
-        self.raw(m).await
+    /// Drops the current connection as a network failure would (reconnects if enabled).
+    pub fn disconnect(&self) -> Result<(), ClientError> {
+        self.command(Command::Disconnect)
     }
 
-    /// The next event, or `None` once the connection is gone and every event was read.
+    fn command(&self, c: Command) -> Result<(), ClientError> {
+        self.commands.send(c).map_err(|_| ClientError::Closed)
+    }
+
+    /// The next event, or `None` once the client has stopped and every event was read.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
     }
@@ -308,22 +290,262 @@ impl Client {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match self.next_event_within(left).await? {
-                Event::Message(m) => return Ok(m),
-                Event::Closed { .. } => return Err(ClientError::Closed),
-                _ => continue,
+            if let Event::Message(m) = self.next_event_within(left).await? {
+                return Ok(m);
             }
         }
     }
 
-    /// Closes the connection.
-    pub async fn close(self) {
-        let _ = self.out.send(Message::Close(None)).await;
+    /// Waits for the end of the current sync answer, returning the messages it brought.
+    pub async fn until_sync_done(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Vec<ChatMessage>, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event_within(left).await? {
+                Event::Message(m) => got.push(m),
+                Event::SyncDone { .. } => return Ok(got),
+                _ => {}
+            }
+        }
+    }
+
+    /// Closes the connection and stops reconnecting.
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Close);
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Owns the connection: reads and writes frames, reconnects, resumes.
+struct Driver {
+    options: Options,
+    user: String,
+    state: std::sync::Arc<std::sync::Mutex<Shared>>,
+    events: mpsc::UnboundedSender<Event>,
+    /// Sends not answered yet, by client message id: re-sent after a reconnect.
+    unanswered: HashMap<String, (Send, oneshot::Sender<Result<Accepted, ClientError>>)>,
+    /// Newest receipt seen, so a resume only asks for newer ones.
+    last_receipt_ms: i64,
+}
+
+enum Ended {
+    /// The user closed the client.
+    Closed,
+    /// The connection dropped (or was dropped on purpose).
+    Dropped,
+}
+
+impl Driver {
+    async fn run(mut self, mut socket: Socket, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut url_index = 0;
+        loop {
+            if self.resume(&mut socket).await.is_ok() {
+                if let Ended::Closed = self.serve(&mut socket, &mut commands).await {
+                    let _ = socket.close(None).await;
+                    break;
+                }
+            }
+            let _ = socket.close(None).await;
+            if !self.options.reconnect {
+                break;
+            }
+            // Reconnect with backoff, moving through the URLs.
+            let mut backoff = Duration::from_millis(50);
+            socket = loop {
+                url_index = (url_index + 1) % self.options.urls.len();
+                let url = self.options.urls[url_index].clone();
+                match open(&url, &self.options.token, self.options.json).await {
+                    Ok((s, _, gateway_id)) => {
+                        lock(&self.state).gateway_id = gateway_id.clone();
+                        let _ = self.events.send(Event::Connected { gateway_id });
+                        break s;
+                    }
+                    Err(ClientError::Unauthorized) => {
+                        self.fail_all(|| ClientError::Unauthorized);
+                        return;
+                    }
+                    Err(_) => {}
+                }
+                // Commands keep arriving while we are away: sends queue up, close ends it.
+                let sleep = tokio::time::sleep(backoff);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        c = commands.recv() => match c {
+                            None | Some(Command::Close) => {
+                                self.fail_all(|| ClientError::Closed);
+                                return;
+                            }
+                            Some(Command::Send { frame, reply }) => {
+                                self.unanswered.insert(frame.client_message_id.clone(), (frame, reply));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            };
+        }
+        self.fail_all(|| ClientError::Closed);
+    }
+
+    fn fail_all(&mut self, err: impl Fn() -> ClientError) {
+        for (_, (_, reply)) in self.unanswered.drain() {
+            let _ = reply.send(Err(err()));
+        }
+    }
+
+    /// After (re)connecting: ask for what we lack, and repeat unanswered sends.
+    async fn resume(&mut self, socket: &mut Socket) -> Result<(), ClientError> {
+        let last_seq: HashMap<String, u64> = lock(&self.state)
+            .last_seq
+            .iter()
+            .filter_map(|(conv, seq)| {
+                let (a, b) = conv.split_once(':')?;
+                let peer = if a == self.user { b } else { a };
+                Some((peer.to_owned(), *seq))
+            })
+            .collect();
+        let sync = client_frame::Kind::Sync(Sync {
+            last_seq,
+            receipts_after_ms: self.last_receipt_ms,
+        });
+        self.write(socket, sync).await?;
+        let sends: Vec<Send> = self.unanswered.values().map(|(s, _)| s.clone()).collect();
+        for s in sends {
+            self.write(socket, client_frame::Kind::Send(s)).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(
+        &self,
+        socket: &mut Socket,
+        kind: client_frame::Kind,
+    ) -> Result<(), ClientError> {
+        let frame = ClientFrame { kind: Some(kind) };
+        let m = if self.options.json {
+            Message::text(
+                serde_json::to_string(&frame).map_err(|e| ClientError::Http(e.to_string()))?,
+            )
+        } else {
+            Message::binary(frame.encode_to_vec())
+        };
+        socket.send(m).await.map_err(|_| ClientError::Closed)
+    }
+
+    async fn serve(
+        &mut self,
+        socket: &mut Socket,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Ended {
+        loop {
+            tokio::select! {
+                c = commands.recv() => {
+                    let result = match c {
+                        None | Some(Command::Close) => return Ended::Closed,
+                        Some(Command::Disconnect) => return Ended::Dropped,
+                        Some(Command::Send { frame, reply }) => {
+                            let kind = client_frame::Kind::Send(frame.clone());
+                            self.unanswered.insert(frame.client_message_id.clone(), (frame, reply));
+                            self.write(socket, kind).await
+                        }
+                        Some(Command::Frame(kind)) => self.write(socket, kind).await,
+                        Some(Command::Raw(m)) => socket.send(m).await.map_err(|_| ClientError::Closed),
+                    };
+                    if result.is_err() {
+                        return Ended::Dropped;
+                    }
+                }
+                m = socket.next() => {
+                    let m = match m {
+                        Some(Ok(m)) => m,
+                        _ => {
+                            let _ = self.events.send(Event::Disconnected { code: 1006, reason: "connection lost".into() });
+                            return Ended::Dropped;
+                        }
+                    };
+                    if let Message::Close(frame) = &m {
+                        let (code, reason) = frame
+                            .as_ref()
+                            .map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new()));
+                        let _ = self.events.send(Event::Disconnected { code, reason });
+                        return Ended::Dropped;
+                    }
+                    if let Some(frame) = decode(&m) {
+                        if self.on_frame(socket, frame).await.is_err() {
+                            return Ended::Dropped;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        socket: &mut Socket,
+        frame: ServerFrame,
+    ) -> Result<(), ClientError> {
+        let event = match frame.kind {
+            Some(server_frame::Kind::Accepted(a)) => {
+                if let Some((_, reply)) = self.unanswered.remove(&a.client_message_id) {
+                    let _ = reply.send(Ok(a));
+                }
+                return Ok(());
+            }
+            Some(server_frame::Kind::Error(e)) => {
+                match self.unanswered.remove(&e.client_message_id) {
+                    Some((_, reply)) => {
+                        let _ = reply.send(Err(ClientError::Refused {
+                            code: e.code,
+                            message: e.message,
+                        }));
+                        return Ok(());
+                    }
+                    None => Event::Error {
+                        code: e.code,
+                        message: e.message,
+                    },
+                }
+            }
+            Some(server_frame::Kind::Deliver(d)) => {
+                let Some(msg) = d.message else { return Ok(()) };
+                {
+                    let mut state = lock(&self.state);
+                    let last = state.last_seq.entry(msg.conversation.clone()).or_insert(0);
+                    if msg.seq <= *last {
+                        return Ok(()); // a repeat: already handed out
+                    }
+                    *last = msg.seq;
+                }
+                if self.options.auto_ack {
+                    let ack = client_frame::Kind::Ack(Ack {
+                        peer: msg.sender.clone(),
+                        up_to_seq: msg.seq,
+                    });
+                    self.write(socket, ack).await?;
+                }
+                Event::Message(msg)
+            }
+            Some(server_frame::Kind::Receipt(r)) => {
+                self.last_receipt_ms = self.last_receipt_ms.max(r.acked_at_ms);
+                Event::Receipt(r)
+            }
+            Some(server_frame::Kind::Stored(s)) => Event::Stored(s),
+            Some(server_frame::Kind::SyncDone(s)) => Event::SyncDone {
+                delivered: s.delivered,
+            },
+            Some(server_frame::Kind::Welcome(_)) | None => return Ok(()),
+        };
+        let _ = self.events.send(event);
+        Ok(())
+    }
 }
 
 fn decode(m: &Message) -> Option<ServerFrame> {

@@ -18,10 +18,22 @@ CREATE TABLE messages (
     body              text,
     sent_at_ms        bigint NOT NULL,
     acked_at_ms       bigint,
+    -- Set when an unacked message outlived the retention window (delete-on-ack mode): the body
+    -- is erased and the message is no longer pending.
+    expired_at_ms     bigint,
     stored_at         timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (conversation, seq),
     UNIQUE (message_id)
 );
 
 -- What a user has not acknowledged yet: the sync query on connect.
-CREATE INDEX messages_pending ON messages (recipient, conversation, seq) WHERE acked_at_ms IS NULL;
+CREATE INDEX messages_pending ON messages (recipient, conversation, seq)
+    WHERE acked_at_ms IS NULL AND expired_at_ms IS NULL;
+
+-- Receipts a sender missed while offline: acks of their messages, newest first.
+CREATE INDEX messages_acked_by_sender ON messages (sender, acked_at_ms)
+    WHERE acked_at_ms IS NOT NULL;
+
+-- The expiry sweep (delete-on-ack mode): unacked messages by age.
+CREATE INDEX messages_unacked_age ON messages (sent_at_ms)
+    WHERE acked_at_ms IS NULL AND expired_at_ms IS NULL;

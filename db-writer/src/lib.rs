@@ -16,4 +16,4 @@ pub mod store;
 pub use error::DbError;
 pub use locator::Locator;
 pub use shards::{ShardConfig, Shards};
-pub use store::{AckOutcome, Retention, Stored};
+pub use store::{AckOutcome, AckedUpTo, Retention, Stored};

@@ -43,7 +43,7 @@ pub struct Stored {
     pub message: ChatMessage,
     /// False when the row already existed (replay or client retry).
     pub created: bool,
-    /// True when the recipient already acked it (nothing left to deliver).
+    /// True when the recipient already acked it, or it expired (nothing left to deliver).
     pub acked: bool,
 }
 
@@ -156,7 +156,7 @@ impl Shards {
         for r in tx
             .query(
                 "SELECT message_id, client_message_id, sender, recipient, body, sent_at_ms,
-                        seq, conversation, acked_at_ms
+                        seq, conversation, acked_at_ms, expired_at_ms
                  FROM messages WHERE message_id = ANY($1)",
                 &[&ids],
             )
@@ -164,12 +164,13 @@ impl Shards {
             .map_err(pg)?
         {
             let acked_at: Option<i64> = r.get(8);
+            let expired_at: Option<i64> = r.get(9);
             existing.insert(
                 r.get(0),
                 Stored {
                     message: row_to_message(&r),
                     created: false,
-                    acked: acked_at.is_some(),
+                    acked: acked_at.is_some() || expired_at.is_some(),
                 },
             );
         }
@@ -345,6 +346,7 @@ impl Shards {
                          LEFT JOIN unnest($2::text[], $3::bigint[]) AS h(conversation, seq)
                                 ON h.conversation = m.conversation
                          WHERE m.recipient = $1 AND m.acked_at_ms IS NULL
+                           AND m.expired_at_ms IS NULL
                            AND m.seq > coalesce(h.seq, 0)
                          ORDER BY m.conversation, m.seq
                          LIMIT $4",
@@ -375,5 +377,86 @@ fn row_to_message(r: &tokio_postgres::Row) -> ChatMessage {
         sent_at_ms: r.get(5),
         seq: seq as u64,
         conversation: r.get(7),
+    }
+}
+
+/// The latest ack a sender has not necessarily seen: per conversation, the highest acked seq of
+/// the sender's messages and when it was acked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckedUpTo {
+    pub conversation: String,
+    pub peer: String,
+    pub up_to_seq: u64,
+    pub acked_at_ms: i64,
+}
+
+impl Shards {
+    /// Receipts for `sender`: per conversation, the highest seq of the sender's messages acked
+    /// after `after_ms`. Reads every shard; at most `limit` conversations per shard.
+    pub async fn receipts_since(
+        &self,
+        sender: &UserId,
+        after_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<AckedUpTo>, DbError> {
+        let limit = i64::from(limit);
+        let per_shard = try_join_all((0..self.len()).map(|shard| async move {
+            let client = self.client(shard).await?;
+            let rows = client
+                .query(
+                    "SELECT conversation, max(seq), max(acked_at_ms), min(recipient)
+                     FROM messages
+                     WHERE sender = $1 AND acked_at_ms IS NOT NULL AND acked_at_ms > $2
+                     GROUP BY conversation
+                     ORDER BY max(acked_at_ms) DESC
+                     LIMIT $3",
+                    &[&sender.as_str(), &after_ms, &limit],
+                )
+                .await
+                .map_err(|source| DbError::Postgres { shard, source })?;
+            Ok::<_, DbError>(
+                rows.iter()
+                    .map(|r| {
+                        let seq: i64 = r.get(1);
+                        AckedUpTo {
+                            conversation: r.get(0),
+                            up_to_seq: seq as u64,
+                            acked_at_ms: r.get(2),
+                            peer: r.get(3),
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }))
+        .await?;
+        Ok(per_shard.into_iter().flatten().collect())
+    }
+
+    /// Erases the bodies of unacked messages sent before `cutoff_ms` and takes them out of the
+    /// pending set (delete-on-ack retention). Returns how many expired. Works in bounded chunks.
+    pub async fn expire_unacked(&self, cutoff_ms: i64, now_ms: i64) -> Result<u64, DbError> {
+        let mut total = 0;
+        for shard in 0..self.len() {
+            let client = self.client(shard).await?;
+            loop {
+                let n = client
+                    .execute(
+                        "UPDATE messages SET body = NULL, expired_at_ms = $2
+                         WHERE ctid IN (
+                             SELECT ctid FROM messages
+                             WHERE acked_at_ms IS NULL AND expired_at_ms IS NULL
+                               AND sent_at_ms < $1
+                             LIMIT 1000)",
+                        &[&cutoff_ms, &now_ms],
+                    )
+                    .await
+                    .map_err(|source| DbError::Postgres { shard, source })?;
+                total += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
     }
 }

@@ -52,7 +52,11 @@ pub struct TestEnv {
     admin_dsn: String,
     databases: Vec<String>,
     issuer: TokenIssuer,
+    /// Retention mode of the multiplexers this env starts.
     pub retention: Retention,
+    /// Delete-on-ack expiry of unacked messages, for multiplexers this env starts.
+    pub unacked_ttl: Duration,
+    pub expiry_interval: Duration,
 }
 
 impl TestEnv {
@@ -102,6 +106,8 @@ impl TestEnv {
             databases,
             issuer: TokenIssuer::hs256(SECRET, ISSUER, AUDIENCE),
             retention: Retention::Keep,
+            unacked_ttl: Duration::from_secs(30 * 24 * 3600),
+            expiry_interval: Duration::from_secs(60),
         })
     }
 
@@ -151,6 +157,8 @@ impl TestEnv {
             max_batch: 500,
             batch_wait: Duration::from_millis(2),
             http_addr: "127.0.0.1:0".parse()?,
+            unacked_ttl: self.unacked_ttl,
+            expiry_interval: self.expiry_interval,
         };
         let shutdown = CancellationToken::new();
         let running = multiplexer::start(config, shutdown.clone()).await?;
@@ -227,4 +235,17 @@ pub fn ws_url(addr: SocketAddr) -> String {
 /// `http://` base URL of a component.
 pub fn http_url(addr: SocketAddr) -> String {
     format!("http://{addr}")
+}
+
+/// How long tests wait for anything that should happen.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Connects (binary frames, no reconnection) and waits for the initial sync to finish, so the
+/// messages that follow are live ones.
+pub async fn connect(url: &str, token: &str) -> chat_client::Client {
+    let mut c = chat_client::Client::connect(url, token)
+        .await
+        .expect("connect");
+    c.until_sync_done(WAIT).await.expect("initial sync");
+    c
 }

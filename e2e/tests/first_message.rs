@@ -1,28 +1,12 @@
 //! The first message, end to end, against real Kafka and real Postgres.
 
-use std::time::Duration;
-
-use chat_client::{Client, Event, Rest};
+use chat_client::Rest;
 use chat_common::ids::{ConversationKey, UserId};
-use chat_e2e::{http_url, ws_url, TestEnv};
+use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
 use chat_proto::v1::{inbound_record, outbound_record, InboundRecord, OutboundRecord};
 use db_writer::Locator;
 use prost::Message as _;
 use rdkafka::message::Message;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Connects and waits for the initial sync to finish, so later messages arrive live.
-async fn connect(url: &str, token: &str) -> Client {
-    let mut c = Client::connect(url, token).await.expect("connect");
-    loop {
-        match c.next_event_within(WAIT).await.expect("sync done") {
-            Event::SyncDone { .. } => return c,
-            Event::Message(_) | Event::Receipt(_) => continue,
-            other => panic!("unexpected event before sync done: {other:?}"),
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_message_end_to_end() -> anyhow::Result<()> {
@@ -34,8 +18,11 @@ async fn first_message_end_to_end() -> anyhow::Result<()> {
     // 1. alice on gateway 1, bob on gateway 2, each with a signed token.
     let mut alice = connect(&ws_url(gw1.addr), &env.token("alice")).await;
     let mut bob = connect(&ws_url(gw2.addr), &env.token("bob")).await;
-    assert_eq!((alice.user(), alice.gateway_id()), ("alice", "gw1"));
-    assert_eq!((bob.user(), bob.gateway_id()), ("bob", "gw2"));
+    assert_eq!(
+        (alice.user(), alice.gateway_id()),
+        ("alice", "gw1".to_owned())
+    );
+    assert_eq!((bob.user(), bob.gateway_id()), ("bob", "gw2".to_owned()));
 
     // 2. alice sends "hi"; "accepted" carries the message id.
     let accepted = alice.send("bob", "hi").await?;
@@ -148,8 +135,8 @@ async fn first_message_end_to_end() -> anyhow::Result<()> {
         .collect();
     assert_eq!(bodies, vec![("alice", "hi"), ("bob", "hello alice")]);
 
-    alice.close().await;
-    bob.close().await;
+    alice.close();
+    bob.close();
     gw1.stop().await;
     gw2.stop().await;
     mux.stop().await;

@@ -131,6 +131,8 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
                     Some("json") => Format::Json,
                     _ => Format::Binary,
                 };
+                // `sync=manual`: the client resumes with its own `sync` frame (last seq per peer).
+                let auto_sync = query.get("sync").map(String::as_str) != Some("manual");
                 // Frames larger than a message body plus envelope are refused by the websocket layer
                 // with close code 1009.
                 let max = app.config.max_body_bytes + 1024;
@@ -139,7 +141,7 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
                     .max_frame_size(max)
                     .on_upgrade(move |socket| {
                         let tracker = app.tracker.clone();
-                        tracker.track_future(ws::serve(app, user, socket, format))
+                        tracker.track_future(ws::serve(app, user, socket, format, auto_sync))
                     })
             },
         );

@@ -35,10 +35,23 @@ pub async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cancellation
         match (user, record) {
             (Some(user), Some(Ok(OutboundRecord { kind: Some(kind) }))) => {
                 let item = match kind {
-                    outbound_record::Kind::Deliver(m) => Outgoing::Live(m),
-                    outbound_record::Kind::Receipt(r) => Outgoing::Frame(ServerFrame {
+                    // A message only ever goes to its own recipient, whatever the key says.
+                    outbound_record::Kind::Deliver(m) if m.recipient == user => {
+                        Some(Outgoing::Live(m))
+                    }
+                    outbound_record::Kind::Deliver(_) => None,
+                    outbound_record::Kind::Receipt(r) => Some(Outgoing::Frame(ServerFrame {
                         kind: Some(server_frame::Kind::Receipt(r)),
-                    }),
+                    })),
+                    outbound_record::Kind::Stored(s) => Some(Outgoing::Frame(ServerFrame {
+                        kind: Some(server_frame::Kind::Stored(s)),
+                    })),
+                };
+                let Some(item) = item else {
+                    metrics::counter!("gateway_errors_total", "kind" => "misrouted_record")
+                        .increment(1);
+                    let _ = consumer.store_offset_from_message(&msg);
+                    continue;
                 };
                 let pushed = app.sessions.push(user, item);
                 let outcome = if pushed { "pushed" } else { "not_connected" };

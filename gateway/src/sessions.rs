@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use chat_common::ids::UserId;
-use chat_proto::v1::{ChatMessage, ServerFrame};
+use chat_proto::v1::{ChatMessage, Receipt, ServerFrame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -20,10 +20,10 @@ pub enum Outgoing {
     Frame(ServerFrame),
     /// A live message from the outbound topic.
     Live(ChatMessage),
-    /// Messages answering a sync; `done` closes that sync.
+    /// The answer to a sync: pending messages, then receipts the user may have missed.
     Synced {
         messages: Vec<ChatMessage>,
-        done: bool,
+        receipts: Vec<Receipt>,
     },
 }
 

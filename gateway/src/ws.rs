@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use chat_common::ids::UserId;
 use chat_proto::v1::{
-    client_frame, server_frame, ChatMessage, ClientFrame, Deliver, ServerFrame, SyncDone,
+    client_frame, server_frame, ChatMessage, ClientFrame, Deliver, Receipt, ServerFrame, SyncDone,
 };
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -59,6 +59,8 @@ struct Writer {
     /// Syncs still running; live messages are held while this is non-zero.
     syncing: usize,
     held: Vec<ChatMessage>,
+    /// In manual sync mode, until the client's first `sync`: that sync answers the initial hold.
+    first_sync_pending: bool,
 }
 
 impl Writer {
@@ -77,22 +79,23 @@ impl Writer {
                     self.deliver_if_new(m, &mut out);
                 }
             }
-            Outgoing::Synced { messages, done } => {
+            Outgoing::Synced { messages, receipts } => {
                 let count = messages.len() as u64;
                 for m in messages {
                     let seq = self.last_sent.entry(m.conversation.clone()).or_insert(0);
                     *seq = (*seq).max(m.seq);
                     out.push(deliver(m));
                 }
-                if done {
-                    self.syncing = self.syncing.saturating_sub(1);
-                    out.push(ServerFrame {
-                        kind: Some(server_frame::Kind::SyncDone(SyncDone { delivered: count })),
-                    });
-                    if self.syncing == 0 {
-                        for m in std::mem::take(&mut self.held) {
-                            self.deliver_if_new(m, &mut out);
-                        }
+                out.extend(receipts.into_iter().map(|r| ServerFrame {
+                    kind: Some(server_frame::Kind::Receipt(r)),
+                }));
+                self.syncing = self.syncing.saturating_sub(1);
+                out.push(ServerFrame {
+                    kind: Some(server_frame::Kind::SyncDone(SyncDone { delivered: count })),
+                });
+                if self.syncing == 0 {
+                    for m in std::mem::take(&mut self.held) {
+                        self.deliver_if_new(m, &mut out);
                     }
                 }
             }
@@ -118,7 +121,13 @@ fn deliver(m: ChatMessage) -> ServerFrame {
 }
 
 /// Serves one authenticated websocket until it closes.
-pub async fn serve(app: Arc<App>, user: UserId, socket: WebSocket, mut format: Format) {
+pub async fn serve(
+    app: Arc<App>,
+    user: UserId,
+    socket: WebSocket,
+    mut format: Format,
+    auto_sync: bool,
+) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel(app.config.socket_queue);
     let kick = Arc::new(Kick::default());
@@ -140,10 +149,13 @@ pub async fn serve(app: Arc<App>, user: UserId, socket: WebSocket, mut format: F
     tracing::info!(user = %user, conn_id, "connected");
 
     // Route first, then sync: see `multiplexer::presence` for why this order closes the gap.
+    // Live messages are held from the start until the first sync is answered: the automatic
+    // one, or (with `sync=manual`) the client's first `sync` frame, which takes over this hold.
     let mut writer = Writer {
         last_sent: HashMap::new(),
         syncing: 1,
         held: Vec::new(),
+        first_sync_pending: !auto_sync,
     };
     let close_with = if let Err(e) = app.publish_presence(&user, epoch, true).await {
         tracing::warn!(user = %user, error = %e, "presence publish failed");
@@ -156,7 +168,9 @@ pub async fn serve(app: Arc<App>, user: UserId, socket: WebSocket, mut format: F
             })),
         };
         let _ = sink.send(encode(format, &welcome)).await;
-        spawn_sync(&app, &user, HashMap::new(), tx.clone());
+        if auto_sync {
+            spawn_sync(&app, &user, HashMap::new(), 0, tx.clone());
+        }
         let in_flight = Arc::new(Semaphore::new(app.config.max_in_flight));
         loop {
             tokio::select! {
@@ -303,8 +317,12 @@ fn handle_frame(
                     }
                 }
             }
-            writer.syncing += 1;
-            spawn_sync(app, user, after, tx.clone());
+            if writer.first_sync_pending {
+                writer.first_sync_pending = false;
+            } else {
+                writer.syncing += 1;
+            }
+            spawn_sync(app, user, after, sync.receipts_after_ms, tx.clone());
         }
         None => {
             let f = error_frame("bad_frame", "empty frame".into(), String::new());
@@ -314,14 +332,36 @@ fn handle_frame(
 }
 
 /// Queries what `user` has pending after `after` and queues it as one sync answer.
+/// How far back a sync looks for receipts the sender may have missed.
+const RECEIPT_LOOKBACK_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// Queries what `user` has pending after `after` (and the receipts of acks after
+/// `receipts_after_ms`) and queues it as one sync answer.
 fn spawn_sync(
     app: &Arc<App>,
     user: &UserId,
     after: HashMap<String, u64>,
+    receipts_after_ms: i64,
     tx: mpsc::Sender<Outgoing>,
 ) {
     let (app, user) = (app.clone(), user.clone());
     app.tracker.clone().spawn(async move {
+        let since = receipts_after_ms.max(chat_common::now_ms() - RECEIPT_LOOKBACK_MS);
+        let receipts = match app.shards.receipts_since(&user, since, 1000).await {
+            Ok(r) => r
+                .into_iter()
+                .map(|a| Receipt {
+                    peer: a.peer,
+                    conversation: a.conversation,
+                    up_to_seq: a.up_to_seq,
+                    acked_at_ms: a.acked_at_ms,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(user = %user, error = %e, "receipt query failed");
+                Vec::new()
+            }
+        };
         let messages = match app.shards.pending(&user, &after, SYNC_LIMIT).await {
             Ok(m) => m,
             Err(e) => {
@@ -337,11 +377,6 @@ fn spawn_sync(
             }
         };
         metrics::counter!("gateway_synced_messages_total").increment(messages.len() as u64);
-        let _ = tx
-            .send(Outgoing::Synced {
-                messages,
-                done: true,
-            })
-            .await;
+        let _ = tx.send(Outgoing::Synced { messages, receipts }).await;
     });
 }

@@ -23,11 +23,16 @@ pub struct Config {
     pub batch_wait: Duration,
     /// Address of `/healthz`, `/readyz`, `/metrics`.
     pub http_addr: SocketAddr,
+    /// In delete-on-ack mode, how long an unacked message is kept before its body is erased.
+    pub unacked_ttl: Duration,
+    /// How often the expiry sweep runs (delete-on-ack mode).
+    pub expiry_interval: Duration,
 }
 
 impl Config {
     /// Reads `KAFKA_BROKERS`, `TOPIC_PREFIX`, `MULTIPLEXER_GROUP`, `SHARD_DSNS`, `SHARD_POOL_SIZE`,
-    /// `RETENTION`, `MULTIPLEXER_MAX_BATCH`, `MULTIPLEXER_BATCH_WAIT_MS`, `MULTIPLEXER_HTTP_ADDR`.
+    /// `RETENTION`, `MULTIPLEXER_MAX_BATCH`, `MULTIPLEXER_BATCH_WAIT_MS`, `MULTIPLEXER_HTTP_ADDR`,
+    /// `UNACKED_TTL_SECS`, `EXPIRY_INTERVAL_SECS`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -49,6 +54,8 @@ impl Config {
                 "MULTIPLEXER_HTTP_ADDR",
                 "127.0.0.1:9300".parse().expect("valid"),
             )?,
+            unacked_ttl: Duration::from_secs(env_parse("UNACKED_TTL_SECS", 30 * 24 * 3600)?),
+            expiry_interval: Duration::from_secs(env_parse("EXPIRY_INTERVAL_SECS", 60)?),
         })
     }
 }

@@ -66,6 +66,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .context("bind http")?;
     let server = tokio::spawn(server);
 
+    if config.retention == db_writer::Retention::DeleteOnAck {
+        tokio::spawn(expiry_sweep(
+            shards.clone(),
+            config.unacked_ttl,
+            config.expiry_interval,
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(%http_addr, group = %config.group, inbound = %config.topics.inbound(), "multiplexer started");
     let pipeline = pipeline::Pipeline {
         config,
@@ -79,4 +87,31 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let _ = server.await;
     });
     Ok(Running { http_addr, task })
+}
+
+/// Delete-on-ack retention: erases unacked messages older than `ttl`, every `interval`.
+/// Idempotent, so several multiplexers running it at once only repeat work.
+async fn expiry_sweep(
+    shards: db_writer::Shards,
+    ttl: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = chat_common::now_ms();
+        let cutoff = now - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        match shards.expire_unacked(cutoff, now).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(expired = n, "unacked messages expired");
+                metrics::counter!("multiplexer_messages_expired_total").increment(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+    }
 }

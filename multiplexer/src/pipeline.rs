@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::{
-    inbound_record, outbound_record, AckRecord, ChatMessage, InboundRecord, OutboundRecord, Receipt,
+    inbound_record, outbound_record, AckRecord, ChatMessage, InboundRecord, OutboundRecord,
+    Receipt, Stored,
 };
 use db_writer::{DbError, Shards};
 use futures_util::future::join_all;
@@ -172,6 +173,22 @@ impl Pipeline {
             self.presence.catch_up(PRESENCE_CATCH_UP).await;
         }
         let mut out: Vec<(String, OutboundRecord)> = Vec::new();
+        for s in stored.iter().filter(|s| s.created) {
+            // Tell the sender where the message landed (its sequence).
+            let m = &s.message;
+            out.push((
+                m.sender.clone(),
+                OutboundRecord {
+                    kind: Some(outbound_record::Kind::Stored(Stored {
+                        client_message_id: m.client_message_id.clone(),
+                        message_id: m.message_id.clone(),
+                        conversation: m.conversation.clone(),
+                        seq: m.seq,
+                        peer: m.recipient.clone(),
+                    })),
+                },
+            ));
+        }
         for s in stored.into_iter().filter(|s| !s.acked) {
             let to = s.message.recipient.clone();
             out.push((
