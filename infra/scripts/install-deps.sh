@@ -15,6 +15,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { print_help; exit 0; }
 want=("$@")
 [[ ${#want[@]} -gt 0 ]] || want=(java maven postgres)
 

@@ -19,7 +19,7 @@ force=0
 for a in "$@"; do
   case "$a" in
     --force) force=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) print_help; exit 0 ;;
     *) die "unknown argument '$a'" ;;
   esac
 done

@@ -28,18 +28,21 @@
 #   KAFKA_JVM_OPTS        extra JVM options for the broker
 #   KAFKA_EXTRA_PROPS     extra server.properties lines ("k=v" separated by
 #                         newlines or spaces); they override the defaults
+#   KAFKA_PORT, KAFKA_CONTROLLER_PORT  single-node ports (default 9092, 9093;
+#                         use with CHAT_STATE_DIR to run a second instance)
 #   KAFKA_START_TIMEOUT   seconds (default 90)
 #   KAFKA_STOP_TIMEOUT    seconds before SIGKILL (default 30)
+#   KAFKA_CDS=0           do not use/create the AppCDS archive (faster JVM start)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,3p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { print_help | sed -n 1,2p >&2; exit 2; }
 
 cmd="" node_arg="" cluster=0
 for a in "$@"; do
   case "$a" in
     --cluster) cluster=1 ;;
-    -h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) print_help; exit 0 ;;
     -*) die "unknown option '$a'" ;;
     *)
       if [[ -z "$cmd" ]]; then cmd="$a"
@@ -62,8 +65,8 @@ else
 fi
 
 node_dir() { if [[ $cluster -eq 1 ]]; then echo "$BASE/node-$1"; else echo "$BASE"; fi; }
-broker_port() { if [[ $cluster -eq 1 ]]; then echo $((19091 + $1)); else echo 9092; fi; }
-ctrl_port() { if [[ $cluster -eq 1 ]]; then echo $((19191 + $1)); else echo 9093; fi; }
+broker_port() { if [[ $cluster -eq 1 ]]; then echo $((19091 + $1)); else echo "${KAFKA_PORT:-9092}"; fi; }
+ctrl_port() { if [[ $cluster -eq 1 ]]; then echo $((19191 + $1)); else echo "${KAFKA_CONTROLLER_PORT:-9093}"; fi; }
 conf_of() { echo "$(node_dir "$1")/server.properties"; }
 pidf_of() { echo "$(node_dir "$1")/kafka.pid"; }
 log_of() { echo "$(node_dir "$1")/kafka.log"; }
@@ -93,7 +96,7 @@ cds_dir() { echo "$STATE_DIR/kafka-dist/cds"; }
 cds_key() {
   local real
   real="$(readlink -f "$(command -v "$JAVA")")"
-  { ls -l --time-style=+%s "$(libs_dir)"; stat -c '%n %s %Y' "$real" \
+  { ls -lL --time-style=+%s "$(libs_dir)/"; stat -c '%n %s %Y' "$real" \
       "$(dirname "$real")/../lib/server/libjvm.so" 2>/dev/null || true; } | sha256sum | cut -c1-16
 }
 cds_args=()
@@ -237,7 +240,9 @@ launch_node() {
   [[ -f "$log" ]] && mv -f "$log" "$log.prev"
   libs="$(libs_dir)"
   set_cds_args "$n"
-  # shellcheck disable=SC2086
+  # setsid -f: own session, survives the caller's process group; the inner
+  # bash writes its pid then execs java (same pid). 9>&-: do not leak the lock.
+  # shellcheck disable=SC2086,SC2016
   setsid -f bash -c 'echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pf" \
     "$JAVA" ${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m} \
     -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
@@ -324,7 +329,8 @@ stop_nodes() {
 with_lock() {
   mkdir -p "$BASE"
   exec 9>"$BASE/.lock"
-  flock 9
+  # children get 9>&- so a broker never holds this lock; the timeout is a backstop
+  flock -w 300 9 || die "another kafka.sh holds $BASE/.lock for 300s; giving up"
 }
 
 node_num() {

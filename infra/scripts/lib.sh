@@ -7,6 +7,7 @@
 INFRA_SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 INFRA_DIR="$(dirname "$INFRA_SCRIPTS_DIR")"
 REPO_ROOT="$(dirname "$INFRA_DIR")"
+# shellcheck disable=SC2034  # used by the scripts that source this file
 STATE_DIR="${CHAT_STATE_DIR:-$REPO_ROOT/.local}"
 SCRIPT_NAME="$(basename "$0")"
 
@@ -53,4 +54,9 @@ run_logged() {
   if ! "$@" >"$log" 2>&1; then
     die "$what failed (see $log)"
   fi
+}
+
+# Print the script's header comment (from line 2 to the first non-comment line).
+print_help() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
 }

@@ -31,7 +31,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { print_help | sed -n 1p >&2; exit 2; }
 
 cmd="" name="pg" port="54320"
 while [[ $# -gt 0 ]]; do
@@ -40,14 +40,14 @@ while [[ $# -gt 0 ]]; do
     --name=*) name="${1#*=}"; shift ;;
     --port) [[ $# -ge 2 ]] || usage; port="$2"; shift 2 ;;
     --port=*) port="${1#*=}"; shift ;;
-    -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) print_help; exit 0 ;;
     -*) die "unknown option '$1'" ;;
     *) [[ -z "$cmd" ]] || die "unexpected argument '$1'"; cmd="$1"; shift ;;
   esac
 done
 [[ -n "$cmd" ]] || usage
 [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "invalid --name '$name' (letters, digits, _ and - only)"
-[[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "invalid --port '$port'"
+if ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ ]] || ((port > 65535)); then die "invalid --port '$port'"; fi
 SHARDS="${SHARDS:-4}"
 [[ "$SHARDS" =~ ^[0-9]+$ ]] || die "SHARDS must be a number, got '$SHARDS'"
 START_TIMEOUT="${PG_START_TIMEOUT:-60}"
@@ -61,7 +61,7 @@ fi
 find_bindir() {
   if [[ -n "${PG_BINDIR:-}" ]]; then echo "$PG_BINDIR"; return 0; fi
   local d
-  d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)"
+  d="$(printf '%s\n' /usr/lib/postgresql/*/bin | grep -v '\*' | sort -V | tail -n1)"
   [[ -n "$d" ]] && echo "$d"
 }
 if [[ "$cmd" == start ]]; then
@@ -188,7 +188,9 @@ EOF
 lock() {
   mkdir -p "$STATE_DIR"
   exec 9>"$STATE_DIR/.$name.pg.lock"
-  flock 9
+  # pg_ctl start gets 9>&- so the postmaster never holds this lock; the
+  # timeout is a backstop against anything else that leaked it
+  flock -w 300 9 || die "another postgres.sh holds $STATE_DIR/.$name.pg.lock for 300s; giving up"
 }
 
 case "$cmd" in
