@@ -91,8 +91,13 @@ lint: ## cargo fmt --check and clippy -D warnings.
 	@$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings || { echo "lint: clippy found problems"; exit 1; }
 
 .PHONY: test
-test: stack lint ## fmt + clippy, unit tests, and integration tests against real Kafka and Postgres (started if needed).
+test: stack lint test-infra ## fmt + clippy, unit tests, integration tests on real Kafka and Postgres (started if needed), infra checks.
+	@$(CARGO) build --bins --quiet || { echo "test: cargo build failed"; exit 1; }
 	@$(CARGO) test --workspace --quiet || { echo "test: tests failed"; exit 1; }
+
+.PHONY: test-infra
+test-infra: ## Check Terraform, dashboards and alert rules offline (parses HCL; topics agree with infra/topics.json).
+	@infra/tests/run.sh || { echo "test-infra: infrastructure checks failed"; exit 1; }
 
 .PHONY: clean
 clean: ## Stop everything and delete local state (.local/) and build output.

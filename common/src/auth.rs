@@ -98,12 +98,17 @@ impl TokenIssuer {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        self.issue_at(user, now, now + ttl_secs)
+    }
+
+    /// A token for `user` issued at `iat` and expiring at `exp` (Unix seconds).
+    pub fn issue_at(&self, user: &UserId, iat: u64, exp: u64) -> Result<String, AuthError> {
         let claims = Claims {
             sub: user.as_str().to_owned(),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
-            iat: now,
-            exp: now + ttl_secs,
+            iat,
+            exp,
         };
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

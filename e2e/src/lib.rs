@@ -97,6 +97,9 @@ impl TestEnv {
             shard_dsns.push(format!("{base}/{db}"));
             databases.push(db);
         }
+        // Migrated as an operator would (`db-writer migrate`) before any process starts.
+        let shards = ShardConfig::from_list(&shard_dsns.join(","), 1)?;
+        db_writer::Shards::connect(&shards)?.migrate().await?;
         Ok(Self {
             kafka,
             topics,
@@ -124,7 +127,16 @@ impl TestEnv {
 
     /// Starts gateway `id` (one of those given to [`TestEnv::new`]) on a free port.
     pub async fn start_gateway(&self, id: &str) -> anyhow::Result<Component> {
-        let config = gateway::Config {
+        self.start_gateway_with(id, |_| {}).await
+    }
+
+    /// Like [`TestEnv::start_gateway`], with the configuration adjusted by `adjust`.
+    pub async fn start_gateway_with(
+        &self,
+        id: &str,
+        adjust: impl FnOnce(&mut gateway::Config),
+    ) -> anyhow::Result<Component> {
+        let mut config = gateway::Config {
             gateway_id: GatewayId::parse(id)?,
             addr: "127.0.0.1:0".parse()?,
             kafka: self.kafka.clone(),
@@ -137,6 +149,7 @@ impl TestEnv {
             max_in_flight: 256,
             web_dir: None,
         };
+        adjust(&mut config);
         let shutdown = CancellationToken::new();
         let running = gateway::start(config, shutdown.clone()).await?;
         Ok(Component {
@@ -167,6 +180,87 @@ impl TestEnv {
             shutdown,
             task: running.task,
         })
+    }
+
+    /// The environment of a gateway or multiplexer process for this test's slice of the stack.
+    fn process_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KAFKA_BROKERS".into(), self.kafka.brokers.clone()),
+            ("TOPIC_PREFIX".into(), self.topics.prefix().to_owned()),
+            ("SHARD_DSNS".into(), self.shard_dsns.join(",")),
+            ("SHARD_POOL_SIZE".into(), "4".into()),
+            (
+                "JWT_SECRET".into(),
+                String::from_utf8_lossy(SECRET).into_owned(),
+            ),
+            ("JWT_ISSUER".into(), ISSUER.into()),
+            ("JWT_AUDIENCE".into(), AUDIENCE.into()),
+            (
+                "RETENTION".into(),
+                match self.retention {
+                    Retention::Keep => "keep".into(),
+                    Retention::DeleteOnAck => "delete-on-ack".into(),
+                },
+            ),
+            (
+                "MULTIPLEXER_GROUP".into(),
+                format!("{}multiplexer", self.topics.prefix()),
+            ),
+            ("RUST_LOG".into(), "warn".into()),
+        ]
+    }
+
+    /// Starts the multiplexer binary as a child process (so a test can SIGKILL it).
+    pub async fn spawn_multiplexer_process(&self) -> anyhow::Result<Process> {
+        let port = free_port()?;
+        let mut env = self.process_env();
+        env.push(("MULTIPLEXER_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+        Process::spawn("multiplexer", env, port).await
+    }
+
+    /// Starts the gateway binary `id` as a child process.
+    pub async fn spawn_gateway_process(&self, id: &str) -> anyhow::Result<Process> {
+        let port = free_port()?;
+        let mut env = self.process_env();
+        env.push(("GATEWAY_ID".into(), id.into()));
+        env.push(("GATEWAY_ADDR".into(), format!("127.0.0.1:{port}")));
+        Process::spawn("gateway", env, port).await
+    }
+
+    /// Every stored message row of every shard, ordered, as text: for before/after comparisons.
+    pub async fn snapshot(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for i in 0..self.shard_dsns.len() {
+            let rows = self
+                .shard(i)
+                .await?
+                .query(
+                    "SELECT row(conversation, seq, message_id, client_message_id, sender, recipient,
+                                body, sent_at_ms, acked_at_ms, expired_at_ms, stored_at)::text
+                     FROM messages ORDER BY conversation, seq",
+                    &[],
+                )
+                .await?;
+            out.extend(
+                rows.iter()
+                    .map(|r| format!("{i}:{}", r.get::<_, String>(0))),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Produces a raw record (tests use it to inject outbound records).
+    pub async fn produce(&self, topic: &str, key: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        use rdkafka::producer::FutureRecord;
+        let producer = self.kafka.producer()?;
+        producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        Ok(())
     }
 
     /// A direct connection to shard `i`.
@@ -248,4 +342,105 @@ pub async fn connect(url: &str, token: &str) -> chat_client::Client {
         .expect("connect");
     c.until_sync_done(WAIT).await.expect("initial sync");
     c
+}
+
+/// A free TCP port on loopback (bound and released; good enough for tests).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One of the project's binaries running as a child process.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    name: &'static str,
+    env: Vec<(String, String)>,
+}
+
+/// Path of a binary of this workspace (built by `cargo build --bins`, which `make test` runs).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug").join(name)
+}
+
+impl Process {
+    async fn spawn(
+        name: &'static str,
+        env: Vec<(String, String)>,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let path = binary(name);
+        anyhow::ensure!(
+            path.exists(),
+            "{} is missing: run `cargo build --bins` first",
+            path.display()
+        );
+        let child = tokio::process::Command::new(&path)
+            .envs(env.iter().cloned())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", path.display()))?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let mut p = Self {
+            child,
+            addr,
+            name,
+            env,
+        };
+        p.wait_ready().await?;
+        Ok(p)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let rest = chat_client::Rest::new(&http_url(self.addr));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = rest.request("GET", "/readyz", None, None).await {
+                if r.status == 200 {
+                    return Ok(());
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                anyhow::bail!("{} exited during start-up: {status}", self.name);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} not ready in 30 s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no drain, no offset commit, no offline presence.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait: the graceful path.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+
+    /// Starts the same binary again with the same environment (same port).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let path = binary(self.name);
+        self.child = tokio::process::Command::new(&path)
+            .envs(self.env.iter().cloned())
+            .kill_on_drop(true)
+            .spawn()?;
+        self.wait_ready().await
+    }
 }
