@@ -180,15 +180,18 @@ pub async fn serve(
                     let Some(item) = item else { break None };
                     match writer.frames(item) {
                         Ok(frames) => {
-                            let mut failed = false;
-                            for f in frames {
-                                if sink.feed(encode(format, &f)).await.is_err() {
-                                    failed = true;
-                                    break;
+                            // A write blocks while the peer does not read; a kick (its queue
+                            // overflowed, or it was replaced) or shutdown must still get through.
+                            let write = async {
+                                for f in frames {
+                                    sink.feed(encode(format, &f)).await?;
                                 }
-                            }
-                            if failed || sink.flush().await.is_err() {
-                                break None;
+                                sink.flush().await
+                            };
+                            tokio::select! {
+                                r = write => if r.is_err() { break None },
+                                reason = kick.kicked() => break Some(reason),
+                                _ = app.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
                             }
                         }
                         Err(reason) => break Some(reason),
@@ -234,9 +237,17 @@ pub async fn serve(
         }
     };
     if let Some((code, reason)) = close_with {
-        let _ = sink.send(Message::close_with(code, reason)).await;
+        metrics::counter!("gateway_closed_by_server_total", "code" => code.to_string())
+            .increment(1);
+        // A peer that does not read cannot take the close frame either: bounded wait.
+        let close = async {
+            let _ = sink.send(Message::close_with(code, reason)).await;
+            let _ = sink.close().await;
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
+    } else {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sink.close()).await;
     }
-    let _ = sink.close().await;
     if app.sessions.unregister(&user, conn_id) {
         if let Err(e) = app.publish_presence(&user, epoch, false).await {
             tracing::warn!(user = %user, error = %e, "presence offline publish failed");
