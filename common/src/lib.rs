@@ -3,6 +3,7 @@
 //! - [`ids`]: validated user, gateway, client-message and conversation ids; message id derivation.
 //! - [`auth`]: JWT verification (and minting for the local stack).
 //! - [`kafka`]: producer and consumer factories with the project's durability settings.
+//! - [`presence`]: the routing table read from the compacted `presence` topic.
 //! - [`topics`]: topic names and settings (from `infra/topics.json`), explicit creation.
 //! - [`config`]: typed environment configuration helpers and local-stack defaults.
 //! - [`telemetry`]: tracing and the Prometheus recorder; [`http`]: health, readiness, metrics routes.
@@ -13,6 +14,7 @@ pub mod config;
 pub mod http;
 pub mod ids;
 pub mod kafka;
+pub mod presence;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;

@@ -251,15 +251,27 @@ impl TestEnv {
 
     /// Produces a raw record (tests use it to inject outbound records).
     pub async fn produce(&self, topic: &str, key: &str, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.produce_all(topic, key, vec![payload]).await
+    }
+
+    /// Produces records with one producer, all in flight at once, in order.
+    pub async fn produce_all(
+        &self,
+        topic: &str,
+        key: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> anyhow::Result<()> {
         use rdkafka::producer::FutureRecord;
         let producer = self.kafka.producer()?;
-        producer
-            .send(
-                FutureRecord::to(topic).key(key).payload(&payload),
+        let sends = payloads.iter().map(|p| {
+            producer.send(
+                FutureRecord::to(topic).key(key).payload(p),
                 Duration::from_secs(10),
             )
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        });
+        for r in futures_util::future::join_all(sends).await {
+            r.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        }
         Ok(())
     }
 

@@ -65,7 +65,7 @@ pub struct App {
     pub config: Config,
     pub producer: FutureProducer,
     pub shards: Shards,
-    pub sessions: Sessions,
+    pub sessions: std::sync::Arc<Sessions>,
     /// Cancelled on SIGTERM: connections close with 1001 and the server drains.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.

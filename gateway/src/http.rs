@@ -91,7 +91,6 @@ struct SendBody {
     client_message_id: Option<String>,
 }
 
-#[derive(Deserialize)]
 struct HistoryQuery {
     before: Option<u64>,
     limit: Option<u32>,
@@ -176,12 +175,25 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
         .and(warp::get())
         .and(authenticated(app.clone()))
         .and(
-            warp::query::<HistoryQuery>()
-                .or(warp::any().map(|| HistoryQuery {
-                    before: None,
-                    limit: None,
-                }))
-                .unify(),
+            query_map().and_then(|q: HashMap<String, String>| async move {
+                let num = |k: &str| -> Result<Option<u64>, Rejection> {
+                    q.get(k)
+                        .map(|v| {
+                            v.parse::<u64>().map_err(|_| {
+                                reject(
+                                    StatusCode::BAD_REQUEST,
+                                    "bad_query",
+                                    format!("{k} must be a non-negative integer"),
+                                )
+                            })
+                        })
+                        .transpose()
+                };
+                Ok::<_, Rejection>(HistoryQuery {
+                    before: num("before")?,
+                    limit: num("limit")?.map(|l| l.min(u64::from(u32::MAX)) as u32),
+                })
+            }),
         )
         .and(with_app(app.clone()))
         .and_then(

@@ -55,11 +55,31 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .subscribe(&[&outbound_topic])
         .context("subscribe to outbound")?;
 
+    // A user holds one session: when they connect to another gateway, the presence log says so
+    // and the session here is closed (4001), so the old device does not sit there receiving nothing.
+    let sessions = Arc::new(sessions::Sessions::default());
+    let me = config.gateway_id.clone();
+    let on_route: chat_common::presence::OnRoute = {
+        let sessions = sessions.clone();
+        Arc::new(move |user, route| {
+            if route.online && route.gateway != me {
+                sessions.replaced_elsewhere(user, route.epoch);
+            }
+        })
+    };
+    chat_common::presence::PresenceView::start(
+        &config.kafka,
+        &config.topics.presence(),
+        Some(on_route),
+        shutdown.clone(),
+    )
+    .await
+    .context("presence")?;
     let app = Arc::new(app::App {
         config,
         producer,
         shards,
-        sessions: sessions::Sessions::default(),
+        sessions,
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
     });

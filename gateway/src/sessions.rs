@@ -156,6 +156,20 @@ impl Sessions {
         }
     }
 
+    /// Closes `user`'s session here if it is older than `epoch` (the user connected elsewhere).
+    pub fn replaced_elsewhere(&self, user: &str, epoch: u64) {
+        let Ok(user) = UserId::parse(user) else {
+            return;
+        };
+        let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map.get(&user).filter(|h| h.epoch < epoch) {
+            h.kick.kick(
+                close::REPLACED,
+                "replaced by a newer connection of the same user",
+            );
+        }
+    }
+
     /// Every session (for shutdown).
     pub fn all(&self) -> Vec<(UserId, SessionHandle)> {
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());

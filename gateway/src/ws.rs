@@ -148,7 +148,7 @@ pub async fn serve(
     metrics::counter!("gateway_connections_opened_total").increment(1);
     tracing::info!(user = %user, conn_id, "connected");
 
-    // Route first, then sync: see `multiplexer::presence` for why this order closes the gap.
+    // Route first, then sync: see `chat_common::presence` for why this order closes the gap.
     // Live messages are held from the start until the first sync is answered: the automatic
     // one, or (with `sync=manual`) the client's first `sync` frame, which takes over this hold.
     let mut writer = Writer {
@@ -239,12 +239,13 @@ pub async fn serve(
     if let Some((code, reason)) = close_with {
         metrics::counter!("gateway_closed_by_server_total", "code" => code.to_string())
             .increment(1);
-        // A peer that does not read cannot take the close frame either: bounded wait.
+        // A peer that does not read cannot take the close frame until it reads what is ahead
+        // of it: wait a bounded time, then drop the connection.
         let close = async {
             let _ = sink.send(Message::close_with(code, reason)).await;
             let _ = sink.close().await;
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), close).await;
     } else {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sink.close()).await;
     }

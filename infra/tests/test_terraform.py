@@ -85,10 +85,10 @@ CURRENT: dict[str, Metric] = {
         "counter",
         kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard"},
     ),
-    "multiplexer_presence_catch_up_failed_total": _m("counter"),
+    "presence_catch_up_failed_total": _m("counter"),
     # Emitted by the code though missing from the brief's list: presence.rs, and the
     # delete-on-ack expiry sweep in multiplexer/src/lib.rs.
-    "multiplexer_presence_invalid_total": _m("counter"),
+    "presence_invalid_records_total": _m("counter"),
     "multiplexer_messages_expired_total": _m("counter"),
     # Websocket close code of server-initiated closes (gateway/src/ws.rs).
     "gateway_closed_by_server_total": _m("counter", code=None),

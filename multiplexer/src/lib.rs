@@ -3,7 +3,6 @@
 //! stored message to `outbound-<gateway>` of the gateway holding the recipient.
 //!
 //! - [`config`]: typed configuration from the environment.
-//! - [`presence`]: the routing table, read from the compacted `presence` topic.
 //! - [`pipeline`]: the batch loop; offsets are stored only after the shard commit and every
 //!   outbound delivery report.
 //!
@@ -11,7 +10,6 @@
 
 pub mod config;
 pub mod pipeline;
-pub mod presence;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,10 +41,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let shards = db_writer::Shards::connect(&config.shards).context("shards")?;
     shards.migrate().await.context("shard migrations")?;
 
-    let presence =
-        presence::PresenceView::start(&config.kafka, &config.topics.presence(), shutdown.clone())
-            .await
-            .context("presence")?;
+    let presence = chat_common::presence::PresenceView::start(
+        &config.kafka,
+        &config.topics.presence(),
+        None,
+        shutdown.clone(),
+    )
+    .await
+    .context("presence")?;
     let consumer = config.kafka.consumer(&config.group)?;
     consumer
         .subscribe(&[&config.topics.inbound()])

@@ -25,7 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::presence::PresenceView;
+use chat_common::presence::PresenceView;
 
 /// How long to wait for the presence view to catch up before routing with what it has.
 const PRESENCE_CATCH_UP: Duration = Duration::from_secs(2);

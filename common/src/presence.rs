@@ -5,6 +5,9 @@
 //! epoch is not older, so a late "offline" from a gateway the user left cannot end the session
 //! the user opened elsewhere.
 //!
+//! Used by the multiplexer (to route) and the gateway (to close a session the user has replaced
+//! by connecting to another gateway).
+//!
 //! [`PresenceView::catch_up`] closes the race between a user connecting and a message being
 //! routed: the gateway publishes presence (and waits for the broker's ack) *before* it runs the
 //! user's sync query, and the multiplexer catches up with the presence log *after* committing a
@@ -15,8 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use chat_common::ids::GatewayId;
-use chat_common::kafka::{KafkaConfig, KafkaError};
+use crate::ids::GatewayId;
+use crate::kafka::{KafkaConfig, KafkaError};
 use chat_proto::v1::PresenceRecord;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -25,12 +28,17 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Clone, Debug)]
-struct Route {
-    gateway: GatewayId,
-    epoch: u64,
-    online: bool,
+/// A user's route as the presence log last said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub gateway: GatewayId,
+    pub epoch: u64,
+    pub online: bool,
 }
+
+/// Called with each route that replaced an older one (the gateway uses it to close sessions
+/// the user has opened elsewhere since).
+pub type OnRoute = Arc<dyn Fn(&str, &Route) + Send + Sync>;
 
 /// A live, shared view of the `presence` topic.
 #[derive(Clone)]
@@ -48,6 +56,7 @@ impl PresenceView {
     pub async fn start(
         kafka: &KafkaConfig,
         topic: &str,
+        on_route: Option<OnRoute>,
         shutdown: CancellationToken,
     ) -> Result<Self, KafkaError> {
         let consumer = Arc::new(kafka.reader()?);
@@ -85,7 +94,10 @@ impl PresenceView {
                         continue;
                     }
                 };
-                apply(&routes, msg.key(), msg.payload());
+                let changed = apply(&routes, msg.key(), msg.payload());
+                if let (Some(f), Some((user, route))) = (&on_route, changed) {
+                    f(&user, &route);
+                }
                 let (p, o) = (msg.partition(), msg.offset());
                 tx.send_modify(|pos| {
                     pos.insert(p, o + 1);
@@ -124,7 +136,7 @@ impl PresenceView {
         let highs = match highs {
             Ok(Ok(h)) => h,
             _ => {
-                metrics::counter!("multiplexer_presence_catch_up_failed_total").increment(1);
+                metrics::counter!("presence_catch_up_failed_total").increment(1);
                 return false;
             }
         };
@@ -137,41 +149,44 @@ impl PresenceView {
         let ok = tokio::time::timeout(timeout, rx.wait_for(done)).await;
         let caught_up = matches!(ok, Ok(Ok(_)));
         if !caught_up {
-            metrics::counter!("multiplexer_presence_catch_up_failed_total").increment(1);
+            metrics::counter!("presence_catch_up_failed_total").increment(1);
         }
         caught_up
     }
 }
 
-fn apply(routes: &RwLock<HashMap<String, Route>>, key: Option<&[u8]>, payload: Option<&[u8]>) {
-    let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
-        return;
-    };
+/// Applies one presence record; returns the user and new route when it replaced the old one.
+fn apply(
+    routes: &RwLock<HashMap<String, Route>>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Option<(String, Route)> {
+    let key = key.and_then(|k| std::str::from_utf8(k).ok())?;
     let mut routes = routes.write().unwrap_or_else(|p| p.into_inner());
     let Some(payload) = payload else {
         // Tombstone: the route is gone.
         routes.remove(key);
-        return;
+        return None;
     };
     let Ok(rec) = PresenceRecord::decode(payload) else {
-        metrics::counter!("multiplexer_presence_invalid_total").increment(1);
-        return;
+        metrics::counter!("presence_invalid_records_total").increment(1);
+        return None;
     };
     let Ok(gateway) = GatewayId::parse(&rec.gateway_id) else {
-        metrics::counter!("multiplexer_presence_invalid_total").increment(1);
-        return;
+        metrics::counter!("presence_invalid_records_total").increment(1);
+        return None;
     };
     let newer = routes.get(key).is_none_or(|r| rec.epoch >= r.epoch);
-    if newer {
-        routes.insert(
-            key.to_owned(),
-            Route {
-                gateway,
-                epoch: rec.epoch,
-                online: rec.online,
-            },
-        );
+    if !newer {
+        return None;
     }
+    let route = Route {
+        gateway,
+        epoch: rec.epoch,
+        online: rec.online,
+    };
+    routes.insert(key.to_owned(), route.clone());
+    Some((key.to_owned(), route))
 }
 
 #[cfg(test)]

@@ -1,0 +1,496 @@
+//! Delivery guarantees: idempotent sends, order, offline sync, resume, routing, sessions,
+//! backpressure, receipts.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chat_client::{Client, ClientError, Event, Options, Rest};
+use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
+use chat_proto::v1::{outbound_record, ChatMessage, OutboundRecord};
+use futures_util::future::join_all;
+use prost::Message as _;
+
+/// Sends `n` messages from `from` to `to` (bodies "<prefix>-<i>"), up to 64 at a time; returns
+/// the bodies in the order Kafka accepted them is not known, so the caller checks by seq.
+async fn send_many(from: &Client, to: &str, prefix: &str, n: usize) -> Vec<String> {
+    let bodies: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    for chunk in bodies.chunks(64) {
+        let results = join_all(chunk.iter().map(|b| from.send(to, b))).await;
+        for r in results {
+            r.expect("accepted");
+        }
+    }
+    bodies
+}
+
+/// The stored rows of a conversation: (seq, body), in seq order.
+async fn rows(env: &TestEnv, conversation: &str) -> Vec<(i64, Option<String>)> {
+    let mut out = Vec::new();
+    for i in 0..env.shard_dsns.len() {
+        let rows = env
+            .shard(i)
+            .await
+            .expect("shard")
+            .query(
+                "SELECT seq, body FROM messages WHERE conversation = $1 ORDER BY seq",
+                &[&conversation],
+            )
+            .await
+            .expect("query");
+        out.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_client_id_creates_nothing_new() -> anyhow::Result<()> {
+    let env = TestEnv::new(2, &["gw1", "gw2"]).await?;
+    let (gw1, gw2) = (
+        env.start_gateway("gw1").await?,
+        env.start_gateway("gw2").await?,
+    );
+    let mux = env.start_multiplexer().await?;
+    let mut bob = connect(&ws_url(gw2.addr), &env.token("bob")).await;
+
+    let alice = connect(&ws_url(gw1.addr), &env.token("alice")).await;
+    let first = alice.send_with_id("same-id", "bob", "once").await?;
+    let again = alice.send_with_id("same-id", "bob", "once").await?;
+    alice.close();
+    // After reconnecting to the other gateway.
+    let alice = connect(&ws_url(gw2.addr), &env.token("alice")).await;
+    let third = alice.send_with_id("same-id", "bob", "once").await?;
+    assert_eq!(first.message_id, again.message_id);
+    assert_eq!(first.message_id, third.message_id);
+
+    let got = bob.next_message(WAIT).await?;
+    assert_eq!((got.message_id, got.seq), (first.message_id.clone(), 1));
+    // A marker proves nothing else was delivered before it.
+    let marker = alice.send("bob", "marker").await?;
+    let next = bob.next_message(WAIT).await?;
+    assert_eq!(next.message_id, marker.message_id);
+    assert_eq!(next.seq, 2, "the retries took no sequence number");
+    assert_eq!(
+        rows(&env, "alice:bob").await,
+        vec![(1, Some("once".into())), (2, Some("marker".into()))]
+    );
+    alice.close();
+    bob.close();
+    for c in [gw1, gw2, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_gets_1000_messages_once_in_order() -> anyhow::Result<()> {
+    let env = TestEnv::new(4, &["gw1", "gw2"]).await?;
+    let (gw1, gw2) = (
+        env.start_gateway("gw1").await?,
+        env.start_gateway("gw2").await?,
+    );
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw1.addr), &env.token("alice")).await;
+    let sent = send_many(&alice, "bob", "m", 1000).await;
+
+    // Wait until all 1000 are stored (the multiplexer is asynchronous to "accepted").
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while rows(&env, "alice:bob").await.len() < 1000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all stored in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut bob = Client::connect(&ws_url(gw2.addr), &env.token("bob")).await?;
+    let synced = bob.until_sync_done(WAIT).await?;
+    let seqs: Vec<u64> = synced.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=1000).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    let mut bodies: Vec<String> = synced.iter().map(|m| m.body.clone()).collect();
+    bodies.sort();
+    let mut expected = sent.clone();
+    expected.sort();
+    assert_eq!(bodies, expected);
+    // Then live messages, with nothing repeated at the seam.
+    let marker = alice.send("bob", "live").await?;
+    let next = bob.next_message(WAIT).await?;
+    assert_eq!((next.message_id, next.seq), (marker.message_id, 1001));
+
+    alice.close();
+    bob.close();
+    for c in [gw1, gw2, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_gets_exactly_what_the_client_lacks_and_history_pages() -> anyhow::Result<()> {
+    let env = TestEnv::new(2, &["gw1"]).await?;
+    let gw = env.start_gateway("gw1").await?;
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
+    let mut bob = connect(&ws_url(gw.addr), &env.token("bob")).await;
+    send_many(&alice, "bob", "a", 5).await;
+    for _ in 0..5 {
+        bob.next_message(WAIT).await?;
+    }
+    let held = bob.last_seq();
+    assert_eq!(held.get("alice:bob"), Some(&5));
+    bob.close(); // no ack: all five stay pending
+
+    send_many(&alice, "bob", "b", 3).await;
+    let mut options = Options::new(&ws_url(gw.addr), &env.token("bob"));
+    options.resume_from = held;
+    let mut bob = Client::connect_with(options).await?;
+    let got = bob.until_sync_done(WAIT).await?;
+    let got: Vec<u64> = got.iter().map(|m| m.seq).collect();
+    if got.len() < 3 {
+        // Some were not stored yet at sync time: they follow live.
+        let mut all = got.clone();
+        while all.len() < 3 {
+            all.push(bob.next_message(WAIT).await?.seq);
+        }
+        assert_eq!(all, vec![6, 7, 8]);
+    } else {
+        assert_eq!(got, vec![6, 7, 8], "exactly what it lacked");
+    }
+
+    // History pages, oldest first, with a cursor.
+    send_many(&alice, "bob", "c", 17).await; // 25 in all
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while rows(&env, "alice:bob").await.len() < 25 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rest = Rest::new(&http_url(gw.addr));
+    let token = env.token("alice");
+    let mut pages = Vec::new();
+    let mut path = "/messages/bob?limit=10".to_owned();
+    loop {
+        let r = rest.request("GET", &path, Some(&token), None).await?;
+        assert_eq!(r.status, 200);
+        let seqs: Vec<u64> = r.body["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["seq"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0))
+            .collect();
+        pages.push(seqs);
+        match r.body["nextBefore"].as_u64() {
+            Some(b) => path = format!("/messages/bob?limit=10&before={b}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        vec![
+            (16..=25).collect::<Vec<u64>>(),
+            (6..=15).collect(),
+            (1..=5).collect()
+        ]
+    );
+    let r = rest
+        .request("GET", "/messages/bob?limit=abc", Some(&token), None)
+        .await?;
+    assert_eq!(r.status, 400);
+
+    alice.close();
+    bob.close();
+    gw.stop().await;
+    mux.stop().await;
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_moves_gateways_gets_messages_there_and_the_old_session_is_replaced(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new(2, &["gw1", "gw2"]).await?;
+    let (gw1, gw2) = (
+        env.start_gateway("gw1").await?,
+        env.start_gateway("gw2").await?,
+    );
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw1.addr), &env.token("alice")).await;
+
+    // Same gateway: the second connection replaces the first.
+    let mut bob1 = connect(&ws_url(gw1.addr), &env.token("bob")).await;
+    let mut bob2 = connect(&ws_url(gw1.addr), &env.token("bob")).await;
+    let closed = wait_closed(&mut bob1).await;
+    assert_eq!(closed.0, 4001, "{}", closed.1);
+
+    // Another gateway: the gw1 session is replaced, and messages follow bob to gw2.
+    let mut bob3 = connect(&ws_url(gw2.addr), &env.token("bob")).await;
+    let closed = wait_closed(&mut bob2).await;
+    assert_eq!(closed.0, 4001);
+    let a = alice.send("bob", "to gw2").await?;
+    let got = bob3.next_message(WAIT).await?;
+    assert_eq!(got.message_id, a.message_id);
+    assert_eq!(bob3.gateway_id(), "gw2");
+
+    alice.close();
+    bob3.close();
+    for c in [gw1, gw2, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}
+
+async fn wait_closed(c: &mut Client) -> (u16, String) {
+    loop {
+        match c.next_event_within(WAIT).await.expect("an event") {
+            Event::Disconnected { code, reason } => return (code, reason),
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_a_gateway_the_user_left_are_not_lost_and_reach_no_one_else() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(2, &["gw1", "gw2"]).await?;
+    let (gw1, gw2) = (
+        env.start_gateway("gw1").await?,
+        env.start_gateway("gw2").await?,
+    );
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw1.addr), &env.token("alice")).await;
+    let mut carol = connect(&ws_url(gw1.addr), &env.token("carol")).await;
+
+    // bob is offline: alice's message is stored and pending.
+    let a = alice.send("bob", "while away").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while rows(&env, "alice:bob").await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A stale push for bob lands on gw1, where bob is not; and a corrupt one keyed to carol.
+    let stored = ChatMessage {
+        message_id: a.message_id.clone(),
+        client_message_id: "x".into(),
+        sender: "alice".into(),
+        recipient: "bob".into(),
+        body: "while away".into(),
+        sent_at_ms: a.sent_at_ms,
+        seq: 1,
+        conversation: "alice:bob".into(),
+    };
+    let rec = OutboundRecord {
+        kind: Some(outbound_record::Kind::Deliver(stored)),
+    }
+    .encode_to_vec();
+    let topic = env.topics.outbound(&env.gateway_ids[0]);
+    env.produce(&topic, "bob", rec.clone()).await?;
+    env.produce(&topic, "carol", rec).await?;
+    // carol must not see bob's message: the next thing she gets is her own marker.
+    let marker = alice.send("carol", "marker").await?;
+    let got = carol.next_message(WAIT).await?;
+    assert_eq!(
+        got.message_id, marker.message_id,
+        "bob's message never reaches carol"
+    );
+
+    // bob's next sync delivers it.
+    let mut bob = Client::connect(&ws_url(gw2.addr), &env.token("bob")).await?;
+    let synced = bob.until_sync_done(WAIT).await?;
+    assert_eq!(synced.len(), 1);
+    assert_eq!(synced[0].message_id, a.message_id);
+
+    alice.close();
+    carol.close();
+    bob.close();
+    for c in [gw1, gw2, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_does_not_drain_is_closed_and_its_messages_stay_pending() -> anyhow::Result<()>
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let gw = env
+        .start_gateway_with("gw1", |c| c.socket_queue = 4)
+        .await?;
+    // A raw socket that reads the welcome and then nothing.
+    let url = format!("{}/ws?access_token={}", ws_url(gw.addr), env.token("bob"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    let _welcome = socket.next().await;
+
+    // Large pushes straight into gw1's outbound topic fill the TCP buffers, then the queue.
+    let body = "x".repeat(512 * 1024);
+    let topic = env.topics.outbound(&env.gateway_ids[0]);
+    let mut records = Vec::new();
+    for seq in 1..=40u64 {
+        let rec = OutboundRecord {
+            kind: Some(outbound_record::Kind::Deliver(ChatMessage {
+                message_id: format!("00000000-0000-0000-0000-{seq:012}"),
+                client_message_id: format!("c{seq}"),
+                sender: "alice".into(),
+                recipient: "bob".into(),
+                body: body.clone(),
+                sent_at_ms: 0,
+                seq,
+                conversation: "alice:bob".into(),
+            })),
+        };
+        records.push(rec.encode_to_vec());
+    }
+    env.produce_all(&topic, "bob", records).await?;
+    // Now read: some frames, then the close with 4008.
+    let close = tokio::time::timeout(WAIT, async {
+        while let Some(m) = socket.next().await {
+            match m {
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await?;
+    assert_eq!(close, Some(4008));
+    // Other users are unaffected.
+    let mut carol = connect(&ws_url(gw.addr), &env.token("carol")).await;
+    carol.sync(HashMap::new())?;
+    carol.until_sync_done(WAIT).await?;
+    carol.close();
+    gw.stop().await;
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_reach_the_sender_live_and_on_the_next_sync() -> anyhow::Result<()> {
+    let env = TestEnv::new(2, &["gw1", "gw2"]).await?;
+    let (gw1, gw2) = (
+        env.start_gateway("gw1").await?,
+        env.start_gateway("gw2").await?,
+    );
+    let mux = env.start_multiplexer().await?;
+    let mut alice = connect(&ws_url(gw1.addr), &env.token("alice")).await;
+    let mut bob = connect(&ws_url(gw2.addr), &env.token("bob")).await;
+
+    let a = alice.send("bob", "one").await?;
+    // The sender learns the seq from a "stored" frame.
+    let stored = loop {
+        if let Event::Stored(s) = alice.next_event_within(WAIT).await? {
+            break s;
+        }
+    };
+    assert_eq!(
+        (stored.message_id.as_str(), stored.seq),
+        (a.message_id.as_str(), 1)
+    );
+    let m = bob.next_message(WAIT).await?;
+    bob.ack("alice", m.seq)?;
+    let receipt = loop {
+        if let Event::Receipt(r) = alice.next_event_within(WAIT).await? {
+            break r;
+        }
+    };
+    assert_eq!((receipt.peer.as_str(), receipt.up_to_seq), ("bob", 1));
+
+    // alice goes offline; bob acks a second message; alice's next sync carries the receipt.
+    alice.send("bob", "two").await?;
+    alice.close();
+    let m = bob.next_message(WAIT).await?;
+    assert_eq!(m.seq, 2);
+    bob.ack("alice", 2)?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let acked: i64 = env
+            .shard(0)
+            .await?
+            .query_one(
+                "SELECT count(*) FROM messages WHERE acked_at_ms IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        let acked1: i64 = env
+            .shard(1)
+            .await?
+            .query_one(
+                "SELECT count(*) FROM messages WHERE acked_at_ms IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        if acked + acked1 == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ack not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut alice = Client::connect(&ws_url(gw1.addr), &env.token("alice")).await?;
+    let receipt = loop {
+        match alice.next_event_within(WAIT).await? {
+            Event::Receipt(r) => break r,
+            Event::SyncDone { .. } => panic!("sync ended without the receipt"),
+            _ => {}
+        }
+    };
+    assert_eq!((receipt.peer.as_str(), receipt.up_to_seq), ("bob", 2));
+
+    // Acking twice, out of order, or beyond what exists changes nothing and breaks nothing.
+    bob.ack("alice", 1)?;
+    bob.ack("alice", 99)?;
+    bob.ack("nobody", 5)?;
+    let c = alice.send("bob", "three").await?;
+    assert_eq!(bob.next_message(WAIT).await?.message_id, c.message_id);
+
+    alice.close();
+    bob.close();
+    for c in [gw1, gw2, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_produce_is_answered_with_an_error_frame() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    // This gateway's inbound topic does not exist (and brokers never auto-create).
+    let gw = env
+        .start_gateway_with("gw1", |c| {
+            c.topics =
+                chat_common::topics::TopicNames::new(format!("{}missing-", env.topics.prefix()));
+            c.kafka.produce_timeout = Duration::from_millis(1500);
+        })
+        .await;
+    // Presence cannot be published either, so the connection is refused with 1011; REST shows
+    // the produce error itself.
+    let gw = gw?;
+    let rest = Rest::new(&http_url(gw.addr));
+    let r = rest
+        .request(
+            "PUT",
+            "/messages/bob",
+            Some(&env.token("alice")),
+            Some(serde_json::json!({"body": "hi"})),
+        )
+        .await?;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (503, Some("produce_failed")),
+        "{}",
+        r.body
+    );
+    let ws = Client::connect(&ws_url(gw.addr), &env.token("alice")).await;
+    match ws {
+        Ok(mut c) => {
+            let closed = wait_closed(&mut c).await;
+            assert_eq!(closed.0, 1011);
+        }
+        Err(e) => assert!(matches!(e, ClientError::Closed), "{e}"),
+    }
+    gw.stop().await;
+    env.teardown().await
+}
