@@ -275,6 +275,30 @@ impl TestEnv {
         Ok(())
     }
 
+    /// True when consumer group `group` has committed offsets at the end of every partition of
+    /// `topic` (a replay has finished).
+    pub async fn group_caught_up(&self, group: &str, topic: &str) -> anyhow::Result<bool> {
+        let consumer: StreamConsumer = self.kafka.consumer(group)?;
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics().iter().flat_map(|t| t.partitions()) {
+            tpl.add_partition(topic, p.id());
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+        for e in committed.elements() {
+            let (_, high) =
+                consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(10))?;
+            let at = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            if at < high {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// A direct connection to shard `i`.
     pub async fn shard(&self, i: usize) -> anyhow::Result<tokio_postgres::Client> {
         let (client, conn) =
