@@ -95,6 +95,12 @@ test: stack lint test-infra ## fmt + clippy, unit tests, integration tests on re
 	@$(CARGO) build --bins --quiet || { echo "test: cargo build failed"; exit 1; }
 	@$(CARGO) test --workspace --quiet || { echo "test: tests failed"; exit 1; }
 
+.PHONY: test-web
+test-web: stack ## Web client: unit tests and a real-browser test (Chromium + Playwright) in both retention modes.
+	@$(CARGO) build --bins --quiet || { echo "test-web: cargo build failed"; exit 1; }
+	@web/tests/install.sh || { echo "test-web: cannot install Chromium or the npm packages"; exit 1; }
+	@cd web && npm test || { echo "test-web: web client tests failed (screenshots and logs in web/test-artifacts/)"; exit 1; }
+
 .PHONY: test-infra
 test-infra: ## Check Terraform, dashboards and alert rules offline (parses HCL; topics agree with infra/topics.json).
 	@infra/tests/run.sh || { echo "test-infra: infrastructure checks failed"; exit 1; }

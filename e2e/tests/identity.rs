@@ -75,7 +75,11 @@ async fn bad_tokens_are_refused_before_the_upgrade() -> anyhow::Result<()> {
             )
             .await?;
         assert_eq!(r.status, 401, "{what}: PUT message");
+        let r = rest.request("GET", "/me", tok, None).await?;
+        assert_eq!(r.status, 401, "{what}: GET /me");
     }
+    let r = rest.request("GET", "/me", Some(&good), None).await?;
+    assert_eq!((r.status, r.body["user"].as_str()), (200, Some("alice")));
     // The good token works, over the header and the query parameter alike.
     let c = connect(&ws_url(gw.addr), &good).await;
     assert_eq!(c.user(), "alice");

@@ -91,7 +91,7 @@ impl Config {
             max_body_bytes: env_parse("MAX_BODY_BYTES", 4096)?,
             socket_queue: env_parse("SOCKET_QUEUE", 1024)?,
             max_in_flight: env_parse("MAX_IN_FLIGHT", 256)?,
-            web_dir: Some(env_or("WEB_DIR", "web").into()),
+            web_dir: Some(env_or("WEB_DIR", "web/public").into()),
         })
     }
 }

@@ -223,6 +223,12 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
             },
         );
 
+    // Who the token names: lets a browser check a token (a refused upgrade is invisible to it).
+    let me = warp::path!("me")
+        .and(warp::get())
+        .and(authenticated(app.clone()))
+        .map(|user: UserId| warp::reply::json(&serde_json::json!({ "user": user.as_str() })));
+
     let dev_token = warp::path!("dev" / "token" / String)
         .and(warp::get())
         .and(with_app(app.clone()))
@@ -261,6 +267,7 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
     ws_route
         .or(put)
         .or(get)
+        .or(me)
         .or(dev_token)
         .or(chat_common::http::ops_routes(ready))
         .or(web)

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Usage: web/tests/run-e2e.sh [node --test args...]
+#
+# Runs the browser test (web/tests/e2e.test.mjs) against its own slice of the real stack, then
+# tears that slice down:
+#   - topics <P>-inbound, <P>-presence, <P>-outbound-webgw1, <P>-outbound-webgw2 (chatctl topics)
+#   - two fresh shard databases <P>_s0 and <P>_s1 (created with psql)
+#   - a multiplexer (RETENTION from the environment) and two gateways, webgw1 and webgw2,
+#     on free loopback ports, serving this web/ directory
+# where <P> is a random prefix, so runs never see each other's data and can run in parallel.
+# Kafka (127.0.0.1:9092) and Postgres (127.0.0.1:54320) must be up: `make stack`, or
+# infra/scripts/kafka.sh start && infra/scripts/postgres.sh start.
+#
+# Env:
+#   RETENTION       keep (default) | delete-on-ack
+#   BIN_DIR         where chatctl, gateway and multiplexer are (default <repo>/target/debug)
+#   KAFKA_BROKERS   default 127.0.0.1:9092
+#   CHAT_TEST_PG    admin DSN (default postgres://chat@127.0.0.1:54320/postgres)
+#   CHROMIUM        browser binary (default /usr/bin/chromium)
+#   E2E_KEEP_TOPICS=1  leave the (prefixed) topics behind instead of deleting them
+#   E2E_TESTS       test files to run (default tests/e2e.test.mjs)
+# Artifacts (screenshots, service logs) go to web/test-artifacts/<retention>/.
+set -euo pipefail
+
+WEB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$WEB_DIR/.." && pwd)"
+BIN_DIR="${BIN_DIR:-$REPO/target/debug}"
+RETENTION="${RETENTION:-keep}"
+BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+ADMIN_PG="${CHAT_TEST_PG:-postgres://chat@127.0.0.1:54320/postgres}"
+PG_BASE="${ADMIN_PG%/*}"
+ART="$WEB_DIR/test-artifacts/$RETENTION"
+
+case "$RETENTION" in keep|delete-on-ack) ;; *) echo "run-e2e: RETENTION must be keep or delete-on-ack" >&2; exit 2 ;; esac
+for b in chatctl gateway multiplexer; do
+  [[ -x "$BIN_DIR/$b" ]] || { echo "run-e2e: $BIN_DIR/$b is missing (cargo build --bins)" >&2; exit 2; }
+done
+command -v psql >/dev/null || { echo "run-e2e: psql is missing" >&2; exit 2; }
+[[ -d "$WEB_DIR/node_modules/playwright-core" ]] || { echo "run-e2e: run web/tests/install.sh first" >&2; exit 2; }
+
+P="webe2e$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+DBS=("${P}_s0" "${P}_s1")
+DSNS="$PG_BASE/${DBS[0]},$PG_BASE/${DBS[1]}"
+mkdir -p "$ART"
+rm -f "$ART"/*.log "$ART"/*.png
+PIDS=()
+CREATED_DBS=()
+TOPICS_CREATED=0
+
+log() { printf '[run-e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+free_port() {
+  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  if ((${#PIDS[@]})); then
+    log "stopping services"
+    kill -TERM "${PIDS[@]}" 2>/dev/null
+    local deadline=$((SECONDS + 20)) pid
+    for pid in "${PIDS[@]}"; do
+      while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS > deadline)); then kill -KILL "$pid" 2>/dev/null; break; fi
+        sleep 0.1
+      done
+      wait "$pid" 2>/dev/null
+    done
+  fi
+  local db
+  for db in "${CREATED_DBS[@]}"; do
+    psql -X -q "$ADMIN_PG" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 \
+      || log "could not drop database $db"
+  done
+  if ((TOPICS_CREATED)) && [[ "${E2E_KEEP_TOPICS:-0}" != 1 ]]; then
+    local libs="$REPO/.local/kafka-dist/libs"
+    if [[ -d "$libs" ]] && command -v java >/dev/null; then
+      java -Xmx256m -XX:TieredStopAtLevel=1 -cp "$libs/*" \
+        -Dlog4j2.configurationFile="$REPO/infra/kafka/tools-log4j2.properties" \
+        org.apache.kafka.tools.TopicCommand --bootstrap-server "$BROKERS" \
+        --delete --topic "$P-.*" >/dev/null 2>&1 || log "could not delete topics $P-*"
+      java -Xmx256m -XX:TieredStopAtLevel=1 -cp "$libs/*" \
+        -Dlog4j2.configurationFile="$REPO/infra/kafka/tools-log4j2.properties" \
+        org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --bootstrap-server "$BROKERS" \
+        --delete --group "$P-mux" --group "$P-gateway-webgw1" --group "$P-gateway-webgw2" \
+        >/dev/null 2>&1 || true
+    else
+      log "topics $P-* left behind (no Kafka CLI)"
+    fi
+  fi
+  log "done (exit $rc)"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log "prefix $P, retention $RETENTION"
+"$BIN_DIR/chatctl" topics --prefix "$P-" --gateways webgw1,webgw2 --brokers "$BROKERS" >"$ART/chatctl.log" 2>&1 \
+  || { cat "$ART/chatctl.log" >&2; exit 1; }
+TOPICS_CREATED=1
+for db in "${DBS[@]}"; do
+  psql -X -q -v ON_ERROR_STOP=1 "$ADMIN_PG" -c "CREATE DATABASE \"$db\"" >/dev/null
+  CREATED_DBS+=("$db")
+done
+
+MUX_PORT="$(free_port)"
+GW1_PORT="$(free_port)"
+GW2_PORT="$(free_port)"
+while [[ "$GW1_PORT" == "$MUX_PORT" ]]; do GW1_PORT="$(free_port)"; done
+while [[ "$GW2_PORT" == "$MUX_PORT" || "$GW2_PORT" == "$GW1_PORT" ]]; do GW2_PORT="$(free_port)"; done
+
+export KAFKA_BROKERS="$BROKERS" TOPIC_PREFIX="$P-" SHARD_DSNS="$DSNS" RUST_LOG="${RUST_LOG:-info}"
+
+wait_ready() { # name url pid
+  local deadline=$((SECONDS + 90))
+  until curl -fsS -o /dev/null --max-time 2 "$2" 2>/dev/null; do
+    if ! kill -0 "$3" 2>/dev/null; then
+      log "$1 exited during start-up:"; tail -n 30 "$ART/$1.log" >&2; return 1
+    fi
+    if ((SECONDS > deadline)); then log "$1 not ready after 90 s"; tail -n 30 "$ART/$1.log" >&2; return 1; fi
+    sleep 0.2
+  done
+  log "$1 ready ($2)"
+}
+
+# The multiplexer first: it applies the shard migrations the gateways read.
+MULTIPLEXER_GROUP="$P-mux" RETENTION="$RETENTION" MULTIPLEXER_HTTP_ADDR="127.0.0.1:$MUX_PORT" \
+  "$BIN_DIR/multiplexer" >"$ART/multiplexer.log" 2>&1 &
+PIDS+=($!)
+wait_ready multiplexer "http://127.0.0.1:$MUX_PORT/readyz" "${PIDS[-1]}"
+
+start_gateway() { # id port
+  GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" DEV_TOKENS=true WEB_DIR="$WEB_DIR/public" \
+    "$BIN_DIR/gateway" >"$ART/$1.log" 2>&1 &
+  PIDS+=($!)
+}
+start_gateway webgw1 "$GW1_PORT"
+start_gateway webgw2 "$GW2_PORT"
+wait_ready webgw1 "http://127.0.0.1:$GW1_PORT/readyz" "${PIDS[1]}"
+wait_ready webgw2 "http://127.0.0.1:$GW2_PORT/readyz" "${PIDS[2]}"
+curl -fsS -o /dev/null "http://127.0.0.1:$GW1_PORT/index.html" \
+  || { log "gateway does not serve web/ (WEB_DIR): is target/debug/gateway up to date?"; exit 1; }
+
+export E2E_GW1="http://127.0.0.1:$GW1_PORT" E2E_GW2="http://127.0.0.1:$GW2_PORT"
+export E2E_RETENTION="$RETENTION" E2E_ARTIFACTS="$ART" E2E_PREFIX="$P"
+export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+log "running the browser test against $E2E_GW1 and $E2E_GW2"
+cd "$WEB_DIR"
+# shellcheck disable=SC2086
+node --test --test-reporter=spec --test-concurrency=1 "$@" ${E2E_TESTS:-tests/e2e.test.mjs}

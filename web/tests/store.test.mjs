@@ -1,0 +1,264 @@
+// Unit tests of the client's bookkeeping (no browser, no server): node --test tests/store.test.mjs
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { ChatStore, STORAGE_PREFIX, isValidUserId, int } from '../public/store.js';
+import { backoffDelay } from '../public/connection.js';
+
+class MemoryStorage {
+  constructor() { this.m = new Map(); }
+  getItem(k) { return this.m.has(k) ? this.m.get(k) : null; }
+  setItem(k, v) { this.m.set(k, String(v)); }
+  removeItem(k) { this.m.delete(k); }
+}
+
+let clock = 1_700_000_000_000;
+const now = () => (clock += 1);
+
+function wire(seq, sender, recipient, body = `m${seq}`, extra = {}) {
+  const [lo, hi] = [sender, recipient].sort();
+  return {
+    messageId: `id-${sender}-${seq}`,
+    clientMessageId: `c-${sender}-${seq}`,
+    sender,
+    recipient,
+    body,
+    sentAtMs: String(1_700_000_000_000 + seq),
+    seq: String(seq),
+    conversation: `${lo}:${hi}`,
+    ...extra,
+  };
+}
+
+const bodies = (s, peer) => s.messages(peer).map((m) => m.body);
+
+test('proto3 JSON helpers', () => {
+  assert.equal(int(undefined), 0);
+  assert.equal(int('42'), 42);
+  assert.ok(isValidUserId('a.b-c_9'));
+  assert.ok(!isValidUserId('a:b'));
+  assert.ok(!isValidUserId(''));
+  assert.ok(!isValidUserId('x'.repeat(65)));
+});
+
+test('a message delivered twice (sync + live + history) is kept once', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  assert.equal(s.ingest(wire(1, 'alice', 'bob'), { live: true }).isNew, true);
+  assert.equal(s.ingest(wire(1, 'alice', 'bob'), { live: true }).isNew, false);
+  s.ingestPage('alice', [wire(1, 'alice', 'bob')], undefined, { latest: true });
+  assert.deepEqual(bodies(s, 'alice'), ['m1']);
+  assert.equal(s.unread('alice'), 1);
+});
+
+test('messages are ordered by seq whatever the arrival order; unknown seqs go last', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.ingest(wire(3, 'alice', 'bob'), { live: true });
+  s.ingest(wire(1, 'alice', 'bob'), { live: true });
+  const mine = s.addOutgoing('alice', 'mine');
+  s.ingest(wire(2, 'alice', 'bob'), { live: true });
+  assert.deepEqual(bodies(s, 'alice'), ['m1', 'm2', 'm3', 'mine']);
+  assert.equal(mine.status, 'sending');
+});
+
+test('own message learns its seq from history and slots in order', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.ingest(wire(1, 'alice', 'bob'), { live: true });
+  const mine = s.addOutgoing('alice', 'reply');
+  s.markAccepted({ clientMessageId: mine.clientMessageId, messageId: 'id-reply', sentAtMs: '9', conversation: 'alice:bob' });
+  s.ingest(wire(3, 'alice', 'bob'), { live: true });
+  assert.deepEqual(bodies(s, 'alice'), ['m1', 'm3', 'reply']);
+  assert.ok(s.hasGap('alice'));
+  assert.equal(s.ackTarget('alice'), 1, 'acks stop at the hole');
+  s.ingestPage('alice', [
+    wire(1, 'alice', 'bob'),
+    { ...wire(2, 'bob', 'alice', 'reply'), messageId: 'id-reply', clientMessageId: mine.clientMessageId },
+    wire(3, 'alice', 'bob'),
+  ], undefined, { latest: true, synced: true });
+  assert.deepEqual(bodies(s, 'alice'), ['m1', 'reply', 'm3']);
+  assert.equal(s.messages('alice').length, 3);
+  assert.equal(s.ackTarget('alice'), 3);
+  assert.equal(s.ackTarget('alice', 3), 0, 'nothing new to ack');
+});
+
+test('the history floor applies only once the connection has synced', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.ingest(wire(101, 'alice', 'bob'), { live: true });
+  const page = Array.from({ length: 100 }, (_, i) => wire(i + 2, 'alice', 'bob'));
+  s.ingestPage('alice', page, '2', { latest: true, synced: false });
+  assert.equal(s.ackTarget('alice'), 0, 'seq 1 is not held: no ack before the sync is done');
+  s.ingestPage('alice', page, '2', { latest: true, synced: true });
+  assert.equal(s.ackTarget('alice'), 101);
+  assert.equal(s.conversation('alice').olderBefore, 2);
+});
+
+test('an ack covers only a contiguous run and only if it includes a message from the peer', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.ingest(wire(1, 'alice', 'bob'), { live: true });
+  s.ingest(wire(2, 'alice', 'bob'), { live: true });
+  s.ingest(wire(4, 'alice', 'bob'), { live: true });
+  assert.equal(s.ackTarget('alice'), 2);
+  assert.equal(s.ackTarget('alice', 2), 0);
+  s.ingest(wire(3, 'alice', 'bob'), { live: true });
+  assert.equal(s.ackTarget('alice', 2), 4);
+  assert.deepEqual(s.lastSeqMap(), { alice: '4' });
+});
+
+test('send states: sending -> accepted -> delivered (receipt + seq), failed -> retry', () => {
+  const s = new ChatStore('alice', new MemoryStorage(), now);
+  const m = s.addOutgoing('bob', 'hi');
+  assert.equal(m.status, 'sending');
+  assert.deepEqual(s.pendingSends().map((x) => x.body), ['hi']);
+  s.markFailed(m.clientMessageId, 'produce_failed');
+  assert.equal(m.status, 'failed');
+  assert.equal(s.pendingSends().length, 0);
+  s.markSending(m.clientMessageId);
+  assert.equal(m.status, 'sending');
+  s.markAccepted({ clientMessageId: m.clientMessageId, messageId: 'mid', sentAtMs: '7', conversation: 'alice:bob' });
+  assert.equal(m.status, 'accepted');
+  // A receipt before the seq is known changes nothing yet...
+  s.applyReceipt('bob', '1');
+  assert.equal(m.status, 'accepted');
+  assert.equal(s.unknownSeqs('bob'), 1);
+  // ...history tells the seq, and the receipt already recorded covers it.
+  s.ingestPage('bob', [{ ...wire(1, 'alice', 'bob', 'hi'), messageId: 'mid', clientMessageId: m.clientMessageId }], undefined, { latest: true });
+  assert.equal(m.status, 'delivered');
+  assert.equal(s.messages('bob').length, 1);
+});
+
+test('a failed send the server did store is shown as accepted once history says so', () => {
+  const s = new ChatStore('alice', new MemoryStorage(), now);
+  const m = s.addOutgoing('bob', 'hi');
+  s.markFailed(m.clientMessageId, 'no answer');
+  s.ingestPage('bob', [{ ...wire(1, 'alice', 'bob', 'hi'), clientMessageId: m.clientMessageId }], undefined, { latest: true });
+  assert.equal(m.status, 'accepted');
+  assert.equal(m.messageId, 'id-alice-1');
+  // The late `accepted` of the retry maps onto the same message.
+  s.markAccepted({ clientMessageId: m.clientMessageId, messageId: 'id-alice-1', sentAtMs: '1', conversation: 'alice:bob' });
+  assert.equal(s.messages('bob').length, 1);
+});
+
+test('delete-on-ack: an erased body from the server never replaces the local one', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.ingest(wire(1, 'alice', 'bob', 'secret'), { live: true });
+  s.ingestPage('alice', [wire(1, 'alice', 'bob', '')], undefined, { latest: true });
+  assert.deepEqual(bodies(s, 'alice'), ['secret']);
+  // Own message erased on the server: acked, or expired unacked; only a receipt says which.
+  const mine = s.addOutgoing('alice', 'yo');
+  s.markAccepted({ clientMessageId: mine.clientMessageId, messageId: 'id-yo', sentAtMs: '3', conversation: 'alice:bob' });
+  s.ingestPage('alice', [{ ...wire(2, 'bob', 'alice', ''), messageId: 'id-yo', clientMessageId: mine.clientMessageId }], undefined, { latest: true });
+  assert.equal(mine.status, 'accepted');
+  assert.equal(mine.body, 'yo');
+  s.applyReceipt('alice', '2', '1700000000500');
+  assert.equal(mine.status, 'delivered');
+  // A message only the server knew, already erased: kept as a placeholder.
+  const fresh = new ChatStore('carol', new MemoryStorage(), now);
+  fresh.ingestPage('alice', [wire(1, 'alice', 'carol', '')], undefined, { latest: true });
+  assert.equal(fresh.messages('alice')[0].erased, true);
+});
+
+test('unread: counts deliveries not seen, clears on read; history of an opened conversation is read', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.ingest(wire(5, 'alice', 'bob'), { live: true });
+  s.ingest(wire(6, 'alice', 'bob'), { live: true });
+  assert.equal(s.unread('alice'), 2);
+  // History that races in for the same messages does not change the count.
+  s.ingestPage('alice', [wire(4, 'bob', 'alice'), wire(5, 'alice', 'bob'), wire(6, 'alice', 'bob'), wire(7, 'alice', 'bob')], undefined, { latest: true });
+  assert.equal(s.unread('alice'), 3);
+  assert.equal(s.markRead('alice'), true);
+  assert.equal(s.unread('alice'), 0);
+  const t = new ChatStore('bob2', new MemoryStorage(), now);
+  t.touch('alice');
+  t.ingestPage('alice', [wire(1, 'alice', 'bob2'), wire(2, 'alice', 'bob2')], undefined, { latest: true });
+  assert.equal(t.unread('alice'), 0);
+});
+
+test('history survives a reload and is kept per signed-in user', () => {
+  const storage = new MemoryStorage();
+  const a = new ChatStore('bob', storage, now);
+  a.ingest(wire(1, 'alice', 'bob', 'kept'), { live: true });
+  a.applyReceipt('alice', '0');
+  a.save();
+  const b = new ChatStore('bob', storage, now);
+  assert.deepEqual(bodies(b, 'alice'), ['kept']);
+  assert.equal(b.ingest(wire(1, 'alice', 'bob', 'kept'), { live: true }).isNew, false);
+  const other = new ChatStore('carol', storage, now);
+  assert.equal(other.contacts().length, 0);
+  assert.ok(storage.getItem(`${STORAGE_PREFIX}bob`));
+  b.clear();
+  assert.equal(storage.getItem(`${STORAGE_PREFIX}bob`), null);
+});
+
+test('messages that are not for this user are ignored', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  assert.equal(s.ingest(wire(1, 'alice', 'carol')), null);
+  assert.equal(s.ingest({ ...wire(1, 'alice', 'bob'), messageId: '' }), null);
+  assert.equal(s.contacts().length, 0);
+});
+
+test('backoff doubles from 0.5 s up to 30 s, with jitter in [d/2, d]', () => {
+  for (const [n, d] of [[0, 500], [1, 1000], [3, 4000], [6, 30_000], [40, 30_000]]) {
+    assert.equal(backoffDelay(n, () => 0), d / 2);
+    assert.equal(backoffDelay(n, () => 1), d);
+  }
+});
+
+test('a second tab writing the same history is noticed', () => {
+  const storage = new MemoryStorage();
+  const tab1 = new ChatStore('bob', storage, now);
+  const tab2 = new ChatStore('bob', storage, now);
+  assert.equal(tab1.changedElsewhere(), false);
+  tab2.ingest(wire(1, 'alice', 'bob'), { live: true });
+  tab2.save();
+  assert.equal(tab1.changedElsewhere(), true);
+  tab1.load();
+  assert.deepEqual(bodies(tab1, 'alice'), ['m1']);
+  assert.equal(tab1.changedElsewhere(), false);
+  tab1.save();
+  assert.equal(tab1.changedElsewhere(), false);
+});
+
+test('stored gives an own message its seq: order, holes and receipts follow', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.ingest(wire(1, 'alice', 'bob'), { live: true });
+  const mine = s.addOutgoing('alice', 'reply');
+  s.markAccepted({ clientMessageId: mine.clientMessageId, messageId: 'id-reply', sentAtMs: '9', conversation: 'alice:bob' });
+  s.ingest(wire(3, 'alice', 'bob'), { live: true });
+  assert.equal(s.ackTarget('alice'), 1);
+  s.applyReceipt('alice', '2', '1700000000100');
+  assert.equal(mine.status, 'accepted', 'seq unknown yet');
+  const m = s.markStored({ clientMessageId: mine.clientMessageId, messageId: 'id-reply', conversation: 'alice:bob', seq: '2', peer: 'alice' });
+  assert.equal(m, mine);
+  assert.equal(mine.seq, 2);
+  assert.equal(mine.status, 'delivered');
+  assert.deepEqual(bodies(s, 'alice'), ['m1', 'reply', 'm3']);
+  assert.equal(s.ackTarget('alice'), 3);
+  assert.equal(s.markStored({ clientMessageId: 'from-another-device', messageId: 'x', seq: '4', peer: 'alice' }), null);
+});
+
+test('a stored that overtakes its accepted (or an error) still lands', () => {
+  const s = new ChatStore('alice', new MemoryStorage(), now);
+  const m = s.addOutgoing('bob', 'hi');
+  s.markFailed(m.clientMessageId, 'timeout');
+  s.markStored({ clientMessageId: m.clientMessageId, messageId: 'mid', conversation: 'alice:bob', seq: '1', peer: 'bob' });
+  assert.equal(m.status, 'accepted');
+  s.markAccepted({ clientMessageId: m.clientMessageId, messageId: 'mid', sentAtMs: '5', conversation: 'alice:bob' });
+  assert.equal(m.status, 'accepted');
+  assert.equal(s.messages('bob').length, 1);
+});
+
+test('the sync frame resumes from the last contiguous seq and the last receipt', () => {
+  const storage = new MemoryStorage();
+  const s = new ChatStore('bob', storage, now);
+  assert.deepEqual(s.syncFrame(), { sync: { lastSeq: {} } });
+  s.ingest(wire(1, 'alice', 'bob'), { live: true });
+  s.ingest(wire(2, 'alice', 'bob'), { live: true });
+  s.ingest(wire(1, 'carol', 'bob'), { live: true });
+  s.applyReceipt('alice', '0', '1700000000500');
+  s.applyReceipt('dave', '3', '1700000000400');
+  s.save();
+  const again = new ChatStore('bob', storage, now);
+  assert.deepEqual(again.syncFrame(), {
+    sync: { lastSeq: { alice: '2', carol: '1' }, receiptsAfterMs: '1700000000499' },
+  });
+  assert.equal(again.conversation('dave').deliveredUpTo, 3);
+});
