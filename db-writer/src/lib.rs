@@ -2,6 +2,8 @@
 //!
 //! - [`locator`]: which shard holds a conversation (jump consistent hash of its key).
 //! - [`shards`]: the pools to the shards, and the schema migrations this crate owns.
+//! - [`inbound`]: decoding `inbound` records and applying acks (shared by the multiplexer and replay).
+//! - [`replay`]: rebuilding or resharding the stores from the `inbound` log.
 //! - [`store`]: idempotent batched writes with gap-free per-conversation sequences, acks
 //!   (with erasure in delete-on-ack mode), history pages and the sync query.
 //!
@@ -9,7 +11,9 @@
 //! exposes it to operators (migrations, and later replay from the `inbound` log).
 
 pub mod error;
+pub mod inbound;
 pub mod locator;
+pub mod replay;
 pub mod shards;
 pub mod store;
 

@@ -2,12 +2,14 @@
 //!
 //! - `db-writer migrate` applies the schema migrations to every shard in `SHARD_DSNS`.
 //! - `db-writer locate alice bob` prints the shard of a conversation.
+//! - `db-writer replay --from beginning` rebuilds the shards in `SHARD_DSNS` (the same layout,
+//!   empty shards, or a new layout: resharding) from the `inbound` log, idempotently.
 
 use anyhow::Context;
 use chat_common::config::DEFAULT_SHARD_DSNS;
 use chat_common::ids::{ConversationKey, UserId};
 use clap::{Parser, Subcommand};
-use db_writer::{ShardConfig, Shards};
+use db_writer::{replay, Retention, ShardConfig, Shards};
 
 #[derive(Parser)]
 #[command(version, about = "Shard layer operations for the chat pipeline")]
@@ -25,6 +27,27 @@ enum Command {
     Migrate,
     /// Print which shard holds the conversation between two users.
     Locate { a: String, b: String },
+    /// Rebuild (or reshard into) the shards in --shards from the inbound log.
+    Replay {
+        /// Start: `beginning`, `offset:N` (every partition), `ms:N` or an RFC 3339 time.
+        #[arg(long, default_value = "beginning")]
+        from: String,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "KAFKA_BROKERS", default_value = chat_common::config::DEFAULT_BROKERS)]
+        brokers: String,
+        /// Prefix of the topic names.
+        #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+        topic_prefix: String,
+        /// The replay's own consumer group (default: a new one per run).
+        #[arg(long)]
+        group: Option<String>,
+        /// Retention mode the acks are applied with: keep | delete-on-ack.
+        #[arg(long, env = "RETENTION", default_value = "keep")]
+        retention: String,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 #[tokio::main]
@@ -43,6 +66,59 @@ async fn main() -> anyhow::Result<()> {
                 .context("a conversation needs two different users")?;
             let shard = Shards::connect(&config)?.locator().shard_of(&key);
             println!("{key} -> shard {shard} ({})", config.dsns[shard]);
+        }
+        Command::Replay {
+            from,
+            brokers,
+            topic_prefix,
+            group,
+            retention,
+            quiet,
+        } => {
+            let start = replay::parse_start(&from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+            let retention: Retention = retention.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let shards = Shards::connect(&config)?;
+            shards.migrate().await.context("migrating shards")?;
+            let topics = chat_common::topics::TopicNames::new(topic_prefix);
+            let group = group
+                .unwrap_or_else(|| format!("{}replay-{}", topics.prefix(), chat_common::now_ms()));
+            let options = replay::ReplayOptions {
+                topic: topics.inbound(),
+                group: group.clone(),
+                start,
+                retention,
+                max_batch: 1000,
+            };
+            let bar = if quiet {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(0)
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:40}] {pos}/{len} records ({per_sec}, eta {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let kafka = chat_common::kafka::KafkaConfig::new(brokers);
+            let summary = replay::replay(&shards, &kafka, &options, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .await
+            .context("replay")?;
+            bar.finish_and_clear();
+            println!(
+                "replayed {} into {} shards (group {group}): {} records read, {} messages ({} rows written, {} already present), {} acks, {} invalid records skipped",
+                options.topic,
+                shards.len(),
+                summary.records_read,
+                summary.messages,
+                summary.rows_written,
+                summary.rows_present,
+                summary.acks,
+                summary.invalid
+            );
         }
     }
     Ok(())

@@ -227,6 +227,33 @@ impl TestEnv {
         Process::spawn("gateway", env, port).await
     }
 
+    /// Creates `n` more empty, migrated databases (dropped by teardown); returns their DSNs.
+    pub async fn extra_shards(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
+        let (admin, conn) = tokio_postgres::connect(&self.admin_dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let base = self
+            .admin_dsn
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_owned())
+            .unwrap_or_else(|| self.admin_dsn.clone());
+        let mut dsns = Vec::new();
+        for _ in 0..n {
+            let db = format!(
+                "{}x{}",
+                self.databases[0].trim_end_matches(char::is_numeric),
+                self.databases.len()
+            );
+            admin
+                .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+                .await?;
+            dsns.push(format!("{base}/{db}"));
+            self.databases.push(db);
+        }
+        let config = ShardConfig::from_list(&dsns.join(","), 1)?;
+        db_writer::Shards::connect(&config)?.migrate().await?;
+        Ok(dsns)
+    }
+
     /// Every stored message row of every shard, ordered, as text: for before/after comparisons.
     pub async fn snapshot(&self) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::new();

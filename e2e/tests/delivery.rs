@@ -456,18 +456,37 @@ async fn receipts_reach_the_sender_live_and_on_the_next_sync() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_produce_is_answered_with_an_error_frame() -> anyhow::Result<()> {
+    use chat_common::topics::{delete_topics, ensure_topics, TopicNames, TopicSpecs};
     let env = TestEnv::new(1, &["gw1"]).await?;
-    // This gateway's inbound topic does not exist (and brokers never auto-create).
+    // This gateway's inbound topic does not exist (brokers never auto-create); its presence
+    // topic does, so sockets connect and the send itself fails.
+    let broken = TopicNames::new(format!("{}missing-", env.topics.prefix()));
+    ensure_topics(
+        &env.kafka,
+        &[(broken.presence(), TopicSpecs::standard().presence)],
+        None,
+    )
+    .await?;
     let gw = env
         .start_gateway_with("gw1", |c| {
-            c.topics =
-                chat_common::topics::TopicNames::new(format!("{}missing-", env.topics.prefix()));
+            c.topics = broken.clone();
             c.kafka.produce_timeout = Duration::from_millis(1500);
         })
-        .await;
-    // Presence cannot be published either, so the connection is refused with 1011; REST shows
-    // the produce error itself.
-    let gw = gw?;
+        .await?;
+    let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
+    match alice.send_with_id("c1", "bob", "hi").await {
+        Err(ClientError::Refused { code, message }) => {
+            assert_eq!(code, "produce_failed", "{message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    // The socket stays usable after the error.
+    assert!(matches!(
+        alice.send_with_id("c2", "b b", "x").await,
+        Err(ClientError::Refused { code, .. }) if code == "invalid_recipient"
+    ));
+    // REST says the same with a status.
     let rest = Rest::new(&http_url(gw.addr));
     let r = rest
         .request(
@@ -483,14 +502,8 @@ async fn a_failed_produce_is_answered_with_an_error_frame() -> anyhow::Result<()
         "{}",
         r.body
     );
-    let ws = Client::connect(&ws_url(gw.addr), &env.token("alice")).await;
-    match ws {
-        Ok(mut c) => {
-            let closed = wait_closed(&mut c).await;
-            assert_eq!(closed.0, 1011);
-        }
-        Err(e) => assert!(matches!(e, ClientError::Closed), "{e}"),
-    }
+    alice.close();
     gw.stop().await;
+    delete_topics(&env.kafka, &[broken.presence()]).await?;
     env.teardown().await
 }

@@ -41,11 +41,15 @@ async fn wait_stored(env: &TestEnv, conversation: &str, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multiplexer_killed_mid_batch_and_restarted_loses_and_repeats_nothing() -> anyhow::Result<()>
+async fn multiplexers_killed_mid_flow_and_rebalanced_lose_and_repeat_nothing() -> anyhow::Result<()>
 {
     let env = TestEnv::new(2, &["gw1"]).await?;
     let gw = env.start_gateway("gw1").await?;
-    let mut mux = env.spawn_multiplexer_process().await?;
+    // Two multiplexers in one group: each kill also forces a rebalance of its partitions.
+    let mut muxes = [
+        env.spawn_multiplexer_process().await?,
+        env.spawn_multiplexer_process().await?,
+    ];
     let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
     let mut bob = connect(&ws_url(gw.addr), &env.token("bob")).await;
 
@@ -58,6 +62,7 @@ async fn multiplexer_killed_mid_batch_and_restarted_loses_and_repeats_nothing() 
             sent.push(r?.message_id);
         }
         if wave < 3 {
+            let mux = &mut muxes[wave % 2];
             mux.kill().await?;
             mux.restart().await?;
         }
@@ -82,7 +87,9 @@ async fn multiplexer_killed_mid_batch_and_restarted_loses_and_repeats_nothing() 
 
     alice.close();
     bob.close();
-    mux.terminate().await?;
+    for mux in &mut muxes {
+        mux.terminate().await?;
+    }
     gw.stop().await;
     env.teardown().await
 }

@@ -11,11 +11,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use chat_common::ids::{ConversationKey, UserId};
-use chat_proto::v1::{
-    inbound_record, outbound_record, AckRecord, ChatMessage, InboundRecord, OutboundRecord,
-    Receipt, Stored,
-};
+use chat_proto::v1::{outbound_record, AckRecord, ChatMessage, OutboundRecord, Stored};
+use db_writer::inbound::{self, Inbound};
 use db_writer::{DbError, Shards};
 use futures_util::future::join_all;
 use prost::Message as _;
@@ -132,39 +129,12 @@ impl Pipeline {
 
         let mut receipts = Vec::new();
         for ack in &batch.acks {
-            let (Ok(user), Ok(conversation)) = (
-                UserId::parse(&ack.user),
-                ConversationKey::parse(&ack.conversation),
-            ) else {
-                metrics::counter!("multiplexer_errors_total", "kind" => "invalid_ack").increment(1);
-                continue;
-            };
-            let Some(peer) = conversation.peer_of(&user) else {
-                metrics::counter!("multiplexer_errors_total", "kind" => "invalid_ack").increment(1);
-                continue;
-            };
-            let outcome = retry(shutdown, "ack", || {
-                self.shards.ack(
-                    &user,
-                    &conversation,
-                    ack.up_to_seq,
-                    ack.acked_at_ms,
-                    self.config.retention,
-                )
+            let receipt = retry(shutdown, "ack", || {
+                self.shards.apply_ack(ack, self.config.retention)
             })
             .await;
-            let Some(outcome) = outcome else { return false };
-            if let Some(up_to_seq) = outcome.up_to_seq {
-                receipts.push((
-                    peer.to_string(),
-                    Receipt {
-                        peer: user.to_string(),
-                        conversation: conversation.to_string(),
-                        up_to_seq,
-                        acked_at_ms: ack.acked_at_ms,
-                    },
-                ));
-            }
+            let Some(receipt) = receipt else { return false };
+            receipts.extend(receipt);
         }
 
         // Everything this batch changed is committed; make sure the routes we use are at least
@@ -268,31 +238,11 @@ fn decode(records: Vec<OwnedMessage>) -> Batch {
         let key = (m.topic().to_owned(), m.partition());
         let offset = batch.offsets.entry(key).or_insert(m.offset());
         *offset = (*offset).max(m.offset());
-        let Some(payload) = m.payload() else {
-            metrics::counter!("multiplexer_errors_total", "kind" => "empty_record").increment(1);
-            continue;
-        };
-        match InboundRecord::decode(payload).map(|r| r.kind) {
-            Ok(Some(inbound_record::Kind::Message(msg))) => {
-                if ConversationKey::parse(&msg.conversation).is_ok() {
-                    batch.messages.push(msg);
-                } else {
-                    tracing::warn!(
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        "invalid conversation; skipped"
-                    );
-                    metrics::counter!("multiplexer_errors_total", "kind" => "invalid_record")
-                        .increment(1);
-                }
-            }
-            Ok(Some(inbound_record::Kind::Ack(ack))) => batch.acks.push(ack),
-            Ok(None) | Err(_) => {
-                tracing::warn!(
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "undecodable record; skipped"
-                );
+        match inbound::decode(m.payload()) {
+            Ok(Inbound::Message(msg)) => batch.messages.push(msg),
+            Ok(Inbound::Ack(ack)) => batch.acks.push(ack),
+            Err(e) => {
+                tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "invalid record; skipped");
                 metrics::counter!("multiplexer_errors_total", "kind" => "invalid_record")
                     .increment(1);
             }

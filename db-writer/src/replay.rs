@@ -1,0 +1,233 @@
+//! Rebuilding the stores from the `inbound` log.
+//!
+//! A replay reads `inbound` from a start point (the beginning, an offset, or a time) up to the
+//! end of the log as it was when the replay began, and applies every record with the same code the
+//! multiplexer uses: idempotent writes by message id, sequences assigned in log order, acks (with
+//! erasure in delete-on-ack mode). Into the same shards it changes nothing that is already there;
+//! into empty shards, or a new list of shards (resharding from N to M), it rebuilds what the log
+//! holds, placing each conversation where the new locator says. It runs in its own consumer group
+//! and commits its progress there; pushing to gateways is not part of a replay.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chat_common::kafka::KafkaConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use thiserror::Error;
+
+use crate::error::DbError;
+use crate::inbound::{self, Inbound};
+use crate::shards::Shards;
+use crate::store::Retention;
+
+/// Where a replay starts, in every partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Beginning,
+    /// This offset in every partition (or the partition's first offset if that is later).
+    Offset(i64),
+    /// The first record at or after this time, in milliseconds since the Unix epoch.
+    Timestamp(i64),
+}
+
+/// What to replay and how.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    pub topic: String,
+    /// The replay's own consumer group (it never touches the multiplexers' group).
+    pub group: String,
+    pub start: Start,
+    pub retention: Retention,
+    /// Records per batch (one transaction per shard per batch).
+    pub max_batch: usize,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub records_read: u64,
+    pub messages: u64,
+    /// Messages written by this replay.
+    pub rows_written: u64,
+    /// Messages that were already stored (nothing changed).
+    pub rows_present: u64,
+    pub acks: u64,
+    /// Records skipped as invalid.
+    pub invalid: u64,
+}
+
+/// Why a replay stopped early.
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka client: {0}")]
+    Client(#[from] chat_common::kafka::KafkaError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("topic {0} has no partitions (does it exist?)")]
+    NoTopic(String),
+    #[error("no record for 30 s while {0} remained to read")]
+    Stalled(u64),
+}
+
+/// Replays `options.topic` into `shards`; `progress(done, total)` is called after each batch.
+pub async fn replay(
+    shards: &Shards,
+    kafka: &KafkaConfig,
+    options: &ReplayOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Summary, ReplayError> {
+    let consumer: StreamConsumer = kafka.consumer(&options.group)?;
+    let topic = options.topic.as_str();
+    let timeout = Duration::from_secs(10);
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(ReplayError::NoTopic(topic.to_owned()));
+    }
+    let by_time = if let Start::Timestamp(ms) = options.start {
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(ms))?;
+        }
+        Some(consumer.offsets_for_times(tpl, timeout)?)
+    } else {
+        None
+    };
+    // The end of each partition now: records after it are live traffic, not part of the replay.
+    let mut end: HashMap<i32, i64> = HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    let mut total = 0u64;
+    for p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
+        let start = match options.start {
+            Start::Beginning => low,
+            Start::Offset(o) => o.max(low),
+            Start::Timestamp(_) => match by_time
+                .as_ref()
+                .and_then(|t| t.find_partition(topic, *p))
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => o,
+                _ => high, // no record at or after that time
+            },
+        };
+        if start < high {
+            assignment.add_partition_offset(topic, *p, Offset::Offset(start))?;
+            end.insert(*p, high);
+            total += (high - start) as u64;
+        }
+    }
+    let mut summary = Summary::default();
+    progress(0, total);
+    if end.is_empty() {
+        return Ok(summary);
+    }
+    consumer.assign(&assignment)?;
+
+    while !end.is_empty() {
+        let mut messages = Vec::new();
+        let mut acks = Vec::new();
+        let mut last: HashMap<i32, i64> = HashMap::new();
+        let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .map_err(|_| ReplayError::Stalled(total - summary.records_read))??;
+        let mut batch = vec![first.detach()];
+        while batch.len() < options.max_batch {
+            match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
+                Ok(m) => batch.push(m?.detach()),
+                Err(_) => break,
+            }
+        }
+        for m in batch {
+            let p = m.partition();
+            let Some(&stop) = end.get(&p) else { continue };
+            if m.offset() >= stop {
+                continue;
+            }
+            summary.records_read += 1;
+            last.insert(p, m.offset());
+            match inbound::decode(m.payload()) {
+                Ok(Inbound::Message(msg)) => messages.push(msg),
+                Ok(Inbound::Ack(a)) => acks.push(a),
+                Err(_) => summary.invalid += 1,
+            }
+        }
+        if !messages.is_empty() {
+            for s in shards.store_batch(&messages).await? {
+                summary.messages += 1;
+                if s.created {
+                    summary.rows_written += 1;
+                } else {
+                    summary.rows_present += 1;
+                }
+            }
+        }
+        for a in &acks {
+            shards.apply_ack(a, options.retention).await?;
+            summary.acks += 1;
+        }
+        for (p, offset) in last {
+            consumer.store_offset(topic, p, offset)?;
+            if offset + 1 >= end[&p] {
+                end.remove(&p);
+            }
+        }
+        progress(summary.records_read, total);
+    }
+    consumer.commit_consumer_state(CommitMode::Sync)?;
+    Ok(summary)
+}
+
+/// Parses a start point: `beginning`, an offset (`offset:123`), milliseconds since the epoch
+/// (`ms:1700000000000`), or an RFC 3339 time (`2026-11-28T10:00:00Z`).
+pub fn parse_start(s: &str) -> Result<Start, String> {
+    if s == "beginning" {
+        return Ok(Start::Beginning);
+    }
+    if let Some(o) = s.strip_prefix("offset:") {
+        return o
+            .parse()
+            .map(Start::Offset)
+            .map_err(|e| format!("bad offset: {e}"));
+    }
+    if let Some(ms) = s.strip_prefix("ms:") {
+        return ms
+            .parse()
+            .map(Start::Timestamp)
+            .map_err(|e| format!("bad time: {e}"));
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("expected beginning, offset:N, ms:N or an RFC 3339 time: {e}"))?;
+    Ok(Start::Timestamp(
+        (t.unix_timestamp_nanos() / 1_000_000) as i64,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_points_parse() {
+        assert_eq!(parse_start("beginning"), Ok(Start::Beginning));
+        assert_eq!(parse_start("offset:42"), Ok(Start::Offset(42)));
+        assert_eq!(
+            parse_start("ms:1700000000000"),
+            Ok(Start::Timestamp(1_700_000_000_000))
+        );
+        assert_eq!(
+            parse_start("2023-11-14T22:13:20Z"),
+            Ok(Start::Timestamp(1_700_000_000_000))
+        );
+        assert!(parse_start("yesterday").is_err());
+        assert!(parse_start("offset:x").is_err());
+    }
+}
