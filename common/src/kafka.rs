@@ -112,3 +112,90 @@ impl KafkaConfig {
             })
     }
 }
+
+/// Where a reader starts, in every partition of a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Beginning,
+    /// This offset in every partition (or the partition's first offset if that is later).
+    Offset(i64),
+    /// The first record at or after this time, in milliseconds since the Unix epoch.
+    Timestamp(i64),
+    /// Only records produced from now on.
+    End,
+}
+
+/// Parses a start point: `beginning`, `end`, an offset (`offset:123`), milliseconds since the
+/// epoch (`ms:1700000000000`), or an RFC 3339 time (`2026-11-28T10:00:00Z`).
+pub fn parse_start(s: &str) -> Result<Start, String> {
+    match s {
+        "beginning" => return Ok(Start::Beginning),
+        "end" => return Ok(Start::End),
+        _ => {}
+    }
+    if let Some(o) = s.strip_prefix("offset:") {
+        return o
+            .parse()
+            .map(Start::Offset)
+            .map_err(|e| format!("bad offset: {e}"));
+    }
+    if let Some(ms) = s.strip_prefix("ms:") {
+        return ms
+            .parse()
+            .map(Start::Timestamp)
+            .map_err(|e| format!("bad time: {e}"));
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("expected beginning, end, offset:N, ms:N or an RFC 3339 time: {e}"))?;
+    Ok(Start::Timestamp(
+        (t.unix_timestamp_nanos() / 1_000_000) as i64,
+    ))
+}
+
+/// The offset to start reading partition `partition` of `topic` at, for `start`, given the
+/// partition's watermarks; `None` when there is nothing to read (for a bounded read).
+pub fn start_offset(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partition: i32,
+    start: Start,
+    (low, high): (i64, i64),
+    timeout: Duration,
+) -> Result<i64, KafkaError> {
+    Ok(match start {
+        Start::Beginning => low,
+        Start::End => high,
+        Start::Offset(o) => o.clamp(low, high),
+        Start::Timestamp(ms) => {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(ms))?;
+            let found = consumer.offsets_for_times(tpl, timeout)?;
+            match found.find_partition(topic, partition).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => high,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_points_parse() {
+        assert_eq!(parse_start("beginning"), Ok(Start::Beginning));
+        assert_eq!(parse_start("end"), Ok(Start::End));
+        assert_eq!(parse_start("offset:42"), Ok(Start::Offset(42)));
+        assert_eq!(
+            parse_start("ms:1700000000000"),
+            Ok(Start::Timestamp(1_700_000_000_000))
+        );
+        assert_eq!(
+            parse_start("2023-11-14T22:13:20Z"),
+            Ok(Start::Timestamp(1_700_000_000_000))
+        );
+        assert!(parse_start("yesterday").is_err());
+        assert!(parse_start("offset:x").is_err());
+    }
+}

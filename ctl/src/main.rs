@@ -4,6 +4,9 @@
 //!   the settings in `infra/topics.json` (existing topics are left alone).
 //! - `chatctl token alice` prints an HS256 token for a user (local stack: the secret is
 //!   `JWT_SECRET`, default the dev secret).
+//! - `chatctl tail inbound --from beginning --user alice` prints records as JSON lines.
+
+mod tail;
 
 use anyhow::Context;
 use chat_common::auth::{TokenIssuer, DEFAULT_AUDIENCE, DEFAULT_ISSUER};
@@ -39,6 +42,30 @@ enum Command {
         #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
         prefix: String,
     },
+    /// Print a topic's records as JSON lines (decoded with the chat.v1 schema).
+    Tail {
+        /// Topic: inbound, presence, outbound-<gateway> (the prefix is added).
+        topic: String,
+        /// Start: beginning, end, offset:N, ms:N or an RFC 3339 time.
+        #[arg(long, default_value = "beginning")]
+        from: String,
+        /// Keep printing new records (default: stop at the end of the log).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only records about this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only records of this conversation (for example alice:bob).
+        #[arg(long)]
+        conversation: Option<String>,
+        /// Stop after this many records.
+        #[arg(long)]
+        max: Option<u64>,
+        #[arg(long, env = "KAFKA_BROKERS", default_value = DEFAULT_BROKERS)]
+        brokers: String,
+        #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+        prefix: String,
+    },
     /// Print a signed token for a user.
     Token {
         user: String,
@@ -68,6 +95,28 @@ async fn main() -> anyhow::Result<()> {
             for (name, spec) in topics {
                 println!("{name}: {} partitions", spec.partitions);
             }
+        }
+        Command::Tail {
+            topic,
+            from,
+            follow,
+            user,
+            conversation,
+            max,
+            brokers,
+            prefix,
+        } => {
+            let start = chat_common::kafka::parse_start(&from)
+                .map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+            let options = tail::TailOptions {
+                topic: format!("{prefix}{topic}"),
+                start,
+                follow,
+                user,
+                conversation,
+                max,
+            };
+            tail::tail(&KafkaConfig::new(&brokers), options).await?;
         }
         Command::Token { user, ttl } => {
             let user = UserId::parse(&user)?;

@@ -4,6 +4,10 @@
 //! - `db-writer locate alice bob` prints the shard of a conversation.
 //! - `db-writer replay --from beginning` rebuilds the shards in `SHARD_DSNS` (the same layout,
 //!   empty shards, or a new layout: resharding) from the `inbound` log, idempotently.
+//! - `db-writer export --since 2026-11-01T00:00:00Z --out messages.jsonl` writes a time range of
+//!   messages as JSON lines (keep mode only).
+
+use std::io::Write as _;
 
 use anyhow::Context;
 use chat_common::config::DEFAULT_SHARD_DSNS;
@@ -27,6 +31,21 @@ enum Command {
     Migrate,
     /// Print which shard holds the conversation between two users.
     Locate { a: String, b: String },
+    /// Export the messages sent in a time range as JSON lines (keep mode only).
+    Export {
+        /// Start of the range: ms:N or an RFC 3339 time (inclusive).
+        #[arg(long)]
+        since: String,
+        /// End of the range: ms:N or an RFC 3339 time (exclusive; default now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// The deployment's retention mode: keep | delete-on-ack.
+        #[arg(long, env = "RETENTION", default_value = "keep")]
+        retention: String,
+    },
     /// Rebuild (or reshard into) the shards in --shards from the inbound log.
     Replay {
         /// Start: `beginning`, `offset:N` (every partition), `ms:N` or an RFC 3339 time.
@@ -66,6 +85,46 @@ async fn main() -> anyhow::Result<()> {
                 .context("a conversation needs two different users")?;
             let shard = Shards::connect(&config)?.locator().shard_of(&key);
             println!("{key} -> shard {shard} ({})", config.dsns[shard]);
+        }
+        Command::Export {
+            since,
+            until,
+            out,
+            retention,
+        } => {
+            let retention: Retention = retention.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            anyhow::ensure!(
+                retention == Retention::Keep,
+                "export works in keep mode only: in delete-on-ack mode a message's content is erased once its recipient acks, so an export would be partial and would copy content the system promised to delete"
+            );
+            let time = |s: &str| match chat_common::kafka::parse_start(s) {
+                Ok(chat_common::kafka::Start::Timestamp(ms)) => Ok(ms),
+                _ => Err(anyhow::anyhow!(
+                    "expected ms:N or an RFC 3339 time, got {s:?}"
+                )),
+            };
+            let from = time(&since)?;
+            let until = match until {
+                Some(u) => time(&u)?,
+                None => chat_common::now_ms(),
+            };
+            let shards = Shards::connect(&config)?;
+            let mut writer: Box<dyn std::io::Write + Send> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            };
+            let n = shards
+                .export_range(from, until, &mut |m| {
+                    let line = serde_json::to_string(m).map_err(std::io::Error::other)?;
+                    writeln!(writer, "{line}")
+                })
+                .await
+                .context("export")?;
+            writer.flush()?;
+            eprintln!("exported {n} messages sent in [{from}, {until}) ms");
         }
         Command::Replay {
             from,

@@ -22,15 +22,7 @@ use crate::inbound::{self, Inbound};
 use crate::shards::Shards;
 use crate::store::Retention;
 
-/// Where a replay starts, in every partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Start {
-    Beginning,
-    /// This offset in every partition (or the partition's first offset if that is later).
-    Offset(i64),
-    /// The first record at or after this time, in milliseconds since the Unix epoch.
-    Timestamp(i64),
-}
+pub use chat_common::kafka::{parse_start, Start};
 
 /// What to replay and how.
 #[derive(Clone, Debug)]
@@ -92,37 +84,18 @@ pub async fn replay(
     if partitions.is_empty() {
         return Err(ReplayError::NoTopic(topic.to_owned()));
     }
-    let by_time = if let Start::Timestamp(ms) = options.start {
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(ms))?;
-        }
-        Some(consumer.offsets_for_times(tpl, timeout)?)
-    } else {
-        None
-    };
     // The end of each partition now: records after it are live traffic, not part of the replay.
     let mut end: HashMap<i32, i64> = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     let mut total = 0u64;
     for p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
-        let start = match options.start {
-            Start::Beginning => low,
-            Start::Offset(o) => o.max(low),
-            Start::Timestamp(_) => match by_time
-                .as_ref()
-                .and_then(|t| t.find_partition(topic, *p))
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => o,
-                _ => high, // no record at or after that time
-            },
-        };
-        if start < high {
+        let marks = consumer.fetch_watermarks(topic, *p, timeout)?;
+        let start =
+            chat_common::kafka::start_offset(&consumer, topic, *p, options.start, marks, timeout)?;
+        if start < marks.1 {
             assignment.add_partition_offset(topic, *p, Offset::Offset(start))?;
-            end.insert(*p, high);
-            total += (high - start) as u64;
+            end.insert(*p, marks.1);
+            total += (marks.1 - start) as u64;
         }
     }
     let mut summary = Summary::default();
@@ -184,50 +157,4 @@ pub async fn replay(
     }
     consumer.commit_consumer_state(CommitMode::Sync)?;
     Ok(summary)
-}
-
-/// Parses a start point: `beginning`, an offset (`offset:123`), milliseconds since the epoch
-/// (`ms:1700000000000`), or an RFC 3339 time (`2026-11-28T10:00:00Z`).
-pub fn parse_start(s: &str) -> Result<Start, String> {
-    if s == "beginning" {
-        return Ok(Start::Beginning);
-    }
-    if let Some(o) = s.strip_prefix("offset:") {
-        return o
-            .parse()
-            .map(Start::Offset)
-            .map_err(|e| format!("bad offset: {e}"));
-    }
-    if let Some(ms) = s.strip_prefix("ms:") {
-        return ms
-            .parse()
-            .map(Start::Timestamp)
-            .map_err(|e| format!("bad time: {e}"));
-    }
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("expected beginning, offset:N, ms:N or an RFC 3339 time: {e}"))?;
-    Ok(Start::Timestamp(
-        (t.unix_timestamp_nanos() / 1_000_000) as i64,
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn start_points_parse() {
-        assert_eq!(parse_start("beginning"), Ok(Start::Beginning));
-        assert_eq!(parse_start("offset:42"), Ok(Start::Offset(42)));
-        assert_eq!(
-            parse_start("ms:1700000000000"),
-            Ok(Start::Timestamp(1_700_000_000_000))
-        );
-        assert_eq!(
-            parse_start("2023-11-14T22:13:20Z"),
-            Ok(Start::Timestamp(1_700_000_000_000))
-        );
-        assert!(parse_start("yesterday").is_err());
-        assert!(parse_start("offset:x").is_err());
-    }
 }

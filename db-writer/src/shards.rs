@@ -11,7 +11,10 @@ use crate::locator::Locator;
 
 /// The schema, as ordered migrations. Applied by [`Shards::migrate`] under an advisory lock, so
 /// several processes starting at once apply each migration exactly once.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_messages.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_messages.sql")),
+    (2, include_str!("../migrations/0002_sent_at_index.sql")),
+];
 
 /// Advisory lock key that serialises migrations (any constant shared by all processes).
 const MIGRATION_LOCK: i64 = 0x0063_6861_746d_6967;

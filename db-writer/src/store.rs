@@ -460,3 +460,45 @@ impl Shards {
         Ok(total)
     }
 }
+
+impl Shards {
+    /// Every message sent in `[from_ms, until_ms)`, shard by shard, each shard in send order,
+    /// handed to `out` page by page (bounded memory). Returns how many were exported.
+    pub async fn export_range(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        out: &mut (dyn FnMut(&ChatMessage) -> std::io::Result<()> + Send),
+    ) -> Result<u64, DbError> {
+        const PAGE: i64 = 5000;
+        let mut total = 0;
+        for shard in 0..self.len() {
+            let client = self.client(shard).await?;
+            let mut cursor: (i64, Uuid) = (from_ms, Uuid::nil());
+            loop {
+                let rows = client
+                    .query(
+                        "SELECT message_id, client_message_id, sender, recipient, body, sent_at_ms,
+                                seq, conversation
+                         FROM messages
+                         WHERE (sent_at_ms, message_id) > ($1, $2) AND sent_at_ms < $3
+                         ORDER BY sent_at_ms, message_id
+                         LIMIT $4",
+                        &[&cursor.0, &cursor.1, &until_ms, &PAGE],
+                    )
+                    .await
+                    .map_err(|source| DbError::Postgres { shard, source })?;
+                for r in &rows {
+                    out(&row_to_message(r))
+                        .map_err(|e| DbError::Config(format!("writing the export: {e}")))?;
+                    total += 1;
+                }
+                match rows.last() {
+                    Some(r) if rows.len() as i64 == PAGE => cursor = (r.get(5), r.get(0)),
+                    _ => break,
+                }
+            }
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,159 @@
+//! The data team's tools, run as the binaries operators run: `chatctl tail` and
+//! `db-writer export`.
+
+use std::time::Duration;
+
+use chat_e2e::{binary, connect, ws_url, TestEnv, WAIT};
+use serde_json::Value;
+
+async fn run(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> anyhow::Result<(i32, String, String)> {
+    let path = binary(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        path.display()
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(path)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output(),
+    )
+    .await??;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_decodes_and_filters_and_export_writes_json_lines() -> anyhow::Result<()> {
+    let env = TestEnv::new(2, &["gw1"]).await?;
+    let gw = env.start_gateway("gw1").await?;
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
+    for i in 0..3 {
+        alice.send("bob", &format!("to bob {i}")).await?;
+    }
+    alice.send("carol", "to carol").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut n = 0i64;
+        for i in 0..2 {
+            n += env
+                .shard(i)
+                .await?
+                .query_one("SELECT count(*) FROM messages", &[])
+                .await?
+                .get::<_, i64>(0);
+        }
+        if n == 4 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kafka = [
+        ("KAFKA_BROKERS", env.kafka.brokers.clone()),
+        ("TOPIC_PREFIX", env.topics.prefix().to_owned()),
+    ];
+
+    // tail inbound, filtered by user: only carol's message.
+    let (code, out, err) = run("chatctl", &["tail", "inbound", "--user", "carol"], &kafka).await?;
+    assert_eq!(code, 0, "{err}");
+    let got = lines(&out);
+    assert_eq!(got.len(), 1, "{out}");
+    assert_eq!(got[0]["key"], "alice:carol");
+    assert_eq!(got[0]["value"]["message"]["body"], "to carol");
+    assert_eq!(got[0]["topic"], env.topics.inbound());
+
+    // By conversation, bounded.
+    let (_, out, _) = run(
+        "chatctl",
+        &[
+            "tail",
+            "inbound",
+            "--conversation",
+            "alice:bob",
+            "--max",
+            "2",
+        ],
+        &kafka,
+    )
+    .await?;
+    let got = lines(&out);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|l| l["key"] == "alice:bob"));
+
+    // presence and outbound decode too.
+    let (_, out, _) = run("chatctl", &["tail", "presence", "--user", "alice"], &kafka).await?;
+    let got = lines(&out);
+    assert!(!got.is_empty());
+    assert_eq!(got[0]["value"]["online"], true);
+    assert_eq!(got[0]["value"]["gatewayId"], "gw1");
+    let (_, out, _) = run(
+        "chatctl",
+        &["tail", "outbound-gw1", "--user", "alice"],
+        &kafka,
+    )
+    .await?;
+    assert!(
+        lines(&out)
+            .iter()
+            .any(|l| l["value"]["stored"]["seq"] == "1"),
+        "{out}"
+    );
+
+    // A missing topic is a clear error.
+    let (code, _, err) = run("chatctl", &["tail", "nope"], &kafka).await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("does not exist"), "{err}");
+
+    // export: JSON lines of every message in the range.
+    let file = std::env::temp_dir().join(format!("{}export.jsonl", env.topics.prefix()));
+    let shards = [("SHARD_DSNS", env.shard_dsns.join(","))];
+    let path = file.to_string_lossy().into_owned();
+    let (code, _, err) = run(
+        "db-writer",
+        &["export", "--since", "ms:0", "--out", &path],
+        &shards,
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    let exported = lines(&std::fs::read_to_string(&file)?);
+    std::fs::remove_file(&file)?;
+    assert_eq!(exported.len(), 4);
+    let mut bodies: Vec<&str> = exported.iter().filter_map(|m| m["body"].as_str()).collect();
+    bodies.sort();
+    assert_eq!(bodies, vec!["to bob 0", "to bob 1", "to bob 2", "to carol"]);
+    // An empty range, and delete-on-ack mode's refusal.
+    let (_, out, _) = run(
+        "db-writer",
+        &["export", "--since", "ms:0", "--until", "ms:1"],
+        &shards,
+    )
+    .await?;
+    assert!(out.is_empty());
+    let mut doa = shards.to_vec();
+    doa.push(("RETENTION", "delete-on-ack".into()));
+    let (code, _, err) = run("db-writer", &["export", "--since", "ms:0"], &doa).await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("keep mode only"), "{err}");
+
+    alice.close();
+    gw.stop().await;
+    mux.stop().await;
+    env.teardown().await
+}
