@@ -81,6 +81,30 @@ token: ## Print a dev token: make token USER=alice
 	@test "$(origin USER)" = "command line" || { echo "token: say whose: make token USER=alice"; exit 1; }
 	@$(CARGO) run --quiet $(CARGO_PROFILE_FLAG) --bin chatctl -- token "$(USER)"
 
+.PHONY: tail
+tail: ## Print a topic as JSON lines: make tail TOPIC=inbound [FROM=beginning|end|ms:N|<RFC 3339>] [ARGS="--user alice -f"]
+	@test -n "$(TOPIC)" || { echo "tail: say which topic: make tail TOPIC=inbound (or presence, outbound-gw1)"; exit 1; }
+	@target/$(PROFILE)/chatctl tail "$(TOPIC)" --from "$(or $(FROM),beginning)" $(ARGS) || { echo "tail: cannot read $(TOPIC) (is Kafka up and the binary built? make up)"; exit 1; }
+
+.PHONY: replay
+replay: ## Rebuild the shards in SHARD_DSNS from inbound: make replay [FROM=beginning|offset:N|ms:N|<RFC 3339>]
+	@target/$(PROFILE)/db-writer replay --from "$(or $(FROM),beginning)" || { echo "replay: failed (see the message above; a replay is idempotent and can be run again)"; exit 1; }
+
+.PHONY: export
+export: ## Export messages sent since SINCE as JSON lines: make export SINCE=2026-11-01T00:00:00Z [OUT=messages.jsonl] (keep mode)
+	@test -n "$(SINCE)" || { echo "export: say from when: make export SINCE=2026-11-01T00:00:00Z"; exit 1; }
+	@target/$(PROFILE)/db-writer export --since "$(SINCE)" $(if $(OUT),--out "$(OUT)",) || { echo "export: failed (see the message above)"; exit 1; }
+
+.PHONY: tf-fmt
+tf-fmt: ## Format the Terraform files (needs the terraform binary).
+	@command -v terraform >/dev/null || { echo "tf-fmt: terraform is not installed (the offline HCL checks run in make test-infra)"; exit 1; }
+	@terraform fmt -recursive infra/terraform
+
+.PHONY: tf-plan
+tf-plan: ## Plan the cloud deployment (needs terraform and cloud credentials; see infra/terraform/README.md).
+	@command -v terraform >/dev/null || { echo "tf-plan: terraform is not installed"; exit 1; }
+	@cd infra/terraform/deploy && terraform init -input=false >/dev/null && terraform plan -input=false || { echo "tf-plan: plan failed (credentials and network access to the cloud are required)"; exit 1; }
+
 .PHONY: fmt
 fmt: ## Format the code.
 	@$(CARGO) fmt --all

@@ -18,5 +18,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&set)?
         .build(&[".chat.v1"])?;
+
+    // The released schema, as descriptors only, for the compatibility test.
+    println!("cargo:rerun-if-changed=compat/chat_v1_released.proto");
+    let status = std::process::Command::new(protoc_bin_vendored::protoc_bin_path()?)
+        .arg(format!(
+            "--descriptor_set_out={}",
+            out.join("chat_v1_released.bin").display()
+        ))
+        .args(["-I", "compat", "compat/chat_v1_released.proto"])
+        .status()?;
+    if !status.success() {
+        return Err("protoc failed on compat/chat_v1_released.proto".into());
+    }
     Ok(())
 }

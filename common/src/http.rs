@@ -40,3 +40,17 @@ pub fn ops_routes(
     });
     health.or(readyz).or(metrics)
 }
+
+/// Readiness of Kafka as seen by an existing producer: its brokers answer a metadata request.
+pub async fn kafka_ready(producer: rdkafka::producer::FutureProducer) -> Result<(), String> {
+    use rdkafka::producer::Producer;
+    tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, std::time::Duration::from_secs(2))
+            .map(|_| ())
+            .map_err(|e| format!("kafka: {e}"))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}

@@ -101,10 +101,14 @@ impl Shards {
     }
 
     pub(crate) async fn client(&self, shard: usize) -> Result<deadpool_postgres::Object, DbError> {
-        self.pools[shard]
+        let started = std::time::Instant::now();
+        let result = self.pools[shard]
             .get()
             .await
-            .map_err(|source| DbError::Pool { shard, source })
+            .map_err(|source| DbError::Pool { shard, source });
+        metrics::histogram!("db_pool_wait_seconds", "shard" => shard.to_string())
+            .record(started.elapsed());
+        result
     }
 
     /// Applies missing migrations to every shard.

@@ -242,7 +242,9 @@ impl Shards {
             .await
             .map_err(pg)?;
         }
+        let commit = std::time::Instant::now();
         tx.commit().await.map_err(pg)?;
+        metrics::histogram!("db_commit_seconds").record(commit.elapsed());
         metrics::counter!("db_messages_written_total").increment(c_id.len() as u64);
         Ok(out)
     }

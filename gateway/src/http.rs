@@ -253,7 +253,10 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
     let ready_app = app.clone();
     let ready: chat_common::http::ReadyCheck = Arc::new(move || {
         let app = ready_app.clone();
-        Box::pin(async move { app.shards.ping().await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            chat_common::http::kafka_ready(app.producer.clone()).await?;
+            app.shards.ping().await.map_err(|e| e.to_string())
+        })
     });
 
     let web_dir = app

@@ -110,6 +110,9 @@ impl Writer {
             return;
         }
         *seq = m.seq;
+        // Accept (gateway clock at send) to push (this gateway's clock): the pipeline's latency.
+        let age_ms = chat_common::now_ms().saturating_sub(m.sent_at_ms).max(0);
+        metrics::histogram!("chat_e2e_latency_seconds").record(age_ms as f64 / 1000.0);
         out.push(deliver(m));
     }
 }

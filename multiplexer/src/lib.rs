@@ -53,12 +53,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     consumer
         .subscribe(&[&config.topics.inbound()])
         .context("subscribe to inbound")?;
+    let consumer = Arc::new(consumer);
     let producer = config.kafka.producer()?;
+    tokio::spawn(pipeline::report_lag(
+        consumer.clone(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
 
-    let ready_shards = shards.clone();
+    let (ready_shards, ready_producer) = (shards.clone(), producer.clone());
     let ready: ReadyCheck = Arc::new(move || {
-        let shards = ready_shards.clone();
-        Box::pin(async move { shards.ping().await.map_err(|e| e.to_string()) })
+        let (shards, producer) = (ready_shards.clone(), ready_producer.clone());
+        Box::pin(async move {
+            chat_common::http::kafka_ready(producer).await?;
+            shards.ping().await.map_err(|e| e.to_string())
+        })
     });
     let (http_addr, server) = warp::serve(ops_routes(ready))
         .try_bind_with_graceful_shutdown(config.http_addr, {

@@ -30,7 +30,7 @@ const PRESENCE_CATCH_UP: Duration = Duration::from_secs(2);
 /// The state the loop works with.
 pub struct Pipeline {
     pub(crate) config: Config,
-    pub(crate) consumer: StreamConsumer,
+    pub(crate) consumer: std::sync::Arc<StreamConsumer>,
     pub(crate) producer: FutureProducer,
     pub(crate) shards: Shards,
     pub(crate) presence: PresenceView,
@@ -277,5 +277,47 @@ where
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Publishes `multiplexer_consumer_lag{partition}` (high watermark minus position) for the
+/// partitions this instance owns, every `every`, until `shutdown`.
+pub async fn report_lag(
+    consumer: std::sync::Arc<StreamConsumer>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let c = consumer.clone();
+        let lags = tokio::task::spawn_blocking(move || {
+            let Ok(positions) = c.position() else {
+                return Vec::new();
+            };
+            positions
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let (_, high) = c
+                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+                        .ok()?;
+                    let at = match e.offset() {
+                        rdkafka::Offset::Offset(o) => o,
+                        _ => return None, // nothing consumed yet on this partition
+                    };
+                    Some((e.partition(), (high - at).max(0)))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (partition, lag) in lags {
+            metrics::gauge!("multiplexer_consumer_lag", "partition" => partition.to_string())
+                .set(lag as f64);
+        }
     }
 }

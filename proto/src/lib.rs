@@ -12,6 +12,10 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/chat.v1.serde.rs"));
 }
 
+/// The compatibility rule (only add fields), checked in tests against the released schema.
+#[cfg(test)]
+mod compat;
+
 /// The schema source, for tools that decode records without the generated code
 /// (for example `protoc --decode chat.v1.InboundRecord`).
 pub const SCHEMA: &str = include_str!("../proto/chat/v1/chat.proto");
