@@ -332,11 +332,15 @@ struct Driver {
 }
 
 enum Ended {
-    /// The user closed the client.
+    /// The user closed the client, or a newer session of the same user replaced this one
+    /// (close code 4001): reconnecting would only take the session back from it.
     Closed,
     /// The connection dropped (or was dropped on purpose).
     Dropped,
 }
+
+/// Close code of a session replaced by a newer one of the same user.
+pub const CLOSE_REPLACED: u16 = 4001;
 
 impl Driver {
     async fn run(mut self, mut socket: Socket, mut commands: mpsc::UnboundedReceiver<Command>) {
@@ -475,6 +479,9 @@ impl Driver {
                             .map(|f| (u16::from(f.code), f.reason.to_string()))
                             .unwrap_or((1005, String::new()));
                         let _ = self.events.send(Event::Disconnected { code, reason });
+                        if code == CLOSE_REPLACED {
+                            return Ended::Closed;
+                        }
                         return Ended::Dropped;
                     }
                     if let Some(frame) = decode(&m) {

@@ -226,4 +226,33 @@ mod tests {
         assert_ne!(message_id(&u("alice"), &c1), message_id(&u("alice"), &c2));
         assert_ne!(message_id(&u("alice"), &c1), message_id(&u("bob"), &c1));
     }
+
+    proptest::proptest! {
+        // Any string either parses into an id that obeys the alphabet and length, or is refused;
+        // never a panic.
+        #[test]
+        fn id_parsing_is_total(s in ".{0,80}") {
+            if let Ok(id) = UserId::parse(&s) {
+                proptest::prop_assert!(!id.as_str().is_empty() && id.as_str().len() <= MAX_ID_LEN);
+                proptest::prop_assert!(!id.as_str().contains(':'));
+            }
+            let _ = ConversationKey::parse(&s);
+            let _ = ClientMessageId::parse(&s);
+        }
+
+        // The conversation key of any two distinct valid ids parses back to the same sorted pair.
+        #[test]
+        fn conversation_keys_round_trip(a in "[A-Za-z0-9_.-]{1,64}", b in "[A-Za-z0-9_.-]{1,64}") {
+            let (a, b) = (u(&a), u(&b));
+            match ConversationKey::of(&a, &b) {
+                None => proptest::prop_assert_eq!(&a, &b),
+                Some(k) => {
+                    let parsed = ConversationKey::parse(k.as_str()).expect("a key parses");
+                    let (lo, hi) = parsed.users();
+                    proptest::prop_assert!(lo < hi);
+                    proptest::prop_assert!((lo == a && hi == b) || (lo == b && hi == a));
+                }
+            }
+        }
+    }
 }

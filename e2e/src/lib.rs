@@ -148,6 +148,12 @@ impl TestEnv {
             socket_queue: 1024,
             max_in_flight: 256,
             web_dir: None,
+            allowed_origins: Vec::new(),
+            // Tests send in bursts far above a person's pace; the limits have their own test.
+            conn_rate: (100_000, 100_000),
+            user_rate: (100_000, 100_000),
+            ping_interval: Duration::from_secs(30),
+            max_conns_per_addr: 60_000,
         };
         adjust(&mut config);
         let shutdown = CancellationToken::new();

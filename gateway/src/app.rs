@@ -32,6 +32,8 @@ pub enum SendError {
     BodyTooLarge { size: usize, limit: usize },
     #[error("too many sends awaiting acknowledgement on this connection")]
     TooManyInFlight,
+    #[error("sending too fast; slow down")]
+    RateLimited,
     #[error("kafka did not accept the record: {0}")]
     ProduceFailed(String),
 }
@@ -45,6 +47,7 @@ impl SendError {
             SendError::EmptyBody => "empty_body",
             SendError::BodyTooLarge { .. } => "body_too_large",
             SendError::TooManyInFlight => "too_many_in_flight",
+            SendError::RateLimited => "rate_limited",
             SendError::ProduceFailed(_) => "produce_failed",
         }
     }
@@ -53,7 +56,7 @@ impl SendError {
     pub fn status(&self) -> u16 {
         match self {
             SendError::BodyTooLarge { .. } => 413,
-            SendError::TooManyInFlight => 429,
+            SendError::TooManyInFlight | SendError::RateLimited => 429,
             SendError::ProduceFailed(_) => 503,
             _ => 400,
         }
@@ -70,6 +73,51 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Sends per user, over every connection and REST.
+    pub user_limiter: governor::DefaultKeyedRateLimiter<String>,
+    /// Open sockets per source address.
+    pub per_addr: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A quota of `per_sec` sustained with bursts up to `burst` (both at least 1).
+pub fn quota((per_sec, burst): (u32, u32)) -> governor::Quota {
+    let one = std::num::NonZeroU32::MIN;
+    governor::Quota::per_second(std::num::NonZeroU32::new(per_sec).unwrap_or(one))
+        .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(one))
+}
+
+/// Holds one of a source address's socket slots; gives it back when dropped.
+pub struct AddrSlot {
+    app: std::sync::Arc<App>,
+    addr: std::net::IpAddr,
+}
+
+impl Drop for AddrSlot {
+    fn drop(&mut self) {
+        let mut map = self.app.per_addr.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.addr);
+            }
+        }
+    }
+}
+
+impl App {
+    /// Takes a socket slot for `addr`, or `None` when it already holds the maximum.
+    pub fn addr_slot(self: &std::sync::Arc<Self>, addr: std::net::IpAddr) -> Option<AddrSlot> {
+        let mut map = self.per_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(addr).or_insert(0);
+        if *n >= self.config.max_conns_per_addr {
+            return None;
+        }
+        *n += 1;
+        Some(AddrSlot {
+            app: self.clone(),
+            addr,
+        })
+    }
 }
 
 impl App {
@@ -81,6 +129,10 @@ impl App {
         recipient: &str,
         body: String,
     ) -> Result<Accepted, SendError> {
+        if self.user_limiter.check_key(&sender.to_string()).is_err() {
+            metrics::counter!("gateway_rate_limited_total", "scope" => "user").increment(1);
+            return Err(SendError::RateLimited);
+        }
         let recipient =
             UserId::parse(recipient).map_err(|e| SendError::InvalidRecipient(e.to_string()))?;
         let client_id = ClientMessageId::parse(client_message_id)

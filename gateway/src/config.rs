@@ -34,6 +34,18 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Directory of the web client's static files, served at `/` (none when unset or missing).
     pub web_dir: Option<std::path::PathBuf>,
+    /// Browser origins allowed to open a websocket (cross-site websocket hijacking defence).
+    /// Empty: same origin only (the Origin's host:port equals the Host header). Requests without
+    /// an Origin header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Frames per second one connection may send, sustained, and the burst above that.
+    pub conn_rate: (u32, u32),
+    /// Messages per second one user may send over all connections and REST, and the burst.
+    pub user_rate: (u32, u32),
+    /// How often the server pings each socket; a socket silent for two intervals is closed.
+    pub ping_interval: std::time::Duration,
+    /// Most sockets from one source address.
+    pub max_conns_per_addr: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -53,7 +65,9 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Reads `GATEWAY_ID`, `GATEWAY_ADDR`, `KAFKA_BROKERS`, `TOPIC_PREFIX`, `SHARD_DSNS`,
     /// `SHARD_POOL_SIZE`, `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE`,
-    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `MAX_IN_FLIGHT`, `WEB_DIR`.
+    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `MAX_IN_FLIGHT`, `WEB_DIR`,
+    /// `ALLOWED_ORIGINS`, `CONN_RATE_PER_SEC`, `CONN_RATE_BURST`, `USER_RATE_PER_SEC`,
+    /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -92,6 +106,22 @@ impl Config {
             socket_queue: env_parse("SOCKET_QUEUE", 1024)?,
             max_in_flight: env_parse("MAX_IN_FLIGHT", 256)?,
             web_dir: Some(env_or("WEB_DIR", "web/public").into()),
+            allowed_origins: env_or("ALLOWED_ORIGINS", "")
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            conn_rate: (
+                env_parse("CONN_RATE_PER_SEC", 50)?,
+                env_parse("CONN_RATE_BURST", 200)?,
+            ),
+            user_rate: (
+                env_parse("USER_RATE_PER_SEC", 100)?,
+                env_parse("USER_RATE_BURST", 400)?,
+            ),
+            ping_interval: std::time::Duration::from_secs(env_parse("PING_INTERVAL_SECS", 30)?),
+            max_conns_per_addr: env_parse("MAX_CONNS_PER_ADDR", 60_000)?,
         })
     }
 }

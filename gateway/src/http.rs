@@ -72,6 +72,59 @@ fn authenticated(app: Arc<App>) -> impl Filter<Extract = (UserId,), Error = Reje
         )
 }
 
+/// Refuses (403) a browser whose Origin is not allowed: the defence against cross-site
+/// websocket hijacking. Clients that send no Origin (not browsers) pass.
+fn origin_allowed(app: Arc<App>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("origin")
+        .and(warp::header::optional::<String>("host"))
+        .and_then(move |origin: Option<String>, host: Option<String>| {
+            let app = app.clone();
+            async move {
+                let Some(origin) = origin else { return Ok(()) };
+                let allowed = if app.config.allowed_origins.is_empty() {
+                    let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("");
+                    host.as_deref() == Some(authority)
+                } else {
+                    app.config.allowed_origins.contains(&origin)
+                };
+                if allowed {
+                    Ok(())
+                } else {
+                    metrics::counter!("gateway_origin_refused_total").increment(1);
+                    Err(reject(
+                        StatusCode::FORBIDDEN,
+                        "origin_not_allowed",
+                        "this origin may not open a websocket here",
+                    ))
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// One of the caller's address's socket slots (429 when it holds the maximum).
+fn address_slot(
+    app: Arc<App>,
+) -> impl Filter<Extract = (crate::app::AddrSlot,), Error = Rejection> + Clone {
+    warp::addr::remote().and_then(move |addr: Option<std::net::SocketAddr>| {
+        let app = app.clone();
+        async move {
+            let ip = addr
+                .map(|a| a.ip())
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            app.addr_slot(ip).ok_or_else(|| {
+                metrics::counter!("gateway_connections_refused_total", "reason" => "per_address")
+                    .increment(1);
+                reject(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    "too many connections from this address",
+                )
+            })
+        }
+    })
+}
+
 fn query_map() -> impl Filter<Extract = (HashMap<String, String>,), Error = Infallible> + Clone {
     warp::query::<HashMap<String, String>>()
         .or(warp::any().map(HashMap::new))
@@ -120,12 +173,18 @@ fn peer_of(caller: &UserId, peer: &str) -> Result<ConversationKey, Rejection> {
 pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let ws_route = warp::path!("ws")
         .and(warp::get())
+        .and(origin_allowed(app.clone()))
         .and(authenticated(app.clone()))
+        .and(address_slot(app.clone()))
         .and(query_map())
         .and(warp::ws())
         .and(with_app(app.clone()))
         .map(
-            |user: UserId, query: HashMap<String, String>, upgrade: warp::ws::Ws, app: Arc<App>| {
+            |user: UserId,
+             slot: crate::app::AddrSlot,
+             query: HashMap<String, String>,
+             upgrade: warp::ws::Ws,
+             app: Arc<App>| {
                 let format = match query.get("format").map(String::as_str) {
                     Some("json") => Format::Json,
                     _ => Format::Binary,
@@ -140,7 +199,10 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
                     .max_frame_size(max)
                     .on_upgrade(move |socket| {
                         let tracker = app.tracker.clone();
-                        tracker.track_future(ws::serve(app, user, socket, format, auto_sync))
+                        tracker.track_future(async move {
+                            ws::serve(app, user, socket, format, auto_sync).await;
+                            drop(slot);
+                        })
                     })
             },
         );

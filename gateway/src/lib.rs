@@ -75,10 +75,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     )
     .await
     .context("presence")?;
+    let user_limiter = governor::RateLimiter::keyed(app::quota(config.user_rate));
     let app = Arc::new(app::App {
         config,
         producer,
         shards,
+        user_limiter,
+        per_addr: Default::default(),
         sessions,
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),

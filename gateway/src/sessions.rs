@@ -33,6 +33,10 @@ pub mod close {
     pub const REPLACED: u16 = 4001;
     /// The socket did not drain its queue; reconnect and sync.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The peer did not answer pings for two intervals.
+    pub const PING_TIMEOUT: u16 = 4002;
+    /// Abuse, such as a flood past the rate limit (standard "policy violation").
+    pub const POLICY: u16 = 1008;
     /// The server is shutting down (standard "going away").
     pub const GOING_AWAY: u16 = 1001;
     /// A frame or message over the size limit (standard "message too big").

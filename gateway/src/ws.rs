@@ -23,6 +23,8 @@ use crate::sessions::{close, Kick, Outgoing, SessionHandle};
 
 /// Most pending messages one sync sends; the client syncs again for the rest.
 const SYNC_LIMIT: u32 = 10_000;
+/// Rate-limited frames in a row after which the connection is closed (1008).
+const RATE_STRIKES: u32 = 50;
 /// Most live messages held while a sync runs before the socket counts as not draining.
 const MAX_HELD: usize = 4096;
 
@@ -175,8 +177,25 @@ pub async fn serve(
             spawn_sync(&app, &user, HashMap::new(), 0, tx.clone());
         }
         let in_flight = Arc::new(Semaphore::new(app.config.max_in_flight));
+        let limiter = governor::RateLimiter::direct(crate::app::quota(app.config.conn_rate));
+        let mut strikes = 0u32;
+        let mut ping = tokio::time::interval(app.config.ping_interval);
+        ping.tick().await; // the first tick is immediate
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > app.config.ping_interval * 2 {
+                        break Some((close::PING_TIMEOUT, "no answer to pings"));
+                    }
+                    let sent = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        sink.send(Message::ping(Vec::new())),
+                    ).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        break None;
+                    }
+                }
                 _ = app.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
                 reason = kick.kicked() => break Some(reason),
                 item = rx.recv() => {
@@ -205,13 +224,31 @@ pub async fn serve(
                         Some(Ok(m)) => m,
                         Some(Err(e)) => {
                             tracing::debug!(user = %user, error = %e, "socket error");
-                            break None;
+                            metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
+                            break protocol_close(&e.to_string());
                         }
                         None => break None,
                     };
+                    last_heard = tokio::time::Instant::now();
                     if msg.is_close() {
                         break None;
                     }
+                    if msg.is_ping() || msg.is_pong() {
+                        continue; // pings are answered by the websocket layer
+                    }
+                    if limiter.check().is_err() {
+                        strikes += 1;
+                        metrics::counter!("gateway_rate_limited_total", "scope" => "connection").increment(1);
+                        if strikes > RATE_STRIKES {
+                            break Some((close::POLICY, "rate limit exceeded"));
+                        }
+                        let f = error_frame("rate_limited", "sending too fast; frame dropped".into(), String::new());
+                        if sink.send(encode(format, &f)).await.is_err() {
+                            break None;
+                        }
+                        continue;
+                    }
+                    strikes = 0;
                     let frame = if msg.is_binary() {
                         format = Format::Binary;
                         ClientFrame::decode(msg.as_bytes()).map_err(|e| e.to_string())
@@ -222,7 +259,10 @@ pub async fn serve(
                             Err(()) => break Some((close::BAD_DATA, "text frame is not UTF-8")),
                         }
                     } else {
-                        // Ping/pong are answered by the websocket layer.
+                        let f = error_frame("bad_frame", "unexpected frame type".into(), String::new());
+                        if sink.send(encode(format, &f)).await.is_err() {
+                            break None;
+                        }
                         continue;
                     };
                     match frame {
@@ -259,6 +299,23 @@ pub async fn serve(
     }
     metrics::counter!("gateway_connections_closed_total").increment(1);
     tracing::info!(user = %user, conn_id, "disconnected");
+}
+
+/// The close code for a protocol error the websocket layer reported while reading, if any:
+/// invalid UTF-8 in a text frame is 1007, an oversized frame or message 1009.
+fn protocol_close(error: &str) -> Option<(u16, &'static str)> {
+    let e = error.to_ascii_lowercase();
+    if e.contains("utf-8") || e.contains("utf8") {
+        Some((close::BAD_DATA, "text frame is not UTF-8"))
+    } else if e.contains("too long")
+        || e.contains("too big")
+        || e.contains("space limit")
+        || e.contains("capacity")
+    {
+        Some((close::TOO_BIG, "frame or message too big"))
+    } else {
+        None
+    }
 }
 
 /// Handles one decoded client frame. Sends and acks run in their own tasks so a slow produce

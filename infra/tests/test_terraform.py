@@ -98,6 +98,10 @@ CURRENT: dict[str, Metric] = {
     "multiplexer_consumer_lag": _m("gauge", partition=None),
     "db_pool_wait_seconds": _m("histogram", shard=None),
     "db_commit_seconds": _m("histogram"),
+    # Abuse controls (gateway/src/app.rs, http.rs, ws.rs).
+    "gateway_rate_limited_total": _m("counter", scope={"user", "connection"}),
+    "gateway_origin_refused_total": _m("counter"),
+    "gateway_connections_refused_total": _m("counter", reason={"per_address"}),
 }
 
 # Not emitted yet. Dashboards and alerts may use them, marked as planned.

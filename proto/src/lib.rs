@@ -60,4 +60,22 @@ mod tests {
         let _ = err;
         assert!(serde_json::from_str::<ClientFrame>("{").is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        // Arbitrary bytes never panic the binary decoder, and what decodes re-encodes.
+        #[test]
+        fn binary_frames_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok(frame) = ClientFrame::decode(bytes.as_slice()) {
+                let again = ClientFrame::decode(frame.encode_to_vec().as_slice()).expect("re-decodes");
+                proptest::prop_assert_eq!(frame, again);
+            }
+        }
+
+        // Arbitrary text never panics the JSON decoder.
+        #[test]
+        fn text_frames_decode_or_fail_cleanly(text in ".{0,300}") {
+            let _ = serde_json::from_str::<ClientFrame>(&text);
+        }
+    }
 }

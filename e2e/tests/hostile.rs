@@ -1,0 +1,284 @@
+//! Bad input and abuse: each gets a clear error or close code, nothing panics, and other users'
+//! traffic goes on.
+
+use std::time::Duration;
+
+use chat_client::{Client, Rest};
+use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
+use chat_proto::v1::{server_frame, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn raw(addr: std::net::SocketAddr, token: &str) -> Ws {
+    let url = format!("{}/ws?access_token={token}", ws_url(addr));
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("connect");
+    ws
+}
+
+/// The next server frame that is an error (skipping welcome, sync and the like): its code.
+async fn next_error(ws: &mut Ws) -> String {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time");
+        let m = m.expect("open").expect("no socket error");
+        let frame = match m {
+            Message::Binary(b) => ServerFrame::decode(b.as_slice()).expect("server frames decode"),
+            Message::Text(t) => serde_json::from_str(&t).expect("server JSON parses"),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        };
+        if let Some(server_frame::Kind::Error(e)) = frame.kind {
+            return e.code;
+        }
+    }
+}
+
+/// Reads until the server closes; returns the close code.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    let until = async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    };
+    tokio::time::timeout(WAIT, until)
+        .await
+        .expect("closed in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_get_errors_and_close_codes_and_others_are_unaffected(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let gw = env.start_gateway("gw1").await?;
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
+    let mut bob = connect(&ws_url(gw.addr), &env.token("bob")).await;
+
+    let mut ws = raw(gw.addr, &env.token("mallory")).await;
+    let binary_cases: Vec<Vec<u8>> = vec![
+        vec![0x0a, 0x05, 0x01],                   // truncated
+        vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f], // huge length prefix
+        vec![0xff; 64],                           // garbage
+        vec![0xf8, 0x01, 0x01],                   // only an unknown field: an empty frame
+        vec![],                                   // empty
+    ];
+    for case in binary_cases {
+        ws.send(Message::Binary(case)).await?;
+        assert_eq!(next_error(&mut ws).await, "bad_frame");
+    }
+    let deep = format!("{}{}", "[".repeat(2_000), "]".repeat(2_000)); // within the size limit
+    let text_cases = [
+        "{",
+        "null",
+        r#"{"send":"not an object"}"#,
+        r#"{"send":{"clientMessageId":1}}"#,
+        deep.as_str(),
+    ];
+    for case in text_cases {
+        ws.send(Message::Text(case.into())).await?;
+        assert_eq!(
+            next_error(&mut ws).await,
+            "bad_frame",
+            "{}",
+            &case[..case.len().min(40)]
+        );
+    }
+    // Hostile ids: each refused by name, the socket stays open.
+    for (recipient, cid) in [
+        ("a\u{0}b", "c1"),
+        ("../etc", "c2"),
+        ("x'; DROP TABLE messages;--", "c3"),
+        (&"z".repeat(65), "c4"),
+        ("mallory", "c5"),
+        ("bob", "id with spaces"),
+        ("bob", &"k".repeat(65)),
+    ] {
+        let send = serde_json::json!({"send": {"clientMessageId": cid, "recipient": recipient, "body": "x"}});
+        ws.send(Message::Text(send.to_string())).await?;
+        let code = next_error(&mut ws).await;
+        assert!(
+            [
+                "invalid_recipient",
+                "self_message",
+                "invalid_client_message_id"
+            ]
+            .contains(&code.as_str()),
+            "{recipient:?}/{cid:?}: {code}"
+        );
+    }
+    // Acks for nothing, out of order, for a bad peer: harmless.
+    for ack in [
+        r#"{"ack":{"peer":"bob","upToSeq":"999999"}}"#,
+        r#"{"ack":{"peer":"bob","upToSeq":"0"}}"#,
+        r#"{"ack":{"peer":"nobody-at-all","upToSeq":"3"}}"#,
+    ] {
+        ws.send(Message::Text(ack.into())).await?;
+    }
+    ws.send(Message::Text(
+        r#"{"ack":{"peer":"b b","upToSeq":"1"}}"#.into(),
+    ))
+    .await?;
+    assert_eq!(next_error(&mut ws).await, "invalid_recipient");
+
+    // Invalid UTF-8 in a text frame: 1007.
+    let bad_text = Frame::message(vec![0xc3, 0x28], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(bad_text)).await?;
+    assert_eq!(close_code(&mut ws).await, Some(1007));
+
+    // A frame over the limit: 1009.
+    let mut ws = raw(gw.addr, &env.token("mallory")).await;
+    ws.send(Message::Binary(vec![0u8; 64 * 1024])).await?;
+    assert_eq!(close_code(&mut ws).await, Some(1009));
+
+    // Meanwhile alice and bob talk as usual.
+    let a = alice.send("bob", "still fine").await?;
+    assert_eq!(bob.next_message(WAIT).await?.message_id, a.message_id);
+
+    alice.close();
+    bob.close();
+    gw.stop().await;
+    mux.stop().await;
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let gw = env
+        .start_gateway_with("gw1", |c| {
+            c.conn_rate = (5, 10);
+            c.user_rate = (1000, 1000);
+            c.ping_interval = Duration::from_millis(300);
+            c.max_conns_per_addr = 3;
+        })
+        .await?;
+
+    // A flood: rate-limit errors, then 1008.
+    let mut ws = raw(gw.addr, &env.token("mallory")).await;
+    let mut limited = 0;
+    let mut closed = None;
+    for _ in 0..200 {
+        if ws
+            .send(Message::Text(r#"{"sync":{}}"#.into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    while let Ok(Some(m)) = tokio::time::timeout(WAIT, ws.next()).await {
+        match m {
+            Ok(Message::Text(t)) if t.contains("rate_limited") => limited += 1,
+            Ok(Message::Binary(b)) => {
+                if let Ok(ServerFrame {
+                    kind: Some(server_frame::Kind::Error(e)),
+                }) = ServerFrame::decode(b.as_slice())
+                {
+                    if e.code == "rate_limited" {
+                        limited += 1;
+                    }
+                }
+            }
+            Ok(Message::Close(f)) => {
+                closed = f.map(|f| u16::from(f.code));
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(limited > 0, "rate-limit errors came first");
+    assert_eq!(closed, Some(1008));
+
+    // A peer that never answers pings (never reads): closed with 4002.
+    let mut silent = raw(gw.addr, &env.token("quiet")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the silence under test
+                                                           // Reading now may hit the close frame, or the reset that follows it (the client's queued
+                                                           // pong meets a closed socket); either way the server counted a 4002 close.
+    let code = close_code(&mut silent).await;
+    assert!(matches!(code, Some(4002) | None), "{code:?}");
+    let rest = Rest::new(&http_url(gw.addr));
+    let metrics = rest.request("GET", "/metrics", None, None).await?;
+    let text = metrics.body.as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("gateway_closed_by_server_total{code=\"4002\"}")),
+        "no 4002 close counted"
+    );
+
+    // Connections per address: the fourth is refused before the upgrade.
+    let mut keep: Vec<Client> = Vec::new();
+    for u in ["u1", "u2", "u3"] {
+        keep.push(Client::connect(&ws_url(gw.addr), &env.token(u)).await?);
+    }
+    let fourth = tokio_tungstenite::connect_async(format!(
+        "{}/ws?access_token={}",
+        ws_url(gw.addr),
+        env.token("u4")
+    ))
+    .await;
+    match fourth {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 429),
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    for c in keep {
+        c.close();
+    }
+
+    // Cross-site websocket hijacking: a foreign Origin is refused with 403.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}/ws?access_token={}", ws_url(gw.addr), env.token("alice"))
+        .into_client_request()?;
+    req.headers_mut()
+        .insert("Origin", "https://evil.example".parse()?);
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+
+    // REST bodies.
+    let t = env.token("alice");
+    let r = rest
+        .request(
+            "PUT",
+            "/messages/bob",
+            Some(&t),
+            Some(serde_json::json!("just a string")),
+        )
+        .await?;
+    assert_eq!((r.status, r.body["code"].as_str()), (400, Some("bad_body")));
+    let huge = serde_json::json!({"body": "x".repeat(100_000)});
+    let r = rest
+        .request("PUT", "/messages/bob", Some(&t), Some(huge))
+        .await?;
+    assert_eq!(r.status, 413);
+    for path in [
+        "/messages/a%00b",
+        "/messages/..%2Fetc",
+        "/messages/x'%20OR%201=1",
+    ] {
+        let r = rest.request("GET", path, Some(&t), None).await?;
+        assert_eq!(r.status, 400, "{path}");
+    }
+    let r = rest.request("GET", "/nope", None, None).await?;
+    assert_eq!(r.status, 404);
+    let r = rest.request("GET", "/readyz", None, None).await?;
+    assert_eq!(r.status, 200, "the gateway is fine after all that");
+
+    gw.stop().await;
+    env.teardown().await
+}
