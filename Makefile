@@ -125,6 +125,16 @@ test-web: stack ## Web client: unit tests and a real-browser test (Chromium + Pl
 	@web/tests/install.sh || { echo "test-web: cannot install Chromium or the npm packages"; exit 1; }
 	@cd web && npm test || { echo "test-web: web client tests failed (screenshots and logs in web/test-artifacts/)"; exit 1; }
 
+.PHONY: chaos
+chaos: deps ## Fault-injection suite, all scenarios (~25 min): 3 brokers, 2 Postgres servers, 2 gateways, 2 multiplexers; writes chaos/RESULTS.md.
+	@$(CARGO) build $(CARGO_PROFILE_FLAG) --bins --quiet || { echo "chaos: cargo build failed"; exit 1; }
+	@target/$(PROFILE)/chaos --bin-dir target/$(PROFILE) --duration $(or $(DURATION),120) --rate $(or $(RATE),200) || { echo "chaos: anomalies found or a scenario did not complete (see the table above)"; exit 1; }
+
+.PHONY: chaos-short
+chaos-short: deps ## Two fault scenarios, 30 s each (CI): a multiplexer SIGKILLed 3 times, a gateway SIGKILLed.
+	@$(CARGO) build --bins --quiet || { echo "chaos-short: cargo build failed"; exit 1; }
+	@target/debug/chaos --bin-dir target/debug --duration 30 --rate 100 --scenarios kill-multiplexer,kill-gateway --out target/chaos-short.md || { echo "chaos-short: anomalies found (see the table above)"; exit 1; }
+
 .PHONY: test-infra
 test-infra: ## Check Terraform, dashboards and alert rules offline (parses HCL; topics agree with infra/topics.json).
 	@infra/tests/run.sh || { echo "test-infra: infrastructure checks failed"; exit 1; }

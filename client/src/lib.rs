@@ -114,6 +114,8 @@ struct Shared {
     gateway_id: String,
     /// Last sequence handed out per conversation.
     last_seq: HashMap<String, u64>,
+    /// Deliveries dropped as repeats (at-least-once delivery seen on the wire).
+    wire_duplicates: u64,
 }
 
 fn lock(m: &std::sync::Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -176,6 +178,7 @@ impl Client {
         let state = std::sync::Arc::new(std::sync::Mutex::new(Shared {
             gateway_id: gateway_id.clone(),
             last_seq: options.resume_from.clone(),
+            wire_duplicates: 0,
         }));
         let _ = ev_tx.send(Event::Connected { gateway_id });
         let driver = Driver {
@@ -208,6 +211,11 @@ impl Client {
     /// The last sequence held per conversation (to resume from in a later run).
     pub fn last_seq(&self) -> HashMap<String, u64> {
         lock(&self.state).last_seq.clone()
+    }
+
+    /// How many deliveries were dropped as repeats so far (duplicates on the wire).
+    pub fn wire_duplicates(&self) -> u64 {
+        lock(&self.state).wire_duplicates
     }
 
     /// Sends `body` to `to` with a fresh client message id; returns the server's acceptance.
@@ -525,8 +533,10 @@ impl Driver {
                 let Some(msg) = d.message else { return Ok(()) };
                 {
                     let mut state = lock(&self.state);
+                    let state = &mut *state;
                     let last = state.last_seq.entry(msg.conversation.clone()).or_insert(0);
                     if msg.seq <= *last {
+                        state.wire_duplicates += 1;
                         return Ok(()); // a repeat: already handed out
                     }
                     *last = msg.seq;

@@ -36,6 +36,9 @@ pub struct KafkaConfig {
     pub produce_timeout: Duration,
     /// `linger.ms`: how long the producer waits to fill a batch.
     pub linger: Duration,
+    /// `max.poll.interval.ms` of group consumers: a member silent for longer (stopped, wedged)
+    /// loses its partitions, and its late writes are fenced by idempotency.
+    pub max_poll_interval: Duration,
 }
 
 impl KafkaConfig {
@@ -44,6 +47,7 @@ impl KafkaConfig {
             brokers: brokers.into(),
             produce_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(2),
+            max_poll_interval: Duration::from_secs(60),
         }
     }
 
@@ -83,7 +87,10 @@ impl KafkaConfig {
             .set("isolation.level", "read_committed")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .set("max.poll.interval.ms", "60000")
+            .set(
+                "max.poll.interval.ms",
+                self.max_poll_interval.as_millis().to_string(),
+            )
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("fetch.wait.max.ms", "10");
         Ok(c.create()?)

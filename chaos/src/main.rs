@@ -1,0 +1,348 @@
+//! `chaos`: the fault-injection suite (`make chaos`; `make chaos-short` in CI).
+//!
+//! For each scenario: a fresh slice of the fault topology (see [`stack`]), the workload
+//! ([`workload`]) running at a steady rate, one fault injected a third of the way in and healed,
+//! sends stopped at the end, a settle period, then the checker ([`check`]). Prints a Markdown
+//! table and writes it to `--out`. Exits non-zero if any scenario has an anomaly.
+
+mod check;
+mod proxy;
+mod stack;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::check::Report;
+use crate::stack::{base_env, Proc, Slice, GATEWAYS, MULTIPLEXER_PORTS};
+
+const ALL: &[&str] = &[
+    "kill-broker",
+    "kill-multiplexer",
+    "stop-multiplexer",
+    "kill-gateway",
+    "stop-postgres",
+    "cut-postgres-link",
+    "replay-delete-on-ack",
+];
+
+#[derive(Parser)]
+#[command(about = "Fault-injection suite for the chat pipeline")]
+struct Args {
+    /// Comma-separated scenarios, or `all`.
+    #[arg(long, default_value = "all")]
+    scenarios: String,
+    /// Seconds of sending per scenario.
+    #[arg(long, default_value_t = 120)]
+    duration: u64,
+    /// Messages per second, over all conversations.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 200)]
+    conversations: usize,
+    /// Directory of the gateway and multiplexer binaries.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Where the results table is written.
+    #[arg(long, default_value = "chaos/RESULTS.md")]
+    out: PathBuf,
+    /// Leave the cluster and Postgres servers running afterwards.
+    #[arg(long)]
+    keep_stack: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let scenarios: Vec<String> = if args.scenarios == "all" {
+        ALL.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenarios
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .collect()
+    };
+    for s in &scenarios {
+        anyhow::ensure!(
+            ALL.contains(&s.as_str()),
+            "unknown scenario {s:?}; known: {}",
+            ALL.join(", ")
+        );
+    }
+    eprintln!("chaos: starting a 3-broker Kafka cluster and 2 Postgres servers");
+    stack::start_infra().await?;
+    let mut reports = Vec::new();
+    for s in &scenarios {
+        eprintln!(
+            "chaos: scenario {s} ({} s at {} msg/s over {} conversations)",
+            args.duration, args.rate, args.conversations
+        );
+        let report = match run(s, &args).await {
+            Ok(r) => r,
+            Err(e) => Report {
+                scenario: s.clone(),
+                note: format!("did not complete: {e:#}"),
+                lost: usize::MAX,
+                ..Report::default()
+            },
+        };
+        eprintln!(
+            "chaos: {s}: {}",
+            if report.passed() { "pass" } else { "FAIL" }
+        );
+        reports.push(report);
+    }
+    if !args.keep_stack {
+        stack::stop_infra().await?;
+    }
+    let table = table(&reports, &args);
+    println!("{table}");
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, &table).with_context(|| format!("writing {}", args.out.display()))?;
+    let passed = reports.iter().filter(|r| r.passed()).count();
+    println!("{passed} passed, {} failed", reports.len() - passed);
+    anyhow::ensure!(passed == reports.len(), "some scenarios found anomalies");
+    Ok(())
+}
+
+fn table(reports: &[Report], args: &Args) -> String {
+    let mut t = format!(
+        "# Fault-injection results\n\n`chaos --duration {} --rate {} --conversations {}` on {} cores; \
+         3 Kafka brokers (RF 3, min.insync.replicas 2), 2 Postgres servers, 2 gateways, 2 multiplexers.\n\n\
+         | scenario | result | messages | unanswered | lost | dup shown | dup on wire | order violations | phantoms | seq gaps | resurrected | recovery (s) | note |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        args.duration,
+        args.rate,
+        args.conversations,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    );
+    for r in reports {
+        let lost = if r.lost == usize::MAX {
+            "-".to_owned()
+        } else {
+            r.lost.to_string()
+        };
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
+            r.scenario,
+            if r.passed() { "pass" } else { "FAIL" },
+            r.messages,
+            r.unanswered,
+            lost,
+            r.duplicates_shown,
+            r.duplicates_wire,
+            r.order_violations,
+            r.phantoms,
+            r.seq_violations,
+            r.resurrected,
+            r.recovery_secs,
+            r.note
+        ));
+    }
+    t
+}
+
+/// Which broker (node number 1..3) leads partition 0 of `topic`.
+fn leader_of(topic: &str) -> anyhow::Result<i32> {
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", stack::CLUSTER)
+        .create()?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let p = md
+        .topics()
+        .first()
+        .and_then(|t| t.partitions().first())
+        .context("no partition 0")?;
+    Ok(p.leader())
+}
+
+async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
+    let slice = Slice::create(scenario).await?;
+    let retention = if scenario == "replay-delete-on-ack" {
+        "delete-on-ack"
+    } else {
+        "keep"
+    };
+    let via_proxy = scenario == "cut-postgres-link";
+    let proxy = if via_proxy {
+        Some(
+            proxy::Proxy::start(
+                format!("127.0.0.1:{}", stack::PG2_PROXY_PORT).parse()?,
+                format!("127.0.0.1:{}", stack::PG[1].1).parse()?,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let env = base_env(&slice, via_proxy, retention);
+    let mut gateways: Vec<Proc> = GATEWAYS
+        .iter()
+        .map(|(id, port)| {
+            let mut e = env.clone();
+            e.push(("GATEWAY_ID".into(), (*id).into()));
+            e.push(("GATEWAY_ADDR".into(), format!("127.0.0.1:{port}")));
+            Proc::new(id, args.bin_dir.join("gateway"), *port, e)
+        })
+        .collect();
+    let mut muxes: Vec<Proc> = MULTIPLEXER_PORTS
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let mut e = env.clone();
+            e.push(("MULTIPLEXER_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+            Proc::new(
+                &format!("mux{}", i + 1),
+                args.bin_dir.join("multiplexer"),
+                *port,
+                e,
+            )
+        })
+        .collect();
+    for p in gateways.iter_mut().chain(muxes.iter_mut()) {
+        p.start().await?;
+    }
+    let urls: Vec<String> = GATEWAYS
+        .iter()
+        .map(|(_, port)| format!("ws://127.0.0.1:{port}"))
+        .collect();
+    let run_id = format!("{}{}", &scenario[..2], &slice.db[slice.db.len() - 4..]);
+    let load = workload::Workload::start(&urls, args.conversations, args.rate, &run_id).await?;
+
+    let total = Duration::from_secs(args.duration);
+    let fault_at = total / 3;
+    tokio::time::sleep(fault_at).await;
+    let (heal, mut note) = match scenario {
+        "kill-broker" => {
+            let leader = leader_of(&slice.topics.inbound())?;
+            let note = format!("broker {leader} (leader of inbound-0) killed for 15 s");
+            stack::script(&["kafka.sh", "kill-node", &leader.to_string(), "--cluster"]).await?;
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            stack::script(&["kafka.sh", "start-node", &leader.to_string(), "--cluster"]).await?;
+            (Instant::now(), note)
+        }
+        "kill-multiplexer" => {
+            let gap = (total / 3) / 4;
+            for _ in 0..3 {
+                muxes[0].kill().await?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                muxes[0].start().await?;
+                tokio::time::sleep(gap).await;
+            }
+            (Instant::now(), "mux1 SIGKILLed 3 times".into())
+        }
+        "stop-multiplexer" => {
+            muxes[0].pause()?;
+            tokio::time::sleep(Duration::from_secs(20)).await; // past max.poll.interval (15 s)
+            muxes[0].resume()?;
+            (
+                Instant::now(),
+                "mux1 SIGSTOPped 20 s (max.poll.interval 15 s)".into(),
+            )
+        }
+        "kill-gateway" => {
+            gateways[0].kill().await?;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            gateways[0].start().await?;
+            (
+                Instant::now(),
+                "cg1 SIGKILLed; its users reconnect to cg2".into(),
+            )
+        }
+        "stop-postgres" => {
+            let (name, port) = stack::PG[1];
+            stack::script(&[
+                "postgres.sh",
+                "stop",
+                "--name",
+                name,
+                "--port",
+                &port.to_string(),
+            ])
+            .await?;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            stack::script(&[
+                "postgres.sh",
+                "start",
+                "--name",
+                name,
+                "--port",
+                &port.to_string(),
+            ])
+            .await?;
+            (Instant::now(), "shard 1's server stopped 30 s".into())
+        }
+        "cut-postgres-link" => {
+            let p = proxy.as_ref().context("proxy")?;
+            p.cut();
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            p.restore();
+            (Instant::now(), "link to shard 1 cut 15 s".into())
+        }
+        "replay-delete-on-ack" => {
+            let out = tokio::process::Command::new(args.bin_dir.join("db-writer"))
+                .args(["replay", "--from", "beginning", "--quiet"])
+                .envs(env.iter().cloned())
+                .output()
+                .await?;
+            anyhow::ensure!(
+                out.status.success(),
+                "replay: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (
+                Instant::now(),
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .chars()
+                    .take(120)
+                    .collect::<String>(),
+            )
+        }
+        other => anyhow::bail!("unknown scenario {other}"),
+    };
+    let left = total.saturating_sub(fault_at + heal.elapsed());
+    tokio::time::sleep(left.max(Duration::from_secs(5))).await;
+    load.stop_sending();
+    let settled = load.settle(Duration::from_secs(60)).await;
+    if scenario == "replay-delete-on-ack" {
+        // A second replay after everything was acked: nothing erased may come back.
+        let out = tokio::process::Command::new(args.bin_dir.join("db-writer"))
+            .args(["replay", "--from", "beginning", "--quiet"])
+            .envs(env.iter().cloned())
+            .output()
+            .await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "replay: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let log = load.finish().await;
+    let mut report = {
+        let log = log.lock().unwrap_or_else(|p| p.into_inner());
+        check::check(scenario, &log, heal)
+    };
+    let (gaps, resurrected) = check::check_shards(&slice.dsns(false)).await?;
+    report.seq_violations = gaps;
+    report.resurrected = if retention == "delete-on-ack" {
+        resurrected
+    } else {
+        0
+    };
+    if !settled {
+        note.push_str("; not all delivered within 60 s of the end");
+    }
+    report.note = note;
+    for p in gateways.iter_mut().chain(muxes.iter_mut()) {
+        p.stop().await?;
+    }
+    slice.drop().await?;
+    Ok(report)
+}
