@@ -148,6 +148,21 @@ fn table(reports: &[Report], args: &Args) -> String {
     t
 }
 
+/// Runs `db-writer replay` from the beginning of the slice's inbound; returns its summary line.
+async fn replay_inbound(args: &Args, env: &[(String, String)]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(args.bin_dir.join("db-writer"))
+        .args(["replay", "--from", "beginning", "--quiet"])
+        .envs(env.iter().cloned())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "replay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// Which broker (node number 1..3) leads partition 0 of `topic`.
 fn leader_of(topic: &str) -> anyhow::Result<i32> {
     let c: BaseConsumer = rdkafka::ClientConfig::new()
@@ -214,6 +229,7 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
         .collect();
     let run_id = format!("{}{}", &scenario[..2], &slice.db[slice.db.len() - 4..]);
     let load = workload::Workload::start(&urls, args.conversations, args.rate, &run_id).await?;
+    let started = Instant::now();
 
     let total = Duration::from_secs(args.duration);
     let fault_at = total / 3;
@@ -286,43 +302,21 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
             (Instant::now(), "link to shard 1 cut 15 s".into())
         }
         "replay-delete-on-ack" => {
-            let out = tokio::process::Command::new(args.bin_dir.join("db-writer"))
-                .args(["replay", "--from", "beginning", "--quiet"])
-                .envs(env.iter().cloned())
-                .output()
-                .await?;
-            anyhow::ensure!(
-                out.status.success(),
-                "replay: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let summary = replay_inbound(args, &env).await?;
             (
                 Instant::now(),
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .chars()
-                    .take(120)
-                    .collect::<String>(),
+                summary.chars().take(120).collect::<String>(),
             )
         }
         other => anyhow::bail!("unknown scenario {other}"),
     };
-    let left = total.saturating_sub(fault_at + heal.elapsed());
+    let left = total.saturating_sub(started.elapsed());
     tokio::time::sleep(left.max(Duration::from_secs(5))).await;
     load.stop_sending();
     let settled = load.settle(Duration::from_secs(60)).await;
     if scenario == "replay-delete-on-ack" {
         // A second replay after everything was acked: nothing erased may come back.
-        let out = tokio::process::Command::new(args.bin_dir.join("db-writer"))
-            .args(["replay", "--from", "beginning", "--quiet"])
-            .envs(env.iter().cloned())
-            .output()
-            .await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "replay: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        replay_inbound(args, &env).await?;
     }
     let log = load.finish().await;
     let mut report = {

@@ -260,6 +260,24 @@ impl TestEnv {
         Ok(dsns)
     }
 
+    /// The stored (seq, body) of a conversation, over every shard, in seq order.
+    pub async fn stored(&self, conversation: &str) -> anyhow::Result<Vec<(i64, Option<String>)>> {
+        let mut out = Vec::new();
+        for i in 0..self.shard_dsns.len() {
+            let rows = self
+                .shard(i)
+                .await?
+                .query(
+                    "SELECT seq, body FROM messages WHERE conversation = $1 ORDER BY seq",
+                    &[&conversation],
+                )
+                .await?;
+            out.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Every stored message row of every shard, ordered, as text: for before/after comparisons.
     pub async fn snapshot(&self) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::new();

@@ -25,21 +25,7 @@ async fn send_many(from: &Client, to: &str, prefix: &str, n: usize) -> Vec<Strin
 
 /// The stored rows of a conversation: (seq, body), in seq order.
 async fn rows(env: &TestEnv, conversation: &str) -> Vec<(i64, Option<String>)> {
-    let mut out = Vec::new();
-    for i in 0..env.shard_dsns.len() {
-        let rows = env
-            .shard(i)
-            .await
-            .expect("shard")
-            .query(
-                "SELECT seq, body FROM messages WHERE conversation = $1 ORDER BY seq",
-                &[&conversation],
-            )
-            .await
-            .expect("query");
-        out.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
-    }
-    out
+    env.stored(conversation).await.expect("shards readable")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

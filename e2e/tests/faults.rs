@@ -11,21 +11,8 @@ use futures_util::future::join_all;
 
 /// The stored sequences of a conversation, over every shard.
 async fn seqs(env: &TestEnv, conversation: &str) -> Vec<i64> {
-    let mut out = Vec::new();
-    for i in 0..env.shard_dsns.len() {
-        let rows = env
-            .shard(i)
-            .await
-            .expect("shard")
-            .query(
-                "SELECT seq FROM messages WHERE conversation = $1 ORDER BY seq",
-                &[&conversation],
-            )
-            .await
-            .expect("query");
-        out.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
-    }
-    out
+    let rows = env.stored(conversation).await.expect("shards readable");
+    rows.into_iter().map(|(seq, _)| seq).collect()
 }
 
 async fn wait_stored(env: &TestEnv, conversation: &str, n: usize) {

@@ -187,3 +187,50 @@ async fn rest_send_validates_and_is_idempotent() -> anyhow::Result<()> {
     mux.stop().await;
     env.teardown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_can_read_or_ack_another_users_conversation() -> anyhow::Result<()> {
+    let env = TestEnv::new(2, &["gw1"]).await?;
+    let gw = env.start_gateway("gw1").await?;
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
+    let secret = alice.send("bob", "for bob only").await?;
+
+    // carol reads "her" conversation with bob: alice's message is not in it.
+    let rest = Rest::new(&http_url(gw.addr));
+    let r = rest
+        .request("GET", "/messages/bob", Some(&env.token("carol")), None)
+        .await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["messages"].as_array().map(Vec::len), Some(0));
+    // carol acks "bob" as far as it goes: that can only touch carol:bob.
+    let carol = connect(&ws_url(gw.addr), &env.token("carol")).await;
+    carol.ack("bob", 1_000_000)?;
+    carol.ack("alice", 1_000_000)?;
+    // A frame naming another sender has no such field to abuse: the sender is the token's user.
+    let sent_as_carol = carol.send("bob", "from carol").await?;
+    assert_eq!(sent_as_carol.conversation, "bob:carol");
+
+    // bob still gets alice's message (not acked by anyone else), and carol's, each from its sender.
+    let mut bob = chat_client::Client::connect(&ws_url(gw.addr), &env.token("bob")).await?;
+    let mut got = bob.until_sync_done(WAIT).await?;
+    while got.len() < 2 {
+        got.push(bob.next_message(WAIT).await?);
+    }
+    got.sort_by(|a, b| a.sender.cmp(&b.sender));
+    assert_eq!(
+        got.iter()
+            .map(|m| (m.sender.as_str(), m.message_id.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("alice", secret.message_id.as_str()),
+            ("carol", sent_as_carol.message_id.as_str())
+        ]
+    );
+    alice.close();
+    carol.close();
+    bob.close();
+    gw.stop().await;
+    mux.stop().await;
+    env.teardown().await
+}
