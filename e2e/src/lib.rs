@@ -154,6 +154,7 @@ impl TestEnv {
             user_rate: (100_000, 100_000),
             ping_interval: Duration::from_secs(30),
             max_conns_per_addr: 60_000,
+            handshake_timeout: Duration::from_secs(10),
         };
         adjust(&mut config);
         let shutdown = CancellationToken::new();

@@ -164,6 +164,7 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
             c.user_rate = (1000, 1000);
             c.ping_interval = Duration::from_millis(300);
             c.max_conns_per_addr = 3;
+            c.handshake_timeout = Duration::from_secs(1);
         })
         .await?;
 
@@ -237,6 +238,24 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
     }
     for c in keep {
         c.close();
+    }
+
+    // Slowloris: a request whose headers never end is cut off after the handshake timeout.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr).await?;
+        tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await?;
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        let closed = loop {
+            match tokio::time::timeout(WAIT, tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(_)) => continue, // an error response, then the close
+                Err(_) => break false,
+            }
+        };
+        assert!(closed, "a never-ending request is closed");
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     // Cross-site websocket hijacking: a foreign Origin is refused with 403.

@@ -46,6 +46,9 @@ pub struct Config {
     pub ping_interval: std::time::Duration,
     /// Most sockets from one source address.
     pub max_conns_per_addr: usize,
+    /// How long a client may take to send its request headers (the websocket handshake
+    /// included) before the connection is closed.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -67,7 +70,7 @@ impl Config {
     /// `SHARD_POOL_SIZE`, `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE`,
     /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `MAX_IN_FLIGHT`, `WEB_DIR`,
     /// `ALLOWED_ORIGINS`, `CONN_RATE_PER_SEC`, `CONN_RATE_BURST`, `USER_RATE_PER_SEC`,
-    /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`.
+    /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`, `HANDSHAKE_TIMEOUT_SECS`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -122,6 +125,10 @@ impl Config {
             ),
             ping_interval: std::time::Duration::from_secs(env_parse("PING_INTERVAL_SECS", 30)?),
             max_conns_per_addr: env_parse("MAX_CONNS_PER_ADDR", 60_000)?,
+            handshake_timeout: std::time::Duration::from_secs(env_parse(
+                "HANDSHAKE_TIMEOUT_SECS",
+                10,
+            )?),
         })
     }
 }

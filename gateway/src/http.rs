@@ -102,15 +102,19 @@ fn origin_allowed(app: Arc<App>) -> impl Filter<Extract = (), Error = Rejection>
         .untuple_one()
 }
 
+/// The peer address of the connection, put on each request by the server.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
+
 /// One of the caller's address's socket slots (429 when it holds the maximum).
 fn address_slot(
     app: Arc<App>,
 ) -> impl Filter<Extract = (crate::app::AddrSlot,), Error = Rejection> + Clone {
-    warp::addr::remote().and_then(move |addr: Option<std::net::SocketAddr>| {
+    warp::ext::optional::<RemoteAddr>().and_then(move |addr: Option<RemoteAddr>| {
         let app = app.clone();
         async move {
             let ip = addr
-                .map(|a| a.ip())
+                .map(|a| a.0.ip())
                 .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
             app.addr_slot(ip).ok_or_else(|| {
                 metrics::counter!("gateway_connections_refused_total", "reason" => "per_address")
@@ -321,13 +325,12 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
         })
     });
 
-    let web_dir = app
-        .config
-        .web_dir
-        .clone()
-        .filter(|d| d.is_dir())
-        .unwrap_or_else(|| std::path::PathBuf::from("/nonexistent"));
-    let web = warp::get().and(warp::fs::dir(web_dir));
+    let web = match app.config.web_dir.clone().filter(|d| d.is_dir()) {
+        Some(dir) => warp::get().and(warp::fs::dir(dir)).boxed(),
+        None => warp::any()
+            .and_then(|| async { Err::<warp::fs::File, _>(warp::reject::not_found()) })
+            .boxed(),
+    };
 
     ws_route
         .or(put)

@@ -86,13 +86,37 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
     });
-    let (addr, server) = warp::serve(http::routes(app.clone()))
-        .try_bind_with_graceful_shutdown(app.config.addr, {
+    // hyper directly (warp's own server has no header-read timeout): a client that opens a
+    // connection and dawdles over its request (slowloris) is cut off after `handshake_timeout`.
+    let listener = std::net::TcpListener::bind(app.config.addr).context("bind")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let routes = warp::service(http::routes(app.clone()));
+    let make = hyper::service::make_service_fn(move |conn: &hyper::server::conn::AddrStream| {
+        let remote = http::RemoteAddr(conn.remote_addr());
+        let routes = routes.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::Body>| {
+                    req.extensions_mut().insert(remote);
+                    let mut routes = routes.clone();
+                    hyper::service::Service::call(&mut routes, req)
+                },
+            ))
+        }
+    });
+    let server = hyper::Server::from_tcp(listener)?
+        .http1_header_read_timeout(app.config.handshake_timeout)
+        .serve(make)
+        .with_graceful_shutdown({
             let s = shutdown.clone();
             async move { s.cancelled().await }
-        })
-        .context("bind")?;
-    let server = tokio::spawn(server);
+        });
+    let server = tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
     let outbound = tokio::spawn(outbound::run(app.clone(), consumer, shutdown.clone()));
     tracing::info!(%addr, gateway = %app.config.gateway_id, outbound = %outbound_topic, "gateway started");
 
