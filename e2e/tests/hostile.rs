@@ -213,18 +213,38 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
     let code = close_code(&mut silent).await;
     assert!(matches!(code, Some(4002) | None), "{code:?}");
     let rest = Rest::new(&http_url(gw.addr));
-    let metrics = rest.request("GET", "/metrics", None, None).await?;
-    let text = metrics.body.as_str().unwrap_or_default().to_owned();
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("gateway_closed_by_server_total{code=\"4002\"}")),
-        "no 4002 close counted"
-    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = rest.request("GET", "/metrics", None, None).await?;
+        let text = metrics.body.as_str().unwrap_or_default().to_owned();
+        if text
+            .lines()
+            .any(|l| l.starts_with("gateway_closed_by_server_total{code=\"4002\"}"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no 4002 close counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Connections per address: the fourth is refused before the upgrade.
+    // The earlier sockets give their slots back once their sessions are wound up (offline
+    // presence published): retry a refused connect until then.
     let mut keep: Vec<Client> = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
     for u in ["u1", "u2", "u3"] {
-        keep.push(Client::connect(&ws_url(gw.addr), &env.token(u)).await?);
+        loop {
+            match Client::connect(&ws_url(gw.addr), &env.token(u)).await {
+                Ok(c) => break keep.push(c),
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "{u}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
     }
     let fourth = tokio_tungstenite::connect_async(format!(
         "{}/ws?access_token={}",
