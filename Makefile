@@ -135,6 +135,10 @@ chaos-short: deps ## Two fault scenarios, 30 s each (CI): a multiplexer SIGKILLe
 	@$(CARGO) build --bins --quiet || { echo "chaos-short: cargo build failed"; exit 1; }
 	@target/debug/chaos --bin-dir target/debug --duration 30 --rate 100 --scenarios kill-multiplexer,kill-gateway --out target/chaos-short.md || { echo "chaos-short: anomalies found (see the table above)"; exit 1; }
 
+.PHONY: bench
+bench: stack ## Benchmark (not in make test): baselines, e2e max rate and latency, idle connections; ~15 min; writes bench/RESULTS.md.
+	@bench/bench.sh || { echo "bench: failed (see the messages above; outputs in target/bench/)"; exit 1; }
+
 .PHONY: test-infra
 test-infra: ## Check Terraform, dashboards and alert rules offline (parses HCL; topics agree with infra/topics.json).
 	@infra/tests/run.sh || { echo "test-infra: infrastructure checks failed"; exit 1; }

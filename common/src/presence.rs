@@ -46,7 +46,9 @@ pub struct PresenceView {
     routes: Arc<RwLock<HashMap<String, Route>>>,
     /// Next offset to read, per partition (advanced as records are applied).
     positions: watch::Receiver<HashMap<i32, i64>>,
-    consumer: Arc<StreamConsumer>,
+    /// A client of its own for end-offset queries: on the reader's client they would queue
+    /// behind its long-poll fetches (about 10 ms each).
+    offsets: Arc<StreamConsumer>,
     topic: String,
     partitions: Vec<i32>,
 }
@@ -76,7 +78,7 @@ impl PresenceView {
         let view = Self {
             routes: routes.clone(),
             positions: rx,
-            consumer: consumer.clone(),
+            offsets: Arc::new(kafka.reader()?),
             topic: topic.to_owned(),
             partitions,
         };
@@ -120,22 +122,23 @@ impl PresenceView {
     /// applied. Returns false if that did not happen within `timeout` (the caller routes with
     /// what it has; the sync on the next connect covers anything missed).
     pub async fn catch_up(&self, timeout: Duration) -> bool {
-        let consumer = self.consumer.clone();
-        let (topic, partitions) = (self.topic.clone(), self.partitions.clone());
-        let highs = tokio::task::spawn_blocking(move || {
-            partitions
-                .iter()
-                .map(|p| {
-                    consumer
-                        .fetch_watermarks(&topic, *p, Duration::from_secs(2))
-                        .map(|(_, high)| (*p, high))
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await;
+        // Every partition's end offset, queried in parallel.
+        let queries = self.partitions.iter().map(|p| {
+            let (consumer, topic, p) = (self.offsets.clone(), self.topic.clone(), *p);
+            tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(2))
+                    .map(|(_, high)| (p, high))
+            })
+        });
+        let highs: Result<Vec<(i32, i64)>, ()> = futures_util::future::join_all(queries)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
+            .collect();
         let highs = match highs {
-            Ok(Ok(h)) => h,
-            _ => {
+            Ok(h) => h,
+            Err(()) => {
                 metrics::counter!("presence_catch_up_failed_total").increment(1);
                 return false;
             }

@@ -3,6 +3,8 @@
 //! Shared by the multiplexer (live, followed by routing) and `db-writer replay` (rebuilding or
 //! resharding the stores from the log), so both interpret the log identically.
 
+use std::collections::BTreeMap;
+
 use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::{inbound_record, AckRecord, ChatMessage, InboundRecord, Receipt};
 use prost::Message as _;
@@ -70,42 +72,72 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Inbound, InvalidRecord> {
 }
 
 impl Shards {
-    /// Applies a (decoded, valid) ack; returns the receipt for the sender when it acked anything
-    /// new, addressed to that sender.
-    pub async fn apply_ack(
+    /// Applies a batch of (decoded, valid) acks: one statement per shard, after keeping only the
+    /// highest seq per conversation and user. Returns a receipt for each sender whose messages
+    /// were newly acked, addressed to that sender.
+    pub async fn apply_acks(
         &self,
-        ack: &AckRecord,
+        acks: &[AckRecord],
         retention: Retention,
-    ) -> Result<Option<(String, Receipt)>, DbError> {
-        let (Ok(user), Ok(conversation)) = (
-            UserId::parse(&ack.user),
-            ConversationKey::parse(&ack.conversation),
-        ) else {
-            return Ok(None);
-        };
-        let Some(peer) = conversation.peer_of(&user) else {
-            return Ok(None);
-        };
-        let outcome = self
-            .ack(
-                &user,
-                &conversation,
-                ack.up_to_seq,
-                ack.acked_at_ms,
-                retention,
-            )
-            .await?;
-        Ok(outcome.up_to_seq.map(|up_to_seq| {
-            (
+    ) -> Result<Vec<(String, Receipt)>, DbError> {
+        // (conversation, user) -> (up_to_seq, acked_at_ms), the highest seq winning.
+        let mut latest: BTreeMap<(String, String), (u64, i64)> = BTreeMap::new();
+        for a in acks {
+            let (Ok(user), Ok(conversation)) = (
+                UserId::parse(&a.user),
+                ConversationKey::parse(&a.conversation),
+            ) else {
+                continue;
+            };
+            if conversation.peer_of(&user).is_none() {
+                continue;
+            }
+            let e = latest
+                .entry((a.conversation.clone(), a.user.clone()))
+                .or_insert((a.up_to_seq, a.acked_at_ms));
+            if a.up_to_seq > e.0 {
+                *e = (a.up_to_seq, a.acked_at_ms);
+            }
+        }
+        let mut per_shard: BTreeMap<usize, Vec<(String, String, u64, i64)>> = BTreeMap::new();
+        for ((conversation, user), (seq, at)) in &latest {
+            let key = ConversationKey::parse(conversation).map_err(|e| DbError::BadRow {
+                shard: usize::MAX,
+                reason: e.to_string(),
+            })?;
+            per_shard
+                .entry(self.locator().shard_of(&key))
+                .or_default()
+                .push((conversation.clone(), user.clone(), *seq, *at));
+        }
+        let results = futures_util::future::try_join_all(
+            per_shard
+                .iter()
+                .map(|(shard, rows)| self.ack_on_shard(*shard, rows, retention)),
+        )
+        .await?;
+        let mut receipts = Vec::new();
+        for (conversation, user, up_to_seq) in results.into_iter().flatten() {
+            let (Ok(u), Ok(c)) = (UserId::parse(&user), ConversationKey::parse(&conversation))
+            else {
+                continue;
+            };
+            let Some(peer) = c.peer_of(&u) else { continue };
+            let acked_at_ms = latest
+                .get(&(conversation.clone(), user.clone()))
+                .map(|(_, at)| *at)
+                .unwrap_or_default();
+            receipts.push((
                 peer.to_string(),
                 Receipt {
-                    peer: user.to_string(),
-                    conversation: conversation.to_string(),
+                    peer: user,
+                    conversation,
                     up_to_seq,
-                    acked_at_ms: ack.acked_at_ms,
+                    acked_at_ms,
                 },
-            )
-        }))
+            ));
+        }
+        Ok(receipts)
     }
 }
 

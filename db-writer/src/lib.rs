@@ -20,4 +20,4 @@ pub mod store;
 pub use error::DbError;
 pub use locator::Locator;
 pub use shards::{ShardConfig, Shards};
-pub use store::{AckOutcome, AckedUpTo, Retention, Stored};
+pub use store::{AckedUpTo, Retention, Stored};

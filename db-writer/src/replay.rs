@@ -143,9 +143,9 @@ pub async fn replay(
                 }
             }
         }
-        for a in &acks {
-            shards.apply_ack(a, options.retention).await?;
-            summary.acks += 1;
+        if !acks.is_empty() {
+            shards.apply_acks(&acks, options.retention).await?;
+            summary.acks += acks.len() as u64;
         }
         for (p, offset) in last {
             consumer.store_offset(topic, p, offset)?;

@@ -47,15 +47,6 @@ pub struct Stored {
     pub acked: bool,
 }
 
-/// The effect of an ack.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AckOutcome {
-    /// Highest sequence this ack newly covered, if it covered anything.
-    pub up_to_seq: Option<u64>,
-    /// Number of messages newly acknowledged.
-    pub acked: u64,
-}
-
 fn conversation_of(m: &ChatMessage) -> Result<ConversationKey, DbError> {
     ConversationKey::parse(&m.conversation).map_err(|e| DbError::BadRow {
         shard: usize::MAX,
@@ -249,48 +240,52 @@ impl Shards {
         Ok(out)
     }
 
-    /// Records that `user` acknowledged every message sent to them in `conversation` up to
-    /// `up_to_seq`. In delete-on-ack mode the acknowledged bodies are erased in the same statement.
-    /// Idempotent: acking again (or out of order) changes nothing already acked.
-    pub async fn ack(
+    /// Records acks on one shard in one statement: each `(conversation, user, up_to_seq,
+    /// acked_at_ms)` acknowledges every message sent to `user` in `conversation` up to that seq.
+    /// In delete-on-ack mode the acknowledged bodies are erased by the same statement. Idempotent:
+    /// acking again (or out of order) changes nothing already acked. Returns, per conversation
+    /// and user that acked something new, the highest seq newly acked.
+    pub async fn ack_on_shard(
         &self,
-        user: &UserId,
-        conversation: &ConversationKey,
-        up_to_seq: u64,
-        acked_at_ms: i64,
+        shard: usize,
+        acks: &[(String, String, u64, i64)],
         retention: Retention,
-    ) -> Result<AckOutcome, DbError> {
-        let shard = self.locator().shard_of(conversation);
+    ) -> Result<Vec<(String, String, u64)>, DbError> {
         let pg = |source| DbError::Postgres { shard, source };
         let client = self.client(shard).await?;
         let erase = retention == Retention::DeleteOnAck;
-        let up_to = i64::try_from(up_to_seq).unwrap_or(i64::MAX);
-        let row = client
-            .query_one(
-                "WITH acked AS (
-                     UPDATE messages
-                     SET acked_at_ms = $4,
-                         body = CASE WHEN $5 THEN NULL ELSE body END
-                     WHERE conversation = $1 AND recipient = $2 AND seq <= $3
-                       AND acked_at_ms IS NULL
-                     RETURNING seq)
-                 SELECT max(seq), count(*) FROM acked",
-                &[
-                    &conversation.as_str(),
-                    &user.as_str(),
-                    &up_to,
-                    &acked_at_ms,
-                    &erase,
-                ],
+        let (mut convs, mut users, mut seqs, mut ats) = (vec![], vec![], vec![], vec![]);
+        for (c, u, seq, at) in acks {
+            convs.push(c.as_str());
+            users.push(u.as_str());
+            seqs.push(i64::try_from(*seq).unwrap_or(i64::MAX));
+            ats.push(*at);
+        }
+        let started = std::time::Instant::now();
+        let rows = client
+            .query(
+                "WITH a AS (
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                         AS a(conversation, recipient, up_to, acked_at)),
+                 acked AS (
+                     UPDATE messages m
+                     SET acked_at_ms = a.acked_at,
+                         body = CASE WHEN $5 THEN NULL ELSE m.body END
+                     FROM a
+                     WHERE m.conversation = a.conversation AND m.recipient = a.recipient
+                       AND m.seq <= a.up_to
+                       AND m.acked_at_ms IS NULL AND m.expired_at_ms IS NULL
+                     RETURNING m.conversation, m.recipient, m.seq)
+                 SELECT conversation, recipient, max(seq) FROM acked GROUP BY 1, 2",
+                &[&convs, &users, &seqs, &ats, &erase],
             )
             .await
             .map_err(pg)?;
-        let max: Option<i64> = row.get(0);
-        let count: i64 = row.get(1);
-        Ok(AckOutcome {
-            up_to_seq: max.map(|s| s as u64),
-            acked: count as u64,
-        })
+        metrics::histogram!("db_ack_seconds").record(started.elapsed());
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
+            .collect())
     }
 
     /// A page of a conversation's history, oldest first: the `limit` messages before `before`

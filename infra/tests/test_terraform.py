@@ -98,6 +98,7 @@ CURRENT: dict[str, Metric] = {
     "multiplexer_consumer_lag": _m("gauge", partition=None),
     "db_pool_wait_seconds": _m("histogram", shard=None),
     "db_commit_seconds": _m("histogram"),
+    "db_ack_seconds": _m("histogram"),
     # Abuse controls (gateway/src/app.rs, http.rs, ws.rs).
     "gateway_rate_limited_total": _m("counter", scope={"user", "connection"}),
     "gateway_origin_refused_total": _m("counter"),

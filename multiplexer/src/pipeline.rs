@@ -127,15 +127,18 @@ impl Pipeline {
         metrics::counter!("multiplexer_messages_duplicate_total")
             .increment((stored.len() - created) as u64);
 
-        let mut receipts = Vec::new();
-        for ack in &batch.acks {
-            let receipt = retry(shutdown, "ack", || {
-                self.shards.apply_ack(ack, self.config.retention)
+        let receipts = if batch.acks.is_empty() {
+            Vec::new()
+        } else {
+            match retry(shutdown, "acks", || {
+                self.shards.apply_acks(&batch.acks, self.config.retention)
             })
-            .await;
-            let Some(receipt) = receipt else { return false };
-            receipts.extend(receipt);
-        }
+            .await
+            {
+                Some(r) => r,
+                None => return false,
+            }
+        };
 
         // Everything this batch changed is committed; make sure the routes we use are at least
         // as new as any session that synced before the commit (see `presence`).

@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# Usage: bench/bench.sh            (what `make bench` runs)
+#
+# Benchmarks the pipeline on this machine and prints a Markdown table with every figure:
+#   1. baselines: raw Kafka (the pipeline's producer/consumer settings), raw Postgres (the
+#      db-writer's batched insert and ack update on migrated shards), a raw websocket echo;
+#   2. end to end: the highest rate sustained for 60 s with every message delivered and
+#      receipted, then latency at 10K msg/s (or the max, if lower) and at 80% of the max;
+#   3. ratios against the baselines;
+#   4. idle connections one gateway holds, and RSS per connection (and a plain tokio TCP server's).
+#
+# Everything it starts is its own: gateways and a multiplexer from target/release with their own
+# topic prefix, consumer groups and shard databases, on the Kafka and Postgres of `make stack`.
+# All of it is stopped and deleted at the end (also on failure or Ctrl-C). The default stack
+# (topics without prefix, chat_shard_*) is never touched.
+#
+# Output: target/bench/<run id>/ (JSON reports, PNG charts, logs, results.md); a full run also
+# writes bench/RESULTS.md.
+#
+# Env: BENCH_STAGES  stages to run (default "baselines e2e connections")
+#      BENCH_QUICK=1 short durations (a smoke test, minutes less; figures are rough)
+#      BENCH_USERS   websocket users of the e2e load (default 1000)
+#      BENCH_CONNS   idle connections to hold (default 19500)
+#      BENCH_ACK     each|batch: recipients ack every message, or per read burst (default each)
+#      BENCH_GATEWAYS number of gateways for the e2e load (default 1)
+#      BENCH_START_RATE first probed rate of the search (default 400 msg/s)
+#      BENCH_SEARCH_ARGS extra arguments for `loadgen search`
+#      BENCH_GATEWAY_ENV extra VAR=value settings for the gateways (experiments)
+#      BENCH_PROFILE=1 record CPU profiles (perf, cpu-clock) of the gateway and multiplexer
+#                    during the e2e search: target/bench/<run>/profile-*.txt
+#      KAFKA_BROKERS (default 127.0.0.1:9092), CHAT_TEST_PG (admin DSN, default
+#      postgres://chat@127.0.0.1:54320/postgres)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source infra/scripts/lib.sh
+
+BIN=target/release
+BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
+PG_ADMIN="${CHAT_TEST_PG:-postgres://chat@127.0.0.1:54320/postgres}"
+PG_BASE="${PG_ADMIN%/*}"
+STAGES="${BENCH_STAGES:-baselines e2e connections}"
+QUICK="${BENCH_QUICK:-0}"
+USERS="${BENCH_USERS:-1000}"
+CONNS="${BENCH_CONNS:-19500}"
+ACK="${BENCH_ACK:-each}"
+NGW="${BENCH_GATEWAYS:-1}"
+RUN_ID="bench$(date +%s)"
+OUT="target/bench/$RUN_ID"
+PREFIX="$RUN_ID-"
+SOURCE_IPS="127.0.0.2-127.0.0.5"
+COMMAND="${BENCH_COMMAND:-make bench}"
+mkdir -p "$OUT/logs"
+START_TIME=$SECONDS
+
+log() { printf '\n== %s (%ds)\n' "$*" "$((SECONDS - START_TIME))" >&2; }
+has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- processes we start, and cleanup
+declare -A PIDS=()
+DBS=()
+start_bg() { # name logfile cmd...  (env via `env` in cmd)
+  local name="$1" logf="$2"
+  shift 2
+  "$@" >"$logf" 2>&1 &
+  PIDS[$name]=$!
+}
+stop_bg() {
+  local name="$1" pid="${PIDS[$1]:-}" waited=0
+  [[ -n "$pid" ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  while pid_alive "$pid" && ((waited < 150)); do sleep 0.2; waited=$((waited + 1)); done
+  pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  unset "PIDS[$name]"
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  log "cleaning up"
+  for name in "${!PIDS[@]}"; do stop_bg "$name"; done
+  if [[ -x "$BIN/loadgen" ]]; then
+    "$BIN/loadgen" cleanup --brokers "$BROKERS" --prefix "$PREFIX" \
+      --group "${PREFIX}multiplexer" --group "${PREFIX}raw" \
+      --group "${PREFIX}gateway-lgw1" --group "${PREFIX}gateway-lgw2" --group "${PREFIX}gateway-lgc1" \
+      >>"$OUT/logs/cleanup.log" 2>&1 || echo "bench: topic cleanup failed (see $OUT/logs/cleanup.log)" >&2
+  fi
+  for db in "${DBS[@]}"; do
+    psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >>"$OUT/logs/cleanup.log" 2>&1 || true
+  done
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_ready() { # url name
+  local deadline=$((SECONDS + 60))
+  until curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null; do
+    pid_alive "${PIDS[$2]}" || { tail_log "$OUT/logs/$2.log"; die "$2 exited during start-up"; }
+    ((SECONDS < deadline)) || { tail_log "$OUT/logs/$2.log"; die "$2 not ready after 60 s"; }
+    sleep 0.3
+  done
+}
+
+free_port() { # first port from $1 up that nothing listens on
+  local p="$1"
+  while port_open 127.0.0.1 "$p"; do p=$((p + 1)); done
+  echo "$p"
+}
+
+# ---------------------------------------------------------------- checks and build
+port_open 127.0.0.1 "${BROKERS##*:}" || die "Kafka is not up on $BROKERS (make stack)"
+psql -q "$PG_ADMIN" -Atc 'select 1' >/dev/null 2>&1 || die "Postgres is not up at $PG_ADMIN (make stack)"
+# Descriptors: the gateway and the connection holder each need ~CONNS + a few dozen.
+ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
+log "building (release): loadgen, gateway, multiplexer, chatctl, db-writer"
+cargo build --release --quiet -p loadgen -p gateway -p multiplexer -p chatctl -p db-writer --bins \
+  || die "cargo build failed"
+
+KAFKA_PID="$(ss -ltnpH "sport = :${BROKERS##*:}" | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2)"
+PG_PID="$(head -n1 "$(psql "$PG_ADMIN" -Atc 'show data_directory')/postmaster.pid" 2>/dev/null || true)"
+[[ -n "$KAFKA_PID" ]] || die "cannot find the Kafka broker's pid"
+[[ -n "$PG_PID" ]] || die "cannot find the postmaster's pid (show data_directory)"
+KAFKA_W=(--watch "kafka=$KAFKA_PID")
+PG_W=(--watch "postgres=$PG_PID+")
+
+cat >"$OUT/meta.json" <<EOF
+{"date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "nproc": $(nproc), "memory": "$(free -g | awk '/^Mem:/ {print $2 " GiB"}')",
+ "kernel": "$(uname -sr)", "commit": "$(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+dirty')",
+ "command": "$COMMAND", "run_id": "$RUN_ID",
+ "note": "Kafka and Postgres are the shared ones of make stack (other work on this machine may add noise); fd soft limit $(ulimit -Sn)."}
+EOF
+
+log "idle CPU of the shared Kafka and Postgres (other work on this machine)"
+"$BIN/loadgen" idle --seconds 5 "${KAFKA_W[@]}" "${PG_W[@]}" --out "$OUT/idle.json"
+
+if [[ "$QUICK" == 1 ]]; then
+  KAFKA_ARGS=(--records 60000 --seconds 5); PG_ARGS=(--rows 20000 --acks-each 4000)
+  ECHO_ARGS=(--flat-seconds 4 --seconds 5)
+  SEARCH_ARGS=(--probe-seconds 5 --confirm-seconds 10 --latency-seconds 5 --budget-seconds 60)
+else
+  KAFKA_ARGS=(); PG_ARGS=(); ECHO_ARGS=(); SEARCH_ARGS=()
+fi
+# shellcheck disable=SC2206
+SEARCH_ARGS+=(${BENCH_SEARCH_ARGS:-})
+
+create_dbs() { # name_prefix -> sets DSNS to the DSN list
+  local dsns="" i db
+  for i in 0 1 2 3; do
+    db="${RUN_ID}_$1$i"
+    psql -q "$PG_ADMIN" -c "CREATE DATABASE \"$db\"" >/dev/null
+    DBS+=("$db")
+    dsns+="${dsns:+,}$PG_BASE/$db"
+  done
+  SHARD_DSNS="$dsns" "$BIN/db-writer" migrate >>"$OUT/logs/migrate.log" 2>&1 || die "migrate failed"
+  DSNS="$dsns"
+}
+
+# ---------------------------------------------------------------- 1. baselines
+if has_stage baselines; then
+  log "baseline: raw Kafka"
+  "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "${PREFIX}raw-" --gateways x >>"$OUT/logs/topics.log"
+  "$BIN/loadgen" raw-kafka --brokers "$BROKERS" --topic "${PREFIX}raw-inbound" --group "${PREFIX}raw" \
+    --presence-topic "${PREFIX}raw-presence" \
+    --watch loadgen=self "${KAFKA_W[@]}" --out "$OUT/kafka.json" "${KAFKA_ARGS[@]}"
+
+  log "baseline: raw Postgres"
+  create_dbs raw; RAW_DSNS="$DSNS"
+  "$BIN/loadgen" raw-pg --dsns "$RAW_DSNS" --watch loadgen=self "${PG_W[@]}" --out "$OUT/pg.json" "${PG_ARGS[@]}"
+
+  log "baseline: raw websocket echo"
+  ECHO_PORT="$(free_port 18490)"
+  start_bg echo "$OUT/logs/echo.log" "$BIN/loadgen" echo-server --addr "127.0.0.1:$ECHO_PORT"
+  sleep 0.5
+  "$BIN/loadgen" echo --url "ws://127.0.0.1:$ECHO_PORT" --source-ips "$SOURCE_IPS" \
+    --watch loadgen=self --watch "echo-server=${PIDS[echo]}" --out "$OUT/echo.json" "${ECHO_ARGS[@]}"
+  stop_bg echo
+fi
+
+# ---------------------------------------------------------------- 2. end to end
+gateway_env() { # id port
+  echo GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" TOPIC_PREFIX="$PREFIX" KAFKA_BROKERS="$BROKERS" \
+    SHARD_DSNS="$E2E_DSNS" SHARD_POOL_SIZE=4 RUST_LOG=warn WEB_DIR=/nonexistent \
+    CONN_RATE_PER_SEC=1000000 CONN_RATE_BURST=1000000 USER_RATE_PER_SEC=1000000 USER_RATE_BURST=1000000 \
+    MAX_CONNS_PER_ADDR=100000 ${BENCH_GATEWAY_ENV:-}
+}
+if has_stage e2e || has_stage connections; then
+  "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "$PREFIX" --gateways lgw1,lgw2,lgc1 >>"$OUT/logs/topics.log"
+  create_dbs s; E2E_DSNS="$DSNS"
+fi
+if has_stage e2e; then
+  log "end to end: $NGW gateway(s) + 1 multiplexer, $USERS users, ack $ACK"
+  URLS=(); WATCH_GW=()
+  for g in $(seq 1 "$NGW"); do
+    port="$(free_port $((18480 + g)))"
+    # shellcheck disable=SC2046
+    start_bg "lgw$g" "$OUT/logs/lgw$g.log" env $(gateway_env "lgw$g" "$port") "$BIN/gateway"
+    wait_ready "http://127.0.0.1:$port/readyz" "lgw$g"
+    URLS+=(--url "ws://127.0.0.1:$port"); WATCH_GW+=(--watch "gateway=${PIDS[lgw$g]}")
+    GW_PORTS+=("$port")
+  done
+  MX_PORT="$(free_port 18489)"
+  start_bg multiplexer "$OUT/logs/multiplexer.log" env TOPIC_PREFIX="$PREFIX" KAFKA_BROKERS="$BROKERS" \
+    SHARD_DSNS="$E2E_DSNS" SHARD_POOL_SIZE=4 MULTIPLEXER_GROUP="${PREFIX}multiplexer" \
+    MULTIPLEXER_HTTP_ADDR="127.0.0.1:$MX_PORT" RUST_LOG=warn "$BIN/multiplexer"
+  wait_ready "http://127.0.0.1:$MX_PORT/readyz" multiplexer
+  if [[ "${BENCH_PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
+    start_bg perf-gw "$OUT/logs/perf-gw.log" perf record -e cpu-clock -F 499 -g -o "$OUT/perf-gateway.data" -p "${PIDS[lgw1]}"
+    start_bg perf-mx "$OUT/logs/perf-mx.log" perf record -e cpu-clock -F 499 -g -o "$OUT/perf-multiplexer.data" -p "${PIDS[multiplexer]}"
+  fi
+  "$BIN/loadgen" search "${URLS[@]}" --users "$USERS" --source-ips "$SOURCE_IPS" --ack "$ACK" \
+    --user-prefix "${RUN_ID}e" --out-dir "$OUT" --start-rate "${BENCH_START_RATE:-400}" \
+    --watch loadgen=self "${WATCH_GW[@]}" --watch "multiplexer=${PIDS[multiplexer]}" "${KAFKA_W[@]}" "${PG_W[@]}" \
+    "${SEARCH_ARGS[@]}"
+  if [[ -n "${PIDS[perf-gw]:-}" ]]; then
+    kill -INT "${PIDS[perf-gw]}" "${PIDS[perf-mx]}" 2>/dev/null || true
+    wait "${PIDS[perf-gw]}" "${PIDS[perf-mx]}" 2>/dev/null || true
+    unset "PIDS[perf-gw]" "PIDS[perf-mx]"
+    for p in gateway multiplexer; do
+      perf report -i "$OUT/perf-$p.data" --stdio --no-children --sort symbol --percent-limit 1 -g none \
+        >"$OUT/profile-$p.txt" 2>/dev/null || true
+      perf report -i "$OUT/perf-$p.data" --stdio --no-children --sort dso --percent-limit 1 -g none \
+        >"$OUT/profile-$p-dso.txt" 2>/dev/null || true
+    done
+  fi
+  curl -fsS "http://127.0.0.1:$MX_PORT/metrics" >"$OUT/metrics-multiplexer.txt" 2>/dev/null || true
+  curl -fsS "http://127.0.0.1:${GW_PORTS[0]}/metrics" >"$OUT/metrics-gateway.txt" 2>/dev/null || true
+  stop_bg multiplexer
+  for g in $(seq 1 "$NGW"); do stop_bg "lgw$g"; done
+fi
+
+# ---------------------------------------------------------------- 4. connections
+if has_stage connections; then
+  log "connections: $CONNS idle websockets on one gateway (fd limit $(ulimit -Sn))"
+  port="$(free_port 18486)"
+  # shellcheck disable=SC2046
+  start_bg lgc1 "$OUT/logs/lgc1.log" env $(gateway_env lgc1 "$port") "$BIN/gateway"
+  wait_ready "http://127.0.0.1:$port/readyz" lgc1
+  sleep 2
+  "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode ws --conns "$CONNS" --source-ips "$SOURCE_IPS" \
+    --target-pid "${PIDS[lgc1]}" --user-prefix "${RUN_ID}c" --out "$OUT/hold-gateway.json" \
+    || echo "bench: holding connections on the gateway failed" >&2
+  stop_bg lgc1
+
+  log "connections: $CONNS idle websockets on a plain tokio-tungstenite server"
+  port="$(free_port 18488)"
+  start_bg echo2 "$OUT/logs/echo2.log" "$BIN/loadgen" echo-server --addr "127.0.0.1:$port"
+  sleep 1
+  "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode ws-raw --conns "$CONNS" --source-ips "$SOURCE_IPS" \
+    --target-pid "${PIDS[echo2]}" --hold-seconds 2 --out "$OUT/hold-ws.json" \
+    || echo "bench: holding connections on the websocket server failed" >&2
+  stop_bg echo2
+
+  log "connections: $CONNS idle sockets on a plain tokio TCP server"
+  port="$(free_port 18487)"
+  start_bg tcp "$OUT/logs/tcp.log" "$BIN/loadgen" tcp-server --addr "127.0.0.1:$port"
+  sleep 1
+  "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode tcp --conns "$CONNS" --source-ips "$SOURCE_IPS" \
+    --target-pid "${PIDS[tcp]}" --hold-seconds 2 --out "$OUT/hold-tcp.json" \
+    || echo "bench: holding connections on the TCP server failed" >&2
+  stop_bg tcp
+fi
+
+# ---------------------------------------------------------------- the table
+log "results"
+"$BIN/loadgen" report --dir "$OUT" >"$OUT/results.md"
+echo
+cat "$OUT/results.md"
+echo
+echo "JSON reports, charts (trial-*.png) and logs: $OUT/"
+if [[ "$STAGES" == "baselines e2e connections" && "$QUICK" != 1 ]]; then
+  { echo "# Bench results"; echo; echo "Produced by \`$COMMAND\` (bench/bench.sh); charts and JSON of this run were in $OUT/."; echo;
+    cat "$OUT/results.md"; } >bench/RESULTS.md
+  echo "wrote bench/RESULTS.md"
+fi
+echo "bench: done in $((SECONDS - START_TIME)) s"

@@ -1,0 +1,510 @@
+//! `loadgen`: load generator and benchmark tooling for the chat pipeline.
+//!
+//! Subcommands: `run` (one open-loop end-to-end trial), `search` (the highest sustainable rate,
+//! then latency points), `raw-kafka`, `raw-pg`, `echo-server` + `echo` (raw websocket),
+//! `tcp-server` + `hold` (connections held and memory per connection), `cleanup` (topics and
+//! groups of a bench run), `report` (the Markdown table from the JSON reports).
+//! `make bench` (bench/bench.sh) runs all of it.
+
+mod chart;
+mod cpu;
+mod e2e;
+mod raw;
+mod report;
+mod stats;
+mod ws;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::cpu::Watch;
+
+#[derive(Parser)]
+#[command(version, about = "Load generator and benchmarks for the chat pipeline")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads of this process's runtime (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct FleetArgs {
+    /// Gateway base URLs (users are spread over them).
+    #[arg(long = "url", required = true)]
+    urls: Vec<String>,
+    /// Users, one websocket each (each sends to another user and receives from one).
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Source addresses to bind client sockets to: 127.0.0.2-127.0.0.9 or a list.
+    #[arg(long, default_value = "")]
+    source_ips: String,
+    /// Prefix of user ids (unique per bench run).
+    #[arg(long, default_value = "lg")]
+    user_prefix: String,
+    /// Message body size.
+    #[arg(long, default_value_t = 100)]
+    body_bytes: usize,
+    /// How recipients ack: each message, or cumulatively per read burst.
+    #[arg(long, value_enum, default_value = "each")]
+    ack: e2e::AckMode,
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Processes to measure CPU of: name=pid, name=pid+ (with children), name=self.
+    #[arg(long = "watch")]
+    watches: Vec<Watch>,
+    /// Where the JSON report and charts go.
+    #[arg(long, default_value = "bench/out")]
+    out_dir: PathBuf,
+}
+
+impl FleetArgs {
+    fn setup(&self) -> anyhow::Result<e2e::Setup> {
+        Ok(e2e::Setup {
+            urls: self.urls.clone(),
+            users: self.users,
+            source_ips: ws::parse_ips(&self.source_ips)?,
+            user_prefix: self.user_prefix.clone(),
+            body_bytes: self.body_bytes,
+            ack: self.ack,
+            connect_concurrency: self.connect_concurrency,
+            watches: self.watches.clone(),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One open-loop end-to-end trial at a fixed rate.
+    Run {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 15.0)]
+        drain_seconds: f64,
+        #[arg(long, default_value_t = 1000.0)]
+        max_p99_ms: f64,
+    },
+    /// Finds the highest rate sustained for a full trial, then measures latency points.
+    Search {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[arg(long, default_value_t = 2000.0)]
+        start_rate: f64,
+        #[arg(long, default_value_t = 30000.0)]
+        max_rate: f64,
+        #[arg(long, default_value_t = 12.0)]
+        probe_seconds: f64,
+        #[arg(long, default_value_t = 60.0)]
+        confirm_seconds: f64,
+        #[arg(long, default_value_t = 10000.0)]
+        latency_rate: f64,
+        #[arg(long, default_value_t = 30.0)]
+        latency_seconds: f64,
+        /// A trial passes only if the receipt p99 (overall and in its last 5 s) is at most this.
+        #[arg(long, default_value_t = 1000.0)]
+        max_p99_ms: f64,
+        /// Stop probing after this long (confirmation and latency runs still happen).
+        #[arg(long, default_value_t = 300.0)]
+        budget_seconds: f64,
+    },
+    /// Raw Kafka: produce and consume records of the pipeline's size with its settings.
+    RawKafka {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        /// Also time the presence catch-up on this topic.
+        #[arg(long)]
+        presence_topic: Option<String>,
+        #[arg(long)]
+        group: String,
+        /// Records for the flat-out phase.
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        /// Open-loop phase rate and length.
+        #[arg(long, default_value_t = 10000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        #[arg(long, default_value_t = 500)]
+        conversations: usize,
+        #[arg(long = "watch")]
+        watches: Vec<Watch>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Raw Postgres: the db-writer's batched insert and ack update on migrated shards.
+    RawPg {
+        /// Shard DSNs, comma separated, in shard order.
+        #[arg(long)]
+        dsns: String,
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 250)]
+        batch: usize,
+        /// Acks applied one statement each (the rest are applied batched).
+        #[arg(long, default_value_t = 20_000)]
+        acks_each: usize,
+        #[arg(long, default_value_t = 500)]
+        conversations: usize,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        #[arg(long = "watch")]
+        watches: Vec<Watch>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A trivial websocket echo server.
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:18490")]
+        addr: String,
+    },
+    /// Raw websocket: round trips through the echo server, flat out then open loop.
+    Echo {
+        #[arg(long, default_value = "ws://127.0.0.1:18490")]
+        url: String,
+        #[arg(long, default_value_t = 200)]
+        conns: usize,
+        #[arg(long, default_value = "")]
+        source_ips: String,
+        /// Frame size (default: a Send frame with a 100-byte body).
+        #[arg(long)]
+        frame_bytes: Option<usize>,
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        #[arg(long, default_value_t = 10.0)]
+        flat_seconds: f64,
+        #[arg(long, default_value_t = 10000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 15.0)]
+        seconds: f64,
+        #[arg(long = "watch")]
+        watches: Vec<Watch>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A tokio TCP server that accepts and holds sockets.
+    TcpServer {
+        #[arg(long, default_value = "127.0.0.1:18491")]
+        addr: String,
+    },
+    /// Opens and holds many idle connections; reports the target's memory per connection.
+    Hold {
+        #[arg(long)]
+        url: String,
+        #[arg(long, value_enum, default_value = "ws")]
+        mode: raw::HoldMode,
+        #[arg(long, default_value_t = 19_500)]
+        conns: usize,
+        #[arg(long, default_value = "127.0.0.2-127.0.0.5")]
+        source_ips: String,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// The server process (for RSS and descriptors).
+        #[arg(long)]
+        target_pid: u32,
+        #[arg(long, default_value_t = 3.0)]
+        settle_seconds: f64,
+        #[arg(long, default_value_t = 10.0)]
+        hold_seconds: f64,
+        #[arg(long, default_value = "lg")]
+        user_prefix: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Deletes the topics with a prefix and the named consumer groups.
+    Cleanup {
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// Measures the CPU the watched processes use while this one does nothing (idle load).
+    Idle {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long = "watch")]
+        watches: Vec<Watch>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Prints in-memory sizes of the frame types a gateway queues per socket (diagnostics).
+    #[command(hide = true)]
+    Sizes,
+    /// Prints the Markdown results table from a bench output directory.
+    Report {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(label.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(t) = cli.threads {
+        rt.worker_threads(t.max(1));
+    }
+    rt.build()?.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            fleet,
+            rate,
+            seconds,
+            drain_seconds,
+            max_p99_ms,
+        } => {
+            std::fs::create_dir_all(&fleet.out_dir)?;
+            let mut f = e2e::Fleet::connect(fleet.setup()?).await?;
+            let spec = e2e::TrialSpec {
+                label: "run".into(),
+                rate,
+                seconds,
+                drain_seconds,
+                abort_backlog_seconds: f64::MAX,
+                max_p99_ms,
+            };
+            let report = f.trial(&spec, &fleet.out_dir.join("run.png")).await;
+            write_json(&fleet.out_dir.join("run.json"), &report)?;
+        }
+        Command::Search {
+            fleet,
+            start_rate,
+            max_rate,
+            probe_seconds,
+            confirm_seconds,
+            latency_rate,
+            latency_seconds,
+            max_p99_ms,
+            budget_seconds,
+        } => {
+            std::fs::create_dir_all(&fleet.out_dir)?;
+            let mut f = e2e::Fleet::connect(fleet.setup()?).await?;
+            let s = e2e::SearchSpec {
+                start_rate,
+                max_rate,
+                probe_seconds,
+                confirm_seconds,
+                latency_rate,
+                latency_seconds,
+                max_p99_ms,
+                budget_seconds,
+                out_dir: fleet.out_dir.clone(),
+            };
+            let report = e2e::search(&mut f, &s).await?;
+            write_json(&fleet.out_dir.join("search.json"), &report)?;
+        }
+        Command::RawKafka {
+            brokers,
+            topic,
+            presence_topic,
+            group,
+            records,
+            rate,
+            seconds,
+            body_bytes,
+            conversations,
+            watches,
+            out,
+        } => {
+            let r = raw::raw_kafka(raw::KafkaArgs {
+                brokers,
+                topic,
+                presence_topic,
+                group,
+                records,
+                rate,
+                seconds,
+                body_bytes,
+                pairs: conversations,
+                watches,
+            })
+            .await?;
+            write_json(&out, &r)?;
+        }
+        Command::RawPg {
+            dsns,
+            rows,
+            batch,
+            acks_each,
+            conversations,
+            body_bytes,
+            watches,
+            out,
+        } => {
+            let r = raw::raw_pg(raw::PgArgs {
+                dsns: dsns.split(',').map(|s| s.trim().to_owned()).collect(),
+                rows,
+                batch,
+                acks_each,
+                pairs: conversations,
+                body_bytes,
+                watches,
+            })
+            .await?;
+            write_json(&out, &r)?;
+        }
+        Command::EchoServer { addr } => raw::echo_server(&addr).await?,
+        Command::Echo {
+            url,
+            conns,
+            source_ips,
+            frame_bytes,
+            window,
+            flat_seconds,
+            rate,
+            seconds,
+            watches,
+            out,
+        } => {
+            let r = raw::echo(raw::EchoArgs {
+                url,
+                conns,
+                source_ips: ws::parse_ips(&source_ips)?,
+                frame_bytes: frame_bytes.unwrap_or_else(|| raw::send_frame_bytes(100)),
+                window,
+                flat_seconds,
+                rate,
+                seconds,
+                watches,
+            })
+            .await?;
+            write_json(&out, &r)?;
+        }
+        Command::TcpServer { addr } => raw::tcp_server(&addr).await?,
+        Command::Hold {
+            url,
+            mode,
+            conns,
+            source_ips,
+            concurrency,
+            target_pid,
+            settle_seconds,
+            hold_seconds,
+            user_prefix,
+            out,
+        } => {
+            let r = raw::hold(raw::HoldArgs {
+                url,
+                mode,
+                conns,
+                source_ips: ws::parse_ips(&source_ips)?,
+                concurrency,
+                target_pid,
+                settle_seconds,
+                hold_seconds,
+                user_prefix,
+            })
+            .await?;
+            write_json(&out, &r)?;
+        }
+        Command::Cleanup {
+            brokers,
+            prefix,
+            groups,
+        } => cleanup(&brokers, &prefix, &groups).await?,
+        Command::Idle {
+            seconds,
+            watches,
+            out,
+        } => {
+            let probe = cpu::Probe::start(&watches);
+            tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+            let use_ = probe.stop();
+            eprintln!(
+                "idle CPU over {seconds} s: {:?}",
+                use_.seconds
+                    .iter()
+                    .map(|(k, v)| format!("{k} {:.2} cores", v / use_.wall_seconds))
+                    .collect::<Vec<_>>()
+            );
+            write_json(&out, &use_)?;
+        }
+        Command::Sizes => {
+            use chat_proto::v1::{ChatMessage, ServerFrame};
+            let (f, m) = (
+                std::mem::size_of::<ServerFrame>(),
+                std::mem::size_of::<ChatMessage>(),
+            );
+            println!("size_of ServerFrame {f} B, ChatMessage {m} B");
+            println!(
+                "a tokio mpsc block holds 32 slots: ~{} B for a queue of ServerFrame-sized items (allocated with the channel)",
+                32 * (f.max(m) + 8)
+            );
+        }
+        Command::Report { dir } => print!("{}", report::markdown(&dir)?),
+    }
+    Ok(())
+}
+
+async fn cleanup(brokers: &str, prefix: &str, groups: &[String]) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::Consumer;
+    anyhow::ensure!(
+        prefix.len() >= 4,
+        "refusing a prefix shorter than 4 characters"
+    );
+    let cfg = chat_common::kafka::KafkaConfig::new(brokers);
+    let reader = cfg.reader()?;
+    let md = reader.fetch_metadata(None, Duration::from_secs(10))?;
+    let topics: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    let admin: AdminClient<DefaultClientContext> = cfg.client_config().create()?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    if !topics.is_empty() {
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        admin.delete_topics(&refs, &opts).await?;
+    }
+    if !groups.is_empty() {
+        let refs: Vec<&str> = groups.iter().map(String::as_str).collect();
+        for r in admin.delete_groups(&refs, &opts).await? {
+            if let Err((g, code)) = r {
+                eprintln!("group {g}: {code}");
+            }
+        }
+    }
+    eprintln!("deleted {} topics: {}", topics.len(), topics.join(" "));
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! The Markdown results table from a bench output directory.
+//!
+//! Reads `meta.json` (written by bench/bench.sh), `kafka.json`, `pg.json`, `echo.json`,
+//! `search.json`, `hold-gateway.json`, `hold-tcp.json`; a missing file shows as "not run".
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::e2e::{SearchReport, TrialReport};
+use crate::raw::{EchoReport, HoldReport, KafkaReport, PgReport};
+
+fn load<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Option<T> {
+    let text = std::fs::read_to_string(dir.join(name)).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            None
+        }
+    }
+}
+
+fn n(v: f64) -> String {
+    // Thousands separators for rates.
+    let s = format!("{:.0}", v);
+    let (sign, digits) = s.strip_prefix('-').map(|d| ("-", d)).unwrap_or(("", &s));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+fn us(cpu_s: f64) -> String {
+    format!("{:.1} µs", cpu_s * 1e6)
+}
+
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn yes(ok: bool) -> &'static str {
+    if ok {
+        "yes"
+    } else {
+        "**no**"
+    }
+}
+
+/// Kafka records, Postgres rows, acks and websocket round trips one e2e message costs.
+pub const KAFKA_RECORDS_PER_MESSAGE: f64 = 5.0; // inbound message + ack; outbound stored, deliver, receipt
+pub const WS_ROUND_TRIPS_PER_MESSAGE: f64 = 3.0; // 6 frames: send, accepted, stored, deliver, ack, receipt
+
+pub fn markdown(dir: &Path) -> anyhow::Result<String> {
+    let meta: Option<serde_json::Value> = load(dir, "meta.json");
+    let kafka: Option<KafkaReport> = load(dir, "kafka.json");
+    let pg: Option<PgReport> = load(dir, "pg.json");
+    let echo: Option<EchoReport> = load(dir, "echo.json");
+    let search: Option<SearchReport> = load(dir, "search.json");
+    let hold_gw: Option<HoldReport> = load(dir, "hold-gateway.json");
+    let hold_tcp: Option<HoldReport> = load(dir, "hold-tcp.json");
+    let hold_ws: Option<HoldReport> = load(dir, "hold-ws.json");
+    let idle: Option<crate::cpu::CpuUse> = load(dir, "idle.json");
+    let cores = meta
+        .as_ref()
+        .and_then(|m| m["nproc"].as_f64())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as f64)
+                .unwrap_or(2.0)
+        });
+    let mut o = String::new();
+    if let Some(m) = &meta {
+        writeln!(o, "Date: {}  ", m["date"].as_str().unwrap_or("?"))?;
+        writeln!(
+            o,
+            "Machine: {} cores (nproc), {} memory, {}  ",
+            m["nproc"],
+            m["memory"].as_str().unwrap_or("?"),
+            m["kernel"].as_str().unwrap_or("")
+        )?;
+        writeln!(o, "Commit: {}  ", m["commit"].as_str().unwrap_or("?"))?;
+        writeln!(
+            o,
+            "Command: `{}`",
+            m["command"].as_str().unwrap_or("make bench")
+        )?;
+        if let Some(note) = m["note"].as_str() {
+            writeln!(o, "\n{note}")?;
+        }
+        writeln!(o)?;
+    }
+
+    if let Some(i) = &idle {
+        let parts: Vec<String> = i
+            .seconds
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2} cores", v / i.wall_seconds.max(1e-9)))
+            .collect();
+        writeln!(
+            o,
+            "Idle CPU of the shared processes before the bench (included in every CPU figure below): {}.\n",
+            parts.join(", ")
+        )?;
+    }
+    writeln!(o, "### 1. Baselines (same machine, same run)\n")?;
+    writeln!(o, "| stage | records/s (flat out) | CPU per record, flat out | CPU per record, open loop at the latency rate | latency p50 / p99 / p99.9 (ms) | how |")?;
+    writeln!(o, "|---|---:|---:|---:|---|---|")?;
+    match &kafka {
+        Some(k) => writeln!(
+            o,
+            "| Kafka produce → consume | {} | {} | {} | {} / {} / {} at {}/s | {}-byte records, {} partitions, pipeline's producer/consumer settings (acks=all, idempotent, linger 2 ms, lz4); CPU = loadgen + broker; produce→ack p99 {} ms; presence catch-up (per multiplexer batch) p50 {} ms (same watermark queries from an idle client: {} ms) |",
+            n(k.throughput.records_per_sec),
+            us(k.throughput.cpu_seconds_per_record),
+            us(k.latency.cpu_seconds_per_record),
+            ms(k.latency.latency.p50_ms),
+            ms(k.latency.latency.p99_ms),
+            ms(k.latency.latency.p999_ms),
+            n(k.latency.rate),
+            k.record_bytes,
+            k.partitions,
+            ms(k.produce_ack_latency.p99_ms),
+            k.presence_catch_up.as_ref().map(|l| ms(l.p50_ms)).unwrap_or_else(|| "-".into()),
+            k.watermarks_idle_client.as_ref().map(|l| ms(l.p50_ms)).unwrap_or_else(|| "-".into()),
+        )?,
+        None => writeln!(o, "| Kafka | not run | | | | |")?,
+    }
+    match &pg {
+        Some(p) => {
+            writeln!(
+                o,
+                "| Postgres batched insert (`store_batch`) | {} | {} | | per batch {} / {} / {} | {} rows per batch over {} shards, {} conversations; CPU = loadgen + all postgres processes |",
+                n(p.insert.records_per_sec),
+                us(p.insert.cpu_seconds_per_record),
+                ms(p.insert_batch_latency.p50_ms),
+                ms(p.insert_batch_latency.p99_ms),
+                ms(p.insert_batch_latency.p999_ms),
+                p.batch,
+                p.shards,
+                p.conversations
+            )?;
+            writeln!(
+                o,
+                "| Postgres ack UPDATE, one per ack (`Shards::ack`, as the multiplexer) | {} | {} | | {} / {} / {} | sequential, as the pipeline applies acks |",
+                n(p.ack_each.records_per_sec),
+                us(p.ack_each.cpu_seconds_per_record),
+                ms(p.ack_each_latency.p50_ms),
+                ms(p.ack_each_latency.p99_ms),
+                ms(p.ack_each_latency.p999_ms),
+            )?;
+            writeln!(
+                o,
+                "| Postgres ack UPDATE batched (`unnest`, one per shard per batch) | {} | {} | | | what a batched ack path would cost |",
+                n(p.ack_batched.records_per_sec),
+                us(p.ack_batched.cpu_seconds_per_record),
+            )?;
+        }
+        None => writeln!(o, "| Postgres | not run | | | | |")?,
+    }
+    match &echo {
+        Some(e) => writeln!(
+            o,
+            "| Websocket echo round trip (tokio-tungstenite) | {} | {} | {} | {} / {} / {} at {}/s | {}-byte binary frames, {} connections, window {}; CPU = client + server |",
+            n(e.throughput.records_per_sec),
+            us(e.throughput.cpu_seconds_per_record),
+            us(e.latency.cpu_seconds_per_record),
+            ms(e.latency.latency.p50_ms),
+            ms(e.latency.latency.p99_ms),
+            ms(e.latency.latency.p999_ms),
+            n(e.latency.rate),
+            e.frame_bytes,
+            e.conns,
+            e.window
+        )?,
+        None => writeln!(o, "| Websocket echo | not run | | | | |")?,
+    }
+
+    writeln!(
+        o,
+        "\n### 2. End to end (send → accepted → stored → pushed → acked → delivered receipt)\n"
+    )?;
+    let trial = |i: usize| search.as_ref().and_then(|s| s.trials.get(i));
+    let max_trial: Option<&TrialReport> = search
+        .as_ref()
+        .and_then(|s| s.max_sustained_trial)
+        .and_then(trial);
+    writeln!(o, "| figure | value | target | met |")?;
+    writeln!(o, "|---|---|---|---|")?;
+    match (&search, max_trial) {
+        (Some(s), Some(t)) => writeln!(
+            o,
+            "| highest rate sustained for {} s, nothing lost, bounded lag | **{} msg/s** ({} users, {} gateway(s), ack {:?}) | ≥ 12,000 msg/s | {} |",
+            t.spec.seconds,
+            n(t.spec.rate),
+            s.users,
+            s.gateways,
+            s.ack_mode,
+            yes(t.spec.rate >= 12000.0)
+        )?,
+        (Some(_), None) => writeln!(o, "| highest sustained rate | none of the tried rates passed | ≥ 12,000 msg/s | **no** |")?,
+        _ => writeln!(o, "| end to end | not run | | |")?,
+    }
+    if let Some(s) = &search {
+        for (label, &i) in &s.latency_points {
+            if let Some(t) = trial(i) {
+                let target = label.starts_with("10000") || label.contains("target");
+                writeln!(
+                    o,
+                    "| latency at {} msg/s: p50 / p99 / p99.9 | {} / **{}** / {} ms ({} s, {} msgs, {} lost) | {} | {} |",
+                    label,
+                    ms(t.receipt_latency.p50_ms),
+                    ms(t.receipt_latency.p99_ms),
+                    ms(t.receipt_latency.p999_ms),
+                    t.spec.seconds,
+                    t.sent,
+                    t.lost,
+                    if target { "p99 < 50 ms at 10K" } else { "" },
+                    if target { yes(t.spec.rate >= 10000.0 && t.receipt_latency.p99_ms < 50.0) } else { "" }
+                )?;
+                writeln!(
+                    o,
+                    "| … accepted p99 / delivered p99 at {} | {} / {} ms | | |",
+                    label,
+                    ms(t.accept_latency.p99_ms),
+                    ms(t.deliver_latency.p99_ms)
+                )?;
+            }
+        }
+    }
+    if let Some(t) = max_trial {
+        let parts: Vec<String> = t
+            .cpu
+            .seconds
+            .iter()
+            .map(|(k, v)| format!("{k} {}", us(v / t.sent.max(1) as f64)))
+            .collect();
+        writeln!(
+            o,
+            "| CPU per message at the max rate (all processes) | {} ({}); {:.0}% of {} cores | | |",
+            us(t.cpu_seconds_per_message),
+            parts.join(", "),
+            t.cpu.total_seconds / t.cpu.wall_seconds.max(1e-9) / cores * 100.0,
+            cores
+        )?;
+    }
+
+    writeln!(o, "\n### 3. Ratios\n")?;
+    writeln!(o, "| ratio | value | target | met |")?;
+    writeln!(o, "|---|---|---|---|")?;
+    if let (Some(k), Some(p), Some(e)) = (&kafka, &pg, &echo) {
+        let per_msg = KAFKA_RECORDS_PER_MESSAGE * k.throughput.cpu_seconds_per_record
+            + p.insert.cpu_seconds_per_record
+            + p.ack_each.cpu_seconds_per_record
+            + WS_ROUND_TRIPS_PER_MESSAGE * e.throughput.cpu_seconds_per_record;
+        let allowed = cores / per_msg;
+        match max_trial {
+            Some(t) => writeln!(
+                o,
+                "| e2e rate / rate the raw stages' CPU allows on {cores} cores | {:.2} ({} / {}) | ≥ 0.6 | {} |",
+                t.spec.rate / allowed,
+                n(t.spec.rate),
+                n(allowed),
+                yes(t.spec.rate / allowed >= 0.6)
+            )?,
+            None => writeln!(o, "| e2e rate / CPU-allowed rate | no sustained rate | ≥ 0.6 | **no** |")?,
+        }
+        writeln!(
+            o,
+            "| (CPU-allowed rate = {cores} cores / ({} Kafka records × {} + 1 insert row × {} + 1 ack UPDATE × {} + {} websocket round trips × {}) = {} per message) | | | |",
+            KAFKA_RECORDS_PER_MESSAGE,
+            us(k.throughput.cpu_seconds_per_record),
+            us(p.insert.cpu_seconds_per_record),
+            us(p.ack_each.cpu_seconds_per_record),
+            WS_ROUND_TRIPS_PER_MESSAGE,
+            us(e.throughput.cpu_seconds_per_record),
+            us(per_msg)
+        )?;
+        if let Some(s) = &search {
+            for (label, &i) in &s.latency_points {
+                if let Some(t) = trial(i) {
+                    let base = k.latency.latency.p99_ms + e.latency.latency.p99_ms;
+                    writeln!(
+                        o,
+                        "| e2e p99 / (raw Kafka p99 + raw websocket p99), at {} | {:.1} ({} / ({} + {}) ms) | | |",
+                        label,
+                        t.receipt_latency.p99_ms / base,
+                        ms(t.receipt_latency.p99_ms),
+                        ms(k.latency.latency.p99_ms),
+                        ms(e.latency.latency.p99_ms)
+                    )?;
+                }
+            }
+        }
+    } else {
+        writeln!(o, "| ratios | need all three baselines | | |")?;
+    }
+
+    writeln!(o, "\n### 4. Connections (idle, one server process)\n")?;
+    writeln!(o, "| server | held (of attempted) | fds open / limit | held / fd limit | RSS before → after | RSS per connection | target | met |")?;
+    writeln!(o, "|---|---|---|---|---|---|---|---|")?;
+    for (name, h, target) in [
+        ("gateway (authenticated websockets)", &hold_gw, true),
+        (
+            "plain tokio-tungstenite websocket server (the echo server)",
+            &hold_ws,
+            false,
+        ),
+        ("plain tokio TCP server", &hold_tcp, false),
+    ] {
+        match h {
+            Some(h) => writeln!(
+                o,
+                "| {name} | {} of {} (from {} source addresses) | {} / {} | {:.1}% | {:.1} → {:.1} MiB | {:.2} KiB | {} | {} |",
+                n(h.still_open_at_end as f64),
+                n(h.attempted as f64),
+                h.source_addresses,
+                n(h.target_fds_open as f64),
+                n(h.target_fd_limit as f64),
+                h.fraction_of_fd_limit * 100.0,
+                h.target_rss_before_kib as f64 / 1024.0,
+                h.target_rss_after_kib as f64 / 1024.0,
+                h.rss_per_connection_bytes / 1024.0,
+                if target { "≥ 19,500 at ≤ 3 KiB each" } else { "" },
+                if target {
+                    yes(h.still_open_at_end >= 19_500 && h.rss_per_connection_bytes <= 3072.0)
+                } else {
+                    ""
+                }
+            )?,
+            None => writeln!(o, "| {name} | not run | | | | | | |")?,
+        }
+    }
+
+    if let Some(s) = &search {
+        writeln!(o, "\n### Trials ({:.0} s in all)\n", s.total_seconds)?;
+        writeln!(o, "| # | trial | rate | s | sent | receipted | lost | refused | accepted p99 | receipt p50 / p99 / p99.9 (ms) | CPU/msg | verdict |")?;
+        writeln!(
+            o,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
+        )?;
+        for (i, t) in s.trials.iter().enumerate() {
+            writeln!(
+                o,
+                "| {i} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
+                t.spec.label,
+                n(t.spec.rate),
+                t.spec.seconds,
+                n(t.sent as f64),
+                n(t.receipted as f64),
+                t.lost,
+                t.refused,
+                ms(t.accept_latency.p99_ms),
+                ms(t.receipt_latency.p50_ms),
+                ms(t.receipt_latency.p99_ms),
+                ms(t.receipt_latency.p999_ms),
+                us(t.cpu_seconds_per_message),
+                if t.passed {
+                    "pass".to_owned()
+                } else {
+                    format!("fail: {}", t.verdict)
+                }
+            )?;
+        }
+    }
+    Ok(o)
+}
