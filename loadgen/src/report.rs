@@ -150,7 +150,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             )?;
             writeln!(
                 o,
-                "| Postgres ack UPDATE, one per ack (`Shards::ack`, as the multiplexer) | {} | {} | | {} / {} / {} | sequential, as the pipeline applies acks |",
+                "| Postgres ack UPDATE, one per ack (`Shards::ack_on_shard` with one row) | {} | {} | | {} / {} / {} | sequential, one statement per ack |",
                 n(p.ack_each.records_per_sec),
                 us(p.ack_each.cpu_seconds_per_record),
                 ms(p.ack_each_latency.p50_ms),
@@ -159,7 +159,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             )?;
             writeln!(
                 o,
-                "| Postgres ack UPDATE batched (`unnest`, one per shard per batch) | {} | {} | | | what a batched ack path would cost |",
+                "| Postgres ack UPDATE batched (`unnest`, one per shard per batch) | {} | {} | | | as the multiplexer applies acks |",
                 n(p.ack_batched.records_per_sec),
                 us(p.ack_batched.cpu_seconds_per_record),
             )?;
@@ -259,7 +259,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     if let (Some(k), Some(p), Some(e)) = (&kafka, &pg, &echo) {
         let per_msg = KAFKA_RECORDS_PER_MESSAGE * k.throughput.cpu_seconds_per_record
             + p.insert.cpu_seconds_per_record
-            + p.ack_each.cpu_seconds_per_record
+            + p.ack_batched.cpu_seconds_per_record
             + WS_ROUND_TRIPS_PER_MESSAGE * e.throughput.cpu_seconds_per_record;
         let allowed = cores / per_msg;
         match max_trial {
@@ -275,11 +275,11 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
         }
         writeln!(
             o,
-            "| (CPU-allowed rate = {cores} cores / ({} Kafka records × {} + 1 insert row × {} + 1 ack UPDATE × {} + {} websocket round trips × {}) = {} per message) | | | |",
+            "| (CPU-allowed rate = {cores} cores / ({} Kafka records × {} + 1 insert row × {} + 1 batched ack × {} + {} websocket round trips × {}) = {} per message) | | | |",
             KAFKA_RECORDS_PER_MESSAGE,
             us(k.throughput.cpu_seconds_per_record),
             us(p.insert.cpu_seconds_per_record),
-            us(p.ack_each.cpu_seconds_per_record),
+            us(p.ack_batched.cpu_seconds_per_record),
             WS_ROUND_TRIPS_PER_MESSAGE,
             us(e.throughput.cpu_seconds_per_record),
             us(per_msg)
