@@ -72,7 +72,7 @@ impl Shards {
                 .map(|(shard, msgs)| self.store_on_shard(shard, msgs)),
         )
         .await?;
-        let mut by_id: HashMap<String, Stored> = results
+        let by_id: HashMap<String, Stored> = results
             .into_iter()
             .flatten()
             .map(|s| (s.message.message_id.clone(), s))
@@ -88,7 +88,6 @@ impl Shards {
                 out.push(s);
             }
         }
-        by_id.clear();
         Ok(out)
     }
 

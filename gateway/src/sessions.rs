@@ -173,18 +173,4 @@ impl Sessions {
             );
         }
     }
-
-    /// Every session (for shutdown).
-    pub fn all(&self) -> Vec<(UserId, SessionHandle)> {
-        let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
-        map.iter().map(|(u, h)| (u.clone(), h.clone())).collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_user.read().map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
