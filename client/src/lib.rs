@@ -131,7 +131,12 @@ async fn open(url: &str, token: &str, json: bool) -> Result<(Socket, String, Str
         "{}/ws?format={format}&sync=manual&access_token={token}",
         url.trim_end_matches('/')
     );
-    let (mut socket, _) = match tokio_tungstenite::connect_async(full.as_str()).await {
+    // tungstenite reads into a 128 KiB buffer by default; frames here are a few KiB at most
+    // (the buffer grows for a larger one).
+    let mut config = tungstenite::protocol::WebSocketConfig::default();
+    config.read_buffer_size = 16 * 1024;
+    let connect = tokio_tungstenite::connect_async_with_config(full.as_str(), Some(config), true);
+    let (mut socket, _) = match connect.await {
         Ok(s) => s,
         Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => {
             return Err(ClientError::Unauthorized)
@@ -567,8 +572,8 @@ impl Driver {
 
 fn decode(m: &Message) -> Option<ServerFrame> {
     match m {
-        Message::Binary(b) => ServerFrame::decode(b.as_slice()).ok(),
-        Message::Text(t) => serde_json::from_str(t).ok(),
+        Message::Binary(b) => ServerFrame::decode(b.as_ref()).ok(),
+        Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
         _ => None,
     }
 }

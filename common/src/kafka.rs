@@ -39,6 +39,22 @@ pub struct KafkaConfig {
     /// `max.poll.interval.ms` of group consumers: a member silent for longer (stopped, wedged)
     /// loses its partitions, and its late writes are fenced by idempotency.
     pub max_poll_interval: Duration,
+    /// librdkafka properties set on every producer after the defaults (`KAFKA_PRODUCER_OPTS`).
+    pub producer_opts: Vec<(String, String)>,
+    /// librdkafka properties set on every consumer after the defaults (`KAFKA_CONSUMER_OPTS`).
+    pub consumer_opts: Vec<(String, String)>,
+}
+
+/// Parses `key=value,key=value` (librdkafka property names), as in `KAFKA_PRODUCER_OPTS`.
+pub fn parse_opts(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => Err(format!("{p:?} is not key=value")),
+        })
+        .collect()
 }
 
 impl KafkaConfig {
@@ -48,7 +64,23 @@ impl KafkaConfig {
             produce_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(2),
             max_poll_interval: Duration::from_secs(60),
+            producer_opts: Vec::new(),
+            consumer_opts: Vec::new(),
         }
+    }
+
+    /// Adds the librdkafka properties of `KAFKA_PRODUCER_OPTS` and `KAFKA_CONSUMER_OPTS`
+    /// (`key=value,...`, applied over the defaults: batching and fetch tuning without a rebuild).
+    pub fn with_env_opts(mut self) -> Result<Self, String> {
+        for (name, target) in [
+            ("KAFKA_PRODUCER_OPTS", &mut self.producer_opts),
+            ("KAFKA_CONSUMER_OPTS", &mut self.consumer_opts),
+        ] {
+            if let Ok(text) = std::env::var(name) {
+                *target = parse_opts(&text).map_err(|e| format!("{name}: {e}"))?;
+            }
+        }
+        Ok(self)
     }
 
     /// Settings shared by every client.
@@ -73,6 +105,9 @@ impl KafkaConfig {
                 self.produce_timeout.as_millis().to_string(),
             )
             .set("queue.buffering.max.messages", "200000");
+        for (k, v) in &self.producer_opts {
+            c.set(k, v);
+        }
         Ok(c.create()?)
     }
 
@@ -93,6 +128,9 @@ impl KafkaConfig {
             )
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("fetch.wait.max.ms", "10");
+        for (k, v) in &self.consumer_opts {
+            c.set(k, v);
+        }
         Ok(c.create()?)
     }
 
@@ -188,6 +226,20 @@ pub fn start_offset(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opts_parse_and_refuse_what_is_not_key_value() {
+        assert_eq!(
+            parse_opts(" fetch.min.bytes=65536, linger.ms = 5 ,"),
+            Ok(vec![
+                ("fetch.min.bytes".to_owned(), "65536".to_owned()),
+                ("linger.ms".to_owned(), "5".to_owned())
+            ])
+        );
+        assert_eq!(parse_opts(""), Ok(vec![]));
+        assert!(parse_opts("linger.ms").is_err_and(|e| e.contains("linger.ms")));
+        assert!(parse_opts("=5").is_err());
+    }
 
     #[test]
     fn start_points_parse() {

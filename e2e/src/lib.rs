@@ -146,6 +146,7 @@ impl TestEnv {
             dev_issuer: None,
             max_body_bytes: 4096,
             socket_queue: 1024,
+            ws_read_buffer_bytes: 256,
             max_in_flight: 256,
             web_dir: None,
             allowed_origins: Vec::new(),

@@ -31,7 +31,7 @@ async fn next_error(ws: &mut Ws) -> String {
             .expect("a frame in time");
         let m = m.expect("open").expect("no socket error");
         let frame = match m {
-            Message::Binary(b) => ServerFrame::decode(b.as_slice()).expect("server frames decode"),
+            Message::Binary(b) => ServerFrame::decode(b.as_ref()).expect("server frames decode"),
             Message::Text(t) => serde_json::from_str(&t).expect("server JSON parses"),
             Message::Close(c) => panic!("closed: {c:?}"),
             _ => continue,
@@ -77,7 +77,7 @@ async fn malformed_frames_get_errors_and_close_codes_and_others_are_unaffected(
         vec![],                                   // empty
     ];
     for case in binary_cases {
-        ws.send(Message::Binary(case)).await?;
+        ws.send(Message::Binary(case.into())).await?;
         assert_eq!(next_error(&mut ws).await, "bad_frame");
     }
     let deep = format!("{}{}", "[".repeat(2_000), "]".repeat(2_000)); // within the size limit
@@ -108,7 +108,7 @@ async fn malformed_frames_get_errors_and_close_codes_and_others_are_unaffected(
         ("bob", &"k".repeat(65)),
     ] {
         let send = serde_json::json!({"send": {"clientMessageId": cid, "recipient": recipient, "body": "x"}});
-        ws.send(Message::Text(send.to_string())).await?;
+        ws.send(Message::Text(send.to_string().into())).await?;
         let code = next_error(&mut ws).await;
         assert!(
             [
@@ -141,7 +141,8 @@ async fn malformed_frames_get_errors_and_close_codes_and_others_are_unaffected(
 
     // A frame over the limit: 1009.
     let mut ws = raw(gw.addr, &env.token("mallory")).await;
-    ws.send(Message::Binary(vec![0u8; 64 * 1024])).await?;
+    ws.send(Message::Binary(vec![0u8; 64 * 1024].into()))
+        .await?;
     assert_eq!(close_code(&mut ws).await, Some(1009));
 
     // Meanwhile alice and bob talk as usual.
@@ -187,7 +188,7 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
             Ok(Message::Binary(b)) => {
                 if let Ok(ServerFrame {
                     kind: Some(server_frame::Kind::Error(e)),
-                }) = ServerFrame::decode(b.as_slice())
+                }) = ServerFrame::decode(b.as_ref())
                 {
                     if e.code == "rate_limited" {
                         limited += 1;

@@ -30,6 +30,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Frames queued per socket before it counts as not draining and is closed.
     pub socket_queue: usize,
+    /// Initial read buffer of a websocket (it grows to the frame being read): the main cost of
+    /// an idle connection, so small.
+    pub ws_read_buffer_bytes: usize,
     /// Sends awaiting Kafka's delivery report per socket; more get an error frame.
     pub max_in_flight: usize,
     /// Directory of the web client's static files, served at `/` (none when unset or missing).
@@ -68,9 +71,10 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Reads `GATEWAY_ID`, `GATEWAY_ADDR`, `KAFKA_BROKERS`, `TOPIC_PREFIX`, `SHARD_DSNS`,
     /// `SHARD_POOL_SIZE`, `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE`,
-    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `MAX_IN_FLIGHT`, `WEB_DIR`,
+    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `WS_READ_BUFFER_BYTES`, `MAX_IN_FLIGHT`, `WEB_DIR`,
     /// `ALLOWED_ORIGINS`, `CONN_RATE_PER_SEC`, `CONN_RATE_BURST`, `USER_RATE_PER_SEC`,
-    /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`, `HANDSHAKE_TIMEOUT_SECS`.
+    /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`, `HANDSHAKE_TIMEOUT_SECS`,
+    /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -100,13 +104,16 @@ impl Config {
         Ok(Self {
             gateway_id,
             addr: env_parse("GATEWAY_ADDR", "127.0.0.1:8080".parse().expect("valid"))?,
-            kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS)),
+            kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS))
+                .with_env_opts()
+                .map_err(|e| invalid("KAFKA_*_OPTS", String::new(), e))?,
             topics: TopicNames::new(env_or("TOPIC_PREFIX", "")),
             shards,
             verifier,
             dev_issuer,
             max_body_bytes: env_parse("MAX_BODY_BYTES", 4096)?,
             socket_queue: env_parse("SOCKET_QUEUE", 1024)?,
+            ws_read_buffer_bytes: env_parse("WS_READ_BUFFER_BYTES", 256)?,
             max_in_flight: env_parse("MAX_IN_FLIGHT", 256)?,
             web_dir: Some(env_or("WEB_DIR", "web/public").into()),
             allowed_origins: env_or("ALLOWED_ORIGINS", "")

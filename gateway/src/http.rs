@@ -181,13 +181,13 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
         .and(authenticated(app.clone()))
         .and(address_slot(app.clone()))
         .and(query_map())
-        .and(warp::ws())
+        .and(crate::upgrade::handshake())
         .and(with_app(app.clone()))
         .map(
             |user: UserId,
              slot: crate::app::AddrSlot,
              query: HashMap<String, String>,
-             upgrade: warp::ws::Ws,
+             handshake: crate::upgrade::Handshake,
              app: Arc<App>| {
                 let format = match query.get("format").map(String::as_str) {
                     Some("json") => Format::Json,
@@ -197,17 +197,14 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
                 let auto_sync = query.get("sync").map(String::as_str) != Some("manual");
                 // Frames larger than a message body plus envelope are refused by the websocket layer
                 // with close code 1009.
-                let max = app.config.max_body_bytes + 1024;
-                upgrade
-                    .max_message_size(max)
-                    .max_frame_size(max)
-                    .on_upgrade(move |socket| {
-                        let tracker = app.tracker.clone();
-                        tracker.track_future(async move {
-                            ws::serve(app, user, socket, format, auto_sync).await;
-                            drop(slot);
-                        })
-                    })
+                let config = crate::upgrade::SocketConfig {
+                    max_message_bytes: app.config.max_body_bytes + 1024,
+                    read_buffer_bytes: app.config.ws_read_buffer_bytes,
+                };
+                handshake.accept(config, move |socket| {
+                    let tracker = app.tracker.clone();
+                    tracker.track_future(ws::serve(app, user, socket, format, auto_sync, slot))
+                })
             },
         );
 

@@ -11,12 +11,14 @@
 //! - [`ws`]: one websocket connection (sync, then live, with no gap or duplicate at the seam).
 //! - [`outbound`]: the outbound topic consumer.
 //! - [`http`]: routes, authentication before upgrade, error mapping.
+//! - [`upgrade`]: the websocket handshake and the socket's buffers.
 
 pub mod app;
 pub mod config;
 pub mod http;
 pub mod outbound;
 pub mod sessions;
+pub mod upgrade;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -99,6 +101,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Ok::<_, std::convert::Infallible>(hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::Body>| {
                     req.extensions_mut().insert(remote);
+                    if req.uri().path() == "/ws" {
+                        let slot = upgrade::UpgradeSlot::take_from(&mut req);
+                        req.extensions_mut().insert(slot);
+                    }
                     let mut routes = routes.clone();
                     hyper::service::Service::call(&mut routes, req)
                 },
@@ -106,6 +112,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
     });
     let server = hyper::Server::from_tcp(listener)?
+        // Pushes are small frames, often several in a row: Nagle would hold the second until the
+        // first is acknowledged (up to the client's delayed-ACK time).
+        .tcp_nodelay(true)
         .http1_header_read_timeout(app.config.handshake_timeout)
         .serve(make)
         .with_graceful_shutdown({
@@ -122,6 +131,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
+        app.sessions
+            .kick_all(sessions::close::GOING_AWAY, "server shutting down");
         let _ = server.await;
         app.tracker.close();
         // Connections close with 1001 and publish their offline presence; bounded wait.

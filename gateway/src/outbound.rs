@@ -37,15 +37,19 @@ pub async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cancellation
                 let item = match kind {
                     // A message only ever goes to its own recipient, whatever the key says.
                     outbound_record::Kind::Deliver(m) if m.recipient == user => {
-                        Some(Outgoing::Live(m))
+                        Some(Outgoing::Live(Box::new(m)))
                     }
                     outbound_record::Kind::Deliver(_) => None,
-                    outbound_record::Kind::Receipt(r) => Some(Outgoing::Frame(ServerFrame {
-                        kind: Some(server_frame::Kind::Receipt(r)),
-                    })),
-                    outbound_record::Kind::Stored(s) => Some(Outgoing::Frame(ServerFrame {
-                        kind: Some(server_frame::Kind::Stored(s)),
-                    })),
+                    outbound_record::Kind::Receipt(r) => {
+                        Some(Outgoing::Frame(Box::new(ServerFrame {
+                            kind: Some(server_frame::Kind::Receipt(r)),
+                        })))
+                    }
+                    outbound_record::Kind::Stored(s) => {
+                        Some(Outgoing::Frame(Box::new(ServerFrame {
+                            kind: Some(server_frame::Kind::Stored(s)),
+                        })))
+                    }
                 };
                 let Some(item) = item else {
                     metrics::counter!("gateway_errors_total", "kind" => "misrouted_record")

@@ -16,10 +16,13 @@ use chat_proto::v1::{
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio::sync::{mpsc, Semaphore};
-use warp::ws::{Message, WebSocket};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::App;
-use crate::sessions::{close, Kick, Outgoing, SessionHandle};
+use crate::sessions::{close, Kick, Outgoing, SessionHandle, SyncAnswer};
+use crate::upgrade::Socket;
 
 /// Most pending messages one sync sends; the client syncs again for the rest.
 const SYNC_LIMIT: u32 = 10_000;
@@ -39,8 +42,12 @@ pub enum Format {
 
 fn encode(format: Format, frame: &ServerFrame) -> Message {
     match format {
-        Format::Binary => Message::binary(frame.encode_to_vec()),
-        Format::Json => Message::text(serde_json::to_string(frame).unwrap_or_else(|_| "{}".into())),
+        Format::Binary => Message::Binary(frame.encode_to_vec().into()),
+        Format::Json => Message::Text(
+            serde_json::to_string(frame)
+                .unwrap_or_else(|_| "{}".into())
+                .into(),
+        ),
     }
 }
 
@@ -70,18 +77,19 @@ impl Writer {
     fn frames(&mut self, item: Outgoing) -> Result<Vec<ServerFrame>, (u16, &'static str)> {
         let mut out = Vec::new();
         match item {
-            Outgoing::Frame(f) => out.push(f),
+            Outgoing::Frame(f) => out.push(*f),
             Outgoing::Live(m) => {
                 if self.syncing > 0 {
                     if self.held.len() >= MAX_HELD {
                         return Err((close::SLOW_CONSUMER, "too many messages during sync"));
                     }
-                    self.held.push(m);
+                    self.held.push(*m);
                 } else {
-                    self.deliver_if_new(m, &mut out);
+                    self.deliver_if_new(*m, &mut out);
                 }
             }
-            Outgoing::Synced { messages, receipts } => {
+            Outgoing::Synced(answer) => {
+                let SyncAnswer { messages, receipts } = *answer;
                 let count = messages.len() as u64;
                 for m in messages {
                     let seq = self.last_sent.entry(m.conversation.clone()).or_insert(0);
@@ -125,15 +133,109 @@ fn deliver(m: ChatMessage) -> ServerFrame {
     }
 }
 
+/// What to do after a frame from the client.
+enum Step {
+    Continue,
+    /// Answer with this frame (an error the client should see), then go on.
+    Reply(Box<ServerFrame>),
+    /// Close, with a code and reason, or without (the client closed).
+    Close(Option<(u16, &'static str)>),
+}
+
+/// A connection's state apart from the socket: what handling a client frame needs.
+struct Conn {
+    app: Arc<App>,
+    user: UserId,
+    format: Format,
+    tx: mpsc::Sender<Outgoing>,
+    in_flight: Arc<Semaphore>,
+    limiter: governor::DefaultDirectRateLimiter,
+    strikes: u32,
+    writer: Writer,
+}
+
+impl Conn {
+    /// Handles one frame from the client (never waits: sends and acks run in tasks of their own).
+    fn on_message(&mut self, msg: Message) -> Step {
+        if msg.is_close() {
+            return Step::Close(None);
+        }
+        if msg.is_ping() || msg.is_pong() {
+            return Step::Continue; // pings are answered by the websocket layer
+        }
+        if self.limiter.check().is_err() {
+            self.strikes += 1;
+            metrics::counter!("gateway_rate_limited_total", "scope" => "connection").increment(1);
+            if self.strikes > RATE_STRIKES {
+                return Step::Close(Some((close::POLICY, "rate limit exceeded")));
+            }
+            let f = error_frame(
+                "rate_limited",
+                "sending too fast; frame dropped".into(),
+                String::new(),
+            );
+            return Step::Reply(Box::new(f));
+        }
+        self.strikes = 0;
+        let frame = match &msg {
+            Message::Binary(bytes) => {
+                self.format = Format::Binary;
+                ClientFrame::decode(bytes.as_ref()).map_err(|e| e.to_string())
+            }
+            Message::Text(text) => {
+                // The websocket layer has checked the UTF-8 (1007 otherwise).
+                self.format = Format::Json;
+                serde_json::from_str::<ClientFrame>(text.as_str()).map_err(|e| e.to_string())
+            }
+            _ => {
+                let f = error_frame("bad_frame", "unexpected frame type".into(), String::new());
+                return Step::Reply(Box::new(f));
+            }
+        };
+        match frame {
+            Ok(frame) => {
+                handle_frame(
+                    &self.app,
+                    &self.user,
+                    frame,
+                    &self.tx,
+                    &self.in_flight,
+                    &mut self.writer,
+                );
+                Step::Continue
+            }
+            Err(e) => {
+                metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
+                let f = error_frame(
+                    "bad_frame",
+                    format!("cannot decode frame: {e}"),
+                    String::new(),
+                );
+                Step::Reply(Box::new(f))
+            }
+        }
+    }
+}
+
 /// Serves one authenticated websocket until it closes.
+///
+/// This future lives as long as the connection, idle or not, so it is kept small: the socket
+/// comes boxed (an async fn keeps its arguments for its whole life), frames are handled by
+/// plain functions, and the futures of rare steps (presence, pings, errors, closing) and of
+/// writes are boxed while they run.
 pub async fn serve(
     app: Arc<App>,
     user: UserId,
-    socket: WebSocket,
-    mut format: Format,
+    socket: Box<Socket>,
+    format: Format,
     auto_sync: bool,
+    address_slot: crate::app::AddrSlot,
 ) {
-    let (mut sink, mut stream) = socket.split();
+    // Moved out in a block of its own, so the box is freed now rather than when `serve` ends.
+    let mut socket = {
+        let boxed = socket;
+        *boxed
+    };
     let (tx, mut rx) = mpsc::channel(app.config.socket_queue);
     let kick = Arc::new(Kick::default());
     let conn_id = app.sessions.next_conn_id();
@@ -150,127 +252,96 @@ pub async fn serve(
             "replaced by a newer connection of the same user",
         );
     }
+    // Shutdown kicks every registered session; one registering meanwhile sees the flag.
+    if app.shutdown.is_cancelled() {
+        kick.kick(close::GOING_AWAY, "server shutting down");
+    }
     metrics::counter!("gateway_connections_opened_total").increment(1);
     tracing::info!(user = %user, conn_id, "connected");
 
     // Route first, then sync: see `chat_common::presence` for why this order closes the gap.
     // Live messages are held from the start until the first sync is answered: the automatic
     // one, or (with `sync=manual`) the client's first `sync` frame, which takes over this hold.
-    let mut writer = Writer {
-        last_sent: HashMap::new(),
-        syncing: 1,
-        held: Vec::new(),
-        first_sync_pending: !auto_sync,
+    let mut conn = Conn {
+        in_flight: Arc::new(Semaphore::new(app.config.max_in_flight)),
+        limiter: governor::RateLimiter::direct(crate::app::quota(app.config.conn_rate)),
+        app,
+        user,
+        format,
+        tx,
+        strikes: 0,
+        writer: Writer {
+            last_sent: HashMap::new(),
+            syncing: 1,
+            held: Vec::new(),
+            first_sync_pending: !auto_sync,
+        },
     };
-    let close_with = if let Err(e) = app.publish_presence(&user, epoch, true).await {
-        tracing::warn!(user = %user, error = %e, "presence publish failed");
+    let close_with = if let Err(e) =
+        Box::pin(conn.app.publish_presence(&conn.user, epoch, true)).await
+    {
+        tracing::warn!(user = %conn.user, error = %e, "presence publish failed");
         Some((close::INTERNAL, "presence unavailable; retry later"))
     } else {
         let welcome = ServerFrame {
             kind: Some(server_frame::Kind::Welcome(chat_proto::v1::Welcome {
-                user: user.to_string(),
-                gateway_id: app.config.gateway_id.to_string(),
+                user: conn.user.to_string(),
+                gateway_id: conn.app.config.gateway_id.to_string(),
             })),
         };
-        let _ = sink.send(encode(format, &welcome)).await;
+        let _ = Box::pin(socket.send(encode(conn.format, &welcome))).await;
         if auto_sync {
-            spawn_sync(&app, &user, HashMap::new(), 0, tx.clone());
+            spawn_sync(&conn.app, &conn.user, HashMap::new(), 0, conn.tx.clone());
         }
-        let in_flight = Arc::new(Semaphore::new(app.config.max_in_flight));
-        let limiter = governor::RateLimiter::direct(crate::app::quota(app.config.conn_rate));
-        let mut strikes = 0u32;
-        let mut ping = tokio::time::interval(app.config.ping_interval);
-        ping.tick().await; // the first tick is immediate
+        let ping_interval = conn.app.config.ping_interval;
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
         let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > app.config.ping_interval * 2 {
+                    if last_heard.elapsed() > ping_interval * 2 {
                         break Some((close::PING_TIMEOUT, "no answer to pings"));
                     }
-                    let sent = tokio::time::timeout(
+                    let sent = Box::pin(tokio::time::timeout(
                         std::time::Duration::from_secs(5),
-                        sink.send(Message::ping(Vec::new())),
-                    ).await;
+                        socket.send(Message::Ping(Default::default())),
+                    )).await;
                     if !matches!(sent, Ok(Ok(()))) {
                         break None;
                     }
                 }
-                _ = app.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
                 reason = kick.kicked() => break Some(reason),
                 item = rx.recv() => {
                     let Some(item) = item else { break None };
-                    match writer.frames(item) {
+                    match conn.writer.frames(item) {
                         Ok(frames) => {
-                            // A write blocks while the peer does not read; a kick (its queue
-                            // overflowed, or it was replaced) or shutdown must still get through.
-                            let write = async {
-                                for f in frames {
-                                    sink.feed(encode(format, &f)).await?;
-                                }
-                                sink.flush().await
-                            };
-                            tokio::select! {
-                                r = write => if r.is_err() { break None },
-                                reason = kick.kicked() => break Some(reason),
-                                _ = app.shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+                            let write = write_frames(&mut socket, frames, conn.format, &kick);
+                            if let Err(reason) = Box::pin(write).await {
+                                break reason;
                             }
                         }
                         Err(reason) => break Some(reason),
                     }
                 }
-                incoming = stream.next() => {
-                    let msg = match incoming {
-                        Some(Ok(m)) => m,
+                incoming = socket.next() => {
+                    let step = match incoming {
+                        Some(Ok(msg)) => {
+                            last_heard = tokio::time::Instant::now();
+                            conn.on_message(msg)
+                        }
                         Some(Err(e)) => {
-                            tracing::debug!(user = %user, error = %e, "socket error");
+                            tracing::debug!(user = %conn.user, error = %e, "socket error");
                             metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
-                            break protocol_close(&e.to_string());
+                            Step::Close(protocol_close(&e.to_string()))
                         }
-                        None => break None,
+                        None => Step::Close(None),
                     };
-                    last_heard = tokio::time::Instant::now();
-                    if msg.is_close() {
-                        break None;
-                    }
-                    if msg.is_ping() || msg.is_pong() {
-                        continue; // pings are answered by the websocket layer
-                    }
-                    if limiter.check().is_err() {
-                        strikes += 1;
-                        metrics::counter!("gateway_rate_limited_total", "scope" => "connection").increment(1);
-                        if strikes > RATE_STRIKES {
-                            break Some((close::POLICY, "rate limit exceeded"));
-                        }
-                        let f = error_frame("rate_limited", "sending too fast; frame dropped".into(), String::new());
-                        if sink.send(encode(format, &f)).await.is_err() {
-                            break None;
-                        }
-                        continue;
-                    }
-                    strikes = 0;
-                    let frame = if msg.is_binary() {
-                        format = Format::Binary;
-                        ClientFrame::decode(msg.as_bytes()).map_err(|e| e.to_string())
-                    } else if msg.is_text() {
-                        format = Format::Json;
-                        match msg.to_str() {
-                            Ok(text) => serde_json::from_str::<ClientFrame>(text).map_err(|e| e.to_string()),
-                            Err(()) => break Some((close::BAD_DATA, "text frame is not UTF-8")),
-                        }
-                    } else {
-                        let f = error_frame("bad_frame", "unexpected frame type".into(), String::new());
-                        if sink.send(encode(format, &f)).await.is_err() {
-                            break None;
-                        }
-                        continue;
-                    };
-                    match frame {
-                        Ok(frame) => handle_frame(&app, &user, frame, &tx, &in_flight, &mut writer),
-                        Err(e) => {
-                            metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
-                            let f = error_frame("bad_frame", format!("cannot decode frame: {e}"), String::new());
-                            if sink.send(encode(format, &f)).await.is_err() {
+                    match step {
+                        Step::Continue => {}
+                        Step::Close(reason) => break reason,
+                        Step::Reply(f) => {
+                            if Box::pin(socket.send(encode(conn.format, &f))).await.is_err() {
                                 break None;
                             }
                         }
@@ -279,26 +350,61 @@ pub async fn serve(
             }
         }
     };
+    let Conn { app, user, .. } = conn;
     if let Some((code, reason)) = close_with {
         metrics::counter!("gateway_closed_by_server_total", "code" => code.to_string())
             .increment(1);
         // A peer that does not read cannot take the close frame until it reads what is ahead
         // of it: wait a bounded time, then drop the connection.
         let close = async {
-            let _ = sink.send(Message::close_with(code, reason)).await;
-            let _ = sink.close().await;
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = socket.send(Message::Close(Some(frame))).await;
+            let _ = socket.close(None).await;
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), close).await;
+        let _ = Box::pin(tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            close,
+        ))
+        .await;
     } else {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sink.close()).await;
+        let _ = Box::pin(tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            socket.close(None),
+        ))
+        .await;
     }
     if app.sessions.unregister(&user, conn_id) {
-        if let Err(e) = app.publish_presence(&user, epoch, false).await {
+        if let Err(e) = Box::pin(app.publish_presence(&user, epoch, false)).await {
             tracing::warn!(user = %user, error = %e, "presence offline publish failed");
         }
     }
+    drop(address_slot);
     metrics::counter!("gateway_connections_closed_total").increment(1);
     tracing::info!(user = %user, conn_id, "disconnected");
+}
+
+/// Writes `frames` and flushes. A write blocks while the peer does not read; a kick (its queue
+/// overflowed, it was replaced, or the server is shutting down) still gets through. `Err(None)`:
+/// the socket failed; `Err(Some(reason))`: kicked.
+async fn write_frames(
+    socket: &mut Socket,
+    frames: Vec<ServerFrame>,
+    format: Format,
+    kick: &Kick,
+) -> Result<(), Option<(u16, &'static str)>> {
+    let write = async {
+        for f in frames {
+            socket.feed(encode(format, &f)).await?;
+        }
+        socket.flush().await
+    };
+    tokio::select! {
+        r = write => r.map_err(|_| None),
+        reason = kick.kicked() => Err(Some(reason)),
+    }
 }
 
 /// The close code for a protocol error the websocket layer reported while reading, if any:
@@ -332,11 +438,11 @@ fn handle_frame(
         Some(client_frame::Kind::Send(send)) => {
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                 let e = crate::app::SendError::TooManyInFlight;
-                let _ = tx.try_send(Outgoing::Frame(error_frame(
+                let _ = tx.try_send(Outgoing::Frame(Box::new(error_frame(
                     e.code(),
                     e.to_string(),
                     send.client_message_id,
-                )));
+                ))));
                 return;
             };
             let (app, user, tx) = (app.clone(), user.clone(), tx.clone());
@@ -350,7 +456,7 @@ fn handle_frame(
                     },
                     Err(e) => error_frame(e.code(), e.to_string(), send.client_message_id),
                 };
-                let _ = tx.send(Outgoing::Frame(reply)).await;
+                let _ = tx.send(Outgoing::Frame(Box::new(reply))).await;
                 drop(permit);
             });
         }
@@ -359,11 +465,11 @@ fn handle_frame(
             app.tracker.clone().spawn(async move {
                 if let Err(e) = app.ack(&user, &ack.peer, ack.up_to_seq).await {
                     let _ = tx
-                        .send(Outgoing::Frame(error_frame(
+                        .send(Outgoing::Frame(Box::new(error_frame(
                             e.code(),
                             e.to_string(),
                             String::new(),
-                        )))
+                        ))))
                         .await;
                 }
             });
@@ -384,7 +490,7 @@ fn handle_frame(
                             format!("invalid peer {peer:?} in sync"),
                             String::new(),
                         );
-                        let _ = tx.try_send(Outgoing::Frame(f));
+                        let _ = tx.try_send(Outgoing::Frame(Box::new(f)));
                         return;
                     }
                 }
@@ -398,7 +504,7 @@ fn handle_frame(
         }
         None => {
             let f = error_frame("bad_frame", "empty frame".into(), String::new());
-            let _ = tx.try_send(Outgoing::Frame(f));
+            let _ = tx.try_send(Outgoing::Frame(Box::new(f)));
         }
     }
 }
@@ -444,11 +550,16 @@ fn spawn_sync(
                     "history is unavailable; retry the sync".into(),
                     String::new(),
                 );
-                let _ = tx.send(Outgoing::Frame(f)).await;
+                let _ = tx.send(Outgoing::Frame(Box::new(f))).await;
                 Vec::new()
             }
         };
         metrics::counter!("gateway_synced_messages_total").increment(messages.len() as u64);
-        let _ = tx.send(Outgoing::Synced { messages, receipts }).await;
+        let _ = tx
+            .send(Outgoing::Synced(Box::new(SyncAnswer {
+                messages,
+                receipts,
+            })))
+            .await;
     });
 }

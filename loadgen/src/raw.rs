@@ -159,7 +159,10 @@ pub struct KafkaReport {
 }
 
 pub async fn raw_kafka(a: KafkaArgs) -> anyhow::Result<KafkaReport> {
-    let cfg = KafkaConfig::new(&a.brokers);
+    // The pipeline's settings, including any KAFKA_*_OPTS tuning it runs with.
+    let cfg = KafkaConfig::new(&a.brokers)
+        .with_env_opts()
+        .map_err(|e| anyhow::anyhow!(e))?;
     let producer = cfg.producer()?;
     let consumer = Arc::new(cfg.consumer(&a.group)?);
     consumer.subscribe(&[&a.topic])?;
@@ -664,7 +667,13 @@ pub async fn echo_server(addr: &str) -> anyhow::Result<()> {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+            // The gateway's socket settings (gateway/src/upgrade.rs): small read buffer, frames
+            // written as they come.
+            let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+            config.read_buffer_size = 256;
+            config.write_buffer_size = 0;
+            let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+            else {
                 return;
             };
             let (mut sink, mut source) = ws.split();

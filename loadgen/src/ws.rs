@@ -51,7 +51,11 @@ pub async fn connect(
 ) -> anyhow::Result<Ws> {
     let stream = tcp(addr_of(url)?, source).await?;
     let full = format!("{}{}", url.trim_end_matches('/'), path_and_query);
-    let (ws, _) = tokio_tungstenite::client_async(full, stream).await?;
+    // tungstenite's default read buffer is 128 KiB per socket; tens of thousands of sockets in
+    // one process need a small one (it grows to the frame being read).
+    let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    config.read_buffer_size = 4096;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(full, stream, Some(config)).await?;
     Ok(ws)
 }
 
@@ -75,7 +79,7 @@ pub fn encode(frame: &ClientFrame) -> Message {
 
 pub fn decode(m: &Message) -> Option<ServerFrame> {
     match m {
-        Message::Binary(b) => ServerFrame::decode(b.as_slice()).ok(),
+        Message::Binary(b) => ServerFrame::decode(b.as_ref()).ok(),
         _ => None,
     }
 }

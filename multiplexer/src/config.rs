@@ -32,7 +32,8 @@ pub struct Config {
 impl Config {
     /// Reads `KAFKA_BROKERS`, `TOPIC_PREFIX`, `MULTIPLEXER_GROUP`, `SHARD_DSNS`, `SHARD_POOL_SIZE`,
     /// `RETENTION`, `MULTIPLEXER_MAX_BATCH`, `MULTIPLEXER_BATCH_WAIT_MS`, `MULTIPLEXER_HTTP_ADDR`,
-    /// `UNACKED_TTL_SECS`, `EXPIRY_INTERVAL_SECS`, `MULTIPLEXER_MAX_POLL_INTERVAL_MS`.
+    /// `UNACKED_TTL_SECS`, `EXPIRY_INTERVAL_SECS`, `MULTIPLEXER_MAX_POLL_INTERVAL_MS`,
+    /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -42,7 +43,9 @@ impl Config {
         let dsns = env_or("SHARD_DSNS", DEFAULT_SHARD_DSNS);
         let shards = ShardConfig::from_list(&dsns, env_parse("SHARD_POOL_SIZE", 8)?)
             .map_err(|e| invalid("SHARD_DSNS", dsns.clone(), e.to_string()))?;
-        let mut kafka = KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS));
+        let mut kafka = KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS))
+            .with_env_opts()
+            .map_err(|e| invalid("KAFKA_*_OPTS", String::new(), e))?;
         kafka.max_poll_interval =
             Duration::from_millis(env_parse("MULTIPLEXER_MAX_POLL_INTERVAL_MS", 60_000)?);
         Ok(Self {
