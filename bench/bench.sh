@@ -21,6 +21,8 @@
 #      BENCH_QUICK=1 short durations (a smoke test, minutes less; figures are rough)
 #      BENCH_USERS   websocket users of the e2e load (default 1000)
 #      BENCH_CONNS   idle connections to hold (default 19500)
+#      BENCH_FLEET_GATEWAYS / BENCH_FLEET_CONNS  gateways, and connections each, held at the same
+#                    time across processes (default 6 x 17000 = 102,000)
 #      BENCH_ACK     each|batch: recipients ack every message, or per read burst (default each)
 #      BENCH_GATEWAYS number of gateways for the e2e load (default 1)
 #      BENCH_START_RATE first probed rate of the search (default 400 msg/s)
@@ -42,6 +44,8 @@ STAGES="${BENCH_STAGES:-baselines e2e connections}"
 QUICK="${BENCH_QUICK:-0}"
 USERS="${BENCH_USERS:-1000}"
 CONNS="${BENCH_CONNS:-19500}"
+FLEET_GWS="${BENCH_FLEET_GATEWAYS:-6}"
+FLEET_CONNS="${BENCH_FLEET_CONNS:-17000}"
 ACK="${BENCH_ACK:-each}"
 NGW="${BENCH_GATEWAYS:-1}"
 RUN_ID="bench$(date +%s)"
@@ -82,6 +86,7 @@ cleanup() {
     "$BIN/loadgen" cleanup --brokers "$BROKERS" --prefix "$PREFIX" \
       --group "${PREFIX}multiplexer" --group "${PREFIX}raw" \
       --group "${PREFIX}gateway-lgw1" --group "${PREFIX}gateway-lgw2" --group "${PREFIX}gateway-lgc1" \
+      $(for g in $(seq 1 "$FLEET_GWS"); do printf -- " --group %sgateway-lgf%s" "$PREFIX" "$g"; done) \
       >>"$OUT/logs/cleanup.log" 2>&1 || echo "bench: topic cleanup failed (see $OUT/logs/cleanup.log)" >&2
   fi
   for db in "${DBS[@]}"; do
@@ -184,7 +189,7 @@ gateway_env() { # id port
     MAX_CONNS_PER_ADDR=100000 ${BENCH_GATEWAY_ENV:-}
 }
 if has_stage e2e || has_stage connections; then
-  "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "$PREFIX" --gateways lgw1,lgw2,lgc1 >>"$OUT/logs/topics.log"
+  "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "$PREFIX" --gateways "lgw1,lgw2,lgc1$(for g in $(seq 1 "$FLEET_GWS"); do printf ",lgf%s" "$g"; done)" >>"$OUT/logs/topics.log"
   create_dbs s; E2E_DSNS="$DSNS"
 fi
 if has_stage e2e; then
@@ -258,6 +263,27 @@ if has_stage connections; then
     --target-pid "${PIDS[tcp]}" --hold-seconds 2 --out "$OUT/hold-tcp.json" \
     || echo "bench: holding connections on the TCP server failed" >&2
   stop_bg tcp
+
+  log "connections: $FLEET_GWS gateways x $FLEET_CONNS idle websockets, all open at once"
+  rm -rf "$OUT/fleet-barrier"
+  HOLDERS=()
+  for g in $(seq 1 "$FLEET_GWS"); do
+    port="$(free_port $((18500 + g)))"
+    # shellcheck disable=SC2046
+    start_bg "lgf$g" "$OUT/logs/lgf$g.log" env $(gateway_env "lgf$g" "$port") "$BIN/gateway"
+    wait_ready "http://127.0.0.1:$port/readyz" "lgf$g"
+    # Each holder its own source addresses: every bound source address has its own port range.
+    start_bg "holder$g" "$OUT/logs/holder$g.log" "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode ws \
+      --conns "$FLEET_CONNS" --source-ips "127.0.$((10 + g)).2-127.0.$((10 + g)).5" --target-pid "${PIDS[lgf$g]}" \
+      --user-prefix "${RUN_ID}f$g" --hold-seconds 5 --barrier "$OUT/fleet-barrier:$FLEET_GWS" \
+      --out "$OUT/hold-fleet-$g.json"
+    HOLDERS+=("holder$g")
+  done
+  for h in "${HOLDERS[@]}"; do
+    wait "${PIDS[$h]}" || echo "bench: $h failed (see $OUT/logs/$h.log)" >&2
+    unset "PIDS[$h]"
+  done
+  for g in $(seq 1 "$FLEET_GWS"); do stop_bg "lgf$g"; done
 fi
 
 # ---------------------------------------------------------------- the table

@@ -221,6 +221,10 @@ enum Command {
         user_prefix: String,
         #[arg(long)]
         out: PathBuf,
+        /// DIR:COUNT: wait, once connected, until COUNT holders have said so in DIR, so the
+        /// connections of several holders (one per server) are open at the same time.
+        #[arg(long)]
+        barrier: Option<String>,
     },
     /// Deletes the topics with a prefix and the named consumer groups.
     Cleanup {
@@ -420,7 +424,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             hold_seconds,
             user_prefix,
             out,
+            barrier,
         } => {
+            let barrier = match barrier {
+                Some(b) => {
+                    let (dir, count) = b
+                        .rsplit_once(':')
+                        .ok_or_else(|| anyhow::anyhow!("--barrier is DIR:COUNT"))?;
+                    Some((PathBuf::from(dir), count.parse()?))
+                }
+                None => None,
+            };
             let r = raw::hold(raw::HoldArgs {
                 url,
                 mode,
@@ -431,6 +445,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 settle_seconds,
                 hold_seconds,
                 user_prefix,
+                barrier,
             })
             .await?;
             write_json(&out, &r)?;

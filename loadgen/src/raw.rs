@@ -7,6 +7,7 @@
 //! - Websocket: a trivial tokio-tungstenite echo server and client.
 //! - TCP: a tokio server that accepts and holds sockets (memory per connection).
 
+use std::path::PathBuf;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -916,6 +917,10 @@ pub struct HoldArgs {
     pub settle_seconds: f64,
     pub hold_seconds: f64,
     pub user_prefix: String,
+    /// With several holders (one per server process): a directory where each says it has all
+    /// its connections open, and how many must have said so before anyone measures. Every
+    /// holder past the barrier had all its connections open at the same moment.
+    pub barrier: Option<(PathBuf, usize)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -935,6 +940,8 @@ pub struct HoldReport {
     pub target_fd_limit: u64,
     pub fraction_of_fd_limit: f64,
     pub client_fd_limit: u64,
+    /// Whether every holder of the barrier had its connections open at once (None: no barrier).
+    pub barrier_passed: Option<bool>,
 }
 
 pub async fn hold(a: HoldArgs) -> anyhow::Result<HoldReport> {
@@ -1028,6 +1035,10 @@ pub async fn hold(a: HoldArgs) -> anyhow::Result<HoldReport> {
         "{established} of {} connections open after {connect_seconds:.1} s; failures: {failures:?}",
         a.conns
     );
+    let barrier_passed = match &a.barrier {
+        Some((dir, count)) => Some(wait_at_barrier(dir, *count).await?),
+        None => None,
+    };
     tokio::time::sleep(Duration::from_secs_f64(a.settle_seconds)).await;
     let rss_after = cpu::rss_kib(a.target_pid).unwrap_or(0);
     let fds = cpu::fd_count(a.target_pid).unwrap_or(0);
@@ -1061,5 +1072,26 @@ pub async fn hold(a: HoldArgs) -> anyhow::Result<HoldReport> {
             0.0
         },
         client_fd_limit: cpu::fd_limit(std::process::id()).unwrap_or(0),
+        barrier_passed,
     })
+}
+
+/// Says this holder is ready (a file named after its pid in `dir`) and waits, up to 10
+/// minutes, until `count` holders have. False if the wait timed out.
+async fn wait_at_barrier(dir: &std::path::Path, count: usize) -> anyhow::Result<bool> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(std::process::id().to_string()), b"ready")?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let ready = std::fs::read_dir(dir)?.count();
+        if ready >= count {
+            eprintln!("barrier: {ready} of {count} holders ready");
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            eprintln!("barrier: only {ready} of {count} holders ready after 10 minutes");
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

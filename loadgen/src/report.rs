@@ -1,7 +1,8 @@
 //! The Markdown results table from a bench output directory.
 //!
 //! Reads `meta.json` (written by bench/bench.sh), `kafka.json`, `pg.json`, `echo.json`,
-//! `search.json`, `hold-gateway.json`, `hold-tcp.json`; a missing file shows as "not run".
+//! `search.json`, `hold-gateway.json`, `hold-tcp.json`, `hold-fleet-<n>.json`; a missing file
+//! shows as "not run".
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -338,6 +339,42 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             )?,
             None => writeln!(o, "| {name} | not run | | | | | | |")?,
         }
+    }
+
+    let fleet: Vec<HoldReport> = (1..=64)
+        .map_while(|g| load(dir, &format!("hold-fleet-{g}.json")))
+        .collect();
+    writeln!(o, "\n### 5. Connections across gateway processes (all open at the same time)\n")?;
+    if fleet.is_empty() {
+        writeln!(o, "not run")?;
+    } else {
+        let together = fleet.iter().all(|h| h.barrier_passed == Some(true));
+        let held: u64 = fleet.iter().map(|h| h.still_open_at_end).sum();
+        let attempted: usize = fleet.iter().map(|h| h.attempted).sum();
+        let rss: f64 = fleet
+            .iter()
+            .map(|h| h.target_rss_after_kib as f64 / 1024.0)
+            .sum();
+        writeln!(o, "| gateways | held (of attempted) | all open at once | per gateway: held / fd limit | RSS of all gateways | RSS per connection (mean) | target | met |")?;
+        writeln!(o, "|---|---|---|---|---|---|---|---|")?;
+        let per_gw: Vec<String> = fleet
+            .iter()
+            .map(|h| format!("{:.1}%", h.fraction_of_fd_limit * 100.0))
+            .collect();
+        let mean_per_conn = fleet.iter().map(|h| h.rss_per_connection_bytes).sum::<f64>()
+            / fleet.len() as f64;
+        writeln!(
+            o,
+            "| {} | {} of {} | {} | {} | {:.0} MiB | {:.2} KiB | ≥ 100,000 | {} |",
+            fleet.len(),
+            n(held as f64),
+            n(attempted as f64),
+            if together { "yes" } else { "**no**" },
+            per_gw.join(", "),
+            rss,
+            mean_per_conn / 1024.0,
+            yes(together && held >= 100_000)
+        )?;
     }
 
     if let Some(s) = &search {
