@@ -37,7 +37,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("static bucket list is non-empty")
                 .set_buckets_for_metric(
                     Matcher::Suffix("_batch_size".into()),
-                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                    &[
+                        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+                        5000.0,
+                    ],
                 )
                 .expect("static bucket list is non-empty")
                 .build_recorder();

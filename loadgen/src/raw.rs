@@ -7,9 +7,9 @@
 //! - Websocket: a trivial tokio-tungstenite echo server and client.
 //! - TCP: a tokio server that accepts and holds sockets (memory per connection).
 
-use std::path::PathBuf;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -344,7 +344,10 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     let fleet: Vec<HoldReport> = (1..=64)
         .map_while(|g| load(dir, &format!("hold-fleet-{g}.json")))
         .collect();
-    writeln!(o, "\n### 5. Connections across gateway processes (all open at the same time)\n")?;
+    writeln!(
+        o,
+        "\n### 5. Connections across gateway processes (all open at the same time)\n"
+    )?;
     if fleet.is_empty() {
         writeln!(o, "not run")?;
     } else {
@@ -361,7 +364,10 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             .iter()
             .map(|h| format!("{:.1}%", h.fraction_of_fd_limit * 100.0))
             .collect();
-        let mean_per_conn = fleet.iter().map(|h| h.rss_per_connection_bytes).sum::<f64>()
+        let mean_per_conn = fleet
+            .iter()
+            .map(|h| h.rss_per_connection_bytes)
+            .sum::<f64>()
             / fleet.len() as f64;
         writeln!(
             o,

@@ -54,7 +54,7 @@ impl Config {
             group: env_or("MULTIPLEXER_GROUP", "multiplexer"),
             shards,
             retention: env_parse("RETENTION", Retention::Keep)?,
-            max_batch: env_parse("MULTIPLEXER_MAX_BATCH", 500)?,
+            max_batch: env_parse("MULTIPLEXER_MAX_BATCH", 2000)?,
             batch_wait: Duration::from_millis(env_parse("MULTIPLEXER_BATCH_WAIT_MS", 2)?),
             http_addr: env_parse(
                 "MULTIPLEXER_HTTP_ADDR",
