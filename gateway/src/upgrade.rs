@@ -4,8 +4,8 @@
 //! whether or not it ever receives anything. Idle sockets are most of what a gateway holds, so
 //! this module answers the handshake itself (RFC 6455 section 4.2), takes the plain TCP stream
 //! back from hyper once the 101 is written (dropping hyper's buffers), and wraps it in a
-//! tokio-tungstenite stream with a small read buffer and no write buffering. A frame larger than
-//! the read buffer still arrives whole: the buffer grows to fit the frame being read.
+//! tokio-tungstenite stream with a small read buffer and a small write buffer. A frame larger
+//! than the read buffer still arrives whole: the buffer grows to fit the frame being read.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +17,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::{Filter, Rejection};
+
+/// Bytes of frames gathered before a write to the socket (a flush writes them sooner).
+pub const WRITE_BUFFER_BYTES: usize = 4096;
 
 /// A server-side websocket over a plain TCP stream.
 pub type Socket = WebSocketStream<TcpStream>;
@@ -144,9 +147,9 @@ async fn into_socket(on_upgrade: OnUpgrade, config: SocketConfig) -> anyhow::Res
     let stream = parts.io.into_inner();
     let mut ws_config = WebSocketConfig::default();
     ws_config.read_buffer_size = config.read_buffer_bytes;
-    // Frames go out as they are written (a flush follows every batch anyway), so no per-socket
-    // write buffer is kept around.
-    ws_config.write_buffer_size = 0;
+    // Frames queued together go out in one write (every write path ends with a flush); the
+    // buffer keeps its capacity, so it is capped well below tungstenite's 128 KiB default.
+    ws_config.write_buffer_size = WRITE_BUFFER_BYTES;
     ws_config.max_message_size = Some(config.max_message_bytes);
     ws_config.max_frame_size = Some(config.max_message_bytes);
     Ok(Box::new(if parts.read_buf.is_empty() {

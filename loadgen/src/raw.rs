@@ -668,11 +668,11 @@ pub async fn echo_server(addr: &str) -> anyhow::Result<()> {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            // The gateway's socket settings (gateway/src/upgrade.rs): small read buffer, frames
-            // written as they come.
+            // The gateway's socket settings (gateway/src/upgrade.rs): 256-byte read buffer,
+            // frames gathered up to 4 KiB per write.
             let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
             config.read_buffer_size = 256;
-            config.write_buffer_size = 0;
+            config.write_buffer_size = 4096;
             let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
             else {
                 return;
