@@ -44,27 +44,20 @@ pub async fn script(args: &[&str]) -> anyhow::Result<()> {
 
 /// Starts the cluster and the two Postgres servers (each idempotent).
 pub async fn start_infra() -> anyhow::Result<()> {
-    script(&["kafka.sh", "start", "--cluster"]).await?;
-    for (name, port) in PG {
-        script(&[
-            "postgres.sh",
-            "start",
-            "--name",
-            name,
-            "--port",
-            &port.to_string(),
-        ])
-        .await?;
-    }
-    Ok(())
+    infra("start").await
 }
 
 pub async fn stop_infra() -> anyhow::Result<()> {
-    script(&["kafka.sh", "stop", "--cluster"]).await?;
+    infra("stop").await
+}
+
+/// Runs `action` (start or stop) on the cluster, then on each Postgres server.
+async fn infra(action: &str) -> anyhow::Result<()> {
+    script(&["kafka.sh", action, "--cluster"]).await?;
     for (name, port) in PG {
         script(&[
             "postgres.sh",
-            "stop",
+            action,
             "--name",
             name,
             "--port",

@@ -410,6 +410,30 @@ impl TestEnv {
     }
 }
 
+/// A websocket opened by hand (no client library), for tests of the raw protocol.
+pub type RawWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads until the server closes (within [`WAIT`]); returns the close code, if the server sent
+/// one.
+pub async fn close_code(ws: &mut RawWs) -> Option<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let until = async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    };
+    tokio::time::timeout(WAIT, until)
+        .await
+        .expect("closed in time")
+}
+
 /// `ws://` base URL of a component.
 pub fn ws_url(addr: SocketAddr) -> String {
     format!("ws://{addr}")

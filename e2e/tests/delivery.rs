@@ -299,7 +299,6 @@ async fn pushes_to_a_gateway_the_user_left_are_not_lost_and_reach_no_one_else() 
 async fn a_socket_that_does_not_drain_is_closed_and_its_messages_stay_pending() -> anyhow::Result<()>
 {
     use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
 
     let env = TestEnv::new(1, &["gw1"]).await?;
     let gw = env
@@ -331,17 +330,7 @@ async fn a_socket_that_does_not_drain_is_closed_and_its_messages_stay_pending() 
     }
     env.produce_all(&topic, "bob", records).await?;
     // Now read: some frames, then the close with 4008.
-    let close = tokio::time::timeout(WAIT, async {
-        while let Some(m) = socket.next().await {
-            match m {
-                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    })
-    .await?;
+    let close = chat_e2e::close_code(&mut socket).await;
     assert_eq!(close, Some(4008));
     // Other users are unaffected.
     let mut carol = connect(&ws_url(gw.addr), &env.token("carol")).await;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chat_client::{Client, Rest};
-use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
+use chat_e2e::{close_code, connect, http_url, ws_url, TestEnv, WAIT};
 use chat_proto::v1::{server_frame, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -12,8 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = chat_e2e::RawWs;
 
 async fn raw(addr: std::net::SocketAddr, token: &str) -> Ws {
     let url = format!("{}/ws?access_token={token}", ws_url(addr));
@@ -40,23 +39,6 @@ async fn next_error(ws: &mut Ws) -> String {
             return e.code;
         }
     }
-}
-
-/// Reads until the server closes; returns the close code.
-async fn close_code(ws: &mut Ws) -> Option<u16> {
-    let until = async {
-        while let Some(m) = ws.next().await {
-            match m {
-                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    };
-    tokio::time::timeout(WAIT, until)
-        .await
-        .expect("closed in time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

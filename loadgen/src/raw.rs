@@ -962,38 +962,15 @@ pub async fn hold(a: HoldArgs) -> anyhow::Result<HoldReport> {
                 let r: Result<(), String> = match mode {
                     HoldMode::Ws => {
                         let token = token.map_err(|e| e.to_string())?;
-                        match crate::e2e::open_session(&url, &token, source).await {
-                            Ok(mut ws) => {
-                                open.fetch_add(1, Ordering::Relaxed);
-                                tokio::spawn(async move {
-                                    // Reading answers the server's pings.
-                                    while let Some(Ok(m)) = ws.next().await {
-                                        if m.is_close() {
-                                            break;
-                                        }
-                                    }
-                                    open.fetch_sub(1, Ordering::Relaxed);
-                                });
-                                Ok(())
-                            }
-                            Err(e) => Err(e.to_string()),
-                        }
+                        crate::e2e::open_session(&url, &token, source)
+                            .await
+                            .map(|ws| keep_open(ws, open))
+                            .map_err(|e| e.to_string())
                     }
-                    HoldMode::WsRaw => match crate::ws::connect(&url, "/", source).await {
-                        Ok(mut ws) => {
-                            open.fetch_add(1, Ordering::Relaxed);
-                            tokio::spawn(async move {
-                                while let Some(Ok(m)) = ws.next().await {
-                                    if m.is_close() {
-                                        break;
-                                    }
-                                }
-                                open.fetch_sub(1, Ordering::Relaxed);
-                            });
-                            Ok(())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    },
+                    HoldMode::WsRaw => crate::ws::connect(&url, "/", source)
+                        .await
+                        .map(|ws| keep_open(ws, open))
+                        .map_err(|e| e.to_string()),
                     HoldMode::Tcp => match crate::ws::tcp(addr, source).await {
                         Ok(mut s) => {
                             open.fetch_add(1, Ordering::Relaxed);
@@ -1074,6 +1051,19 @@ pub async fn hold(a: HoldArgs) -> anyhow::Result<HoldReport> {
         client_fd_limit: cpu::fd_limit(std::process::id()).unwrap_or(0),
         barrier_passed,
     })
+}
+
+/// Counts `ws` as open and keeps reading it (which answers the server's pings) until it closes.
+fn keep_open(mut ws: crate::ws::Ws, open: Arc<AtomicU64>) {
+    open.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+        open.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// Says this holder is ready (a file named after its pid in `dir`) and waits, up to 10
