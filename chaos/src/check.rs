@@ -29,6 +29,8 @@ pub struct Report {
     pub recovery_secs: f64,
     pub unanswered: u64,
     pub note: String,
+    /// What the failure looked like, for the log (not in the results table).
+    pub detail: String,
 }
 
 impl Report {
@@ -40,6 +42,29 @@ impl Report {
             && self.seq_violations == 0
             && self.resurrected == 0
             && self.recovery_secs <= 30.0
+    }
+
+    /// Every count and the note, on one line.
+    pub fn summary(&self) -> String {
+        let lost = if self.lost == usize::MAX {
+            "-".to_owned()
+        } else {
+            self.lost.to_string()
+        };
+        format!(
+            "messages {}, unanswered {}, lost {lost}, duplicates shown {}, order violations {}, \
+             phantoms {}, seq gaps {}, resurrected {}, recovery {:.1} s; {} {}",
+            self.messages,
+            self.unanswered,
+            self.duplicates_shown,
+            self.order_violations,
+            self.phantoms,
+            self.seq_violations,
+            self.resurrected,
+            self.recovery_secs,
+            self.note,
+            self.detail
+        )
     }
 }
 
@@ -72,9 +97,20 @@ pub fn check(scenario: &str, log: &Log, heal: Instant) -> Report {
         }
     }
     let mut recovery = 0f64;
+    // When the lost messages were accepted, in seconds from the heal (negative: before it).
+    let mut lost_window: Option<(f64, f64)> = None;
     for (id, (_, _, accepted_at)) in &log.accepted {
         match shown_at.get(id.as_str()) {
-            None => r.lost += 1,
+            None => {
+                r.lost += 1;
+                let t = if *accepted_at >= heal {
+                    accepted_at.duration_since(heal).as_secs_f64()
+                } else {
+                    -heal.duration_since(*accepted_at).as_secs_f64()
+                };
+                let (lo, hi) = lost_window.unwrap_or((t, t));
+                lost_window = Some((lo.min(t), hi.max(t)));
+            }
             Some(at) if *accepted_at <= heal && *at > heal => {
                 recovery = recovery.max(at.duration_since(heal).as_secs_f64());
             }
@@ -82,6 +118,9 @@ pub fn check(scenario: &str, log: &Log, heal: Instant) -> Report {
         }
     }
     r.recovery_secs = recovery;
+    if let Some((lo, hi)) = lost_window {
+        r.detail = format!("lost messages accepted from {lo:+.1} s to {hi:+.1} s of the heal");
+    }
     r
 }
 

@@ -107,8 +107,15 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&args.out, &table).with_context(|| format!("writing {}", args.out.display()))?;
     let passed = reports.iter().filter(|r| r.passed()).count();
     println!("{passed} passed, {} failed", reports.len() - passed);
-    anyhow::ensure!(passed == reports.len(), "some scenarios found anomalies");
-    Ok(())
+    if passed == reports.len() {
+        return Ok(());
+    }
+    // The failures again, last, on stderr and without a backtrace: a CI log is often read
+    // from its tail, and this is what it needs to show.
+    for r in reports.iter().filter(|r| !r.passed()) {
+        eprintln!("chaos: {} FAILED: {}", r.scenario, r.summary());
+    }
+    std::process::exit(1);
 }
 
 fn table(reports: &[Report], args: &Args) -> String {
