@@ -127,6 +127,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         }
     });
     let outbound = tokio::spawn(outbound::run(app.clone(), consumer, shutdown.clone()));
+    // One timer pings every socket (through its mailbox), rather than a timer per socket.
+    tokio::spawn({
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        async move {
+            let period = app.config.ping_interval;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => app.sessions.ping_all(),
+                }
+            }
+        }
+    });
     tracing::info!(%addr, gateway = %app.config.gateway_id, outbound = %outbound_topic, "gateway started");
 
     let task = tokio::spawn(async move {

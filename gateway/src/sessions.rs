@@ -4,13 +4,12 @@
 //! (close code 4001). Each session has a bounded queue; whoever pushes into it never waits, and a
 //! session whose queue is full is closed (4008) so one slow reader cannot hold up the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use chat_common::ids::UserId;
 use chat_proto::v1::{ChatMessage, Receipt, ServerFrame};
-use tokio::sync::mpsc;
 
 /// What a connection's writer is asked to send. Every variant is boxed: a queue allocates its
 /// slots in blocks of 32 when created, and an unboxed frame would make that block about 5 KiB on
@@ -23,6 +22,8 @@ pub enum Outgoing {
     Live(Box<ChatMessage>),
     /// The answer to a sync.
     Synced(Box<SyncAnswer>),
+    /// Time to ping the peer (or to close, if it has not answered the last pings).
+    Ping,
 }
 
 /// Pending messages, then receipts the user may have missed.
@@ -52,31 +53,133 @@ pub mod close {
     pub const INTERNAL: u16 = 1011;
 }
 
-/// A request, from outside a connection's task, to close it with a code and reason.
-/// Separate from the queue so it works even when the queue is full. No allocation of its own:
-/// an idle connection holds one of these for its whole life.
-#[derive(Debug, Default)]
-pub struct Kick {
+/// A connection's mailbox: what its writer is asked to send, and whether it is asked to close.
+///
+/// One allocation per connection for both, and no preallocated slots: an idle connection holds
+/// one of these for its whole life (tokio's mpsc allocates a block of 32 slots and a channel
+/// state of about 1 KiB in all at creation; a separate kick would be another allocation).
+/// Whoever pushes never waits: a full mailbox is the caller's signal that the socket does not
+/// drain. A kick is seen even when the mailbox is full, and wins over what is queued.
+#[derive(Debug)]
+pub struct Mailbox {
+    state: Mutex<MailState>,
+    /// Wakes the connection's task; `notify_one` keeps a permit when the task is not waiting,
+    /// so a push or kick between its check and its wait is not missed.
     notify: tokio::sync::Notify,
-    reason: OnceLock<(u16, &'static str)>,
+    capacity: usize,
 }
 
-impl Kick {
+#[derive(Debug, Default)]
+struct MailState {
+    items: VecDeque<Outgoing>,
+    kicked: Option<(u16, &'static str)>,
+    closed: bool,
+}
+
+/// Why a push was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// The mailbox holds `capacity` items: the socket is not draining.
+    Full,
+    /// The connection has ended.
+    Closed,
+}
+
+/// What the connection's task is to do next.
+#[derive(Debug)]
+pub enum Mail {
+    Item(Outgoing),
+    Kicked(u16, &'static str),
+}
+
+impl Mailbox {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::default(),
+            notify: tokio::sync::Notify::new(),
+            capacity,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, MailState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `item` without waiting.
+    pub fn push(&self, item: Outgoing) -> Result<(), PushError> {
+        {
+            let mut st = self.state();
+            if st.closed {
+                return Err(PushError::Closed);
+            }
+            if st.items.len() >= self.capacity {
+                return Err(PushError::Full);
+            }
+            st.items.push_back(item);
+        }
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Queues `item`; a full mailbox closes the connection as a slow consumer (its messages stay
+    /// pending and come back by sync). False if the connection has ended.
+    pub fn push_or_kick(&self, item: Outgoing) -> bool {
+        match self.push(item) {
+            Ok(()) => true,
+            Err(PushError::Full) => {
+                metrics::counter!("gateway_slow_consumer_closed_total").increment(1);
+                self.kick(
+                    close::SLOW_CONSUMER,
+                    "socket not draining; reconnect to sync",
+                );
+                true
+            }
+            Err(PushError::Closed) => false,
+        }
+    }
+
     /// Asks the connection to close (the first reason given wins).
     pub fn kick(&self, code: u16, reason: &'static str) {
-        let _ = self.reason.set((code, reason));
-        // Stores a permit if the connection is not waiting right now, so it is not missed.
+        {
+            let mut st = self.state();
+            if st.kicked.is_none() {
+                st.kicked = Some((code, reason));
+            }
+        }
         self.notify.notify_one();
     }
 
-    /// Resolves once kicked, with the close code and reason.
-    pub async fn kicked(&self) -> (u16, &'static str) {
+    /// The next thing to do: a kick first, else the oldest queued item. Waits for either.
+    pub async fn next(&self) -> Mail {
         loop {
-            if let Some(reason) = self.reason.get() {
-                return *reason;
+            {
+                let mut st = self.state();
+                if let Some((code, reason)) = st.kicked {
+                    return Mail::Kicked(code, reason);
+                }
+                if let Some(item) = st.items.pop_front() {
+                    return Mail::Item(item);
+                }
             }
             self.notify.notified().await;
         }
+    }
+
+    /// Resolves once kicked, with the close code and reason (items are left queued).
+    pub async fn kicked(&self) -> (u16, &'static str) {
+        loop {
+            if let Some(reason) = self.state().kicked {
+                return reason;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// The connection has ended: drops what is queued and refuses later pushes.
+    pub fn close(&self) {
+        let mut st = self.state();
+        st.closed = true;
+        st.items = VecDeque::new();
     }
 }
 
@@ -85,8 +188,7 @@ impl Kick {
 pub struct SessionHandle {
     pub conn_id: u64,
     pub epoch: u64,
-    pub tx: mpsc::Sender<Outgoing>,
-    pub kick: Arc<Kick>,
+    pub mailbox: Arc<Mailbox>,
 }
 
 /// All sessions of this gateway.
@@ -154,17 +256,14 @@ impl Sessions {
                 None => return false,
             }
         };
-        match handle.tx.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("gateway_slow_consumer_closed_total").increment(1);
-                handle.kick.kick(
-                    close::SLOW_CONSUMER,
-                    "socket not draining; reconnect to sync",
-                );
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        handle.mailbox.push_or_kick(item)
+    }
+
+    /// Asks every session to ping its peer: one timer for the gateway, not one per socket.
+    pub fn ping_all(&self) {
+        let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
+        for handle in map.values() {
+            handle.mailbox.push_or_kick(Outgoing::Ping);
         }
     }
 
@@ -172,7 +271,7 @@ impl Sessions {
     pub fn kick_all(&self, code: u16, reason: &'static str) {
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
         for handle in map.values() {
-            handle.kick.kick(code, reason);
+            handle.mailbox.kick(code, reason);
         }
     }
 
@@ -183,10 +282,80 @@ impl Sessions {
         };
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = map.get(&user).filter(|h| h.epoch < epoch) {
-            h.kick.kick(
+            h.mailbox.kick(
                 close::REPLACED,
                 "replaced by a newer connection of the same user",
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u64) -> Outgoing {
+        Outgoing::Live(Box::new(ChatMessage {
+            seq: n,
+            ..ChatMessage::default()
+        }))
+    }
+
+    fn seq_of(mail: Mail) -> Option<u64> {
+        match mail {
+            Mail::Item(Outgoing::Live(m)) => Some(m.seq),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn items_come_out_in_order_and_a_full_mailbox_refuses() {
+        let mb = Mailbox::new(2);
+        assert_eq!(mb.push(frame(1)), Ok(()));
+        assert_eq!(mb.push(frame(2)), Ok(()));
+        assert_eq!(mb.push(frame(3)), Err(PushError::Full));
+        assert_eq!(seq_of(mb.next().await), Some(1));
+        assert_eq!(mb.push(frame(3)), Ok(()));
+        assert_eq!(seq_of(mb.next().await), Some(2));
+        assert_eq!(seq_of(mb.next().await), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_kick_gets_through_a_full_mailbox_and_wins_over_items() {
+        let mb = Mailbox::new(1);
+        assert!(mb.push_or_kick(frame(1)));
+        // Full: the second push kicks as a slow consumer.
+        assert!(mb.push_or_kick(frame(2)));
+        mb.kick(close::REPLACED, "later reasons lose");
+        assert!(matches!(
+            mb.next().await,
+            Mail::Kicked(close::SLOW_CONSUMER, _)
+        ));
+        assert_eq!(mb.kicked().await.0, close::SLOW_CONSUMER);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_task_is_woken_by_a_push_from_another_task() {
+        let mb = Arc::new(Mailbox::new(4));
+        let waiter = tokio::spawn({
+            let mb = mb.clone();
+            async move { seq_of(mb.next().await) }
+        });
+        tokio::task::yield_now().await;
+        let pusher = tokio::spawn({
+            let mb = mb.clone();
+            async move { mb.push(frame(7)) }
+        });
+        assert_eq!(pusher.await.ok(), Some(Ok(())));
+        assert_eq!(waiter.await.ok(), Some(Some(7)));
+    }
+
+    #[tokio::test]
+    async fn a_closed_mailbox_refuses_pushes() {
+        let mb = Mailbox::new(4);
+        assert_eq!(mb.push(frame(1)), Ok(()));
+        mb.close();
+        assert_eq!(mb.push(frame(2)), Err(PushError::Closed));
+        assert!(!mb.push_or_kick(frame(3)));
     }
 }

@@ -15,13 +15,13 @@ use chat_proto::v1::{
 };
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::App;
-use crate::sessions::{close, Kick, Outgoing, SessionHandle, SyncAnswer};
+use crate::sessions::{close, Mail, Mailbox, Outgoing, SessionHandle, SyncAnswer};
 use crate::upgrade::Socket;
 
 /// Most pending messages one sync sends; the client syncs again for the rest.
@@ -78,6 +78,7 @@ impl Writer {
         let mut out = Vec::new();
         match item {
             Outgoing::Frame(f) => out.push(*f),
+            Outgoing::Ping => {} // handled by the connection loop
             Outgoing::Live(m) => {
                 if self.syncing > 0 {
                     if self.held.len() >= MAX_HELD {
@@ -147,7 +148,7 @@ struct Conn {
     app: Arc<App>,
     user: UserId,
     format: Format,
-    tx: mpsc::Sender<Outgoing>,
+    mailbox: Arc<Mailbox>,
     in_flight: Arc<Semaphore>,
     limiter: governor::DefaultDirectRateLimiter,
     strikes: u32,
@@ -198,7 +199,7 @@ impl Conn {
                     &self.app,
                     &self.user,
                     frame,
-                    &self.tx,
+                    &self.mailbox,
                     &self.in_flight,
                     &mut self.writer,
                 );
@@ -236,25 +237,23 @@ pub async fn serve(
         let boxed = socket;
         *boxed
     };
-    let (tx, mut rx) = mpsc::channel(app.config.socket_queue);
-    let kick = Arc::new(Kick::default());
+    let mailbox = Arc::new(Mailbox::new(app.config.socket_queue));
     let conn_id = app.sessions.next_conn_id();
     let epoch = app.sessions.next_epoch();
     let handle = SessionHandle {
         conn_id,
         epoch,
-        tx: tx.clone(),
-        kick: kick.clone(),
+        mailbox: mailbox.clone(),
     };
     if let Some(old) = app.sessions.register(&user, handle) {
-        old.kick.kick(
+        old.mailbox.kick(
             close::REPLACED,
             "replaced by a newer connection of the same user",
         );
     }
     // Shutdown kicks every registered session; one registering meanwhile sees the flag.
     if app.shutdown.is_cancelled() {
-        kick.kick(close::GOING_AWAY, "server shutting down");
+        mailbox.kick(close::GOING_AWAY, "server shutting down");
     }
     metrics::counter!("gateway_connections_opened_total").increment(1);
     tracing::info!(user = %user, conn_id, "connected");
@@ -268,7 +267,7 @@ pub async fn serve(
         app,
         user,
         format,
-        tx,
+        mailbox,
         strikes: 0,
         writer: Writer {
             last_sent: HashMap::new(),
@@ -291,32 +290,40 @@ pub async fn serve(
         };
         let _ = Box::pin(socket.send(encode(conn.format, &welcome))).await;
         if auto_sync {
-            spawn_sync(&conn.app, &conn.user, HashMap::new(), 0, conn.tx.clone());
+            spawn_sync(
+                &conn.app,
+                &conn.user,
+                HashMap::new(),
+                0,
+                conn.mailbox.clone(),
+            );
         }
+        // Pings come through the mailbox from the gateway's one timer (`Sessions::ping_all`).
         let ping_interval = conn.app.config.ping_interval;
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
         let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = ping.tick() => {
-                    if last_heard.elapsed() > ping_interval * 2 {
-                        break Some((close::PING_TIMEOUT, "no answer to pings"));
+                mail = conn.mailbox.next() => {
+                    let item = match mail {
+                        Mail::Kicked(code, reason) => break Some((code, reason)),
+                        Mail::Item(item) => item,
+                    };
+                    if matches!(item, Outgoing::Ping) {
+                        if last_heard.elapsed() > ping_interval * 2 {
+                            break Some((close::PING_TIMEOUT, "no answer to pings"));
+                        }
+                        let sent = Box::pin(tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            socket.send(Message::Ping(Default::default())),
+                        )).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            break None;
+                        }
+                        continue;
                     }
-                    let sent = Box::pin(tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        socket.send(Message::Ping(Default::default())),
-                    )).await;
-                    if !matches!(sent, Ok(Ok(()))) {
-                        break None;
-                    }
-                }
-                reason = kick.kicked() => break Some(reason),
-                item = rx.recv() => {
-                    let Some(item) = item else { break None };
                     match conn.writer.frames(item) {
                         Ok(frames) => {
-                            let write = write_frames(&mut socket, frames, conn.format, &kick);
+                            let write = write_frames(&mut socket, frames, conn.format, &conn.mailbox);
                             if let Err(reason) = Box::pin(write).await {
                                 break reason;
                             }
@@ -350,7 +357,10 @@ pub async fn serve(
             }
         }
     };
-    let Conn { app, user, .. } = conn;
+    let Conn {
+        app, user, mailbox, ..
+    } = conn;
+    mailbox.close();
     if let Some((code, reason)) = close_with {
         metrics::counter!("gateway_closed_by_server_total", "code" => code.to_string())
             .increment(1);
@@ -393,7 +403,7 @@ async fn write_frames(
     socket: &mut Socket,
     frames: Vec<ServerFrame>,
     format: Format,
-    kick: &Kick,
+    mailbox: &Mailbox,
 ) -> Result<(), Option<(u16, &'static str)>> {
     let write = async {
         for f in frames {
@@ -403,7 +413,7 @@ async fn write_frames(
     };
     tokio::select! {
         r = write => r.map_err(|_| None),
-        reason = kick.kicked() => Err(Some(reason)),
+        reason = mailbox.kicked() => Err(Some(reason)),
     }
 }
 
@@ -430,7 +440,7 @@ fn handle_frame(
     app: &Arc<App>,
     user: &UserId,
     frame: ClientFrame,
-    tx: &mpsc::Sender<Outgoing>,
+    mailbox: &Arc<Mailbox>,
     in_flight: &Arc<Semaphore>,
     writer: &mut Writer,
 ) {
@@ -438,14 +448,14 @@ fn handle_frame(
         Some(client_frame::Kind::Send(send)) => {
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                 let e = crate::app::SendError::TooManyInFlight;
-                let _ = tx.try_send(Outgoing::Frame(Box::new(error_frame(
+                mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
                     e.code(),
                     e.to_string(),
                     send.client_message_id,
                 ))));
                 return;
             };
-            let (app, user, tx) = (app.clone(), user.clone(), tx.clone());
+            let (app, user, mailbox) = (app.clone(), user.clone(), mailbox.clone());
             app.tracker.clone().spawn(async move {
                 let reply = match app
                     .send(&user, &send.client_message_id, &send.recipient, send.body)
@@ -456,21 +466,19 @@ fn handle_frame(
                     },
                     Err(e) => error_frame(e.code(), e.to_string(), send.client_message_id),
                 };
-                let _ = tx.send(Outgoing::Frame(Box::new(reply))).await;
+                mailbox.push_or_kick(Outgoing::Frame(Box::new(reply)));
                 drop(permit);
             });
         }
         Some(client_frame::Kind::Ack(ack)) => {
-            let (app, user, tx) = (app.clone(), user.clone(), tx.clone());
+            let (app, user, mailbox) = (app.clone(), user.clone(), mailbox.clone());
             app.tracker.clone().spawn(async move {
                 if let Err(e) = app.ack(&user, &ack.peer, ack.up_to_seq).await {
-                    let _ = tx
-                        .send(Outgoing::Frame(Box::new(error_frame(
-                            e.code(),
-                            e.to_string(),
-                            String::new(),
-                        ))))
-                        .await;
+                    mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
+                        e.code(),
+                        e.to_string(),
+                        String::new(),
+                    ))));
                 }
             });
         }
@@ -490,7 +498,7 @@ fn handle_frame(
                             format!("invalid peer {peer:?} in sync"),
                             String::new(),
                         );
-                        let _ = tx.try_send(Outgoing::Frame(Box::new(f)));
+                        mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
                         return;
                     }
                 }
@@ -500,11 +508,11 @@ fn handle_frame(
             } else {
                 writer.syncing += 1;
             }
-            spawn_sync(app, user, after, sync.receipts_after_ms, tx.clone());
+            spawn_sync(app, user, after, sync.receipts_after_ms, mailbox.clone());
         }
         None => {
             let f = error_frame("bad_frame", "empty frame".into(), String::new());
-            let _ = tx.try_send(Outgoing::Frame(Box::new(f)));
+            mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
         }
     }
 }
@@ -520,7 +528,7 @@ fn spawn_sync(
     user: &UserId,
     after: HashMap<String, u64>,
     receipts_after_ms: i64,
-    tx: mpsc::Sender<Outgoing>,
+    mailbox: Arc<Mailbox>,
 ) {
     let (app, user) = (app.clone(), user.clone());
     app.tracker.clone().spawn(async move {
@@ -550,16 +558,14 @@ fn spawn_sync(
                     "history is unavailable; retry the sync".into(),
                     String::new(),
                 );
-                let _ = tx.send(Outgoing::Frame(Box::new(f))).await;
+                mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
                 Vec::new()
             }
         };
         metrics::counter!("gateway_synced_messages_total").increment(messages.len() as u64);
-        let _ = tx
-            .send(Outgoing::Synced(Box::new(SyncAnswer {
-                messages,
-                receipts,
-            })))
-            .await;
+        mailbox.push_or_kick(Outgoing::Synced(Box::new(SyncAnswer {
+            messages,
+            receipts,
+        })));
     });
 }
