@@ -203,7 +203,15 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
                 };
                 handshake.accept(config, move |socket| {
                     let tracker = app.tracker.clone();
-                    tracker.track_future(ws::serve(app, user, socket, format, auto_sync, slot))
+                    let start = ws::Start {
+                        app,
+                        user,
+                        socket: *socket,
+                        format,
+                        auto_sync,
+                        address_slot: slot,
+                    };
+                    tracker.track_future(ws::serve(Box::new(start)))
                 })
             },
         );

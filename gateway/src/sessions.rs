@@ -5,7 +5,7 @@
 //! session whose queue is full is closed (4008) so one slow reader cannot hold up the others.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use chat_common::ids::UserId;
@@ -60,13 +60,26 @@ pub mod close {
 /// state of about 1 KiB in all at creation; a separate kick would be another allocation).
 /// Whoever pushes never waits: a full mailbox is the caller's signal that the socket does not
 /// drain. A kick is seen even when the mailbox is full, and wins over what is queued.
+/// It also counts the connection's sends still waiting for Kafka (`MAX_IN_FLIGHT`).
 #[derive(Debug)]
 pub struct Mailbox {
     state: Mutex<MailState>,
     /// Wakes the connection's task; `notify_one` keeps a permit when the task is not waiting,
     /// so a push or kick between its check and its wait is not missed.
     notify: tokio::sync::Notify,
-    capacity: usize,
+    capacity: u32,
+    max_in_flight: u32,
+    in_flight: AtomicU32,
+}
+
+/// One send in flight on a connection; the count goes down when this is dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Mailbox>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -93,12 +106,24 @@ pub enum Mail {
 }
 
 impl Mailbox {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, max_in_flight: usize) -> Self {
         Self {
             state: Mutex::default(),
             notify: tokio::sync::Notify::new(),
-            capacity,
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            max_in_flight: u32::try_from(max_in_flight).unwrap_or(u32::MAX),
+            in_flight: AtomicU32::new(0),
         }
+    }
+
+    /// Counts one more send in flight, or `None` if the connection has the most it may have.
+    pub fn begin_send(self: &Arc<Self>) -> Option<InFlight> {
+        let taken = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_in_flight).then_some(n + 1)
+            });
+        taken.ok().map(|_| InFlight(self.clone()))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, MailState> {
@@ -112,7 +137,7 @@ impl Mailbox {
             if st.closed {
                 return Err(PushError::Closed);
             }
-            if st.items.len() >= self.capacity {
+            if st.items.len() >= self.capacity as usize {
                 return Err(PushError::Full);
             }
             st.items.push_back(item);
@@ -159,6 +184,10 @@ impl Mailbox {
                 }
                 if let Some(item) = st.items.pop_front() {
                     return Mail::Item(item);
+                }
+                // Drained: an idle connection keeps no queue storage.
+                if st.items.capacity() > 0 {
+                    st.items = VecDeque::new();
                 }
             }
             self.notify.notified().await;
@@ -310,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn items_come_out_in_order_and_a_full_mailbox_refuses() {
-        let mb = Mailbox::new(2);
+        let mb = Mailbox::new(2, 1);
         assert_eq!(mb.push(frame(1)), Ok(()));
         assert_eq!(mb.push(frame(2)), Ok(()));
         assert_eq!(mb.push(frame(3)), Err(PushError::Full));
@@ -322,7 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_kick_gets_through_a_full_mailbox_and_wins_over_items() {
-        let mb = Mailbox::new(1);
+        let mb = Mailbox::new(1, 1);
         assert!(mb.push_or_kick(frame(1)));
         // Full: the second push kicks as a slow consumer.
         assert!(mb.push_or_kick(frame(2)));
@@ -336,7 +365,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_task_is_woken_by_a_push_from_another_task() {
-        let mb = Arc::new(Mailbox::new(4));
+        let mb = Arc::new(Mailbox::new(4, 1));
         let waiter = tokio::spawn({
             let mb = mb.clone();
             async move { seq_of(mb.next().await) }
@@ -352,10 +381,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_mailbox_refuses_pushes() {
-        let mb = Mailbox::new(4);
+        let mb = Mailbox::new(4, 1);
         assert_eq!(mb.push(frame(1)), Ok(()));
         mb.close();
         assert_eq!(mb.push(frame(2)), Err(PushError::Closed));
         assert!(!mb.push_or_kick(frame(3)));
+    }
+
+    #[test]
+    fn sends_in_flight_are_bounded_and_counted_down_when_done() {
+        let mb = Arc::new(Mailbox::new(4, 2));
+        let a = mb.begin_send();
+        let b = mb.begin_send();
+        assert!(a.is_some() && b.is_some());
+        assert!(mb.begin_send().is_none());
+        drop(a);
+        assert!(mb.begin_send().is_some());
     }
 }

@@ -15,7 +15,6 @@ use chat_proto::v1::{
 };
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -149,7 +148,6 @@ struct Conn {
     user: UserId,
     format: Format,
     mailbox: Arc<Mailbox>,
-    in_flight: Arc<Semaphore>,
     limiter: governor::DefaultDirectRateLimiter,
     strikes: u32,
     writer: Writer,
@@ -200,7 +198,6 @@ impl Conn {
                     &self.user,
                     frame,
                     &self.mailbox,
-                    &self.in_flight,
                     &mut self.writer,
                 );
                 Step::Continue
@@ -218,26 +215,40 @@ impl Conn {
     }
 }
 
+/// What a connection starts with.
+pub struct Start {
+    pub app: Arc<App>,
+    pub user: UserId,
+    pub socket: Socket,
+    pub format: Format,
+    pub auto_sync: bool,
+    pub address_slot: crate::app::AddrSlot,
+}
+
 /// Serves one authenticated websocket until it closes.
 ///
-/// This future lives as long as the connection, idle or not, so it is kept small: the socket
-/// comes boxed (an async fn keeps its arguments for its whole life), frames are handled by
-/// plain functions, and the futures of rare steps (presence, pings, errors, closing) and of
-/// writes are boxed while they run.
-pub async fn serve(
-    app: Arc<App>,
-    user: UserId,
-    socket: Box<Socket>,
-    format: Format,
-    auto_sync: bool,
-    address_slot: crate::app::AddrSlot,
-) {
+/// This future lives as long as the connection, idle or not, so it is kept small (it is most
+/// of what an idle connection costs): its one argument is a box (an async fn keeps its
+/// arguments for its whole life, even once moved out), frames are handled by plain functions,
+/// and the futures of rare steps (presence, pings, errors, closing) and of writes are boxed
+/// while they run.
+pub async fn serve(start: Box<Start>) {
     // Moved out in a block of its own, so the box is freed now rather than when `serve` ends.
-    let mut socket = {
-        let boxed = socket;
+    let Start {
+        app,
+        user,
+        mut socket,
+        format,
+        auto_sync,
+        address_slot,
+    } = {
+        let boxed = start;
         *boxed
     };
-    let mailbox = Arc::new(Mailbox::new(app.config.socket_queue));
+    let mailbox = Arc::new(Mailbox::new(
+        app.config.socket_queue,
+        app.config.max_in_flight,
+    ));
     let conn_id = app.sessions.next_conn_id();
     let epoch = app.sessions.next_epoch();
     let handle = SessionHandle {
@@ -262,7 +273,6 @@ pub async fn serve(
     // Live messages are held from the start until the first sync is answered: the automatic
     // one, or (with `sync=manual`) the client's first `sync` frame, which takes over this hold.
     let mut conn = Conn {
-        in_flight: Arc::new(Semaphore::new(app.config.max_in_flight)),
         limiter: governor::RateLimiter::direct(crate::app::quota(app.config.conn_rate)),
         app,
         user,
@@ -282,13 +292,17 @@ pub async fn serve(
         tracing::warn!(user = %conn.user, error = %e, "presence publish failed");
         Some((close::INTERNAL, "presence unavailable; retry later"))
     } else {
-        let welcome = ServerFrame {
-            kind: Some(server_frame::Kind::Welcome(chat_proto::v1::Welcome {
-                user: conn.user.to_string(),
-                gateway_id: conn.app.config.gateway_id.to_string(),
-            })),
+        // In a block: a frame still in scope would be kept in this future across every await.
+        let welcome = {
+            let frame = ServerFrame {
+                kind: Some(server_frame::Kind::Welcome(chat_proto::v1::Welcome {
+                    user: conn.user.to_string(),
+                    gateway_id: conn.app.config.gateway_id.to_string(),
+                })),
+            };
+            encode(conn.format, &frame)
         };
-        let _ = Box::pin(socket.send(encode(conn.format, &welcome))).await;
+        let _ = Box::pin(socket.send(welcome)).await;
         if auto_sync {
             spawn_sync(
                 &conn.app,
@@ -357,6 +371,27 @@ pub async fn serve(
             }
         }
     };
+    Box::pin(finish(
+        socket,
+        conn,
+        close_with,
+        conn_id,
+        epoch,
+        address_slot,
+    ))
+    .await;
+}
+
+/// Closes the socket (with a close frame if the server closes it), unregisters the session and
+/// publishes the user's offline presence if this was still their session.
+async fn finish(
+    mut socket: Socket,
+    conn: Conn,
+    close_with: Option<(u16, &'static str)>,
+    conn_id: u64,
+    epoch: u64,
+    address_slot: crate::app::AddrSlot,
+) {
     let Conn {
         app, user, mailbox, ..
     } = conn;
@@ -374,20 +409,12 @@ pub async fn serve(
             let _ = socket.send(Message::Close(Some(frame))).await;
             let _ = socket.close(None).await;
         };
-        let _ = Box::pin(tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            close,
-        ))
-        .await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), close).await;
     } else {
-        let _ = Box::pin(tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            socket.close(None),
-        ))
-        .await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.close(None)).await;
     }
     if app.sessions.unregister(&user, conn_id) {
-        if let Err(e) = Box::pin(app.publish_presence(&user, epoch, false)).await {
+        if let Err(e) = app.publish_presence(&user, epoch, false).await {
             tracing::warn!(user = %user, error = %e, "presence offline publish failed");
         }
     }
@@ -441,12 +468,11 @@ fn handle_frame(
     user: &UserId,
     frame: ClientFrame,
     mailbox: &Arc<Mailbox>,
-    in_flight: &Arc<Semaphore>,
     writer: &mut Writer,
 ) {
     match frame.kind {
         Some(client_frame::Kind::Send(send)) => {
-            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            let Some(permit) = mailbox.begin_send() else {
                 let e = crate::app::SendError::TooManyInFlight;
                 mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
                     e.code(),
@@ -568,4 +594,33 @@ fn spawn_sync(
             receipts,
         })));
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tokio's task header (32 bytes), scheduler and id (16), trailer (48); the tracker's
+    /// token (8) and the stage's tag (8).
+    const TASK_OVERHEAD: usize = 112;
+
+    fn future_size<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(Box<Start>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// The connection's future is most of what an idle connection costs. With tokio's task
+    /// header and trailer it must fit in 1 KiB, an allocator size class (tokio rounds a task up
+    /// to 128 bytes): a few bytes more and every connection takes 1.25 KiB.
+    #[test]
+    fn a_connection_task_fits_in_one_kib() {
+        let size = future_size(serve);
+        eprintln!("serve future: {size} bytes");
+        assert!(
+            size + TASK_OVERHEAD <= 1024,
+            "serve's future is {size} bytes"
+        );
+    }
 }
