@@ -44,18 +44,23 @@ impl Report {
             && self.recovery_secs <= 30.0
     }
 
-    /// Every count and the note, on one line.
-    pub fn summary(&self) -> String {
-        let lost = if self.lost == usize::MAX {
+    /// The lost count as shown: "-" when the scenario did not complete.
+    pub fn lost_text(&self) -> String {
+        if self.lost == usize::MAX {
             "-".to_owned()
         } else {
             self.lost.to_string()
-        };
+        }
+    }
+
+    /// Every count and the note, on one line.
+    pub fn summary(&self) -> String {
         format!(
-            "messages {}, unanswered {}, lost {lost}, duplicates shown {}, order violations {}, \
+            "messages {}, unanswered {}, lost {}, duplicates shown {}, order violations {}, \
              phantoms {}, seq gaps {}, resurrected {}, recovery {:.1} s; {} {}",
             self.messages,
             self.unanswered,
+            self.lost_text(),
             self.duplicates_shown,
             self.order_violations,
             self.phantoms,

@@ -130,18 +130,13 @@ fn table(reports: &[Report], args: &Args) -> String {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     );
     for r in reports {
-        let lost = if r.lost == usize::MAX {
-            "-".to_owned()
-        } else {
-            r.lost.to_string()
-        };
         t.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
             r.scenario,
             if r.passed() { "pass" } else { "FAIL" },
             r.messages,
             r.unanswered,
-            lost,
+            r.lost_text(),
             r.duplicates_shown,
             r.duplicates_wire,
             r.order_violations,

@@ -206,7 +206,7 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
                     let start = ws::Start {
                         app,
                         user,
-                        socket: *socket,
+                        socket,
                         format,
                         auto_sync,
                         address_slot: slot,

@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use chat_common::ids::UserId;
 use chat_proto::v1::{ChatMessage, Receipt, ServerFrame};
 
-/// What a connection's writer is asked to send. Every variant is boxed: a queue allocates its
-/// slots in blocks of 32 when created, and an unboxed frame would make that block about 5 KiB on
-/// every idle connection.
+/// What a connection's writer is asked to send. Every variant is boxed, so a queued item is two
+/// words whatever the frame (a `ServerFrame` inline is several hundred bytes).
 #[derive(Debug)]
 pub enum Outgoing {
     /// A frame to send as is (accepted, error, receipt).
@@ -22,8 +21,6 @@ pub enum Outgoing {
     Live(Box<ChatMessage>),
     /// The answer to a sync.
     Synced(Box<SyncAnswer>),
-    /// Time to ping the peer (or to close, if it has not answered the last pings).
-    Ping,
 }
 
 /// Pending messages, then receipts the user may have missed.
@@ -86,6 +83,8 @@ impl Drop for InFlight {
 struct MailState {
     items: VecDeque<Outgoing>,
     kicked: Option<(u16, &'static str)>,
+    /// A ping is due (set by the gateway's ping timer; takes no queue slot).
+    ping: bool,
     closed: bool,
 }
 
@@ -103,6 +102,8 @@ pub enum PushError {
 pub enum Mail {
     Item(Outgoing),
     Kicked(u16, &'static str),
+    /// Time to ping the peer (or to close, if it has not answered the last pings).
+    Ping,
 }
 
 impl Mailbox {
@@ -174,13 +175,29 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// The next thing to do: a kick first, else the oldest queued item. Waits for either.
+    /// Asks the connection to ping its peer (once, however often asked before it does).
+    pub fn ping(&self) {
+        {
+            let mut st = self.state();
+            if st.closed || st.ping {
+                return;
+            }
+            st.ping = true;
+        }
+        self.notify.notify_one();
+    }
+
+    /// The next thing to do: a kick first, then a due ping, else the oldest queued item.
+    /// Waits for one of them.
     pub async fn next(&self) -> Mail {
         loop {
             {
                 let mut st = self.state();
                 if let Some((code, reason)) = st.kicked {
                     return Mail::Kicked(code, reason);
+                }
+                if std::mem::take(&mut st.ping) {
+                    return Mail::Ping;
                 }
                 if let Some(item) = st.items.pop_front() {
                     return Mail::Item(item);
@@ -292,7 +309,7 @@ impl Sessions {
     pub fn ping_all(&self) {
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
         for handle in map.values() {
-            handle.mailbox.push_or_kick(Outgoing::Ping);
+            handle.mailbox.ping();
         }
     }
 

@@ -114,7 +114,7 @@ impl Handshake {
     /// Answers 101 and, once hyper has written it, runs `serve` on the socket (in a task).
     pub fn accept<F, Fut>(self, config: SocketConfig, serve: F) -> warp::reply::Response
     where
-        F: FnOnce(Box<Socket>) -> Fut + Send + 'static,
+        F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let Handshake { accept, on_upgrade } = self;
@@ -139,7 +139,7 @@ impl Handshake {
 }
 
 /// The upgraded connection as a websocket on the bare TCP stream.
-async fn into_socket(on_upgrade: OnUpgrade, config: SocketConfig) -> anyhow::Result<Box<Socket>> {
+async fn into_socket(on_upgrade: OnUpgrade, config: SocketConfig) -> anyhow::Result<Socket> {
     let upgraded = on_upgrade.await?;
     let parts = upgraded
         .downcast::<AddrStream>()
@@ -152,7 +152,7 @@ async fn into_socket(on_upgrade: OnUpgrade, config: SocketConfig) -> anyhow::Res
     ws_config.write_buffer_size = WRITE_BUFFER_BYTES;
     ws_config.max_message_size = Some(config.max_message_bytes);
     ws_config.max_frame_size = Some(config.max_message_bytes);
-    Ok(Box::new(if parts.read_buf.is_empty() {
+    Ok(if parts.read_buf.is_empty() {
         WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await
     } else {
         // Bytes the client sent right behind its handshake are the first frames.
@@ -163,7 +163,7 @@ async fn into_socket(on_upgrade: OnUpgrade, config: SocketConfig) -> anyhow::Res
             Some(ws_config),
         )
         .await
-    }))
+    })
 }
 
 #[cfg(test)]

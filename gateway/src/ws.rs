@@ -77,7 +77,6 @@ impl Writer {
         let mut out = Vec::new();
         match item {
             Outgoing::Frame(f) => out.push(*f),
-            Outgoing::Ping => {} // handled by the connection loop
             Outgoing::Live(m) => {
                 if self.syncing > 0 {
                     if self.held.len() >= MAX_HELD {
@@ -320,21 +319,21 @@ pub async fn serve(start: Box<Start>) {
                 mail = conn.mailbox.next() => {
                     let item = match mail {
                         Mail::Kicked(code, reason) => break Some((code, reason)),
+                        Mail::Ping => {
+                            if last_heard.elapsed() > ping_interval * 2 {
+                                break Some((close::PING_TIMEOUT, "no answer to pings"));
+                            }
+                            let sent = Box::pin(tokio::time::timeout(
+                                std::time::Duration::from_secs(5),
+                                socket.send(Message::Ping(Default::default())),
+                            )).await;
+                            if !matches!(sent, Ok(Ok(()))) {
+                                break None;
+                            }
+                            continue;
+                        }
                         Mail::Item(item) => item,
                     };
-                    if matches!(item, Outgoing::Ping) {
-                        if last_heard.elapsed() > ping_interval * 2 {
-                            break Some((close::PING_TIMEOUT, "no answer to pings"));
-                        }
-                        let sent = Box::pin(tokio::time::timeout(
-                            std::time::Duration::from_secs(5),
-                            socket.send(Message::Ping(Default::default())),
-                        )).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            break None;
-                        }
-                        continue;
-                    }
                     match conn.writer.frames(item) {
                         Ok(frames) => {
                             let write = write_frames(&mut socket, frames, conn.format, &conn.mailbox);
