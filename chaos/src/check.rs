@@ -152,7 +152,7 @@ pub async fn check_shards(dsns: &[String]) -> anyhow::Result<(usize, usize)> {
         }
         let r: i64 = c
             .query_one(
-                "SELECT count(*) FROM messages WHERE acked_at_ms IS NOT NULL AND body IS NOT NULL",
+                "SELECT count(*) FROM message_status WHERE acked AND body IS NOT NULL",
                 &[],
             )
             .await?

@@ -5,7 +5,7 @@
 //! nothing. Sequence numbers are assigned inside the transaction while the conversation's
 //! counter row is locked, so they are dense and never given twice, even with a zombie writer.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::ChatMessage;
@@ -145,22 +145,23 @@ impl Shards {
         let mut existing: HashMap<Uuid, Stored> = HashMap::new();
         for r in tx
             .query(
-                "SELECT message_id, client_message_id, sender, recipient, body, sent_at_ms,
-                        seq, conversation, acked_at_ms, expired_at_ms
-                 FROM messages WHERE message_id = ANY($1)",
+                "SELECT m.message_id, m.client_message_id, m.sender, m.recipient, m.body,
+                        m.sent_at_ms, m.seq, m.conversation,
+                        m.seq <= coalesce(k.up_to_seq, 0) OR m.expired_at_ms IS NOT NULL
+                 FROM messages m
+                 LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient
+                 WHERE m.message_id = ANY($1)",
                 &[&ids],
             )
             .await
             .map_err(pg)?
         {
-            let acked_at: Option<i64> = r.get(8);
-            let expired_at: Option<i64> = r.get(9);
             existing.insert(
                 r.get(0),
                 Stored {
                     message: row_to_message(&r),
                     created: false,
-                    acked: acked_at.is_some() || expired_at.is_some(),
+                    acked: r.get(8),
                 },
             );
         }
@@ -222,6 +223,28 @@ impl Shards {
             )
             .await
             .map_err(pg)?;
+            // The ack watermark of each direction that received a message, created at 0 the
+            // first time: the sync query finds a user's conversations through these rows.
+            let directions: BTreeSet<(&str, &str, &str)> = c_conv
+                .iter()
+                .zip(&c_to)
+                .zip(&c_from)
+                .map(|((c, to), from)| (c.as_str(), to.as_str(), from.as_str()))
+                .collect();
+            let (mut d_conv, mut d_to, mut d_from) = (vec![], vec![], vec![]);
+            for (c, to, from) in directions {
+                d_conv.push(c);
+                d_to.push(to);
+                d_from.push(from);
+            }
+            tx.execute(
+                "INSERT INTO acks (conversation, recipient, sender)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+                 ON CONFLICT DO NOTHING",
+                &[&d_conv, &d_to, &d_from],
+            )
+            .await
+            .map_err(pg)?;
             let (convs, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().unzip();
             tx.execute(
                 "UPDATE conversations c SET last_seq = u.seq
@@ -240,10 +263,12 @@ impl Shards {
     }
 
     /// Records acks on one shard in one statement: each `(conversation, user, up_to_seq,
-    /// acked_at_ms)` acknowledges every message sent to `user` in `conversation` up to that seq.
-    /// In delete-on-ack mode the acknowledged bodies are erased by the same statement. Idempotent:
-    /// acking again (or out of order) changes nothing already acked. Returns, per conversation
-    /// and user that acked something new, the highest seq newly acked.
+    /// acked_at_ms)` acknowledges every message sent to `user` in `conversation` up to that seq
+    /// by moving the watermark of that direction (never past the conversation's last seq, never
+    /// back). In delete-on-ack mode the same statement erases the bodies the watermark passed.
+    /// Idempotent: acking again (or out of order) changes nothing. Returns, per conversation and
+    /// user whose watermark moved, the new watermark. Expects at most one ack per conversation
+    /// and user (`apply_acks` keeps the highest).
     pub async fn ack_on_shard(
         &self,
         shard: usize,
@@ -263,19 +288,34 @@ impl Shards {
         let started = std::time::Instant::now();
         let rows = client
             .query(
+                // Each lookup is a subquery, so that it stays an index probe per ack: joined,
+                // the planner hashes the whole conversations table instead.
                 "WITH a AS (
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                         AS a(conversation, recipient, up_to, acked_at)),
-                 acked AS (
-                     UPDATE messages m
-                     SET acked_at_ms = a.acked_at,
-                         body = CASE WHEN $5 THEN NULL ELSE m.body END
+                     SELECT u.conversation, u.recipient, u.acked_at,
+                            least(u.up_to, (SELECT c.last_seq FROM conversations c
+                                            WHERE c.conversation = u.conversation)) AS up_to,
+                            -- The watermark before this statement (every part of a statement
+                            -- reads one snapshot): the bodies to erase are above it.
+                            CASE WHEN $5 THEN (SELECT k.up_to_seq FROM acks k
+                                               WHERE k.conversation = u.conversation
+                                                 AND k.recipient = u.recipient) END AS before
+                     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                         AS u(conversation, recipient, up_to, acked_at)),
+                 moved AS (
+                     UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
                      FROM a
-                     WHERE m.conversation = a.conversation AND m.recipient = a.recipient
-                       AND m.seq <= a.up_to
-                       AND m.acked_at_ms IS NULL AND m.expired_at_ms IS NULL
-                     RETURNING m.conversation, m.recipient, m.seq)
-                 SELECT conversation, recipient, max(seq) FROM acked GROUP BY 1, 2",
+                     WHERE k.conversation = a.conversation AND k.recipient = a.recipient
+                       AND k.up_to_seq < a.up_to
+                     RETURNING k.conversation, k.recipient, k.up_to_seq),
+                 erased AS (
+                     UPDATE messages m SET body = NULL
+                     FROM moved JOIN a ON a.conversation = moved.conversation
+                                      AND a.recipient = moved.recipient
+                     WHERE $5 AND m.conversation = moved.conversation
+                       AND m.recipient = moved.recipient
+                       AND m.seq > a.before AND m.seq <= moved.up_to_seq
+                       AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)
+                 SELECT conversation, recipient, up_to_seq FROM moved",
                 &[&convs, &users, &seqs, &ats, &erase],
             )
             .await
@@ -338,12 +378,17 @@ impl Shards {
                     .query(
                         "SELECT m.message_id, m.client_message_id, m.sender, m.recipient, m.body,
                                 m.sent_at_ms, m.seq, m.conversation
-                         FROM messages m
+                         FROM acks k
                          LEFT JOIN unnest($2::text[], $3::bigint[]) AS h(conversation, seq)
-                                ON h.conversation = m.conversation
-                         WHERE m.recipient = $1 AND m.acked_at_ms IS NULL
-                           AND m.expired_at_ms IS NULL
-                           AND m.seq > coalesce(h.seq, 0)
+                                ON h.conversation = k.conversation
+                         CROSS JOIN LATERAL (
+                             SELECT * FROM messages m
+                             WHERE m.conversation = k.conversation AND m.recipient = k.recipient
+                               AND m.expired_at_ms IS NULL
+                               AND m.seq > greatest(k.up_to_seq, coalesce(h.seq, 0))
+                             ORDER BY m.seq
+                             LIMIT $4) m
+                         WHERE k.recipient = $1
                          ORDER BY m.conversation, m.seq
                          LIMIT $4",
                         &[&user.as_str(), convs, seqs, &limit],
@@ -400,11 +445,10 @@ impl Shards {
             let client = self.client(shard).await?;
             let rows = client
                 .query(
-                    "SELECT conversation, max(seq), max(acked_at_ms), min(recipient)
-                     FROM messages
-                     WHERE sender = $1 AND acked_at_ms IS NOT NULL AND acked_at_ms > $2
-                     GROUP BY conversation
-                     ORDER BY max(acked_at_ms) DESC
+                    "SELECT conversation, up_to_seq, acked_at_ms, recipient
+                     FROM acks
+                     WHERE sender = $1 AND acked_at_ms > $2
+                     ORDER BY acked_at_ms DESC
                      LIMIT $3",
                     &[&sender.as_str(), &after_ms, &limit],
                 )
@@ -428,27 +472,37 @@ impl Shards {
         Ok(per_shard.into_iter().flatten().collect())
     }
 
-    /// Erases the bodies of unacked messages sent before `cutoff_ms` and takes them out of the
-    /// pending set (delete-on-ack retention). Returns how many expired. Works in bounded chunks.
+    /// Delete-on-ack retention: erases the bodies of messages sent before `cutoff_ms` and marks
+    /// them expired, which takes the unacked ones out of the pending set. Acked messages (their
+    /// bodies already erased) are marked too, so the sweep's index holds only the retention
+    /// window. Returns how many unacked messages expired. Works in bounded chunks.
     pub async fn expire_unacked(&self, cutoff_ms: i64, now_ms: i64) -> Result<u64, DbError> {
+        const CHUNK: i64 = 1000;
         let mut total = 0;
         for shard in 0..self.len() {
             let client = self.client(shard).await?;
             loop {
-                let n = client
-                    .execute(
-                        "UPDATE messages SET body = NULL, expired_at_ms = $2
-                         WHERE ctid IN (
-                             SELECT ctid FROM messages
-                             WHERE acked_at_ms IS NULL AND expired_at_ms IS NULL
-                               AND sent_at_ms < $1
-                             LIMIT 1000)",
-                        &[&cutoff_ms, &now_ms],
+                let row = client
+                    .query_one(
+                        "WITH swept AS (
+                             UPDATE messages m SET body = NULL, expired_at_ms = $2
+                             WHERE (m.conversation, m.seq) IN (
+                                 SELECT conversation, seq FROM messages
+                                 WHERE expired_at_ms IS NULL AND sent_at_ms < $1
+                                 LIMIT $3)
+                             RETURNING m.conversation, m.recipient, m.seq)
+                         SELECT count(*),
+                                count(*) FILTER (WHERE s.seq > coalesce(k.up_to_seq, 0))
+                         FROM swept s
+                         LEFT JOIN acks k ON k.conversation = s.conversation
+                                         AND k.recipient = s.recipient",
+                        &[&cutoff_ms, &now_ms, &CHUNK],
                     )
                     .await
                     .map_err(|source| DbError::Postgres { shard, source })?;
-                total += n;
-                if n < 1000 {
+                let (swept, unacked): (i64, i64) = (row.get(0), row.get(1));
+                total += unacked as u64;
+                if swept < CHUNK {
                     break;
                 }
             }

@@ -237,6 +237,14 @@ impl TestEnv {
 
     /// Creates `n` more empty, migrated databases (dropped by teardown); returns their DSNs.
     pub async fn extra_shards(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
+        let dsns = self.empty_databases(n).await?;
+        let config = ShardConfig::from_list(&dsns.join(","), 1)?;
+        db_writer::Shards::connect(&config)?.migrate().await?;
+        Ok(dsns)
+    }
+
+    /// Creates `n` more empty databases, not migrated (dropped by teardown); returns their DSNs.
+    pub async fn empty_databases(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
         let (admin, conn) = tokio_postgres::connect(&self.admin_dsn, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         let base = self
@@ -257,8 +265,6 @@ impl TestEnv {
             dsns.push(format!("{base}/{db}"));
             self.databases.push(db);
         }
-        let config = ShardConfig::from_list(&dsns.join(","), 1)?;
-        db_writer::Shards::connect(&config)?.migrate().await?;
         Ok(dsns)
     }
 
@@ -289,8 +295,8 @@ impl TestEnv {
                 .await?
                 .query(
                     "SELECT row(conversation, seq, message_id, client_message_id, sender, recipient,
-                                body, sent_at_ms, acked_at_ms, expired_at_ms, stored_at)::text
-                     FROM messages ORDER BY conversation, seq",
+                                body, sent_at_ms, acked, expired_at_ms, stored_at)::text
+                     FROM message_status ORDER BY conversation, seq",
                     &[],
                 )
                 .await?;

@@ -383,19 +383,13 @@ async fn receipts_reach_the_sender_live_and_on_the_next_sync() -> anyhow::Result
         let acked: i64 = env
             .shard(0)
             .await?
-            .query_one(
-                "SELECT count(*) FROM messages WHERE acked_at_ms IS NOT NULL",
-                &[],
-            )
+            .query_one("SELECT count(*) FROM message_status WHERE acked", &[])
             .await?
             .get(0);
         let acked1: i64 = env
             .shard(1)
             .await?
-            .query_one(
-                "SELECT count(*) FROM messages WHERE acked_at_ms IS NOT NULL",
-                &[],
-            )
+            .query_one("SELECT count(*) FROM message_status WHERE acked", &[])
             .await?
             .get(0);
         if acked + acked1 == 2 {

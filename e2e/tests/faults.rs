@@ -206,10 +206,7 @@ async fn acked_count(env: &TestEnv) -> anyhow::Result<i64> {
         let c: i64 = env
             .shard(i)
             .await?
-            .query_one(
-                "SELECT count(*) FROM messages WHERE acked_at_ms IS NOT NULL",
-                &[],
-            )
+            .query_one("SELECT count(*) FROM message_status WHERE acked", &[])
             .await?
             .get(0);
         n += c;

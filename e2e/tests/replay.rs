@@ -17,7 +17,7 @@ type Row = (
     String,
     Option<String>,
     i64,
-    Option<i64>,
+    bool,
 );
 
 async fn rows_of(dsn: &str) -> anyhow::Result<Vec<Row>> {
@@ -26,8 +26,8 @@ async fn rows_of(dsn: &str) -> anyhow::Result<Vec<Row>> {
     let rows = c
         .query(
             "SELECT conversation, seq, message_id::text, sender, recipient, body, sent_at_ms,
-                    acked_at_ms
-             FROM messages ORDER BY conversation, seq",
+                    acked
+             FROM message_status ORDER BY conversation, seq",
             &[],
         )
         .await?;
@@ -93,7 +93,7 @@ async fn traffic(env: &TestEnv) -> anyhow::Result<()> {
             .into_iter()
             .flatten()
             .collect();
-        let acked = rows.iter().filter(|r| r.7.is_some()).count();
+        let acked = rows.iter().filter(|r| r.7).count();
         if rows.len() == sent && acked == 2 * (users.len() - 1) {
             break;
         }

@@ -463,14 +463,13 @@ pub struct PgReport {
     /// `Shards::ack`: one UPDATE per ack, in sequence (what the multiplexer does per ack record).
     pub ack_each: Throughput,
     pub ack_each_latency: Latency,
-    /// The same acks as one UPDATE ... FROM unnest(...) per shard per batch.
+    /// The same acks batched as the multiplexer batches them: per batch, the highest seq per
+    /// (conversation, recipient), one `Shards::ack_on_shard` statement per shard, in parallel.
     pub ack_batched: Throughput,
-    /// EXPLAIN ANALYZE of the per-ack UPDATE on a grown conversation.
-    pub ack_plan: String,
-    /// The same with `AND expired_at_ms IS NULL` added, so the partial index `messages_pending`
-    /// (recipient, conversation, seq) WHERE acked_at_ms IS NULL AND expired_at_ms IS NULL applies.
-    pub ack_plan_with_pending_index: String,
 }
+
+/// One ack as `Shards::ack_on_shard` takes it: conversation, user, up to seq, acked at (ms).
+type AckRow = (String, String, u64, i64);
 
 pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
     let config = db_writer::ShardConfig::from_list(&a.dsns.join(","), 8)?;
@@ -548,18 +547,12 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
     );
 
     // Acks batched: per batch, per shard, the highest seq per (conversation, recipient).
-    let mut clients = Vec::new();
-    for dsn in &a.dsns {
-        let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        clients.push(client);
-    }
     let rest = &stored[n_each..];
     let bar = crate::progress_bar(rest.len() as u64, "raw postgres: ack batched");
     let probe = Probe::start(&a.watches);
     let started = Instant::now();
     for chunk in rest.chunks(a.batch) {
-        let mut per_shard: BTreeMap<usize, HashMap<(String, String), i64>> = BTreeMap::new();
+        let mut per_shard: BTreeMap<usize, HashMap<(String, String), u64>> = BTreeMap::new();
         for s in chunk {
             let m = &s.message;
             let shard = shards
@@ -570,29 +563,21 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
                 .or_default()
                 .entry((m.conversation.clone(), m.recipient.clone()))
                 .or_insert(0);
-            *e = (*e).max(m.seq as i64);
+            *e = (*e).max(m.seq);
         }
         let now = chat_common::now_ms();
-        futures_util::future::try_join_all(per_shard.into_iter().map(|(shard, acks)| {
-            let client = &clients[shard];
-            let (mut convs, mut users, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
-            for ((c, u), s) in acks {
-                convs.push(c);
-                users.push(u);
-                seqs.push(s);
-            }
-            async move {
-                client
-                    .execute(
-                        "UPDATE messages m SET acked_at_ms = $4
-                         FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(conversation, recipient, up_to)
-                         WHERE m.conversation = u.conversation AND m.recipient = u.recipient
-                           AND m.seq <= u.up_to AND m.acked_at_ms IS NULL",
-                        &[&convs, &users, &seqs, &now],
-                    )
-                    .await
-            }
-        }))
+        let per_shard: Vec<(usize, Vec<AckRow>)> = per_shard
+            .into_iter()
+            .map(|(shard, acks)| {
+                let acks = acks.into_iter().map(|((c, u), s)| (c, u, s, now)).collect();
+                (shard, acks)
+            })
+            .collect();
+        futures_util::future::try_join_all(
+            per_shard
+                .iter()
+                .map(|(shard, acks)| shards.ack_on_shard(*shard, acks, db_writer::Retention::Keep)),
+        )
         .await?;
         bar.inc(chunk.len() as u64);
     }
@@ -608,44 +593,6 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
         ack_batched.cpu_seconds_per_record * 1e6
     );
 
-    // The plan of the per-ack statement on the longest conversation (rolled back).
-    let last = &stored.last().context("no rows")?.message;
-    let shard = shards
-        .locator()
-        .shard_of(&ConversationKey::parse(&last.conversation)?);
-    let client = &mut clients[shard];
-    let mut plans = Vec::new();
-    for extra in ["", " AND expired_at_ms IS NULL"] {
-        let tx = client.transaction().await?;
-        let sql = format!(
-            "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF)
-             WITH acked AS (
-                 UPDATE messages SET acked_at_ms = $4, body = CASE WHEN $5 THEN NULL ELSE body END
-                 WHERE conversation = $1 AND recipient = $2 AND seq <= $3 AND acked_at_ms IS NULL{extra}
-                 RETURNING seq)
-             SELECT max(seq), count(*) FROM acked"
-        );
-        let plan: Vec<String> = tx
-            .query(
-                sql.as_str(),
-                &[
-                    &last.conversation,
-                    &last.recipient,
-                    &(last.seq as i64),
-                    &0i64,
-                    &false,
-                ],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect();
-        tx.rollback().await?;
-        plans.push(plan.join("\n"));
-    }
-    let ack_plan_with_pending_index = plans.pop().unwrap_or_default();
-    let ack_plan = plans.pop().unwrap_or_default();
-
     Ok(PgReport {
         shards: a.dsns.len(),
         batch: a.batch,
@@ -655,8 +602,6 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
         ack_each,
         ack_each_latency: Latency::of_us(&mut ack_lat),
         ack_batched,
-        ack_plan,
-        ack_plan_with_pending_index,
     })
 }
 

@@ -1,0 +1,257 @@
+//! The shard layer on a real Postgres: acks as watermarks per direction of a conversation, what
+//! sync, receipts and the expiry sweep read from them, and the migration that introduced them.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use chat_common::ids::{ConversationKey, UserId};
+use chat_e2e::TestEnv;
+use chat_proto::v1::ChatMessage;
+use db_writer::{Retention, ShardConfig, Shards};
+
+fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
+    let key = ConversationKey::of(&UserId::parse(a)?, &UserId::parse(b)?).context("same user")?;
+    Ok(key.as_str().to_owned())
+}
+
+fn message(from: &str, to: &str, body: &str, sent_at_ms: i64) -> anyhow::Result<ChatMessage> {
+    Ok(ChatMessage {
+        message_id: uuid::Uuid::new_v4().to_string(),
+        client_message_id: uuid::Uuid::new_v4().to_string(),
+        conversation: conversation(from, to)?,
+        sender: from.into(),
+        recipient: to.into(),
+        body: body.into(),
+        sent_at_ms,
+        seq: 0,
+    })
+}
+
+fn shards_of(dsns: &[String]) -> anyhow::Result<Shards> {
+    Ok(Shards::connect(&ShardConfig::from_list(
+        &dsns.join(","),
+        2,
+    )?)?)
+}
+
+/// (seq, body) of what `user` has pending, in order.
+async fn pending(shards: &Shards, user: &str) -> anyhow::Result<Vec<(u64, String)>> {
+    Ok(shards
+        .pending(&UserId::parse(user)?, &HashMap::new(), 100)
+        .await?
+        .into_iter()
+        .map(|m| (m.seq, m.body))
+        .collect())
+}
+
+async fn ack(
+    shards: &Shards,
+    conv: &str,
+    user: &str,
+    up_to: u64,
+    at: i64,
+    retention: Retention,
+) -> anyhow::Result<Vec<(String, String, u64)>> {
+    Ok(shards
+        .ack_on_shard(0, &[(conv.into(), user.into(), up_to, at)], retention)
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_move_a_watermark_per_direction() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let conv = conversation("amy", "bo")?;
+    // amy -> bo (1), bo -> amy (2), amy -> bo (3).
+    let stored = shards
+        .store_batch(&[
+            message("amy", "bo", "one", 1)?,
+            message("bo", "amy", "two", 2)?,
+            message("amy", "bo", "three", 3)?,
+        ])
+        .await?;
+    let seqs: Vec<u64> = stored.iter().map(|s| s.message.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(
+        pending(&shards, "bo").await?,
+        [(1, "one".into()), (3, "three".into())]
+    );
+    assert_eq!(pending(&shards, "amy").await?, [(2, "two".into())]);
+
+    // bo acks up to 1: only bo's direction moves.
+    assert_eq!(
+        ack(&shards, &conv, "bo", 1, 100, Retention::Keep).await?,
+        [(conv.clone(), "bo".into(), 1)]
+    );
+    assert_eq!(pending(&shards, "bo").await?, [(3, "three".into())]);
+    assert_eq!(pending(&shards, "amy").await?, [(2, "two".into())]);
+    // Again, or lower: nothing moves, no receipt.
+    assert!(ack(&shards, &conv, "bo", 1, 101, Retention::Keep)
+        .await?
+        .is_empty());
+    assert!(ack(&shards, &conv, "bo", 0, 101, Retention::Keep)
+        .await?
+        .is_empty());
+
+    // An ack past the last seq stops at it: a later message is still pending.
+    assert_eq!(
+        ack(&shards, &conv, "bo", 1_000, 200, Retention::Keep).await?,
+        [(conv.clone(), "bo".into(), 3)]
+    );
+    assert!(pending(&shards, "bo").await?.is_empty());
+    shards
+        .store_batch(&[message("amy", "bo", "four", 4)?])
+        .await?;
+    assert_eq!(pending(&shards, "bo").await?, [(4, "four".into())]);
+
+    // A replayed message reports whether it is acked.
+    let again = shards.store_batch(&[stored[0].message.clone()]).await?;
+    assert!(!again[0].created && again[0].acked);
+    let again = shards.store_batch(&[stored[1].message.clone()]).await?;
+    assert!(!again[0].created && !again[0].acked);
+
+    // Receipts for amy: bo's watermark and when it last moved; none for bo yet.
+    let receipts = shards.receipts_since(&UserId::parse("amy")?, 0, 10).await?;
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(
+        (
+            receipts[0].peer.as_str(),
+            receipts[0].up_to_seq,
+            receipts[0].acked_at_ms
+        ),
+        ("bo", 3, 200)
+    );
+    assert!(shards
+        .receipts_since(&UserId::parse("amy")?, 200, 10)
+        .await?
+        .is_empty());
+    assert!(shards
+        .receipts_since(&UserId::parse("bo")?, 0, 10)
+        .await?
+        .is_empty());
+
+    // Sync skips what the client says it holds.
+    let held = HashMap::from([(conv.clone(), 4)]);
+    assert!(shards
+        .pending(&UserId::parse("bo")?, &held, 100)
+        .await?
+        .is_empty());
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_on_ack_erases_what_the_watermark_passes_and_expiry_counts_the_unacked(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let conv = conversation("cy", "di")?;
+    shards
+        .store_batch(&[
+            message("cy", "di", "one", 1_000)?,
+            message("di", "cy", "two", 1_000)?,
+            message("cy", "di", "three", 1_000)?,
+            message("cy", "di", "four", 5_000)?,
+        ])
+        .await?;
+    assert_eq!(
+        ack(&shards, &conv, "di", 3, 2_000, Retention::DeleteOnAck).await?,
+        [(conv.clone(), "di".into(), 3)]
+    );
+    // di's messages up to 3 are erased; cy's message to di (2) and di's seq 4 keep their bodies.
+    let bodies = env.stored(&conv).await?;
+    assert_eq!(
+        bodies,
+        [
+            (1, None),
+            (2, Some("two".into())),
+            (3, None),
+            (4, Some("four".into()))
+        ]
+    );
+
+    // The sweep at 3,000 takes seqs 1-3: only seq 2 was unacked. It erases it and marks all
+    // three expired; seq 4 is younger and stays pending.
+    assert_eq!(shards.expire_unacked(3_000, 9_999).await?, 1);
+    assert!(pending(&shards, "cy").await?.is_empty());
+    assert_eq!(pending(&shards, "di").await?, [(4, "four".into())]);
+    let expired: i64 = env
+        .shard(0)
+        .await?
+        .query_one(
+            "SELECT count(*) FROM messages WHERE expired_at_ms = 9999 AND body IS NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(expired, 3);
+    // A second sweep finds nothing left.
+    assert_eq!(shards.expire_unacked(3_000, 10_000).await?, 0);
+    env.teardown().await
+}
+
+/// A shard migrated before watermarks, with acked, unacked and expired messages, keeps every
+/// message's state through the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watermark_migration_keeps_every_state() -> anyhow::Result<()> {
+    let mut env = TestEnv::new(1, &[]).await?;
+    let dsns = env.empty_databases(1).await?;
+    let shards = shards_of(&dsns)?;
+    shards.migrate_to(2).await?;
+    let (c, conn) = tokio_postgres::connect(&dsns[0], tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let ab = conversation("al", "bea")?;
+    let ac = conversation("al", "cid")?;
+    // al<->bea: bea acked 1 and 2 (al's messages), 4 is al's and unacked; bea's message 3 to al
+    // is unacked. al<->cid: cid's message 1 expired unacked.
+    c.batch_execute(&format!(
+        "INSERT INTO conversations VALUES ('{ab}', 4), ('{ac}', 1);
+         INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
+                               recipient, body, sent_at_ms, acked_at_ms, expired_at_ms)
+         VALUES ('{ab}', 1, gen_random_uuid(), 'c1', 'al', 'bea', 'one', 10, 50, NULL),
+                ('{ab}', 2, gen_random_uuid(), 'c2', 'al', 'bea', 'two', 20, 60, NULL),
+                ('{ab}', 3, gen_random_uuid(), 'c3', 'bea', 'al', 'three', 30, NULL, NULL),
+                ('{ab}', 4, gen_random_uuid(), 'c4', 'al', 'bea', 'four', 40, NULL, NULL),
+                ('{ac}', 1, gen_random_uuid(), 'c5', 'cid', 'al', NULL, 5, NULL, 70);"
+    ))
+    .await?;
+    shards.migrate().await?;
+
+    let status: Vec<(String, i64, bool)> = c
+        .query(
+            "SELECT conversation, seq, acked FROM message_status ORDER BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        status,
+        [
+            (ab.clone(), 1, true),
+            (ab.clone(), 2, true),
+            (ab.clone(), 3, false),
+            (ab.clone(), 4, false),
+            (ac.clone(), 1, false),
+        ]
+    );
+    assert_eq!(pending(&shards, "bea").await?, [(4, "four".into())]);
+    assert_eq!(pending(&shards, "al").await?, [(3, "three".into())]);
+    let receipts = shards.receipts_since(&UserId::parse("al")?, 0, 10).await?;
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(
+        (
+            receipts[0].conversation.as_str(),
+            receipts[0].up_to_seq,
+            receipts[0].acked_at_ms
+        ),
+        (ab.as_str(), 2, 60)
+    );
+    // The migrated watermarks move on as new ones do.
+    assert_eq!(
+        ack(&shards, &ab, "bea", 4, 80, Retention::Keep).await?,
+        [(ab.clone(), "bea".into(), 4)]
+    );
+    assert!(pending(&shards, "bea").await?.is_empty());
+    env.teardown().await
+}
