@@ -225,6 +225,7 @@ impl Shards {
             .map_err(pg)?;
             // The ack watermark of each direction that received a message, created at 0 the
             // first time: the sync query finds a user's conversations through these rows.
+            // Distinct and sorted, so concurrent writers insert them in one order.
             let directions: BTreeSet<(&str, &str, &str)> = c_conv
                 .iter()
                 .zip(&c_to)

@@ -7,7 +7,7 @@
 //! - Websocket: a trivial tokio-tungstenite echo server and client.
 //! - TCP: a tokio server that accepts and holds sockets (memory per connection).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use chat_common::ids::{ConversationKey, UserId};
 use chat_common::kafka::KafkaConfig;
-use chat_proto::v1::{client_frame, inbound_record, ChatMessage, ClientFrame, InboundRecord, Send};
+use chat_proto::v1::{
+    client_frame, inbound_record, AckRecord, ChatMessage, ClientFrame, InboundRecord, Send,
+};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use prost::Message as _;
@@ -463,13 +465,10 @@ pub struct PgReport {
     /// `Shards::ack`: one UPDATE per ack, in sequence (what the multiplexer does per ack record).
     pub ack_each: Throughput,
     pub ack_each_latency: Latency,
-    /// The same acks batched as the multiplexer batches them: per batch, the highest seq per
-    /// (conversation, recipient), one `Shards::ack_on_shard` statement per shard, in parallel.
+    /// The same acks batched as the multiplexer applies them (`Shards::apply_acks`): per batch,
+    /// the highest seq per (conversation, recipient), one statement per shard, in parallel.
     pub ack_batched: Throughput,
 }
-
-/// One ack as `Shards::ack_on_shard` takes it: conversation, user, up to seq, acked at (ms).
-type AckRow = (String, String, u64, i64);
 
 pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
     let config = db_writer::ShardConfig::from_list(&a.dsns.join(","), 8)?;
@@ -546,39 +545,25 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
         ack_each.cpu_seconds_per_record * 1e6
     );
 
-    // Acks batched: per batch, per shard, the highest seq per (conversation, recipient).
+    // Acks batched: each batch through `Shards::apply_acks`, as the multiplexer applies them
+    // (the highest seq per conversation and recipient, one statement per shard, in parallel).
     let rest = &stored[n_each..];
     let bar = crate::progress_bar(rest.len() as u64, "raw postgres: ack batched");
     let probe = Probe::start(&a.watches);
     let started = Instant::now();
     for chunk in rest.chunks(a.batch) {
-        let mut per_shard: BTreeMap<usize, HashMap<(String, String), u64>> = BTreeMap::new();
-        for s in chunk {
-            let m = &s.message;
-            let shard = shards
-                .locator()
-                .shard_of(&ConversationKey::parse(&m.conversation)?);
-            let e = per_shard
-                .entry(shard)
-                .or_default()
-                .entry((m.conversation.clone(), m.recipient.clone()))
-                .or_insert(0);
-            *e = (*e).max(m.seq);
-        }
         let now = chat_common::now_ms();
-        let per_shard: Vec<(usize, Vec<AckRow>)> = per_shard
-            .into_iter()
-            .map(|(shard, acks)| {
-                let acks = acks.into_iter().map(|((c, u), s)| (c, u, s, now)).collect();
-                (shard, acks)
+        let acks: Vec<AckRecord> = chunk
+            .iter()
+            .map(|s| AckRecord {
+                user: s.message.recipient.clone(),
+                peer: s.message.sender.clone(),
+                conversation: s.message.conversation.clone(),
+                up_to_seq: s.message.seq,
+                acked_at_ms: now,
             })
             .collect();
-        futures_util::future::try_join_all(
-            per_shard
-                .iter()
-                .map(|(shard, acks)| shards.ack_on_shard(*shard, acks, db_writer::Retention::Keep)),
-        )
-        .await?;
+        shards.apply_acks(&acks, db_writer::Retention::Keep).await?;
         bar.inc(chunk.len() as u64);
     }
     let ack_batched = Throughput::of(
