@@ -20,6 +20,9 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// Advisory lock key that serialises migrations (any constant shared by all processes).
 const MIGRATION_LOCK: i64 = 0x0063_6861_746d_6967;
 
+/// Session setting of every shard connection (see `Shards::connect`).
+const CUSTOM_PLANS: &str = "-c plan_cache_mode=force_custom_plan";
+
 /// Shard layer configuration.
 #[derive(Clone, Debug)]
 pub struct ShardConfig {
@@ -64,8 +67,17 @@ impl Shards {
     pub fn connect(config: &ShardConfig) -> Result<Self, DbError> {
         let mut pools = Vec::with_capacity(config.dsns.len());
         for (i, dsn) in config.dsns.iter().enumerate() {
-            let pg = tokio_postgres::Config::from_str(dsn)
+            let mut pg = tokio_postgres::Config::from_str(dsn)
                 .map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
+            // Statements are prepared once per connection, but planned with each execution's
+            // arrays: a generic plan, which Postgres would otherwise switch to after five runs,
+            // is fixed by the table sizes of that moment (a new shard is empty) and was measured
+            // 10 to 30 times slower for the store's lookups (docs/design.md).
+            let options = match pg.get_options() {
+                Some(o) => format!("{o} {CUSTOM_PLANS}"),
+                None => CUSTOM_PLANS.to_owned(),
+            };
+            pg.options(&options);
             let mgr = Manager::from_config(
                 pg,
                 NoTls,

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::ChatMessage;
 use futures_util::future::try_join_all;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::error::DbError;
@@ -53,6 +54,34 @@ fn conversation_of(m: &ChatMessage) -> Result<ConversationKey, DbError> {
         reason: format!("message {}: {e}", m.message_id),
     })
 }
+
+/// The statements of the store transaction, in the order `store_on_shard` names them.
+const STORE_STATEMENTS: [&str; 6] = [
+    // Counters of conversations seen for the first time.
+    "INSERT INTO conversations (conversation)
+     SELECT unnest($1::text[]) ORDER BY 1
+     ON CONFLICT DO NOTHING",
+    // Lookups join the unnested array rather than test `= ANY($1)`: planning `= ANY` with the
+    // array's values estimates each element, which cost more than running the statement.
+    "SELECT c.conversation, c.last_seq
+     FROM unnest($1::text[]) AS i(conversation) JOIN conversations c USING (conversation)
+     ORDER BY c.conversation FOR UPDATE OF c",
+    "SELECT m.message_id, m.client_message_id, m.sender, m.recipient, m.body,
+            m.sent_at_ms, m.seq, m.conversation,
+            m.seq <= coalesce(k.up_to_seq, 0) OR m.expired_at_ms IS NOT NULL
+     FROM unnest($1::uuid[]) AS i(id) JOIN messages m ON m.message_id = i.id
+     LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient",
+    "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
+                           recipient, body, sent_at_ms)
+     SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[],
+                          $5::text[], $6::text[], $7::text[], $8::bigint[])",
+    "INSERT INTO acks (conversation, recipient, sender)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+     ON CONFLICT DO NOTHING",
+    "UPDATE conversations c SET last_seq = u.seq
+     FROM unnest($1::text[], $2::bigint[]) AS u(conversation, seq)
+     WHERE c.conversation = u.conversation AND c.last_seq < u.seq",
+];
 
 impl Shards {
     /// Stores a batch of messages (in log order) and returns each one's stored form, in input order.
@@ -117,45 +146,39 @@ impl Shards {
         conversations.dedup();
 
         let mut client = self.client(shard).await?;
+        // Prepared once per connection; each group of statements below goes out in one write
+        // (tokio-postgres pipelines the queries of one client that are awaited together), so a
+        // batch costs four round trips: BEGIN, lock and read, write, COMMIT.
+        let [create_counters, lock_counters, find_existing, insert_messages, insert_watermarks, move_counters] =
+            try_join_all(
+                STORE_STATEMENTS
+                    .iter()
+                    .map(|sql| client.prepare_cached(sql)),
+            )
+            .await
+            .map_err(pg)?
+            .try_into()
+            .map_err(|_| bad("statement count".into()))?;
         let tx = client.transaction().await.map_err(pg)?;
 
         // Lock the counters of every conversation in the batch, in key order (no deadlock
-        // between two writers of overlapping batches).
-        tx.execute(
-            "INSERT INTO conversations (conversation)
-             SELECT unnest($1::text[]) ORDER BY 1
-             ON CONFLICT DO NOTHING",
-            &[&conversations],
+        // between two writers of overlapping batches), then read which messages are already
+        // stored: the server runs the statements in this order, so the read sees every write
+        // of another writer that held these locks before us.
+        let (by_conversation, by_id): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+            ([&conversations], [&ids]);
+        let (_, locked, found) = futures_util::try_join!(
+            tx.execute(&create_counters, &by_conversation),
+            tx.query(&lock_counters, &by_conversation),
+            tx.query(&find_existing, &by_id),
         )
-        .await
         .map_err(pg)?;
-        let mut last_seq: HashMap<String, i64> = tx
-            .query(
-                "SELECT conversation, last_seq FROM conversations
-                 WHERE conversation = ANY($1) ORDER BY conversation FOR UPDATE",
-                &[&conversations],
-            )
-            .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        let mut last_seq: HashMap<String, i64> =
+            locked.iter().map(|r| (r.get(0), r.get(1))).collect();
 
         // Rows already present (replay, retry): returned as stored, not written again.
         let mut existing: HashMap<Uuid, Stored> = HashMap::new();
-        for r in tx
-            .query(
-                "SELECT m.message_id, m.client_message_id, m.sender, m.recipient, m.body,
-                        m.sent_at_ms, m.seq, m.conversation,
-                        m.seq <= coalesce(k.up_to_seq, 0) OR m.expired_at_ms IS NOT NULL
-                 FROM messages m
-                 LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient
-                 WHERE m.message_id = ANY($1)",
-                &[&ids],
-            )
-            .await
-            .map_err(pg)?
-        {
+        for r in found {
             existing.insert(
                 r.get(0),
                 Stored {
@@ -212,17 +235,6 @@ impl Shards {
             });
         }
         if !c_id.is_empty() {
-            tx.execute(
-                "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
-                                       recipient, body, sent_at_ms)
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[],
-                                      $5::text[], $6::text[], $7::text[], $8::bigint[])",
-                &[
-                    &c_conv, &c_seq, &c_id, &c_cid, &c_from, &c_to, &c_body, &c_at,
-                ],
-            )
-            .await
-            .map_err(pg)?;
             // The ack watermark of each direction that received a message, created at 0 the
             // first time: the sync query finds a user's conversations through these rows.
             // Distinct and sorted, so concurrent writers insert them in one order.
@@ -238,22 +250,17 @@ impl Shards {
                 d_to.push(to);
                 d_from.push(from);
             }
-            tx.execute(
-                "INSERT INTO acks (conversation, recipient, sender)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-                 ON CONFLICT DO NOTHING",
-                &[&d_conv, &d_to, &d_from],
-            )
-            .await
-            .map_err(pg)?;
             let (convs, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().unzip();
-            tx.execute(
-                "UPDATE conversations c SET last_seq = u.seq
-                 FROM unnest($1::text[], $2::bigint[]) AS u(conversation, seq)
-                 WHERE c.conversation = u.conversation AND c.last_seq < u.seq",
-                &[&convs, &seqs],
+            let rows: [&(dyn ToSql + Sync); 8] = [
+                &c_conv, &c_seq, &c_id, &c_cid, &c_from, &c_to, &c_body, &c_at,
+            ];
+            let watermarks: [&(dyn ToSql + Sync); 3] = [&d_conv, &d_to, &d_from];
+            let counters: [&(dyn ToSql + Sync); 2] = [&convs, &seqs];
+            futures_util::try_join!(
+                tx.execute(&insert_messages, &rows),
+                tx.execute(&insert_watermarks, &watermarks),
+                tx.execute(&move_counters, &counters),
             )
-            .await
             .map_err(pg)?;
         }
         let commit = std::time::Instant::now();
