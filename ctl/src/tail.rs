@@ -137,41 +137,65 @@ pub async fn tail(kafka: &KafkaConfig, options: TailOptions) -> anyhow::Result<u
             }
         }
         let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-        let value = decode(topic, m.payload());
-        if let Some(u) = &options.user {
-            if !mentions_user(key, &value, u) {
-                continue;
+        for (item, key, value) in pushes(key, decode(topic, m.payload())) {
+            if let Some(u) = &options.user {
+                if !mentions_user(key.as_deref(), &value, u) {
+                    continue;
+                }
             }
-        }
-        if let Some(c) = &options.conversation {
-            if !mentions_conversation(key, &value, c) {
-                continue;
+            if let Some(c) = &options.conversation {
+                if !mentions_conversation(key.as_deref(), &value, c) {
+                    continue;
+                }
             }
-        }
-        let line = json!({
-            "topic": topic,
-            "partition": p,
-            "offset": offset,
-            "timestampMs": m.timestamp().to_millis(),
-            "key": key,
-            "value": value,
-        });
-        let mut out = stdout.lock();
-        if writeln!(out, "{line}").is_err() {
-            break; // stdout closed (e.g. piped into head)
-        }
-        printed += 1;
-        if options.max.is_some_and(|max| printed >= max) {
-            break;
+            let mut line = json!({
+                "topic": topic,
+                "partition": p,
+                "offset": offset,
+                "timestampMs": m.timestamp().to_millis(),
+                "key": key,
+                "value": value,
+            });
+            if let Some(i) = item {
+                line["item"] = json!(i);
+            }
+            let mut out = stdout.lock();
+            if writeln!(out, "{line}").is_err() {
+                return Ok(printed); // stdout closed (e.g. piped into head)
+            }
+            printed += 1;
+            if options.max.is_some_and(|max| printed >= max) {
+                return Ok(printed);
+            }
         }
     }
     Ok(printed)
 }
 
+/// A record as the lines to print: an outbound batch becomes one line per item (its index, the
+/// user it is for as the key, its record as the value), like a single outbound record; any
+/// other record is one line.
+fn pushes(key: Option<&str>, value: Value) -> Vec<(Option<usize>, Option<String>, Value)> {
+    match value.pointer("/batch/items").and_then(Value::as_array) {
+        Some(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let user = item.get("user").and_then(Value::as_str).map(str::to_owned);
+                let record = item.get("record").cloned().unwrap_or(Value::Null);
+                (Some(i), user, record)
+            })
+            .collect(),
+        None => vec![(None, key.map(str::to_owned), value)],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chat_proto::v1::{inbound_record, ChatMessage};
+    use chat_proto::v1::{
+        inbound_record, outbound_record, ChatMessage, OutboundBatch, OutboundItem, Stored,
+    };
 
     #[test]
     fn decodes_by_topic_and_filters() {
@@ -192,6 +216,40 @@ mod tests {
         assert!(!mentions_user(Some("alice:bob"), &v, "carol"));
         assert!(mentions_conversation(Some("alice:bob"), &v, "alice:bob"));
         assert_eq!(decode("presence", None), Value::Null);
+
+        // An outbound batch is printed item by item, each keyed by its user.
+        let stored = |seq: u64| OutboundRecord {
+            kind: Some(outbound_record::Kind::Stored(Stored {
+                seq,
+                ..Default::default()
+            })),
+        };
+        let batch = OutboundRecord {
+            kind: Some(outbound_record::Kind::Batch(OutboundBatch {
+                items: vec![
+                    OutboundItem {
+                        user: "alice".into(),
+                        record: Some(stored(1)),
+                    },
+                    OutboundItem {
+                        user: "bob".into(),
+                        record: Some(stored(2)),
+                    },
+                ],
+            })),
+        }
+        .encode_to_vec();
+        let lines = pushes(Some("gw1"), decode("outbound-gw1", Some(&batch)));
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1].0, Some(1));
+        assert_eq!(lines[1].1.as_deref(), Some("bob"));
+        assert_eq!(lines[1].2["stored"]["seq"], "2");
+        let single = pushes(
+            Some("carol"),
+            decode("outbound-gw1", Some(&stored(3).encode_to_vec())),
+        );
+        assert_eq!(single.len(), 1);
+        assert_eq!((single[0].0, single[0].1.as_deref()), (None, Some("carol")));
         assert!(decode("inbound", Some(b"\xff\xff"))
             .get("undecodable")
             .is_some());

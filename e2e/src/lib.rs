@@ -169,7 +169,15 @@ impl TestEnv {
 
     /// Starts a multiplexer in this test's consumer group.
     pub async fn start_multiplexer(&self) -> anyhow::Result<Component> {
-        let config = multiplexer::Config {
+        self.start_multiplexer_with(|_| {}).await
+    }
+
+    /// Starts a multiplexer in this test's consumer group, with its configuration adjusted.
+    pub async fn start_multiplexer_with(
+        &self,
+        adjust: impl FnOnce(&mut multiplexer::Config),
+    ) -> anyhow::Result<Component> {
+        let mut config = multiplexer::Config {
             kafka: self.kafka.clone(),
             topics: self.topics.clone(),
             group: format!("{}multiplexer", self.topics.prefix()),
@@ -177,10 +185,12 @@ impl TestEnv {
             retention: self.retention,
             max_batch: 500,
             batch_wait: Duration::from_millis(2),
+            outbound_batches: true,
             http_addr: "127.0.0.1:0".parse()?,
             unacked_ttl: self.unacked_ttl,
             expiry_interval: self.expiry_interval,
         };
+        adjust(&mut config);
         let shutdown = CancellationToken::new();
         let running = multiplexer::start(config, shutdown.clone()).await?;
         Ok(Component {

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use chat_client::{Client, ClientError, Event, Options, Rest};
 use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
-use chat_proto::v1::{outbound_record, ChatMessage, OutboundRecord};
+use chat_proto::v1::{outbound_record, ChatMessage, OutboundBatch, OutboundItem, OutboundRecord};
 use futures_util::future::join_all;
 use prost::Message as _;
+use rdkafka::message::Message as _;
 
 /// Sends `n` messages from `from` to `to` (bodies "<prefix>-<i>"), up to 64 at a time; returns
 /// the bodies in the order Kafka accepted them is not known, so the caller checks by seq.
@@ -267,11 +268,31 @@ async fn pushes_to_a_gateway_the_user_left_are_not_lost_and_reach_no_one_else() 
     };
     let rec = OutboundRecord {
         kind: Some(outbound_record::Kind::Deliver(stored)),
-    }
-    .encode_to_vec();
+    };
     let topic = env.topics.outbound(&env.gateway_ids[0]);
-    env.produce(&topic, "bob", rec.clone()).await?;
-    env.produce(&topic, "carol", rec).await?;
+    env.produce(&topic, "bob", rec.encode_to_vec()).await?;
+    env.produce(&topic, "carol", rec.encode_to_vec()).await?;
+    // The same in a batch: an item for bob, one addressed to carol, and a batch nested in an
+    // item (refused).
+    let item = |user: &str, record: OutboundRecord| OutboundItem {
+        user: user.into(),
+        record: Some(record),
+    };
+    let nested = OutboundRecord {
+        kind: Some(outbound_record::Kind::Batch(OutboundBatch {
+            items: vec![item("carol", rec.clone())],
+        })),
+    };
+    let batch = OutboundRecord {
+        kind: Some(outbound_record::Kind::Batch(OutboundBatch {
+            items: vec![
+                item("bob", rec.clone()),
+                item("carol", rec.clone()),
+                item("carol", nested),
+            ],
+        })),
+    };
+    env.produce(&topic, "gw1", batch.encode_to_vec()).await?;
     // carol must not see bob's message: the next thing she gets is her own marker.
     let marker = alice.send("carol", "marker").await?;
     let got = carol.next_message(WAIT).await?;
@@ -418,6 +439,51 @@ async fn receipts_reach_the_sender_live_and_on_the_next_sync() -> anyhow::Result
     alice.close();
     bob.close();
     for c in [gw1, gw2, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}
+
+/// A multiplexer told to write one record per push (for gateways of an earlier version, which
+/// read only those) still delivers, confirms and receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_outbound_records_still_deliver() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let gw = env.start_gateway("gw1").await?;
+    let mux = env
+        .start_multiplexer_with(|c| c.outbound_batches = false)
+        .await?;
+    let mut alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
+    let mut bob = connect(&ws_url(gw.addr), &env.token("bob")).await;
+
+    let a = alice.send("bob", "one").await?;
+    let m = bob.next_message(WAIT).await?;
+    assert_eq!((m.message_id.as_str(), m.seq), (a.message_id.as_str(), 1));
+    bob.ack("alice", m.seq)?;
+    let (mut stored, mut receipt) = (None, None);
+    while stored.is_none() || receipt.is_none() {
+        match alice.next_event_within(WAIT).await? {
+            Event::Stored(s) => stored = Some(s.seq),
+            Event::Receipt(r) => receipt = Some(r.up_to_seq),
+            _ => {}
+        }
+    }
+    assert_eq!((stored, receipt), (Some(1), Some(1)));
+    // The deliver went out as a record of its own, keyed by the recipient.
+    let out = env
+        .read_topic(&env.topics.outbound(&env.gateway_ids[0]))
+        .await?;
+    assert!(out.iter().any(|r| {
+        r.key() == Some(b"bob".as_slice())
+            && matches!(
+                r.payload().and_then(|p| OutboundRecord::decode(p).ok()).and_then(|r| r.kind),
+                Some(outbound_record::Kind::Deliver(d)) if d.message_id == a.message_id
+            )
+    }));
+
+    alice.close();
+    bob.close();
+    for c in [gw, mux] {
         c.stop().await;
     }
     env.teardown().await

@@ -126,31 +126,21 @@ async fn gateway_killed_with_pending_messages_its_users_resume_elsewhere() -> an
 
 /// A second multiplexer in a fresh consumer group reads `inbound` from the beginning.
 async fn replay(env: &TestEnv) -> anyhow::Result<()> {
-    let config = multiplexer::Config {
-        kafka: env.kafka.clone(),
-        topics: env.topics.clone(),
-        group: format!(
-            "{}replay-{}",
-            env.topics.prefix(),
-            uuid::Uuid::new_v4().simple()
-        ),
-        shards: db_writer::ShardConfig::from_list(&env.shard_dsns.join(","), 2)?,
-        retention: env.retention,
-        max_batch: 500,
-        batch_wait: Duration::from_millis(2),
-        http_addr: "127.0.0.1:0".parse()?,
-        unacked_ttl: env.unacked_ttl,
-        expiry_interval: env.expiry_interval,
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = multiplexer::start(config.clone(), shutdown.clone()).await?;
+    let group = format!(
+        "{}replay-{}",
+        env.topics.prefix(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let mux = env
+        .start_multiplexer_with(|c| {
+            c.group = group.clone();
+            c.shards.pool_size = 2;
+        })
+        .await?;
     // Done when the replay group's committed offsets reach the end of inbound.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if env
-            .group_caught_up(&config.group, &env.topics.inbound())
-            .await?
-        {
+        if env.group_caught_up(&group, &env.topics.inbound()).await? {
             break;
         }
         assert!(
@@ -159,8 +149,7 @@ async fn replay(env: &TestEnv) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    shutdown.cancel();
-    let _ = running.task.await;
+    mux.stop().await;
     Ok(())
 }
 

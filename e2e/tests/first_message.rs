@@ -77,16 +77,25 @@ async fn first_message_end_to_end() -> anyhow::Result<()> {
             .get(0);
         assert_eq!(n, if i == home { 1 } else { 0 }, "shard {i} (home {home})");
     }
-    // ... and it went through outbound-gw2, keyed by the recipient.
+    // ... and it went through outbound-gw2, in a batch record keyed by the gateway, as an item
+    // addressed to the recipient.
     let out = env
         .read_topic(&env.topics.outbound(&env.gateway_ids[1]))
         .await?;
     assert!(out.iter().any(|m| {
-        m.key() == Some(b"bob".as_slice())
-            && matches!(
-                m.payload().and_then(|p| OutboundRecord::decode(p).ok()).and_then(|r| r.kind),
-                Some(outbound_record::Kind::Deliver(d)) if d.message_id == accepted.message_id
-            )
+        let batch = match m.payload().and_then(|p| OutboundRecord::decode(p).ok()) {
+            Some(OutboundRecord {
+                kind: Some(outbound_record::Kind::Batch(b)),
+            }) => b,
+            _ => return false,
+        };
+        m.key() == Some(env.gateway_ids[1].as_str().as_bytes()) && batch.items.iter().any(|i| {
+            i.user == "bob"
+                && matches!(
+                    i.record.as_ref().and_then(|r| r.kind.as_ref()),
+                    Some(outbound_record::Kind::Deliver(d)) if d.message_id == accepted.message_id
+                )
+        })
     }));
 
     // 5. bob replies; alice receives it; it lands in the same shard.

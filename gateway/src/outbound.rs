@@ -1,5 +1,5 @@
 //! Consumes this gateway's `outbound-<id>` topic and pushes each record to the socket of the
-//! user it names. A user not connected here is skipped: the message stays pending in its shard
+//! user it names: a single record (keyed by the user) or a batch (each item names its user). A user not connected here is skipped: the message stays pending in its shard
 //! and reaches the user by the sync of their next connection.
 
 use std::sync::Arc;
@@ -30,36 +30,20 @@ pub async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cancellation
                 continue;
             }
         };
-        let user = msg.key().and_then(|k| std::str::from_utf8(k).ok());
-        let record = msg.payload().map(OutboundRecord::decode);
-        match (user, record) {
-            (Some(user), Some(Ok(OutboundRecord { kind: Some(kind) }))) => {
-                let item = match kind {
-                    // A message only ever goes to its own recipient, whatever the key says.
-                    outbound_record::Kind::Deliver(m) if m.recipient == user => {
-                        Some(Outgoing::Live(Box::new(m)))
-                    }
-                    outbound_record::Kind::Deliver(_) => None,
-                    outbound_record::Kind::Receipt(r) => {
-                        Some(Outgoing::Frame(Box::new(ServerFrame {
-                            kind: Some(server_frame::Kind::Receipt(r)),
-                        })))
-                    }
-                    outbound_record::Kind::Stored(s) => {
-                        Some(Outgoing::Frame(Box::new(ServerFrame {
-                            kind: Some(server_frame::Kind::Stored(s)),
-                        })))
-                    }
-                };
-                let Some(item) = item else {
-                    metrics::counter!("gateway_errors_total", "kind" => "misrouted_record")
-                        .increment(1);
-                    let _ = consumer.store_offset_from_message(&msg);
-                    continue;
-                };
-                let pushed = app.sessions.push(user, item);
-                let outcome = if pushed { "pushed" } else { "not_connected" };
-                metrics::counter!("gateway_outbound_total", "outcome" => outcome).increment(1);
+        let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
+        match (msg.payload().map(OutboundRecord::decode), key) {
+            (
+                Some(Ok(OutboundRecord {
+                    kind: Some(outbound_record::Kind::Batch(batch)),
+                })),
+                _,
+            ) => {
+                for item in batch.items {
+                    push(&app, &item.user, item.record.and_then(|r| r.kind));
+                }
+            }
+            (Some(Ok(OutboundRecord { kind: Some(kind) })), Some(user)) => {
+                push(&app, user, Some(kind));
             }
             _ => {
                 tracing::warn!(
@@ -75,4 +59,30 @@ pub async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cancellation
         }
     }
     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+}
+
+/// Pushes one record to `user`'s socket, if `user` is connected here. A deliver for anyone but
+/// its recipient, or a batch inside a batch, is refused and counted.
+fn push(app: &App, user: &str, kind: Option<outbound_record::Kind>) {
+    let item = match kind {
+        // A message only ever goes to its own recipient, whatever the key says.
+        Some(outbound_record::Kind::Deliver(m)) if m.recipient == user => {
+            Some(Outgoing::Live(Box::new(m)))
+        }
+        Some(outbound_record::Kind::Receipt(r)) => Some(Outgoing::Frame(Box::new(ServerFrame {
+            kind: Some(server_frame::Kind::Receipt(r)),
+        }))),
+        Some(outbound_record::Kind::Stored(s)) => Some(Outgoing::Frame(Box::new(ServerFrame {
+            kind: Some(server_frame::Kind::Stored(s)),
+        }))),
+        Some(outbound_record::Kind::Deliver(_)) => None,
+        Some(outbound_record::Kind::Batch(_)) | None => None,
+    };
+    let Some(item) = item else {
+        metrics::counter!("gateway_errors_total", "kind" => "misrouted_record").increment(1);
+        return;
+    };
+    let pushed = app.sessions.push(user, item);
+    let outcome = if pushed { "pushed" } else { "not_connected" };
+    metrics::counter!("gateway_outbound_total", "outcome" => outcome).increment(1);
 }

@@ -21,6 +21,10 @@ pub struct Config {
     pub max_batch: usize,
     /// How long to wait to fill a batch once its first record arrived.
     pub batch_wait: Duration,
+    /// Write the pushes for a gateway as batch records (one per gateway per batch) rather than
+    /// one record per push. Gateways read both; turn off while gateways of an earlier version,
+    /// which read only single records, still run.
+    pub outbound_batches: bool,
     /// Address of `/healthz`, `/readyz`, `/metrics`.
     pub http_addr: SocketAddr,
     /// In delete-on-ack mode, how long an unacked message is kept before its body is erased.
@@ -31,7 +35,8 @@ pub struct Config {
 
 impl Config {
     /// Reads `KAFKA_BROKERS`, `TOPIC_PREFIX`, `MULTIPLEXER_GROUP`, `SHARD_DSNS`, `SHARD_POOL_SIZE`,
-    /// `RETENTION`, `MULTIPLEXER_MAX_BATCH`, `MULTIPLEXER_BATCH_WAIT_MS`, `MULTIPLEXER_HTTP_ADDR`,
+    /// `RETENTION`, `MULTIPLEXER_MAX_BATCH`, `MULTIPLEXER_BATCH_WAIT_MS`, `MULTIPLEXER_OUTBOUND_BATCH`,
+    /// `MULTIPLEXER_HTTP_ADDR`,
     /// `UNACKED_TTL_SECS`, `EXPIRY_INTERVAL_SECS`, `MULTIPLEXER_MAX_POLL_INTERVAL_MS`,
     /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -56,6 +61,7 @@ impl Config {
             retention: env_parse("RETENTION", Retention::Keep)?,
             max_batch: env_parse("MULTIPLEXER_MAX_BATCH", 2000)?,
             batch_wait: Duration::from_millis(env_parse("MULTIPLEXER_BATCH_WAIT_MS", 2)?),
+            outbound_batches: env_parse("MULTIPLEXER_OUTBOUND_BATCH", true)?,
             http_addr: env_parse(
                 "MULTIPLEXER_HTTP_ADDR",
                 "127.0.0.1:9300".parse().expect("valid"),

@@ -7,11 +7,13 @@
 //! and every step is idempotent, so the replay changes nothing but re-sends pushes that clients
 //! drop by message id.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use chat_proto::v1::{outbound_record, AckRecord, ChatMessage, OutboundRecord, Stored};
+use chat_proto::v1::{
+    outbound_record, AckRecord, ChatMessage, OutboundBatch, OutboundItem, OutboundRecord, Stored,
+};
 use db_writer::inbound::{self, Inbound};
 use db_writer::{DbError, Shards};
 use futures_util::future::join_all;
@@ -23,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use chat_common::presence::PresenceView;
+
+/// Largest value of one outbound batch record (the topics accept 1 MiB); a larger batch is split.
+const MAX_BATCH_RECORD_BYTES: usize = 256 * 1024;
 
 /// How long to wait for the presence view to catch up before routing with what it has.
 const PRESENCE_CATCH_UP: Duration = Duration::from_secs(2);
@@ -183,26 +188,59 @@ impl Pipeline {
     }
 
     /// Produces each record to the gateway that holds its user; users without a live session
-    /// are skipped (their messages stay pending and reach them by sync).
+    /// are skipped (their messages stay pending and reach them by sync). By default the records
+    /// for one gateway go out as batch records, keyed by the gateway id so that they stay in one
+    /// partition and in order: one Kafka record per gateway per batch instead of one per push.
     async fn route(
         &self,
         records: Vec<(String, OutboundRecord)>,
         shutdown: &CancellationToken,
     ) -> bool {
-        let mut todo: Vec<(String, String, Vec<u8>)> = Vec::new();
-        for (user, rec) in records {
-            match self.presence.route(&user) {
-                Some(gw) => {
-                    todo.push((self.config.topics.outbound(&gw), user, rec.encode_to_vec()))
-                }
-                None => {
-                    metrics::counter!("multiplexer_routed_total", "to" => "offline").increment(1)
-                }
+        // (topic, key, value, pushes it holds)
+        let mut todo: Vec<(String, String, Vec<u8>, u64)> = Vec::new();
+        // topic -> (gateway id, the batch being filled, its encoded size)
+        let mut open: HashMap<String, (String, OutboundBatch, usize)> = HashMap::new();
+        let close = |key: &str, batch: OutboundBatch| {
+            let n = batch.items.len() as u64;
+            let value = OutboundRecord {
+                kind: Some(outbound_record::Kind::Batch(batch)),
             }
+            .encode_to_vec();
+            (key.to_owned(), value, n)
+        };
+        for (user, rec) in records {
+            let Some(gw) = self.presence.route(&user) else {
+                metrics::counter!("multiplexer_routed_total", "to" => "offline").increment(1);
+                continue;
+            };
+            let topic = self.config.topics.outbound(&gw);
+            if !self.config.outbound_batches {
+                todo.push((topic, user, rec.encode_to_vec(), 1));
+                continue;
+            }
+            let item = OutboundItem {
+                user,
+                record: Some(rec),
+            };
+            let size = item.encoded_len() + 8; // with the field's tag and length
+            let (key, batch, bytes) = open
+                .entry(topic.clone())
+                .or_insert_with(|| (gw.as_str().to_owned(), OutboundBatch::default(), 0));
+            if *bytes + size > MAX_BATCH_RECORD_BYTES && !batch.items.is_empty() {
+                let (key, value, n) = close(key, std::mem::take(batch));
+                todo.push((topic, key, value, n));
+                *bytes = 0;
+            }
+            batch.items.push(item);
+            *bytes += size;
+        }
+        for (topic, (key, batch, _)) in open {
+            let (key, value, n) = close(&key, batch);
+            todo.push((topic, key, value, n));
         }
         let mut backoff = Duration::from_millis(50);
         while !todo.is_empty() {
-            let results = join_all(todo.iter().map(|(topic, key, payload)| {
+            let results = join_all(todo.iter().map(|(topic, key, payload, _)| {
                 self.producer.send(
                     FutureRecord::to(topic).key(key).payload(payload),
                     rdkafka::util::Timeout::Never,
@@ -212,8 +250,11 @@ impl Pipeline {
             let mut failed = Vec::new();
             for (item, result) in todo.into_iter().zip(results) {
                 match result {
-                    Ok(_) => metrics::counter!("multiplexer_routed_total", "to" => "gateway")
-                        .increment(1),
+                    Ok(_) => {
+                        metrics::counter!("multiplexer_routed_total", "to" => "gateway")
+                            .increment(item.3);
+                        metrics::counter!("multiplexer_outbound_records_total").increment(1);
+                    }
                     Err((e, _)) => {
                         tracing::warn!(error = %e, topic = %item.0, "outbound produce failed; retrying");
                         metrics::counter!("multiplexer_errors_total", "kind" => "produce")
