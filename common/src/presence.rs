@@ -122,26 +122,35 @@ impl PresenceView {
     /// applied. Returns false if that did not happen within `timeout` (the caller routes with
     /// what it has; the sync on the next connect covers anything missed).
     pub async fn catch_up(&self, timeout: Duration) -> bool {
-        // Every partition's end offset, queried in parallel.
-        let queries = self.partitions.iter().map(|p| {
-            let (consumer, topic, p) = (self.offsets.clone(), self.topic.clone(), *p);
-            tokio::task::spawn_blocking(move || {
-                consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(2))
-                    .map(|(_, high)| (p, high))
-            })
-        });
-        let highs: Result<Vec<(i32, i64)>, ()> = futures_util::future::join_all(queries)
-            .await
-            .into_iter()
-            .map(|r| r.map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
-            .collect();
-        let highs = match highs {
-            Ok(h) => h,
-            Err(()) => {
-                metrics::counter!("presence_catch_up_failed_total").increment(1);
-                return false;
+        // Every partition's end offset, in one request (a lookup by timestamp, with the
+        // timestamp "latest"), not one per partition: the multiplexer does this once a batch.
+        let (consumer, topic, partitions) = (
+            self.offsets.clone(),
+            self.topic.clone(),
+            self.partitions.clone(),
+        );
+        let highs = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for p in &partitions {
+                tpl.add_partition_offset(&topic, *p, Offset::End).ok()?;
             }
+            let ends = consumer
+                .offsets_for_times(tpl, Duration::from_secs(2))
+                .ok()?;
+            ends.elements()
+                .iter()
+                .map(|e| match (e.offset(), e.error()) {
+                    (Offset::Offset(high), Ok(())) => Some((e.partition(), high)),
+                    _ => None,
+                })
+                .collect::<Option<Vec<(i32, i64)>>>()
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(highs) = highs else {
+            metrics::counter!("presence_catch_up_failed_total").increment(1);
+            return false;
         };
         let mut rx = self.positions.clone();
         let done = |pos: &HashMap<i32, i64>| {

@@ -153,7 +153,7 @@ pub struct KafkaReport {
     pub latency: OpenLoop,
     /// Open loop: latency from scheduled send to the delivery report (acks=all).
     pub produce_ack_latency: Latency,
-    /// `PresenceView::catch_up` (watermarks of every presence partition, one after another),
+    /// `PresenceView::catch_up` (the end offsets of every presence partition, in one request),
     /// which the multiplexer awaits once per batch.
     pub presence_catch_up: Option<Latency>,
     /// The same watermark queries from a client with no fetch in flight (what catch-up costs
