@@ -972,9 +972,7 @@ pub async fn search(fleet: &mut Fleet, s: &SearchSpec) -> anyhow::Result<SearchR
                 max_sustained = Some((r.round(), trials.len() - 1));
                 break;
             }
-            if over_budget(&started) {
-                break;
-            }
+            // Not bounded by the probing budget: without a passed confirm there is no result.
             r *= 0.85;
         }
     }
