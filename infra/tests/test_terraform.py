@@ -81,6 +81,8 @@ CURRENT: dict[str, Metric] = {
     "multiplexer_messages_stored_total": _m("counter"),
     "multiplexer_messages_duplicate_total": _m("counter"),
     "multiplexer_routed_total": _m("counter", to={"gateway", "offline"}),
+    # Kafka records written to outbound topics (a batch record holds many routed pushes).
+    "multiplexer_outbound_records_total": _m("counter"),
     "multiplexer_errors_total": _m(
         "counter",
         kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard"},
