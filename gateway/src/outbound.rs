@@ -1,6 +1,7 @@
 //! Consumes this gateway's `outbound-<id>` topic and pushes each record to the socket of the
-//! user it names: a single record (keyed by the user) or a batch (each item names its user). A user not connected here is skipped: the message stays pending in its shard
-//! and reaches the user by the sync of their next connection.
+//! user it names: a single record (keyed by the user) or a batch (each item names its user). A
+//! user not connected here is skipped: the message stays pending in its shard and reaches the
+//! user by the sync of their next connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,8 +76,8 @@ fn push(app: &App, user: &str, kind: Option<outbound_record::Kind>) {
         Some(outbound_record::Kind::Stored(s)) => Some(Outgoing::Frame(Box::new(ServerFrame {
             kind: Some(server_frame::Kind::Stored(s)),
         }))),
-        Some(outbound_record::Kind::Deliver(_)) => None,
-        Some(outbound_record::Kind::Batch(_)) | None => None,
+        // A deliver addressed to someone else, a batch inside a batch, or nothing.
+        _ => None,
     };
     let Some(item) = item else {
         metrics::counter!("gateway_errors_total", "kind" => "misrouted_record").increment(1);

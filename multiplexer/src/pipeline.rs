@@ -198,45 +198,36 @@ impl Pipeline {
     ) -> bool {
         // (topic, key, value, pushes it holds)
         let mut todo: Vec<(String, String, Vec<u8>, u64)> = Vec::new();
-        // topic -> (gateway id, the batch being filled, its encoded size)
-        let mut open: HashMap<String, (String, OutboundBatch, usize)> = HashMap::new();
-        let close = |key: &str, batch: OutboundBatch| {
-            let n = batch.items.len() as u64;
-            let value = OutboundRecord {
-                kind: Some(outbound_record::Kind::Batch(batch)),
-            }
-            .encode_to_vec();
-            (key.to_owned(), value, n)
-        };
+        // topic -> (gateway id, its pushes in order)
+        let mut per_gateway: HashMap<String, (String, Vec<OutboundItem>)> = HashMap::new();
         for (user, rec) in records {
             let Some(gw) = self.presence.route(&user) else {
                 metrics::counter!("multiplexer_routed_total", "to" => "offline").increment(1);
                 continue;
             };
             let topic = self.config.topics.outbound(&gw);
-            if !self.config.outbound_batches {
+            if self.config.outbound_batches {
+                per_gateway
+                    .entry(topic)
+                    .or_insert_with(|| (gw.as_str().to_owned(), Vec::new()))
+                    .1
+                    .push(OutboundItem {
+                        user,
+                        record: Some(rec),
+                    });
+            } else {
                 todo.push((topic, user, rec.encode_to_vec(), 1));
-                continue;
             }
-            let item = OutboundItem {
-                user,
-                record: Some(rec),
-            };
-            let size = item.encoded_len() + 8; // with the field's tag and length
-            let (key, batch, bytes) = open
-                .entry(topic.clone())
-                .or_insert_with(|| (gw.as_str().to_owned(), OutboundBatch::default(), 0));
-            if *bytes + size > MAX_BATCH_RECORD_BYTES && !batch.items.is_empty() {
-                let (key, value, n) = close(key, std::mem::take(batch));
-                todo.push((topic, key, value, n));
-                *bytes = 0;
-            }
-            batch.items.push(item);
-            *bytes += size;
         }
-        for (topic, (key, batch, _)) in open {
-            let (key, value, n) = close(&key, batch);
-            todo.push((topic, key, value, n));
+        for (topic, (key, items)) in per_gateway {
+            for batch in split(items) {
+                let n = batch.items.len() as u64;
+                let value = OutboundRecord {
+                    kind: Some(outbound_record::Kind::Batch(batch)),
+                }
+                .encode_to_vec();
+                todo.push((topic.clone(), key.clone(), value, n));
+            }
         }
         let mut backoff = Duration::from_millis(50);
         while !todo.is_empty() {
@@ -274,6 +265,27 @@ impl Pipeline {
         }
         true
     }
+}
+
+/// Splits a gateway's pushes, in order, into batches of at most `MAX_BATCH_RECORD_BYTES` each
+/// (a single larger push gets a batch of its own).
+fn split(items: Vec<OutboundItem>) -> Vec<OutboundBatch> {
+    let mut batches = Vec::new();
+    let mut current = OutboundBatch::default();
+    let mut bytes = 0;
+    for item in items {
+        let size = item.encoded_len() + 8; // with the field's tag and length
+        if bytes + size > MAX_BATCH_RECORD_BYTES && !current.items.is_empty() {
+            batches.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        current.items.push(item);
+        bytes += size;
+    }
+    if !current.items.is_empty() {
+        batches.push(current);
+    }
+    batches
 }
 
 fn decode(records: Vec<OwnedMessage>) -> Batch {
@@ -363,5 +375,44 @@ pub async fn report_lag(
             metrics::gauge!("multiplexer_consumer_lag", "partition" => partition.to_string())
                 .set(lag as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(user: &str, body_bytes: usize) -> OutboundItem {
+        OutboundItem {
+            user: user.into(),
+            record: Some(OutboundRecord {
+                kind: Some(outbound_record::Kind::Deliver(ChatMessage {
+                    recipient: user.into(),
+                    body: "x".repeat(body_bytes),
+                    ..Default::default()
+                })),
+            }),
+        }
+    }
+
+    #[test]
+    fn split_keeps_order_and_bounds_each_batch() {
+        assert!(split(Vec::new()).is_empty());
+        // 10 pushes of 100 KiB: two per batch, in order; one larger than the bound goes alone.
+        let mut items: Vec<OutboundItem> = (0..10)
+            .map(|i| item(&format!("u{i}"), 100 * 1024))
+            .collect();
+        items.push(item("big", 300 * 1024));
+        items.push(item("small", 10));
+        let batches = split(items);
+        let users: Vec<Vec<&str>> = batches
+            .iter()
+            .map(|b| b.items.iter().map(|i| i.user.as_str()).collect())
+            .collect();
+        assert_eq!(users.len(), 7);
+        assert_eq!(users[0], ["u0", "u1"]);
+        assert_eq!(users[4], ["u8", "u9"]);
+        assert_eq!(users[5], ["big"]);
+        assert_eq!(users[6], ["small"]);
     }
 }
