@@ -11,6 +11,7 @@ use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::ChatMessage;
 use futures_util::future::try_join_all;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
 use uuid::Uuid;
 
 use crate::error::DbError;
@@ -71,10 +72,12 @@ const STORE_STATEMENTS: [&str; 6] = [
             m.seq <= coalesce(k.up_to_seq, 0) OR m.expired_at_ms IS NOT NULL
      FROM unnest($1::uuid[]) AS i(id) JOIN messages m ON m.message_id = i.id
      LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient",
+    // A message id already taken is skipped and counted out: see `store_on_shard`.
     "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
                            recipient, body, sent_at_ms)
      SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[],
-                          $5::text[], $6::text[], $7::text[], $8::bigint[])",
+                          $5::text[], $6::text[], $7::text[], $8::bigint[])
+     ON CONFLICT (message_id) DO NOTHING",
     "INSERT INTO acks (conversation, recipient, sender)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
      ON CONFLICT DO NOTHING",
@@ -82,6 +85,49 @@ const STORE_STATEMENTS: [&str; 6] = [
      FROM unnest($1::text[], $2::bigint[]) AS u(conversation, seq)
      WHERE c.conversation = u.conversation AND c.last_seq < u.seq",
 ];
+
+/// The ack statement of keep mode: moves each direction's watermark, never past the
+/// conversation's last seq and never back. Each lookup is a subquery, so that it stays an index
+/// probe per ack: joined, the planner hashes the whole conversations table instead.
+const ACK_KEEP: &str = "WITH a AS (
+         SELECT u.conversation, u.recipient, u.acked_at,
+                least(u.up_to, (SELECT c.last_seq FROM conversations c
+                                WHERE c.conversation = u.conversation)) AS up_to
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+             AS u(conversation, recipient, up_to, acked_at))
+     UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
+     FROM a
+     WHERE k.conversation = a.conversation AND k.recipient = a.recipient
+       AND k.up_to_seq < a.up_to
+     RETURNING k.conversation, k.recipient, k.up_to_seq";
+
+/// The ack statement of delete-on-ack mode: [`ACK_KEEP`], and the bodies the watermark passed
+/// are erased in the same statement.
+const ACK_ERASE: &str = "WITH a AS (
+         SELECT u.conversation, u.recipient, u.acked_at,
+                least(u.up_to, (SELECT c.last_seq FROM conversations c
+                                WHERE c.conversation = u.conversation)) AS up_to,
+                -- The watermark before this statement (every part of a statement reads one
+                -- snapshot): the bodies to erase are above it.
+                (SELECT k.up_to_seq FROM acks k
+                 WHERE k.conversation = u.conversation AND k.recipient = u.recipient) AS before
+         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+             AS u(conversation, recipient, up_to, acked_at)),
+     moved AS (
+         UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
+         FROM a
+         WHERE k.conversation = a.conversation AND k.recipient = a.recipient
+           AND k.up_to_seq < a.up_to
+         RETURNING k.conversation, k.recipient, k.up_to_seq),
+     erased AS (
+         UPDATE messages m SET body = NULL
+         FROM moved JOIN a ON a.conversation = moved.conversation
+                          AND a.recipient = moved.recipient
+         WHERE m.conversation = moved.conversation
+           AND m.recipient = moved.recipient
+           AND m.seq > a.before AND m.seq <= moved.up_to_seq
+           AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)
+     SELECT conversation, recipient, up_to_seq FROM moved";
 
 impl Shards {
     /// Stores a batch of messages (in log order) and returns each one's stored form, in input order.
@@ -148,126 +194,35 @@ impl Shards {
         let mut client = self.client(shard).await?;
         // Prepared once per connection; each group of statements below goes out in one write
         // (tokio-postgres pipelines the queries of one client that are awaited together), so a
-        // batch costs four round trips: BEGIN, lock and read, write, COMMIT.
-        let [create_counters, lock_counters, find_existing, insert_messages, insert_watermarks, move_counters] =
-            try_join_all(
-                STORE_STATEMENTS
-                    .iter()
-                    .map(|sql| client.prepare_cached(sql)),
-            )
-            .await
-            .map_err(pg)?
-            .try_into()
-            .map_err(|_| bad("statement count".into()))?;
-        let tx = client.transaction().await.map_err(pg)?;
-
-        // Lock the counters of every conversation in the batch, in key order (no deadlock
-        // between two writers of overlapping batches), then read which messages are already
-        // stored: the server runs the statements in this order, so the read sees every write
-        // of another writer that held these locks before us.
-        let (by_conversation, by_id): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
-            ([&conversations], [&ids]);
-        let (_, locked, found) = futures_util::try_join!(
-            tx.execute(&create_counters, &by_conversation),
-            tx.query(&lock_counters, &by_conversation),
-            tx.query(&find_existing, &by_id),
-        )
-        .map_err(pg)?;
-        let mut last_seq: HashMap<String, i64> =
-            locked.iter().map(|r| (r.get(0), r.get(1))).collect();
-
-        // Rows already present (replay, retry): returned as stored, not written again.
-        let mut existing: HashMap<Uuid, Stored> = HashMap::new();
-        for r in found {
-            existing.insert(
-                r.get(0),
-                Stored {
-                    message: row_to_message(&r),
-                    created: false,
-                    acked: r.get(8),
-                },
-            );
-        }
-
-        let mut out = Vec::with_capacity(unique.len());
-        let (
-            mut c_conv,
-            mut c_seq,
-            mut c_id,
-            mut c_cid,
-            mut c_from,
-            mut c_to,
-            mut c_body,
-            mut c_at,
-        ) = (
-            vec![],
-            vec![],
-            vec![],
-            vec![],
-            vec![],
-            vec![],
-            vec![],
-            vec![],
-        );
-        for (m, id) in unique.into_iter().zip(ids) {
-            if let Some(s) = existing.remove(&id) {
-                out.push(s);
-                continue;
-            }
-            let seq = last_seq
-                .get_mut(&m.conversation)
-                .ok_or_else(|| bad(format!("no counter for {}", m.conversation)))?;
-            *seq += 1;
-            let mut stored = m.clone();
-            stored.seq = *seq as u64;
-            c_conv.push(m.conversation.clone());
-            c_seq.push(*seq);
-            c_id.push(id);
-            c_cid.push(m.client_message_id.clone());
-            c_from.push(m.sender.clone());
-            c_to.push(m.recipient.clone());
-            c_body.push(m.body.clone());
-            c_at.push(m.sent_at_ms);
-            out.push(Stored {
-                message: stored,
-                created: true,
-                acked: false,
-            });
-        }
-        if !c_id.is_empty() {
-            // The ack watermark of each direction that received a message, created at 0 the
-            // first time: the sync query finds a user's conversations through these rows.
-            // Distinct and sorted, so concurrent writers insert them in one order.
-            let directions: BTreeSet<(&str, &str, &str)> = c_conv
+        // batch costs four round trips: BEGIN, lock (and read), write, COMMIT.
+        let statements: [Statement; 6] = try_join_all(
+            STORE_STATEMENTS
                 .iter()
-                .zip(&c_to)
-                .zip(&c_from)
-                .map(|((c, to), from)| (c.as_str(), to.as_str(), from.as_str()))
-                .collect();
-            let (mut d_conv, mut d_to, mut d_from) = (vec![], vec![], vec![]);
-            for (c, to, from) in directions {
-                d_conv.push(c);
-                d_to.push(to);
-                d_from.push(from);
-            }
-            let (convs, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().unzip();
-            let rows: [&(dyn ToSql + Sync); 8] = [
-                &c_conv, &c_seq, &c_id, &c_cid, &c_from, &c_to, &c_body, &c_at,
-            ];
-            let watermarks: [&(dyn ToSql + Sync); 3] = [&d_conv, &d_to, &d_from];
-            let counters: [&(dyn ToSql + Sync); 2] = [&convs, &seqs];
-            futures_util::try_join!(
-                tx.execute(&insert_messages, &rows),
-                tx.execute(&insert_watermarks, &watermarks),
-                tx.execute(&move_counters, &counters),
-            )
-            .map_err(pg)?;
+                .map(|sql| client.prepare_cached(sql)),
+        )
+        .await
+        .map_err(pg)?
+        .try_into()
+        .map_err(|_| bad("statement count".into()))?;
+        let batch = ShardBatch {
+            shard,
+            messages: &unique,
+            ids: &ids,
+            conversations: &conversations,
+        };
+        // Almost every batch holds only new messages, so the first attempt does not look for
+        // stored copies: the insert skips a message whose id is taken, and if it skipped any
+        // (a replay, a client retry), that attempt is rolled back and the batch is written again
+        // after the lookup. Looking up every batch's ids cost a third of Postgres's planning.
+        if let Some(out) = write_on_shard(&mut client, &statements, &batch, false).await? {
+            return Ok(out);
         }
-        let commit = std::time::Instant::now();
-        tx.commit().await.map_err(pg)?;
-        metrics::histogram!("db_commit_seconds").record(commit.elapsed());
-        metrics::counter!("db_messages_written_total").increment(c_id.len() as u64);
-        Ok(out)
+        metrics::counter!("db_store_lookups_total").increment(1);
+        write_on_shard(&mut client, &statements, &batch, true)
+            .await?
+            .ok_or_else(|| {
+                bad("a message id of the batch was stored while the batch held its locks".into())
+            })
     }
 
     /// Records acks on one shard in one statement: each `(conversation, user, up_to_seq,
@@ -293,39 +248,15 @@ impl Shards {
             seqs.push(i64::try_from(*seq).unwrap_or(i64::MAX));
             ats.push(*at);
         }
+        // Prepared once per connection. Keep mode has a statement of its own, without the
+        // erasing part: planning the statement is most of its cost at small batches.
+        let statement = client
+            .prepare_cached(if erase { ACK_ERASE } else { ACK_KEEP })
+            .await
+            .map_err(pg)?;
         let started = std::time::Instant::now();
         let rows = client
-            .query(
-                // Each lookup is a subquery, so that it stays an index probe per ack: joined,
-                // the planner hashes the whole conversations table instead.
-                "WITH a AS (
-                     SELECT u.conversation, u.recipient, u.acked_at,
-                            least(u.up_to, (SELECT c.last_seq FROM conversations c
-                                            WHERE c.conversation = u.conversation)) AS up_to,
-                            -- The watermark before this statement (every part of a statement
-                            -- reads one snapshot): the bodies to erase are above it.
-                            CASE WHEN $5 THEN (SELECT k.up_to_seq FROM acks k
-                                               WHERE k.conversation = u.conversation
-                                                 AND k.recipient = u.recipient) END AS before
-                     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                         AS u(conversation, recipient, up_to, acked_at)),
-                 moved AS (
-                     UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
-                     FROM a
-                     WHERE k.conversation = a.conversation AND k.recipient = a.recipient
-                       AND k.up_to_seq < a.up_to
-                     RETURNING k.conversation, k.recipient, k.up_to_seq),
-                 erased AS (
-                     UPDATE messages m SET body = NULL
-                     FROM moved JOIN a ON a.conversation = moved.conversation
-                                      AND a.recipient = moved.recipient
-                     WHERE $5 AND m.conversation = moved.conversation
-                       AND m.recipient = moved.recipient
-                       AND m.seq > a.before AND m.seq <= moved.up_to_seq
-                       AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)
-                 SELECT conversation, recipient, up_to_seq FROM moved",
-                &[&convs, &users, &seqs, &ats, &erase],
-            )
+            .query(&statement, &[&convs, &users, &seqs, &ats])
             .await
             .map_err(pg)?;
         metrics::histogram!("db_ack_seconds").record(started.elapsed());
@@ -411,6 +342,145 @@ impl Shards {
         all.sort_by(|a, b| (&a.conversation, a.seq).cmp(&(&b.conversation, b.seq)));
         Ok(all)
     }
+}
+
+/// The messages of one batch for one shard, distinct, in log order.
+struct ShardBatch<'a> {
+    shard: usize,
+    messages: &'a [&'a ChatMessage],
+    ids: &'a [Uuid],
+    /// The batch's conversations, sorted and distinct (the lock order).
+    conversations: &'a [String],
+}
+
+/// One attempt at the store transaction. With `lookup`, messages already stored are read first
+/// and returned as they are; without it, the attempt is rolled back and `None` returned as soon
+/// as the insert finds a message id already taken.
+async fn write_on_shard(
+    client: &mut deadpool_postgres::Object,
+    statements: &[Statement; 6],
+    batch: &ShardBatch<'_>,
+    lookup: bool,
+) -> Result<Option<Vec<Stored>>, DbError> {
+    let shard = batch.shard;
+    let pg = |source| DbError::Postgres { shard, source };
+    let bad = |reason: String| DbError::BadRow { shard, reason };
+    let [create_counters, lock_counters, find_existing, insert_messages, insert_watermarks, move_counters] =
+        statements;
+    let tx = client.transaction().await.map_err(pg)?;
+
+    // Lock the counters of every conversation in the batch, in key order (no deadlock between
+    // two writers of overlapping batches), then (with `lookup`) read which messages are already
+    // stored: the server runs the statements in this order, so the read sees every write of
+    // another writer that held these locks before us.
+    let conversations = batch.conversations;
+    let (by_conversation, by_id): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+        ([&conversations], [&batch.ids]);
+    let (locked, found) = if lookup {
+        let (_, locked, found) = futures_util::try_join!(
+            tx.execute(create_counters, &by_conversation),
+            tx.query(lock_counters, &by_conversation),
+            tx.query(find_existing, &by_id),
+        )
+        .map_err(pg)?;
+        (locked, found)
+    } else {
+        let (_, locked) = futures_util::try_join!(
+            tx.execute(create_counters, &by_conversation),
+            tx.query(lock_counters, &by_conversation),
+        )
+        .map_err(pg)?;
+        (locked, Vec::new())
+    };
+    let mut last_seq: HashMap<String, i64> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
+
+    // Rows already present (replay, retry): returned as stored, not written again.
+    let mut existing: HashMap<Uuid, Stored> = HashMap::new();
+    for r in found {
+        existing.insert(
+            r.get(0),
+            Stored {
+                message: row_to_message(&r),
+                created: false,
+                acked: r.get(8),
+            },
+        );
+    }
+
+    let mut out = Vec::with_capacity(batch.messages.len());
+    let (mut c_conv, mut c_seq, mut c_id, mut c_cid, mut c_from, mut c_to, mut c_body, mut c_at) = (
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+    );
+    for (&m, &id) in batch.messages.iter().zip(batch.ids) {
+        if let Some(s) = existing.remove(&id) {
+            out.push(s);
+            continue;
+        }
+        let seq = last_seq
+            .get_mut(&m.conversation)
+            .ok_or_else(|| bad(format!("no counter for {}", m.conversation)))?;
+        *seq += 1;
+        let mut stored = m.clone();
+        stored.seq = *seq as u64;
+        c_conv.push(m.conversation.as_str());
+        c_seq.push(*seq);
+        c_id.push(id);
+        c_cid.push(m.client_message_id.as_str());
+        c_from.push(m.sender.as_str());
+        c_to.push(m.recipient.as_str());
+        c_body.push(m.body.as_str());
+        c_at.push(m.sent_at_ms);
+        out.push(Stored {
+            message: stored,
+            created: true,
+            acked: false,
+        });
+    }
+    if !c_id.is_empty() {
+        // The ack watermark of each direction that received a message, created at 0 the first
+        // time: the sync query finds a user's conversations through these rows. Distinct and
+        // sorted, so concurrent writers insert them in one order.
+        let directions: BTreeSet<(&str, &str, &str)> = c_conv
+            .iter()
+            .zip(&c_to)
+            .zip(&c_from)
+            .map(|((c, to), from)| (*c, *to, *from))
+            .collect();
+        let (mut d_conv, mut d_to, mut d_from) = (vec![], vec![], vec![]);
+        for (c, to, from) in directions {
+            d_conv.push(c);
+            d_to.push(to);
+            d_from.push(from);
+        }
+        let (convs, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().unzip();
+        let rows: [&(dyn ToSql + Sync); 8] = [
+            &c_conv, &c_seq, &c_id, &c_cid, &c_from, &c_to, &c_body, &c_at,
+        ];
+        let watermarks: [&(dyn ToSql + Sync); 3] = [&d_conv, &d_to, &d_from];
+        let counters: [&(dyn ToSql + Sync); 2] = [&convs, &seqs];
+        let (inserted, _, _) = futures_util::try_join!(
+            tx.execute(insert_messages, &rows),
+            tx.execute(insert_watermarks, &watermarks),
+            tx.execute(move_counters, &counters),
+        )
+        .map_err(pg)?;
+        if inserted != c_id.len() as u64 {
+            tx.rollback().await.map_err(pg)?;
+            return Ok(None);
+        }
+    }
+    let commit = std::time::Instant::now();
+    tx.commit().await.map_err(pg)?;
+    metrics::histogram!("db_commit_seconds").record(commit.elapsed());
+    metrics::counter!("db_messages_written_total").increment(c_id.len() as u64);
+    Ok(Some(out))
 }
 
 fn row_to_message(r: &tokio_postgres::Row) -> ChatMessage {

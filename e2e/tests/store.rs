@@ -191,6 +191,61 @@ async fn delete_on_ack_erases_what_the_watermark_passes_and_expiry_counts_the_un
     env.teardown().await
 }
 
+/// A batch that mixes messages already stored (a replay after a crash, a client retry) with new
+/// ones: the stored ones come back as they were, the new ones get the next seqs, with no gap
+/// left by the attempt that found the stored ones, and nothing is written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_mixing_stored_and_new_messages_keeps_seqs_dense() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let (ab, cd) = (conversation("amy", "bo")?, conversation("cy", "di")?);
+    let first = shards
+        .store_batch(&[
+            message("amy", "bo", "one", 1)?,
+            message("bo", "amy", "two", 2)?,
+            message("cy", "di", "uno", 3)?,
+        ])
+        .await?;
+    let three = message("amy", "bo", "three", 4)?;
+    let again = shards
+        .store_batch(&[
+            three.clone(),
+            first[1].message.clone(),
+            message("bo", "amy", "four", 5)?,
+            first[2].message.clone(),
+            three.clone(),
+        ])
+        .await?;
+    let got: Vec<(String, u64, bool)> = again
+        .iter()
+        .map(|s| (s.message.body.clone(), s.message.seq, s.created))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("three".into(), 3, true),
+            ("two".into(), 2, false),
+            ("four".into(), 4, true),
+            ("uno".into(), 1, false),
+            ("three".into(), 3, false),
+        ]
+    );
+    // The next message follows without a gap; each conversation holds each message once.
+    let five = shards
+        .store_batch(&[message("amy", "bo", "five", 6)?])
+        .await?;
+    assert_eq!(five[0].message.seq, 5);
+    let bodies: Vec<(i64, Option<String>)> = env.stored(&ab).await?;
+    let expected: Vec<(i64, Option<String>)> = ["one", "two", "three", "four", "five"]
+        .iter()
+        .zip(1..)
+        .map(|(b, seq)| (seq, Some((*b).to_owned())))
+        .collect();
+    assert_eq!(bodies, expected);
+    assert_eq!(env.stored(&cd).await?, [(1, Some("uno".to_owned()))]);
+    env.teardown().await
+}
+
 /// A shard migrated before watermarks, with acked, unacked and expired messages, keeps every
 /// message's state through the migration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,7 @@ CURRENT: dict[str, Metric] = {
     # Websocket close code of server-initiated closes (gateway/src/ws.rs).
     "gateway_closed_by_server_total": _m("counter", code=None),
     "db_messages_written_total": _m("counter"),
+    "db_store_lookups_total": _m("counter"),
     # Accept-to-push latency, recorded by the gateway as it writes a live message to the socket.
     "chat_e2e_latency_seconds": _m("histogram"),
     "multiplexer_consumer_lag": _m("gauge", partition=None),
