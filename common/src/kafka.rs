@@ -34,7 +34,10 @@ pub struct KafkaConfig {
     /// Upper bound on a produce, retries included (`message.timeout.ms`); past it the sender gets
     /// an error instead of waiting forever.
     pub produce_timeout: Duration,
-    /// `linger.ms`: how long the producer waits to fill a batch.
+    /// `linger.ms`: how long the producer waits to fill a batch. 5 ms by default: the gateways'
+    /// sends and acks spread over the inbound topic's partitions, and librdkafka sends one produce
+    /// request per partition, so at 2 ms most requests carried a single record (`KAFKA_LINGER_MS`
+    /// overrides it; the multiplexer uses 0).
     pub linger: Duration,
     /// `max.poll.interval.ms` of group consumers: a member silent for longer (stopped, wedged)
     /// loses its partitions, and its late writes are fenced by idempotency.
@@ -62,7 +65,7 @@ impl KafkaConfig {
         Self {
             brokers: brokers.into(),
             produce_timeout: Duration::from_secs(10),
-            linger: Duration::from_millis(2),
+            linger: Duration::from_millis(5),
             max_poll_interval: Duration::from_secs(60),
             producer_opts: Vec::new(),
             consumer_opts: Vec::new(),
@@ -70,7 +73,8 @@ impl KafkaConfig {
     }
 
     /// Adds the librdkafka properties of `KAFKA_PRODUCER_OPTS` and `KAFKA_CONSUMER_OPTS`
-    /// (`key=value,...`, applied over the defaults: batching and fetch tuning without a rebuild).
+    /// (`key=value,...`, applied over the defaults: batching and fetch tuning without a rebuild)
+    /// and the linger of `KAFKA_LINGER_MS`.
     pub fn with_env_opts(mut self) -> Result<Self, String> {
         for (name, target) in [
             ("KAFKA_PRODUCER_OPTS", &mut self.producer_opts),
@@ -79,6 +83,13 @@ impl KafkaConfig {
             if let Ok(text) = std::env::var(name) {
                 *target = parse_opts(&text).map_err(|e| format!("{name}: {e}"))?;
             }
+        }
+        if let Ok(text) = std::env::var("KAFKA_LINGER_MS") {
+            let ms: u64 = text
+                .trim()
+                .parse()
+                .map_err(|e| format!("KAFKA_LINGER_MS: {text:?}: {e}"))?;
+            self.linger = Duration::from_millis(ms);
         }
         Ok(self)
     }

@@ -106,7 +106,7 @@ impl Config {
             addr: env_parse("GATEWAY_ADDR", "127.0.0.1:8080".parse().expect("valid"))?,
             kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS))
                 .with_env_opts()
-                .map_err(|e| invalid("KAFKA_*_OPTS", String::new(), e))?,
+                .map_err(|e| invalid("KAFKA_*", String::new(), e))?,
             topics: TopicNames::new(env_or("TOPIC_PREFIX", "")),
             shards,
             verifier,

@@ -1,6 +1,6 @@
 //! Baselines: each stage alone on the same machine, with the pipeline's settings.
 //!
-//! - Kafka: the pipeline's producer and consumer factories (`acks=all`, idempotence, linger 2 ms,
+//! - Kafka: the pipeline's producer and consumer factories (`acks=all`, idempotence, linger 5 ms,
 //!   lz4, read_committed), records of the pipeline's inbound size on a 12-partition topic.
 //! - Postgres: the db-writer's own batched insert (`Shards::store_batch`) and ack update
 //!   (`Shards::ack_on_shard`) into migrated shards, and a batched variant of the ack update.
@@ -436,7 +436,7 @@ pub async fn raw_kafka(a: KafkaArgs) -> anyhow::Result<KafkaReport> {
         topic: a.topic,
         partitions,
         record_bytes,
-        settings: "chat_common::kafka::KafkaConfig::producer()/consumer(): acks=all, enable.idempotence, linger.ms=2, lz4, read_committed, fetch.wait.max.ms=10".into(),
+        settings: "chat_common::kafka::KafkaConfig::producer()/consumer(): acks=all, enable.idempotence, linger.ms=5, lz4, read_committed, fetch.wait.max.ms=10".into(),
         throughput,
         latency,
         produce_ack_latency: Latency::of_us(&mut acks),

@@ -119,7 +119,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     match &kafka {
         Some(k) => writeln!(
             o,
-            "| Kafka produce → consume | {} | {} | {} | {} / {} / {} at {}/s | {}-byte records, {} partitions, pipeline's producer/consumer settings (acks=all, idempotent, linger 2 ms, lz4); CPU = loadgen + broker; produce→ack p99 {} ms; presence catch-up (per multiplexer batch) p50 {} ms (same watermark queries from an idle client: {} ms) |",
+            "| Kafka produce → consume | {} | {} | {} | {} / {} / {} at {}/s | {}-byte records, {} partitions, pipeline's producer/consumer settings (acks=all, idempotent, linger 5 ms, lz4); CPU = loadgen + broker; produce→ack p99 {} ms; presence catch-up (per multiplexer batch) p50 {} ms (same watermark queries from an idle client: {} ms) |",
             n(k.throughput.records_per_sec),
             us(k.throughput.cpu_seconds_per_record),
             us(k.latency.cpu_seconds_per_record),
