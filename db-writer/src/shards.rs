@@ -15,10 +15,17 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_messages.sql")),
     (2, include_str!("../migrations/0002_sent_at_index.sql")),
     (3, include_str!("../migrations/0003_ack_watermarks.sql")),
+    (
+        4,
+        include_str!("../migrations/0004_sweep_index_on_demand.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrations (any constant shared by all processes).
 const MIGRATION_LOCK: i64 = 0x0063_6861_746d_6967;
+
+/// Advisory lock key that serialises builds of the sweep index (`Shards::ensure_sweep_index`).
+const SWEEP_INDEX_LOCK: i64 = 0x0063_6861_7473_7769;
 
 /// Session setting of every shard connection (see `Shards::connect`).
 const CUSTOM_PLANS: &str = "-c plan_cache_mode=force_custom_plan";
@@ -171,6 +178,28 @@ impl Shards {
         Ok(())
     }
 
+    /// Builds the expiry sweep's index where it is missing (delete-on-ack mode; see migration
+    /// 4). `CREATE INDEX CONCURRENTLY` does not block writes. Builds are serialised per shard by
+    /// an advisory lock, so an invalid index found while holding it is what a build that failed
+    /// or was interrupted left behind: it is dropped and built again.
+    pub async fn ensure_sweep_index(&self) -> Result<(), DbError> {
+        for shard in 0..self.pools.len() {
+            let client = self.client(shard).await?;
+            let pg = |source| DbError::Postgres { shard, source };
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&SWEEP_INDEX_LOCK])
+                .await
+                .map_err(pg)?;
+            let built = ensure_sweep_index_on(&client, shard).await;
+            // A broken connection has released the lock already.
+            let _ = client
+                .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_INDEX_LOCK])
+                .await;
+            built?;
+        }
+        Ok(())
+    }
+
     /// Checks that every shard answers (for `/readyz`).
     pub async fn ping(&self) -> Result<(), DbError> {
         for shard in 0..self.pools.len() {
@@ -182,4 +211,45 @@ impl Shards {
         }
         Ok(())
     }
+}
+
+/// One shard's part of [`Shards::ensure_sweep_index`], under its lock.
+async fn ensure_sweep_index_on(
+    client: &tokio_postgres::Client,
+    shard: usize,
+) -> Result<(), DbError> {
+    let pg = |source| DbError::Postgres { shard, source };
+    let valid: Option<bool> = client
+        .query_opt(
+            "SELECT indisvalid FROM pg_index
+             WHERE indexrelid = to_regclass('messages_unexpired_age')",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .map(|r| r.get(0));
+    match valid {
+        Some(true) => return Ok(()),
+        Some(false) => {
+            tracing::warn!(
+                shard,
+                "sweep index left invalid by an earlier build: rebuilding"
+            );
+            client
+                .batch_execute("DROP INDEX CONCURRENTLY IF EXISTS messages_unexpired_age")
+                .await
+                .map_err(pg)?;
+        }
+        None => {}
+    }
+    tracing::info!(shard, "building the sweep index (messages_unexpired_age)");
+    client
+        .batch_execute(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS messages_unexpired_age
+             ON messages (sent_at_ms) WHERE expired_at_ms IS NULL",
+        )
+        .await
+        .map_err(pg)?;
+    tracing::info!(shard, "sweep index built");
+    Ok(())
 }

@@ -291,6 +291,17 @@ async fn unacked_messages_expire_in_delete_on_ack_mode() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The sweep built its index before sweeping (keep mode's shards have none).
+    let valid: Option<bool> = env
+        .shard(0)
+        .await?
+        .query_opt(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('messages_unexpired_age')",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    assert_eq!(valid, Some(true));
     // No longer pending: bob's sync is empty.
     let mut bob = Client::connect(&ws_url(gw.addr), &env.token("bob")).await?;
     assert!(bob.until_sync_done(WAIT).await?.is_empty());

@@ -246,6 +246,52 @@ async fn a_batch_mixing_stored_and_new_messages_keeps_seqs_dense() -> anyhow::Re
     env.teardown().await
 }
 
+/// The expiry sweep's index (delete-on-ack mode) is not made by migrations: a shard has none
+/// until `ensure_sweep_index` builds it, which is idempotent and rebuilds one that an interrupted
+/// build left invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_index_is_built_on_demand() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let db = env.shard(0).await?;
+    let index = || async {
+        let row = db
+            .query_opt(
+                "SELECT indisvalid, pg_get_indexdef(indexrelid) FROM pg_index
+                 WHERE indexrelid = to_regclass('messages_unexpired_age')",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(row.map(|r| (r.get::<_, bool>(0), r.get::<_, String>(1))))
+    };
+    let expected = "CREATE INDEX messages_unexpired_age ON public.messages USING btree (sent_at_ms) WHERE (expired_at_ms IS NULL)";
+    assert_eq!(index().await?, None);
+    shards.ensure_sweep_index().await?;
+    assert_eq!(index().await?, Some((true, expected.to_owned())));
+    shards.ensure_sweep_index().await?;
+    assert_eq!(index().await?, Some((true, expected.to_owned())));
+
+    // A failed concurrent build leaves an invalid index behind under the name.
+    db.batch_execute("DROP INDEX messages_unexpired_age")
+        .await?;
+    shards
+        .store_batch(&[
+            message("amy", "bo", "one", 1)?,
+            message("amy", "bo", "two", 2)?,
+        ])
+        .await?;
+    let failed = db
+        .batch_execute(
+            "CREATE UNIQUE INDEX CONCURRENTLY messages_unexpired_age ON messages (conversation)",
+        )
+        .await;
+    assert!(failed.is_err(), "two messages share a conversation");
+    assert!(index().await?.is_some_and(|(valid, _)| !valid));
+    shards.ensure_sweep_index().await?;
+    assert_eq!(index().await?, Some((true, expected.to_owned())));
+    env.teardown().await
+}
+
 /// A shard migrated before watermarks, with acked, unacked and expired messages, keeps every
 /// message's state through the migration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,7 +85,7 @@ CURRENT: dict[str, Metric] = {
     "multiplexer_outbound_records_total": _m("counter"),
     "multiplexer_errors_total": _m(
         "counter",
-        kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard"},
+        kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard", "sweep_index"},
     ),
     "presence_catch_up_failed_total": _m("counter"),
     # Emitted by the code though missing from the brief's list: presence.rs, and the

@@ -109,10 +109,25 @@ async fn expiry_sweep(
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(interval);
+    let mut indexed = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // The sweep reads its own index, which keep mode does not have: build it first (without
+        // blocking writes; the multiplexer runs meanwhile).
+        if !indexed {
+            let built = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                built = shards.ensure_sweep_index() => built,
+            };
+            if let Err(e) = built {
+                tracing::warn!(error = %e, "building the sweep index failed; trying again at the next sweep");
+                metrics::counter!("multiplexer_errors_total", "kind" => "sweep_index").increment(1);
+                continue;
+            }
+            indexed = true;
         }
         let now = chat_common::now_ms();
         let cutoff = now - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
