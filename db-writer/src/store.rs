@@ -57,7 +57,7 @@ fn conversation_of(m: &ChatMessage) -> Result<ConversationKey, DbError> {
 }
 
 /// The statements of the store transaction, in the order `store_on_shard` names them.
-const STORE_STATEMENTS: [&str; 6] = [
+const STORE_STATEMENTS: [&str; 7] = [
     // Counters of conversations seen for the first time.
     "INSERT INTO conversations (conversation)
      SELECT unnest($1::text[]) ORDER BY 1
@@ -84,6 +84,13 @@ const STORE_STATEMENTS: [&str; 6] = [
     "UPDATE conversations c SET last_seq = u.seq
      FROM unnest($1::text[], $2::bigint[]) AS u(conversation, seq)
      WHERE c.conversation = u.conversation AND c.last_seq < u.seq",
+    // The first attempt's counters in one statement: creates the missing ones, locks them all in
+    // key order and moves each past the batch's messages of its conversation ($2 of them),
+    // returning the new last seq.
+    "INSERT INTO conversations AS c (conversation, last_seq)
+     SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
+     ON CONFLICT (conversation) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq
+     RETURNING c.conversation, c.last_seq",
 ];
 
 /// The ack statement of keep mode: moves each direction's watermark, never past the
@@ -194,8 +201,8 @@ impl Shards {
         let mut client = self.client(shard).await?;
         // Prepared once per connection; each group of statements below goes out in one write
         // (tokio-postgres pipelines the queries of one client that are awaited together), so a
-        // batch costs four round trips: BEGIN, lock (and read), write, COMMIT.
-        let statements: [Statement; 6] = try_join_all(
+        // batch costs four round trips: BEGIN, counters (and the lookup), write, COMMIT.
+        let statements: [Statement; 7] = try_join_all(
             STORE_STATEMENTS
                 .iter()
                 .map(|sql| client.prepare_cached(sql)),
@@ -358,41 +365,56 @@ struct ShardBatch<'a> {
 /// as the insert finds a message id already taken.
 async fn write_on_shard(
     client: &mut deadpool_postgres::Object,
-    statements: &[Statement; 6],
+    statements: &[Statement; 7],
     batch: &ShardBatch<'_>,
     lookup: bool,
 ) -> Result<Option<Vec<Stored>>, DbError> {
     let shard = batch.shard;
     let pg = |source| DbError::Postgres { shard, source };
     let bad = |reason: String| DbError::BadRow { shard, reason };
-    let [create_counters, lock_counters, find_existing, insert_messages, insert_watermarks, move_counters] =
+    let [create_counters, lock_counters, find_existing, insert_messages, insert_watermarks, move_counters, take_seqs] =
         statements;
     let tx = client.transaction().await.map_err(pg)?;
 
-    // Lock the counters of every conversation in the batch, in key order (no deadlock between
-    // two writers of overlapping batches), then (with `lookup`) read which messages are already
-    // stored: the server runs the statements in this order, so the read sees every write of
-    // another writer that held these locks before us.
     let conversations = batch.conversations;
-    let (by_conversation, by_id): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
-        ([&conversations], [&batch.ids]);
-    let (locked, found) = if lookup {
+    let (mut last_seq, found): (HashMap<String, i64>, _) = if lookup {
+        // Lock the counters of every conversation in the batch, in key order (no deadlock
+        // between two writers of overlapping batches), then read which messages are already
+        // stored: the server runs the statements in this order, so the read sees every write of
+        // another writer that held these locks before us. The counters move once the new
+        // messages are known.
+        let (by_conversation, by_id): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+            ([&conversations], [&batch.ids]);
         let (_, locked, found) = futures_util::try_join!(
             tx.execute(create_counters, &by_conversation),
             tx.query(lock_counters, &by_conversation),
             tx.query(find_existing, &by_id),
         )
         .map_err(pg)?;
-        (locked, found)
+        (locked.iter().map(|r| (r.get(0), r.get(1))).collect(), found)
     } else {
-        let (_, locked) = futures_util::try_join!(
-            tx.execute(create_counters, &by_conversation),
-            tx.query(lock_counters, &by_conversation),
-        )
-        .map_err(pg)?;
-        (locked, Vec::new())
+        // Every message is taken to be new: the counters are created, locked in key order and
+        // moved past all of them in one statement.
+        let mut counts: HashMap<&str, i64> = HashMap::new();
+        for m in batch.messages {
+            *counts.entry(m.conversation.as_str()).or_default() += 1;
+        }
+        let n: Vec<i64> = conversations
+            .iter()
+            .map(|c| counts.get(c.as_str()).copied().unwrap_or(0))
+            .collect();
+        let moved = tx
+            .query(take_seqs, &[&conversations, &n])
+            .await
+            .map_err(pg)?;
+        let mut before = HashMap::with_capacity(moved.len());
+        for r in &moved {
+            let (conversation, last): (String, i64) = (r.get(0), r.get(1));
+            let taken = counts.get(conversation.as_str()).copied().unwrap_or(0);
+            before.insert(conversation, last - taken);
+        }
+        (before, Vec::new())
     };
-    let mut last_seq: HashMap<String, i64> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
 
     // Rows already present (replay, retry): returned as stored, not written again.
     let mut existing: HashMap<Uuid, Stored> = HashMap::new();
@@ -465,10 +487,18 @@ async fn write_on_shard(
         ];
         let watermarks: [&(dyn ToSql + Sync); 3] = [&d_conv, &d_to, &d_from];
         let counters: [&(dyn ToSql + Sync); 2] = [&convs, &seqs];
+        // The first attempt moved its counters already.
+        let move_counters = async {
+            if lookup {
+                tx.execute(move_counters, &counters).await
+            } else {
+                Ok(0)
+            }
+        };
         let (inserted, _, _) = futures_util::try_join!(
             tx.execute(insert_messages, &rows),
             tx.execute(insert_watermarks, &watermarks),
-            tx.execute(move_counters, &counters),
+            move_counters,
         )
         .map_err(pg)?;
         if inserted != c_id.len() as u64 {
