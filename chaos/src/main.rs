@@ -230,7 +230,7 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
         .map(|(_, port)| format!("ws://127.0.0.1:{port}"))
         .collect();
     let run_id = format!("{}{}", &scenario[..2], &slice.db[slice.db.len() - 4..]);
-    let load = workload::Workload::start(&urls, args.conversations, args.rate, &run_id).await?;
+    let mut load = workload::Workload::start(&urls, args.conversations, args.rate, &run_id).await?;
     let started = Instant::now();
 
     let total = Duration::from_secs(args.duration);

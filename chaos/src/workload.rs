@@ -50,7 +50,8 @@ pub struct Workload {
     pub log: Arc<Mutex<Log>>,
     stop_sending: CancellationToken,
     stop_all: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+    receivers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn lock(l: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
@@ -75,7 +76,7 @@ impl Workload {
             ..Log::default()
         }));
         let (stop_sending, stop_all) = (CancellationToken::new(), CancellationToken::new());
-        let mut tasks = Vec::new();
+        let (mut senders, mut receivers) = (Vec::new(), Vec::new());
         let period = Duration::from_secs_f64(conversations as f64 / rate);
         for i in 0..conversations {
             let (a, b) = (format!("{run}{i}a"), format!("{run}{i}b"));
@@ -93,7 +94,7 @@ impl Workload {
 
             // Recipient: record and ack each message shown.
             let (l, stop) = (log.clone(), stop_all.clone());
-            tasks.push(tokio::spawn(async move {
+            receivers.push(tokio::spawn(async move {
                 loop {
                     let event = tokio::select! {
                         _ = stop.cancelled() => break,
@@ -114,7 +115,7 @@ impl Workload {
 
             // Sender: a steady pace; each message retried with its id until accepted.
             let (l, stop) = (log.clone(), stop_sending.clone());
-            tasks.push(tokio::spawn(async move {
+            senders.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut n = 0u64;
@@ -155,7 +156,8 @@ impl Workload {
             log,
             stop_sending,
             stop_all,
-            tasks,
+            senders,
+            receivers,
         })
     }
 
@@ -163,9 +165,16 @@ impl Workload {
         self.stop_sending.cancel();
     }
 
-    /// Waits until every accepted message was shown, or `timeout`; true if all arrived.
-    pub async fn settle(&self, timeout: Duration) -> bool {
+    /// After `stop_sending`: waits for the senders to finish the sends they had in flight (one
+    /// accepted after sending stopped must be waited for like any other), then until every
+    /// accepted message was shown, or `timeout`; true if all arrived.
+    pub async fn settle(&mut self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
+        for sender in std::mem::take(&mut self.senders) {
+            if tokio::time::timeout_at(deadline, sender).await.is_err() {
+                return false;
+            }
+        }
         loop {
             {
                 let log = lock(&self.log);
@@ -184,7 +193,7 @@ impl Workload {
     pub async fn finish(self) -> Arc<Mutex<Log>> {
         self.stop_sending.cancel();
         self.stop_all.cancel();
-        for t in self.tasks {
+        for t in self.senders.into_iter().chain(self.receivers) {
             let _ = t.await;
         }
         self.log
