@@ -93,39 +93,49 @@ const STORE_STATEMENTS: [&str; 7] = [
      RETURNING c.conversation, c.last_seq",
 ];
 
-/// The ack statement of keep mode: moves each direction's watermark, never past the
-/// conversation's last seq and never back. Each lookup is a subquery, so that it stays an index
-/// probe per ack: joined, the planner hashes the whole conversations table instead.
-const ACK_KEEP: &str = "WITH a AS (
-         SELECT u.conversation, u.recipient, u.acked_at,
-                least(u.up_to, (SELECT c.last_seq FROM conversations c
-                                WHERE c.conversation = u.conversation)) AS up_to
-         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-             AS u(conversation, recipient, up_to, acked_at))
-     UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
-     FROM a
-     WHERE k.conversation = a.conversation AND k.recipient = a.recipient
-       AND k.up_to_seq < a.up_to
-     RETURNING k.conversation, k.recipient, k.up_to_seq";
+/// The ack statement of both modes, up to `moved` (the watermarks moved, never past the
+/// conversation's last seq and never back); `$extra` adds columns to `a`. Each lookup is a
+/// subquery, so that it stays an index probe per ack: joined, the planner hashes the whole
+/// conversations table instead.
+macro_rules! ack_moved {
+    ($extra:literal) => {
+        concat!(
+            "WITH a AS (
+                 SELECT u.conversation, u.recipient, u.acked_at,
+                        least(u.up_to, (SELECT c.last_seq FROM conversations c
+                                        WHERE c.conversation = u.conversation)) AS up_to",
+            $extra,
+            "
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                     AS u(conversation, recipient, up_to, acked_at)),
+             moved AS (
+                 UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
+                 FROM a
+                 WHERE k.conversation = a.conversation AND k.recipient = a.recipient
+                   AND k.up_to_seq < a.up_to
+                 RETURNING k.conversation, k.recipient, k.up_to_seq)"
+        )
+    };
+}
 
-/// The ack statement of delete-on-ack mode: [`ACK_KEEP`], and the bodies the watermark passed
-/// are erased in the same statement.
-const ACK_ERASE: &str = "WITH a AS (
-         SELECT u.conversation, u.recipient, u.acked_at,
-                least(u.up_to, (SELECT c.last_seq FROM conversations c
-                                WHERE c.conversation = u.conversation)) AS up_to,
+/// The ack statement of keep mode.
+const ACK_KEEP: &str = concat!(
+    ack_moved!(""),
+    "
+     SELECT conversation, recipient, up_to_seq FROM moved"
+);
+
+/// The ack statement of delete-on-ack mode: the bodies the watermark passed are erased in the
+/// same statement.
+const ACK_ERASE: &str = concat!(
+    ack_moved!(
+        ",
                 -- The watermark before this statement (every part of a statement reads one
                 -- snapshot): the bodies to erase are above it.
                 (SELECT k.up_to_seq FROM acks k
-                 WHERE k.conversation = u.conversation AND k.recipient = u.recipient) AS before
-         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-             AS u(conversation, recipient, up_to, acked_at)),
-     moved AS (
-         UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
-         FROM a
-         WHERE k.conversation = a.conversation AND k.recipient = a.recipient
-           AND k.up_to_seq < a.up_to
-         RETURNING k.conversation, k.recipient, k.up_to_seq),
+                 WHERE k.conversation = u.conversation AND k.recipient = u.recipient) AS before"
+    ),
+    ",
      erased AS (
          UPDATE messages m SET body = NULL
          FROM moved JOIN a ON a.conversation = moved.conversation
@@ -134,7 +144,8 @@ const ACK_ERASE: &str = "WITH a AS (
            AND m.recipient = moved.recipient
            AND m.seq > a.before AND m.seq <= moved.up_to_seq
            AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)
-     SELECT conversation, recipient, up_to_seq FROM moved";
+     SELECT conversation, recipient, up_to_seq FROM moved"
+);
 
 impl Shards {
     /// Stores a batch of messages (in log order) and returns each one's stored form, in input order.
@@ -481,16 +492,15 @@ async fn write_on_shard(
             d_to.push(to);
             d_from.push(from);
         }
-        let (convs, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().unzip();
         let rows: [&(dyn ToSql + Sync); 8] = [
             &c_conv, &c_seq, &c_id, &c_cid, &c_from, &c_to, &c_body, &c_at,
         ];
         let watermarks: [&(dyn ToSql + Sync); 3] = [&d_conv, &d_to, &d_from];
-        let counters: [&(dyn ToSql + Sync); 2] = [&convs, &seqs];
         // The first attempt moved its counters already.
         let move_counters = async {
             if lookup {
-                tx.execute(move_counters, &counters).await
+                let (convs, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().unzip();
+                tx.execute(move_counters, &[&convs, &seqs]).await
             } else {
                 Ok(0)
             }
