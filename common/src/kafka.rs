@@ -26,6 +26,13 @@ pub enum KafkaError {
     },
 }
 
+/// How long the broker holds a consumer's fetch while it has nothing new. A fetch still returns
+/// as soon as one record arrives (`fetch.min.bytes` stays 1), so this does not delay delivery; it
+/// sets what an idle consumer costs: one fetch per wait. At 10 ms the pipeline's few consumers
+/// (the multiplexer's and each gateway's, and their presence readers) kept the broker busy with
+/// hundreds of empty fetches a second whatever the load.
+const FETCH_WAIT_MAX_MS: &str = "500";
+
 /// Where the brokers are and how long a produce may take before it is reported as failed.
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -138,7 +145,7 @@ impl KafkaConfig {
                 self.max_poll_interval.as_millis().to_string(),
             )
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
         for (k, v) in &self.consumer_opts {
             c.set(k, v);
         }
@@ -152,7 +159,7 @@ impl KafkaConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
         Ok(c.create()?)
     }
 

@@ -436,7 +436,7 @@ pub async fn raw_kafka(a: KafkaArgs) -> anyhow::Result<KafkaReport> {
         topic: a.topic,
         partitions,
         record_bytes,
-        settings: "chat_common::kafka::KafkaConfig::producer()/consumer(): acks=all, enable.idempotence, linger.ms=5, lz4, read_committed, fetch.wait.max.ms=10".into(),
+        settings: "chat_common::kafka::KafkaConfig::producer()/consumer(): acks=all, enable.idempotence, linger.ms=5, lz4, read_committed, fetch.wait.max.ms=500".into(),
         throughput,
         latency,
         produce_ack_latency: Latency::of_us(&mut acks),
