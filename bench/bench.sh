@@ -25,9 +25,10 @@
 #                    time across processes (default 6 x 17000 = 102,000)
 #      BENCH_ACK     each|batch: recipients ack every message, or per read burst (default each)
 #      BENCH_GATEWAYS number of gateways for the e2e load (default 1)
+#      BENCH_GATEWAY_ENV / BENCH_MULTIPLEXER_ENV  extra VAR=value settings for the e2e gateways /
+#                    multiplexer (e.g. "KAFKA_LINGER_MS=10", "MULTIPLEXER_BATCH_WAIT_MS=10")
 #      BENCH_START_RATE first probed rate of the search (default 400 msg/s)
 #      BENCH_SEARCH_ARGS extra arguments for `loadgen search`
-#      BENCH_GATEWAY_ENV extra VAR=value settings for the gateways (experiments)
 #      BENCH_PROFILE=1 record CPU profiles (perf, cpu-clock) of the gateway and multiplexer
 #                    during the e2e search: target/bench/<run>/profile-*.txt
 #      KAFKA_BROKERS (default 127.0.0.1:9092), CHAT_TEST_PG (admin DSN, default
@@ -206,7 +207,7 @@ if has_stage e2e; then
   MX_PORT="$(free_port 18489)"
   start_bg multiplexer "$OUT/logs/multiplexer.log" env TOPIC_PREFIX="$PREFIX" KAFKA_BROKERS="$BROKERS" \
     SHARD_DSNS="$E2E_DSNS" SHARD_POOL_SIZE=4 MULTIPLEXER_GROUP="${PREFIX}multiplexer" \
-    MULTIPLEXER_HTTP_ADDR="127.0.0.1:$MX_PORT" RUST_LOG=warn "$BIN/multiplexer"
+    MULTIPLEXER_HTTP_ADDR="127.0.0.1:$MX_PORT" RUST_LOG=warn ${BENCH_MULTIPLEXER_ENV:-} "$BIN/multiplexer"
   wait_ready "http://127.0.0.1:$MX_PORT/readyz" multiplexer
   if [[ "${BENCH_PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
     start_bg perf-gw "$OUT/logs/perf-gw.log" perf record -e cpu-clock -F 499 -g -o "$OUT/perf-gateway.data" -p "${PIDS[lgw1]}"

@@ -285,6 +285,26 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             us(e.throughput.cpu_seconds_per_record),
             us(per_msg)
         )?;
+        // The flat-out echo keeps 16 frames in flight per connection, so one write carries many
+        // frames; the gateway writes each frame to its own user's socket, one write each. The
+        // echo's open-loop phase (one frame at a time on each connection, at a steady rate) costs
+        // what the pipeline's websocket frames can cost at best: the same ratio against it.
+        let per_msg_ws_open = per_msg
+            + WS_ROUND_TRIPS_PER_MESSAGE
+                * (e.latency.cpu_seconds_per_record - e.throughput.cpu_seconds_per_record);
+        let allowed_ws_open = cores / per_msg_ws_open;
+        if let Some(t) = max_trial {
+            writeln!(
+                o,
+                "| … the same, with the websocket round trip at its open-loop cost ({} at {}/s: one frame per write, as the gateway writes them) | {:.2} ({} / {}; {} per message) | | |",
+                us(e.latency.cpu_seconds_per_record),
+                n(e.latency.rate),
+                t.spec.rate / allowed_ws_open,
+                n(t.spec.rate),
+                n(allowed_ws_open),
+                us(per_msg_ws_open)
+            )?;
+        }
         if let Some(s) = &search {
             for (label, &i) in &s.latency_points {
                 if let Some(t) = trial(i) {
