@@ -53,11 +53,23 @@ struct Args {
     /// Leave the cluster and Postgres servers running afterwards.
     #[arg(long)]
     keep_stack: bool,
+    /// Where the gateways' and multiplexers' logs go: a directory per run under it, a file per
+    /// scenario and process (`<scenario>-<process>.log`), kept across the process's restarts.
+    #[arg(long, default_value = "target/chaos-logs")]
+    log_dir: PathBuf,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    args.log_dir = args.log_dir.join(format!("run-{started}"));
+    std::fs::create_dir_all(&args.log_dir)
+        .with_context(|| format!("creating {}", args.log_dir.display()))?;
+    eprintln!("chaos: process logs in {}", args.log_dir.display());
     let scenarios: Vec<String> = if args.scenarios == "all" {
         ALL.iter().map(|s| s.to_string()).collect()
     } else {
@@ -115,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
     for r in reports.iter().filter(|r| !r.passed()) {
         eprintln!("chaos: {} FAILED: {}", r.scenario, r.summary());
     }
+    eprintln!("chaos: process logs in {}", args.log_dir.display());
     std::process::exit(1);
 }
 
@@ -205,7 +218,8 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
             let mut e = env.clone();
             e.push(("GATEWAY_ID".into(), (*id).into()));
             e.push(("GATEWAY_ADDR".into(), format!("127.0.0.1:{port}")));
-            Proc::new(id, args.bin_dir.join("gateway"), *port, e)
+            let log = args.log_dir.join(format!("{scenario}-{id}.log"));
+            Proc::new(id, args.bin_dir.join("gateway"), *port, e, log)
         })
         .collect();
     let mut muxes: Vec<Proc> = MULTIPLEXER_PORTS
@@ -214,12 +228,9 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
         .map(|(i, port)| {
             let mut e = env.clone();
             e.push(("MULTIPLEXER_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
-            Proc::new(
-                &format!("mux{}", i + 1),
-                args.bin_dir.join("multiplexer"),
-                *port,
-                e,
-            )
+            let name = format!("mux{}", i + 1);
+            let log = args.log_dir.join(format!("{scenario}-{name}.log"));
+            Proc::new(&name, args.bin_dir.join("multiplexer"), *port, e, log)
         })
         .collect();
     for p in gateways.iter_mut().chain(muxes.iter_mut()) {

@@ -149,23 +149,35 @@ pub struct Proc {
     pub port: u16,
     bin: PathBuf,
     env: Vec<(String, String)>,
+    /// stdout and stderr, appended to across restarts.
+    log: PathBuf,
     child: Option<tokio::process::Child>,
 }
 
 impl Proc {
-    pub fn new(name: &str, bin: PathBuf, port: u16, env: Vec<(String, String)>) -> Self {
+    pub fn new(
+        name: &str,
+        bin: PathBuf,
+        port: u16,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             port,
             bin,
             env,
+            log,
             child: None,
         }
     }
 
     pub async fn start(&mut self) -> anyhow::Result<()> {
-        let log =
-            std::fs::File::create(std::env::temp_dir().join(format!("chaos-{}.log", self.name)))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
         let child = tokio::process::Command::new(&self.bin)
             .envs(self.env.iter().cloned())
             .stdout(log.try_clone()?)
