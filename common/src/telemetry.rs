@@ -1,9 +1,11 @@
 //! Logs and metrics.
 //!
 //! Logs: `tracing` with the `RUST_LOG` filter (default `info`); `LOG_FORMAT=json` switches to one
-//! JSON object per line. Metrics: the `metrics` facade recorded by a Prometheus recorder; every
+//! JSON object per line; colours only when stdout is a terminal, so logs written to a file or a
+//! pipe carry no escape codes. Metrics: the `metrics` facade recorded by a Prometheus recorder; every
 //! process serves the rendering at `GET /metrics` (see [`crate::http`]).
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -15,7 +17,8 @@ pub fn init_logging() {
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(true);
+        .with_target(true)
+        .with_ansi(std::io::stdout().is_terminal());
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
