@@ -1,9 +1,9 @@
 //! Logs and metrics.
 //!
 //! Logs: `tracing` with the `RUST_LOG` filter (default `info`); `LOG_FORMAT=json` switches to one
-//! JSON object per line; colours only when stdout is a terminal, so logs written to a file or a
-//! pipe carry no escape codes. Metrics: the `metrics` facade recorded by a Prometheus recorder; every
-//! process serves the rendering at `GET /metrics` (see [`crate::http`]).
+//! JSON object per line. Colours only when stdout is a terminal, so logs written to a file or a
+//! pipe carry no escape codes. Metrics: the `metrics` facade recorded by a Prometheus recorder;
+//! every process serves the rendering at `GET /metrics` (see [`crate::http`]).
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;

@@ -285,10 +285,11 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             us(e.throughput.cpu_seconds_per_record),
             us(per_msg)
         )?;
-        // The flat-out echo keeps 16 frames in flight per connection, so one write carries many
-        // frames; the gateway writes each frame to its own user's socket, one write each. The
-        // echo's open-loop phase (one frame at a time on each connection, at a steady rate) costs
-        // what the pipeline's websocket frames can cost at best: the same ratio against it.
+        // The flat-out echo keeps a window of frames in flight per connection (16 in `make
+        // bench`), so one write carries many frames; the gateway writes each frame to its own
+        // user's socket, one write each. The echo's open-loop phase (one frame at a time on each
+        // connection, at a steady rate) costs what the pipeline's websocket frames can cost at
+        // best: the same ratio against it.
         let per_msg_ws_open = per_msg
             + WS_ROUND_TRIPS_PER_MESSAGE
                 * (e.latency.cpu_seconds_per_record - e.throughput.cpu_seconds_per_record);
