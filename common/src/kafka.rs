@@ -30,8 +30,10 @@ pub enum KafkaError {
 /// as soon as one record arrives (`fetch.min.bytes` stays 1), so this does not delay delivery; it
 /// sets what an idle consumer costs: one fetch per wait. At 10 ms the pipeline's few consumers
 /// (the multiplexer's and each gateway's, and their presence readers) kept the broker busy with
-/// hundreds of empty fetches a second whatever the load.
-const FETCH_WAIT_MAX_MS: &str = "500";
+/// hundreds of empty fetches a second whatever the load. The price: librdkafka keeps one fetch in
+/// flight per broker, so a partition newly assigned to an idle consumer (a rebalance) is first
+/// fetched once the fetch in flight returns, up to this long later.
+pub const FETCH_WAIT_MAX_MS: &str = "500";
 
 /// Where the brokers are and how long a produce may take before it is reported as failed.
 #[derive(Clone, Debug)]

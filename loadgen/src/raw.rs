@@ -436,7 +436,11 @@ pub async fn raw_kafka(a: KafkaArgs) -> anyhow::Result<KafkaReport> {
         topic: a.topic,
         partitions,
         record_bytes,
-        settings: "chat_common::kafka::KafkaConfig::producer()/consumer(): acks=all, enable.idempotence, linger.ms=5, lz4, read_committed, fetch.wait.max.ms=500".into(),
+        settings: format!(
+            "chat_common::kafka::KafkaConfig::producer()/consumer(): acks=all, enable.idempotence, linger.ms={}, lz4, read_committed, fetch.wait.max.ms={}",
+            cfg.linger.as_millis(),
+            chat_common::kafka::FETCH_WAIT_MAX_MS
+        ),
         throughput,
         latency,
         produce_ack_latency: Latency::of_us(&mut acks),

@@ -258,10 +258,14 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     writeln!(o, "| ratio | value | target | met |")?;
     writeln!(o, "|---|---|---|---|")?;
     if let (Some(k), Some(p), Some(e)) = (&kafka, &pg, &echo) {
-        let per_msg = KAFKA_RECORDS_PER_MESSAGE * k.throughput.cpu_seconds_per_record
-            + p.insert.cpu_seconds_per_record
-            + p.ack_batched.cpu_seconds_per_record
-            + WS_ROUND_TRIPS_PER_MESSAGE * e.throughput.cpu_seconds_per_record;
+        // CPU per message the raw stages add up to, with a websocket round trip costing `ws`.
+        let per_msg_with = |ws: f64| {
+            KAFKA_RECORDS_PER_MESSAGE * k.throughput.cpu_seconds_per_record
+                + p.insert.cpu_seconds_per_record
+                + p.ack_batched.cpu_seconds_per_record
+                + WS_ROUND_TRIPS_PER_MESSAGE * ws
+        };
+        let per_msg = per_msg_with(e.throughput.cpu_seconds_per_record);
         let allowed = cores / per_msg;
         match max_trial {
             Some(t) => writeln!(
@@ -290,9 +294,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
         // user's socket, one write each. The echo's open-loop phase (one frame at a time on each
         // connection, at a steady rate) costs what the pipeline's websocket frames can cost at
         // best: the same ratio against it.
-        let per_msg_ws_open = per_msg
-            + WS_ROUND_TRIPS_PER_MESSAGE
-                * (e.latency.cpu_seconds_per_record - e.throughput.cpu_seconds_per_record);
+        let per_msg_ws_open = per_msg_with(e.latency.cpu_seconds_per_record);
         let allowed_ws_open = cores / per_msg_ws_open;
         if let Some(t) = max_trial {
             writeln!(
