@@ -154,14 +154,24 @@ impl fmt::Display for ConversationKey {
     }
 }
 
-/// Namespace of message ids (UUIDv5 over sender and client message id).
-const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_3a52_9d0e_4b7a_8e21_5f4c_0b9d_7a13);
+/// Namespace of message ids (UUIDv5 over sender, recipient and client message id). The first
+/// scheme hashed only the sender and the client id in another namespace; a new namespace means an
+/// id of this scheme never equals one of the old, whatever the inputs.
+const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x2b8e_61d4_57a0_4c39_9f1e_c3a7_0d52_e684);
 
-/// The server's id for a message: a UUIDv5 of the sender and the client message id, so a retried
-/// send (same session or another gateway) maps to the same id, and storage deduplicates on it.
-pub fn message_id(sender: &UserId, client_id: &ClientMessageId) -> Uuid {
-    // The separator is outside both alphabets, so distinct pairs never hash the same input.
-    let name = format!("{}\n{}", sender.as_str(), client_id.as_str());
+/// The server's id for a message: a UUIDv5 of the sender, the recipient and the client message
+/// id, so a retried send to the same recipient (same session or another gateway) maps to the
+/// same id, and the same client id toward another recipient is another message. The store
+/// deduplicates on (conversation, sender, client message id), not on this id, so ids derived
+/// by an earlier scheme still find their message (docs/design.md, "Idempotency scope").
+pub fn message_id(sender: &UserId, recipient: &UserId, client_id: &ClientMessageId) -> Uuid {
+    // The separator is outside every alphabet, so distinct triples never hash the same input.
+    let name = format!(
+        "{}\n{}\n{}",
+        sender.as_str(),
+        recipient.as_str(),
+        client_id.as_str()
+    );
     Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes())
 }
 
@@ -219,12 +229,22 @@ mod tests {
     }
 
     #[test]
-    fn message_ids_are_stable_per_sender_and_client_id() {
+    fn message_ids_are_scoped_to_sender_recipient_and_client_id() {
         let c1 = ClientMessageId::parse("c1").expect("valid");
         let c2 = ClientMessageId::parse("c2").expect("valid");
-        assert_eq!(message_id(&u("alice"), &c1), message_id(&u("alice"), &c1));
-        assert_ne!(message_id(&u("alice"), &c1), message_id(&u("alice"), &c2));
-        assert_ne!(message_id(&u("alice"), &c1), message_id(&u("bob"), &c1));
+        let (a, b, c) = (u("alice"), u("bob"), u("carol"));
+        assert_eq!(message_id(&a, &b, &c1), message_id(&a, &b, &c1));
+        assert_ne!(message_id(&a, &b, &c1), message_id(&a, &b, &c2));
+        // The same client id toward another recipient is another message.
+        assert_ne!(message_id(&a, &b, &c1), message_id(&a, &c, &c1));
+        // Each direction of a conversation has its own ids.
+        assert_ne!(message_id(&a, &b, &c1), message_id(&b, &a, &c1));
+        // Never the id of the first scheme (sender and client id only, another namespace).
+        let old = Uuid::new_v5(
+            &Uuid::from_u128(0x6c1f_3a52_9d0e_4b7a_8e21_5f4c_0b9d_7a13),
+            b"alice\nc1",
+        );
+        assert_ne!(message_id(&a, &b, &c1), old);
     }
 
     proptest::proptest! {

@@ -1,6 +1,7 @@
 //! Topic names and settings, in one place.
 //!
-//! Names: `inbound`, `outbound-<gateway_id>`, `presence`, each with an optional prefix so tests
+//! Names: `inbound`, `inbound-dlq`, `outbound-<gateway_id>`, `presence`, each with an optional
+//! prefix so tests
 //! (and several stacks on one cluster) stay apart. Settings come from `infra/topics.json`, which
 //! Terraform reads too. Topics are created explicitly ([`ensure_topics`]); brokers run with
 //! auto-creation off.
@@ -26,10 +27,13 @@ pub struct TopicSpec {
     pub config: BTreeMap<String, String>,
 }
 
-/// Settings of the three kinds of topic.
+/// Settings of the four kinds of topic.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct TopicSpecs {
     pub inbound: TopicSpec,
+    /// The dead letters of `inbound`: few records, kept long enough for an operator to look.
+    #[serde(rename = "inbound-dlq")]
+    pub inbound_dlq: TopicSpec,
     pub outbound: TopicSpec,
     pub presence: TopicSpec,
 }
@@ -59,6 +63,10 @@ impl TopicNames {
     }
     pub fn inbound(&self) -> String {
         format!("{}inbound", self.prefix)
+    }
+    /// Records of `inbound` that can never be processed (values `chat.v1.DeadLetter`).
+    pub fn inbound_dlq(&self) -> String {
+        format!("{}inbound-dlq", self.prefix)
     }
     pub fn presence(&self) -> String {
         format!("{}presence", self.prefix)
@@ -152,6 +160,7 @@ pub fn standard_topics(names: &TopicNames, gateways: &[GatewayId]) -> Vec<(Strin
     let specs = TopicSpecs::standard();
     let mut v = vec![
         (names.inbound(), specs.inbound.clone()),
+        (names.inbound_dlq(), specs.inbound_dlq.clone()),
         (names.presence(), specs.presence.clone()),
     ];
     v.extend(
@@ -172,6 +181,14 @@ mod tests {
         assert_eq!(specs.inbound.partitions, 12);
         assert_eq!(specs.presence.config["cleanup.policy"], "compact");
         assert_eq!(specs.inbound.config["cleanup.policy"], "delete");
+        assert_eq!(specs.inbound_dlq.config["cleanup.policy"], "delete");
+        // A dead letter holds an inbound record whole, so it must fit what inbound accepts.
+        let max = |s: &TopicSpec| {
+            s.config["max.message.bytes"]
+                .parse::<u64>()
+                .expect("a number")
+        };
+        assert!(max(&specs.inbound_dlq) > max(&specs.inbound));
     }
 
     #[test]
@@ -179,8 +196,9 @@ mod tests {
         let n = TopicNames::new("t1-");
         let g = GatewayId::parse("gw-2").expect("valid");
         assert_eq!(n.inbound(), "t1-inbound");
+        assert_eq!(n.inbound_dlq(), "t1-inbound-dlq");
         assert_eq!(n.presence(), "t1-presence");
         assert_eq!(n.outbound(&g), "t1-outbound-gw-2");
-        assert_eq!(standard_topics(&n, &[g]).len(), 3);
+        assert_eq!(standard_topics(&n, &[g]).len(), 4);
     }
 }

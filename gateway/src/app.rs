@@ -147,7 +147,7 @@ impl App {
                 limit: self.config.max_body_bytes,
             });
         }
-        let id = message_id(sender, &client_id).to_string();
+        let id = message_id(sender, &recipient, &client_id).to_string();
         let sent_at_ms = now_ms();
         let record = InboundRecord {
             kind: Some(inbound_record::Kind::Message(ChatMessage {

@@ -66,6 +66,8 @@ CURRENT: dict[str, Metric] = {
     "gateway_connections_opened_total": _m("counter"),
     "gateway_connections_closed_total": _m("counter"),
     "gateway_messages_accepted_total": _m("counter"),
+    # Sends that waited for room in the ordered produce queue (gateway/src/app.rs).
+    "gateway_produce_queue_full_total": _m("counter"),
     "gateway_produce_seconds": _m("histogram"),
     "gateway_errors_total": _m(
         "counter",
@@ -969,7 +971,7 @@ def _rust_names() -> dict[str, str]:
     """Name templates of chat_common::topics::TopicNames, e.g. {"outbound": "{}outbound-{}"}."""
     src = (ROOT / "common" / "src" / "topics.rs").read_text()
     found = dict(re.findall(r'pub fn (\w+)\(&self(?:, \w+: &GatewayId)?\) -> String \{\s*format!\("([^"]*)"', src))
-    assert {"inbound", "presence", "outbound"} <= set(found), found
+    assert {"inbound", "inbound_dlq", "presence", "outbound"} <= set(found), found
     return found
 
 
@@ -978,6 +980,7 @@ def _expected_topics(prefix: str, gateway_ids: list[str]) -> dict[str, tuple[str
     specs, names = _topics_json(), _rust_names()
     out = {
         names["inbound"].replace("{}", prefix, 1): ("inbound", specs["inbound"]),
+        names["inbound_dlq"].replace("{}", prefix, 1): ("inbound-dlq", specs["inbound-dlq"]),
         names["presence"].replace("{}", prefix, 1): ("presence", specs["presence"]),
     }
     for gw in gateway_ids:
@@ -1039,6 +1042,7 @@ def test_kafka_topics_module_creates_topics_json(prefix: str, gateways: list[str
     outputs = result["outputs"]
     assert outputs["topic_names"] == sorted(expected)
     assert outputs["inbound_topic"] == f"{prefix}inbound"
+    assert outputs["inbound_dlq_topic"] == f"{prefix}inbound-dlq"
     assert outputs["presence_topic"] == f"{prefix}presence"
     assert set(outputs["outbound_topics"]) == set(gateways + retired)
     assert outputs["inbound_partitions"] == _topics_json()["inbound"]["partitions"]

@@ -1,4 +1,5 @@
-# The chat pipeline's topics: inbound, presence and one outbound-<gateway_id> per gateway.
+# The chat pipeline's topics: inbound, inbound-dlq (its dead letters), presence and one
+# outbound-<gateway_id> per gateway.
 #
 # Partitions and topic-level settings come from infra/topics.json, the single source of truth
 # that the Rust admin code (chat-common `TopicSpecs`, `chatctl topics`) reads too. Do not copy a
@@ -17,7 +18,7 @@ locals {
 
   outbound_ids = toset(concat(var.gateway_ids, var.retired_gateway_ids))
 
-  expected_kinds = "inbound,outbound,presence"
+  expected_kinds = "inbound,inbound-dlq,outbound,presence"
 }
 
 resource "kafka_topic" "inbound" {
@@ -29,13 +30,21 @@ resource "kafka_topic" "inbound" {
   lifecycle {
     precondition {
       condition     = join(",", sort(keys(local.specs))) == local.expected_kinds
-      error_message = "topics.json must describe exactly the topic kinds inbound, outbound and presence (the Rust TopicSpecs struct reads those three)."
+      error_message = "topics.json must describe exactly the topic kinds inbound, inbound-dlq, outbound and presence (the Rust TopicSpecs struct reads those four)."
     }
     precondition {
       condition     = var.min_insync_replicas <= var.replication_factor
       error_message = "min_insync_replicas must not exceed replication_factor, or no produce with acks=all can succeed."
     }
   }
+}
+
+# Records of inbound that can never be processed, set aside by the multiplexer (chat.v1.DeadLetter).
+resource "kafka_topic" "inbound_dlq" {
+  name               = "${var.topic_prefix}inbound-dlq"
+  replication_factor = var.replication_factor
+  partitions         = local.specs["inbound-dlq"].partitions
+  config             = merge(local.specs["inbound-dlq"].config, local.cluster_config)
 }
 
 resource "kafka_topic" "presence" {

@@ -3,6 +3,11 @@ output "inbound_topic" {
   value       = kafka_topic.inbound.name
 }
 
+output "inbound_dlq_topic" {
+  description = "Name of the dead-letter topic of inbound (records the multiplexer set aside, with their reason)."
+  value       = kafka_topic.inbound_dlq.name
+}
+
 output "presence_topic" {
   description = "Name of the compacted presence topic (which gateway holds which user)."
   value       = kafka_topic.presence.name
@@ -15,7 +20,7 @@ output "outbound_topics" {
 
 output "topic_names" {
   description = "Every topic this module manages, sorted."
-  value       = sort(concat([kafka_topic.inbound.name, kafka_topic.presence.name], [for t in kafka_topic.outbound : t.name]))
+  value       = sort(concat([kafka_topic.inbound.name, kafka_topic.inbound_dlq.name, kafka_topic.presence.name], [for t in kafka_topic.outbound : t.name]))
 }
 
 output "inbound_partitions" {
