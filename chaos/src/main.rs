@@ -1,11 +1,14 @@
 //! `chaos`: the fault-injection suite (`make chaos`; `make chaos-short` in CI).
 //!
 //! For each scenario: a fresh slice of the fault topology (see [`stack`]), the workload
-//! ([`workload`]) running at a steady rate, one fault injected a third of the way in and healed,
-//! sends stopped at the end, a settle period, then the checker ([`check`]). Prints a Markdown
-//! table and writes it to `--out`. Exits non-zero if any scenario has an anomaly.
+//! ([`workload`]) running at a steady rate in pipelined bursts, one fault injected a third of the
+//! way in and healed, sends stopped at the end, a settle period, then the checker ([`check`]).
+//! The poison-record scenario also produces bad records into `inbound` ([`poison`]) and looks
+//! for each on the dead-letter topic. Prints a Markdown table and writes it to `--out`. Exits
+//! non-zero if any scenario has an anomaly.
 
 mod check;
+mod poison;
 mod proxy;
 mod stack;
 mod workload;
@@ -23,6 +26,7 @@ use crate::stack::{base_env, Proc, Slice, GATEWAYS, MULTIPLEXER_PORTS};
 const ALL: &[&str] = &[
     "kill-broker",
     "kill-multiplexer",
+    "poison-record",
     "stop-multiplexer",
     "kill-gateway",
     "stop-postgres",
@@ -44,6 +48,10 @@ struct Args {
     rate: f64,
     #[arg(long, default_value_t = 200)]
     conversations: usize,
+    /// Messages each sender sends at once, pipelined (without waiting for each to be accepted),
+    /// every `burst` periods; 1 sends one at a time.
+    #[arg(long, default_value_t = 5)]
+    burst: usize,
     /// Directory of the gateway and multiplexer binaries.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
@@ -133,18 +141,21 @@ async fn main() -> anyhow::Result<()> {
 
 fn table(reports: &[Report], args: &Args) -> String {
     let mut t = format!(
-        "# Fault-injection results\n\n`chaos --duration {} --rate {} --conversations {}` on {} cores; \
-         3 Kafka brokers (RF 3, min.insync.replicas 2), 2 Postgres servers, 2 gateways, 2 multiplexers.\n\n\
-         | scenario | result | messages | unanswered | lost | dup shown | dup on wire | order violations | phantoms | seq gaps | resurrected | recovery (s) | note |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "# Fault-injection results\n\n`chaos --duration {} --rate {} --conversations {} --burst {}` on {} cores; \
+         3 Kafka brokers (RF 3, min.insync.replicas 2), 2 Postgres servers, 2 gateways, 2 multiplexers. \
+         `order violations`: what a recipient was shown out of seq order or with a gap; \
+         `sender order`: messages stored with a lower seq than one their sender sent before them.\n\n\
+         | scenario | result | messages | unanswered | lost | dup shown | dup on wire | order violations | sender order | phantoms | seq gaps | resurrected | recovery (s) | note |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         args.duration,
         args.rate,
         args.conversations,
+        args.burst,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     );
     for r in reports {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
             r.scenario,
             if r.passed() { "pass" } else { "FAIL" },
             r.messages,
@@ -153,6 +164,7 @@ fn table(reports: &[Report], args: &Args) -> String {
             r.duplicates_shown,
             r.duplicates_wire,
             r.order_violations,
+            r.sender_order_violations,
             r.phantoms,
             r.seq_violations,
             r.resurrected,
@@ -176,6 +188,41 @@ async fn replay_inbound(args: &Args, env: &[(String, String)]) -> anyhow::Result
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// SIGKILLs `mux` and restarts it 2 s later, 3 times over the middle third of `total`.
+async fn kill_three_times(mux: &mut Proc, total: Duration) -> anyhow::Result<()> {
+    let gap = (total / 3) / 4;
+    for _ in 0..3 {
+        mux.kill().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        mux.start().await?;
+        tokio::time::sleep(gap).await;
+    }
+    Ok(())
+}
+
+/// Bad records of each kind per poison-record run.
+const POISON_PER_KIND: usize = 4;
+
+/// The poison-record scenario's bad records: each kind in turn, each in a different conversation
+/// of the workload (spread over them, hence over the partitions of `inbound`).
+fn poison_records(run_id: &str, conversations: usize) -> anyhow::Result<Vec<poison::BadRecord>> {
+    let n = poison::KINDS.len() * POISON_PER_KIND;
+    (0..n)
+        .map(|j| {
+            let i = j * conversations / n;
+            let sender = chat_common::ids::UserId::parse(&format!("{run_id}{i}a"))?;
+            let recipient = chat_common::ids::UserId::parse(&format!("{run_id}{i}b"))?;
+            let kind = poison::KINDS[j % poison::KINDS.len()];
+            Ok(poison::bad_record(
+                kind,
+                j / poison::KINDS.len(),
+                &sender,
+                &recipient,
+            ))
+        })
+        .collect()
 }
 
 /// Which broker (node number 1..3) leads partition 0 of `topic`.
@@ -241,12 +288,16 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
         .map(|(_, port)| format!("ws://127.0.0.1:{port}"))
         .collect();
     let run_id = format!("{}{}", &scenario[..2], &slice.db[slice.db.len() - 4..]);
-    let mut load = workload::Workload::start(&urls, args.conversations, args.rate, &run_id).await?;
+    let mut load =
+        workload::Workload::start(&urls, args.conversations, args.rate, args.burst, &run_id)
+            .await?;
     let started = Instant::now();
 
     let total = Duration::from_secs(args.duration);
     let fault_at = total / 3;
     tokio::time::sleep(fault_at).await;
+    // Poison-record: the bad records produced, and where they landed.
+    let mut poisoned = Vec::new();
     let (heal, mut note) = match scenario {
         "kill-broker" => {
             let leader = leader_of(&slice.topics.inbound())?;
@@ -257,13 +308,18 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
             (Instant::now(), note)
         }
         "kill-multiplexer" => {
-            let gap = (total / 3) / 4;
-            for _ in 0..3 {
-                muxes[0].kill().await?;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                muxes[0].start().await?;
-                tokio::time::sleep(gap).await;
-            }
+            kill_three_times(&mut muxes[0], total).await?;
+            (Instant::now(), "mux1 SIGKILLed 3 times".into())
+        }
+        "poison-record" => {
+            let records = poison_records(&run_id, args.conversations)?;
+            let (kafka, inbound) = (slice.kafka.clone(), slice.topics.inbound());
+            let producing =
+                tokio::spawn(
+                    async move { poison::produce(&kafka, &inbound, records, total / 3).await },
+                );
+            kill_three_times(&mut muxes[0], total).await?;
+            poisoned = producing.await??;
             (Instant::now(), "mux1 SIGKILLed 3 times".into())
         }
         "stop-multiplexer" => {
@@ -336,6 +392,26 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
         check::check(scenario, &log, heal)
     };
+    if scenario == "poison-record" {
+        let mut counts = poison::read_dead_letters(
+            &slice.kafka,
+            &slice.topics.inbound_dlq(),
+            &slice.topics.inbound(),
+            &poisoned,
+            Duration::from_secs(30),
+        )
+        .await?;
+        let mut texts = Vec::new();
+        for m in &muxes {
+            let rest = chat_client::Rest::new(&format!("http://127.0.0.1:{}", m.port));
+            if let Ok(r) = rest.request("GET", "/metrics", None, None).await {
+                texts.push(r.body.as_str().unwrap_or_default().to_owned());
+            }
+        }
+        counts.metric = poison::dead_letter_metric(texts.iter().map(String::as_str));
+        note = format!("{note}; {}", counts.note());
+        report.poison = Some(counts);
+    }
     let (gaps, resurrected) = check::check_shards(&slice.dsns(false)).await?;
     report.seq_violations = gaps;
     report.resurrected = if retention == "delete-on-ack" {

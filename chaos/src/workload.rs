@@ -1,14 +1,22 @@
 //! The workload: `conversations` pairs of users; in each, one user sends to the other at a steady
-//! rate with a unique client message id per message, and the other records what it is shown and
-//! acks it. Every client logs what it sent, had accepted, received and acked, for the checker.
+//! average rate with a unique client message id per message, in pipelined bursts (several sends
+//! in flight on the socket, as a client flushing its outbox does), and the other records what it
+//! is shown and acks it. Every client logs what it sent (and in which order), had accepted,
+//! received and acked, for the checker.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use chat_client::{Client, ClientError, Event, Options};
 use chat_common::auth::TokenIssuer;
 use chat_common::ids::UserId;
+use chat_proto::v1::Accepted;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio_util_shim::CancellationToken;
 
 /// A tiny stand-in for a cancellation token (the chaos crate keeps its dependencies few).
@@ -33,11 +41,27 @@ mod tokio_util_shim {
     }
 }
 
+/// One accepted message, as its sender knows it.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    /// Index of the conversation.
+    pub conversation: usize,
+    pub client_message_id: String,
+    pub accepted_at: Instant,
+    /// Position, among the send frames the sender issued in this conversation, of this message's
+    /// first send: the order the sender sent its messages in.
+    pub first_send: u64,
+    /// Position of the send that was accepted: later than `first_send` when the workload sent
+    /// the message again after a refusal or a timeout (the client library's own repeats after a
+    /// reconnect are not counted: they must keep the order).
+    pub accepted_send: u64,
+}
+
 /// What the workload observed.
 #[derive(Default)]
 pub struct Log {
-    /// message id -> (conversation index, client message id, accepted at)
-    pub accepted: HashMap<String, (usize, String, Instant)>,
+    /// message id -> how it was sent and accepted.
+    pub accepted: HashMap<String, Sent>,
     /// Sends that never got an answer (the run ended first).
     pub unanswered: u64,
     /// Per conversation, the messages the recipient was shown: (message id, seq, at).
@@ -60,12 +84,18 @@ fn lock(l: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
 
 impl Workload {
     /// Connects every client and starts sending `rate` messages per second in all.
+    /// Each sender sends `burst` messages at once, pipelined, every `burst` periods.
     pub async fn start(
         gateways: &[String],
         conversations: usize,
         rate: f64,
+        burst: usize,
         run: &str,
     ) -> anyhow::Result<Self> {
+        let burst = burst.max(1);
+        // Room for a few bursts while a fault holds them back, far below the gateway's
+        // MAX_IN_FLIGHT (256): the sender waits for room like a client with a bounded outbox.
+        let window = 4 * burst;
         let issuer = TokenIssuer::hs256(
             crate::stack::SECRET.as_bytes(),
             chat_common::auth::DEFAULT_ISSUER,
@@ -113,42 +143,50 @@ impl Workload {
                 receiver.close();
             }));
 
-            // Sender: a steady pace; each message retried with its id until accepted.
+            // Sender: a burst of `burst` sends every `burst` periods, each sent without waiting
+            // for the one before it to be accepted (at most `window` in flight); each message is
+            // sent again with its id after a refusal or a timeout, until accepted.
             let (l, stop) = (log.clone(), stop_sending.clone());
             senders.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(period);
+                let issued = AtomicU64::new(0);
+                let mut in_flight = FuturesUnordered::new();
+                let mut tick = tokio::time::interval(period * burst as u32);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut n = 0u64;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    n += 1;
-                    let cid = format!("{i}-{n}");
-                    let body = format!("m {cid}");
-                    let mut accepted = None;
-                    for _ in 0..20 {
-                        match sender.send_with_id(&cid, &b, &body).await {
-                            Ok(acc) => {
-                                accepted = Some(acc);
-                                break;
+                        Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
+                            if let Some(again) = record(&l, outcome) {
+                                in_flight.push(Box::pin(attempt(&sender, &issued, &b, again)));
                             }
-                            Err(ClientError::Refused { .. }) | Err(ClientError::Timeout(_)) => {
-                                tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        _ = tick.tick(), if in_flight.len() + burst <= window => {
+                            for _ in 0..burst {
+                                n += 1;
+                                let pending = Pending::first(i, n);
+                                let mut send = Box::pin(attempt(&sender, &issued, &b, pending));
+                                // Poll it once now, so its frame is queued on the socket before
+                                // the next one's: the sends leave in the order they were made.
+                                match issue(send.as_mut()).await {
+                                    Poll::Pending => in_flight.push(send),
+                                    Poll::Ready(outcome) => {
+                                        if let Some(again) = record(&l, outcome) {
+                                            in_flight.push(Box::pin(attempt(&sender, &issued, &b, again)));
+                                        }
+                                    }
+                                }
                             }
-                            Err(_) => break,
                         }
-                    }
-                    let mut log = lock(&l);
-                    match accepted {
-                        Some(acc) => {
-                            log.accepted
-                                .insert(acc.message_id, (i, cid, Instant::now()));
-                        }
-                        None => log.unanswered += 1,
                     }
                 }
+                // The sends in flight when sending stopped are waited for like any other.
+                while let Some(outcome) = in_flight.next().await {
+                    if let Some(again) = record(&l, outcome) {
+                        in_flight.push(Box::pin(attempt(&sender, &issued, &b, again)));
+                    }
+                }
+                drop(in_flight);
                 sender.close();
             }));
         }
@@ -197,5 +235,98 @@ impl Workload {
             let _ = t.await;
         }
         self.log
+    }
+}
+
+/// A message to send (again).
+struct Pending {
+    conversation: usize,
+    n: u64,
+    /// Sends made so far.
+    tries: u32,
+    /// Position of its first send, once made.
+    first_send: Option<u64>,
+}
+
+impl Pending {
+    fn first(conversation: usize, n: u64) -> Self {
+        Self {
+            conversation,
+            n,
+            tries: 0,
+            first_send: None,
+        }
+    }
+
+    fn client_message_id(&self) -> String {
+        format!("{}-{}", self.conversation, self.n)
+    }
+}
+
+/// How one send ended.
+struct Outcome {
+    pending: Pending,
+    /// Position of this send among the sender's sends in the conversation.
+    send: u64,
+    result: Result<Accepted, ClientError>,
+}
+
+/// A send is given up after this many tries (and counted as unanswered).
+const MAX_TRIES: u32 = 20;
+/// Pause before sending a refused or timed-out message again.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Sends `pending` once (after a pause when it is a retry). The send's position is taken in the
+/// same poll that queues its frame, so positions follow the order of the frames.
+async fn attempt(client: &Client, issued: &AtomicU64, to: &str, mut pending: Pending) -> Outcome {
+    if pending.tries > 0 {
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+    let cid = pending.client_message_id();
+    let body = format!("m {cid}");
+    let send = issued.fetch_add(1, Ordering::Relaxed);
+    pending.first_send.get_or_insert(send);
+    pending.tries += 1;
+    let result = client.send_with_id(&cid, to, &body).await;
+    Outcome {
+        pending,
+        send,
+        result,
+    }
+}
+
+/// Polls `f` once.
+async fn issue<F: Future>(mut f: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
+}
+
+/// Logs how a send ended; returns the message when it is to be sent again.
+fn record(log: &Mutex<Log>, outcome: Outcome) -> Option<Pending> {
+    let Outcome {
+        pending,
+        send,
+        result,
+    } = outcome;
+    match result {
+        Ok(acc) => {
+            let sent = Sent {
+                conversation: pending.conversation,
+                client_message_id: pending.client_message_id(),
+                accepted_at: Instant::now(),
+                first_send: pending.first_send.unwrap_or(send),
+                accepted_send: send,
+            };
+            lock(log).accepted.insert(acc.message_id, sent);
+            None
+        }
+        Err(ClientError::Refused { .. }) | Err(ClientError::Timeout(_))
+            if pending.tries < MAX_TRIES =>
+        {
+            Some(pending)
+        }
+        Err(_) => {
+            lock(log).unanswered += 1;
+            None
+        }
     }
 }
