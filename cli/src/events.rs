@@ -52,6 +52,21 @@ impl Tracker {
                 event: Some(receipt_event(r)),
                 ..Shown::default()
             },
+            Event::Failed(f) => Shown {
+                text: Some(format!(
+                    "! message {} to {} failed: {} ({})",
+                    f.client_message_id, f.peer, f.reason, f.code
+                )),
+                event: Some(json!({
+                    "event": "failed",
+                    "to": f.peer,
+                    "messageId": f.message_id,
+                    "clientMessageId": f.client_message_id,
+                    "code": f.code,
+                    "reason": f.reason,
+                })),
+                ..Shown::default()
+            },
             Event::SyncDone { delivered } => {
                 continue_sync(client, *delivered);
                 Shown {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chat_proto::v1::{
-    client_frame, server_frame, Accepted, Ack, ChatMessage, ClientFrame, Receipt, Send,
+    client_frame, server_frame, Accepted, Ack, ChatMessage, ClientFrame, Failed, Receipt, Send,
     ServerFrame, Stored, Sync,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -51,6 +51,8 @@ pub enum Event {
     Stored(Stored),
     /// The peer acknowledged messages this user sent (delivered).
     Receipt(Receipt),
+    /// One of this user's accepted messages can never be stored: it will not be delivered.
+    Failed(Failed),
     /// The answer to a sync is complete; live messages follow.
     SyncDone { delivered: u64 },
     /// An error not tied to a send.
@@ -560,6 +562,7 @@ impl Driver {
                 Event::Receipt(r)
             }
             Some(server_frame::Kind::Stored(s)) => Event::Stored(s),
+            Some(server_frame::Kind::Failed(f)) => Event::Failed(f),
             Some(server_frame::Kind::SyncDone(s)) => Event::SyncDone {
                 delivered: s.delivered,
             },

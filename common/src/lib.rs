@@ -1,6 +1,7 @@
 //! What every process of the chat pipeline shares.
 //!
 //! - [`ids`]: validated user, gateway, client-message and conversation ids; message id derivation.
+//! - [`body`]: the rule for a message body (size, no U+0000), checked at the edge and the store.
 //! - [`auth`]: JWT verification (and minting for the local stack).
 //! - [`kafka`]: producer and consumer factories with the project's durability settings.
 //! - [`presence`]: the routing table read from the compacted `presence` topic.
@@ -10,6 +11,7 @@
 //! - [`shutdown`]: the SIGTERM cancellation token.
 
 pub mod auth;
+pub mod body;
 pub mod config;
 pub mod http;
 pub mod ids;

@@ -9,7 +9,8 @@ use chat_proto::v1::{
 };
 use db_writer::Shards;
 use prost::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,10 +27,8 @@ pub enum SendError {
     SelfMessage,
     #[error("invalid client message id: {0}")]
     InvalidClientId(String),
-    #[error("message body is empty")]
-    EmptyBody,
-    #[error("message body is {size} bytes; the limit is {limit}")]
-    BodyTooLarge { size: usize, limit: usize },
+    #[error(transparent)]
+    Body(#[from] chat_common::body::BodyError),
     #[error("too many sends awaiting acknowledgement on this connection")]
     TooManyInFlight,
     #[error("sending too fast; slow down")]
@@ -44,8 +43,7 @@ impl SendError {
             SendError::InvalidRecipient(_) => "invalid_recipient",
             SendError::SelfMessage => "self_message",
             SendError::InvalidClientId(_) => "invalid_client_message_id",
-            SendError::EmptyBody => "empty_body",
-            SendError::BodyTooLarge { .. } => "body_too_large",
+            SendError::Body(e) => e.code(),
             SendError::TooManyInFlight => "too_many_in_flight",
             SendError::RateLimited => "rate_limited",
             SendError::ProduceFailed(_) => "produce_failed",
@@ -55,12 +53,51 @@ impl SendError {
     /// The HTTP status of this error on the REST path.
     pub fn status(&self) -> u16 {
         match self {
-            SendError::BodyTooLarge { .. } => 413,
+            SendError::Body(chat_common::body::BodyError::TooLarge { .. }) => 413,
             SendError::TooManyInFlight | SendError::RateLimited => 429,
             SendError::ProduceFailed(_) => 503,
             _ => 400,
         }
     }
+}
+
+/// A send that passed every check, with its record encoded.
+pub struct PreparedSend {
+    accepted: Accepted,
+    payload: Vec<u8>,
+}
+
+/// A send handed to the producer: its answer once Kafka's delivery report is in.
+pub struct PendingSend {
+    accepted: Accepted,
+    delivery: DeliveryFuture,
+    started: std::time::Instant,
+}
+
+impl PendingSend {
+    /// The `Accepted` answer once the record is durable, or why it is not.
+    pub async fn accepted(self) -> Result<Accepted, SendError> {
+        let failed = |e: String| {
+            metrics::counter!("gateway_errors_total", "kind" => "produce").increment(1);
+            SendError::ProduceFailed(e)
+        };
+        match self.delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(failed(e.to_string())),
+            Err(_) => return Err(failed("the producer was dropped".into())),
+        }
+        metrics::histogram!("gateway_produce_seconds").record(self.started.elapsed());
+        metrics::counter!("gateway_messages_accepted_total").increment(1);
+        tracing::debug!(conversation = %self.accepted.conversation, message_id = %self.accepted.message_id, "accepted");
+        Ok(self.accepted)
+    }
+}
+
+/// Why [`App::enqueue_send`] did not hand the record over.
+pub enum Enqueue {
+    /// The producer's queue is full: try again shortly, before any later send of this sender.
+    QueueFull(PreparedSend),
+    Failed(SendError),
 }
 
 /// Shared state of one gateway process.
@@ -122,6 +159,8 @@ impl App {
 
 impl App {
     /// Validates a send from `sender` and produces it to `inbound`; returns once Kafka acked.
+    /// Concurrent calls reach Kafka in no particular order: a transport that must keep a
+    /// sender's order (the websocket) enqueues with [`App::enqueue_send`] in frame order instead.
     pub async fn send(
         &self,
         sender: &UserId,
@@ -129,6 +168,23 @@ impl App {
         recipient: &str,
         body: String,
     ) -> Result<Accepted, SendError> {
+        let prepared = self.prepare_send(sender, client_message_id, recipient, body)?;
+        let pending = match self.enqueue_send(prepared) {
+            Ok(p) => p,
+            Err(Enqueue::QueueFull(p)) => self.enqueue_waiting(p).await?,
+            Err(Enqueue::Failed(e)) => return Err(e),
+        };
+        pending.accepted().await
+    }
+
+    /// Checks a send (rate, ids, body) and encodes its record; nothing is produced yet.
+    pub fn prepare_send(
+        &self,
+        sender: &UserId,
+        client_message_id: &str,
+        recipient: &str,
+        body: String,
+    ) -> Result<PreparedSend, SendError> {
         if self.user_limiter.check_key(&sender.to_string()).is_err() {
             metrics::counter!("gateway_rate_limited_total", "scope" => "user").increment(1);
             return Err(SendError::RateLimited);
@@ -138,20 +194,18 @@ impl App {
         let client_id = ClientMessageId::parse(client_message_id)
             .map_err(|e| SendError::InvalidClientId(e.to_string()))?;
         let conversation = ConversationKey::of(sender, &recipient).ok_or(SendError::SelfMessage)?;
-        if body.is_empty() {
-            return Err(SendError::EmptyBody);
-        }
-        if body.len() > self.config.max_body_bytes {
-            return Err(SendError::BodyTooLarge {
-                size: body.len(),
-                limit: self.config.max_body_bytes,
-            });
-        }
+        chat_common::body::check(&body, self.config.max_body_bytes)?;
         let id = message_id(sender, &recipient, &client_id).to_string();
         let sent_at_ms = now_ms();
+        let accepted = Accepted {
+            client_message_id: client_id.as_str().to_owned(),
+            message_id: id.clone(),
+            sent_at_ms,
+            conversation: conversation.to_string(),
+        };
         let record = InboundRecord {
             kind: Some(inbound_record::Kind::Message(ChatMessage {
-                message_id: id.clone(),
+                message_id: id,
                 client_message_id: client_id.as_str().to_owned(),
                 sender: sender.to_string(),
                 recipient: recipient.to_string(),
@@ -162,22 +216,55 @@ impl App {
             })),
             gateway_id: self.config.gateway_id.to_string(),
         };
-        let started = std::time::Instant::now();
-        self.produce(
-            &self.config.topics.inbound(),
-            conversation.as_str(),
-            &record.encode_to_vec(),
-        )
-        .await?;
-        metrics::histogram!("gateway_produce_seconds").record(started.elapsed());
-        metrics::counter!("gateway_messages_accepted_total").increment(1);
-        tracing::debug!(user = %sender, conversation = %conversation, message_id = %id, "accepted");
-        Ok(Accepted {
-            client_message_id: client_id.as_str().to_owned(),
-            message_id: id,
-            sent_at_ms,
-            conversation: conversation.to_string(),
+        Ok(PreparedSend {
+            accepted,
+            payload: record.encode_to_vec(),
         })
+    }
+
+    /// Hands a prepared send to the producer without waiting. Records handed over one after
+    /// another reach their partition in that order (the producer is idempotent, so its retries
+    /// keep the order), which is what keeps a sender's pipelined messages in order.
+    pub fn enqueue_send(&self, send: PreparedSend) -> Result<PendingSend, Enqueue> {
+        let topic = self.config.topics.inbound();
+        let record = FutureRecord::to(&topic)
+            .key(send.accepted.conversation.as_str())
+            .payload(&send.payload);
+        match self.producer.send_result(record) {
+            Ok(delivery) => Ok(PendingSend {
+                accepted: send.accepted,
+                delivery,
+                started: std::time::Instant::now(),
+            }),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(Enqueue::QueueFull(send))
+            }
+            Err((e, _)) => {
+                metrics::counter!("gateway_errors_total", "kind" => "produce").increment(1);
+                Err(Enqueue::Failed(SendError::ProduceFailed(e.to_string())))
+            }
+        }
+    }
+
+    /// [`App::enqueue_send`], waiting for room in a full producer queue for up to the produce
+    /// timeout. The caller holds back its later sends meanwhile, so the order is kept.
+    pub async fn enqueue_waiting(&self, mut send: PreparedSend) -> Result<PendingSend, SendError> {
+        let deadline = tokio::time::Instant::now() + self.config.kafka.produce_timeout;
+        metrics::counter!("gateway_produce_queue_full_total").increment(1);
+        loop {
+            match self.enqueue_send(send) {
+                Ok(p) => return Ok(p),
+                Err(Enqueue::Failed(e)) => return Err(e),
+                Err(Enqueue::QueueFull(p)) => send = p,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                metrics::counter!("gateway_errors_total", "kind" => "produce").increment(1);
+                return Err(SendError::ProduceFailed(
+                    "the producer queue stayed full".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// `user` acknowledges every message sent to them by `peer` up to `up_to_seq`.

@@ -76,6 +76,9 @@ fn push(app: &App, user: &str, kind: Option<outbound_record::Kind>) {
         Some(outbound_record::Kind::Stored(s)) => Some(Outgoing::Frame(Box::new(ServerFrame {
             kind: Some(server_frame::Kind::Stored(s)),
         }))),
+        Some(outbound_record::Kind::Failed(f)) => Some(Outgoing::Frame(Box::new(ServerFrame {
+            kind: Some(server_frame::Kind::Failed(f)),
+        }))),
         // A deliver addressed to someone else, a batch inside a batch, or nothing.
         _ => None,
     };

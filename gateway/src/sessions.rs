@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use chat_common::ids::UserId;
-use chat_proto::v1::{ChatMessage, Receipt, ServerFrame};
+use chat_proto::v1::{ChatMessage, Failed, Receipt, ServerFrame};
 
 /// What a connection's writer is asked to send. Every variant is boxed, so a queued item is two
 /// words whatever the frame (a `ServerFrame` inline is several hundred bytes).
@@ -23,11 +23,12 @@ pub enum Outgoing {
     Synced(Box<SyncAnswer>),
 }
 
-/// Pending messages, then receipts the user may have missed.
+/// Pending messages, then receipts and failures of the user's own messages they may have missed.
 #[derive(Debug, Default)]
 pub struct SyncAnswer {
     pub messages: Vec<ChatMessage>,
     pub receipts: Vec<Receipt>,
+    pub failures: Vec<Failed>,
 }
 
 /// Close codes this gateway uses (4000-4999 are application-defined).
@@ -44,6 +45,8 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A frame or message over the size limit (standard "message too big").
     pub const TOO_BIG: u16 = 1009;
+    /// A violation of the websocket protocol (standard "protocol error").
+    pub const PROTOCOL: u16 = 1002;
     /// Invalid UTF-8 in a text frame (standard "invalid frame payload data").
     pub const BAD_DATA: u16 = 1007;
     /// The server cannot serve (standard "internal error").

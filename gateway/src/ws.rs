@@ -17,9 +17,9 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::app::App;
+use crate::app::{App, Enqueue, PendingSend, SendError};
 use crate::sessions::{close, Mail, Mailbox, Outgoing, SessionHandle, SyncAnswer};
 use crate::upgrade::Socket;
 
@@ -27,6 +27,9 @@ use crate::upgrade::Socket;
 const SYNC_LIMIT: u32 = 10_000;
 /// Rate-limited frames in a row after which the connection is closed (1008).
 const RATE_STRIKES: u32 = 50;
+/// Room in a frame for everything but the body: the frame's field names or tags, a client
+/// message id and a recipient (64 bytes each) and whitespace.
+const FRAME_ENVELOPE_BYTES: usize = 1024;
 /// Most live messages held while a sync runs before the socket counts as not draining.
 const MAX_HELD: usize = 4096;
 
@@ -88,7 +91,11 @@ impl Writer {
                 }
             }
             Outgoing::Synced(answer) => {
-                let SyncAnswer { messages, receipts } = *answer;
+                let SyncAnswer {
+                    messages,
+                    receipts,
+                    failures,
+                } = *answer;
                 let count = messages.len() as u64;
                 for m in messages {
                     let seq = self.last_sent.entry(m.conversation.clone()).or_insert(0);
@@ -97,6 +104,9 @@ impl Writer {
                 }
                 out.extend(receipts.into_iter().map(|r| ServerFrame {
                     kind: Some(server_frame::Kind::Receipt(r)),
+                }));
+                out.extend(failures.into_iter().map(|f| ServerFrame {
+                    kind: Some(server_frame::Kind::Failed(f)),
                 }));
                 self.syncing = self.syncing.saturating_sub(1);
                 out.push(ServerFrame {
@@ -139,6 +149,9 @@ enum Step {
     Reply(Box<ServerFrame>),
     /// Close, with a code and reason, or without (the client closed).
     Close(Option<(u16, &'static str)>),
+    /// Finish this first, before reading the next frame: a send waiting for room in the
+    /// producer's queue holds back the sends behind it, so they stay in order.
+    Block(Box<BlockedSend>),
 }
 
 /// A connection's state apart from the socket: what handling a client frame needs.
@@ -153,7 +166,8 @@ struct Conn {
 }
 
 impl Conn {
-    /// Handles one frame from the client (never waits: sends and acks run in tasks of their own).
+    /// Handles one frame from the client. Never waits, but for a send that finds the producer's
+    /// queue full (`Step::Block`); the answers to sends and acks come back through the mailbox.
     fn on_message(&mut self, msg: Message) -> Step {
         if msg.is_close() {
             return Step::Close(None);
@@ -175,42 +189,63 @@ impl Conn {
             return Step::Reply(Box::new(f));
         }
         self.strikes = 0;
-        let frame = match &msg {
-            Message::Binary(bytes) => {
-                self.format = Format::Binary;
-                ClientFrame::decode(bytes.as_ref()).map_err(|e| e.to_string())
-            }
-            Message::Text(text) => {
-                // The websocket layer has checked the UTF-8 (1007 otherwise).
-                self.format = Format::Json;
-                serde_json::from_str::<ClientFrame>(text.as_str()).map_err(|e| e.to_string())
-            }
-            _ => {
-                let f = error_frame("bad_frame", "unexpected frame type".into(), String::new());
-                return Step::Reply(Box::new(f));
-            }
-        };
-        match frame {
-            Ok(frame) => {
+        match decode_frame(&msg, self.app.config.max_body_bytes) {
+            Ok((frame, format)) => {
+                self.format = format;
                 handle_frame(
                     &self.app,
                     &self.user,
                     frame,
                     &self.mailbox,
                     &mut self.writer,
-                );
-                Step::Continue
+                )
+            }
+            Err(FrameError::TooBig) => {
+                Step::Close(Some((close::TOO_BIG, "frame or message too big")))
             }
             Err(e) => {
                 metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
-                let f = error_frame(
+                Step::Reply(Box::new(error_frame(
                     "bad_frame",
-                    format!("cannot decode frame: {e}"),
+                    e.to_string(),
                     String::new(),
-                );
-                Step::Reply(Box::new(f))
+                )))
             }
         }
+    }
+}
+
+/// Why a data frame from a client is not a `ClientFrame`.
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    /// A protobuf frame larger than any body allows (a JSON frame is capped by the socket).
+    #[error("frame too big")]
+    TooBig,
+    #[error("cannot decode frame: {0}")]
+    Undecodable(String),
+    #[error("unexpected frame type")]
+    UnexpectedType,
+}
+
+/// Decodes a data frame: protobuf in a binary frame, the proto3 JSON mapping in a text frame
+/// (whose UTF-8 the websocket layer has checked, 1007 otherwise). Also says in which format the
+/// client speaks, so the answers follow it.
+fn decode_frame(msg: &Message, max_body: usize) -> Result<(ClientFrame, Format), FrameError> {
+    match msg {
+        Message::Binary(bytes) => {
+            // The socket admits frames big enough for a body JSON-escaped at its worst;
+            // protobuf carries the body as it is.
+            if bytes.len() > binary_frame_limit(max_body) {
+                return Err(FrameError::TooBig);
+            }
+            ClientFrame::decode(bytes.as_ref())
+                .map(|f| (f, Format::Binary))
+                .map_err(|e| FrameError::Undecodable(e.to_string()))
+        }
+        Message::Text(text) => serde_json::from_str::<ClientFrame>(text.as_str())
+            .map(|f| (f, Format::Json))
+            .map_err(|e| FrameError::Undecodable(e.to_string())),
+        _ => Err(FrameError::UnexpectedType),
     }
 }
 
@@ -353,18 +388,28 @@ pub async fn serve(start: Box<Start>) {
                         Some(Err(e)) => {
                             tracing::debug!(user = %conn.user, error = %e, "socket error");
                             metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
-                            Step::Close(protocol_close(&e.to_string()))
+                            Step::Close(protocol_close(&e))
                         }
                         None => Step::Close(None),
                     };
-                    match step {
-                        Step::Continue => {}
-                        Step::Close(reason) => break reason,
-                        Step::Reply(f) => {
-                            if Box::pin(socket.send(encode(conn.format, &f))).await.is_err() {
-                                break None;
+                    // One await for both rare steps: each await point of this loop adds to the
+                    // future that every connection holds.
+                    let rare: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> =
+                        match step {
+                            Step::Continue => continue,
+                            Step::Close(reason) => break reason,
+                            Step::Block(send) => Box::pin(async move {
+                                send.enqueue().await;
+                                true
+                            }),
+                            Step::Reply(f) => {
+                                let format = conn.format;
+                                let socket = &mut socket;
+                                Box::pin(async move { socket.send(encode(format, &f)).await.is_ok() })
                             }
-                        }
+                        };
+                    if !rare.await {
+                        break None;
                     }
                 }
             }
@@ -443,57 +488,75 @@ async fn write_frames(
     }
 }
 
-/// The close code for a protocol error the websocket layer reported while reading, if any:
-/// invalid UTF-8 in a text frame is 1007, an oversized frame or message 1009.
-fn protocol_close(error: &str) -> Option<(u16, &'static str)> {
-    let e = error.to_ascii_lowercase();
-    if e.contains("utf-8") || e.contains("utf8") {
-        Some((close::BAD_DATA, "text frame is not UTF-8"))
-    } else if e.contains("too long")
-        || e.contains("too big")
-        || e.contains("space limit")
-        || e.contains("capacity")
-    {
-        Some((close::TOO_BIG, "frame or message too big"))
-    } else {
-        None
+/// The close code for an error the websocket layer reported while reading, if any: a violation
+/// of the protocol is 1002, invalid UTF-8 in a text frame 1007, an oversized frame or message
+/// 1009; a failed connection gets no close frame.
+fn protocol_close(error: &WsError) -> Option<(u16, &'static str)> {
+    match error {
+        WsError::Protocol(_) => Some((close::PROTOCOL, "websocket protocol violation")),
+        WsError::Utf8(_) => Some((close::BAD_DATA, "text frame is not UTF-8")),
+        WsError::Capacity(_) => Some((close::TOO_BIG, "frame or message too big")),
+        _ => None,
     }
 }
 
-/// Handles one decoded client frame. Sends and acks run in their own tasks so a slow produce
-/// never stalls this connection's reads or writes; their answers come back through the queue.
+/// The largest frame the socket admits for bodies of up to `max_body` bytes: a JSON text frame
+/// whose body is escaped at its worst (six bytes a byte), and the rest of the frame.
+pub fn frame_limit(max_body: usize) -> usize {
+    chat_common::body::json_escaped_max(max_body) + FRAME_ENVELOPE_BYTES
+}
+
+/// The largest binary (protobuf) frame: the body as it is, and the rest of the frame.
+fn binary_frame_limit(max_body: usize) -> usize {
+    max_body + FRAME_ENVELOPE_BYTES
+}
+
+/// Handles one decoded client frame. A send is handed to the producer here, in frame order,
+/// so a connection's pipelined sends reach Kafka (and get their seqs) in the order they were
+/// sent; only the wait for each delivery report runs in a task of its own, so a slow produce
+/// never stalls this connection's reads or writes. Answers come back through the mailbox.
 fn handle_frame(
     app: &Arc<App>,
     user: &UserId,
     frame: ClientFrame,
     mailbox: &Arc<Mailbox>,
     writer: &mut Writer,
-) {
+) -> Step {
     match frame.kind {
         Some(client_frame::Kind::Send(send)) => {
-            let Some(permit) = mailbox.begin_send() else {
-                let e = crate::app::SendError::TooManyInFlight;
+            let refuse = |e: SendError, cid: String| {
                 mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
                     e.code(),
                     e.to_string(),
-                    send.client_message_id,
+                    cid,
                 ))));
-                return;
             };
-            let (app, user, mailbox) = (app.clone(), user.clone(), mailbox.clone());
-            app.tracker.clone().spawn(async move {
-                let reply = match app
-                    .send(&user, &send.client_message_id, &send.recipient, send.body)
-                    .await
-                {
-                    Ok(accepted) => ServerFrame {
-                        kind: Some(server_frame::Kind::Accepted(accepted)),
-                    },
-                    Err(e) => error_frame(e.code(), e.to_string(), send.client_message_id),
+            let Some(permit) = mailbox.begin_send() else {
+                refuse(SendError::TooManyInFlight, send.client_message_id);
+                return Step::Continue;
+            };
+            let cid = send.client_message_id.clone();
+            let prepared =
+                match app.prepare_send(user, &send.client_message_id, &send.recipient, send.body) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        refuse(e, cid);
+                        return Step::Continue;
+                    }
                 };
-                mailbox.push_or_kick(Outgoing::Frame(Box::new(reply)));
-                drop(permit);
-            });
+            match app.enqueue_send(prepared) {
+                Ok(pending) => answer_when_durable(app, pending, cid, mailbox.clone(), permit),
+                Err(Enqueue::Failed(e)) => refuse(e, cid),
+                Err(Enqueue::QueueFull(prepared)) => {
+                    return Step::Block(Box::new(BlockedSend {
+                        app: app.clone(),
+                        prepared,
+                        client_message_id: cid,
+                        mailbox: mailbox.clone(),
+                        permit,
+                    }));
+                }
+            }
         }
         Some(client_frame::Kind::Ack(ack)) => {
             let (app, user, mailbox) = (app.clone(), user.clone(), mailbox.clone());
@@ -524,7 +587,7 @@ fn handle_frame(
                             String::new(),
                         );
                         mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
-                        return;
+                        return Step::Continue;
                     }
                 }
             }
@@ -540,6 +603,60 @@ fn handle_frame(
             mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
         }
     }
+    Step::Continue
+}
+
+/// A send that found the producer's queue full: the connection reads no further frame until it
+/// is handed over (or refused), so the sends behind it stay behind it.
+struct BlockedSend {
+    app: Arc<App>,
+    prepared: crate::app::PreparedSend,
+    client_message_id: String,
+    mailbox: Arc<Mailbox>,
+    permit: crate::sessions::InFlight,
+}
+
+impl BlockedSend {
+    async fn enqueue(self) {
+        let BlockedSend {
+            app,
+            prepared,
+            client_message_id,
+            mailbox,
+            permit,
+        } = self;
+        match app.enqueue_waiting(prepared).await {
+            Ok(pending) => answer_when_durable(&app, pending, client_message_id, mailbox, permit),
+            Err(e) => {
+                mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
+                    e.code(),
+                    e.to_string(),
+                    client_message_id,
+                ))));
+            }
+        }
+    }
+}
+
+/// Waits, in a task of its own, for the delivery report of a send handed to the producer, and
+/// queues its answer (`accepted`, or the error); the in-flight slot is freed then.
+fn answer_when_durable(
+    app: &Arc<App>,
+    pending: PendingSend,
+    client_message_id: String,
+    mailbox: Arc<Mailbox>,
+    permit: crate::sessions::InFlight,
+) {
+    app.tracker.spawn(async move {
+        let reply = match pending.accepted().await {
+            Ok(accepted) => ServerFrame {
+                kind: Some(server_frame::Kind::Accepted(accepted)),
+            },
+            Err(e) => error_frame(e.code(), e.to_string(), client_message_id),
+        };
+        mailbox.push_or_kick(Outgoing::Frame(Box::new(reply)));
+        drop(permit);
+    });
 }
 
 /// Queries what `user` has pending after `after` and queues it as one sync answer.
@@ -591,6 +708,7 @@ fn spawn_sync(
         mailbox.push_or_kick(Outgoing::Synced(Box::new(SyncAnswer {
             messages,
             receipts,
+            failures: Vec::new(),
         })));
     });
 }
@@ -608,6 +726,62 @@ mod tests {
         F: FnOnce(Box<Start>) -> Fut,
     {
         std::mem::size_of::<Fut>()
+    }
+
+    fn send(body: String) -> ClientFrame {
+        ClientFrame {
+            kind: Some(client_frame::Kind::Send(chat_proto::v1::Send {
+                client_message_id: "c".repeat(64),
+                recipient: "r".repeat(64),
+                body,
+            })),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+
+        // Whatever bytes or text a client sends, decoding answers (a frame or an error); it
+        // never panics, and a binary frame over its bound is refused as too big.
+        #[test]
+        fn frame_decoding_is_total(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300), text in "\\PC{0,200}|[{}\\[\\]\",:a-z0-9\\\\]{0,200}") {
+            let max_body = 64;
+            let verdict = decode_frame(&Message::Binary(bytes.clone().into()), max_body);
+            if bytes.len() > binary_frame_limit(max_body) {
+                proptest::prop_assert!(matches!(verdict, Err(FrameError::TooBig)));
+            }
+            let _ = decode_frame(&Message::Text(text.into()), max_body);
+        }
+
+        // Any body a client may send (any characters, at most the limit in UTF-8 bytes) fits a
+        // frame in both formats and decodes back to the same send.
+        #[test]
+        fn every_body_within_the_limit_fits_a_frame(chars in proptest::collection::vec(proptest::char::any(), 0..200), max_body in 1usize..800) {
+            let mut body = String::new();
+            for c in chars {
+                if body.len() + c.len_utf8() > max_body {
+                    break;
+                }
+                body.push(c);
+            }
+            let frame = send(body);
+            let json = serde_json::to_string(&frame).expect("serialises");
+            proptest::prop_assert!(json.len() <= frame_limit(max_body), "{} > {}", json.len(), frame_limit(max_body));
+            let decoded = decode_frame(&Message::Text(json.into()), max_body).expect("decodes");
+            proptest::prop_assert_eq!(&decoded, &(frame.clone(), Format::Json));
+            let binary = frame.encode_to_vec();
+            proptest::prop_assert!(binary.len() <= binary_frame_limit(max_body));
+            let decoded = decode_frame(&Message::Binary(binary.into()), max_body).expect("decodes");
+            proptest::prop_assert_eq!(&decoded, &(frame, Format::Binary));
+        }
+    }
+
+    #[test]
+    fn a_body_of_control_characters_at_the_limit_fits_a_json_frame() {
+        // The worst case: every byte escapes to six.
+        let frame = send("\u{1}".repeat(4096));
+        let json = serde_json::to_string(&frame).expect("serialises");
+        assert!(json.len() > 6 * 4096 && json.len() <= frame_limit(4096));
     }
 
     /// The connection's future is most of what an idle connection costs. With tokio's task
