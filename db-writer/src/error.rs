@@ -1,7 +1,14 @@
 use thiserror::Error;
 
-/// Errors at the shard boundary. [`DbError::is_retryable`] separates what a caller should retry
-/// (a shard briefly down, a pool timeout, a serialisation conflict) from what it should not.
+/// Errors at the shard boundary, in three classes a caller acts on differently:
+/// - retryable ([`DbError::is_retryable`]): the same operation may succeed later (a shard down,
+///   a pool timeout, a lost connection, a serialisation failure or deadlock);
+/// - refused data ([`DbError::is_data_error`]): the data itself breaks a rule of the store (a
+///   value Postgres cannot hold, a constraint, a program limit, an invalid row); it fails again
+///   whoever tries, so a writer sets the record aside instead of retrying it;
+/// - anything else (a schema or configuration problem, a broken invariant): neither the data's
+///   fault nor transient; a writer keeps retrying, slowly, until an operator fixes the cause,
+///   since setting the records aside would lose every message behind the fault.
 #[derive(Debug, Error)]
 pub enum DbError {
     #[error("shard {shard}: no connection available: {source}")]
@@ -16,8 +23,12 @@ pub enum DbError {
     },
     #[error("invalid shard configuration: {0}")]
     Config(String),
+    /// A row or record that the store cannot take as it is (an invalid id or key).
     #[error("shard {shard}: stored row is invalid: {reason}")]
     BadRow { shard: usize, reason: String },
+    /// Something the store's own logic rules out happened (a bug, not the data's fault).
+    #[error("shard {shard}: invariant broken: {reason}")]
+    Invariant { shard: usize, reason: String },
 }
 
 impl DbError {
@@ -40,7 +51,50 @@ impl DbError {
                     }
                 }
             }
-            DbError::Config(_) | DbError::BadRow { .. } => false,
+            DbError::Config(_) | DbError::BadRow { .. } | DbError::Invariant { .. } => false,
         }
+    }
+
+    /// True when the data written is at fault and no retry can succeed: SQLSTATE class 22 (data
+    /// exception, e.g. 22021 for U+0000 in text), 23 (integrity constraint) or 54 (program limit,
+    /// e.g. a value too large for an index), or a [`DbError::BadRow`].
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            DbError::BadRow { .. } => true,
+            DbError::Postgres { source, .. } => source.code().is_some_and(|code| {
+                let c = code.code();
+                c.starts_with("22") || c.starts_with("23") || c.starts_with("54")
+            }),
+            DbError::Pool { .. } | DbError::Config(_) | DbError::Invariant { .. } => false,
+        }
+    }
+
+    /// The SQLSTATE, when Postgres answered with one (for logs and dead-letter reasons).
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            DbError::Postgres { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_rows_are_data_errors_and_invariants_are_not() {
+        let bad = DbError::BadRow {
+            shard: 0,
+            reason: "x".into(),
+        };
+        assert!(bad.is_data_error() && !bad.is_retryable());
+        let invariant = DbError::Invariant {
+            shard: 0,
+            reason: "x".into(),
+        };
+        assert!(!invariant.is_data_error() && !invariant.is_retryable());
+        let config = DbError::Config("x".into());
+        assert!(!config.is_data_error() && !config.is_retryable());
     }
 }

@@ -5,11 +5,13 @@
 
 use std::collections::BTreeMap;
 
-use chat_common::ids::{ConversationKey, UserId};
+use chat_common::body::BodyError;
+use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
 use chat_proto::v1::{inbound_record, AckRecord, ChatMessage, InboundRecord, Receipt};
 use prost::Message as _;
 
 use crate::error::DbError;
+use crate::failures::FailedMessage;
 use crate::shards::Shards;
 use crate::store::Retention;
 
@@ -20,17 +22,78 @@ pub enum Inbound {
     Ack(AckRecord),
 }
 
-/// Why a record was skipped (counted by the caller; a bad record never stops the log).
+/// Why a record was refused (the caller sets it aside; a bad record never stops the log).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidRecord {
     #[error("record has no value")]
     Empty,
     #[error("value does not decode as chat.v1.InboundRecord")]
     Undecodable,
-    #[error("message has an invalid conversation, sender or recipient")]
+    #[error(
+        "message has an invalid conversation, sender, recipient, client message id or message id"
+    )]
     BadMessage,
+    #[error("message body contains U+0000 (NUL), which the store cannot hold")]
+    NulBody,
     #[error("ack has an invalid user, peer or conversation")]
     BadAck,
+}
+
+impl InvalidRecord {
+    /// The machine-readable reason of the dead letter (`chat.v1.DeadLetter.code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidRecord::Empty => "empty",
+            InvalidRecord::Undecodable => "undecodable",
+            InvalidRecord::BadMessage => "bad_message",
+            InvalidRecord::NulBody => "invalid_body",
+            InvalidRecord::BadAck => "bad_ack",
+        }
+    }
+}
+
+/// A message's ids, validated: what a failure notice and a failure row are made of.
+fn message_ids(m: &ChatMessage) -> Option<(ConversationKey, UserId, UserId, ClientMessageId)> {
+    let (c, s, r) = (
+        ConversationKey::parse(&m.conversation).ok()?,
+        UserId::parse(&m.sender).ok()?,
+        UserId::parse(&m.recipient).ok()?,
+    );
+    if ConversationKey::of(&s, &r).as_ref() != Some(&c) {
+        return None;
+    }
+    let cid = ClientMessageId::parse(&m.client_message_id).ok()?;
+    uuid::Uuid::parse_str(&m.message_id).ok()?;
+    Some((c, s, r, cid))
+}
+
+/// The failure to remember and tell the sender about, for a message that will never be stored:
+/// `None` when its ids are not valid (nobody to tell, or no conversation to file it under).
+pub fn failed_message(
+    m: &ChatMessage,
+    code: &str,
+    reason: &str,
+    at_ms: i64,
+) -> Option<FailedMessage> {
+    let (conversation, sender, recipient, client_message_id) = message_ids(m)?;
+    Some(FailedMessage {
+        conversation,
+        sender,
+        recipient,
+        client_message_id,
+        message_id: m.message_id.clone(),
+        code: code.to_owned(),
+        reason: reason.to_owned(),
+        failed_at_ms: at_ms,
+    })
+}
+
+/// The message of a record value, if it decodes as one (valid or not).
+pub fn message_of(payload: Option<&[u8]>) -> Option<ChatMessage> {
+    match InboundRecord::decode(payload?).ok()?.kind? {
+        inbound_record::Kind::Message(m) => Some(m),
+        inbound_record::Kind::Ack(_) => None,
+    }
 }
 
 /// Decodes and validates one record value.
@@ -39,18 +102,17 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Inbound, InvalidRecord> {
     let record = InboundRecord::decode(payload).map_err(|_| InvalidRecord::Undecodable)?;
     match record.kind {
         Some(inbound_record::Kind::Message(m)) => {
-            let ok = match (
-                ConversationKey::parse(&m.conversation),
-                UserId::parse(&m.sender),
-                UserId::parse(&m.recipient),
-            ) {
-                (Ok(c), Ok(s), Ok(r)) => ConversationKey::of(&s, &r).as_ref() == Some(&c),
-                _ => false,
-            };
-            if ok {
-                Ok(Inbound::Message(m))
-            } else {
-                Err(InvalidRecord::BadMessage)
+            if message_ids(&m).is_none() {
+                return Err(InvalidRecord::BadMessage);
+            }
+            // The body rule of the edge (chat_common::body), but for its size: the gateway's
+            // limit is its configuration, and the store holds any size a record can carry. An
+            // empty body is stored as it is (records of earlier gateways may hold one).
+            match chat_common::body::check(&m.body, usize::MAX) {
+                Err(BodyError::Nul { .. }) => Err(InvalidRecord::NulBody),
+                Ok(()) | Err(BodyError::Empty) | Err(BodyError::TooLarge { .. }) => {
+                    Ok(Inbound::Message(m))
+                }
             }
         }
         Some(inbound_record::Kind::Ack(a)) => {
@@ -145,18 +207,63 @@ impl Shards {
 mod tests {
     use super::*;
 
-    fn msg(conversation: &str, sender: &str, recipient: &str) -> Vec<u8> {
+    fn msg_with(conversation: &str, sender: &str, recipient: &str, body: &str) -> Vec<u8> {
         InboundRecord {
             kind: Some(inbound_record::Kind::Message(ChatMessage {
-                message_id: "m".into(),
+                message_id: "6c1f3a52-9d0e-4b7a-8e21-5f4c0b9d7a13".into(),
+                client_message_id: "c1".into(),
                 conversation: conversation.into(),
                 sender: sender.into(),
                 recipient: recipient.into(),
+                body: body.into(),
                 ..Default::default()
             })),
             gateway_id: "gw1".into(),
         }
         .encode_to_vec()
+    }
+
+    fn msg(conversation: &str, sender: &str, recipient: &str) -> Vec<u8> {
+        msg_with(conversation, sender, recipient, "hi")
+    }
+
+    #[test]
+    fn refuses_nul_bodies_and_invalid_ids_and_files_their_failure() {
+        let nul = msg_with("alice:bob", "alice", "bob", "x\0y");
+        let e = decode(Some(&nul)).expect_err("a NUL body is refused");
+        assert_eq!(
+            (e.clone(), e.code()),
+            (InvalidRecord::NulBody, "invalid_body")
+        );
+        let m = message_of(Some(&nul)).expect("a message");
+        let f = failed_message(&m, e.code(), &e.to_string(), 7).expect("valid ids");
+        assert_eq!(
+            (
+                f.sender.as_str(),
+                f.recipient.as_str(),
+                f.client_message_id.as_str()
+            ),
+            ("alice", "bob", "c1")
+        );
+        assert_eq!(f.to_proto().peer, "bob");
+        // Other control characters are stored.
+        assert!(decode(Some(&msg_with("alice:bob", "alice", "bob", "\u{1}\t"))).is_ok());
+        let mut m = m;
+        for bad in [
+            |m: &mut ChatMessage| m.client_message_id = "c".repeat(100_000),
+            |m: &mut ChatMessage| m.client_message_id = String::new(),
+            |m: &mut ChatMessage| m.message_id = "not-a-uuid".into(),
+        ] {
+            m.body = "ok".into();
+            bad(&mut m);
+            let value = InboundRecord {
+                kind: Some(inbound_record::Kind::Message(m.clone())),
+                gateway_id: String::new(),
+            }
+            .encode_to_vec();
+            assert_eq!(decode(Some(&value)), Err(InvalidRecord::BadMessage));
+            assert!(failed_message(&m, "bad_message", "", 0).is_none());
+        }
     }
 
     #[test]

@@ -19,6 +19,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         4,
         include_str!("../migrations/0004_sweep_index_on_demand.sql"),
     ),
+    (
+        5,
+        include_str!("../migrations/0005_client_id_scope_and_failures.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrations (any constant shared by all processes).

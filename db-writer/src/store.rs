@@ -1,8 +1,9 @@
 //! Writes and reads of messages on the shards.
 //!
-//! Writes are batched per shard, one transaction per shard per batch, and idempotent by message
-//! id: a record seen twice (a replay, a rebalance, a client retry) finds its row and changes
-//! nothing. Sequence numbers are assigned inside the transaction while the conversation's
+//! Writes are batched per shard, one transaction per shard per batch, and idempotent by the
+//! message's (conversation, sender, client message id): a record seen twice (a replay, a
+//! rebalance, a client retry, even one whose message id an earlier id scheme derived) finds its
+//! row and changes nothing. Sequence numbers are assigned inside the transaction while the conversation's
 //! counter row is locked, so they are dense and never given twice, even with a zombie writer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -70,14 +71,16 @@ const STORE_STATEMENTS: [&str; 7] = [
     "SELECT m.message_id, m.client_message_id, m.sender, m.recipient, m.body,
             m.sent_at_ms, m.seq, m.conversation,
             m.seq <= coalesce(k.up_to_seq, 0) OR m.expired_at_ms IS NOT NULL
-     FROM unnest($1::uuid[]) AS i(id) JOIN messages m ON m.message_id = i.id
+     FROM unnest($1::text[], $2::text[], $3::text[]) AS i(conversation, sender, client_id)
+     JOIN messages m ON m.conversation = i.conversation AND m.sender = i.sender
+                    AND m.client_message_id = i.client_id
      LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient",
-    // A message id already taken is skipped and counted out: see `store_on_shard`.
+    // A message already stored is skipped and counted out: see `store_on_shard`.
     "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
                            recipient, body, sent_at_ms)
      SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[],
                           $5::text[], $6::text[], $7::text[], $8::bigint[])
-     ON CONFLICT (message_id) DO NOTHING",
+     ON CONFLICT (conversation, sender, client_message_id) DO NOTHING",
     "INSERT INTO acks (conversation, recipient, sender)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
      ON CONFLICT DO NOTHING",
@@ -151,13 +154,13 @@ impl Shards {
     /// Stores a batch of messages (in log order) and returns each one's stored form, in input order.
     /// Messages repeated in the batch or already stored come back with `created = false`.
     pub async fn store_batch(&self, batch: &[ChatMessage]) -> Result<Vec<Stored>, DbError> {
-        let mut per_shard: BTreeMap<usize, Vec<&ChatMessage>> = BTreeMap::new();
-        for m in batch {
+        let mut per_shard: BTreeMap<usize, Vec<(usize, &ChatMessage)>> = BTreeMap::new();
+        for (i, m) in batch.iter().enumerate() {
             let key = conversation_of(m)?;
             per_shard
                 .entry(self.locator().shard_of(&key))
                 .or_default()
-                .push(m);
+                .push((i, m));
         }
         let results = try_join_all(
             per_shard
@@ -165,17 +168,18 @@ impl Shards {
                 .map(|(shard, msgs)| self.store_on_shard(shard, msgs)),
         )
         .await?;
-        let by_id: HashMap<String, Stored> = results
+        let by_key: HashMap<MessageKey<'_>, Stored> = results
             .into_iter()
             .flatten()
-            .map(|s| (s.message.message_id.clone(), s))
+            .filter_map(|(i, s)| batch.get(i).map(|m| (MessageKey::of(m), s)))
             .collect();
         let mut out = Vec::with_capacity(batch.len());
         let mut seen = HashSet::new();
         for m in batch {
-            if let Some(s) = by_id.get(&m.message_id) {
+            let key = MessageKey::of(m);
+            if let Some(s) = by_key.get(&key) {
                 let mut s = s.clone();
-                if !seen.insert(m.message_id.clone()) {
+                if !seen.insert(key) {
                     s.created = false;
                 }
                 out.push(s);
@@ -184,24 +188,30 @@ impl Shards {
         Ok(out)
     }
 
+    /// Stores one shard's part of a batch; returns each distinct message's stored form with its
+    /// index in the batch (the first occurrence of a message repeated in the batch).
     async fn store_on_shard(
         &self,
         shard: usize,
-        msgs: Vec<&ChatMessage>,
-    ) -> Result<Vec<Stored>, DbError> {
+        msgs: Vec<(usize, &ChatMessage)>,
+    ) -> Result<Vec<(usize, Stored)>, DbError> {
         let pg = |source| DbError::Postgres { shard, source };
         let bad = |reason: String| DbError::BadRow { shard, reason };
+        let broken = |reason: String| DbError::Invariant { shard, reason };
 
-        // Distinct messages in log order (a retry inside one batch counts once).
+        // Distinct messages in log order (a retry inside one batch counts once, whatever its
+        // message id).
         let mut ids = Vec::with_capacity(msgs.len());
         let mut unique: Vec<&ChatMessage> = Vec::with_capacity(msgs.len());
+        let mut positions = Vec::with_capacity(msgs.len());
         let mut seen = HashSet::new();
-        for m in msgs {
+        for (i, m) in msgs {
             let id = Uuid::parse_str(&m.message_id)
                 .map_err(|e| bad(format!("message id {:?}: {e}", m.message_id)))?;
-            if seen.insert(id) {
+            if seen.insert(MessageKey::of(m)) {
                 ids.push(id);
                 unique.push(m);
+                positions.push(i);
             }
         }
         let mut conversations: Vec<String> =
@@ -221,7 +231,7 @@ impl Shards {
         .await
         .map_err(pg)?
         .try_into()
-        .map_err(|_| bad("statement count".into()))?;
+        .map_err(|_| broken("statement count".into()))?;
         let batch = ShardBatch {
             shard,
             messages: &unique,
@@ -233,14 +243,15 @@ impl Shards {
         // (a replay, a client retry), that attempt is rolled back and the batch is written again
         // after the lookup. Looking up every batch's ids cost a third of Postgres's planning.
         if let Some(out) = write_on_shard(&mut client, &statements, &batch, false).await? {
-            return Ok(out);
+            return Ok(positions.into_iter().zip(out).collect());
         }
         metrics::counter!("db_store_lookups_total").increment(1);
-        write_on_shard(&mut client, &statements, &batch, true)
+        let out = write_on_shard(&mut client, &statements, &batch, true)
             .await?
             .ok_or_else(|| {
-                bad("a message id of the batch was stored while the batch held its locks".into())
-            })
+                broken("a message of the batch was stored while the batch held its locks".into())
+            })?;
+        Ok(positions.into_iter().zip(out).collect())
     }
 
     /// Records acks on one shard in one statement: each `(conversation, user, up_to_seq,
@@ -362,6 +373,25 @@ impl Shards {
     }
 }
 
+/// What makes a message the same message: the store keeps one row per (conversation, sender,
+/// client message id), whatever message id a gateway derived for it (docs/design.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct MessageKey<'a> {
+    conversation: &'a str,
+    sender: &'a str,
+    client_message_id: &'a str,
+}
+
+impl<'a> MessageKey<'a> {
+    fn of(m: &'a ChatMessage) -> Self {
+        Self {
+            conversation: &m.conversation,
+            sender: &m.sender,
+            client_message_id: &m.client_message_id,
+        }
+    }
+}
+
 /// The messages of one batch for one shard, distinct, in log order.
 struct ShardBatch<'a> {
     shard: usize,
@@ -382,7 +412,7 @@ async fn write_on_shard(
 ) -> Result<Option<Vec<Stored>>, DbError> {
     let shard = batch.shard;
     let pg = |source| DbError::Postgres { shard, source };
-    let bad = |reason: String| DbError::BadRow { shard, reason };
+    let broken = |reason: String| DbError::Invariant { shard, reason };
     let [create_counters, lock_counters, find_existing, insert_messages, insert_watermarks, move_counters, take_seqs] =
         statements;
     let tx = client.transaction().await.map_err(pg)?;
@@ -394,12 +424,18 @@ async fn write_on_shard(
         // stored: the server runs the statements in this order, so the read sees every write of
         // another writer that held these locks before us. The counters move once the new
         // messages are known.
-        let (by_conversation, by_id): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
-            ([&conversations], [&batch.ids]);
+        let (mut k_conv, mut k_from, mut k_cid) = (vec![], vec![], vec![]);
+        for m in batch.messages {
+            k_conv.push(m.conversation.as_str());
+            k_from.push(m.sender.as_str());
+            k_cid.push(m.client_message_id.as_str());
+        }
+        let by_conversation: [&(dyn ToSql + Sync); 1] = [&conversations];
+        let by_key: [&(dyn ToSql + Sync); 3] = [&k_conv, &k_from, &k_cid];
         let (_, locked, found) = futures_util::try_join!(
             tx.execute(create_counters, &by_conversation),
             tx.query(lock_counters, &by_conversation),
-            tx.query(find_existing, &by_id),
+            tx.query(find_existing, &by_key),
         )
         .map_err(pg)?;
         (locked.iter().map(|r| (r.get(0), r.get(1))).collect(), found)
@@ -428,12 +464,17 @@ async fn write_on_shard(
     };
 
     // Rows already present (replay, retry): returned as stored, not written again.
-    let mut existing: HashMap<Uuid, Stored> = HashMap::new();
+    let mut existing: HashMap<(String, String, String), Stored> = HashMap::new();
     for r in found {
+        let message = row_to_message(&r);
         existing.insert(
-            r.get(0),
+            (
+                message.conversation.clone(),
+                message.sender.clone(),
+                message.client_message_id.clone(),
+            ),
             Stored {
-                message: row_to_message(&r),
+                message,
                 created: false,
                 acked: r.get(8),
             },
@@ -452,13 +493,20 @@ async fn write_on_shard(
         vec![],
     );
     for (&m, &id) in batch.messages.iter().zip(batch.ids) {
-        if let Some(s) = existing.remove(&id) {
-            out.push(s);
-            continue;
+        if !existing.is_empty() {
+            let key = (
+                m.conversation.clone(),
+                m.sender.clone(),
+                m.client_message_id.clone(),
+            );
+            if let Some(s) = existing.remove(&key) {
+                out.push(s);
+                continue;
+            }
         }
         let seq = last_seq
             .get_mut(&m.conversation)
-            .ok_or_else(|| bad(format!("no counter for {}", m.conversation)))?;
+            .ok_or_else(|| broken(format!("no counter for {}", m.conversation)))?;
         *seq += 1;
         let mut stored = m.clone();
         stored.seq = *seq as u64;

@@ -1,0 +1,149 @@
+//! Messages set aside for good (dead-lettered): remembered per shard so that their sender learns
+//! it at the next sync, even if it was offline when the multiplexer set them aside.
+
+use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
+use chat_proto::v1::Failed;
+use futures_util::future::try_join_all;
+
+use crate::error::DbError;
+use crate::shards::Shards;
+
+/// One message that can never be stored, with validated ids only (nothing of its body), so that
+/// writing it cannot fail for the reason the message failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedMessage {
+    pub conversation: ConversationKey,
+    pub sender: UserId,
+    pub recipient: UserId,
+    pub client_message_id: ClientMessageId,
+    /// The id the sender's `Accepted` carried (free text from the record: stored as text).
+    pub message_id: String,
+    /// Machine-readable reason (the dead letter's code).
+    pub code: String,
+    /// Human-readable detail.
+    pub reason: String,
+    pub failed_at_ms: i64,
+}
+
+impl FailedMessage {
+    /// What the sender is told.
+    pub fn to_proto(&self) -> Failed {
+        Failed {
+            client_message_id: self.client_message_id.as_str().to_owned(),
+            message_id: self.message_id.clone(),
+            peer: self.recipient.as_str().to_owned(),
+            code: self.code.clone(),
+            reason: self.reason.clone(),
+            failed_at_ms: self.failed_at_ms,
+        }
+    }
+}
+
+/// Makes free text storable in a text column: U+0000 (which Postgres refuses) becomes U+FFFD.
+/// Only for the store's own reasons and the message id of a failure row, never for message bodies.
+fn storable(s: &str) -> String {
+    s.replace('\0', "\u{fffd}")
+}
+
+impl Shards {
+    /// Remembers failed messages, each in the shard of its conversation. Idempotent: a failure
+    /// already recorded (a replayed batch) is kept as it was.
+    pub async fn record_failures(&self, failures: &[FailedMessage]) -> Result<(), DbError> {
+        let mut per_shard: std::collections::BTreeMap<usize, Vec<&FailedMessage>> =
+            Default::default();
+        for f in failures {
+            per_shard
+                .entry(self.locator().shard_of(&f.conversation))
+                .or_default()
+                .push(f);
+        }
+        try_join_all(per_shard.into_iter().map(|(shard, rows)| async move {
+            let client = self.client(shard).await?;
+            let (mut conv, mut from, mut cid, mut id, mut to, mut code, mut reason, mut at) = (
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+            );
+            for f in rows {
+                conv.push(f.conversation.as_str());
+                from.push(f.sender.as_str());
+                cid.push(f.client_message_id.as_str());
+                id.push(storable(&f.message_id));
+                to.push(f.recipient.as_str());
+                code.push(storable(&f.code));
+                reason.push(storable(&f.reason));
+                at.push(f.failed_at_ms);
+            }
+            client
+                .execute(
+                    "INSERT INTO failed_messages (conversation, sender, client_message_id,
+                                                  message_id, recipient, code, reason, failed_at_ms)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                                          $5::text[], $6::text[], $7::text[], $8::bigint[])
+                     ON CONFLICT DO NOTHING",
+                    &[&conv, &from, &cid, &id, &to, &code, &reason, &at],
+                )
+                .await
+                .map_err(|source| DbError::Postgres { shard, source })?;
+            Ok::<_, DbError>(())
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// The messages of `sender` set aside after `after_ms`, newest first, at most `limit` per
+    /// shard. Reads every shard: a user's conversations are spread over all of them.
+    pub async fn failures_since(
+        &self,
+        sender: &UserId,
+        after_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Failed>, DbError> {
+        let limit = i64::from(limit);
+        let per_shard = try_join_all((0..self.len()).map(|shard| async move {
+            let client = self.client(shard).await?;
+            let rows = client
+                .query(
+                    "SELECT client_message_id, message_id, recipient, code, reason, failed_at_ms
+                     FROM failed_messages
+                     WHERE sender = $1 AND failed_at_ms > $2
+                     ORDER BY failed_at_ms DESC
+                     LIMIT $3",
+                    &[&sender.as_str(), &after_ms, &limit],
+                )
+                .await
+                .map_err(|source| DbError::Postgres { shard, source })?;
+            Ok::<_, DbError>(
+                rows.iter()
+                    .map(|r| Failed {
+                        client_message_id: r.get(0),
+                        message_id: r.get(1),
+                        peer: r.get(2),
+                        code: r.get(3),
+                        reason: r.get(4),
+                        failed_at_ms: r.get(5),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }))
+        .await?;
+        let mut all: Vec<Failed> = per_shard.into_iter().flatten().collect();
+        all.sort_by_key(|f| std::cmp::Reverse(f.failed_at_ms));
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_text_loses_only_nul() {
+        assert_eq!(storable("a\0b ü"), "a\u{fffd}b ü");
+    }
+}
