@@ -1,10 +1,12 @@
 //! `chatctl`: operator commands that are not a shard concern.
 //!
-//! - `chatctl topics --gateways gw1,gw2` creates `inbound`, `presence` and `outbound-<id>` with
+//! - `chatctl topics --gateways gw1,gw2` creates `inbound`, `inbound-dlq`, `presence` and
+//!   `outbound-<id>` with
 //!   the settings in `infra/topics.json` (existing topics are left alone).
 //! - `chatctl token alice` prints an HS256 token for a user (local stack: the secret is
 //!   `JWT_SECRET`, default the dev secret).
-//! - `chatctl tail inbound --from beginning --user alice` prints records as JSON lines.
+//! - `chatctl tail inbound --from beginning --user alice` prints records as JSON lines
+//!   (`chatctl tail inbound-dlq` prints dead letters with their original record decoded).
 
 mod tail;
 
@@ -25,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the topics (inbound, presence, outbound-<gateway> for each gateway).
+    /// Create the topics (inbound, inbound-dlq, presence, outbound-<gateway> for each gateway).
     Topics {
         /// Gateway ids, comma separated.
         #[arg(
@@ -44,7 +46,7 @@ enum Command {
     },
     /// Print a topic's records as JSON lines (decoded with the chat.v1 schema).
     Tail {
-        /// Topic: inbound, presence, outbound-<gateway> (the prefix is added).
+        /// Topic: inbound, inbound-dlq, presence, outbound-<gateway> (the prefix is added).
         topic: String,
         /// Start: beginning, end, offset:N, ms:N or an RFC 3339 time.
         #[arg(long, default_value = "beginning")]

@@ -2,6 +2,8 @@
 //!
 //! Each line: `{"topic","partition","offset","timestampMs","key","value"}` where `value` is the
 //! record in the proto3 JSON mapping (or `null` for a tombstone, or `{"undecodable": <hex>}`).
+//! On `inbound-dlq` the value is the `DeadLetter` with, next to its `original` bytes (base64),
+//! `originalRecord`: the original decoded as an `InboundRecord`, or `null` when it does not decode.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chat_common::kafka::{start_offset, KafkaConfig, Start};
-use chat_proto::v1::{InboundRecord, OutboundRecord, PresenceRecord};
+use chat_proto::v1::{DeadLetter, InboundRecord, OutboundRecord, PresenceRecord};
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -34,7 +36,19 @@ pub struct TailOptions {
 pub fn decode(topic: &str, payload: Option<&[u8]>) -> Value {
     let Some(p) = payload else { return Value::Null };
     let kind = topic.rsplit('-').next().unwrap_or(topic);
-    let decoded = if topic.ends_with("inbound") {
+    let decoded = if topic.ends_with("inbound-dlq") {
+        DeadLetter::decode(p).ok().and_then(|d| {
+            let original = InboundRecord::decode(d.original.as_slice())
+                .ok()
+                .and_then(|r| serde_json::to_value(r).ok())
+                .unwrap_or(Value::Null);
+            let mut v = serde_json::to_value(d).ok()?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("originalRecord".into(), original);
+            }
+            Some(v)
+        })
+    } else if topic.ends_with("inbound") {
         InboundRecord::decode(p)
             .ok()
             .and_then(|r| serde_json::to_value(r).ok())
@@ -253,5 +267,41 @@ mod tests {
         assert!(decode("inbound", Some(b"\xff\xff"))
             .get("undecodable")
             .is_some());
+    }
+
+    #[test]
+    fn decodes_dead_letters_with_their_original() {
+        let dead = |original: Vec<u8>| {
+            DeadLetter {
+                original,
+                topic: "t-inbound".into(),
+                partition: 2,
+                offset: 41,
+                code: "invalid_body".into(),
+                reason: "NUL".into(),
+                dead_at_ms: 5,
+            }
+            .encode_to_vec()
+        };
+        let rec = InboundRecord {
+            kind: Some(inbound_record::Kind::Message(ChatMessage {
+                sender: "alice".into(),
+                recipient: "bob".into(),
+                body: "x\0y".into(),
+                ..Default::default()
+            })),
+            gateway_id: "gw1".into(),
+        }
+        .encode_to_vec();
+        let v = decode("t-inbound-dlq", Some(&dead(rec)));
+        assert_eq!(v["code"], "invalid_body");
+        assert_eq!(v["partition"], 2);
+        assert_eq!(v["offset"], "41");
+        assert_eq!(v["originalRecord"]["message"]["body"], "x\u{0}y");
+        assert!(mentions_user(None, &v, "alice"));
+        // An original that is not an InboundRecord is kept as bytes only.
+        let v = decode("inbound-dlq", Some(&dead(b"\xff\xff".to_vec())));
+        assert_eq!(v["originalRecord"], Value::Null);
+        assert_eq!(v["original"], "//8=");
     }
 }

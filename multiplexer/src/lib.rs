@@ -4,7 +4,7 @@
 //!
 //! - [`config`]: typed configuration from the environment.
 //! - [`pipeline`]: the batch loop; offsets are stored only after the shard commit and every
-//!   outbound delivery report.
+//!   outbound delivery report; records that can never be stored go to `inbound-dlq`.
 //!
 //! [`start`] wires them together and is what `main` and the tests call.
 
@@ -34,6 +34,9 @@ pub struct Running {
 /// Checks the dependencies, applies shard migrations, and starts the loop and the HTTP server.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     chat_common::telemetry::metrics_handle();
+    for code in pipeline::DEAD_LETTER_CODES {
+        metrics::counter!("multiplexer_dead_letters_total", "code" => code).increment(0);
+    }
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
         .await?

@@ -6,16 +6,25 @@
 //! and only then store the batch's offsets. A crash anywhere before that point replays the batch,
 //! and every step is idempotent, so the replay changes nothing but re-sends pushes that clients
 //! drop by message id.
+//!
+//! No record can stop a partition. A record that does not decode, or fails validation, or that
+//! the store refuses for its data (`DbError::is_data_error`) is set aside: a `DeadLetter` on
+//! `inbound-dlq` (delivery awaited before the offsets are stored), and for a message with valid
+//! ids a `Failed` notice to its sender and a row for its next sync. A batch the store refuses is
+//! bisected until every message that can be stored is, in log order (so seqs stay dense and in
+//! order), and each that cannot is alone. Errors retrying can fix (a shard down) are retried in
+//! place, holding the partition's order, as is anything that is not the data's fault.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use chat_proto::v1::{
-    outbound_record, AckRecord, ChatMessage, OutboundBatch, OutboundItem, OutboundRecord, Stored,
+    outbound_record, AckRecord, ChatMessage, DeadLetter, OutboundBatch, OutboundItem,
+    OutboundRecord, Receipt, Stored,
 };
-use db_writer::inbound::{self, Inbound};
-use db_writer::{DbError, Shards};
+use db_writer::inbound::{self, Inbound, InvalidRecord};
+use db_writer::{DbError, FailedMessage, Shards};
 use futures_util::future::join_all;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -41,13 +50,88 @@ pub struct Pipeline {
     pub(crate) presence: PresenceView,
 }
 
+/// The dead-letter code of a record the store refused for its data.
+pub const STORE_REFUSED: &str = "store_refused";
+
+/// Every dead-letter code, so that each series of `multiplexer_dead_letters_total` exists from
+/// the start (an alert on its increase then sees the first dead letter too).
+pub const DEAD_LETTER_CODES: [&str; 6] = [
+    "empty",
+    "undecodable",
+    "bad_message",
+    "invalid_body",
+    "bad_ack",
+    STORE_REFUSED,
+];
+
 /// One decoded batch.
 #[derive(Default)]
 struct Batch {
+    /// The records as read, for dead letters (their key, value and position).
+    records: Vec<OwnedMessage>,
+    /// Valid messages in log order, with the index of their record.
     messages: Vec<ChatMessage>,
+    message_records: Vec<usize>,
+    /// Valid acks in log order, with the index of their record.
     acks: Vec<AckRecord>,
+    ack_records: Vec<usize>,
+    /// Records that failed decoding or validation: (record index, why).
+    invalid: Vec<(usize, InvalidRecord)>,
     /// Highest offset per (topic, partition), stored once the batch is done.
     offsets: BTreeMap<(String, i32), i64>,
+}
+
+/// What the batch sets aside: dead letters, and the failures to tell senders about.
+#[derive(Default)]
+struct SetAside {
+    /// (record index, code, reason)
+    dead: Vec<(usize, &'static str, String)>,
+    failures: Vec<FailedMessage>,
+}
+
+impl SetAside {
+    fn record(&mut self, batch: &Batch, index: usize, code: &'static str, reason: String) {
+        let record = &batch.records[index];
+        tracing::warn!(
+            partition = record.partition(),
+            offset = record.offset(),
+            code,
+            reason = %reason,
+            "record set aside on the dead-letter topic"
+        );
+        if let Some(m) = inbound::message_of(record.payload()) {
+            if let Some(f) = inbound::failed_message(&m, code, &reason, chat_common::now_ms()) {
+                self.failures.push(f);
+            }
+        }
+        self.dead.push((index, code, reason));
+    }
+}
+
+/// The result of [`retry`].
+enum Attempt<T> {
+    Done(T),
+    /// The store refused the data: retrying cannot help.
+    Refused(DbError),
+    /// Shutdown interrupted the retries.
+    Stopped,
+}
+
+/// The store's error with its causes (Postgres's message and SQLSTATE), for a dead letter.
+fn describe(e: &DbError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    match e.sqlstate() {
+        Some(code) => format!("{text} (SQLSTATE {code})"),
+        None => text,
+    }
 }
 
 impl Pipeline {
@@ -113,45 +197,37 @@ impl Pipeline {
         Some(records)
     }
 
-    /// Stores, acks and routes one batch. False if shutdown interrupted it.
+    /// Stores, acks and routes one batch, setting aside what can never be processed. False if
+    /// shutdown interrupted it.
     async fn handle(&self, batch: &Batch, shutdown: &CancellationToken) -> bool {
-        let stored = if batch.messages.is_empty() {
-            Vec::new()
-        } else {
-            match retry(shutdown, "store batch", || {
-                self.shards.store_batch(&batch.messages)
-            })
-            .await
-            {
-                Some(s) => s,
-                None => return false,
-            }
+        let mut aside = SetAside::default();
+        for (index, why) in &batch.invalid {
+            aside.record(batch, *index, why.code(), why.to_string());
+        }
+        let Some((stored, isolated)) = self.store(batch, &mut aside, shutdown).await else {
+            return false;
         };
         let created = stored.iter().filter(|s| s.created).count();
         metrics::counter!("multiplexer_messages_stored_total").increment(created as u64);
         metrics::counter!("multiplexer_messages_duplicate_total")
             .increment((stored.len() - created) as u64);
-
-        let receipts = if batch.acks.is_empty() {
-            Vec::new()
-        } else {
-            match retry(shutdown, "acks", || {
-                self.shards.apply_acks(&batch.acks, self.config.retention)
-            })
-            .await
-            {
-                Some(r) => r,
-                None => return false,
-            }
+        let Some(receipts) = self.ack(batch, &mut aside, shutdown).await else {
+            return false;
         };
+        if !self.set_aside(batch, &aside, shutdown).await {
+            return false;
+        }
 
         // Everything this batch changed is committed; make sure the routes we use are at least
         // as new as any session that synced before the commit (see `presence`).
-        if !stored.is_empty() || !receipts.is_empty() {
+        if !stored.is_empty() || !receipts.is_empty() || !aside.failures.is_empty() {
             self.presence.catch_up(PRESENCE_CATCH_UP).await;
         }
         let mut out: Vec<(String, OutboundRecord)> = Vec::new();
-        for s in stored.iter().filter(|s| s.created) {
+        // A batch that was bisected may have committed some messages on some shards in the
+        // attempt the store refused: those come back as not created, so their senders are told
+        // again (a repeated `Stored` changes nothing for a client).
+        for s in stored.iter().filter(|s| s.created || isolated) {
             // Tell the sender where the message landed (its sequence).
             let m = &s.message;
             out.push((
@@ -164,6 +240,14 @@ impl Pipeline {
                         seq: m.seq,
                         peer: m.recipient.clone(),
                     })),
+                },
+            ));
+        }
+        for f in &aside.failures {
+            out.push((
+                f.sender.as_str().to_owned(),
+                OutboundRecord {
+                    kind: Some(outbound_record::Kind::Failed(f.to_proto())),
                 },
             ));
         }
@@ -185,6 +269,148 @@ impl Pipeline {
             ));
         }
         self.route(out, shutdown).await
+    }
+
+    /// Stores the batch's messages. When the store refuses the batch for its data, bisects it:
+    /// each half is stored (the earlier first), and a refused half is split again, down to the
+    /// single messages that are set aside. Returns the stored messages in log order and whether
+    /// the batch was bisected; `None` if shutdown interrupted.
+    async fn store(
+        &self,
+        batch: &Batch,
+        aside: &mut SetAside,
+        shutdown: &CancellationToken,
+    ) -> Option<(Vec<db_writer::Stored>, bool)> {
+        if batch.messages.is_empty() {
+            return Some((Vec::new(), false));
+        }
+        let mut stored = Vec::with_capacity(batch.messages.len());
+        let mut isolated = false;
+        // Ranges of `batch.messages` still to store; the last is the earliest in the log.
+        let mut todo = vec![(0, batch.messages.len())];
+        while let Some((lo, hi)) = todo.pop() {
+            let part = &batch.messages[lo..hi];
+            match retry(shutdown, "store batch", || self.shards.store_batch(part)).await {
+                Attempt::Done(s) => stored.extend(s),
+                Attempt::Stopped => return None,
+                Attempt::Refused(e) if hi - lo == 1 => {
+                    aside.record(
+                        batch,
+                        batch.message_records[lo],
+                        STORE_REFUSED,
+                        describe(&e),
+                    );
+                }
+                Attempt::Refused(e) => {
+                    if !isolated {
+                        tracing::warn!(error = %describe(&e), messages = hi - lo, "the store refused a batch; isolating the messages it cannot hold");
+                    }
+                    isolated = true;
+                    let mid = lo + (hi - lo) / 2;
+                    todo.push((mid, hi));
+                    todo.push((lo, mid));
+                }
+            }
+        }
+        Some((stored, isolated))
+    }
+
+    /// Applies the batch's acks; when the store refuses them for their data, applies them one
+    /// by one and sets aside each it refuses. `None` if shutdown interrupted.
+    async fn ack(
+        &self,
+        batch: &Batch,
+        aside: &mut SetAside,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<(String, Receipt)>> {
+        if batch.acks.is_empty() {
+            return Some(Vec::new());
+        }
+        let retention = self.config.retention;
+        match retry(shutdown, "acks", || {
+            self.shards.apply_acks(&batch.acks, retention)
+        })
+        .await
+        {
+            Attempt::Done(r) => return Some(r),
+            Attempt::Stopped => return None,
+            Attempt::Refused(e) => {
+                tracing::warn!(error = %describe(&e), "the store refused a batch of acks; applying them one by one");
+            }
+        }
+        let mut receipts = Vec::new();
+        for (i, ack) in batch.acks.iter().enumerate() {
+            match retry(shutdown, "ack", || {
+                self.shards.apply_acks(std::slice::from_ref(ack), retention)
+            })
+            .await
+            {
+                Attempt::Done(r) => receipts.extend(r),
+                Attempt::Stopped => return None,
+                Attempt::Refused(e) => {
+                    aside.record(batch, batch.ack_records[i], STORE_REFUSED, describe(&e));
+                }
+            }
+        }
+        Some(receipts)
+    }
+
+    /// Writes the dead letters to `inbound-dlq` (waiting for every delivery report) and
+    /// remembers the failed messages in their shards. False if shutdown interrupted.
+    async fn set_aside(
+        &self,
+        batch: &Batch,
+        aside: &SetAside,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if aside.dead.is_empty() {
+            return true;
+        }
+        let topic = self.config.topics.inbound_dlq();
+        let now = chat_common::now_ms();
+        let todo = aside
+            .dead
+            .iter()
+            .map(|(index, code, reason)| {
+                let r = &batch.records[*index];
+                let value = DeadLetter {
+                    original: r.payload().unwrap_or_default().to_vec(),
+                    topic: r.topic().to_owned(),
+                    partition: r.partition(),
+                    offset: r.offset(),
+                    code: (*code).to_owned(),
+                    reason: reason.clone(),
+                    dead_at_ms: now,
+                }
+                .encode_to_vec();
+                (topic.clone(), r.key().map(<[u8]>::to_vec), value)
+            })
+            .collect();
+        if !self.produce_all(todo, shutdown).await {
+            return false;
+        }
+        for (_, code, _) in &aside.dead {
+            metrics::counter!("multiplexer_dead_letters_total", "code" => *code).increment(1);
+        }
+        if aside.failures.is_empty() {
+            return true;
+        }
+        match retry(shutdown, "failure rows", || {
+            self.shards.record_failures(&aside.failures)
+        })
+        .await
+        {
+            Attempt::Done(()) => true,
+            Attempt::Stopped => false,
+            Attempt::Refused(e) => {
+                // Rows of validated ids only: should never happen. The dead letters and the
+                // live notices stand; only the next sync will not repeat them.
+                tracing::error!(error = %describe(&e), "failure rows refused; the senders' next sync will miss them");
+                metrics::counter!("multiplexer_errors_total", "kind" => "failure_rows")
+                    .increment(1);
+                true
+            }
+        }
     }
 
     /// Produces each record to the gateway that holds its user; users without a live session
@@ -229,29 +455,43 @@ impl Pipeline {
                 todo.push((topic.clone(), key.clone(), value, n));
             }
         }
+        let pushes: u64 = todo.iter().map(|t| t.3).sum();
+        let records = todo.len() as u64;
+        let todo = todo
+            .into_iter()
+            .map(|(topic, key, value, _)| (topic, Some(key.into_bytes()), value))
+            .collect();
+        if !self.produce_all(todo, shutdown).await {
+            return false;
+        }
+        metrics::counter!("multiplexer_routed_total", "to" => "gateway").increment(pushes);
+        metrics::counter!("multiplexer_outbound_records_total").increment(records);
+        true
+    }
+
+    /// Produces every (topic, key, value), retrying the failed ones with backoff until each has
+    /// its delivery report. False if shutdown interrupted.
+    async fn produce_all(
+        &self,
+        mut todo: Vec<(String, Option<Vec<u8>>, Vec<u8>)>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut backoff = Duration::from_millis(50);
         while !todo.is_empty() {
-            let results = join_all(todo.iter().map(|(topic, key, payload, _)| {
-                self.producer.send(
-                    FutureRecord::to(topic).key(key).payload(payload),
-                    rdkafka::util::Timeout::Never,
-                )
+            let results = join_all(todo.iter().map(|(topic, key, payload)| {
+                let mut record = FutureRecord::to(topic).payload(payload);
+                if let Some(key) = key {
+                    record = record.key(key);
+                }
+                self.producer.send(record, rdkafka::util::Timeout::Never)
             }))
             .await;
             let mut failed = Vec::new();
             for (item, result) in todo.into_iter().zip(results) {
-                match result {
-                    Ok(_) => {
-                        metrics::counter!("multiplexer_routed_total", "to" => "gateway")
-                            .increment(item.3);
-                        metrics::counter!("multiplexer_outbound_records_total").increment(1);
-                    }
-                    Err((e, _)) => {
-                        tracing::warn!(error = %e, topic = %item.0, "outbound produce failed; retrying");
-                        metrics::counter!("multiplexer_errors_total", "kind" => "produce")
-                            .increment(1);
-                        failed.push(item);
-                    }
+                if let Err((e, _)) = result {
+                    tracing::warn!(error = %e, topic = %item.0, "produce failed; retrying");
+                    metrics::counter!("multiplexer_errors_total", "kind" => "produce").increment(1);
+                    failed.push(item);
                 }
             }
             todo = failed;
@@ -290,27 +530,35 @@ fn split(items: Vec<OutboundItem>) -> Vec<OutboundBatch> {
 
 fn decode(records: Vec<OwnedMessage>) -> Batch {
     let mut batch = Batch::default();
-    for m in records {
+    for (index, m) in records.iter().enumerate() {
         let key = (m.topic().to_owned(), m.partition());
         let offset = batch.offsets.entry(key).or_insert(m.offset());
         *offset = (*offset).max(m.offset());
         match inbound::decode(m.payload()) {
-            Ok(Inbound::Message(msg)) => batch.messages.push(msg),
-            Ok(Inbound::Ack(ack)) => batch.acks.push(ack),
+            Ok(Inbound::Message(msg)) => {
+                batch.messages.push(msg);
+                batch.message_records.push(index);
+            }
+            Ok(Inbound::Ack(ack)) => {
+                batch.acks.push(ack);
+                batch.ack_records.push(index);
+            }
             Err(e) => {
-                tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "invalid record; skipped");
                 metrics::counter!("multiplexer_errors_total", "kind" => "invalid_record")
                     .increment(1);
+                batch.invalid.push((index, e));
             }
         }
     }
+    batch.records = records;
     batch
 }
 
-/// Runs `op` until it succeeds, backing off on retryable errors. A non-retryable error is logged
-/// and retried more slowly too: skipping would lose data, so an operator must see the metric.
-/// Returns `None` only when shutdown interrupts.
-async fn retry<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut op: F) -> Option<T>
+/// Runs `op` until it succeeds or the store refuses its data (returned at once: the caller sets
+/// the data aside). Any other error is retried with backoff, in place, so the partition's order
+/// holds: a retryable one (a shard down) quickly, anything else (a schema or configuration
+/// problem, which an operator must fix) every 5 s, counted in the metric.
+async fn retry<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut op: F) -> Attempt<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, DbError>>,
@@ -318,10 +566,11 @@ where
     let mut backoff = Duration::from_millis(50);
     loop {
         match op().await {
-            Ok(v) => return Some(v),
+            Ok(v) => return Attempt::Done(v),
+            Err(e) if e.is_data_error() => return Attempt::Refused(e),
             Err(e) => {
                 let retryable = e.is_retryable();
-                tracing::warn!(error = %e, retryable, "{what} failed; retrying");
+                tracing::warn!(error = %describe(&e), retryable, "{what} failed; retrying");
                 metrics::counter!("multiplexer_errors_total", "kind" => "shard").increment(1);
                 if !retryable {
                     backoff = Duration::from_secs(5);
@@ -329,7 +578,7 @@ where
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Attempt::Stopped,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
