@@ -1,6 +1,7 @@
 //! Gateway configuration, from environment variables (defaults run the local stack).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use chat_common::auth::{TokenIssuer, TokenVerifier, DEFAULT_AUDIENCE, DEFAULT_ISSUER};
 use chat_common::config::{
@@ -74,7 +75,8 @@ impl Config {
     /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `WS_READ_BUFFER_BYTES`, `MAX_IN_FLIGHT`, `WEB_DIR`,
     /// `ALLOWED_ORIGINS`, `CONN_RATE_PER_SEC`, `CONN_RATE_BURST`, `USER_RATE_PER_SEC`,
     /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`, `HANDSHAKE_TIMEOUT_SECS`,
-    /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`.
+    /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`. The HTTP time bounds (`HTTP_IDLE_TIMEOUT_SECS`,
+    /// `HTTP_BODY_TIMEOUT_SECS`, `HTTP_REQUEST_TIMEOUT_SECS`) are read by [`HttpBounds::from_env`].
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -136,6 +138,56 @@ impl Config {
                 "HANDSHAKE_TIMEOUT_SECS",
                 10,
             )?),
+        })
+    }
+}
+
+/// How long an HTTP connection may hold the server's resources without progress. With the
+/// header-read timeout (`Config::handshake_timeout`) these bound every phase of a connection
+/// that has not become a websocket, so each descriptor it holds comes back in bounded time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpBounds {
+    /// A keep-alive connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body (`PUT /messages`) not fully received within this long is answered 408
+    /// and its connection closed.
+    pub body_timeout: Duration,
+    /// A request not answered within this long from the end of its headers is answered 408
+    /// and its connection closed (a websocket upgrade is answered at once; the socket that
+    /// follows is bounded by its pings, not by this).
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpBounds {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HttpBounds {
+    /// Reads `HTTP_IDLE_TIMEOUT_SECS` (default 60), `HTTP_BODY_TIMEOUT_SECS` (10) and
+    /// `HTTP_REQUEST_TIMEOUT_SECS` (30). A zero is refused: it would close every connection.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let secs = |name: &str, default: Duration| -> Result<Duration, ConfigError> {
+            let n: u64 = env_parse(name, default.as_secs())?;
+            if n == 0 {
+                return Err(ConfigError {
+                    name: name.to_owned(),
+                    value: n.to_string(),
+                    reason: "must be at least 1 second".to_owned(),
+                });
+            }
+            Ok(Duration::from_secs(n))
+        };
+        Ok(Self {
+            idle_timeout: secs("HTTP_IDLE_TIMEOUT_SECS", defaults.idle_timeout)?,
+            body_timeout: secs("HTTP_BODY_TIMEOUT_SECS", defaults.body_timeout)?,
+            request_timeout: secs("HTTP_REQUEST_TIMEOUT_SECS", defaults.request_timeout)?,
         })
     }
 }

@@ -11,12 +11,15 @@
 //! - [`ws`]: one websocket connection (sync, then live, with no gap or duplicate at the seam).
 //! - [`outbound`]: the outbound topic consumer.
 //! - [`http`]: routes, authentication before upgrade, error mapping.
+//! - [`server`]: connections: counted per address from accept, bounded in time, drained on
+//!   shutdown.
 //! - [`upgrade`]: the websocket handshake and the socket's buffers.
 
 pub mod app;
 pub mod config;
 pub mod http;
 pub mod outbound;
+pub mod server;
 pub mod sessions;
 pub mod upgrade;
 pub mod ws;
@@ -31,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::Config;
+pub use config::{Config, HttpBounds};
 
 /// A started gateway.
 pub struct Running {
@@ -41,8 +44,18 @@ pub struct Running {
     pub task: JoinHandle<()>,
 }
 
-/// Checks Kafka, connects the shards, subscribes to the outbound topic and starts serving.
+/// Checks Kafka, connects the shards, subscribes to the outbound topic and starts serving, with
+/// the HTTP time bounds of the environment ([`HttpBounds::from_env`]).
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    start_with(config, HttpBounds::from_env()?, shutdown).await
+}
+
+/// [`start`] with the HTTP time bounds given.
+pub async fn start_with(
+    config: Config,
+    bounds: HttpBounds,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
     chat_common::telemetry::metrics_handle();
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
@@ -88,44 +101,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
     });
-    // hyper directly (warp's own server has no header-read timeout): a client that opens a
-    // connection and dawdles over its request (slowloris) is cut off after `handshake_timeout`.
+    // hyper directly, one connection at a time (warp's own server has no timeouts, and hyper's
+    // counts nothing per address): see `server`.
     let listener = std::net::TcpListener::bind(app.config.addr).context("bind")?;
     listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
-    let routes = warp::service(http::routes(app.clone()));
-    let make = hyper::service::make_service_fn(move |conn: &hyper::server::conn::AddrStream| {
-        let remote = http::RemoteAddr(conn.remote_addr());
-        let routes = routes.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::Body>| {
-                    req.extensions_mut().insert(remote);
-                    if req.uri().path() == "/ws" {
-                        let slot = upgrade::UpgradeSlot::take_from(&mut req);
-                        req.extensions_mut().insert(slot);
-                    }
-                    let mut routes = routes.clone();
-                    hyper::service::Service::call(&mut routes, req)
-                },
-            ))
-        }
-    });
-    let server = hyper::Server::from_tcp(listener)?
-        // Pushes are small frames, often several in a row: Nagle would hold the second until the
-        // first is acknowledged (up to the client's delayed-ACK time).
-        .tcp_nodelay(true)
-        .http1_header_read_timeout(app.config.handshake_timeout)
-        .serve(make)
-        .with_graceful_shutdown({
-            let s = shutdown.clone();
-            async move { s.cancelled().await }
-        });
-    let server = tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "http server failed");
-        }
-    });
+    let routes = warp::service(http::routes(app.clone(), bounds));
+    let http_server = tokio::spawn(server::serve(
+        app.clone(),
+        listener,
+        routes,
+        bounds,
+        shutdown.clone(),
+    ));
     let outbound = tokio::spawn(outbound::run(app.clone(), consumer, shutdown.clone()));
     // One timer pings every socket (through its mailbox), rather than a timer per socket.
     tokio::spawn({
@@ -148,7 +137,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.cancelled().await;
         app.sessions
             .kick_all(sessions::close::GOING_AWAY, "server shutting down");
-        let _ = server.await;
+        let _ = http_server.await;
         app.tracker.close();
         // Connections close with 1001 and publish their offline presence; bounded wait.
         if tokio::time::timeout(Duration::from_secs(10), app.tracker.wait())

@@ -9,7 +9,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use hyper::server::conn::AddrStream;
 use hyper::upgrade::OnUpgrade;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -142,9 +141,9 @@ impl Handshake {
 async fn into_socket(on_upgrade: OnUpgrade, config: SocketConfig) -> anyhow::Result<Socket> {
     let upgraded = on_upgrade.await?;
     let parts = upgraded
-        .downcast::<AddrStream>()
+        .downcast::<TcpStream>()
         .map_err(|_| anyhow::anyhow!("upgraded connection is not a TCP stream"))?;
-    let stream = parts.io.into_inner();
+    let stream = parts.io;
     let mut ws_config = WebSocketConfig::default();
     ws_config.read_buffer_size = config.read_buffer_bytes;
     // Frames queued together go out in one write (every write path ends with a flush); the

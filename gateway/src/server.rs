@@ -1,0 +1,333 @@
+//! The HTTP server: accepts TCP connections itself so that every connection is counted and
+//! bounded in time from the moment it is accepted.
+//!
+//! - **Counted:** each accepted connection takes one of its source address's slots
+//!   ([`crate::app::AddrSlot`]) before a byte is read; over the limit it is answered 429 and
+//!   closed. The slot lives with the connection, and a websocket upgrade takes it over
+//!   ([`ConnectionSlot`]), so one connection holds exactly one slot whatever it becomes.
+//! - **Bounded:** request headers must arrive within `handshake_timeout` (hyper's header-read
+//!   timeout); a keep-alive connection with no request in flight is closed after
+//!   `idle_timeout`; each request is answered within `request_timeout` or gets 408 and its
+//!   connection closed; the body read has its own, shorter bound (in the route that reads one,
+//!   see [`crate::http`]). A connection asked to close that does not finish its last request in
+//!   time is dropped.
+//! - **Framing:** a request with `Transfer-Encoding` is refused (411) and its connection closed.
+//!   No route takes a body without a length, and with both length headers (RFC 9112 section
+//!   6.3) closing is the only safe answer; hyper drops the `Content-Length` it sees after a
+//!   `Transfer-Encoding`, so refusing every `Transfer-Encoding` is also the only reliable test.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::http::{header, HeaderValue, StatusCode};
+
+use crate::app::{AddrSlot, App};
+use crate::config::HttpBounds;
+use crate::http::{error_response, RemoteAddr};
+use crate::upgrade::UpgradeSlot;
+
+/// The connection's address slot, put in a `/ws` request's extensions: the websocket route
+/// takes it when it accepts the upgrade, so the socket keeps the slot the connection held.
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<Mutex<Option<AddrSlot>>>);
+
+impl ConnectionSlot {
+    fn new(slot: AddrSlot) -> Self {
+        Self(Arc::new(Mutex::new(Some(slot))))
+    }
+
+    /// The slot, once: `None` if it was already taken (a second upgrade cannot happen on one
+    /// connection, so this means the request did not come through this server).
+    pub fn take(&self) -> Option<AddrSlot> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// What a connection is doing, as its watchdog needs to know: whether a request is in flight,
+/// since when none has been, and whether it ever carried one.
+struct Activity(Mutex<ActivityState>);
+
+struct ActivityState {
+    in_flight: usize,
+    requests: u64,
+    idle_since: Instant,
+}
+
+/// What the watchdog sees when it looks.
+enum Seen {
+    /// A request is being served.
+    Busy,
+    /// No request has come since the connection was accepted.
+    Unused { since: Instant },
+    /// Between requests since `since`.
+    Idle { since: Instant },
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(Mutex::new(ActivityState {
+            in_flight: 0,
+            requests: 0,
+            idle_since: Instant::now(),
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks a request in flight until the guard is dropped (answered, or timed out).
+    fn begin(self: &Arc<Self>) -> Busy {
+        let mut s = self.state();
+        s.in_flight += 1;
+        s.requests += 1;
+        Busy(self.clone())
+    }
+
+    fn seen(&self) -> Seen {
+        let s = self.state();
+        match (s.in_flight, s.requests) {
+            (0, 0) => Seen::Unused {
+                since: s.idle_since,
+            },
+            (0, _) => Seen::Idle {
+                since: s.idle_since,
+            },
+            _ => Seen::Busy,
+        }
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut s = self.0.state();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        s.idle_since = Instant::now();
+    }
+}
+
+/// Serves `routes` on `listener` until `shutdown`, then lets open connections finish their
+/// request (each closes after it) and returns once all have closed.
+pub(crate) async fn serve<S>(
+    app: Arc<App>,
+    listener: TcpListener,
+    routes: S,
+    bounds: HttpBounds,
+    shutdown: CancellationToken,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::Body>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, most likely: nothing to do but wait for some to close.
+                    metrics::counter!("gateway_errors_total", "kind" => "accept").increment(1);
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        let Some(slot) = app.addr_slot(peer.ip()) else {
+            metrics::counter!("gateway_connections_refused_total", "reason" => "per_address")
+                .increment(1);
+            connections.spawn(refuse_over_limit(stream));
+            continue;
+        };
+        // Pushes are small frames, often several in a row: Nagle would hold the second until the
+        // first is acknowledged (up to the client's delayed-ACK time).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
+        connections.spawn(serve_connection(
+            app.clone(),
+            stream,
+            peer,
+            ConnectionSlot::new(slot),
+            routes.clone(),
+            bounds,
+            shutdown.clone(),
+        ));
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// The answer to a connection over its address's limit: 429 with the usual JSON body, written
+/// before the request is read (a client reads it after sending its request), then a lingering
+/// close: the write side is shut and what the client sent is read and dropped for a moment, so
+/// the close is a FIN the client reads after the 429 rather than a reset that can destroy it.
+async fn refuse_over_limit(mut stream: TcpStream) {
+    const LINGER: Duration = Duration::from_secs(1);
+    let body =
+        r#"{"code":"too_many_connections","message":"too many connections from this address"}"#;
+    let response = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let linger = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(LINGER, linger).await;
+}
+
+/// One HTTP connection, from accept to close (or to its upgrade, when the websocket takes over
+/// the stream and the slot).
+async fn serve_connection<S>(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+    routes: S,
+    bounds: HttpBounds,
+    shutdown: CancellationToken,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::Body>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Activity::new();
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::Body>| {
+            let busy = activity.begin();
+            req.extensions_mut().insert(RemoteAddr(peer));
+            if req.uri().path() == "/ws" {
+                let upgrade = UpgradeSlot::take_from(&mut req);
+                req.extensions_mut().insert(upgrade);
+                req.extensions_mut().insert(slot.clone());
+            }
+            let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+            let mut routes = routes.clone();
+            let deadline = bounds.request_timeout;
+            async move {
+                let _busy = busy;
+                if chunked {
+                    metrics::counter!("gateway_http_closed_total", "reason" => "transfer_encoding")
+                        .increment(1);
+                    return Ok::<_, Infallible>(closing(error_response(
+                        StatusCode::LENGTH_REQUIRED,
+                        "length_required",
+                        "send the body with a Content-Length (Transfer-Encoding is not accepted)",
+                    )));
+                }
+                match tokio::time::timeout(deadline, routes.call(req)).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        metrics::counter!("gateway_http_closed_total", "reason" => "request_timeout")
+                            .increment(1);
+                        Ok(closing(error_response(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request_timeout",
+                            "the request took too long",
+                        )))
+                    }
+                }
+            }
+        })
+    };
+    let conn = hyper::server::conn::Http::new()
+        .http1_only(true)
+        .http1_header_read_timeout(app.config.handshake_timeout)
+        .serve_connection(stream, service)
+        .with_upgrades();
+    tokio::pin!(conn);
+
+    // The watchdog. Idle past `idle_timeout`, or at shutdown, the connection is asked to close:
+    // hyper closes it at once between requests, or after the request it is reading (headers
+    // bounded by `handshake_timeout`) or serving (bounded by `request_timeout`). One that has
+    // carried no request has nothing to finish and is dropped (hyper would wait for one). One
+    // still open when those bounds have passed is dropped.
+    let check = tokio::time::sleep(bounds.idle_timeout);
+    tokio::pin!(check);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, %peer, "http connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.cancelled(), if !closing => {
+                if let Seen::Unused { .. } = activity.seen() {
+                    break;
+                }
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+                check.as_mut().reset(Instant::now() + app.config.handshake_timeout);
+            }
+            _ = check.as_mut() => {
+                let now = Instant::now();
+                match (closing, activity.seen()) {
+                    (_, Seen::Busy) => {
+                        let bound = if closing { bounds.request_timeout } else { bounds.idle_timeout };
+                        check.as_mut().reset(now + bound);
+                    }
+                    (true, _) => {
+                        metrics::counter!("gateway_http_closed_total", "reason" => "close_overdue")
+                            .increment(1);
+                        tracing::debug!(%peer, "connection still open after being asked to close; dropped");
+                        break;
+                    }
+                    (false, Seen::Unused { since } | Seen::Idle { since })
+                        if now < since + bounds.idle_timeout =>
+                    {
+                        check.as_mut().reset(since + bounds.idle_timeout);
+                    }
+                    (false, Seen::Unused { .. }) => {
+                        metrics::counter!("gateway_http_closed_total", "reason" => "idle").increment(1);
+                        break;
+                    }
+                    (false, Seen::Idle { .. }) => {
+                        metrics::counter!("gateway_http_closed_total", "reason" => "idle").increment(1);
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                        check.as_mut().reset(now + app.config.handshake_timeout);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `response`, marked so that hyper closes the connection once it is written.
+fn closing(mut response: warp::reply::Response) -> warp::reply::Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
