@@ -112,7 +112,8 @@ pub struct App {
     pub tracker: TaskTracker,
     /// Sends per user, over every connection and REST.
     pub user_limiter: governor::DefaultKeyedRateLimiter<String>,
-    /// Open sockets per source address.
+    /// Open connections per source address, counted from accept (HTTP or websocket; an upgrade
+    /// keeps its connection's count).
     pub per_addr: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
@@ -123,7 +124,8 @@ pub fn quota((per_sec, burst): (u32, u32)) -> governor::Quota {
         .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(one))
 }
 
-/// Holds one of a source address's socket slots; gives it back when dropped.
+/// Holds one of a source address's connection slots; gives it back when dropped. Taken when
+/// the connection is accepted, handed to the websocket if it upgrades (see `server`).
 pub struct AddrSlot {
     app: std::sync::Arc<App>,
     addr: std::net::IpAddr,
@@ -142,7 +144,7 @@ impl Drop for AddrSlot {
 }
 
 impl App {
-    /// Takes a socket slot for `addr`, or `None` when it already holds the maximum.
+    /// Takes a connection slot for `addr`, or `None` when it already holds the maximum.
     pub fn addr_slot(self: &std::sync::Arc<Self>, addr: std::net::IpAddr) -> Option<AddrSlot> {
         let mut map = self.per_addr.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(addr).or_insert(0);

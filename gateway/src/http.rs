@@ -106,27 +106,93 @@ fn origin_allowed(app: Arc<App>) -> impl Filter<Extract = (), Error = Rejection>
 #[derive(Clone, Copy, Debug)]
 pub struct RemoteAddr(pub std::net::SocketAddr);
 
-/// One of the caller's address's socket slots (429 when it holds the maximum).
-fn address_slot(
-    app: Arc<App>,
-) -> impl Filter<Extract = (crate::app::AddrSlot,), Error = Rejection> + Clone {
-    warp::ext::optional::<RemoteAddr>().and_then(move |addr: Option<RemoteAddr>| {
-        let app = app.clone();
-        async move {
-            let ip = addr
-                .map(|a| a.0.ip())
-                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-            app.addr_slot(ip).ok_or_else(|| {
-                metrics::counter!("gateway_connections_refused_total", "reason" => "per_address")
-                    .increment(1);
+/// The address slot the connection took when it was accepted, handed over to the websocket it
+/// becomes (the per-address limit itself is applied at accept, see [`crate::server`]). Last
+/// in the route, after every check that can refuse: a refused upgrade leaves the slot with
+/// its connection.
+fn connection_slot() -> impl Filter<Extract = (crate::app::AddrSlot,), Error = Rejection> + Clone {
+    warp::ext::optional::<crate::server::ConnectionSlot>().and_then(
+        |slot: Option<crate::server::ConnectionSlot>| async move {
+            slot.and_then(|s| s.take()).ok_or_else(|| {
                 reject(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_connections",
-                    "too many connections from this address",
+                    StatusCode::BAD_REQUEST,
+                    "not_websocket",
+                    "this connection cannot be upgraded",
                 )
             })
+        },
+    )
+}
+
+/// A JSON request body, read within `timeout`: 413 over `limit` (from `Content-Length`, before
+/// reading), 411 without a `Content-Length`, 415 for a content type other than JSON (none is
+/// taken as JSON), 408 when the body is not all there in time (the connection is closed then,
+/// see [`recover`]), 400 when it does not parse as `T`.
+fn json_body<T: serde::de::DeserializeOwned + Send>(
+    limit: u64,
+    timeout: std::time::Duration,
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(limit)
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::stream())
+        .and_then(move |content_type: Option<String>, body| async move {
+            if !content_type.as_deref().is_none_or(is_json) {
+                return Err(reject(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send application/json",
+                ));
+            }
+            let bytes = tokio::time::timeout(timeout, read_all(body))
+                .await
+                .map_err(|_| {
+                    metrics::counter!("gateway_http_closed_total", "reason" => "body_timeout")
+                        .increment(1);
+                    reject(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        "the request body did not arrive in time",
+                    )
+                })?
+                .map_err(|e| reject(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))?;
+            serde_json::from_slice::<T>(&bytes)
+                .map_err(|e| reject(StatusCode::BAD_REQUEST, "bad_body", e.to_string()))
+        })
+}
+
+/// `application/json` or a `+json` type, any parameters.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.split_once('/') {
+        Some(("application", sub)) => sub == "json" || sub.ends_with("+json"),
+        _ => false,
+    }
+}
+
+/// The whole body (its size is bounded by the `Content-Length` limit checked before).
+async fn read_all<S, B>(body: S) -> Result<Vec<u8>, warp::Error>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    use futures_util::StreamExt;
+    let mut body = std::pin::pin!(body);
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk?;
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            out.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
         }
-    })
+    }
+    Ok(out)
 }
 
 fn query_map() -> impl Filter<Extract = (HashMap<String, String>,), Error = Infallible> + Clone {
@@ -173,21 +239,24 @@ fn peer_of(caller: &UserId, peer: &str) -> Result<ConversationKey, Rejection> {
     })
 }
 
-/// Every route of the gateway.
-pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+/// Every route of the gateway. `bounds` gives the body-read timeout of the routes that read one.
+pub fn routes(
+    app: Arc<App>,
+    bounds: crate::config::HttpBounds,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let ws_route = warp::path!("ws")
         .and(warp::get())
         .and(origin_allowed(app.clone()))
         .and(authenticated(app.clone()))
-        .and(address_slot(app.clone()))
         .and(query_map())
         .and(crate::upgrade::handshake())
+        .and(connection_slot())
         .and(with_app(app.clone()))
         .map(
             |user: UserId,
-             slot: crate::app::AddrSlot,
              query: HashMap<String, String>,
              handshake: crate::upgrade::Handshake,
+             slot: crate::app::AddrSlot,
              app: Arc<App>| {
                 let format = match query.get("format").map(String::as_str) {
                     Some("json") => Format::Json,
@@ -220,8 +289,7 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
     let put = warp::path!("messages" / String)
         .and(warp::put())
         .and(authenticated(app.clone()))
-        .and(warp::body::content_length_limit(max_body))
-        .and(warp::body::json::<SendBody>())
+        .and(json_body::<SendBody>(max_body, bounds.body_timeout))
         .and(with_app(app.clone()))
         .and_then(
             |peer: String, user: UserId, body: SendBody, app: Arc<App>| async move {
@@ -347,6 +415,21 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (impl Reply,), Error = Inf
         .recover(recover)
 }
 
+/// The JSON error answer every refusal gets: `{"code": ..., "message": ...}` with `status`.
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> warp::reply::Response {
+    warp::reply::with_status(warp::reply::json(&ErrorBody { code, message }), status)
+        .into_response()
+}
+
+/// Renders a rejection. warp offers every route the request and combines their rejections, so
+/// a request refused by the route it was meant for also carries the 404s and 405s of the
+/// others: the specific reasons (the route's own errors, then body and content problems) are
+/// looked for before "method not allowed", which only says some other route wanted another
+/// method.
 async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
     let (status, code, message) = if let Some(e) = err.find::<ApiError>() {
         (e.status, e.code, e.message.clone())
@@ -356,25 +439,11 @@ async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
             "not_found",
             "no such route".to_owned(),
         )
-    } else if let Some(e) = err.find::<warp::filters::body::BodyDeserializeError>() {
-        (StatusCode::BAD_REQUEST, "bad_body", e.to_string())
     } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             "request body too large".to_owned(),
-        )
-    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed".to_owned(),
-        )
-    } else if err.find::<warp::reject::InvalidQuery>().is_some() {
-        (
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            "invalid query string".to_owned(),
         )
     } else if err.find::<warp::reject::UnsupportedMediaType>().is_some() {
         (
@@ -388,12 +457,30 @@ async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
             "length_required",
             "content-length required".to_owned(),
         )
+    } else if let Some(e) = err.find::<warp::filters::body::BodyDeserializeError>() {
+        (StatusCode::BAD_REQUEST, "bad_body", e.to_string())
+    } else if err.find::<warp::reject::InvalidQuery>().is_some() {
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "invalid query string".to_owned(),
+        )
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed".to_owned(),
+        )
     } else {
         (StatusCode::BAD_REQUEST, "bad_request", format!("{err:?}"))
     };
-    let body = warp::reply::json(&ErrorBody {
-        code,
-        message: &message,
-    });
-    Ok(warp::reply::with_status(body, status).into_response())
+    let mut response = error_response(status, code, &message);
+    if status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of the body may still arrive: the connection cannot carry another request.
+        response.headers_mut().insert(
+            warp::http::header::CONNECTION,
+            warp::http::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(response)
 }
