@@ -69,6 +69,19 @@ impl DbError {
         }
     }
 
+    /// A one-line reason without the values involved: Postgres's primary message and SQLSTATE,
+    /// without its DETAIL (which quotes the failing row, body included). For a message's sender
+    /// and the failure row kept for its sync.
+    pub fn summary(&self) -> String {
+        match self {
+            DbError::Postgres { source, .. } => match source.as_db_error() {
+                Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+                None => self.to_string(),
+            },
+            _ => self.to_string(),
+        }
+    }
+
     /// The SQLSTATE, when Postgres answered with one (for logs and dead-letter reasons).
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

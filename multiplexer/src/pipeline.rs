@@ -90,7 +90,16 @@ struct SetAside {
 }
 
 impl SetAside {
-    fn record(&mut self, batch: &Batch, index: usize, code: &'static str, reason: String) {
+    /// Sets record `index` aside; `notice` is the reason its sender is told (and the failure row
+    /// keeps): it must not quote the record's content.
+    fn record(
+        &mut self,
+        batch: &Batch,
+        index: usize,
+        code: &'static str,
+        reason: String,
+        notice: &str,
+    ) {
         let record = &batch.records[index];
         tracing::warn!(
             partition = record.partition(),
@@ -100,7 +109,7 @@ impl SetAside {
             "record set aside on the dead-letter topic"
         );
         if let Some(m) = inbound::message_of(record.payload()) {
-            if let Some(f) = inbound::failed_message(&m, code, &reason, chat_common::now_ms()) {
+            if let Some(f) = inbound::failed_message(&m, code, notice, chat_common::now_ms()) {
                 self.failures.push(f);
             }
         }
@@ -202,7 +211,8 @@ impl Pipeline {
     async fn handle(&self, batch: &Batch, shutdown: &CancellationToken) -> bool {
         let mut aside = SetAside::default();
         for (index, why) in &batch.invalid {
-            aside.record(batch, *index, why.code(), why.to_string());
+            let reason = why.to_string();
+            aside.record(batch, *index, why.code(), reason.clone(), &reason);
         }
         let Some((stored, isolated)) = self.store(batch, &mut aside, shutdown).await else {
             return false;
@@ -299,6 +309,7 @@ impl Pipeline {
                         batch.message_records[lo],
                         STORE_REFUSED,
                         describe(&e),
+                        &e.summary(),
                     );
                 }
                 Attempt::Refused(e) => {
@@ -348,7 +359,13 @@ impl Pipeline {
                 Attempt::Done(r) => receipts.extend(r),
                 Attempt::Stopped => return None,
                 Attempt::Refused(e) => {
-                    aside.record(batch, batch.ack_records[i], STORE_REFUSED, describe(&e));
+                    aside.record(
+                        batch,
+                        batch.ack_records[i],
+                        STORE_REFUSED,
+                        describe(&e),
+                        &e.summary(),
+                    );
                 }
             }
         }
