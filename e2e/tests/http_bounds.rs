@@ -274,6 +274,37 @@ async fn keep_alive_serves_a_sequence_then_closes_when_idle() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_request_whose_headers_never_end_is_cut_off() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let mut config = gateway_config(&env);
+    config.handshake_timeout = Duration::from_secs(1);
+    let gw = start(
+        config,
+        gateway::HttpBounds {
+            idle_timeout: Duration::from_secs(1),
+            ..relaxed()
+        },
+    )
+    .await?;
+
+    // Slowloris on a connection that has already served a request: bounded like the first
+    // request's headers (the idle bound asks the connection to close, the header bound ends it).
+    let mut c = Conn::open(gw.addr).await;
+    assert_eq!(c.exchange(&get("/healthz")).await.status, 200);
+    c.send(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n").await;
+    let started = Instant::now();
+    // hyper may answer the cut request (408) before it closes; it must not serve it.
+    while let Some(r) = c.response().await {
+        assert_ne!(r.status, 200, "the unfinished request was not served");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+
+    gw.stop().await;
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_does_not_arrive_gets_408_and_a_closed_connection() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;
     let body_timeout = Duration::from_secs(1);

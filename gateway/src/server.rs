@@ -331,3 +331,26 @@ fn closing(mut response: warp::reply::Response) -> warp::reply::Response {
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activity_is_unused_then_busy_then_idle_from_the_end_of_the_request() {
+        let activity = Activity::new();
+        assert!(matches!(activity.seen(), Seen::Unused { .. }));
+        let busy = activity.begin();
+        assert!(matches!(activity.seen(), Seen::Busy));
+        let before_end = Instant::now();
+        drop(busy);
+        match activity.seen() {
+            Seen::Idle { since } => assert!(since >= before_end),
+            _ => panic!("idle after its request"),
+        }
+        let second = activity.begin();
+        assert!(matches!(activity.seen(), Seen::Busy));
+        drop(second);
+        assert!(matches!(activity.seen(), Seen::Idle { .. }));
+    }
+}
