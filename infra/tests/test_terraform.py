@@ -68,6 +68,8 @@ CURRENT: dict[str, Metric] = {
     "gateway_messages_accepted_total": _m("counter"),
     # Sends that waited for room in the ordered produce queue (gateway/src/app.rs).
     "gateway_produce_queue_full_total": _m("counter"),
+    # HTTP connections the gateway closed for a time bound or a framing rule (gateway/src/server.rs).
+    "gateway_http_closed_total": _m("counter", reason=None),
     "gateway_produce_seconds": _m("histogram"),
     "gateway_errors_total": _m(
         "counter",
@@ -87,7 +89,12 @@ CURRENT: dict[str, Metric] = {
     "multiplexer_outbound_records_total": _m("counter"),
     "multiplexer_errors_total": _m(
         "counter",
-        kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard", "sweep_index"},
+        kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard", "sweep_index", "failure_rows"},
+    ),
+    # Inbound records set aside on inbound-dlq (multiplexer/src/pipeline.rs), by reason.
+    "multiplexer_dead_letters_total": _m(
+        "counter",
+        code={"empty", "undecodable", "bad_message", "invalid_body", "bad_ack", "store_refused"},
     ),
     "presence_catch_up_failed_total": _m("counter"),
     # Emitted by the code though missing from the brief's list: presence.rs, and the
@@ -1396,6 +1403,7 @@ def test_dashboard_metrics_are_known_and_planned_ones_marked() -> None:
         "multiplexer_batch_seconds",
         "gateway_errors_total",
         "multiplexer_errors_total",
+        "multiplexer_dead_letters_total",
         "multiplexer_routed_total",
         "multiplexer_consumer_lag",
         "chat_e2e_latency_seconds",
@@ -1424,7 +1432,7 @@ def test_alert_rules_parse_and_use_known_metrics() -> None:
             elif u.base in PLANNED and r["labels"].get("status") != "planned":
                 problems.append(f"{r['alert']}: uses planned {u.base} without status=planned")
     assert not problems, "\n".join(problems)
-    for must in ("multiplexer_consumer_lag", "gateway_errors_total", "gateway_produce_seconds", "chat_e2e_latency_seconds", "probe_success"):
+    for must in ("multiplexer_consumer_lag", "multiplexer_dead_letters_total", "gateway_errors_total", "gateway_produce_seconds", "chat_e2e_latency_seconds", "probe_success"):
         assert must in used, f"no alert on {must}"
 
 
