@@ -6,8 +6,8 @@
 //!   closed. The slot lives with the connection, and a websocket upgrade takes it over
 //!   ([`ConnectionSlot`]), so one connection holds exactly one slot whatever it becomes.
 //! - **Bounded:** request headers must arrive within `handshake_timeout` (hyper's header-read
-//!   timeout); a keep-alive connection with no request in flight is closed after
-//!   `idle_timeout`; each request is answered within `request_timeout` or gets 408 and its
+//!   timeout); a connection with no request in flight (between keep-alive requests, or never
+//!   used) is closed after `idle_timeout`; each request is answered within `request_timeout` or gets 408 and its
 //!   connection closed; the body read has its own, shorter bound (in the route that reads one,
 //!   see [`crate::http`]). A connection asked to close that does not finish its last request in
 //!   time is dropped.
@@ -15,6 +15,9 @@
 //!   No route takes a body without a length, and with both length headers (RFC 9112 section
 //!   6.3) closing is the only safe answer; hyper drops the `Content-Length` it sees after a
 //!   `Transfer-Encoding`, so refusing every `Transfer-Encoding` is also the only reliable test.
+//! - **Shutdown:** on the cancellation token accepting stops, connections between requests close
+//!   at once and the others after the request they carry; upgraded connections are websockets
+//!   by then, closed with 1001 by their sessions.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -134,6 +137,7 @@ pub(crate) async fn serve<S>(
     S::Future: Send + 'static,
 {
     let connections = TaskTracker::new();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_LINGERING_REFUSALS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -153,7 +157,13 @@ pub(crate) async fn serve<S>(
         let Some(slot) = app.addr_slot(peer.ip()) else {
             metrics::counter!("gateway_connections_refused_total", "reason" => "per_address")
                 .increment(1);
-            connections.spawn(refuse_over_limit(stream));
+            // Under a flood of them, the rest are closed without an answer.
+            if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                connections.spawn(async move {
+                    refuse_over_limit(stream).await;
+                    drop(permit);
+                });
+            }
             continue;
         };
         // Pushes are small frames, often several in a row: Nagle would hold the second until the
@@ -175,6 +185,9 @@ pub(crate) async fn serve<S>(
     connections.close();
     connections.wait().await;
 }
+
+/// Connections over their address's limit being answered at once (each for at most a second).
+const MAX_LINGERING_REFUSALS: usize = 1024;
 
 /// The answer to a connection over its address's limit: 429 with the usual JSON body, written
 /// before the request is read (a client reads it after sending its request), then a lingering
