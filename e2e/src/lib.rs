@@ -156,6 +156,7 @@ impl TestEnv {
             ping_interval: Duration::from_secs(30),
             max_conns_per_addr: 60_000,
             handshake_timeout: Duration::from_secs(10),
+            http: gateway::HttpBounds::default(),
         };
         adjust(&mut config);
         let shutdown = CancellationToken::new();

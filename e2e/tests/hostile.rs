@@ -242,6 +242,27 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
     for c in keep {
         c.close();
     }
+    // Every open connection holds one of the address's slots: wait until the closed sockets have
+    // given theirs back before the next requests.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut tcp = tokio::net::TcpStream::connect(gw.addr).await?;
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut r = Vec::new();
+            let _ = tcp.read_to_end(&mut r).await;
+            if r.starts_with(b"HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "slots not given back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     // Slowloris: a request whose headers never end is cut off after the handshake timeout.
     {

@@ -50,6 +50,7 @@ fn gateway_config(env: &TestEnv) -> gateway::Config {
         ping_interval: Duration::from_secs(30),
         max_conns_per_addr: 60_000,
         handshake_timeout: Duration::from_secs(10),
+        http: relaxed(),
     }
 }
 
@@ -62,9 +63,13 @@ fn relaxed() -> gateway::HttpBounds {
     }
 }
 
-async fn start(config: gateway::Config, bounds: gateway::HttpBounds) -> anyhow::Result<Component> {
+async fn start(
+    mut config: gateway::Config,
+    bounds: gateway::HttpBounds,
+) -> anyhow::Result<Component> {
+    config.http = bounds;
     let shutdown = CancellationToken::new();
-    let running = gateway::start_with(config, bounds, shutdown.clone()).await?;
+    let running = gateway::start(config, shutdown.clone()).await?;
     Ok(Component {
         addr: running.addr,
         shutdown,

@@ -53,6 +53,8 @@ pub struct Config {
     /// How long a client may take to send its request headers (the websocket handshake
     /// included) before the connection is closed.
     pub handshake_timeout: std::time::Duration,
+    /// How long an HTTP connection that is not a websocket may hold a descriptor without progress.
+    pub http: HttpBounds,
 }
 
 impl std::fmt::Debug for Config {
@@ -75,8 +77,9 @@ impl Config {
     /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `WS_READ_BUFFER_BYTES`, `MAX_IN_FLIGHT`, `WEB_DIR`,
     /// `ALLOWED_ORIGINS`, `CONN_RATE_PER_SEC`, `CONN_RATE_BURST`, `USER_RATE_PER_SEC`,
     /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`, `HANDSHAKE_TIMEOUT_SECS`,
-    /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`. The HTTP time bounds (`HTTP_IDLE_TIMEOUT_SECS`,
-    /// `HTTP_BODY_TIMEOUT_SECS`, `HTTP_REQUEST_TIMEOUT_SECS`) are read by [`HttpBounds::from_env`].
+    /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`, and the HTTP time bounds
+    /// (`HTTP_IDLE_TIMEOUT_SECS`, `HTTP_BODY_TIMEOUT_SECS`, `HTTP_REQUEST_TIMEOUT_SECS`, see
+    /// [`HttpBounds::from_env`]).
     pub fn from_env() -> Result<Self, ConfigError> {
         let invalid = |name: &str, value: String, reason: String| ConfigError {
             name: name.to_owned(),
@@ -138,6 +141,7 @@ impl Config {
                 "HANDSHAKE_TIMEOUT_SECS",
                 10,
             )?),
+            http: HttpBounds::from_env()?,
         })
     }
 }

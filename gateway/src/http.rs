@@ -264,10 +264,10 @@ pub fn routes(
                 };
                 // `sync=manual`: the client resumes with its own `sync` frame (last seq per peer).
                 let auto_sync = query.get("sync").map(String::as_str) != Some("manual");
-                // Frames larger than a message body plus envelope are refused by the websocket layer
-                // with close code 1009.
+                // Frames larger than a body JSON-escaped at its worst plus envelope are refused by
+                // the websocket layer with close code 1009 (binary frames get a tighter bound).
                 let config = crate::upgrade::SocketConfig {
-                    max_message_bytes: app.config.max_body_bytes + 1024,
+                    max_message_bytes: ws::frame_limit(app.config.max_body_bytes),
                     read_buffer_bytes: app.config.ws_read_buffer_bytes,
                 };
                 handshake.accept(config, move |socket| {

@@ -44,18 +44,8 @@ pub struct Running {
     pub task: JoinHandle<()>,
 }
 
-/// Checks Kafka, connects the shards, subscribes to the outbound topic and starts serving, with
-/// the HTTP time bounds of the environment ([`HttpBounds::from_env`]).
+/// Checks Kafka, connects the shards, subscribes to the outbound topic and starts serving.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    start_with(config, HttpBounds::from_env()?, shutdown).await
-}
-
-/// [`start`] with the HTTP time bounds given.
-pub async fn start_with(
-    config: Config,
-    bounds: HttpBounds,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Running> {
     chat_common::telemetry::metrics_handle();
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
@@ -107,6 +97,7 @@ pub async fn start_with(
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
+    let bounds = app.config.http;
     let routes = warp::service(http::routes(app.clone(), bounds));
     let http_server = tokio::spawn(server::serve(
         app.clone(),

@@ -690,6 +690,15 @@ fn spawn_sync(
                 Vec::new()
             }
         };
+        // The user's own messages that were accepted and then set aside (dead letters): a
+        // client that was offline when the `failed` notice was pushed learns of them here.
+        let failures = match app.shards.failures_since(&user, since, 1000).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(user = %user, error = %e, "failure query failed");
+                Vec::new()
+            }
+        };
         let messages = match app.shards.pending(&user, &after, SYNC_LIMIT).await {
             Ok(m) => m,
             Err(e) => {
@@ -708,7 +717,7 @@ fn spawn_sync(
         mailbox.push_or_kick(Outgoing::Synced(Box::new(SyncAnswer {
             messages,
             receipts,
-            failures: Vec::new(),
+            failures,
         })));
     });
 }
