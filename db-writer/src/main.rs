@@ -168,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
             .context("replay")?;
             bar.finish_and_clear();
             println!(
-                "replayed {} into {} shards (group {group}): {} records read, {} messages ({} rows written, {} already present), {} acks, {} invalid records skipped",
+                "replayed {} into {} shards (group {group}): {} records read, {} messages ({} rows written, {} already present), {} acks, {} invalid records skipped, {} refused by the store",
                 options.topic,
                 shards.len(),
                 summary.records_read,
@@ -176,7 +176,8 @@ async fn main() -> anyhow::Result<()> {
                 summary.rows_written,
                 summary.rows_present,
                 summary.acks,
-                summary.invalid
+                summary.invalid,
+                summary.refused
             );
         }
     }

@@ -2,8 +2,10 @@
 //!
 //! A replay reads `inbound` from a start point (the beginning, an offset, or a time) up to the
 //! end of the log as it was when the replay began, and applies every record with the same code the
-//! multiplexer uses: idempotent writes by message id, sequences assigned in log order, acks (with
-//! erasure in delete-on-ack mode). Into the same shards it changes nothing that is already there;
+//! multiplexer uses: idempotent writes by (conversation, sender, client message id), sequences
+//! assigned in log order, acks (with erasure in delete-on-ack mode). What the multiplexer set
+//! aside (invalid records, messages and acks the store refuses for their data) is skipped and
+//! counted, so the replay stores exactly what the live pipeline stored. Into the same shards it changes nothing that is already there;
 //! into empty shards, or a new list of shards (resharding from N to M), it rebuilds what the log
 //! holds, placing each conversation where the new locator says. It runs in its own consumer group
 //! and commits its progress there; pushing to gateways is not part of a replay.
@@ -48,6 +50,8 @@ pub struct Summary {
     pub acks: u64,
     /// Records skipped as invalid.
     pub invalid: u64,
+    /// Messages and acks skipped because the store refuses their data (dead-lettered live).
+    pub refused: u64,
 }
 
 /// Why a replay stopped early.
@@ -134,7 +138,22 @@ pub async fn replay(
             }
         }
         if !messages.is_empty() {
-            for s in shards.store_batch(&messages).await? {
+            let stored = match shards.store_batch(&messages).await {
+                Err(e) if e.is_data_error() => {
+                    // As the multiplexer does: everything the store takes, in log order.
+                    let mut stored = Vec::with_capacity(messages.len());
+                    for m in &messages {
+                        match shards.store_batch(std::slice::from_ref(m)).await {
+                            Ok(s) => stored.extend(s),
+                            Err(e) if e.is_data_error() => summary.refused += 1,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    stored
+                }
+                other => other?,
+            };
+            for s in stored {
                 summary.messages += 1;
                 if s.created {
                     summary.rows_written += 1;
@@ -144,8 +163,24 @@ pub async fn replay(
             }
         }
         if !acks.is_empty() {
-            shards.apply_acks(&acks, options.retention).await?;
-            summary.acks += acks.len() as u64;
+            match shards.apply_acks(&acks, options.retention).await {
+                Err(e) if e.is_data_error() => {
+                    for a in &acks {
+                        match shards
+                            .apply_acks(std::slice::from_ref(a), options.retention)
+                            .await
+                        {
+                            Ok(_) => summary.acks += 1,
+                            Err(e) if e.is_data_error() => summary.refused += 1,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                other => {
+                    other?;
+                    summary.acks += acks.len() as u64;
+                }
+            }
         }
         for (p, offset) in last {
             consumer.store_offset(topic, p, offset)?;

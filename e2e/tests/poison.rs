@@ -314,6 +314,35 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
             .then_some(()))
     })
     .await?;
+    // A replay of the log interprets it as the live pipeline did: it stores nothing new, skips
+    // the invalid records and the one the store refuses, and does not stop at it.
+    let snapshot = env.snapshot().await?;
+    let summary = db_writer::replay::replay(
+        &shards,
+        &env.kafka,
+        &db_writer::replay::ReplayOptions {
+            topic: env.topics.inbound(),
+            group: format!("{}replay", env.topics.prefix()),
+            start: db_writer::replay::Start::Beginning,
+            retention: db_writer::Retention::Keep,
+            max_batch: 100,
+        },
+        &mut |_, _| {},
+    )
+    .await?;
+    assert_eq!(
+        (
+            summary.records_read,
+            summary.rows_written,
+            summary.rows_present,
+            summary.invalid,
+            summary.refused
+        ),
+        (12, 0, 7, 4, 1),
+        "{summary:?}"
+    );
+    assert_eq!(env.snapshot().await?, snapshot);
+
     // And the dead letters are counted by code.
     let metrics = Rest::new(&http_url(mux.addr))
         .request("GET", "/metrics", None, None)
