@@ -576,3 +576,51 @@ async fn the_store_deduplicates_a_send_whatever_its_id_scheme() -> anyhow::Resul
         .is_empty());
     env.teardown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_that_is_not_the_data_s_fault_is_retried_and_sets_nothing_aside(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    // The table is missing (SQLSTATE 42P01): a deployment fault, not the records' fault.
+    env.shard(0)
+        .await?
+        .batch_execute("ALTER TABLE messages RENAME TO messages_away")
+        .await?;
+    let mux = env.start_multiplexer().await?;
+    let ab = conversation("alice", "bob");
+    let values: Vec<Vec<u8>> = ["one", "two", "three"]
+        .iter()
+        .enumerate()
+        .map(|(i, body)| record(message("alice", "bob", &format!("r{i}"), body)))
+        .collect();
+    env.produce_all(&env.topics.inbound(), &ab, values).await?;
+    let rest = Rest::new(&http_url(mux.addr));
+    eventually("the store failing and retried", || async {
+        let text = rest.request("GET", "/metrics", None, None).await?.body;
+        let text = text.as_str().unwrap_or_default().to_owned();
+        Ok(text
+            .lines()
+            .any(|l| l.starts_with("multiplexer_errors_total{kind=\"shard\"}"))
+            .then_some(()))
+    })
+    .await?;
+    env.shard(0)
+        .await?
+        .batch_execute("ALTER TABLE messages_away RENAME TO messages")
+        .await?;
+    eventually("stored once the table is back", || async {
+        Ok((bodies(&env, &ab).await?.len() == 3).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        bodies(&env, &ab).await?,
+        vec![
+            (1, "one".to_owned()),
+            (2, "two".into()),
+            (3, "three".into())
+        ]
+    );
+    assert!(env.read_topic(&env.topics.inbound_dlq()).await?.is_empty());
+    mux.stop().await;
+    env.teardown().await
+}
