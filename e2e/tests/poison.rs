@@ -624,3 +624,34 @@ async fn an_error_that_is_not_the_data_s_fault_is_retried_and_sets_nothing_aside
     mux.stop().await;
     env.teardown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiplexer_does_not_start_without_its_dead_letter_topic() -> anyhow::Result<()> {
+    use chat_common::topics::{delete_topics, ensure_topics, TopicNames, TopicSpecs};
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    // Every topic but inbound-dlq, under a prefix of its own.
+    let names = TopicNames::new(format!("{}nodlq-", env.topics.prefix()));
+    let specs = TopicSpecs::standard();
+    let topics = vec![
+        (names.inbound(), specs.inbound.clone()),
+        (names.presence(), specs.presence.clone()),
+    ];
+    ensure_topics(&env.kafka, &topics, None).await?;
+    let started = env
+        .start_multiplexer_with(|c| c.topics = names.clone())
+        .await;
+    let error = match started {
+        Ok(mux) => {
+            mux.stop().await;
+            anyhow::bail!("started without {}", names.inbound_dlq());
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains(&names.inbound_dlq()) && error.contains("does not exist"),
+        "{error}"
+    );
+    let all: Vec<String> = topics.into_iter().map(|(n, _)| n).collect();
+    delete_topics(&env.kafka, &all).await?;
+    env.teardown().await
+}

@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chat_common::http::{ops_routes, ReadyCheck};
 use rdkafka::consumer::Consumer;
+use rdkafka::producer::Producer as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +42,30 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
         .await?
         .context("kafka")?;
+    let producer = config.kafka.producer()?;
+    // Dead letters are produced only when a bad record comes: check now that their topic exists,
+    // rather than find out then, with the partition held until it does.
+    let dlq = config.topics.inbound_dlq();
+    let client = producer.clone();
+    let dlq_partitions = tokio::task::spawn_blocking(move || {
+        client
+            .client()
+            .fetch_metadata(Some(&dlq), Duration::from_secs(10))
+            .map(|md| {
+                md.topics()
+                    .iter()
+                    .filter(|t| t.error().is_none())
+                    .map(|t| t.partitions().len())
+                    .sum::<usize>()
+            })
+    })
+    .await?
+    .context("reading the dead-letter topic's metadata")?;
+    anyhow::ensure!(
+        dlq_partitions > 0,
+        "topic {} does not exist: create it (`chatctl topics`, or the Terraform module)",
+        config.topics.inbound_dlq()
+    );
     let shards = db_writer::Shards::connect(&config.shards).context("shards")?;
     shards.migrate().await.context("shard migrations")?;
 
@@ -57,7 +82,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .subscribe(&[&config.topics.inbound()])
         .context("subscribe to inbound")?;
     let consumer = Arc::new(consumer);
-    let producer = config.kafka.producer()?;
     tokio::spawn(pipeline::report_lag(
         consumer.clone(),
         Duration::from_secs(5),
