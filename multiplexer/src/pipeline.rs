@@ -126,6 +126,41 @@ enum Attempt<T> {
     Stopped,
 }
 
+/// Most bytes of an original record a dead letter carries. The producer refuses a record above
+/// `message.max.bytes` (1,000,000 by default), checked before compression, and a record read
+/// from `inbound` can be larger than that once decompressed: a dead letter that can never be
+/// produced would hold its partition as surely as the record it sets aside.
+const MAX_DEAD_LETTER_ORIGINAL: usize = 512 * 1024;
+
+/// Most bytes of an original key a dead letter is produced with.
+const MAX_DEAD_LETTER_KEY: usize = 1024;
+
+/// The dead letter of record `r`. An original above [`MAX_DEAD_LETTER_ORIGINAL`] keeps only its
+/// first bytes, and the reason says so (the whole record stays on its topic while retained).
+fn dead_letter(r: &OwnedMessage, code: &str, reason: &str, now_ms: i64) -> DeadLetter {
+    let original = r.payload().unwrap_or_default();
+    let (original, reason) = if original.len() > MAX_DEAD_LETTER_ORIGINAL {
+        (
+            &original[..MAX_DEAD_LETTER_ORIGINAL],
+            format!(
+                "{reason} (original truncated to its first {MAX_DEAD_LETTER_ORIGINAL} of {} bytes)",
+                original.len()
+            ),
+        )
+    } else {
+        (original, reason.to_owned())
+    };
+    DeadLetter {
+        original: original.to_vec(),
+        topic: r.topic().to_owned(),
+        partition: r.partition(),
+        offset: r.offset(),
+        code: code.to_owned(),
+        reason,
+        dead_at_ms: now_ms,
+    }
+}
+
 /// The store's error with its causes (Postgres's message and SQLSTATE), for a dead letter.
 fn describe(e: &DbError) -> String {
     let mut text = e.to_string();
@@ -390,17 +425,12 @@ impl Pipeline {
             .iter()
             .map(|(index, code, reason)| {
                 let r = &batch.records[*index];
-                let value = DeadLetter {
-                    original: r.payload().unwrap_or_default().to_vec(),
-                    topic: r.topic().to_owned(),
-                    partition: r.partition(),
-                    offset: r.offset(),
-                    code: (*code).to_owned(),
-                    reason: reason.clone(),
-                    dead_at_ms: now,
-                }
-                .encode_to_vec();
-                (topic.clone(), r.key().map(<[u8]>::to_vec), value)
+                let value = dead_letter(r, code, reason, now).encode_to_vec();
+                // The key only spreads dead letters over partitions: a hostile one is cut short.
+                let key = r
+                    .key()
+                    .map(|k| k[..k.len().min(MAX_DEAD_LETTER_KEY)].to_vec());
+                (topic.clone(), key, value)
             })
             .collect();
         if !self.produce_all(todo, shutdown).await {
@@ -659,6 +689,48 @@ mod tests {
                 })),
             }),
         }
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_its_source_and_bounds_the_original() {
+        let record = |value: Vec<u8>| {
+            OwnedMessage::new(
+                Some(value),
+                Some(b"alice:bob".to_vec()),
+                "t-inbound".into(),
+                rdkafka::Timestamp::NotAvailable,
+                4,
+                17,
+                None,
+            )
+        };
+        let d = dead_letter(&record(b"\xff\xff".to_vec()), "undecodable", "why", 9);
+        assert_eq!(
+            (
+                d.original.as_slice(),
+                d.topic.as_str(),
+                d.partition,
+                d.offset,
+                d.code.as_str(),
+                d.reason.as_str(),
+                d.dead_at_ms
+            ),
+            (
+                b"\xff\xff".as_slice(),
+                "t-inbound",
+                4,
+                17,
+                "undecodable",
+                "why",
+                9
+            )
+        );
+        let big = vec![7u8; 3 * 1024 * 1024];
+        let d = dead_letter(&record(big.clone()), "undecodable", "why", 9);
+        assert_eq!(d.original, big[..MAX_DEAD_LETTER_ORIGINAL]);
+        assert!(d.reason.contains("truncated") && d.reason.contains("3145728"));
+        // Well within what the producer accepts (1,000,000 bytes by default).
+        assert!(d.encoded_len() < 600 * 1024);
     }
 
     #[test]
