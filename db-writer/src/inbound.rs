@@ -22,6 +22,12 @@ pub enum Inbound {
     Ack(AckRecord),
 }
 
+/// Largest body a record may carry: its push (`OutboundRecord.deliver`) must stay within what a
+/// producer sends (`message.max.bytes`, 1,000,000 by default), or it could never be routed and
+/// would hold its partition. Far above any gateway's `MAX_BODY_BYTES` (4 KiB by default), which
+/// must stay below it.
+pub const MAX_BODY_BYTES: usize = 512 * 1024;
+
 /// Why a record was refused (the caller sets it aside; a bad record never stops the log).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidRecord {
@@ -35,6 +41,8 @@ pub enum InvalidRecord {
     BadMessage,
     #[error("message body contains U+0000 (NUL), which the store cannot hold")]
     NulBody,
+    #[error("message body is {size} bytes; at most {MAX_BODY_BYTES} can be delivered")]
+    BodyTooLarge { size: usize },
     #[error("ack has an invalid user, peer or conversation")]
     BadAck,
 }
@@ -47,6 +55,7 @@ impl InvalidRecord {
             InvalidRecord::Undecodable => "undecodable",
             InvalidRecord::BadMessage => "bad_message",
             InvalidRecord::NulBody => "invalid_body",
+            InvalidRecord::BodyTooLarge { .. } => "body_too_large",
             InvalidRecord::BadAck => "bad_ack",
         }
     }
@@ -105,14 +114,13 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Inbound, InvalidRecord> {
             if message_ids(&m).is_none() {
                 return Err(InvalidRecord::BadMessage);
             }
-            // The body rule of the edge (chat_common::body), but for its size: the gateway's
-            // limit is its configuration, and the store holds any size a record can carry. An
-            // empty body is stored as it is (records of earlier gateways may hold one).
-            match chat_common::body::check(&m.body, usize::MAX) {
+            // The body rule of the edge (chat_common::body), with the size any push can carry
+            // rather than the gateway's configured limit. An empty body is stored as it is
+            // (records of earlier gateways may hold one).
+            match chat_common::body::check(&m.body, MAX_BODY_BYTES) {
                 Err(BodyError::Nul { .. }) => Err(InvalidRecord::NulBody),
-                Ok(()) | Err(BodyError::Empty) | Err(BodyError::TooLarge { .. }) => {
-                    Ok(Inbound::Message(m))
-                }
+                Err(BodyError::TooLarge { size, .. }) => Err(InvalidRecord::BodyTooLarge { size }),
+                Ok(()) | Err(BodyError::Empty) => Ok(Inbound::Message(m)),
             }
         }
         Some(inbound_record::Kind::Ack(a)) => {
@@ -246,6 +254,11 @@ mod tests {
             ("alice", "bob", "c1")
         );
         assert_eq!(f.to_proto().peer, "bob");
+        let big = "x".repeat(MAX_BODY_BYTES + 1);
+        let e = decode(Some(&msg_with("alice:bob", "alice", "bob", &big))).expect_err("too big");
+        assert_eq!(e.code(), "body_too_large");
+        let most = "x".repeat(MAX_BODY_BYTES);
+        assert!(decode(Some(&msg_with("alice:bob", "alice", "bob", &most))).is_ok());
         // Other control characters are stored.
         assert!(decode(Some(&msg_with("alice:bob", "alice", "bob", "\u{1}\t"))).is_ok());
         let mut m = m;

@@ -162,6 +162,17 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
         (&ab, record(message("alice", "bob", "a3", "three")), None),
         (&ab, record(oversized), Some("bad_message")),
         (&cd, record(message("carol", "dave", "c3", "c-two")), None),
+        // A body no push could carry (and a record whose dead letter keeps only its first bytes).
+        (
+            &cd,
+            record(message(
+                "carol",
+                "dave",
+                "huge",
+                &"z".repeat(db_writer::inbound::MAX_BODY_BYTES + 1),
+            )),
+            Some("body_too_large"),
+        ),
         (&ab, bad_ack, Some("bad_ack")),
         (&ab, record(message("alice", "bob", "a4", "four")), None),
         (&cd, record(message("carol", "dave", "c4", "c-three")), None),
@@ -226,9 +237,19 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
         let (partition, offset, key) = &source[*value];
         let (d, dead_key) = letters
             .iter()
-            .find(|(d, _)| &d.original == *value)
+            .find(|(d, _)| d.partition == *partition && d.offset == *offset)
             .unwrap_or_else(|| panic!("no dead letter for the {code} record"));
         assert_eq!(d.code, *code);
+        if d.original.len() < value.len() {
+            // Only an original too large to produce whole is cut, and the reason says so.
+            assert!(
+                value.len() > 512 * 1024 && d.reason.contains("truncated"),
+                "{code}"
+            );
+            assert!(value.starts_with(&d.original), "{code}");
+        } else {
+            assert_eq!(&d.original, *value, "{code}: the original bytes");
+        }
         assert_eq!(
             (d.topic.as_str(), d.partition, d.offset),
             (env.topics.inbound().as_str(), *partition, *offset),
@@ -258,15 +279,29 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
     );
     let nul = message("alice", "bob", "nul", "");
     assert_eq!(f.message_id, nul.message_id);
-    let f = next_failed(&mut carol).await?;
+    let mut carols = vec![
+        next_failed(&mut carol).await?,
+        next_failed(&mut carol).await?,
+    ];
+    carols.sort_by(|a, b| a.client_message_id.cmp(&b.client_message_id));
+    let got: Vec<(&str, &str, &str)> = carols
+        .iter()
+        .map(|f| {
+            (
+                f.client_message_id.as_str(),
+                f.peer.as_str(),
+                f.code.as_str(),
+            )
+        })
+        .collect();
     assert_eq!(
-        (
-            f.client_message_id.as_str(),
-            f.peer.as_str(),
-            f.code.as_str()
-        ),
-        ("c2", "dave", "store_refused")
+        got,
+        vec![
+            ("c2", "dave", "store_refused"),
+            ("huge", "dave", "body_too_large")
+        ]
     );
+    let f = &carols[0];
     // The sender's reason names the rule, without quoting the row.
     assert!(
         f.reason.contains("23514") && !f.reason.contains("refuse me"),
@@ -285,7 +320,7 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
     );
     assert_eq!(
         shards.failures_since(&user("carol"), 0, 100).await?.len(),
-        1
+        2
     );
     assert!(shards
         .failures_since(&user("alice"), synced[0].failed_at_ms, 100)
@@ -297,7 +332,7 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
             .shard(i)
             .await?
             .query_one(
-                "SELECT count(*) FROM messages WHERE client_message_id IN ('nul', 'c2')",
+                "SELECT count(*) FROM messages WHERE client_message_id IN ('nul', 'c2', 'huge')",
                 &[],
             )
             .await?
@@ -338,7 +373,7 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
             summary.invalid,
             summary.refused
         ),
-        (12, 0, 7, 4, 1),
+        (13, 0, 7, 5, 1),
         "{summary:?}"
     );
     assert_eq!(env.snapshot().await?, snapshot);
@@ -351,6 +386,7 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
     for code in [
         "undecodable",
         "invalid_body",
+        "body_too_large",
         "bad_message",
         "bad_ack",
         "store_refused",

@@ -94,7 +94,7 @@ CURRENT: dict[str, Metric] = {
     # Inbound records set aside on inbound-dlq (multiplexer/src/pipeline.rs), by reason.
     "multiplexer_dead_letters_total": _m(
         "counter",
-        code={"empty", "undecodable", "bad_message", "invalid_body", "bad_ack", "store_refused"},
+        code={"empty", "undecodable", "bad_message", "invalid_body", "body_too_large", "bad_ack", "store_refused"},
     ),
     "presence_catch_up_failed_total": _m("counter"),
     # Emitted by the code though missing from the brief's list: presence.rs, and the

@@ -55,11 +55,12 @@ pub const STORE_REFUSED: &str = "store_refused";
 
 /// Every dead-letter code, so that each series of `multiplexer_dead_letters_total` exists from
 /// the start (an alert on its increase then sees the first dead letter too).
-pub const DEAD_LETTER_CODES: [&str; 6] = [
+pub const DEAD_LETTER_CODES: [&str; 7] = [
     "empty",
     "undecodable",
     "bad_message",
     "invalid_body",
+    "body_too_large",
     "bad_ack",
     STORE_REFUSED,
 ];
