@@ -279,7 +279,7 @@ async fn bad_records_are_set_aside_and_nothing_behind_them_stops() -> anyhow::Re
     );
     let nul = message("alice", "bob", "nul", "");
     assert_eq!(f.message_id, nul.message_id);
-    let mut carols = vec![
+    let mut carols = [
         next_failed(&mut carol).await?,
         next_failed(&mut carol).await?,
     ];
