@@ -188,7 +188,8 @@ pub struct PoisonCounts {
     pub partitions: usize,
     /// Bad records found on the dead-letter topic (by source partition and offset).
     pub dead_lettered: usize,
-    /// Dead letters of bad records, repeats included (at-least-once: a kill can repeat some).
+    /// Dead letters of bad records read, repeats included (at-least-once: a kill can repeat
+    /// some); reading stops once every bad record was found, so later repeats are not counted.
     pub copies: usize,
     /// Dead letters of a bad record whose source topic or original bytes are not the record's,
     /// plus dead letters that do not decode as `DeadLetter`.
@@ -214,7 +215,7 @@ impl PoisonCounts {
     pub fn note(&self) -> String {
         let codes: Vec<String> = self.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
         let mut s = format!(
-            "{} bad records into {} partitions, {} dead-lettered ({} copies{})",
+            "{} bad records into {} partitions, {} dead-lettered ({} dead letters read{})",
             self.produced,
             self.partitions,
             self.dead_lettered,
