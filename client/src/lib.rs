@@ -7,9 +7,20 @@
 //! once each, in order per conversation: a message at or below the last sequence held for its
 //! conversation is a repeat of at-least-once delivery and is dropped.
 //!
+//! Sends keep the order the application issued them in: they are written
+//! pipelined, without waiting for each answer, up to [`Options::max_in_flight`] unanswered at a
+//! time; the rest wait their turn. Unanswered sends are written again after a reconnect in their
+//! original order, and a send refused for a reason that passes (`produce_failed`,
+//! `too_many_in_flight`, `rate_limited`) is written again, same id, before any send issued after
+//! it that was not written yet. Other refusals are final. The server keeps a connection's order
+//! from there on, so a sender's messages get their seqs in the order they were issued. One case
+//! no client can mend: a retried send lands after the sends that were already in flight behind
+//! it when it was refused (which is why the in-flight bound stays below the gateway's
+//! `MAX_IN_FLIGHT`, so `too_many_in_flight` does not happen).
+//!
 //! [`Rest`] wraps the REST API (`PUT`/`GET /messages/{user_id}`, dev tokens).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use chat_proto::v1::{
@@ -77,7 +88,23 @@ pub struct Options {
     pub auto_ack: bool,
     /// Last sequence already held per conversation key (from a previous run).
     pub resume_from: HashMap<String, u64>,
+    /// Most sends written and not answered yet; later ones wait their turn, in order. Below the
+    /// gateway's `MAX_IN_FLIGHT` (256 by default), which refuses sends beyond it.
+    pub max_in_flight: usize,
 }
+
+/// The default [`Options::max_in_flight`]: half the gateway's default `MAX_IN_FLIGHT`, so an
+/// answer on its way while the next send goes out never meets the server's bound.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
+
+/// Error codes that answer a send with "not now": it is written again (same id, in order).
+/// Every other error code is final.
+pub const RETRYABLE_CODES: [&str; 3] = ["produce_failed", "too_many_in_flight", "rate_limited"];
+
+/// Times one send is written again after a retryable error before it is refused for good.
+const MAX_RETRIES: u32 = 10;
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 impl Options {
     pub fn new(url: &str, token: &str) -> Self {
@@ -88,15 +115,130 @@ impl Options {
             reconnect: false,
             auto_ack: false,
             resume_from: HashMap::new(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Accepted, ClientError>>;
+
+/// A send the application issued and the server has not answered yet.
+struct Pending {
+    /// Issue order: sends are written, and written again, in this order.
+    order: u64,
+    frame: Send,
+    reply: Reply,
+    /// Retryable refusals so far.
+    retries: u32,
+}
+
+/// The connection's sends not answered yet, in the order the application issued them: those
+/// written on the current socket (`in_flight`, at most `max_in_flight`) and those waiting their
+/// turn (`waiting`: not written yet, to be written again after a reconnect, or to be retried).
+/// Pure bookkeeping: the driver writes what [`Outbox::next_to_write`] hands out.
+struct Outbox {
+    next_order: u64,
+    max_in_flight: usize,
+    in_flight: VecDeque<Pending>,
+    waiting: VecDeque<Pending>,
+    /// After a retryable refusal nothing is written until then (the retried send goes first).
+    hold_until: Option<tokio::time::Instant>,
+    retry_delay: Duration,
+}
+
+impl Outbox {
+    fn new(max_in_flight: usize) -> Self {
+        Self {
+            next_order: 0,
+            max_in_flight: max_in_flight.max(1),
+            in_flight: VecDeque::new(),
+            waiting: VecDeque::new(),
+            hold_until: None,
+            retry_delay: FIRST_RETRY_DELAY,
+        }
+    }
+
+    /// A new send from the application: last in line.
+    fn push(&mut self, frame: Send, reply: Reply) {
+        let order = self.next_order;
+        self.next_order += 1;
+        self.waiting.push_back(Pending {
+            order,
+            frame,
+            reply,
+            retries: 0,
+        });
+    }
+
+    /// The next send to write now, if the in-flight bound and a retry hold allow; it counts as
+    /// in flight from here.
+    fn next_to_write(&mut self, now: tokio::time::Instant) -> Option<Send> {
+        if self.hold_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        self.hold_until = None;
+        if self.in_flight.len() >= self.max_in_flight {
+            return None;
+        }
+        let p = self.waiting.pop_front()?;
+        let frame = p.frame.clone();
+        self.in_flight.push_back(p);
+        Some(frame)
+    }
+
+    /// The in-flight send an answer with this client message id is for (the earliest written).
+    fn answered(&mut self, client_message_id: &str) -> Option<Pending> {
+        let at = self
+            .in_flight
+            .iter()
+            .position(|p| p.frame.client_message_id == client_message_id)?;
+        self.in_flight.remove(at)
+    }
+
+    /// Puts a send back in line at its place (before every send issued after it).
+    fn requeue(&mut self, p: Pending) {
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.order > p.order)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, p);
+    }
+
+    /// A send refused for a reason that passes: back in line, and a pause before writing on.
+    /// Returns it instead once it was retried too often.
+    fn retry(&mut self, mut p: Pending, now: tokio::time::Instant) -> Option<Pending> {
+        if p.retries >= MAX_RETRIES {
+            return Some(p);
+        }
+        p.retries += 1;
+        self.requeue(p);
+        self.hold(now);
+        None
+    }
+
+    fn hold(&mut self, now: tokio::time::Instant) {
+        self.hold_until = Some(now + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
+    }
+
+    /// The socket is gone (or dropped a frame we cannot name): everything in flight goes back in
+    /// line, in order, to be written again.
+    fn requeue_in_flight(&mut self) {
+        while let Some(p) = self.in_flight.pop_back() {
+            self.requeue(p);
+        }
+    }
+
+    fn fail_all(&mut self, err: impl Fn() -> ClientError) {
+        for p in self.in_flight.drain(..).chain(self.waiting.drain(..)) {
+            let _ = p.reply.send(Err(err()));
         }
     }
 }
 
 enum Command {
-    Send {
-        frame: Send,
-        reply: oneshot::Sender<Result<Accepted, ClientError>>,
-    },
+    Send { frame: Send, reply: Reply },
     Frame(client_frame::Kind),
     Raw(Message),
     Disconnect,
@@ -189,12 +331,12 @@ impl Client {
         }));
         let _ = ev_tx.send(Event::Connected { gateway_id });
         let driver = Driver {
-            options,
             user: user.clone(),
             state: state.clone(),
             events: ev_tx,
-            unanswered: HashMap::new(),
+            outbox: Outbox::new(options.max_in_flight),
             last_receipt_ms: 0,
+            options,
         };
         tokio::spawn(driver.run(socket, cmd_rx));
         Ok(Self {
@@ -340,8 +482,9 @@ struct Driver {
     user: String,
     state: std::sync::Arc<std::sync::Mutex<Shared>>,
     events: mpsc::UnboundedSender<Event>,
-    /// Sends not answered yet, by client message id: re-sent after a reconnect.
-    unanswered: HashMap<String, (Send, oneshot::Sender<Result<Accepted, ClientError>>)>,
+    /// Sends not answered yet, in issue order: written up to the in-flight bound, written
+    /// again after a reconnect or a retryable refusal.
+    outbox: Outbox,
     /// Newest receipt seen, so a resume only asks for newer ones.
     last_receipt_ms: i64,
 }
@@ -399,9 +542,7 @@ impl Driver {
                                 self.fail_all(|| ClientError::Closed);
                                 return;
                             }
-                            Some(Command::Send { frame, reply }) => {
-                                self.unanswered.insert(frame.client_message_id.clone(), (frame, reply));
-                            }
+                            Some(Command::Send { frame, reply }) => self.outbox.push(frame, reply),
                             Some(_) => {}
                         }
                     }
@@ -413,9 +554,7 @@ impl Driver {
     }
 
     fn fail_all(&mut self, err: impl Fn() -> ClientError) {
-        for (_, (_, reply)) in self.unanswered.drain() {
-            let _ = reply.send(Err(err()));
-        }
+        self.outbox.fail_all(err);
     }
 
     /// After (re)connecting: ask for what we lack, and repeat unanswered sends.
@@ -434,9 +573,15 @@ impl Driver {
             receipts_after_ms: self.last_receipt_ms,
         });
         self.write(socket, sync).await?;
-        let sends: Vec<Send> = self.unanswered.values().map(|(s, _)| s.clone()).collect();
-        for s in sends {
-            self.write(socket, client_frame::Kind::Send(s)).await?;
+        // What the last socket left unanswered goes first, in its order.
+        self.outbox.requeue_in_flight();
+        self.pump(socket).await
+    }
+
+    /// Writes the sends whose turn it is (pipelined: no waiting for answers in between).
+    async fn pump(&mut self, socket: &mut Socket) -> Result<(), ClientError> {
+        while let Some(frame) = self.outbox.next_to_write(tokio::time::Instant::now()) {
+            self.write(socket, client_frame::Kind::Send(frame)).await?;
         }
         Ok(())
     }
@@ -462,16 +607,32 @@ impl Driver {
         socket: &mut Socket,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Ended {
+        let ended = self.serve_frames(socket, commands).await;
+        // Whatever was in flight is unanswered: it goes again after the reconnect, in order.
+        self.outbox.requeue_in_flight();
+        ended
+    }
+
+    async fn serve_frames(
+        &mut self,
+        socket: &mut Socket,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Ended {
         loop {
+            let hold = self.outbox.hold_until;
             tokio::select! {
+                _ = tokio::time::sleep_until(hold.unwrap_or_else(tokio::time::Instant::now)), if hold.is_some() => {
+                    if self.pump(socket).await.is_err() {
+                        return Ended::Dropped;
+                    }
+                }
                 c = commands.recv() => {
                     let result = match c {
                         None | Some(Command::Close) => return Ended::Closed,
                         Some(Command::Disconnect) => return Ended::Dropped,
                         Some(Command::Send { frame, reply }) => {
-                            let kind = client_frame::Kind::Send(frame.clone());
-                            self.unanswered.insert(frame.client_message_id.clone(), (frame, reply));
-                            self.write(socket, kind).await
+                            self.outbox.push(frame, reply);
+                            self.pump(socket).await
                         }
                         Some(Command::Frame(kind)) => self.write(socket, kind).await,
                         Some(Command::Raw(m)) => socket.send(m).await.map_err(|_| ClientError::Closed),
@@ -516,24 +677,43 @@ impl Driver {
     ) -> Result<(), ClientError> {
         let event = match frame.kind {
             Some(server_frame::Kind::Accepted(a)) => {
-                if let Some((_, reply)) = self.unanswered.remove(&a.client_message_id) {
-                    let _ = reply.send(Ok(a));
+                if let Some(p) = self.outbox.answered(&a.client_message_id) {
+                    self.outbox.retry_delay = FIRST_RETRY_DELAY;
+                    let _ = p.reply.send(Ok(a));
                 }
-                return Ok(());
+                return self.pump(socket).await;
             }
             Some(server_frame::Kind::Error(e)) => {
-                match self.unanswered.remove(&e.client_message_id) {
-                    Some((_, reply)) => {
-                        let _ = reply.send(Err(ClientError::Refused {
+                let retryable = RETRYABLE_CODES.contains(&e.code.as_str());
+                match self.outbox.answered(&e.client_message_id) {
+                    Some(p) => {
+                        let now = tokio::time::Instant::now();
+                        let given_up = if retryable {
+                            self.outbox.retry(p, now)
+                        } else {
+                            Some(p)
+                        };
+                        if let Some(p) = given_up {
+                            let _ = p.reply.send(Err(ClientError::Refused {
+                                code: e.code,
+                                message: e.message,
+                            }));
+                        }
+                        return self.pump(socket).await;
+                    }
+                    None => {
+                        if retryable && e.client_message_id.is_empty() {
+                            // A frame was dropped (the connection's rate limit) and the server
+                            // cannot say which: write every unanswered send again, in order,
+                            // after a pause; a repeat is answered with the original message.
+                            self.outbox.requeue_in_flight();
+                            self.outbox.hold(tokio::time::Instant::now());
+                        }
+                        Event::Error {
                             code: e.code,
                             message: e.message,
-                        }));
-                        return Ok(());
+                        }
                     }
-                    None => Event::Error {
-                        code: e.code,
-                        message: e.message,
-                    },
                 }
             }
             Some(server_frame::Kind::Deliver(d)) => {
@@ -647,5 +827,108 @@ impl Rest {
         r.body["token"].as_str().map(str::to_owned).ok_or_else(|| {
             ClientError::Http(format!("no token in answer ({}): {}", r.status, r.body))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(cid: &str) -> Send {
+        Send {
+            client_message_id: cid.to_owned(),
+            recipient: "bob".to_owned(),
+            body: cid.to_owned(),
+        }
+    }
+
+    fn outbox(
+        max: usize,
+        cids: &[&str],
+    ) -> (
+        Outbox,
+        Vec<oneshot::Receiver<Result<Accepted, ClientError>>>,
+    ) {
+        let mut o = Outbox::new(max);
+        let mut replies = Vec::new();
+        for c in cids {
+            let (tx, rx) = oneshot::channel();
+            o.push(send(c), tx);
+            replies.push(rx);
+        }
+        (o, replies)
+    }
+
+    fn drain(o: &mut Outbox, now: tokio::time::Instant) -> Vec<String> {
+        std::iter::from_fn(|| o.next_to_write(now))
+            .map(|s| s.client_message_id)
+            .collect()
+    }
+
+    #[test]
+    fn sends_go_out_in_issue_order_up_to_the_in_flight_bound() {
+        let now = tokio::time::Instant::now();
+        let (mut o, _r) = outbox(3, &["a", "b", "c", "d", "e"]);
+        assert_eq!(drain(&mut o, now), ["a", "b", "c"]);
+        assert!(o.answered("b").is_some());
+        assert!(o.answered("b").is_none(), "one answer per write");
+        assert_eq!(drain(&mut o, now), ["d"]);
+        assert!(o.answered("a").is_some());
+        assert!(o.answered("c").is_some());
+        assert_eq!(drain(&mut o, now), ["e"]);
+    }
+
+    #[test]
+    fn a_reconnect_writes_the_unanswered_again_in_their_order_before_the_rest() {
+        let now = tokio::time::Instant::now();
+        let (mut o, _r) = outbox(3, &["a", "b", "c", "d", "e"]);
+        assert_eq!(drain(&mut o, now), ["a", "b", "c"]);
+        assert!(o.answered("b").is_some());
+        o.requeue_in_flight();
+        assert_eq!(drain(&mut o, now), ["a", "c", "d"]);
+    }
+
+    #[test]
+    fn a_retryable_refusal_goes_again_before_later_sends_after_a_pause() {
+        let now = tokio::time::Instant::now();
+        let (mut o, _r) = outbox(2, &["a", "b", "c", "d"]);
+        assert_eq!(drain(&mut o, now), ["a", "b"]);
+        let a = o.answered("a").expect("in flight");
+        assert!(o.retry(a, now).is_none(), "retried, not given up");
+        assert!(drain(&mut o, now).is_empty(), "held for a while");
+        let later = now + MAX_RETRY_DELAY;
+        assert_eq!(
+            drain(&mut o, later),
+            ["a"],
+            "b is still in flight: one slot"
+        );
+        assert!(o.answered("b").is_some());
+        assert_eq!(drain(&mut o, later), ["c"]);
+    }
+
+    #[test]
+    fn a_send_retried_too_often_is_handed_back() {
+        let mut now = tokio::time::Instant::now();
+        let (mut o, _r) = outbox(1, &["a"]);
+        for _ in 0..MAX_RETRIES {
+            assert_eq!(drain(&mut o, now), ["a"]);
+            let a = o.answered("a").expect("in flight");
+            assert!(o.retry(a, now).is_none());
+            now += MAX_RETRY_DELAY;
+        }
+        assert_eq!(drain(&mut o, now), ["a"]);
+        let a = o.answered("a").expect("in flight");
+        assert!(o.retry(a, now).is_some());
+    }
+
+    #[test]
+    fn closing_fails_every_unanswered_send() {
+        let now = tokio::time::Instant::now();
+        let (mut o, mut r) = outbox(1, &["a", "b"]);
+        assert_eq!(drain(&mut o, now), ["a"]);
+        o.fail_all(|| ClientError::Closed);
+        for rx in &mut r {
+            assert!(matches!(rx.try_recv(), Ok(Err(ClientError::Closed))));
+        }
     }
 }
