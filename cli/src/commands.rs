@@ -107,7 +107,8 @@ pub async fn send(
     Ok(())
 }
 
-/// Waits until the recipient acknowledged the message; returns its sequence.
+/// Waits until the recipient acknowledged the message; returns its sequence. A message the
+/// server set aside after accepting it (`failed`) ends the wait with its code.
 async fn wait_for_receipt(
     conn: &mut Connection,
     session: &Session,
@@ -124,6 +125,18 @@ async fn wait_for_receipt(
             }
             Event::Receipt(r) if r.conversation == accepted.conversation => {
                 acked = acked.max(r.up_to_seq);
+            }
+            // Accepted, then set aside as a dead letter: it will never be delivered.
+            Event::Failed(f)
+                if f.client_message_id == accepted.client_message_id && f.peer == to =>
+            {
+                return Err(Failure::Refused {
+                    code: f.code,
+                    message: format!(
+                        "the message was accepted but cannot be stored: {}",
+                        f.reason
+                    ),
+                });
             }
             Event::Connected { .. } => {
                 connections += 1;

@@ -127,6 +127,10 @@ pub async fn run(out: Out, server: Option<&str>, to: Option<String>) -> Result<(
                     Err(f) => break Err(f),
                 };
                 match &event {
+                    // Shown by the tracker; it will never be stored, so never delivered.
+                    Event::Failed(f) => {
+                        own.remove(&f.client_message_id);
+                    }
                     Event::Stored(s) if own.remove(&s.client_message_id) => {
                         undelivered.entry(s.conversation.clone()).or_default().push(s.seq);
                     }
