@@ -16,6 +16,15 @@ const HISTORY_PAGE = 100;
 const SYNC_LIMIT = 10_000;
 /** Deliveries arriving within this many ms are stored, acknowledged and rendered together. */
 const FLUSH_MS = 25;
+/**
+ * Most sends written on a connection and not answered yet; the rest of the outbox waits its turn.
+ * Below the gateway's default MAX_IN_FLIGHT (256), which refuses sends beyond it.
+ */
+const MAX_IN_FLIGHT = 100;
+/** Errors that mean "not now": the send stays in the outbox and goes again (same id, in order). */
+const RETRYABLE = new Set(['produce_failed', 'too_many_in_flight', 'rate_limited']);
+const FIRST_RETRY_MS = 200;
+const MAX_RETRY_MS = 5_000;
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, props = {}, ...children) => {
@@ -41,6 +50,9 @@ const app = {
   syncsPending: 0,
   synced: false, // the first sync of this connection is done
   sendTimers: new Map(), // clientMessageId -> timeout
+  inFlight: new Set(), // client message ids written on this connection, not answered yet
+  holdTimer: null, // after a retryable refusal, the outbox waits for this timer
+  retryDelay: FIRST_RETRY_MS,
   history: new Map(), // peer -> { running: Promise, again: boolean }
   countdown: null,
   dirty: new Set(), // peers with deliveries not yet stored/acked/rendered
@@ -158,6 +170,9 @@ function signOut(message = '') {
   app.conn = null;
   for (const t of app.sendTimers.values()) clearTimeout(t);
   app.sendTimers.clear();
+  app.inFlight.clear();
+  clearTimeout(app.holdTimer);
+  app.holdTimer = null;
   flushDeliveries();
   clearTimeout(app.flushTimer);
   app.flushTimer = null;
@@ -277,8 +292,10 @@ function onWelcome(welcome) {
   // sync is answered, so the resume point is ours (what this browser holds, receipts since).
   app.syncsPending = 1;
   app.conn.send(app.store.syncFrame());
-  // Sends that never got an answer go again, with the same client message id (idempotent).
-  for (const m of app.store.pendingSends()) transmit(m);
+  // Sends that never got an answer go again, in the order they were written, with the same
+  // client message ids (idempotent), pipelined up to the in-flight bound.
+  app.inFlight.clear();
+  pumpOutbox();
 }
 
 function onClosed({ code }) {
@@ -289,6 +306,7 @@ function onClosed({ code }) {
     if (code === CLOSE.TOO_BIG) app.store?.markFailed(cid, 'Too large for the server');
   }
   app.sendTimers.clear();
+  app.inFlight.clear();
   flushDeliveries();
   app.synced = false;
   app.syncsPending = 0;
@@ -302,8 +320,15 @@ function onFrame(f) {
   if (f.deliver) onDeliver(f.deliver.message);
   else if (f.accepted) {
     clearSendTimer(f.accepted.clientMessageId);
+    app.inFlight.delete(f.accepted.clientMessageId);
+    app.retryDelay = FIRST_RETRY_MS;
     const m = store.markAccepted(f.accepted);
     if (m) refreshConversation(store.peerOf(m));
+    pumpOutbox();
+  } else if (f.failed) {
+    // Accepted, then set aside by the server: it can never be stored or delivered.
+    const m = store.markDeadLettered(f.failed);
+    if (m) refreshConversation(m.recipient);
   } else if (f.stored) {
     const st = f.stored;
     const m = store.markStored(st);
@@ -373,8 +398,22 @@ function flushDeliveries() {
 function onError(e) {
   if (e.clientMessageId) {
     clearSendTimer(e.clientMessageId);
+    app.inFlight.delete(e.clientMessageId);
+    if (RETRYABLE.has(e.code)) {
+      // Stays "sending": it goes again after a pause, before the messages written after it.
+      holdOutbox();
+      return;
+    }
     const m = app.store.markFailed(e.clientMessageId, e.message || e.code);
     if (m) refreshConversation(app.store.peerOf(m));
+    pumpOutbox();
+    return;
+  }
+  if (RETRYABLE.has(e.code)) {
+    // A frame was dropped and the server cannot say which: everything unanswered goes again,
+    // in order, after a pause (a repeat is answered with the original message).
+    app.inFlight.clear();
+    holdOutbox();
     return;
   }
   if (e.code === 'sync_failed') {
@@ -398,10 +437,30 @@ function ackIfDue(peer) {
   if (app.conn?.send({ ack: { peer, upToSeq: String(upTo) } })) app.acked.set(peer, upTo);
 }
 
+/** Writes the outbox's next sends: in write order, up to the in-flight bound, no waiting between. */
+function pumpOutbox() {
+  if (!app.store || !app.conn?.isOpen || app.holdTimer) return;
+  for (const m of app.store.sendable(app.inFlight, MAX_IN_FLIGHT)) {
+    if (!transmit(m)) break;
+  }
+}
+
+/** Pauses the outbox after a retryable refusal (doubling up to MAX_RETRY_MS), then goes on. */
+function holdOutbox() {
+  if (app.holdTimer) return;
+  const delay = app.retryDelay;
+  app.retryDelay = Math.min(app.retryDelay * 2, MAX_RETRY_MS);
+  app.holdTimer = setTimeout(() => {
+    app.holdTimer = null;
+    pumpOutbox();
+  }, delay);
+}
+
 function transmit(m) {
   if (!app.conn?.send({ send: { clientMessageId: m.clientMessageId, recipient: m.recipient, body: m.body } })) {
-    return; // stays "sending": goes out after the reconnect
+    return false; // stays "sending": goes out after the reconnect
   }
+  app.inFlight.add(m.clientMessageId);
   clearSendTimer(m.clientMessageId);
   const sentAt = Date.now();
   app.sendTimers.set(
@@ -414,10 +473,13 @@ function transmit(m) {
         app.conn?.recycle('no answer from the server');
         return;
       }
+      app.inFlight.delete(m.clientMessageId);
       const f = app.store?.markFailed(m.clientMessageId, 'No answer from the server');
       if (f) refreshConversation(f.recipient);
+      pumpOutbox();
     }, SEND_TIMEOUT_MS),
   );
+  return true;
 }
 
 function clearSendTimer(cid) {
@@ -736,10 +798,11 @@ function onSend(ev) {
   err.textContent = '';
   input.value = '';
   autoGrow(input);
-  const m = app.store.addOutgoing(peer, body);
+  app.store.addOutgoing(peer, body);
   refreshConversation(peer);
   renderMessages(true);
-  transmit(m);
+  // Behind whatever the outbox still holds (sent while offline, or waiting for room).
+  pumpOutbox();
   input.focus();
 }
 
@@ -747,7 +810,7 @@ function retrySend(clientMessageId) {
   const m = app.store?.markSending(clientMessageId);
   if (!m) return;
   refreshConversation(m.recipient);
-  transmit(m);
+  pumpOutbox();
 }
 
 function autoGrow(t) {

@@ -9,6 +9,13 @@
 // Ordering: sequences are per conversation, shared by both directions, dense from 1. Messages with
 // a sequence are sorted by it; own messages whose sequence is not known yet (the server's
 // `accepted` does not carry one) come after them, in the order they were written.
+//
+// The outbox: own messages still `sending` are sent in the order they were written (`order`, a
+// counter kept with the history), pipelined up to a bound (`sendable`), and again in that order
+// after a reconnect, with the same client message ids, so the server gives them seqs in that
+// order and turns a repeat into the original message. A message the server accepted and then set
+// aside (a `failed` frame: it can never be stored) is shown as failed; retrying it sends it as a
+// new message (a new client message id), as the protocol asks.
 
 export const STORAGE_PREFIX = 'chat.v1.history.';
 /** Most messages kept per conversation in the browser; older ones are dropped first. */
@@ -86,6 +93,8 @@ export class ChatStore {
     this.lastReceiptMs = 0;
     this.byId = new Map(); // messageId -> message
     this.byClientId = new Map(); // clientMessageId -> own message
+    // Write order of own messages (the outbox's order); continues from what is stored.
+    this.nextOrder = 1;
     this.saveError = null;
     this.written = null; // what this instance last read or wrote
     this.load();
@@ -162,6 +171,7 @@ export class ChatStore {
   }
 
   index(m) {
+    if (m.order >= this.nextOrder) this.nextOrder = m.order + 1;
     if (m.messageId) this.byId.set(m.messageId, m);
     if (m.sender === this.me && m.clientMessageId) this.byClientId.set(m.clientMessageId, m);
   }
@@ -200,7 +210,11 @@ export class ChatStore {
     const sa = a.seq || Number.POSITIVE_INFINITY;
     const sb = b.seq || Number.POSITIVE_INFINITY;
     if (sa !== sb) return sa - sb;
-    return (a.createdAt || a.sentAtMs) - (b.createdAt || b.sentAtMs) || (a.messageId || a.clientMessageId).localeCompare(b.messageId || b.clientMessageId);
+    return (
+      (a.createdAt || a.sentAtMs) - (b.createdAt || b.sentAtMs) ||
+      (a.order || 0) - (b.order || 0) ||
+      (a.messageId || a.clientMessageId).localeCompare(b.messageId || b.clientMessageId)
+    );
   }
 
   sort(conv) {
@@ -228,6 +242,7 @@ export class ChatStore {
       seq: 0,
       conversation: '',
       createdAt: t,
+      order: this.nextOrder++,
       status: 'sending',
       error: '',
     };
@@ -252,6 +267,7 @@ export class ChatStore {
       this.removeMessage(m);
       return dup;
     }
+    if (m.deadLettered) return m; // a repeat answer: it was set aside since
     m.messageId = a.messageId || m.messageId;
     m.sentAtMs = int(a.sentAtMs) || m.sentAtMs;
     m.conversation = a.conversation || m.conversation;
@@ -279,6 +295,7 @@ export class ChatStore {
     m.conversation = st.conversation || m.conversation;
     m.seq = int(st.seq) || m.seq;
     if (m.status === 'sending' || m.status === 'failed') m.status = 'accepted';
+    m.deadLettered = false;
     m.error = '';
     const conv = this.conversation(m.recipient);
     this.index(m);
@@ -297,11 +314,46 @@ export class ChatStore {
     return m;
   }
 
+  /**
+   * The server's `failed`: an own message it accepted can never be stored (a dead letter). It is
+   * shown as failed and never as sent. Returns the message, or null when this browser does not
+   * know it.
+   */
+  markDeadLettered(f) {
+    const m = this.byClientId.get(f.clientMessageId) ?? (f.messageId ? this.byId.get(f.messageId) : null);
+    if (!m || m.sender !== this.me || (f.peer && m.recipient !== f.peer)) return null;
+    if (m.seq) return m; // stored after all (history said so): not this message's fate
+    m.status = 'failed';
+    m.deadLettered = true;
+    m.error = f.reason || f.code || 'the server could not store it';
+    if (f.messageId && !m.messageId) m.messageId = f.messageId;
+    this.index(m);
+    this.save();
+    return m;
+  }
+
+  /**
+   * The user retries a failed message. One the server refused goes again as it was; one it set
+   * aside after accepting goes as a new message (a new client message id: the old id names the
+   * dead one). Either way it joins the end of the outbox.
+   */
   markSending(clientMessageId) {
     const m = this.byClientId.get(clientMessageId);
     if (!m || m.status !== 'failed') return m ?? null;
+    if (m.deadLettered) {
+      this.byClientId.delete(m.clientMessageId);
+      if (m.messageId && this.byId.get(m.messageId) === m) this.byId.delete(m.messageId);
+      m.clientMessageId = newClientMessageId();
+      m.messageId = '';
+      m.sentAtMs = 0;
+      m.conversation = '';
+      m.deadLettered = false;
+      m.createdAt = this.now();
+    }
+    m.order = this.nextOrder++;
     m.status = 'sending';
     m.error = '';
+    this.index(m);
     this.save();
     return m;
   }
@@ -313,11 +365,25 @@ export class ChatStore {
     if (m.clientMessageId && this.byClientId.get(m.clientMessageId) === m) this.byClientId.delete(m.clientMessageId);
   }
 
-  /** Own messages waiting for an `accepted` (to send again after a reconnect). */
+  /** Own messages waiting for an `accepted` (to send again after a reconnect), in write order. */
   pendingSends() {
     const out = [];
     for (const c of this.convs.values()) for (const m of c.messages) if (m.sender === this.me && m.status === 'sending') out.push(m);
-    return out.sort((a, b) => a.createdAt - b.createdAt);
+    return out.sort((a, b) => (a.order || 0) - (b.order || 0) || a.createdAt - b.createdAt);
+  }
+
+  /**
+   * The outbox's next sends: pending messages not in flight (`inFlight`: client message ids
+   * written on this connection and not answered), in write order, as many as `limit` leaves room
+   * for. Sending them all without waiting keeps the order: the server hands a connection's sends
+   * to Kafka in frame order.
+   */
+  sendable(inFlight, limit) {
+    const room = limit - inFlight.size;
+    if (room <= 0) return [];
+    return this.pendingSends()
+      .filter((m) => !inFlight.has(m.clientMessageId))
+      .slice(0, room);
   }
 
   /**
@@ -345,6 +411,7 @@ export class ChatStore {
       if (w.body && !m.body) { m.body = w.body; m.erased = false; changed = true; }
       if (m.sender === this.me && (m.status === 'sending' || m.status === 'failed')) {
         m.status = 'accepted'; // the server has it, so it was accepted
+        m.deadLettered = false;
         m.error = '';
         changed = true;
       }

@@ -262,3 +262,66 @@ test('the sync frame resumes from the last contiguous seq and the last receipt',
   });
   assert.equal(again.conversation('dave').deliveredUpTo, 3);
 });
+
+test('the outbox sends in write order, up to a bound, and again in that order after a reconnect', () => {
+  // One clock tick for all: the order must not depend on timestamps (or on random ids).
+  const storage = new MemoryStorage();
+  const s = new ChatStore('bob', storage, () => 1_000);
+  const written = ['a1', 'c1', 'a2', 'a3', 'c2', 'a4'].map((b) => s.addOutgoing(b[0] === 'a' ? 'alice' : 'carol', b));
+  const inFlight = new Set();
+  const send = (limit) => {
+    const out = s.sendable(inFlight, limit);
+    for (const m of out) inFlight.add(m.clientMessageId);
+    return out.map((m) => m.body);
+  };
+  assert.deepEqual(send(3), ['a1', 'c1', 'a2'], 'pipelined up to the bound, in write order');
+  assert.deepEqual(send(3), [], 'no room');
+  s.markAccepted({ clientMessageId: written[1].clientMessageId, messageId: 'id-c1', sentAtMs: '5', conversation: 'bob:carol' });
+  inFlight.delete(written[1].clientMessageId);
+  assert.deepEqual(send(3), ['a3']);
+  // The connection drops with a1, a2, a3 unanswered: they go first, in order, then the rest.
+  inFlight.clear();
+  assert.deepEqual(send(10), ['a1', 'a2', 'a3', 'c2', 'a4']);
+  // Same after a reload (the order is kept with the history), and a new message goes last.
+  const again = new ChatStore('bob', storage, () => 1_000);
+  again.addOutgoing('alice', 'a5');
+  assert.deepEqual(again.sendable(new Set(), 10).map((m) => m.body), ['a1', 'a2', 'a3', 'c2', 'a4', 'a5']);
+  assert.deepEqual(bodies(again, 'alice'), ['a1', 'a2', 'a3', 'a4', 'a5'], 'shown in write order too');
+});
+
+test('a message the server set aside (failed) shows as failed; retrying sends a new message last', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  const dead = s.addOutgoing('alice', 'cannot be stored');
+  const next = s.addOutgoing('alice', 'fine');
+  const oldCid = dead.clientMessageId;
+  s.markAccepted({ clientMessageId: oldCid, messageId: 'id-dead', sentAtMs: '5', conversation: 'alice:bob' });
+  s.markAccepted({ clientMessageId: next.clientMessageId, messageId: 'id-next', sentAtMs: '6', conversation: 'alice:bob' });
+  assert.equal(dead.status, 'accepted');
+  const m = s.markDeadLettered({ clientMessageId: oldCid, messageId: 'id-dead', peer: 'alice', code: 'store_refused', reason: 'refused by the store' });
+  assert.equal(m, dead);
+  assert.equal(dead.status, 'failed');
+  assert.match(dead.error, /refused by the store/);
+  assert.deepEqual(s.pendingSends(), [], 'a failed message is not sent again by itself');
+  // A repeated answer to the old send does not make it look sent.
+  s.markAccepted({ clientMessageId: oldCid, messageId: 'id-dead', sentAtMs: '5', conversation: 'alice:bob' });
+  assert.equal(dead.status, 'failed');
+  // Not for another peer's message, nor for one this browser does not know.
+  assert.equal(s.markDeadLettered({ clientMessageId: next.clientMessageId, peer: 'carol' }), null);
+  assert.equal(s.markDeadLettered({ clientMessageId: 'unknown', peer: 'alice' }), null);
+  assert.equal(next.status, 'accepted');
+  // Retrying: a new client message id (the old one names the dead message), at the end.
+  const later = s.addOutgoing('alice', 'written after');
+  const retried = s.markSending(oldCid);
+  assert.equal(retried, dead);
+  assert.notEqual(dead.clientMessageId, oldCid);
+  assert.equal(dead.messageId, '');
+  assert.equal(s.byClientMessageId(oldCid), null);
+  assert.equal(s.byClientMessageId(dead.clientMessageId), dead);
+  assert.deepEqual(s.pendingSends().map((x) => x.body), ['written after', 'cannot be stored']);
+  assert.equal(later.status, 'sending');
+  // A refused send (an error answer) retried keeps its id: the server never had it.
+  const refused = s.addOutgoing('alice', 'refused');
+  const refusedCid = refused.clientMessageId;
+  s.markFailed(refusedCid, 'invalid_body');
+  assert.equal(s.markSending(refusedCid).clientMessageId, refusedCid);
+});
