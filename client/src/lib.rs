@@ -102,7 +102,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 128;
 pub const RETRYABLE_CODES: [&str; 3] = ["produce_failed", "too_many_in_flight", "rate_limited"];
 
 /// Times one send is written again after a retryable error before it is refused for good.
-const MAX_RETRIES: u32 = 10;
+const MAX_RETRIES: u32 = 5;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 
