@@ -253,6 +253,9 @@ struct Model {
     closed_generation: Option<u64>,
     violations: Vec<String>,
     retried: u64,
+    /// Frames a drop lost before they left (written again after the reconnect if sends).
+    lost_frames: u64,
+    reconnects: u64,
 }
 
 impl Model {
@@ -440,6 +443,10 @@ struct User {
     sink: Option<Sink>,
     reader: Option<tokio::task::JoinHandle<()>>,
     unplanned: u32,
+    /// Frames are queued and flushed every this many (a burst's choice): a drop loses the
+    /// frames not flushed yet, as a lost network loses what the kernel did not send.
+    flush_every: usize,
+    unflushed: usize,
     seed: u64,
 }
 
@@ -524,7 +531,7 @@ impl User {
         for i in resend {
             self.write_entry(i).await?;
         }
-        Ok(())
+        self.flush().await
     }
 
     /// Drops the socket without a close handshake, as a lost network does.
@@ -534,12 +541,15 @@ impl User {
         }
         self.sink = None;
         let mut m = lock(&self.model);
+        m.lost_frames += self.unflushed as u64;
+        self.unflushed = 0;
         let g = m.generation;
         m.dropped.insert(g);
     }
 
     async fn reconnect(&mut self) -> anyhow::Result<()> {
         self.drop_socket();
+        lock(&self.model).reconnects += 1;
         self.url_index = 1 - self.url_index;
         self.connect().await
     }
@@ -559,13 +569,34 @@ impl User {
             return Ok(());
         };
         // A server that stops reading a socket is a finding, not a hang.
-        let sent = tokio::time::timeout(ANSWER_WAIT, sink.send(msg)).await;
+        let sent = tokio::time::timeout(ANSWER_WAIT, sink.feed(msg)).await;
         let Ok(sent) = sent else {
             return Err(self.fail(format!("a write blocked for {ANSWER_WAIT:?}")));
         };
         if sent.is_err() {
             // The server closed it: the reader notices; unanswered sends go again after the
             // reconnect.
+            self.sink = None;
+            return Ok(());
+        }
+        self.unflushed += 1;
+        if self.unflushed >= self.flush_every {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what `write` queued.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.unflushed = 0;
+        let Some(sink) = self.sink.as_mut() else {
+            return Ok(());
+        };
+        let flushed = tokio::time::timeout(ANSWER_WAIT, sink.flush()).await;
+        let Ok(flushed) = flushed else {
+            return Err(self.fail(format!("a flush blocked for {ANSWER_WAIT:?}")));
+        };
+        if flushed.is_err() {
             self.sink = None;
         }
         Ok(())
@@ -647,6 +678,7 @@ impl User {
     /// writes retried sends again (in order) until nothing is left.
     async fn settle(&mut self) -> anyhow::Result<()> {
         loop {
+            self.flush().await?;
             let mut rx = self.changed.subscribe();
             let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
             loop {
@@ -801,6 +833,7 @@ impl User {
                 plan.push(idx);
             }
             let drop_at = rng.chance(35).then(|| rng.below(plan.len()));
+            self.flush_every = rng.range(1, 24);
             for (k, idx) in plan.into_iter().enumerate() {
                 if drop_at == Some(k) {
                     self.reconnect().await?;
@@ -908,6 +941,8 @@ async fn simulated_users_get_every_message_once_in_order() -> anyhow::Result<()>
             sink: None,
             reader: None,
             unplanned: 0,
+            flush_every: 1,
+            unflushed: 0,
             seed,
         };
         let peers: Vec<String> = names.iter().filter(|p| *p != name).cloned().collect();
@@ -980,11 +1015,14 @@ async fn simulated_users_get_every_message_once_in_order() -> anyhow::Result<()>
     let mut kinds: BTreeMap<&'static str, (u32, u32, u32)> = BTreeMap::new();
     let mut wire_dupes = 0;
     let mut retried = 0;
+    let (mut lost_frames, mut reconnects) = (0, 0);
     for m in &models {
         let m = lock(m);
         v.extend(m.violations.iter().cloned());
         wire_dupes += m.wire_duplicates;
         retried += m.retried;
+        lost_frames += m.lost_frames;
+        reconnects += m.reconnects;
         // Lone surrogates: answered with bad_frame, one each, on every socket that stayed up.
         for (g, written) in &m.lone_written {
             let got = m.bad_frames.get(g).copied().unwrap_or(0);
@@ -1214,7 +1252,8 @@ async fn simulated_users_get_every_message_once_in_order() -> anyhow::Result<()>
     let summary = format!(
         "client_model: seed {seed} scale {scale}: {} users, {total} messages sent ({accepted} \
          accepted, {refused} refused, {failed} failed, {bad_frames} lone-surrogate frames), \
-         {retried} retried, {wire_dupes} duplicates on the wire, {conversations} conversations, \
+         {retried} retried, {reconnects} reconnects ({lost_frames} frames lost unsent), \
+         {wire_dupes} duplicates on the wire, {conversations} conversations, \
          {order_checked} seqs checked for order; sending {:.1}s, delivered by {:.1}s, total \
          {:.1}s; by kind (accepted, refused, failed): {kinds:?}",
         names.len(),
