@@ -39,7 +39,7 @@ build: ## Build the binaries (PROFILE=release by default; PROFILE=debug is faste
 	@$(CARGO) build $(CARGO_PROFILE_FLAG) --bins --quiet || { echo "build: cargo build failed"; exit 1; }
 
 .PHONY: topics
-topics: ## Create the topics (inbound, presence, outbound-gw1, outbound-gw2) with infra/topics.json settings.
+topics: ## Create the topics (inbound, inbound-dlq, presence, outbound-gw1, outbound-gw2) with infra/topics.json settings.
 	@target/$(PROFILE)/chatctl topics --gateways gw1,gw2 || { echo "topics: cannot create topics (is Kafka up? make stack)"; exit 1; }
 
 .PHONY: migrate
