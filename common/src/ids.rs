@@ -14,7 +14,7 @@ pub const MAX_ID_LEN: usize = 64;
 pub const MAX_CLIENT_MESSAGE_ID_LEN: usize = 64;
 
 /// Why an id was refused.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum IdError {
     #[error("{kind} is empty")]
     Empty { kind: &'static str },

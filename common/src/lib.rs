@@ -1,6 +1,8 @@
 //! What every process of the chat pipeline shares.
 //!
 //! - [`ids`]: validated user, gateway, client-message and conversation ids; message id derivation.
+//! - [`message`]: a message, an ack and a receipt made of validated ids (what travels past the
+//!   edge), and their conversions to and from the wire types.
 //! - [`body`]: the rule for a message body (size, no U+0000), checked at the edge and the store.
 //! - [`auth`]: JWT verification (and minting for the local stack).
 //! - [`kafka`]: producer and consumer factories with the project's durability settings.
@@ -16,6 +18,7 @@ pub mod config;
 pub mod http;
 pub mod ids;
 pub mod kafka;
+pub mod message;
 pub mod presence;
 pub mod shutdown;
 pub mod telemetry;
