@@ -57,14 +57,19 @@ pub struct KafkaConfig {
     pub consumer_opts: Vec<(String, String)>,
 }
 
+/// An item of a `key=value,...` list that is not `key=value`.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{0:?} is not key=value")]
+pub struct NotKeyValue(pub String);
+
 /// Parses `key=value,key=value` (librdkafka property names), as in `KAFKA_PRODUCER_OPTS`.
-pub fn parse_opts(text: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_opts(text: &str) -> Result<Vec<(String, String)>, NotKeyValue> {
     text.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-            _ => Err(format!("{p:?} is not key=value")),
+            _ => Err(NotKeyValue(p.to_owned())),
         })
         .collect()
 }
@@ -190,9 +195,20 @@ pub enum Start {
     End,
 }
 
+/// A start point that does not parse.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum BadStart {
+    #[error("bad offset {0:?}: expected offset:N with N a whole number")]
+    Offset(String),
+    #[error("bad time {0:?}: expected ms:N with N milliseconds since the Unix epoch")]
+    Millis(String),
+    #[error("{0:?}: expected beginning, end, offset:N, ms:N or an RFC 3339 time")]
+    Unknown(String),
+}
+
 /// Parses a start point: `beginning`, `end`, an offset (`offset:123`), milliseconds since the
 /// epoch (`ms:1700000000000`), or an RFC 3339 time (`2026-11-28T10:00:00Z`).
-pub fn parse_start(s: &str) -> Result<Start, String> {
+pub fn parse_start(s: &str) -> Result<Start, BadStart> {
     match s {
         "beginning" => return Ok(Start::Beginning),
         "end" => return Ok(Start::End),
@@ -202,16 +218,16 @@ pub fn parse_start(s: &str) -> Result<Start, String> {
         return o
             .parse()
             .map(Start::Offset)
-            .map_err(|e| format!("bad offset: {e}"));
+            .map_err(|_| BadStart::Offset(s.to_owned()));
     }
     if let Some(ms) = s.strip_prefix("ms:") {
         return ms
             .parse()
             .map(Start::Timestamp)
-            .map_err(|e| format!("bad time: {e}"));
+            .map_err(|_| BadStart::Millis(s.to_owned()));
     }
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("expected beginning, end, offset:N, ms:N or an RFC 3339 time: {e}"))?;
+        .map_err(|_| BadStart::Unknown(s.to_owned()))?;
     Ok(Start::Timestamp(
         (t.unix_timestamp_nanos() / 1_000_000) as i64,
     ))

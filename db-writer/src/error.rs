@@ -32,6 +32,11 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// Wraps a Postgres error of `shard` (for `map_err`).
+    pub(crate) fn pg(shard: usize) -> impl Fn(tokio_postgres::Error) -> DbError + Copy {
+        move |source| DbError::Postgres { shard, source }
+    }
+
     /// True when the same operation may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
         match self {

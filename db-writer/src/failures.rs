@@ -2,6 +2,7 @@
 //! it at the next sync, even if it was offline when the multiplexer set them aside.
 
 use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
+use chat_common::message::Message;
 use chat_proto::v1::Failed;
 use futures_util::future::try_join_all;
 
@@ -16,8 +17,8 @@ pub struct FailedMessage {
     pub sender: UserId,
     pub recipient: UserId,
     pub client_message_id: ClientMessageId,
-    /// The id the sender's `Accepted` carried (free text from the record: stored as text).
-    pub message_id: String,
+    /// The id the sender's `Accepted` carried.
+    pub message_id: uuid::Uuid,
     /// Machine-readable reason (the dead letter's code).
     pub code: String,
     /// Human-readable detail.
@@ -26,11 +27,25 @@ pub struct FailedMessage {
 }
 
 impl FailedMessage {
+    /// The failure of `message`, which will never be stored: its ids, not its body.
+    pub fn of(message: &Message, code: &str, reason: &str, failed_at_ms: i64) -> Self {
+        Self {
+            conversation: message.conversation.clone(),
+            sender: message.sender.clone(),
+            recipient: message.recipient.clone(),
+            client_message_id: message.client_id.clone(),
+            message_id: message.id,
+            code: code.to_owned(),
+            reason: reason.to_owned(),
+            failed_at_ms,
+        }
+    }
+
     /// What the sender is told.
     pub fn to_proto(&self) -> Failed {
         Failed {
             client_message_id: self.client_message_id.as_str().to_owned(),
-            message_id: self.message_id.clone(),
+            message_id: self.message_id.to_string(),
             peer: self.recipient.as_str().to_owned(),
             code: self.code.clone(),
             reason: self.reason.clone(),
@@ -40,23 +55,24 @@ impl FailedMessage {
 }
 
 /// Makes free text storable in a text column: U+0000 (which Postgres refuses) becomes U+FFFD.
-/// Only for the store's own reasons and the message id of a failure row, never for message bodies.
+/// Only for the store's own reasons, never for message bodies.
 fn storable(s: &str) -> String {
     s.replace('\0', "\u{fffd}")
 }
+
+/// A sender's failures after a time, newest first.
+const FAILURES_SINCE: &str =
+    "SELECT client_message_id, message_id, recipient, code, reason, failed_at_ms
+     FROM failed_messages
+     WHERE sender = $1 AND failed_at_ms > $2
+     ORDER BY failed_at_ms DESC
+     LIMIT $3";
 
 impl Shards {
     /// Remembers failed messages, each in the shard of its conversation. Idempotent: a failure
     /// already recorded (a replayed batch) is kept as it was.
     pub async fn record_failures(&self, failures: &[FailedMessage]) -> Result<(), DbError> {
-        let mut per_shard: std::collections::BTreeMap<usize, Vec<&FailedMessage>> =
-            Default::default();
-        for f in failures {
-            per_shard
-                .entry(self.locator().shard_of(&f.conversation))
-                .or_default()
-                .push(f);
-        }
+        let per_shard = self.group_by_shard(failures, |f| &f.conversation);
         try_join_all(per_shard.into_iter().map(|(shard, rows)| async move {
             let client = self.client(shard).await?;
             let (mut conv, mut from, mut cid, mut id, mut to, mut code, mut reason, mut at) = (
@@ -73,7 +89,7 @@ impl Shards {
                 conv.push(f.conversation.as_str());
                 from.push(f.sender.as_str());
                 cid.push(f.client_message_id.as_str());
-                id.push(storable(&f.message_id));
+                id.push(f.message_id.to_string());
                 to.push(f.recipient.as_str());
                 code.push(storable(&f.code));
                 reason.push(storable(&f.reason));
@@ -89,7 +105,7 @@ impl Shards {
                     &[&conv, &from, &cid, &id, &to, &code, &reason, &at],
                 )
                 .await
-                .map_err(|source| DbError::Postgres { shard, source })?;
+                .map_err(DbError::pg(shard))?;
             Ok::<_, DbError>(())
         }))
         .await?;
@@ -105,21 +121,14 @@ impl Shards {
         limit: u32,
     ) -> Result<Vec<Failed>, DbError> {
         let limit = i64::from(limit);
-        let per_shard = try_join_all((0..self.len()).map(|shard| async move {
-            let client = self.client(shard).await?;
-            let rows = client
-                .query(
-                    "SELECT client_message_id, message_id, recipient, code, reason, failed_at_ms
-                     FROM failed_messages
-                     WHERE sender = $1 AND failed_at_ms > $2
-                     ORDER BY failed_at_ms DESC
-                     LIMIT $3",
-                    &[&sender.as_str(), &after_ms, &limit],
-                )
-                .await
-                .map_err(|source| DbError::Postgres { shard, source })?;
-            Ok::<_, DbError>(
-                rows.iter()
+        let mut all = self
+            .on_every_shard(|shard, client| async move {
+                let rows = client
+                    .query(FAILURES_SINCE, &[&sender.as_str(), &after_ms, &limit])
+                    .await
+                    .map_err(DbError::pg(shard))?;
+                Ok(rows
+                    .iter()
                     .map(|r| Failed {
                         client_message_id: r.get(0),
                         message_id: r.get(1),
@@ -128,11 +137,9 @@ impl Shards {
                         reason: r.get(4),
                         failed_at_ms: r.get(5),
                     })
-                    .collect::<Vec<_>>(),
-            )
-        }))
-        .await?;
-        let mut all: Vec<Failed> = per_shard.into_iter().flatten().collect();
+                    .collect())
+            })
+            .await?;
         all.sort_by_key(|f| std::cmp::Reverse(f.failed_at_ms));
         Ok(all)
     }

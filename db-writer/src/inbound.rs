@@ -1,25 +1,21 @@
-//! The `inbound` log as the shards see it: decoding records and applying them.
+//! The `inbound` log's edge: a record value decoded once into a domain [`Message`] or [`Ack`],
+//! or refused with its reason.
 //!
 //! Shared by the multiplexer (live, followed by routing) and `db-writer replay` (rebuilding or
 //! resharding the stores from the log), so both interpret the log identically.
 
-use std::collections::BTreeMap;
-
 use chat_common::body::BodyError;
-use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
-use chat_proto::v1::{inbound_record, AckRecord, ChatMessage, InboundRecord, Receipt};
+use chat_common::message::{Ack, Message};
+use chat_proto::v1::{inbound_record, ChatMessage, InboundRecord};
 use prost::Message as _;
 
-use crate::error::DbError;
 use crate::failures::FailedMessage;
-use crate::shards::Shards;
-use crate::store::Retention;
 
 /// One decoded `inbound` record.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Inbound {
-    Message(ChatMessage),
-    Ack(AckRecord),
+    Message(Message),
+    Ack(Ack),
 }
 
 /// Largest body a record may carry: its push (`OutboundRecord.deliver`) must stay within what a
@@ -61,40 +57,21 @@ impl InvalidRecord {
     }
 }
 
-/// A message's ids, validated: what a failure notice and a failure row are made of.
-fn message_ids(m: &ChatMessage) -> Option<(ConversationKey, UserId, UserId, ClientMessageId)> {
-    let (c, s, r) = (
-        ConversationKey::parse(&m.conversation).ok()?,
-        UserId::parse(&m.sender).ok()?,
-        UserId::parse(&m.recipient).ok()?,
-    );
-    if ConversationKey::of(&s, &r).as_ref() != Some(&c) {
-        return None;
-    }
-    let cid = ClientMessageId::parse(&m.client_message_id).ok()?;
-    uuid::Uuid::parse_str(&m.message_id).ok()?;
-    Some((c, s, r, cid))
-}
-
-/// The failure to remember and tell the sender about, for a message that will never be stored:
-/// `None` when its ids are not valid (nobody to tell, or no conversation to file it under).
+/// The failure to remember and tell the sender about, for a message whose record was refused
+/// before the store (its body, say): `None` when its ids are not valid (nobody to tell, or no
+/// conversation to file it under).
 pub fn failed_message(
     m: &ChatMessage,
     code: &str,
     reason: &str,
     at_ms: i64,
 ) -> Option<FailedMessage> {
-    let (conversation, sender, recipient, client_message_id) = message_ids(m)?;
-    Some(FailedMessage {
-        conversation,
-        sender,
-        recipient,
-        client_message_id,
-        message_id: m.message_id.clone(),
-        code: code.to_owned(),
-        reason: reason.to_owned(),
-        failed_at_ms: at_ms,
+    let message = Message::try_from(ChatMessage {
+        body: String::new(),
+        ..m.clone()
     })
+    .ok()?;
+    Some(FailedMessage::of(&message, code, reason, at_ms))
 }
 
 /// The message of a record value, if it decodes as one (valid or not).
@@ -105,115 +82,34 @@ pub fn message_of(payload: Option<&[u8]>) -> Option<ChatMessage> {
     }
 }
 
-/// Decodes and validates one record value.
+/// Decodes and validates one record value into the domain types the store takes.
 pub fn decode(payload: Option<&[u8]>) -> Result<Inbound, InvalidRecord> {
     let payload = payload.ok_or(InvalidRecord::Empty)?;
     let record = InboundRecord::decode(payload).map_err(|_| InvalidRecord::Undecodable)?;
     match record.kind {
         Some(inbound_record::Kind::Message(m)) => {
-            if message_ids(&m).is_none() {
-                return Err(InvalidRecord::BadMessage);
-            }
             // The body rule of the edge (chat_common::body), with the size any push can carry
             // rather than the gateway's configured limit. An empty body is stored as it is
             // (records of earlier gateways may hold one).
-            match chat_common::body::check(&m.body, MAX_BODY_BYTES) {
+            let body = chat_common::body::check(&m.body, MAX_BODY_BYTES);
+            let message = Message::try_from(m).map_err(|_| InvalidRecord::BadMessage)?;
+            match body {
                 Err(BodyError::Nul { .. }) => Err(InvalidRecord::NulBody),
                 Err(BodyError::TooLarge { size, .. }) => Err(InvalidRecord::BodyTooLarge { size }),
-                Ok(()) | Err(BodyError::Empty) => Ok(Inbound::Message(m)),
+                Ok(()) | Err(BodyError::Empty) => Ok(Inbound::Message(message)),
             }
         }
-        Some(inbound_record::Kind::Ack(a)) => {
-            let ok = match (
-                UserId::parse(&a.user),
-                ConversationKey::parse(&a.conversation),
-            ) {
-                (Ok(u), Ok(c)) => c.peer_of(&u).is_some(),
-                _ => false,
-            };
-            if ok {
-                Ok(Inbound::Ack(a))
-            } else {
-                Err(InvalidRecord::BadAck)
-            }
-        }
+        Some(inbound_record::Kind::Ack(a)) => Ack::try_from(a)
+            .map(Inbound::Ack)
+            .map_err(|_| InvalidRecord::BadAck),
         None => Err(InvalidRecord::Undecodable),
-    }
-}
-
-impl Shards {
-    /// Applies a batch of (decoded, valid) acks: one statement per shard, after keeping only the
-    /// highest seq per conversation and user. Returns a receipt for each sender whose messages
-    /// were newly acked, addressed to that sender.
-    pub async fn apply_acks(
-        &self,
-        acks: &[AckRecord],
-        retention: Retention,
-    ) -> Result<Vec<(String, Receipt)>, DbError> {
-        // (conversation, user) -> (up_to_seq, acked_at_ms), the highest seq winning.
-        let mut latest: BTreeMap<(String, String), (u64, i64)> = BTreeMap::new();
-        for a in acks {
-            let (Ok(user), Ok(conversation)) = (
-                UserId::parse(&a.user),
-                ConversationKey::parse(&a.conversation),
-            ) else {
-                continue;
-            };
-            if conversation.peer_of(&user).is_none() {
-                continue;
-            }
-            let e = latest
-                .entry((a.conversation.clone(), a.user.clone()))
-                .or_insert((a.up_to_seq, a.acked_at_ms));
-            if a.up_to_seq > e.0 {
-                *e = (a.up_to_seq, a.acked_at_ms);
-            }
-        }
-        let mut per_shard: BTreeMap<usize, Vec<(String, String, u64, i64)>> = BTreeMap::new();
-        for ((conversation, user), (seq, at)) in &latest {
-            let key = ConversationKey::parse(conversation).map_err(|e| DbError::BadRow {
-                shard: usize::MAX,
-                reason: e.to_string(),
-            })?;
-            per_shard
-                .entry(self.locator().shard_of(&key))
-                .or_default()
-                .push((conversation.clone(), user.clone(), *seq, *at));
-        }
-        let results = futures_util::future::try_join_all(
-            per_shard
-                .iter()
-                .map(|(shard, rows)| self.ack_on_shard(*shard, rows, retention)),
-        )
-        .await?;
-        let mut receipts = Vec::new();
-        for (conversation, user, up_to_seq) in results.into_iter().flatten() {
-            let (Ok(u), Ok(c)) = (UserId::parse(&user), ConversationKey::parse(&conversation))
-            else {
-                continue;
-            };
-            let Some(peer) = c.peer_of(&u) else { continue };
-            let acked_at_ms = latest
-                .get(&(conversation.clone(), user.clone()))
-                .map(|(_, at)| *at)
-                .unwrap_or_default();
-            receipts.push((
-                peer.to_string(),
-                Receipt {
-                    peer: user,
-                    conversation,
-                    up_to_seq,
-                    acked_at_ms,
-                },
-            ));
-        }
-        Ok(receipts)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chat_proto::v1::AckRecord;
 
     fn msg_with(conversation: &str, sender: &str, recipient: &str, body: &str) -> Vec<u8> {
         InboundRecord {

@@ -1,26 +1,44 @@
-//! The shard layer of the chat pipeline.
+//! The store of the chat pipeline: the shards, and everything read from or written to them.
+//!
+//! Every service uses it: the multiplexer writes through it, the gateway reads through it, and
+//! the `db-writer` binary exposes it to operators (migrations, replay, export). One module per
+//! concern, each owning its SQL and its part of [`Shards`]:
 //!
 //! - [`locator`]: which shard holds a conversation (jump consistent hash of its key).
-//! - [`shards`]: the pools to the shards, and the schema migrations this crate owns.
-//! - [`inbound`]: decoding `inbound` records and applying acks (shared by the multiplexer and replay).
+//! - [`shards`]: the pools to the shards, and the two ways a concern reaches them (one shard per
+//!   conversation, every shard for a user's reads).
+//! - [`schema`]: the migrations.
+//! - [`messages`]: idempotent batched writes with gap-free per-conversation sequences.
+//! - [`acks`]: acks as watermarks (with erasure in delete-on-ack mode), and receipts.
+//! - [`queries`]: history pages and the sync query.
+//! - [`retention`]: the retention mode, and the expiry of unacknowledged messages.
 //! - [`failures`]: messages set aside for good, remembered for their sender's next sync.
+//! - [`inbound`]: the `inbound` log's edge: records decoded once into domain types.
 //! - [`replay`]: rebuilding or resharding the stores from the `inbound` log.
-//! - [`store`]: idempotent batched writes with gap-free per-conversation sequences, acks
-//!   (with erasure in delete-on-ack mode), history pages and the sync query.
+//! - [`export`]: a time range of messages for data teams.
 //!
-//! The multiplexer writes through it, the gateway reads through it, and the `db-writer` binary
-//! exposes it to operators (migrations, and later replay from the `inbound` log).
+//! Past [`inbound`] and the row decoding of `rows`, only validated types travel
+//! (`chat_common::message`): the store never parses an id it was given.
 
+pub mod acks;
 pub mod error;
+pub mod export;
 pub mod failures;
 pub mod inbound;
 pub mod locator;
+pub mod messages;
+pub mod queries;
 pub mod replay;
+pub mod retention;
+mod rows;
+pub mod schema;
 pub mod shards;
-pub mod store;
 
+pub use acks::{AckedUpTo, ReceiptFor};
 pub use error::DbError;
+pub use export::ExportError;
 pub use failures::FailedMessage;
 pub use locator::Locator;
+pub use messages::Stored;
+pub use retention::{Retention, UnknownRetention};
 pub use shards::{ShardConfig, Shards};
-pub use store::{AckedUpTo, Retention, Stored};

@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
             out,
             retention,
         } => {
-            let retention: Retention = retention.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let retention: Retention = retention.parse()?;
             anyhow::ensure!(
                 retention == Retention::Keep,
                 "export works in keep mode only: in delete-on-ack mode a message's content is erased once its recipient acks, so an export would be partial and would copy content the system promised to delete"
@@ -118,7 +118,8 @@ async fn main() -> anyhow::Result<()> {
             };
             let n = shards
                 .export_range(from, until, &mut |m| {
-                    let line = serde_json::to_string(m).map_err(std::io::Error::other)?;
+                    let line = serde_json::to_string(&chat_proto::v1::ChatMessage::from(m))
+                        .map_err(std::io::Error::other)?;
                     writeln!(writer, "{line}")
                 })
                 .await
@@ -135,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
             quiet,
         } => {
             let start = replay::parse_start(&from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
-            let retention: Retention = retention.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let retention: Retention = retention.parse()?;
             let shards = Shards::connect(&config)?;
             shards.migrate().await.context("migrating shards")?;
             let topics = chat_common::topics::TopicNames::new(topic_prefix);

@@ -21,8 +21,8 @@ use thiserror::Error;
 
 use crate::error::DbError;
 use crate::inbound::{self, Inbound};
+use crate::retention::Retention;
 use crate::shards::Shards;
-use crate::store::Retention;
 
 pub use chat_common::kafka::{parse_start, Start};
 

@@ -1,35 +1,18 @@
-//! Connection pools to the shards and schema migrations.
+//! The shards: one connection pool each, the locator over them, and the two ways the store's
+//! concerns reach them (one shard per conversation, or every shard for a user's reads).
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
+use chat_common::ids::ConversationKey;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::future::try_join_all;
 use tokio_postgres::NoTls;
 
 use crate::error::DbError;
 use crate::locator::Locator;
-
-/// The schema, as ordered migrations. Applied by [`Shards::migrate`] under an advisory lock, so
-/// several processes starting at once apply each migration exactly once.
-const MIGRATIONS: &[(i32, &str)] = &[
-    (1, include_str!("../migrations/0001_messages.sql")),
-    (2, include_str!("../migrations/0002_sent_at_index.sql")),
-    (3, include_str!("../migrations/0003_ack_watermarks.sql")),
-    (
-        4,
-        include_str!("../migrations/0004_sweep_index_on_demand.sql"),
-    ),
-    (
-        5,
-        include_str!("../migrations/0005_client_id_scope_and_failures.sql"),
-    ),
-];
-
-/// Advisory lock key that serialises migrations (any constant shared by all processes).
-const MIGRATION_LOCK: i64 = 0x0063_6861_746d_6967;
-
-/// Advisory lock key that serialises builds of the sweep index (`Shards::ensure_sweep_index`).
-const SWEEP_INDEX_LOCK: i64 = 0x0063_6861_7473_7769;
 
 /// Session setting of every shard connection (see `Shards::connect`).
 const CUSTOM_PLANS: &str = "-c plan_cache_mode=force_custom_plan";
@@ -135,73 +118,35 @@ impl Shards {
         result
     }
 
-    /// Applies missing migrations to every shard.
-    pub async fn migrate(&self) -> Result<(), DbError> {
-        self.migrate_to(i32::MAX).await
-    }
-
-    /// Applies missing migrations up to and including `last` to every shard (tests of a
-    /// migration start from the schema before it).
-    pub async fn migrate_to(&self, last: i32) -> Result<(), DbError> {
-        for shard in 0..self.pools.len() {
-            let mut client = self.client(shard).await?;
-            let pg = |source| DbError::Postgres { shard, source };
-            let tx = client.transaction().await.map_err(pg)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .await
-                .map_err(pg)?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (
-                     version int PRIMARY KEY,
-                     applied_at timestamptz NOT NULL DEFAULT now())",
-            )
-            .await
-            .map_err(pg)?;
-            let applied: Vec<i32> = tx
-                .query("SELECT version FROM schema_migrations", &[])
-                .await
-                .map_err(pg)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            for (version, sql) in MIGRATIONS {
-                if applied.contains(version) || *version > last {
-                    continue;
-                }
-                tx.batch_execute(sql).await.map_err(pg)?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version) VALUES ($1)",
-                    &[version],
-                )
-                .await
-                .map_err(pg)?;
-                tracing::info!(shard, version, "applied migration");
-            }
-            tx.commit().await.map_err(pg)?;
+    /// Splits `items` by the shard of their conversation: the groups in shard order, each in
+    /// the order of `items`.
+    pub(crate) fn group_by_shard<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        conversation: impl Fn(&T) -> &ConversationKey,
+    ) -> BTreeMap<usize, Vec<T>> {
+        let mut groups: BTreeMap<usize, Vec<T>> = BTreeMap::new();
+        for item in items {
+            let shard = self.locator.shard_of(conversation(&item));
+            groups.entry(shard).or_default().push(item);
         }
-        Ok(())
+        groups
     }
 
-    /// Builds the expiry sweep's index where it is missing (delete-on-ack mode; see migration
-    /// 4). `CREATE INDEX CONCURRENTLY` does not block writes. Builds are serialised per shard by
-    /// an advisory lock, so an invalid index found while holding it is what a build that failed
-    /// or was interrupted left behind: it is dropped and built again.
-    pub async fn ensure_sweep_index(&self) -> Result<(), DbError> {
-        for shard in 0..self.pools.len() {
+    /// Runs `read` on every shard at once, each with a connection of its own, and gathers what
+    /// they return (shard by shard): for reads by user, whose conversations are on every shard.
+    pub(crate) async fn on_every_shard<T, F, Fut>(&self, read: F) -> Result<Vec<T>, DbError>
+    where
+        F: Fn(usize, deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<Vec<T>, DbError>>,
+    {
+        let read = &read;
+        let per_shard = try_join_all((0..self.len()).map(|shard| async move {
             let client = self.client(shard).await?;
-            let pg = |source| DbError::Postgres { shard, source };
-            client
-                .execute("SELECT pg_advisory_lock($1)", &[&SWEEP_INDEX_LOCK])
-                .await
-                .map_err(pg)?;
-            let built = ensure_sweep_index_on(&client, shard).await;
-            // A broken connection has released the lock already.
-            let _ = client
-                .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_INDEX_LOCK])
-                .await;
-            built?;
-        }
-        Ok(())
+            read(shard, client).await
+        }))
+        .await?;
+        Ok(per_shard.into_iter().flatten().collect())
     }
 
     /// Checks that every shard answers (for `/readyz`).
@@ -215,45 +160,4 @@ impl Shards {
         }
         Ok(())
     }
-}
-
-/// One shard's part of [`Shards::ensure_sweep_index`], under its lock.
-async fn ensure_sweep_index_on(
-    client: &tokio_postgres::Client,
-    shard: usize,
-) -> Result<(), DbError> {
-    let pg = |source| DbError::Postgres { shard, source };
-    let valid: Option<bool> = client
-        .query_opt(
-            "SELECT indisvalid FROM pg_index
-             WHERE indexrelid = to_regclass('messages_unexpired_age')",
-            &[],
-        )
-        .await
-        .map_err(pg)?
-        .map(|r| r.get(0));
-    match valid {
-        Some(true) => return Ok(()),
-        Some(false) => {
-            tracing::warn!(
-                shard,
-                "sweep index left invalid by an earlier build: rebuilding"
-            );
-            client
-                .batch_execute("DROP INDEX CONCURRENTLY IF EXISTS messages_unexpired_age")
-                .await
-                .map_err(pg)?;
-        }
-        None => {}
-    }
-    tracing::info!(shard, "building the sweep index (messages_unexpired_age)");
-    client
-        .batch_execute(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS messages_unexpired_age
-             ON messages (sent_at_ms) WHERE expired_at_ms IS NULL",
-        )
-        .await
-        .map_err(pg)?;
-    tracing::info!(shard, "sweep index built");
-    Ok(())
 }

@@ -77,13 +77,11 @@ proptest! {
     fn decoding_any_bytes_is_total(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         match decode(Some(&bytes)) {
             Ok(Inbound::Message(m)) => {
-                prop_assert!(valid_message(&m));
+                prop_assert!(valid_message(&ChatMessage::from(&m)));
                 prop_assert!(!m.body.contains('\0'));
             }
             Ok(Inbound::Ack(a)) => {
-                let user = UserId::parse(&a.user).expect("a valid user");
-                let conversation = ConversationKey::parse(&a.conversation).expect("a valid key");
-                prop_assert!(conversation.peer_of(&user).is_some());
+                prop_assert_eq!(a.conversation.peer_of(&a.user), Some(a.peer));
             }
             Err(_) => {}
         }
@@ -100,7 +98,11 @@ proptest! {
         .encode_to_vec();
         let verdict = decode(Some(&bytes));
         match (valid_message(&m), m.body.contains('\0')) {
-            (true, false) => prop_assert_eq!(verdict, Ok(Inbound::Message(m))),
+            // Decoded into validated ids, and nothing changed on the way.
+            (true, false) => match verdict {
+                Ok(Inbound::Message(decoded)) => prop_assert_eq!(ChatMessage::from(&decoded), m),
+                other => prop_assert!(false, "refused: {other:?}"),
+            },
             (true, true) => prop_assert_eq!(verdict, Err(InvalidRecord::NulBody)),
             (false, _) => prop_assert_eq!(verdict, Err(InvalidRecord::BadMessage)),
         }
@@ -119,7 +121,14 @@ proptest! {
         };
         let verdict = decode(Some(&bytes));
         if valid {
-            prop_assert_eq!(verdict, Ok(Inbound::Ack(ack)));
+            // The peer comes from the conversation, whatever the record's peer field says.
+            let Ok(Inbound::Ack(decoded)) = verdict else {
+                return Err(TestCaseError::fail(format!("refused: {verdict:?}")));
+            };
+            let mut expected = ack;
+            expected.peer = decoded.peer.to_string();
+            prop_assert_eq!(AckRecord::from(&decoded), expected);
+            prop_assert_ne!(decoded.peer, decoded.user);
         } else {
             prop_assert_eq!(verdict, Err(InvalidRecord::BadAck));
         }

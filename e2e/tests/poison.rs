@@ -51,6 +51,11 @@ fn message(from: &str, to: &str, client_id: &str, body: &str) -> ChatMessage {
     }
 }
 
+/// The message as the store takes it (validated ids).
+fn domain(m: &ChatMessage) -> chat_common::message::Message {
+    chat_common::message::Message::try_from(m.clone()).expect("valid ids")
+}
+
 /// The same send as a gateway of the first id scheme accepted it.
 fn first_scheme(mut m: ChatMessage) -> ChatMessage {
     let name = format!("{}\n{}", m.sender, m.client_message_id);
@@ -515,30 +520,32 @@ async fn the_store_deduplicates_a_send_whatever_its_id_scheme() -> anyhow::Resul
     let new = message("alice", "bob", "c1", "hello");
     let old = first_scheme(new.clone());
     assert_ne!(old.message_id, new.message_id);
-    let out = shards.store_batch(&[old.clone(), new.clone()]).await?;
+    let out = shards.store_batch(&[domain(&old), domain(&new)]).await?;
     assert_eq!(out.len(), 2);
     assert!(out[0].created && !out[1].created);
     assert_eq!(
-        (out[1].message.message_id.as_str(), out[1].message.seq),
-        (old.message_id.as_str(), 1),
+        (out[1].message.id.to_string(), out[1].message.seq),
+        (old.message_id.clone(), 1),
         "the retry is the stored message"
     );
 
     // Across batches, the other way round: current id first, first-scheme id later.
     let new2 = message("alice", "bob", "c2", "again");
-    let out = shards.store_batch(std::slice::from_ref(&new2)).await?;
+    let out = shards.store_batch(&[domain(&new2)]).await?;
     assert!(out[0].created);
-    let out = shards.store_batch(&[first_scheme(new2.clone())]).await?;
+    let out = shards
+        .store_batch(&[domain(&first_scheme(new2.clone()))])
+        .await?;
     assert!(!out[0].created);
     assert_eq!(
-        (out[0].message.message_id.as_str(), out[0].message.seq),
-        (new2.message_id.as_str(), 2)
+        (out[0].message.id.to_string(), out[0].message.seq),
+        (new2.message_id.clone(), 2)
     );
     // Also when it is not the batch's only message (the lookup path, mixed with a new one).
     let out = shards
         .store_batch(&[
-            first_scheme(new.clone()),
-            message("alice", "bob", "c3", "three"),
+            domain(&first_scheme(new.clone())),
+            domain(&message("alice", "bob", "c3", "three")),
         ])
         .await?;
     assert_eq!(
@@ -551,8 +558,8 @@ async fn the_store_deduplicates_a_send_whatever_its_id_scheme() -> anyhow::Resul
     // The same client id is another message from the other sender, or toward another recipient.
     let out = shards
         .store_batch(&[
-            message("bob", "alice", "c1", "from bob"),
-            message("alice", "carol", "c1", "to carol"),
+            domain(&message("bob", "alice", "c1", "from bob")),
+            domain(&message("alice", "carol", "c1", "to carol")),
         ])
         .await?;
     assert!(out.iter().all(|s| s.created), "{out:?}");
@@ -572,7 +579,7 @@ async fn the_store_deduplicates_a_send_whatever_its_id_scheme() -> anyhow::Resul
 
     // What Postgres refuses for the data is told apart from what retrying fixes.
     let e = shards
-        .store_batch(&[message("alice", "bob", "c4", "x\0y")])
+        .store_batch(&[domain(&message("alice", "bob", "c4", "x\0y"))])
         .await
         .expect_err("Postgres text cannot hold U+0000");
     assert!(e.is_data_error() && !e.is_retryable(), "{e:?}");
@@ -583,7 +590,7 @@ async fn the_store_deduplicates_a_send_whatever_its_id_scheme() -> anyhow::Resul
         1,
     )?)?;
     let e = down
-        .store_batch(&[message("alice", "bob", "c5", "x")])
+        .store_batch(&[domain(&message("alice", "bob", "c5", "x"))])
         .await
         .expect_err("no shard there");
     assert!(e.is_retryable() && !e.is_data_error(), "{e:?}");

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use chat_common::ids::{ConversationKey, UserId};
+use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
+use chat_common::message::{Ack, Message};
 use chat_e2e::TestEnv;
-use chat_proto::v1::ChatMessage;
 use db_writer::{Retention, ShardConfig, Shards};
 
 fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
@@ -14,13 +14,14 @@ fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
     Ok(key.as_str().to_owned())
 }
 
-fn message(from: &str, to: &str, body: &str, sent_at_ms: i64) -> anyhow::Result<ChatMessage> {
-    Ok(ChatMessage {
-        message_id: uuid::Uuid::new_v4().to_string(),
-        client_message_id: uuid::Uuid::new_v4().to_string(),
-        conversation: conversation(from, to)?,
-        sender: from.into(),
-        recipient: to.into(),
+fn message(from: &str, to: &str, body: &str, sent_at_ms: i64) -> anyhow::Result<Message> {
+    let (sender, recipient) = (UserId::parse(from)?, UserId::parse(to)?);
+    Ok(Message {
+        id: uuid::Uuid::new_v4(),
+        client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string())?,
+        conversation: ConversationKey::of(&sender, &recipient).context("same user")?,
+        sender,
+        recipient,
         body: body.into(),
         sent_at_ms,
         seq: 0,
@@ -66,9 +67,26 @@ async fn ack(
     at: i64,
     retention: Retention,
 ) -> anyhow::Result<Vec<(String, String, u64)>> {
+    let user = UserId::parse(user)?;
+    let conversation = ConversationKey::parse(conv)?;
+    let ack = Ack {
+        peer: conversation
+            .peer_of(&user)
+            .context("not in the conversation")?,
+        user,
+        conversation,
+        up_to_seq: up_to,
+        acked_at_ms: at,
+    };
     Ok(shards
-        .ack_on_shard(0, &[(conv.into(), user.into(), up_to, at)], retention)
-        .await?)
+        .apply_acks(&[ack], retention)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let r = r.receipt;
+            (r.conversation.to_string(), r.peer.to_string(), r.up_to_seq)
+        })
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,11 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chat_common::ids::{ConversationKey, UserId};
 use chat_common::kafka::KafkaConfig;
-use chat_proto::v1::{
-    client_frame, inbound_record, AckRecord, ChatMessage, ClientFrame, InboundRecord, Send,
-};
+use chat_common::message::Ack;
+use chat_proto::v1::{client_frame, inbound_record, ChatMessage, ClientFrame, InboundRecord, Send};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use prost::Message as _;
@@ -479,10 +477,10 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
     let shards = db_writer::Shards::connect(&config)?;
     let body = "x".repeat(a.body_bytes);
     let prefix = "rawp123456";
-    let msgs: Vec<ChatMessage> = (0..a.rows)
+    let msgs: Vec<chat_common::message::Message> = (0..a.rows)
         .map(|i| {
             let (from, to) = conversation_users(prefix, a.pairs, i);
-            ChatMessage {
+            Ok(chat_common::message::Message::try_from(ChatMessage {
                 message_id: uuid::Uuid::new_v4().to_string(),
                 client_message_id: format!("p{i}"),
                 conversation: conv_key(&from, &to),
@@ -491,9 +489,9 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
                 body: body.clone(),
                 sent_at_ms: chat_common::now_ms(),
                 seq: 0,
-            }
+            })?)
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
 
     // Insert.
     let bar = crate::progress_bar(a.rows as u64, "raw postgres: batched insert");
@@ -524,19 +522,15 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
     for s in &stored[..n_each] {
         let m = &s.message;
         let t = Instant::now();
-        let key = ConversationKey::parse(&m.conversation)?;
-        UserId::parse(&m.recipient)?;
+        let ack = Ack {
+            user: m.recipient.clone(),
+            peer: m.sender.clone(),
+            conversation: m.conversation.clone(),
+            up_to_seq: m.seq,
+            acked_at_ms: chat_common::now_ms(),
+        };
         shards
-            .ack_on_shard(
-                shards.locator().shard_of(&key),
-                &[(
-                    m.conversation.clone(),
-                    m.recipient.clone(),
-                    m.seq,
-                    chat_common::now_ms(),
-                )],
-                db_writer::Retention::Keep,
-            )
+            .apply_acks(std::slice::from_ref(&ack), db_writer::Retention::Keep)
             .await?;
         ack_lat.push(t.elapsed().as_micros() as u64);
         bar.inc(1);
@@ -557,9 +551,9 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
     let started = Instant::now();
     for chunk in rest.chunks(a.batch) {
         let now = chat_common::now_ms();
-        let acks: Vec<AckRecord> = chunk
+        let acks: Vec<Ack> = chunk
             .iter()
-            .map(|s| AckRecord {
+            .map(|s| Ack {
                 user: s.message.recipient.clone(),
                 peer: s.message.sender.clone(),
                 conversation: s.message.conversation.clone(),

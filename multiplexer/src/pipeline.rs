@@ -19,12 +19,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use chat_common::ids::UserId;
+use chat_common::message::Ack;
 use chat_proto::v1::{
-    outbound_record, AckRecord, ChatMessage, DeadLetter, OutboundBatch, OutboundItem,
-    OutboundRecord, Receipt, Stored,
+    outbound_record, DeadLetter, OutboundBatch, OutboundItem, OutboundRecord, Stored,
 };
 use db_writer::inbound::{self, Inbound, InvalidRecord};
-use db_writer::{DbError, FailedMessage, Shards};
+use db_writer::{DbError, FailedMessage, ReceiptFor, Shards};
 use futures_util::future::join_all;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -71,10 +72,10 @@ struct Batch {
     /// The records as read, for dead letters (their key, value and position).
     records: Vec<OwnedMessage>,
     /// Valid messages in log order, with the index of their record.
-    messages: Vec<ChatMessage>,
+    messages: Vec<chat_common::message::Message>,
     message_records: Vec<usize>,
     /// Valid acks in log order, with the index of their record.
-    acks: Vec<AckRecord>,
+    acks: Vec<Ack>,
     ack_records: Vec<usize>,
     /// Records that failed decoding or validation: (record index, why).
     invalid: Vec<(usize, InvalidRecord)>,
@@ -269,7 +270,7 @@ impl Pipeline {
         if !stored.is_empty() || !receipts.is_empty() || !aside.failures.is_empty() {
             self.presence.catch_up(PRESENCE_CATCH_UP).await;
         }
-        let mut out: Vec<(String, OutboundRecord)> = Vec::new();
+        let mut out: Vec<(UserId, OutboundRecord)> = Vec::new();
         // A batch that was bisected may have committed some messages on some shards in the
         // attempt the store refused: those come back as not created, so their senders are told
         // again (a repeated `Stored` changes nothing for a client).
@@ -280,37 +281,36 @@ impl Pipeline {
                 m.sender.clone(),
                 OutboundRecord {
                     kind: Some(outbound_record::Kind::Stored(Stored {
-                        client_message_id: m.client_message_id.clone(),
-                        message_id: m.message_id.clone(),
-                        conversation: m.conversation.clone(),
+                        client_message_id: m.client_id.as_str().to_owned(),
+                        message_id: m.id.to_string(),
+                        conversation: m.conversation.as_str().to_owned(),
                         seq: m.seq,
-                        peer: m.recipient.clone(),
+                        peer: m.recipient.as_str().to_owned(),
                     })),
                 },
             ));
         }
         for f in &aside.failures {
             out.push((
-                f.sender.as_str().to_owned(),
+                f.sender.clone(),
                 OutboundRecord {
                     kind: Some(outbound_record::Kind::Failed(f.to_proto())),
                 },
             ));
         }
         for s in stored.into_iter().filter(|s| !s.acked) {
-            let to = s.message.recipient.clone();
             out.push((
-                to,
+                s.message.recipient.clone(),
                 OutboundRecord {
-                    kind: Some(outbound_record::Kind::Deliver(s.message)),
+                    kind: Some(outbound_record::Kind::Deliver((&s.message).into())),
                 },
             ));
         }
-        for (to, r) in receipts {
+        for ReceiptFor { sender, receipt } in receipts {
             out.push((
-                to,
+                sender,
                 OutboundRecord {
-                    kind: Some(outbound_record::Kind::Receipt(r)),
+                    kind: Some(outbound_record::Kind::Receipt((&receipt).into())),
                 },
             ));
         }
@@ -369,7 +369,7 @@ impl Pipeline {
         batch: &Batch,
         aside: &mut SetAside,
         shutdown: &CancellationToken,
-    ) -> Option<Vec<(String, Receipt)>> {
+    ) -> Option<Vec<ReceiptFor>> {
         if batch.acks.is_empty() {
             return Some(Vec::new());
         }
@@ -467,7 +467,7 @@ impl Pipeline {
     /// partition and in order: one Kafka record per gateway per batch instead of one per push.
     async fn route(
         &self,
-        records: Vec<(String, OutboundRecord)>,
+        records: Vec<(UserId, OutboundRecord)>,
         shutdown: &CancellationToken,
     ) -> bool {
         // (topic, key, value, pushes it holds)
@@ -475,7 +475,7 @@ impl Pipeline {
         // topic -> (gateway id, its pushes in order)
         let mut per_gateway: HashMap<String, (String, Vec<OutboundItem>)> = HashMap::new();
         for (user, rec) in records {
-            let Some(gw) = self.presence.route(&user) else {
+            let Some(gw) = self.presence.route(user.as_str()) else {
                 metrics::counter!("multiplexer_routed_total", "to" => "offline").increment(1);
                 continue;
             };
@@ -486,11 +486,11 @@ impl Pipeline {
                     .or_insert_with(|| (gw.as_str().to_owned(), Vec::new()))
                     .1
                     .push(OutboundItem {
-                        user,
+                        user: user.as_str().to_owned(),
                         record: Some(rec),
                     });
             } else {
-                todo.push((topic, user, rec.encode_to_vec(), 1));
+                todo.push((topic, user.as_str().to_owned(), rec.encode_to_vec(), 1));
             }
         }
         for (topic, (key, items)) in per_gateway {
@@ -683,11 +683,13 @@ mod tests {
         OutboundItem {
             user: user.into(),
             record: Some(OutboundRecord {
-                kind: Some(outbound_record::Kind::Deliver(ChatMessage {
-                    recipient: user.into(),
-                    body: "x".repeat(body_bytes),
-                    ..Default::default()
-                })),
+                kind: Some(outbound_record::Kind::Deliver(
+                    chat_proto::v1::ChatMessage {
+                        recipient: user.into(),
+                        body: "x".repeat(body_bytes),
+                        ..Default::default()
+                    },
+                )),
             }),
         }
     }

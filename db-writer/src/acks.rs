@@ -1,0 +1,229 @@
+//! Acks and receipts: a watermark per direction of a conversation.
+//!
+//! An ack moves the watermark of its direction (never past the conversation's last seq, never
+//! back); in delete-on-ack mode the same statement erases the bodies it passed. Each watermark
+//! that moved becomes a receipt for the sender of the acknowledged messages, and the sender's
+//! next sync reads the receipts it may have missed ([`Shards::receipts_since`]).
+
+use std::collections::{BTreeMap, HashMap};
+
+use chat_common::ids::UserId;
+use chat_common::message::{Ack, Receipt};
+use futures_util::future::try_join_all;
+
+use crate::error::DbError;
+use crate::retention::Retention;
+use crate::rows::bigint;
+use crate::shards::Shards;
+
+/// The ack statement of both modes, up to `moved` (the watermarks moved, never past the
+/// conversation's last seq and never back); `$extra` adds columns to `a`. Each lookup is a
+/// subquery, so that it stays an index probe per ack: joined, the planner hashes the whole
+/// conversations table instead.
+macro_rules! ack_moved {
+    ($extra:literal) => {
+        concat!(
+            "WITH a AS (
+                 SELECT u.conversation, u.recipient, u.acked_at,
+                        least(u.up_to, (SELECT c.last_seq FROM conversations c
+                                        WHERE c.conversation = u.conversation)) AS up_to",
+            $extra,
+            "
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                     AS u(conversation, recipient, up_to, acked_at)),
+             moved AS (
+                 UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
+                 FROM a
+                 WHERE k.conversation = a.conversation AND k.recipient = a.recipient
+                   AND k.up_to_seq < a.up_to
+                 RETURNING k.conversation, k.recipient, k.up_to_seq)"
+        )
+    };
+}
+
+/// The ack statement of keep mode.
+const ACK_KEEP: &str = concat!(
+    ack_moved!(""),
+    "
+     SELECT conversation, recipient, up_to_seq FROM moved"
+);
+
+/// The ack statement of delete-on-ack mode: the bodies the watermark passed are erased in the
+/// same statement.
+const ACK_ERASE: &str = concat!(
+    ack_moved!(
+        ",
+                -- The watermark before this statement (every part of a statement reads one
+                -- snapshot): the bodies to erase are above it.
+                (SELECT k.up_to_seq FROM acks k
+                 WHERE k.conversation = u.conversation AND k.recipient = u.recipient) AS before"
+    ),
+    ",
+     erased AS (
+         UPDATE messages m SET body = NULL
+         FROM moved JOIN a ON a.conversation = moved.conversation
+                          AND a.recipient = moved.recipient
+         WHERE m.conversation = moved.conversation
+           AND m.recipient = moved.recipient
+           AND m.seq > a.before AND m.seq <= moved.up_to_seq
+           AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)
+     SELECT conversation, recipient, up_to_seq FROM moved"
+);
+
+/// A receipt, and the sender it is for (whose messages were acknowledged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiptFor {
+    pub sender: UserId,
+    pub receipt: Receipt,
+}
+
+/// A watermark the ack statement moved: its row's conversation and recipient, and where it is
+/// now.
+struct Moved<'r> {
+    conversation: &'r str,
+    recipient: &'r str,
+    up_to_seq: u64,
+}
+
+impl Shards {
+    /// Applies a batch of acks: one statement per shard, after keeping only the highest seq per
+    /// conversation and user. Returns a receipt for each sender whose messages were newly acked.
+    pub async fn apply_acks(
+        &self,
+        acks: &[Ack],
+        retention: Retention,
+    ) -> Result<Vec<ReceiptFor>, DbError> {
+        // The highest ack per (conversation, user).
+        let mut latest: BTreeMap<(&str, &str), &Ack> = BTreeMap::new();
+        for a in acks {
+            let e = latest
+                .entry((a.conversation.as_str(), a.user.as_str()))
+                .or_insert(a);
+            if a.up_to_seq > e.up_to_seq {
+                *e = a;
+            }
+        }
+        let per_shard = self.group_by_shard(latest.into_values(), |a| &a.conversation);
+        let receipts = try_join_all(
+            per_shard
+                .into_iter()
+                .map(|(shard, acks)| self.ack_on_shard(shard, acks, retention)),
+        )
+        .await?;
+        Ok(receipts.into_iter().flatten().collect())
+    }
+
+    /// Records acks on one shard in one statement: each acknowledges every message sent to its
+    /// user in its conversation up to its seq by moving the watermark of that direction. In
+    /// delete-on-ack mode the same statement erases the bodies the watermark passed.
+    /// Idempotent: acking again (or out of order) changes nothing. Expects at most one ack per
+    /// conversation and user (`apply_acks` keeps the highest).
+    async fn ack_on_shard(
+        &self,
+        shard: usize,
+        acks: Vec<&Ack>,
+        retention: Retention,
+    ) -> Result<Vec<ReceiptFor>, DbError> {
+        let pg = DbError::pg(shard);
+        let client = self.client(shard).await?;
+        let (mut conversations, mut users, mut seqs, mut ats) = (vec![], vec![], vec![], vec![]);
+        for a in &acks {
+            conversations.push(a.conversation.as_str());
+            users.push(a.user.as_str());
+            seqs.push(bigint(a.up_to_seq));
+            ats.push(a.acked_at_ms);
+        }
+        // Prepared once per connection. Keep mode has a statement of its own, without the
+        // erasing part: planning the statement is most of its cost at small batches.
+        let statement = client
+            .prepare_cached(match retention {
+                Retention::Keep => ACK_KEEP,
+                Retention::DeleteOnAck => ACK_ERASE,
+            })
+            .await
+            .map_err(pg)?;
+        let started = std::time::Instant::now();
+        let rows = client
+            .query(&statement, &[&conversations, &users, &seqs, &ats])
+            .await
+            .map_err(pg)?;
+        metrics::histogram!("db_ack_seconds").record(started.elapsed());
+        let by_direction: HashMap<(&str, &str), &Ack> = acks
+            .iter()
+            .map(|a| ((a.conversation.as_str(), a.user.as_str()), *a))
+            .collect();
+        let mut receipts = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let moved = Moved {
+                conversation: row.get(0),
+                recipient: row.get(1),
+                up_to_seq: row.get::<_, i64>(2) as u64,
+            };
+            let Some(ack) = by_direction.get(&(moved.conversation, moved.recipient)) else {
+                return Err(DbError::Invariant {
+                    shard,
+                    reason: format!(
+                        "a watermark moved that no ack asked for ({} {})",
+                        moved.conversation, moved.recipient
+                    ),
+                });
+            };
+            receipts.push(ReceiptFor {
+                sender: ack.peer.clone(),
+                receipt: Receipt {
+                    conversation: ack.conversation.clone(),
+                    peer: ack.user.clone(),
+                    up_to_seq: moved.up_to_seq,
+                    acked_at_ms: ack.acked_at_ms,
+                },
+            });
+        }
+        Ok(receipts)
+    }
+}
+
+/// The watermarks of a sender's directions that moved after a time, newest first.
+const RECEIPTS_SINCE: &str = "SELECT conversation, up_to_seq, acked_at_ms, recipient
+     FROM acks
+     WHERE sender = $1 AND acked_at_ms > $2
+     ORDER BY acked_at_ms DESC
+     LIMIT $3";
+
+/// The latest ack a sender has not necessarily seen: per conversation, the highest acked seq of
+/// the sender's messages and when it was acked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AckedUpTo {
+    pub conversation: String,
+    pub peer: String,
+    pub up_to_seq: u64,
+    pub acked_at_ms: i64,
+}
+
+impl Shards {
+    /// Receipts for `sender`: per conversation, the highest seq of the sender's messages acked
+    /// after `after_ms`. Reads every shard; at most `limit` conversations per shard.
+    pub async fn receipts_since(
+        &self,
+        sender: &UserId,
+        after_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<AckedUpTo>, DbError> {
+        let limit = i64::from(limit);
+        self.on_every_shard(|shard, client| async move {
+            let rows = client
+                .query(RECEIPTS_SINCE, &[&sender.as_str(), &after_ms, &limit])
+                .await
+                .map_err(DbError::pg(shard))?;
+            Ok(rows
+                .iter()
+                .map(|r| AckedUpTo {
+                    conversation: r.get(0),
+                    up_to_seq: r.get::<_, i64>(1) as u64,
+                    acked_at_ms: r.get(2),
+                    peer: r.get(3),
+                })
+                .collect())
+        })
+        .await
+    }
+}

@@ -1,0 +1,592 @@
+//! Messages and their sequence numbers: idempotent batched writes.
+//!
+//! Writes are batched per shard, one transaction per shard per batch, and idempotent by the
+//! message's send key (conversation, sender, client message id): a record seen twice (a replay,
+//! a rebalance, a client retry, even one whose message id an earlier id scheme derived) finds its
+//! row and changes nothing. Sequence numbers are assigned inside the transaction while the
+//! conversation's counter row is locked, so they are dense and never given twice, even with a
+//! zombie writer.
+//!
+//! One transaction reads top to bottom in three steps ([`write_on_shard`]): take the counters
+//! (and, on the second pass, find the messages already stored), assign each new message its seq
+//! ([`assign`], pure), insert.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
+use chat_common::message::Message;
+use futures_util::future::try_join_all;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Statement, Transaction};
+use uuid::Uuid;
+
+use crate::error::DbError;
+use crate::rows::MessageRow;
+use crate::shards::Shards;
+
+/// A message after the write: its stored form (seq assigned) and whether this write created it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored {
+    pub message: Message,
+    /// False when the row already existed (replay or client retry).
+    pub created: bool,
+    /// True when the recipient already acked it, or it expired (nothing left to deliver).
+    pub acked: bool,
+}
+
+/// The statements of the store transaction.
+mod sql {
+    use crate::rows::message_columns;
+
+    /// Counters of conversations seen for the first time.
+    pub(super) const CREATE_COUNTERS: &str = "INSERT INTO conversations (conversation)
+         SELECT unnest($1::text[]) ORDER BY 1
+         ON CONFLICT DO NOTHING";
+
+    /// Locks the batch's counters in key order. Lookups join the unnested array rather than
+    /// test `= ANY($1)`: planning `= ANY` with the array's values estimates each element, which
+    /// cost more than running the statement.
+    pub(super) const LOCK_COUNTERS: &str = "SELECT c.conversation, c.last_seq
+         FROM unnest($1::text[]) AS i(conversation) JOIN conversations c USING (conversation)
+         ORDER BY c.conversation FOR UPDATE OF c";
+
+    /// The messages of the batch already stored, found by send key (through the fingerprint
+    /// index of migration 5), with whether their recipient has acked them or they expired.
+    pub(super) const FIND_STORED: &str = concat!(
+        "SELECT ",
+        message_columns!(),
+        ",
+                m.seq <= coalesce(k.up_to_seq, 0) OR m.expired_at_ms IS NOT NULL
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS i(conversation, sender, client_id)
+         JOIN messages m
+           ON md5(m.conversation || E'\\n' || m.sender || E'\\n' || m.client_message_id)::uuid
+            = md5(i.conversation || E'\\n' || i.sender || E'\\n' || i.client_id)::uuid
+          AND m.conversation = i.conversation AND m.sender = i.sender
+          AND m.client_message_id = i.client_id
+         LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient"
+    );
+
+    /// A message already stored is skipped and counted out: see `write_on_shard`.
+    pub(super) const INSERT_MESSAGES: &str =
+        "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
+                               recipient, body, sent_at_ms)
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[],
+                              $5::text[], $6::text[], $7::text[], $8::bigint[])
+         ON CONFLICT ((md5(conversation || E'\\n' || sender || E'\\n' || client_message_id)::uuid))
+         DO NOTHING";
+
+    /// The ack watermark of each direction that received a message, created at 0.
+    pub(super) const INSERT_WATERMARKS: &str = "INSERT INTO acks (conversation, recipient, sender)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+         ON CONFLICT DO NOTHING";
+
+    /// Moves the counters past the batch's new messages (second pass).
+    pub(super) const MOVE_COUNTERS: &str = "UPDATE conversations c SET last_seq = u.seq
+         FROM unnest($1::text[], $2::bigint[]) AS u(conversation, seq)
+         WHERE c.conversation = u.conversation AND c.last_seq < u.seq";
+
+    /// The first pass's counters in one statement: creates the missing ones, locks them all in
+    /// key order and moves each past the batch's messages of its conversation ($2 of them),
+    /// returning the new last seq.
+    pub(super) const TAKE_SEQS: &str = "INSERT INTO conversations AS c (conversation, last_seq)
+         SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
+         ON CONFLICT (conversation) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq
+         RETURNING c.conversation, c.last_seq";
+}
+
+/// The store transaction's statements, prepared once per connection.
+struct Statements {
+    create_counters: Statement,
+    lock_counters: Statement,
+    find_stored: Statement,
+    insert_messages: Statement,
+    insert_watermarks: Statement,
+    move_counters: Statement,
+    take_seqs: Statement,
+}
+
+impl Statements {
+    /// Prepares (or takes from the connection's cache) every statement, in one round trip.
+    async fn prepare(client: &deadpool_postgres::Object) -> Result<Self, tokio_postgres::Error> {
+        let (
+            create_counters,
+            lock_counters,
+            find_stored,
+            insert_messages,
+            insert_watermarks,
+            move_counters,
+            take_seqs,
+        ) = futures_util::try_join!(
+            client.prepare_cached(sql::CREATE_COUNTERS),
+            client.prepare_cached(sql::LOCK_COUNTERS),
+            client.prepare_cached(sql::FIND_STORED),
+            client.prepare_cached(sql::INSERT_MESSAGES),
+            client.prepare_cached(sql::INSERT_WATERMARKS),
+            client.prepare_cached(sql::MOVE_COUNTERS),
+            client.prepare_cached(sql::TAKE_SEQS),
+        )?;
+        Ok(Self {
+            create_counters,
+            lock_counters,
+            find_stored,
+            insert_messages,
+            insert_watermarks,
+            move_counters,
+            take_seqs,
+        })
+    }
+}
+
+/// What makes a message the same message: the store keeps one row per (conversation, sender,
+/// client message id), whatever message id a gateway derived for it (docs/design.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SendKey<'a> {
+    conversation: &'a ConversationKey,
+    sender: &'a UserId,
+    client_id: &'a ClientMessageId,
+}
+
+impl<'a> SendKey<'a> {
+    fn of(m: &'a Message) -> Self {
+        Self {
+            conversation: &m.conversation,
+            sender: &m.sender,
+            client_id: &m.client_id,
+        }
+    }
+}
+
+impl Shards {
+    /// Stores a batch of messages (in log order) and returns each one's stored form, in input
+    /// order. Messages repeated in the batch or already stored come back with `created = false`.
+    pub async fn store_batch(&self, batch: &[Message]) -> Result<Vec<Stored>, DbError> {
+        let per_shard = self.group_by_shard(batch.iter().enumerate(), |(_, m)| &m.conversation);
+        let results = try_join_all(
+            per_shard
+                .into_iter()
+                .map(|(shard, msgs)| self.store_on_shard(shard, msgs)),
+        )
+        .await?;
+        let by_key: HashMap<SendKey<'_>, Stored> = results
+            .into_iter()
+            .flatten()
+            .map(|(i, s)| (SendKey::of(&batch[i]), s))
+            .collect();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut seen = HashSet::new();
+        for m in batch {
+            let key = SendKey::of(m);
+            if let Some(s) = by_key.get(&key) {
+                let mut s = s.clone();
+                if !seen.insert(key) {
+                    s.created = false;
+                }
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores one shard's part of a batch; returns each distinct message's stored form with its
+    /// index in the batch (the first occurrence of a message repeated in the batch).
+    async fn store_on_shard(
+        &self,
+        shard: usize,
+        msgs: Vec<(usize, &Message)>,
+    ) -> Result<Vec<(usize, Stored)>, DbError> {
+        let batch = ShardBatch::new(shard, msgs);
+        let mut client = self.client(shard).await?;
+        // Each group of statements below goes out in one write (tokio-postgres pipelines the
+        // queries of one client that are awaited together), so a batch costs four round trips:
+        // BEGIN, counters (and the lookup), write, COMMIT.
+        let statements = Statements::prepare(&client)
+            .await
+            .map_err(DbError::pg(shard))?;
+        // Almost every batch holds only new messages, so the first pass does not look for
+        // stored copies: the insert skips a message whose send key is taken, and if it skipped
+        // any (a replay, a client retry), that pass is rolled back and the batch is written
+        // again after the lookup. Looking up every batch's keys cost a third of Postgres's
+        // planning.
+        if let Some(out) = write_on_shard(&mut client, &statements, &batch, Pass::AllNew).await? {
+            return Ok(batch.positions.into_iter().zip(out).collect());
+        }
+        metrics::counter!("db_store_lookups_total").increment(1);
+        let out = write_on_shard(&mut client, &statements, &batch, Pass::LookUpStored)
+            .await?
+            .ok_or_else(|| DbError::BadRow {
+                // Under the locks, the lookup found every stored message of the batch, so the
+                // insert skipped one whose send key another message holds: a fingerprint
+                // collision (see migration 5), never resolved by retrying. Refused as data, so
+                // the batch is bisected and only that message is set aside.
+                shard,
+                reason: "the message's send key is taken by another message".into(),
+            })?;
+        Ok(batch.positions.into_iter().zip(out).collect())
+    }
+}
+
+/// The messages of one batch for one shard, distinct, in log order.
+struct ShardBatch<'a> {
+    shard: usize,
+    messages: Vec<&'a Message>,
+    /// Each message's index in the whole batch.
+    positions: Vec<usize>,
+    /// The batch's conversations, sorted and distinct (the lock order).
+    conversations: Vec<&'a str>,
+}
+
+impl<'a> ShardBatch<'a> {
+    /// Keeps the first of messages repeated in the batch (a retry inside one batch counts once,
+    /// whatever its message id).
+    fn new(shard: usize, msgs: Vec<(usize, &'a Message)>) -> Self {
+        let mut seen = HashSet::new();
+        let (positions, messages): (Vec<usize>, Vec<&Message>) = msgs
+            .into_iter()
+            .filter(|(_, m)| seen.insert(SendKey::of(m)))
+            .unzip();
+        let conversations: BTreeSet<&str> =
+            messages.iter().map(|m| m.conversation.as_str()).collect();
+        Self {
+            shard,
+            messages,
+            positions,
+            conversations: conversations.into_iter().collect(),
+        }
+    }
+
+    /// The batch's own copy of a conversation key read back from the shard.
+    fn conversation(&self, key: &str) -> Option<&'a str> {
+        self.conversations
+            .binary_search(&key)
+            .ok()
+            .map(|i| self.conversations[i])
+    }
+}
+
+/// The two passes of the store transaction (see `Shards::store_on_shard`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// Every message taken to be new: rolled back if the insert skips any.
+    AllNew,
+    /// Messages already stored are found first and returned as they are.
+    LookUpStored,
+}
+
+/// Per conversation of the batch, the last seq given before its new messages.
+type Counters<'a> = HashMap<&'a str, i64>;
+
+/// One pass of the store transaction: counters, seqs, insert, commit. `None` when the first
+/// pass found a message already stored (rolled back; the caller looks them up).
+async fn write_on_shard(
+    client: &mut deadpool_postgres::Object,
+    statements: &Statements,
+    batch: &ShardBatch<'_>,
+    pass: Pass,
+) -> Result<Option<Vec<Stored>>, DbError> {
+    let pg = DbError::pg(batch.shard);
+    let tx = client.transaction().await.map_err(pg)?;
+    let (counters, stored) = match pass {
+        Pass::AllNew => (take_seqs(&tx, statements, batch).await?, Vec::new()),
+        Pass::LookUpStored => lock_and_find_stored(&tx, statements, batch).await?,
+    };
+    let plan = assign(batch, counters, stored)?;
+    if !plan.rows.is_empty() {
+        let inserted = insert(&tx, statements, &plan, pass).await.map_err(pg)?;
+        if inserted != plan.rows.len() as u64 {
+            tx.rollback().await.map_err(pg)?;
+            return Ok(None);
+        }
+    }
+    let commit = std::time::Instant::now();
+    tx.commit().await.map_err(pg)?;
+    metrics::histogram!("db_commit_seconds").record(commit.elapsed());
+    metrics::counter!("db_messages_written_total").increment(plan.rows.len() as u64);
+    Ok(Some(plan.out))
+}
+
+/// First pass: every message is taken to be new, so the counters are created, locked in key
+/// order and moved past all of them in one statement. Returns each counter as it was before.
+async fn take_seqs<'a>(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    batch: &ShardBatch<'a>,
+) -> Result<Counters<'a>, DbError> {
+    let mut counts: Counters<'a> = HashMap::with_capacity(batch.conversations.len());
+    for m in &batch.messages {
+        *counts.entry(m.conversation.as_str()).or_default() += 1;
+    }
+    let n: Vec<i64> = batch.conversations.iter().map(|c| counts[c]).collect();
+    let moved = tx
+        .query(&statements.take_seqs, &[&batch.conversations, &n])
+        .await
+        .map_err(DbError::pg(batch.shard))?;
+    for row in &moved {
+        let (conversation, last): (&str, i64) = (row.get(0), row.get(1));
+        if let Some(taken) = counts.get_mut(conversation) {
+            *taken = last - *taken;
+        }
+    }
+    Ok(counts)
+}
+
+/// Second pass: locks the counters of every conversation in the batch, in key order (no
+/// deadlock between two writers of overlapping batches), then reads which messages are already
+/// stored. The server runs the statements in this order, so the read sees every write of
+/// another writer that held these locks before us. The counters move once the new messages
+/// are known ([`insert`]).
+async fn lock_and_find_stored<'a>(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    batch: &ShardBatch<'a>,
+) -> Result<(Counters<'a>, Vec<Stored>), DbError> {
+    let shard = batch.shard;
+    let (mut conversations, mut senders, mut client_ids) = (vec![], vec![], vec![]);
+    for m in &batch.messages {
+        conversations.push(m.conversation.as_str());
+        senders.push(m.sender.as_str());
+        client_ids.push(m.client_id.as_str());
+    }
+    let by_conversation: [&(dyn ToSql + Sync); 1] = [&batch.conversations];
+    let by_key: [&(dyn ToSql + Sync); 3] = [&conversations, &senders, &client_ids];
+    let (_, locked, found) = futures_util::try_join!(
+        tx.execute(&statements.create_counters, &by_conversation),
+        tx.query(&statements.lock_counters, &by_conversation),
+        tx.query(&statements.find_stored, &by_key),
+    )
+    .map_err(DbError::pg(shard))?;
+    let counters = locked
+        .iter()
+        .filter_map(|row| Some((batch.conversation(row.get(0))?, row.get(1))))
+        .collect();
+    let stored = found
+        .iter()
+        .map(|row| {
+            Ok(Stored {
+                message: MessageRow::decode(row, shard)?,
+                created: false,
+                acked: row.get(MessageRow::EXTRA),
+            })
+        })
+        .collect::<Result<_, DbError>>()?;
+    Ok((counters, stored))
+}
+
+/// The outcome of [`assign`]: every message's stored form, in batch order, the rows to insert,
+/// and the counters after them.
+struct Plan<'a> {
+    out: Vec<Stored>,
+    rows: NewRows<'a>,
+    counters: Counters<'a>,
+}
+
+/// The columns of the messages to insert, one array each (the insert unnests them).
+#[derive(Default)]
+struct NewRows<'a> {
+    conversation: Vec<&'a str>,
+    seq: Vec<i64>,
+    message_id: Vec<Uuid>,
+    client_id: Vec<&'a str>,
+    sender: Vec<&'a str>,
+    recipient: Vec<&'a str>,
+    body: Vec<&'a str>,
+    sent_at_ms: Vec<i64>,
+}
+
+impl<'a> NewRows<'a> {
+    fn push(&mut self, m: &'a Message, seq: i64) {
+        self.conversation.push(m.conversation.as_str());
+        self.seq.push(seq);
+        self.message_id.push(m.id);
+        self.client_id.push(m.client_id.as_str());
+        self.sender.push(m.sender.as_str());
+        self.recipient.push(m.recipient.as_str());
+        self.body.push(&m.body);
+        self.sent_at_ms.push(m.sent_at_ms);
+    }
+
+    fn len(&self) -> usize {
+        self.seq.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.seq.is_empty()
+    }
+
+    /// Each direction (conversation, recipient, sender) that receives a message, distinct and
+    /// sorted, so concurrent writers insert their watermarks in one order.
+    fn directions(&self) -> [Vec<&'a str>; 3] {
+        let distinct: BTreeSet<(&str, &str, &str)> = (0..self.len())
+            .map(|i| (self.conversation[i], self.recipient[i], self.sender[i]))
+            .collect();
+        let mut columns: [Vec<&str>; 3] = Default::default();
+        for (conversation, recipient, sender) in distinct {
+            columns[0].push(conversation);
+            columns[1].push(recipient);
+            columns[2].push(sender);
+        }
+        columns
+    }
+}
+
+/// Gives each new message of the batch the next seq of its conversation, in batch order, and
+/// returns the messages found already stored as they are.
+fn assign<'a>(
+    batch: &ShardBatch<'a>,
+    mut counters: Counters<'a>,
+    stored: Vec<Stored>,
+) -> Result<Plan<'a>, DbError> {
+    let mut stored: HashMap<(ConversationKey, UserId, ClientMessageId), Stored> = stored
+        .into_iter()
+        .map(|s| {
+            let m = &s.message;
+            let key = (
+                m.conversation.clone(),
+                m.sender.clone(),
+                m.client_id.clone(),
+            );
+            (key, s)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(batch.messages.len());
+    let mut rows = NewRows::default();
+    for &m in &batch.messages {
+        if !stored.is_empty() {
+            let key = (
+                m.conversation.clone(),
+                m.sender.clone(),
+                m.client_id.clone(),
+            );
+            if let Some(s) = stored.remove(&key) {
+                out.push(s);
+                continue;
+            }
+        }
+        let seq = counters
+            .get_mut(m.conversation.as_str())
+            .ok_or_else(|| DbError::Invariant {
+                shard: batch.shard,
+                reason: format!("no counter for {}", m.conversation),
+            })?;
+        *seq += 1;
+        rows.push(m, *seq);
+        let mut message = m.clone();
+        message.seq = *seq as u64;
+        out.push(Stored {
+            message,
+            created: true,
+            acked: false,
+        });
+    }
+    Ok(Plan {
+        out,
+        rows,
+        counters,
+    })
+}
+
+/// Inserts the new messages and their directions' watermarks, and on the second pass moves
+/// the counters, in one round trip. Returns how many messages the insert wrote.
+async fn insert(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    plan: &Plan<'_>,
+    pass: Pass,
+) -> Result<u64, tokio_postgres::Error> {
+    let r = &plan.rows;
+    let messages: [&(dyn ToSql + Sync); 8] = [
+        &r.conversation,
+        &r.seq,
+        &r.message_id,
+        &r.client_id,
+        &r.sender,
+        &r.recipient,
+        &r.body,
+        &r.sent_at_ms,
+    ];
+    let [conversation, recipient, sender] = r.directions();
+    let watermarks: [&(dyn ToSql + Sync); 3] = [&conversation, &recipient, &sender];
+    // The first pass moved its counters already.
+    let move_counters = async {
+        match pass {
+            Pass::AllNew => Ok(0),
+            Pass::LookUpStored => {
+                let (conversations, seqs): (Vec<&str>, Vec<i64>) =
+                    plan.counters.iter().map(|(c, s)| (*c, *s)).unzip();
+                tx.execute(&statements.move_counters, &[&conversations, &seqs])
+                    .await
+            }
+        }
+    };
+    let (inserted, _, _) = futures_util::try_join!(
+        tx.execute(&statements.insert_messages, &messages),
+        tx.execute(&statements.insert_watermarks, &watermarks),
+        move_counters,
+    )?;
+    Ok(inserted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(from: &str, to: &str, cid: &str) -> Message {
+        let sender = UserId::parse(from).expect("valid id");
+        let recipient = UserId::parse(to).expect("valid id");
+        let client_id = ClientMessageId::parse(cid).expect("valid id");
+        Message {
+            id: chat_common::ids::message_id(&sender, &recipient, &client_id),
+            conversation: ConversationKey::of(&sender, &recipient).expect("two users"),
+            client_id,
+            sender,
+            recipient,
+            body: "hi".into(),
+            sent_at_ms: 1,
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn seqs_are_dense_per_conversation_in_batch_order_and_stored_ones_are_kept() {
+        let batch = [
+            message("alice", "bob", "1"),
+            message("carol", "dave", "1"),
+            message("bob", "alice", "1"),
+            message("alice", "bob", "1"), // repeated in the batch: counted once
+            message("alice", "bob", "2"),
+        ];
+        let shard = ShardBatch::new(3, batch.iter().enumerate().collect());
+        assert_eq!(shard.positions, vec![0, 1, 2, 4]);
+        assert_eq!(shard.conversations, vec!["alice:bob", "carol:dave"]);
+        // bob -> alice "1" is already stored with seq 7.
+        let mut found = batch[2].clone();
+        found.seq = 7;
+        let stored = vec![Stored {
+            message: found.clone(),
+            created: false,
+            acked: true,
+        }];
+        let counters = HashMap::from([("alice:bob", 7), ("carol:dave", 0)]);
+        let plan = assign(&shard, counters, stored).expect("assigned");
+        let seqs: Vec<(u64, bool)> = plan
+            .out
+            .iter()
+            .map(|s| (s.message.seq, s.created))
+            .collect();
+        assert_eq!(seqs, vec![(8, true), (1, true), (7, false), (9, true)]);
+        assert_eq!(plan.rows.seq, vec![8, 1, 9]);
+        assert_eq!(plan.counters["alice:bob"], 9);
+        assert_eq!(
+            plan.rows.directions(),
+            [
+                vec!["alice:bob", "carol:dave"],
+                vec!["bob", "dave"],
+                vec!["alice", "carol"]
+            ]
+        );
+        // A conversation without a counter is a broken invariant, not the data's fault.
+        let e = assign(&shard, HashMap::new(), vec![])
+            .err()
+            .expect("refused");
+        assert!(matches!(e, DbError::Invariant { shard: 3, .. }));
+    }
+}

@@ -1,0 +1,72 @@
+//! The schema: ordered migrations, applied to every shard under an advisory lock.
+
+use crate::error::DbError;
+use crate::shards::Shards;
+
+/// The schema, as ordered migrations. Applied by [`Shards::migrate`] under an advisory lock, so
+/// several processes starting at once apply each migration exactly once.
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_messages.sql")),
+    (2, include_str!("../migrations/0002_sent_at_index.sql")),
+    (3, include_str!("../migrations/0003_ack_watermarks.sql")),
+    (
+        4,
+        include_str!("../migrations/0004_sweep_index_on_demand.sql"),
+    ),
+    (
+        5,
+        include_str!("../migrations/0005_client_id_scope_and_failures.sql"),
+    ),
+];
+
+/// Advisory lock key that serialises migrations (any constant shared by all processes).
+const MIGRATION_LOCK: i64 = 0x0063_6861_746d_6967;
+
+impl Shards {
+    /// Applies missing migrations to every shard.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        self.migrate_to(i32::MAX).await
+    }
+
+    /// Applies missing migrations up to and including `last` to every shard (tests of a
+    /// migration start from the schema before it).
+    pub async fn migrate_to(&self, last: i32) -> Result<(), DbError> {
+        for shard in 0..self.pools.len() {
+            let mut client = self.client(shard).await?;
+            let pg = |source| DbError::Postgres { shard, source };
+            let tx = client.transaction().await.map_err(pg)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(pg)?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version int PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await
+            .map_err(pg)?;
+            let applied: Vec<i32> = tx
+                .query("SELECT version FROM schema_migrations", &[])
+                .await
+                .map_err(pg)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for (version, sql) in MIGRATIONS {
+                if applied.contains(version) || *version > last {
+                    continue;
+                }
+                tx.batch_execute(sql).await.map_err(pg)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    &[version],
+                )
+                .await
+                .map_err(pg)?;
+                tracing::info!(shard, version, "applied migration");
+            }
+            tx.commit().await.map_err(pg)?;
+        }
+        Ok(())
+    }
+}
