@@ -32,41 +32,47 @@ enum Command {
     /// Print which shard holds the conversation between two users.
     Locate { a: String, b: String },
     /// Export the messages sent in a time range as JSON lines (keep mode only).
-    Export {
-        /// Start of the range: ms:N or an RFC 3339 time (inclusive).
-        #[arg(long)]
-        since: String,
-        /// End of the range: ms:N or an RFC 3339 time (exclusive; default now).
-        #[arg(long)]
-        until: Option<String>,
-        /// Output file (default: standard output).
-        #[arg(long)]
-        out: Option<std::path::PathBuf>,
-        /// The deployment's retention mode: keep | delete-on-ack.
-        #[arg(long, env = "RETENTION", default_value = "keep")]
-        retention: String,
-    },
+    Export(ExportArgs),
     /// Rebuild (or reshard into) the shards in --shards from the inbound log.
-    Replay {
-        /// Start: `beginning`, `offset:N` (every partition), `ms:N` or an RFC 3339 time.
-        #[arg(long, default_value = "beginning")]
-        from: String,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "KAFKA_BROKERS", default_value = chat_common::config::DEFAULT_BROKERS)]
-        brokers: String,
-        /// Prefix of the topic names.
-        #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
-        topic_prefix: String,
-        /// The replay's own consumer group (default: a new one per run).
-        #[arg(long)]
-        group: Option<String>,
-        /// Retention mode the acks are applied with: keep | delete-on-ack.
-        #[arg(long, env = "RETENTION", default_value = "keep")]
-        retention: String,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Start of the range: ms:N or an RFC 3339 time (inclusive).
+    #[arg(long)]
+    since: String,
+    /// End of the range: ms:N or an RFC 3339 time (exclusive; default now).
+    #[arg(long)]
+    until: Option<String>,
+    /// Output file (default: standard output).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// The deployment's retention mode: keep | delete-on-ack.
+    #[arg(long, env = "RETENTION", default_value = "keep")]
+    retention: Retention,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Start: `beginning`, `offset:N` (every partition), `ms:N` or an RFC 3339 time.
+    #[arg(long, default_value = "beginning", value_parser = replay::parse_start)]
+    from: replay::Start,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = chat_common::config::DEFAULT_BROKERS)]
+    brokers: String,
+    /// Prefix of the topic names.
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// The replay's own consumer group (default: a new one per run).
+    #[arg(long)]
+    group: Option<String>,
+    /// Retention mode the acks are applied with: keep | delete-on-ack.
+    #[arg(long, env = "RETENTION", default_value = "keep")]
+    retention: Retention,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[tokio::main]
@@ -86,101 +92,108 @@ async fn main() -> anyhow::Result<()> {
             let shard = Shards::connect(&config)?.locator().shard_of(&key);
             println!("{key} -> shard {shard} ({})", config.dsns[shard]);
         }
-        Command::Export {
-            since,
-            until,
-            out,
-            retention,
-        } => {
-            let retention: Retention = retention.parse()?;
-            anyhow::ensure!(
-                retention == Retention::Keep,
-                "export works in keep mode only: in delete-on-ack mode a message's content is erased once its recipient acks, so an export would be partial and would copy content the system promised to delete"
-            );
-            let time = |s: &str| match chat_common::kafka::parse_start(s) {
-                Ok(chat_common::kafka::Start::Timestamp(ms)) => Ok(ms),
-                _ => Err(anyhow::anyhow!(
-                    "expected ms:N or an RFC 3339 time, got {s:?}"
-                )),
-            };
-            let from = time(&since)?;
-            let until = match until {
-                Some(u) => time(&u)?,
-                None => chat_common::now_ms(),
-            };
-            let shards = Shards::connect(&config)?;
-            let mut writer: Box<dyn std::io::Write + Send> = match &out {
-                Some(path) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("creating {}", path.display()))?,
-                )),
-                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
-            };
-            let n = shards
-                .export_range(from, until, &mut |m| {
-                    let line = serde_json::to_string(&chat_proto::v1::ChatMessage::from(m))
-                        .map_err(std::io::Error::other)?;
-                    writeln!(writer, "{line}")
-                })
-                .await
-                .context("export")?;
-            writer.flush()?;
-            eprintln!("exported {n} messages sent in [{from}, {until}) ms");
-        }
-        Command::Replay {
-            from,
-            brokers,
-            topic_prefix,
-            group,
-            retention,
-            quiet,
-        } => {
-            let start = replay::parse_start(&from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
-            let retention: Retention = retention.parse()?;
-            let shards = Shards::connect(&config)?;
-            shards.migrate().await.context("migrating shards")?;
-            let topics = chat_common::topics::TopicNames::new(topic_prefix);
-            let group = group
-                .unwrap_or_else(|| format!("{}replay-{}", topics.prefix(), chat_common::now_ms()));
-            let options = replay::ReplayOptions {
-                topic: topics.inbound(),
-                group: group.clone(),
-                start,
-                retention,
-                max_batch: 1000,
-            };
-            let bar = if quiet {
-                indicatif::ProgressBar::hidden()
-            } else {
-                indicatif::ProgressBar::new(0)
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:40}] {pos}/{len} records ({per_sec}, eta {eta})",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            let kafka = chat_common::kafka::KafkaConfig::new(brokers);
-            let summary = replay::replay(&shards, &kafka, &options, &mut |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })
-            .await
-            .context("replay")?;
-            bar.finish_and_clear();
-            println!(
-                "replayed {} into {} shards (group {group}): {} records read, {} messages ({} rows written, {} already present), {} acks, {} invalid records skipped, {} refused by the store",
-                options.topic,
-                shards.len(),
-                summary.records_read,
-                summary.messages,
-                summary.rows_written,
-                summary.rows_present,
-                summary.acks,
-                summary.invalid,
-                summary.refused
-            );
-        }
+        Command::Export(args) => export(&config, args).await?,
+        Command::Replay(args) => replay(&config, args).await?,
     }
+    Ok(())
+}
+
+/// `db-writer export`: a time range of messages as JSON lines, in the wire mapping of
+/// `chat.v1.ChatMessage`.
+async fn export(config: &ShardConfig, args: ExportArgs) -> anyhow::Result<()> {
+    let ExportArgs {
+        since,
+        until,
+        out,
+        retention,
+    } = args;
+    anyhow::ensure!(
+        retention == Retention::Keep,
+        "export works in keep mode only: in delete-on-ack mode a message's content is erased once its recipient acks, so an export would be partial and would copy content the system promised to delete"
+    );
+    let time = |s: &str| match chat_common::kafka::parse_start(s) {
+        Ok(chat_common::kafka::Start::Timestamp(ms)) => Ok(ms),
+        _ => Err(anyhow::anyhow!(
+            "expected ms:N or an RFC 3339 time, got {s:?}"
+        )),
+    };
+    let from = time(&since)?;
+    let until = match until {
+        Some(u) => time(&u)?,
+        None => chat_common::now_ms(),
+    };
+    let shards = Shards::connect(config)?;
+    let mut writer: Box<dyn std::io::Write + Send> = match &out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let n = shards
+        .export_range(from, until, &mut |m| {
+            let line = serde_json::to_string(&chat_proto::v1::ChatMessage::from(m))
+                .map_err(std::io::Error::other)?;
+            writeln!(writer, "{line}")
+        })
+        .await
+        .context("export")?;
+    writer.flush()?;
+    eprintln!("exported {n} messages sent in [{from}, {until}) ms");
+    Ok(())
+}
+
+/// `db-writer replay`: the shards rebuilt from the `inbound` log, with a progress bar.
+async fn replay(config: &ShardConfig, args: ReplayArgs) -> anyhow::Result<()> {
+    let ReplayArgs {
+        from,
+        brokers,
+        topic_prefix,
+        group,
+        retention,
+        quiet,
+    } = args;
+    let shards = Shards::connect(config)?;
+    shards.migrate().await.context("migrating shards")?;
+    let topics = chat_common::topics::TopicNames::new(topic_prefix);
+    let group =
+        group.unwrap_or_else(|| format!("{}replay-{}", topics.prefix(), chat_common::now_ms()));
+    let options = replay::ReplayOptions {
+        topic: topics.inbound(),
+        group: group.clone(),
+        start: from,
+        retention,
+        max_batch: 1000,
+    };
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} records ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let kafka = chat_common::kafka::KafkaConfig::new(brokers);
+    let summary = replay::replay(&shards, &kafka, &options, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .await
+    .context("replay")?;
+    bar.finish_and_clear();
+    println!(
+        "replayed {} into {} shards (group {group}): {} records read, {} messages ({} rows written, {} already present), {} acks, {} invalid records skipped, {} refused by the store",
+        options.topic,
+        shards.len(),
+        summary.records_read,
+        summary.messages,
+        summary.rows_written,
+        summary.rows_present,
+        summary.acks,
+        summary.invalid,
+        summary.refused
+    );
     Ok(())
 }
