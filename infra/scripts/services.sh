@@ -7,7 +7,7 @@
 # already running are left alone. `stop` sends SIGTERM (graceful drain) and waits.
 #
 # Env: PROFILE (release|debug), RETENTION (keep|delete-on-ack), KAFKA_BROKERS, SHARD_DSNS,
-#      JWT_SECRET; see README.md for every variable the processes read.
+#      JWT_SECRET; see docs/configuration.md for every variable the processes read.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
