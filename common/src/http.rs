@@ -8,9 +8,29 @@ use std::sync::Arc;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
-/// A readiness probe: `Ok(())` when the process can serve, or a reason.
+/// A readiness probe: `Ok(())` when the process can serve, or which dependency failed.
 pub type ReadyCheck =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), NotReady>> + Send>> + Send + Sync>;
+
+/// Why a process is not ready: the dependency whose check failed, and what the check said.
+/// `/readyz` answers 503 with `not ready: <dependency>: <reason>`.
+#[derive(Debug, thiserror::Error)]
+#[error("{dependency}: {reason}")]
+pub struct NotReady {
+    /// What was checked, such as `kafka` or `shards`.
+    pub dependency: &'static str,
+    /// The check's own error.
+    pub reason: String,
+}
+
+impl NotReady {
+    pub fn new(dependency: &'static str, reason: impl std::fmt::Display) -> Self {
+        Self {
+            dependency,
+            reason: reason.to_string(),
+        }
+    }
+}
 
 /// `/healthz`, `/readyz` and `/metrics`.
 pub fn ops_routes(
@@ -42,15 +62,15 @@ pub fn ops_routes(
 }
 
 /// Readiness of Kafka as seen by an existing producer: its brokers answer a metadata request.
-pub async fn kafka_ready(producer: rdkafka::producer::FutureProducer) -> Result<(), String> {
+pub async fn kafka_ready(producer: rdkafka::producer::FutureProducer) -> Result<(), NotReady> {
     use rdkafka::producer::Producer;
     tokio::task::spawn_blocking(move || {
         producer
             .client()
             .fetch_metadata(None, std::time::Duration::from_secs(2))
             .map(|_| ())
-            .map_err(|e| format!("kafka: {e}"))
+            .map_err(|e| NotReady::new("kafka", e))
     })
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| NotReady::new("kafka", e))?
 }

@@ -394,7 +394,10 @@ pub fn routes(
         let app = ready_app.clone();
         Box::pin(async move {
             chat_common::http::kafka_ready(app.producer.clone()).await?;
-            app.shards.ping().await.map_err(|e| e.to_string())
+            app.shards
+                .ping()
+                .await
+                .map_err(|e| chat_common::http::NotReady::new("shards", e))
         })
     });
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_common::http::{ops_routes, ReadyCheck};
+use chat_common::http::{ops_routes, NotReady, ReadyCheck};
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::Producer as _;
 use tokio::task::JoinHandle;
@@ -93,7 +93,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         let (shards, producer) = (ready_shards.clone(), ready_producer.clone());
         Box::pin(async move {
             chat_common::http::kafka_ready(producer).await?;
-            shards.ping().await.map_err(|e| e.to_string())
+            shards.ping().await.map_err(|e| NotReady::new("shards", e))
         })
     });
     let (http_addr, server) = warp::serve(ops_routes(ready))
