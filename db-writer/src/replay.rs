@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chat_common::kafka::KafkaConfig;
+use chat_common::message::{Ack, Message};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 
@@ -78,52 +79,24 @@ pub async fn replay(
 ) -> Result<Summary, ReplayError> {
     let consumer: StreamConsumer = kafka.consumer(&options.group)?;
     let topic = options.topic.as_str();
-    let timeout = Duration::from_secs(10);
-    let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(ReplayError::NoTopic(topic.to_owned()));
-    }
-    // The end of each partition now: records after it are live traffic, not part of the replay.
-    let mut end: HashMap<i32, i64> = HashMap::new();
-    let mut assignment = TopicPartitionList::new();
-    let mut total = 0u64;
-    for p in &partitions {
-        let marks = consumer.fetch_watermarks(topic, *p, timeout)?;
-        let start =
-            chat_common::kafka::start_offset(&consumer, topic, *p, options.start, marks, timeout)?;
-        if start < marks.1 {
-            assignment.add_partition_offset(topic, *p, Offset::Offset(start))?;
-            end.insert(*p, marks.1);
-            total += (marks.1 - start) as u64;
-        }
-    }
+    let Range {
+        mut end,
+        assignment,
+        total,
+    } = range(&consumer, topic, options.start)?;
     let mut summary = Summary::default();
     progress(0, total);
     if end.is_empty() {
         return Ok(summary);
     }
     consumer.assign(&assignment)?;
-
     while !end.is_empty() {
+        let records =
+            next_records(&consumer, options.max_batch, total - summary.records_read).await?;
         let mut messages = Vec::new();
         let mut acks = Vec::new();
         let mut last: HashMap<i32, i64> = HashMap::new();
-        let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .map_err(|_| ReplayError::Stalled(total - summary.records_read))??;
-        let mut batch = vec![first.detach()];
-        while batch.len() < options.max_batch {
-            match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
-                Ok(m) => batch.push(m?.detach()),
-                Err(_) => break,
-            }
-        }
-        for m in batch {
+        for m in records {
             let p = m.partition();
             let Some(&stop) = end.get(&p) else { continue };
             if m.offset() >= stop {
@@ -137,51 +110,8 @@ pub async fn replay(
                 Err(_) => summary.invalid += 1,
             }
         }
-        if !messages.is_empty() {
-            let stored = match shards.store_batch(&messages).await {
-                Err(e) if e.is_data_error() => {
-                    // As the multiplexer does: everything the store takes, in log order.
-                    let mut stored = Vec::with_capacity(messages.len());
-                    for m in &messages {
-                        match shards.store_batch(std::slice::from_ref(m)).await {
-                            Ok(s) => stored.extend(s),
-                            Err(e) if e.is_data_error() => summary.refused += 1,
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    stored
-                }
-                other => other?,
-            };
-            for s in stored {
-                summary.messages += 1;
-                if s.created {
-                    summary.rows_written += 1;
-                } else {
-                    summary.rows_present += 1;
-                }
-            }
-        }
-        if !acks.is_empty() {
-            match shards.apply_acks(&acks, options.retention).await {
-                Err(e) if e.is_data_error() => {
-                    for a in &acks {
-                        match shards
-                            .apply_acks(std::slice::from_ref(a), options.retention)
-                            .await
-                        {
-                            Ok(_) => summary.acks += 1,
-                            Err(e) if e.is_data_error() => summary.refused += 1,
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                }
-                other => {
-                    other?;
-                    summary.acks += acks.len() as u64;
-                }
-            }
-        }
+        store(shards, &messages, &mut summary).await?;
+        ack(shards, &acks, options.retention, &mut summary).await?;
         for (p, offset) in last {
             consumer.store_offset(topic, p, offset)?;
             if offset + 1 >= end[&p] {
@@ -192,4 +122,125 @@ pub async fn replay(
     }
     consumer.commit_consumer_state(CommitMode::Sync)?;
     Ok(summary)
+}
+
+/// What a replay reads: per partition, the end of the log when it began (records after it are
+/// live traffic, not part of the replay), where to start, and how many records that is.
+struct Range {
+    end: HashMap<i32, i64>,
+    assignment: TopicPartitionList,
+    total: u64,
+}
+
+fn range(consumer: &StreamConsumer, topic: &str, start: Start) -> Result<Range, ReplayError> {
+    let timeout = Duration::from_secs(10);
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(ReplayError::NoTopic(topic.to_owned()));
+    }
+    let mut range = Range {
+        end: HashMap::new(),
+        assignment: TopicPartitionList::new(),
+        total: 0,
+    };
+    for p in partitions {
+        let marks = consumer.fetch_watermarks(topic, p, timeout)?;
+        let first = chat_common::kafka::start_offset(consumer, topic, p, start, marks, timeout)?;
+        if first < marks.1 {
+            range
+                .assignment
+                .add_partition_offset(topic, p, Offset::Offset(first))?;
+            range.end.insert(p, marks.1);
+            range.total += (marks.1 - first) as u64;
+        }
+    }
+    Ok(range)
+}
+
+/// The next batch: the first record (waiting up to 30 s for it while `remaining` are still to
+/// read), then whatever else arrives within 5 ms each, up to `max`.
+async fn next_records(
+    consumer: &StreamConsumer,
+    max: usize,
+    remaining: u64,
+) -> Result<Vec<OwnedMessage>, ReplayError> {
+    let first = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .map_err(|_| ReplayError::Stalled(remaining))??;
+    let mut batch = vec![first.detach()];
+    while batch.len() < max {
+        match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
+            Ok(m) => batch.push(m?.detach()),
+            Err(_) => break,
+        }
+    }
+    Ok(batch)
+}
+
+/// Stores a batch's messages as the multiplexer does: everything the store takes, in log
+/// order; a message the store refuses for its data is skipped (the multiplexer set it aside).
+async fn store(
+    shards: &Shards,
+    messages: &[Message],
+    summary: &mut Summary,
+) -> Result<(), ReplayError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let stored = match shards.store_batch(messages).await {
+        Err(e) if e.is_data_error() => {
+            let mut stored = Vec::with_capacity(messages.len());
+            for m in messages {
+                match shards.store_batch(std::slice::from_ref(m)).await {
+                    Ok(s) => stored.extend(s),
+                    Err(e) if e.is_data_error() => summary.refused += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            stored
+        }
+        other => other?,
+    };
+    for s in stored {
+        summary.messages += 1;
+        if s.created {
+            summary.rows_written += 1;
+        } else {
+            summary.rows_present += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a batch's acks, one by one when the store refuses the batch for its data.
+async fn ack(
+    shards: &Shards,
+    acks: &[Ack],
+    retention: Retention,
+    summary: &mut Summary,
+) -> Result<(), ReplayError> {
+    if acks.is_empty() {
+        return Ok(());
+    }
+    match shards.apply_acks(acks, retention).await {
+        Err(e) if e.is_data_error() => {
+            for a in acks {
+                match shards.apply_acks(std::slice::from_ref(a), retention).await {
+                    Ok(_) => summary.acks += 1,
+                    Err(e) if e.is_data_error() => summary.refused += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        other => {
+            other?;
+            summary.acks += acks.len() as u64;
+        }
+    }
+    Ok(())
 }
