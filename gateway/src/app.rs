@@ -20,7 +20,7 @@ use crate::sessions::Sessions;
 
 /// Why a send or ack was refused. `code()` is the machine-readable reason clients see.
 #[derive(Debug, Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     #[error("invalid recipient: {0}")]
     InvalidRecipient(String),
     #[error("cannot send a message to yourself")]
@@ -38,7 +38,7 @@ pub enum SendError {
 }
 
 impl SendError {
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             SendError::InvalidRecipient(_) => "invalid_recipient",
             SendError::SelfMessage => "self_message",
@@ -51,7 +51,7 @@ impl SendError {
     }
 
     /// The HTTP status of this error on the REST path.
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self {
             SendError::Body(chat_common::body::BodyError::TooLarge { .. }) => 413,
             SendError::TooManyInFlight | SendError::RateLimited => 429,
@@ -62,13 +62,13 @@ impl SendError {
 }
 
 /// A send that passed every check, with its record encoded.
-pub struct PreparedSend {
+pub(crate) struct PreparedSend {
     accepted: Accepted,
     payload: Vec<u8>,
 }
 
 /// A send handed to the producer: its answer once Kafka's delivery report is in.
-pub struct PendingSend {
+pub(crate) struct PendingSend {
     accepted: Accepted,
     delivery: DeliveryFuture,
     started: std::time::Instant,
@@ -76,7 +76,7 @@ pub struct PendingSend {
 
 impl PendingSend {
     /// The `Accepted` answer once the record is durable, or why it is not.
-    pub async fn accepted(self) -> Result<Accepted, SendError> {
+    pub(crate) async fn accepted(self) -> Result<Accepted, SendError> {
         let failed = |e: String| {
             metrics::counter!("gateway_errors_total", "kind" => "produce").increment(1);
             SendError::ProduceFailed(e)
@@ -94,31 +94,31 @@ impl PendingSend {
 }
 
 /// Why [`App::enqueue_send`] did not hand the record over.
-pub enum Enqueue {
+pub(crate) enum Enqueue {
     /// The producer's queue is full: try again shortly, before any later send of this sender.
     QueueFull(PreparedSend),
     Failed(SendError),
 }
 
 /// Shared state of one gateway process.
-pub struct App {
-    pub config: Config,
-    pub producer: FutureProducer,
-    pub shards: Shards,
-    pub sessions: std::sync::Arc<Sessions>,
+pub(crate) struct App {
+    pub(crate) config: Config,
+    pub(crate) producer: FutureProducer,
+    pub(crate) shards: Shards,
+    pub(crate) sessions: std::sync::Arc<Sessions>,
     /// Cancelled on SIGTERM: connections close with 1001 and the server drains.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
+    pub(crate) tracker: TaskTracker,
     /// Sends per user, over every connection and REST.
-    pub user_limiter: governor::DefaultKeyedRateLimiter<String>,
+    pub(crate) user_limiter: governor::DefaultKeyedRateLimiter<String>,
     /// Open connections per source address, counted from accept (HTTP or websocket; an upgrade
     /// keeps its connection's count).
-    pub per_addr: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    pub(crate) per_addr: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// A quota of `per_sec` sustained with bursts up to `burst` (both at least 1).
-pub fn quota((per_sec, burst): (u32, u32)) -> governor::Quota {
+pub(crate) fn quota((per_sec, burst): (u32, u32)) -> governor::Quota {
     let one = std::num::NonZeroU32::MIN;
     governor::Quota::per_second(std::num::NonZeroU32::new(per_sec).unwrap_or(one))
         .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(one))
@@ -126,7 +126,7 @@ pub fn quota((per_sec, burst): (u32, u32)) -> governor::Quota {
 
 /// Holds one of a source address's connection slots; gives it back when dropped. Taken when
 /// the connection is accepted, handed to the websocket if it upgrades (see `server`).
-pub struct AddrSlot {
+pub(crate) struct AddrSlot {
     app: std::sync::Arc<App>,
     addr: std::net::IpAddr,
 }
@@ -145,7 +145,10 @@ impl Drop for AddrSlot {
 
 impl App {
     /// Takes a connection slot for `addr`, or `None` when it already holds the maximum.
-    pub fn addr_slot(self: &std::sync::Arc<Self>, addr: std::net::IpAddr) -> Option<AddrSlot> {
+    pub(crate) fn addr_slot(
+        self: &std::sync::Arc<Self>,
+        addr: std::net::IpAddr,
+    ) -> Option<AddrSlot> {
         let mut map = self.per_addr.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(addr).or_insert(0);
         if *n >= self.config.max_conns_per_addr {
@@ -163,7 +166,7 @@ impl App {
     /// Validates a send from `sender` and produces it to `inbound`; returns once Kafka acked.
     /// Concurrent calls reach Kafka in no particular order: a transport that must keep a
     /// sender's order (the websocket) enqueues with [`App::enqueue_send`] in frame order instead.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         sender: &UserId,
         client_message_id: &str,
@@ -180,7 +183,7 @@ impl App {
     }
 
     /// Checks a send (rate, ids, body) and encodes its record; nothing is produced yet.
-    pub fn prepare_send(
+    pub(crate) fn prepare_send(
         &self,
         sender: &UserId,
         client_message_id: &str,
@@ -227,7 +230,7 @@ impl App {
     /// Hands a prepared send to the producer without waiting. Records handed over one after
     /// another reach their partition in that order (the producer is idempotent, so its retries
     /// keep the order), which is what keeps a sender's pipelined messages in order.
-    pub fn enqueue_send(&self, send: PreparedSend) -> Result<PendingSend, Enqueue> {
+    pub(crate) fn enqueue_send(&self, send: PreparedSend) -> Result<PendingSend, Enqueue> {
         let topic = self.config.topics.inbound();
         let record = FutureRecord::to(&topic)
             .key(send.accepted.conversation.as_str())
@@ -250,7 +253,10 @@ impl App {
 
     /// [`App::enqueue_send`], waiting for room in a full producer queue for up to the produce
     /// timeout. The caller holds back its later sends meanwhile, so the order is kept.
-    pub async fn enqueue_waiting(&self, mut send: PreparedSend) -> Result<PendingSend, SendError> {
+    pub(crate) async fn enqueue_waiting(
+        &self,
+        mut send: PreparedSend,
+    ) -> Result<PendingSend, SendError> {
         let deadline = tokio::time::Instant::now() + self.config.kafka.produce_timeout;
         metrics::counter!("gateway_produce_queue_full_total").increment(1);
         loop {
@@ -270,7 +276,12 @@ impl App {
     }
 
     /// `user` acknowledges every message sent to them by `peer` up to `up_to_seq`.
-    pub async fn ack(&self, user: &UserId, peer: &str, up_to_seq: u64) -> Result<(), SendError> {
+    pub(crate) async fn ack(
+        &self,
+        user: &UserId,
+        peer: &str,
+        up_to_seq: u64,
+    ) -> Result<(), SendError> {
         let peer = UserId::parse(peer).map_err(|e| SendError::InvalidRecipient(e.to_string()))?;
         let conversation = ConversationKey::of(user, &peer).ok_or(SendError::SelfMessage)?;
         let record = InboundRecord {
@@ -292,7 +303,7 @@ impl App {
     }
 
     /// Publishes that `user`'s session with `epoch` is on (or off) this gateway.
-    pub async fn publish_presence(
+    pub(crate) async fn publish_presence(
         &self,
         user: &UserId,
         epoch: u64,

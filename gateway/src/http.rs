@@ -16,10 +16,10 @@ use crate::ws::{self, Format};
 
 /// A request refused with a status, a machine-readable code and a message.
 #[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
 }
 
 impl warp::reject::Reject for ApiError {}
@@ -101,10 +101,6 @@ fn origin_allowed(app: Arc<App>) -> impl Filter<Extract = (), Error = Rejection>
         })
         .untuple_one()
 }
-
-/// The peer address of the connection, put on each request by the server.
-#[derive(Clone, Copy, Debug)]
-pub struct RemoteAddr(pub std::net::SocketAddr);
 
 /// The address slot the connection took when it was accepted, handed over to the websocket it
 /// becomes (the per-address limit itself is applied at accept, see [`crate::server`]). Last
@@ -240,7 +236,7 @@ fn peer_of(caller: &UserId, peer: &str) -> Result<ConversationKey, Rejection> {
 }
 
 /// Every route of the gateway. `bounds` gives the body-read timeout of the routes that read one.
-pub fn routes(
+pub(crate) fn routes(
     app: Arc<App>,
     bounds: crate::config::HttpBounds,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {

@@ -5,24 +5,24 @@
 //! own `outbound-<gateway_id>` topic and pushes each record to the recipient's socket, and
 //! publishes to `presence` which users it holds.
 //!
-//! - [`config`]: typed configuration from the environment.
-//! - [`app`]: shared state; send, ack and presence operations used by both transports.
-//! - [`sessions`]: the sockets held, one bounded queue each.
-//! - [`ws`]: one websocket connection (sync, then live, with no gap or duplicate at the seam).
-//! - [`outbound`]: the outbound topic consumer.
-//! - [`http`]: routes, authentication before upgrade, error mapping.
-//! - [`server`]: connections: counted per address from accept, bounded in time, drained on
+//! - `config`: typed configuration from the environment.
+//! - `app`: shared state; send, ack and presence operations used by both transports.
+//! - `sessions`: the sockets held, one bounded queue each.
+//! - `ws`: one websocket connection (sync, then live, with no gap or duplicate at the seam).
+//! - `outbound`: the outbound topic consumer.
+//! - `http`: routes, authentication before upgrade, error mapping.
+//! - `server`: connections: counted per address from accept, bounded in time, drained on
 //!   shutdown.
-//! - [`upgrade`]: the websocket handshake and the socket's buffers.
+//! - `upgrade`: the websocket handshake and the socket's buffers.
 
-pub mod app;
-pub mod config;
-pub mod http;
-pub mod outbound;
-pub mod server;
-pub mod sessions;
-pub mod upgrade;
-pub mod ws;
+mod app;
+mod config;
+mod http;
+mod outbound;
+mod server;
+mod sessions;
+mod upgrade;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::sessions::Outgoing;
 
 /// Runs until `shutdown`.
-pub async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: CancellationToken) {
+pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: CancellationToken) {
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -33,13 +33,13 @@ use warp::http::{header, HeaderValue, StatusCode};
 
 use crate::app::{AddrSlot, App};
 use crate::config::HttpBounds;
-use crate::http::{error_response, RemoteAddr};
+use crate::http::error_response;
 use crate::upgrade::UpgradeSlot;
 
 /// The connection's address slot, put in a `/ws` request's extensions: the websocket route
 /// takes it when it accepts the upgrade, so the socket keeps the slot the connection held.
 #[derive(Clone)]
-pub struct ConnectionSlot(Arc<Mutex<Option<AddrSlot>>>);
+pub(crate) struct ConnectionSlot(Arc<Mutex<Option<AddrSlot>>>);
 
 impl ConnectionSlot {
     fn new(slot: AddrSlot) -> Self {
@@ -48,7 +48,7 @@ impl ConnectionSlot {
 
     /// The slot, once: `None` if it was already taken (a second upgrade cannot happen on one
     /// connection, so this means the request did not come through this server).
-    pub fn take(&self) -> Option<AddrSlot> {
+    pub(crate) fn take(&self) -> Option<AddrSlot> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -237,7 +237,6 @@ async fn serve_connection<S>(
         let activity = activity.clone();
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::Body>| {
             let busy = activity.begin();
-            req.extensions_mut().insert(RemoteAddr(peer));
             if req.uri().path() == "/ws" {
                 let upgrade = UpgradeSlot::take_from(&mut req);
                 req.extensions_mut().insert(upgrade);

@@ -14,7 +14,7 @@ use chat_proto::v1::{ChatMessage, Failed, Receipt, ServerFrame};
 /// What a connection's writer is asked to send. Every variant is boxed, so a queued item is two
 /// words whatever the frame (a `ServerFrame` inline is several hundred bytes).
 #[derive(Debug)]
-pub enum Outgoing {
+pub(crate) enum Outgoing {
     /// A frame to send as is (accepted, error, receipt).
     Frame(Box<ServerFrame>),
     /// A live message from the outbound topic.
@@ -25,32 +25,32 @@ pub enum Outgoing {
 
 /// Pending messages, then receipts and failures of the user's own messages they may have missed.
 #[derive(Debug, Default)]
-pub struct SyncAnswer {
-    pub messages: Vec<ChatMessage>,
-    pub receipts: Vec<Receipt>,
-    pub failures: Vec<Failed>,
+pub(crate) struct SyncAnswer {
+    pub(crate) messages: Vec<ChatMessage>,
+    pub(crate) receipts: Vec<Receipt>,
+    pub(crate) failures: Vec<Failed>,
 }
 
 /// Close codes this gateway uses (4000-4999 are application-defined).
-pub mod close {
+pub(crate) mod close {
     /// Another connection of the same user replaced this one.
-    pub const REPLACED: u16 = 4001;
+    pub(crate) const REPLACED: u16 = 4001;
     /// The socket did not drain its queue; reconnect and sync.
-    pub const SLOW_CONSUMER: u16 = 4008;
+    pub(crate) const SLOW_CONSUMER: u16 = 4008;
     /// The peer did not answer pings for two intervals.
-    pub const PING_TIMEOUT: u16 = 4002;
+    pub(crate) const PING_TIMEOUT: u16 = 4002;
     /// Abuse, such as a flood past the rate limit (standard "policy violation").
-    pub const POLICY: u16 = 1008;
+    pub(crate) const POLICY: u16 = 1008;
     /// The server is shutting down (standard "going away").
-    pub const GOING_AWAY: u16 = 1001;
+    pub(crate) const GOING_AWAY: u16 = 1001;
     /// A frame or message over the size limit (standard "message too big").
-    pub const TOO_BIG: u16 = 1009;
+    pub(crate) const TOO_BIG: u16 = 1009;
     /// A violation of the websocket protocol (standard "protocol error").
-    pub const PROTOCOL: u16 = 1002;
+    pub(crate) const PROTOCOL: u16 = 1002;
     /// Invalid UTF-8 in a text frame (standard "invalid frame payload data").
-    pub const BAD_DATA: u16 = 1007;
+    pub(crate) const BAD_DATA: u16 = 1007;
     /// The server cannot serve (standard "internal error").
-    pub const INTERNAL: u16 = 1011;
+    pub(crate) const INTERNAL: u16 = 1011;
 }
 
 /// A connection's mailbox: what its writer is asked to send, and whether it is asked to close.
@@ -62,7 +62,7 @@ pub mod close {
 /// drain. A kick is seen even when the mailbox is full, and wins over what is queued.
 /// It also counts the connection's sends still waiting for Kafka (`MAX_IN_FLIGHT`).
 #[derive(Debug)]
-pub struct Mailbox {
+pub(crate) struct Mailbox {
     state: Mutex<MailState>,
     /// Wakes the connection's task; `notify_one` keeps a permit when the task is not waiting,
     /// so a push or kick between its check and its wait is not missed.
@@ -74,7 +74,7 @@ pub struct Mailbox {
 
 /// One send in flight on a connection; the count goes down when this is dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<Mailbox>);
+pub(crate) struct InFlight(Arc<Mailbox>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -93,7 +93,7 @@ struct MailState {
 
 /// Why a push was refused.
 #[derive(Debug, PartialEq, Eq)]
-pub enum PushError {
+pub(crate) enum PushError {
     /// The mailbox holds `capacity` items: the socket is not draining.
     Full,
     /// The connection has ended.
@@ -102,7 +102,7 @@ pub enum PushError {
 
 /// What the connection's task is to do next.
 #[derive(Debug)]
-pub enum Mail {
+pub(crate) enum Mail {
     Item(Outgoing),
     Kicked(u16, &'static str),
     /// Time to ping the peer (or to close, if it has not answered the last pings).
@@ -110,7 +110,7 @@ pub enum Mail {
 }
 
 impl Mailbox {
-    pub fn new(capacity: usize, max_in_flight: usize) -> Self {
+    pub(crate) fn new(capacity: usize, max_in_flight: usize) -> Self {
         Self {
             state: Mutex::default(),
             notify: tokio::sync::Notify::new(),
@@ -121,7 +121,7 @@ impl Mailbox {
     }
 
     /// Counts one more send in flight, or `None` if the connection has the most it may have.
-    pub fn begin_send(self: &Arc<Self>) -> Option<InFlight> {
+    pub(crate) fn begin_send(self: &Arc<Self>) -> Option<InFlight> {
         let taken = self
             .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -135,7 +135,7 @@ impl Mailbox {
     }
 
     /// Queues `item` without waiting.
-    pub fn push(&self, item: Outgoing) -> Result<(), PushError> {
+    pub(crate) fn push(&self, item: Outgoing) -> Result<(), PushError> {
         {
             let mut st = self.state();
             if st.closed {
@@ -152,7 +152,7 @@ impl Mailbox {
 
     /// Queues `item`; a full mailbox closes the connection as a slow consumer (its messages stay
     /// pending and come back by sync). False if the connection has ended.
-    pub fn push_or_kick(&self, item: Outgoing) -> bool {
+    pub(crate) fn push_or_kick(&self, item: Outgoing) -> bool {
         match self.push(item) {
             Ok(()) => true,
             Err(PushError::Full) => {
@@ -168,7 +168,7 @@ impl Mailbox {
     }
 
     /// Asks the connection to close (the first reason given wins).
-    pub fn kick(&self, code: u16, reason: &'static str) {
+    pub(crate) fn kick(&self, code: u16, reason: &'static str) {
         {
             let mut st = self.state();
             if st.kicked.is_none() {
@@ -179,7 +179,7 @@ impl Mailbox {
     }
 
     /// Asks the connection to ping its peer (once, however often asked before it does).
-    pub fn ping(&self) {
+    pub(crate) fn ping(&self) {
         {
             let mut st = self.state();
             if st.closed || st.ping {
@@ -192,7 +192,7 @@ impl Mailbox {
 
     /// The next thing to do: a kick first, then a due ping, else the oldest queued item.
     /// Waits for one of them.
-    pub async fn next(&self) -> Mail {
+    pub(crate) async fn next(&self) -> Mail {
         loop {
             {
                 let mut st = self.state();
@@ -215,7 +215,7 @@ impl Mailbox {
     }
 
     /// Resolves once kicked, with the close code and reason (items are left queued).
-    pub async fn kicked(&self) -> (u16, &'static str) {
+    pub(crate) async fn kicked(&self) -> (u16, &'static str) {
         loop {
             if let Some(reason) = self.state().kicked {
                 return reason;
@@ -225,7 +225,7 @@ impl Mailbox {
     }
 
     /// The connection has ended: drops what is queued and refuses later pushes.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut st = self.state();
         st.closed = true;
         st.items = VecDeque::new();
@@ -234,15 +234,15 @@ impl Mailbox {
 
 /// A registered connection.
 #[derive(Clone, Debug)]
-pub struct SessionHandle {
-    pub conn_id: u64,
-    pub epoch: u64,
-    pub mailbox: Arc<Mailbox>,
+pub(crate) struct SessionHandle {
+    pub(crate) conn_id: u64,
+    pub(crate) epoch: u64,
+    pub(crate) mailbox: Arc<Mailbox>,
 }
 
 /// All sessions of this gateway.
 #[derive(Default)]
-pub struct Sessions {
+pub(crate) struct Sessions {
     by_user: RwLock<HashMap<UserId, SessionHandle>>,
     next_conn: AtomicU64,
     last_epoch: AtomicU64,
@@ -250,12 +250,12 @@ pub struct Sessions {
 
 impl Sessions {
     /// A fresh connection id.
-    pub fn next_conn_id(&self) -> u64 {
+    pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// A presence epoch: microseconds since the Unix epoch, strictly increasing in this process.
-    pub fn next_epoch(&self) -> u64 {
+    pub(crate) fn next_epoch(&self) -> u64 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -274,7 +274,7 @@ impl Sessions {
     }
 
     /// Registers `handle` as `user`'s session; returns the session it replaced.
-    pub fn register(&self, user: &UserId, handle: SessionHandle) -> Option<SessionHandle> {
+    pub(crate) fn register(&self, user: &UserId, handle: SessionHandle) -> Option<SessionHandle> {
         let mut map = self.by_user.write().unwrap_or_else(|p| p.into_inner());
         let old = map.insert(user.clone(), handle);
         metrics::gauge!("gateway_connections").set(map.len() as f64);
@@ -282,7 +282,7 @@ impl Sessions {
     }
 
     /// Removes `user`'s session if it is still connection `conn_id`; true if it was.
-    pub fn unregister(&self, user: &UserId, conn_id: u64) -> bool {
+    pub(crate) fn unregister(&self, user: &UserId, conn_id: u64) -> bool {
         let mut map = self.by_user.write().unwrap_or_else(|p| p.into_inner());
         let ours = map.get(user).is_some_and(|h| h.conn_id == conn_id);
         if ours {
@@ -294,7 +294,7 @@ impl Sessions {
 
     /// Pushes to `user`'s session without waiting. Returns false if the user has no session here.
     /// A full queue closes the session (its messages stay pending and come back by sync).
-    pub fn push(&self, user: &str, item: Outgoing) -> bool {
+    pub(crate) fn push(&self, user: &str, item: Outgoing) -> bool {
         let Ok(user) = UserId::parse(user) else {
             return false;
         };
@@ -309,7 +309,7 @@ impl Sessions {
     }
 
     /// Asks every session to ping its peer: one timer for the gateway, not one per socket.
-    pub fn ping_all(&self) {
+    pub(crate) fn ping_all(&self) {
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
         for handle in map.values() {
             handle.mailbox.ping();
@@ -317,7 +317,7 @@ impl Sessions {
     }
 
     /// Asks every session to close (shutdown).
-    pub fn kick_all(&self, code: u16, reason: &'static str) {
+    pub(crate) fn kick_all(&self, code: u16, reason: &'static str) {
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
         for handle in map.values() {
             handle.mailbox.kick(code, reason);
@@ -325,7 +325,7 @@ impl Sessions {
     }
 
     /// Closes `user`'s session here if it is older than `epoch` (the user connected elsewhere).
-    pub fn replaced_elsewhere(&self, user: &str, epoch: u64) {
+    pub(crate) fn replaced_elsewhere(&self, user: &str, epoch: u64) {
         let Ok(user) = UserId::parse(user) else {
             return;
         };

@@ -18,36 +18,36 @@ use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::{Filter, Rejection};
 
 /// Bytes of frames gathered before a write to the socket (a flush writes them sooner).
-pub const WRITE_BUFFER_BYTES: usize = 4096;
+pub(crate) const WRITE_BUFFER_BYTES: usize = 4096;
 
 /// A server-side websocket over a plain TCP stream.
-pub type Socket = WebSocketStream<TcpStream>;
+pub(crate) type Socket = WebSocketStream<TcpStream>;
 
 /// The request's pending upgrade, put in its extensions by the server before warp sees it
 /// (warp extracts only `Clone` extensions; hyper's `OnUpgrade` is not).
 #[derive(Clone, Default)]
-pub struct UpgradeSlot(Arc<Mutex<Option<OnUpgrade>>>);
+pub(crate) struct UpgradeSlot(Arc<Mutex<Option<OnUpgrade>>>);
 
 impl UpgradeSlot {
     /// Moves the upgrade out of `req` into a slot warp can extract.
-    pub fn take_from(req: &mut hyper::Request<hyper::Body>) -> Self {
+    pub(crate) fn take_from(req: &mut hyper::Request<hyper::Body>) -> Self {
         Self(Arc::new(Mutex::new(Some(hyper::upgrade::on(req)))))
     }
 }
 
 /// A valid websocket handshake request, ready to be answered.
-pub struct Handshake {
+pub(crate) struct Handshake {
     accept: String,
     on_upgrade: OnUpgrade,
 }
 
 /// Limits and buffer sizes of one socket.
 #[derive(Clone, Copy, Debug)]
-pub struct SocketConfig {
+pub(crate) struct SocketConfig {
     /// Largest frame and message accepted (larger ones close the socket with 1009).
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
     /// Initial read buffer; grows to the frame being read.
-    pub read_buffer_bytes: usize,
+    pub(crate) read_buffer_bytes: usize,
 }
 
 /// Why a request is not a websocket handshake this server accepts.
@@ -85,7 +85,7 @@ fn check(headers: &HeaderMap) -> Result<String, (StatusCode, &'static str, &'sta
 
 /// Extracts a websocket handshake; anything else is refused with 400 (426 for a version other
 /// than 13), with the same JSON error body as every other refusal.
-pub fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
+pub(crate) fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + Clone {
     warp::header::headers_cloned()
         .and(warp::ext::optional::<UpgradeSlot>())
         .and_then(|headers: HeaderMap, slot: Option<UpgradeSlot>| async move {
@@ -111,7 +111,7 @@ pub fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejection> + C
 
 impl Handshake {
     /// Answers 101 and, once hyper has written it, runs `serve` on the socket (in a task).
-    pub fn accept<F, Fut>(self, config: SocketConfig, serve: F) -> warp::reply::Response
+    pub(crate) fn accept<F, Fut>(self, config: SocketConfig, serve: F) -> warp::reply::Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -35,7 +35,7 @@ const MAX_HELD: usize = 4096;
 
 /// Encoding of the frames this server sends on a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// Protobuf in binary frames.
     Binary,
     /// Proto3 JSON mapping in text frames.
@@ -250,13 +250,13 @@ fn decode_frame(msg: &Message, max_body: usize) -> Result<(ClientFrame, Format),
 }
 
 /// What a connection starts with.
-pub struct Start {
-    pub app: Arc<App>,
-    pub user: UserId,
-    pub socket: Socket,
-    pub format: Format,
-    pub auto_sync: bool,
-    pub address_slot: crate::app::AddrSlot,
+pub(crate) struct Start {
+    pub(crate) app: Arc<App>,
+    pub(crate) user: UserId,
+    pub(crate) socket: Socket,
+    pub(crate) format: Format,
+    pub(crate) auto_sync: bool,
+    pub(crate) address_slot: crate::app::AddrSlot,
 }
 
 /// Serves one authenticated websocket until it closes.
@@ -266,7 +266,7 @@ pub struct Start {
 /// arguments for its whole life, even once moved out), frames are handled by plain functions,
 /// and the futures of rare steps (presence, pings, errors, closing) and of writes are boxed
 /// while they run.
-pub async fn serve(start: Box<Start>) {
+pub(crate) async fn serve(start: Box<Start>) {
     // Moved out in a block of its own, so the box is freed now rather than when `serve` ends.
     let Start {
         app,
@@ -502,7 +502,7 @@ fn protocol_close(error: &WsError) -> Option<(u16, &'static str)> {
 
 /// The largest frame the socket admits for bodies of up to `max_body` bytes: a JSON text frame
 /// whose body is escaped at its worst (six bytes a byte), and the rest of the frame.
-pub fn frame_limit(max_body: usize) -> usize {
+pub(crate) fn frame_limit(max_body: usize) -> usize {
     chat_common::body::json_escaped_max(max_body) + FRAME_ENVELOPE_BYTES
 }
 
