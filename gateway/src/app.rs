@@ -11,55 +11,12 @@ use db_writer::Shards;
 use prost::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::error::SendError;
 use crate::sessions::Sessions;
-
-/// Why a send or ack was refused. `code()` is the machine-readable reason clients see.
-#[derive(Debug, Error)]
-pub(crate) enum SendError {
-    #[error("invalid recipient: {0}")]
-    InvalidRecipient(String),
-    #[error("cannot send a message to yourself")]
-    SelfMessage,
-    #[error("invalid client message id: {0}")]
-    InvalidClientId(String),
-    #[error(transparent)]
-    Body(#[from] chat_common::body::BodyError),
-    #[error("too many sends awaiting acknowledgement on this connection")]
-    TooManyInFlight,
-    #[error("sending too fast; slow down")]
-    RateLimited,
-    #[error("kafka did not accept the record: {0}")]
-    ProduceFailed(String),
-}
-
-impl SendError {
-    pub(crate) fn code(&self) -> &'static str {
-        match self {
-            SendError::InvalidRecipient(_) => "invalid_recipient",
-            SendError::SelfMessage => "self_message",
-            SendError::InvalidClientId(_) => "invalid_client_message_id",
-            SendError::Body(e) => e.code(),
-            SendError::TooManyInFlight => "too_many_in_flight",
-            SendError::RateLimited => "rate_limited",
-            SendError::ProduceFailed(_) => "produce_failed",
-        }
-    }
-
-    /// The HTTP status of this error on the REST path.
-    pub(crate) fn status(&self) -> u16 {
-        match self {
-            SendError::Body(chat_common::body::BodyError::TooLarge { .. }) => 413,
-            SendError::TooManyInFlight | SendError::RateLimited => 429,
-            SendError::ProduceFailed(_) => 503,
-            _ => 400,
-        }
-    }
-}
 
 /// A send that passed every check, with its record encoded.
 pub(crate) struct PreparedSend {

@@ -12,30 +12,11 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use crate::app::App;
+use crate::error::ApiError;
 use crate::ws::{self, Format};
 
-/// A request refused with a status, a machine-readable code and a message.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub(crate) status: StatusCode,
-    pub(crate) code: &'static str,
-    pub(crate) message: String,
-}
-
-impl warp::reject::Reject for ApiError {}
-
 fn reject(status: StatusCode, code: &'static str, message: impl Into<String>) -> Rejection {
-    warp::reject::custom(ApiError {
-        status,
-        code,
-        message: message.into(),
-    })
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: &'a str,
-    message: &'a str,
+    ApiError::new(status, code, message).into()
 }
 
 /// The caller's user id, from `Authorization: Bearer <token>` or the `access_token` query
@@ -297,11 +278,7 @@ pub(crate) fn routes(
                         warp::reply::json(&accepted),
                         StatusCode::ACCEPTED,
                     )),
-                    Err(e) => Err(reject(
-                        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
-                        e.code(),
-                        e.to_string(),
-                    )),
+                    Err(e) => Err(ApiError::from(e).into()),
                 }
             },
         );
@@ -414,16 +391,6 @@ pub(crate) fn routes(
         .recover(recover)
 }
 
-/// The JSON error answer every refusal gets: `{"code": ..., "message": ...}` with `status`.
-pub(crate) fn error_response(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-) -> warp::reply::Response {
-    warp::reply::with_status(warp::reply::json(&ErrorBody { code, message }), status)
-        .into_response()
-}
-
 /// Renders a rejection. warp offers every route the request and combines their rejections, so
 /// a request refused by the route it was meant for also carries the 404s and 405s of the
 /// others: the specific reasons (the route's own errors, then body and content problems) are
@@ -473,7 +440,7 @@ async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
     } else {
         (StatusCode::BAD_REQUEST, "bad_request", format!("{err:?}"))
     };
-    let mut response = error_response(status, code, &message);
+    let mut response = ApiError::new(status, code, message).response();
     if status == StatusCode::REQUEST_TIMEOUT {
         // The rest of the body may still arrive: the connection cannot carry another request.
         response.headers_mut().insert(

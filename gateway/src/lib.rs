@@ -11,12 +11,14 @@
 //! - `ws`: one websocket connection (sync, then live, with no gap or duplicate at the seam).
 //! - `outbound`: the outbound topic consumer.
 //! - `http`: routes, authentication before upgrade, error mapping.
+//! - `error`: the errors of each boundary, and the status, frame code or close code of each.
 //! - `server`: connections: counted per address from accept, bounded in time, drained on
 //!   shutdown.
 //! - `upgrade`: the websocket handshake and the socket's buffers.
 
 mod app;
 mod config;
+mod error;
 mod http;
 mod outbound;
 mod server;
@@ -126,8 +128,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
-        app.sessions
-            .kick_all(sessions::close::GOING_AWAY, "server shutting down");
+        app.sessions.kick_all(error::Close::GoingAway);
         let _ = http_server.await;
         app.tracker.close();
         // Connections close with 1001 and publish their offline presence; bounded wait.

@@ -33,7 +33,7 @@ use warp::http::{header, HeaderValue, StatusCode};
 
 use crate::app::{AddrSlot, App};
 use crate::config::HttpBounds;
-use crate::http::error_response;
+use crate::error::ApiError;
 use crate::upgrade::UpgradeSlot;
 
 /// The connection's address slot, put in a `/ws` request's extensions: the websocket route
@@ -250,22 +250,28 @@ async fn serve_connection<S>(
                 if chunked {
                     metrics::counter!("gateway_http_closed_total", "reason" => "transfer_encoding")
                         .increment(1);
-                    return Ok::<_, Infallible>(closing(error_response(
-                        StatusCode::LENGTH_REQUIRED,
-                        "length_required",
-                        "send the body with a Content-Length (Transfer-Encoding is not accepted)",
-                    )));
+                    return Ok::<_, Infallible>(closing(
+                        ApiError::new(
+                            StatusCode::LENGTH_REQUIRED,
+                            "length_required",
+                            "send the body with a Content-Length (Transfer-Encoding is not accepted)",
+                        )
+                        .response(),
+                    ));
                 }
                 match tokio::time::timeout(deadline, routes.call(req)).await {
                     Ok(answer) => answer,
                     Err(_) => {
                         metrics::counter!("gateway_http_closed_total", "reason" => "request_timeout")
                             .increment(1);
-                        Ok(closing(error_response(
-                            StatusCode::REQUEST_TIMEOUT,
-                            "request_timeout",
-                            "the request took too long",
-                        )))
+                        Ok(closing(
+                            ApiError::new(
+                                StatusCode::REQUEST_TIMEOUT,
+                                "request_timeout",
+                                "the request took too long",
+                            )
+                            .response(),
+                        ))
                     }
                 }
             }

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use chat_common::ids::UserId;
 use chat_proto::v1::{ChatMessage, Failed, Receipt, ServerFrame};
 
+use crate::error::Close;
+
 /// What a connection's writer is asked to send. Every variant is boxed, so a queued item is two
 /// words whatever the frame (a `ServerFrame` inline is several hundred bytes).
 #[derive(Debug)]
@@ -29,28 +31,6 @@ pub(crate) struct SyncAnswer {
     pub(crate) messages: Vec<ChatMessage>,
     pub(crate) receipts: Vec<Receipt>,
     pub(crate) failures: Vec<Failed>,
-}
-
-/// Close codes this gateway uses (4000-4999 are application-defined).
-pub(crate) mod close {
-    /// Another connection of the same user replaced this one.
-    pub(crate) const REPLACED: u16 = 4001;
-    /// The socket did not drain its queue; reconnect and sync.
-    pub(crate) const SLOW_CONSUMER: u16 = 4008;
-    /// The peer did not answer pings for two intervals.
-    pub(crate) const PING_TIMEOUT: u16 = 4002;
-    /// Abuse, such as a flood past the rate limit (standard "policy violation").
-    pub(crate) const POLICY: u16 = 1008;
-    /// The server is shutting down (standard "going away").
-    pub(crate) const GOING_AWAY: u16 = 1001;
-    /// A frame or message over the size limit (standard "message too big").
-    pub(crate) const TOO_BIG: u16 = 1009;
-    /// A violation of the websocket protocol (standard "protocol error").
-    pub(crate) const PROTOCOL: u16 = 1002;
-    /// Invalid UTF-8 in a text frame (standard "invalid frame payload data").
-    pub(crate) const BAD_DATA: u16 = 1007;
-    /// The server cannot serve (standard "internal error").
-    pub(crate) const INTERNAL: u16 = 1011;
 }
 
 /// A connection's mailbox: what its writer is asked to send, and whether it is asked to close.
@@ -85,7 +65,7 @@ impl Drop for InFlight {
 #[derive(Debug, Default)]
 struct MailState {
     items: VecDeque<Outgoing>,
-    kicked: Option<(u16, &'static str)>,
+    kicked: Option<Close>,
     /// A ping is due (set by the gateway's ping timer; takes no queue slot).
     ping: bool,
     closed: bool,
@@ -104,7 +84,7 @@ pub(crate) enum PushError {
 #[derive(Debug)]
 pub(crate) enum Mail {
     Item(Outgoing),
-    Kicked(u16, &'static str),
+    Kicked(Close),
     /// Time to ping the peer (or to close, if it has not answered the last pings).
     Ping,
 }
@@ -157,10 +137,7 @@ impl Mailbox {
             Ok(()) => true,
             Err(PushError::Full) => {
                 metrics::counter!("gateway_slow_consumer_closed_total").increment(1);
-                self.kick(
-                    close::SLOW_CONSUMER,
-                    "socket not draining; reconnect to sync",
-                );
+                self.kick(Close::SlowConsumer);
                 true
             }
             Err(PushError::Closed) => false,
@@ -168,11 +145,11 @@ impl Mailbox {
     }
 
     /// Asks the connection to close (the first reason given wins).
-    pub(crate) fn kick(&self, code: u16, reason: &'static str) {
+    pub(crate) fn kick(&self, why: Close) {
         {
             let mut st = self.state();
             if st.kicked.is_none() {
-                st.kicked = Some((code, reason));
+                st.kicked = Some(why);
             }
         }
         self.notify.notify_one();
@@ -196,8 +173,8 @@ impl Mailbox {
         loop {
             {
                 let mut st = self.state();
-                if let Some((code, reason)) = st.kicked {
-                    return Mail::Kicked(code, reason);
+                if let Some(why) = st.kicked {
+                    return Mail::Kicked(why);
                 }
                 if std::mem::take(&mut st.ping) {
                     return Mail::Ping;
@@ -214,11 +191,11 @@ impl Mailbox {
         }
     }
 
-    /// Resolves once kicked, with the close code and reason (items are left queued).
-    pub(crate) async fn kicked(&self) -> (u16, &'static str) {
+    /// Resolves once kicked, with why (items are left queued).
+    pub(crate) async fn kicked(&self) -> Close {
         loop {
-            if let Some(reason) = self.state().kicked {
-                return reason;
+            if let Some(why) = self.state().kicked {
+                return why;
             }
             self.notify.notified().await;
         }
@@ -317,10 +294,10 @@ impl Sessions {
     }
 
     /// Asks every session to close (shutdown).
-    pub(crate) fn kick_all(&self, code: u16, reason: &'static str) {
+    pub(crate) fn kick_all(&self, why: Close) {
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
         for handle in map.values() {
-            handle.mailbox.kick(code, reason);
+            handle.mailbox.kick(why);
         }
     }
 
@@ -331,10 +308,7 @@ impl Sessions {
         };
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = map.get(&user).filter(|h| h.epoch < epoch) {
-            h.mailbox.kick(
-                close::REPLACED,
-                "replaced by a newer connection of the same user",
-            );
+            h.mailbox.kick(Close::Replaced);
         }
     }
 }
@@ -375,12 +349,9 @@ mod tests {
         assert!(mb.push_or_kick(frame(1)));
         // Full: the second push kicks as a slow consumer.
         assert!(mb.push_or_kick(frame(2)));
-        mb.kick(close::REPLACED, "later reasons lose");
-        assert!(matches!(
-            mb.next().await,
-            Mail::Kicked(close::SLOW_CONSUMER, _)
-        ));
-        assert_eq!(mb.kicked().await.0, close::SLOW_CONSUMER);
+        mb.kick(Close::Replaced);
+        assert!(matches!(mb.next().await, Mail::Kicked(Close::SlowConsumer)));
+        assert_eq!(mb.kicked().await, Close::SlowConsumer);
     }
 
     #[tokio::test]

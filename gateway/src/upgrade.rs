@@ -17,6 +17,8 @@ use tokio_tungstenite::WebSocketStream;
 use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::{Filter, Rejection};
 
+use crate::error::ApiError;
+
 /// Bytes of frames gathered before a write to the socket (a flush writes them sooner).
 pub(crate) const WRITE_BUFFER_BYTES: usize = 4096;
 
@@ -89,21 +91,16 @@ pub(crate) fn handshake() -> impl Filter<Extract = (Handshake,), Error = Rejecti
     warp::header::headers_cloned()
         .and(warp::ext::optional::<UpgradeSlot>())
         .and_then(|headers: HeaderMap, slot: Option<UpgradeSlot>| async move {
-            let accept = check(&headers).map_err(|(status, code, message)| {
-                warp::reject::custom(crate::http::ApiError {
-                    status,
-                    code,
-                    message: message.into(),
-                })
-            })?;
+            let accept = check(&headers)
+                .map_err(|(status, code, message)| ApiError::new(status, code, message))?;
             let on_upgrade = slot
                 .and_then(|s| s.0.lock().ok().and_then(|mut o| o.take()))
                 .ok_or_else(|| {
-                    warp::reject::custom(crate::http::ApiError {
-                        status: StatusCode::BAD_REQUEST,
-                        code: "not_websocket",
-                        message: "this connection cannot be upgraded".into(),
-                    })
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "not_websocket",
+                        "this connection cannot be upgraded",
+                    )
                 })?;
             Ok::<_, Rejection>(Handshake { accept, on_upgrade })
         })

@@ -17,10 +17,11 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 
-use crate::app::{App, Enqueue, PendingSend, SendError};
-use crate::sessions::{close, Mail, Mailbox, Outgoing, SessionHandle, SyncAnswer};
+use crate::app::{App, Enqueue, PendingSend};
+use crate::error::{Close, FrameError, SendError};
+use crate::sessions::{Mail, Mailbox, Outgoing, SessionHandle, SyncAnswer};
 use crate::upgrade::Socket;
 
 /// Most pending messages one sync sends; the client syncs again for the rest.
@@ -76,14 +77,14 @@ struct Writer {
 
 impl Writer {
     /// Turns one queued item into frames to send, or `Err` with a close code.
-    fn frames(&mut self, item: Outgoing) -> Result<Vec<ServerFrame>, (u16, &'static str)> {
+    fn frames(&mut self, item: Outgoing) -> Result<Vec<ServerFrame>, Close> {
         let mut out = Vec::new();
         match item {
             Outgoing::Frame(f) => out.push(*f),
             Outgoing::Live(m) => {
                 if self.syncing > 0 {
                     if self.held.len() >= MAX_HELD {
-                        return Err((close::SLOW_CONSUMER, "too many messages during sync"));
+                        return Err(Close::TooManyHeld);
                     }
                     self.held.push(*m);
                 } else {
@@ -148,7 +149,7 @@ enum Step {
     /// Answer with this frame (an error the client should see), then go on.
     Reply(Box<ServerFrame>),
     /// Close, with a code and reason, or without (the client closed).
-    Close(Option<(u16, &'static str)>),
+    Close(Option<Close>),
     /// Finish this first, before reading the next frame: a send waiting for room in the
     /// producer's queue holds back the sends behind it, so they stay in order.
     Block(Box<BlockedSend>),
@@ -179,7 +180,7 @@ impl Conn {
             self.strikes += 1;
             metrics::counter!("gateway_rate_limited_total", "scope" => "connection").increment(1);
             if self.strikes > RATE_STRIKES {
-                return Step::Close(Some((close::POLICY, "rate limit exceeded")));
+                return Step::Close(Some(Close::RateLimited));
             }
             let f = error_frame(
                 "rate_limited",
@@ -200,9 +201,7 @@ impl Conn {
                     &mut self.writer,
                 )
             }
-            Err(FrameError::TooBig) => {
-                Step::Close(Some((close::TOO_BIG, "frame or message too big")))
-            }
+            Err(e) if e.close().is_some() => Step::Close(e.close()),
             Err(e) => {
                 metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
                 Step::Reply(Box::new(error_frame(
@@ -213,18 +212,6 @@ impl Conn {
             }
         }
     }
-}
-
-/// Why a data frame from a client is not a `ClientFrame`.
-#[derive(Debug, thiserror::Error)]
-enum FrameError {
-    /// A protobuf frame larger than any body allows (a JSON frame is capped by the socket).
-    #[error("frame too big")]
-    TooBig,
-    #[error("cannot decode frame: {0}")]
-    Undecodable(String),
-    #[error("unexpected frame type")]
-    UnexpectedType,
 }
 
 /// Decodes a data frame: protobuf in a binary frame, the proto3 JSON mapping in a text frame
@@ -291,14 +278,11 @@ pub(crate) async fn serve(start: Box<Start>) {
         mailbox: mailbox.clone(),
     };
     if let Some(old) = app.sessions.register(&user, handle) {
-        old.mailbox.kick(
-            close::REPLACED,
-            "replaced by a newer connection of the same user",
-        );
+        old.mailbox.kick(Close::Replaced);
     }
     // Shutdown kicks every registered session; one registering meanwhile sees the flag.
     if app.shutdown.is_cancelled() {
-        mailbox.kick(close::GOING_AWAY, "server shutting down");
+        mailbox.kick(Close::GoingAway);
     }
     metrics::counter!("gateway_connections_opened_total").increment(1);
     tracing::info!(user = %user, conn_id, "connected");
@@ -324,7 +308,7 @@ pub(crate) async fn serve(start: Box<Start>) {
         Box::pin(conn.app.publish_presence(&conn.user, epoch, true)).await
     {
         tracing::warn!(user = %conn.user, error = %e, "presence publish failed");
-        Some((close::INTERNAL, "presence unavailable; retry later"))
+        Some(Close::PresenceUnavailable)
     } else {
         // In a block: a frame still in scope would be kept in this future across every await.
         let welcome = {
@@ -353,10 +337,10 @@ pub(crate) async fn serve(start: Box<Start>) {
             tokio::select! {
                 mail = conn.mailbox.next() => {
                     let item = match mail {
-                        Mail::Kicked(code, reason) => break Some((code, reason)),
+                        Mail::Kicked(why) => break Some(why),
                         Mail::Ping => {
                             if last_heard.elapsed() > ping_interval * 2 {
-                                break Some((close::PING_TIMEOUT, "no answer to pings"));
+                                break Some(Close::PingTimeout);
                             }
                             let sent = Box::pin(tokio::time::timeout(
                                 std::time::Duration::from_secs(5),
@@ -388,7 +372,7 @@ pub(crate) async fn serve(start: Box<Start>) {
                         Some(Err(e)) => {
                             tracing::debug!(user = %conn.user, error = %e, "socket error");
                             metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
-                            Step::Close(protocol_close(&e))
+                            Step::Close(Close::for_socket_error(&e))
                         }
                         None => Step::Close(None),
                     };
@@ -431,7 +415,7 @@ pub(crate) async fn serve(start: Box<Start>) {
 async fn finish(
     mut socket: Socket,
     conn: Conn,
-    close_with: Option<(u16, &'static str)>,
+    close_with: Option<Close>,
     conn_id: u64,
     epoch: u64,
     address_slot: crate::app::AddrSlot,
@@ -440,15 +424,15 @@ async fn finish(
         app, user, mailbox, ..
     } = conn;
     mailbox.close();
-    if let Some((code, reason)) = close_with {
-        metrics::counter!("gateway_closed_by_server_total", "code" => code.to_string())
+    if let Some(why) = close_with {
+        metrics::counter!("gateway_closed_by_server_total", "code" => why.code().to_string())
             .increment(1);
         // A peer that does not read cannot take the close frame until it reads what is ahead
         // of it: wait a bounded time, then drop the connection.
         let close = async {
             let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
+                code: CloseCode::from(why.code()),
+                reason: why.reason().into(),
             };
             let _ = socket.send(Message::Close(Some(frame))).await;
             let _ = socket.close(None).await;
@@ -475,7 +459,7 @@ async fn write_frames(
     frames: Vec<ServerFrame>,
     format: Format,
     mailbox: &Mailbox,
-) -> Result<(), Option<(u16, &'static str)>> {
+) -> Result<(), Option<Close>> {
     let write = async {
         for f in frames {
             socket.feed(encode(format, &f)).await?;
@@ -485,18 +469,6 @@ async fn write_frames(
     tokio::select! {
         r = write => r.map_err(|_| None),
         reason = mailbox.kicked() => Err(Some(reason)),
-    }
-}
-
-/// The close code for an error the websocket layer reported while reading, if any: a violation
-/// of the protocol is 1002, invalid UTF-8 in a text frame 1007, an oversized frame or message
-/// 1009; a failed connection gets no close frame.
-fn protocol_close(error: &WsError) -> Option<(u16, &'static str)> {
-    match error {
-        WsError::Protocol(_) => Some((close::PROTOCOL, "websocket protocol violation")),
-        WsError::Utf8(_) => Some((close::BAD_DATA, "text frame is not UTF-8")),
-        WsError::Capacity(_) => Some((close::TOO_BIG, "frame or message too big")),
-        _ => None,
     }
 }
 

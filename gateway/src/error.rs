@@ -1,0 +1,202 @@
+//! The gateway's errors, one type per boundary, and what each becomes for the client: an error
+//! frame's `code`, an HTTP status with a JSON body ([`ApiError`]), or a websocket close code
+//! ([`Close`]). Statuses and close codes are chosen here from the variants, never from text.
+
+use chat_common::body::BodyError;
+use thiserror::Error;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use warp::http::StatusCode;
+use warp::Reply;
+
+/// Why a send or ack was refused. `code()` is the machine-readable reason clients see.
+#[derive(Debug, Error)]
+pub(crate) enum SendError {
+    #[error("invalid recipient: {0}")]
+    InvalidRecipient(String),
+    #[error("cannot send a message to yourself")]
+    SelfMessage,
+    #[error("invalid client message id: {0}")]
+    InvalidClientId(String),
+    #[error(transparent)]
+    Body(#[from] BodyError),
+    #[error("too many sends awaiting acknowledgement on this connection")]
+    TooManyInFlight,
+    #[error("sending too fast; slow down")]
+    RateLimited,
+    #[error("kafka did not accept the record: {0}")]
+    ProduceFailed(String),
+}
+
+impl SendError {
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            SendError::InvalidRecipient(_) => "invalid_recipient",
+            SendError::SelfMessage => "self_message",
+            SendError::InvalidClientId(_) => "invalid_client_message_id",
+            SendError::Body(e) => e.code(),
+            SendError::TooManyInFlight => "too_many_in_flight",
+            SendError::RateLimited => "rate_limited",
+            SendError::ProduceFailed(_) => "produce_failed",
+        }
+    }
+}
+
+/// A request refused with a status, a machine-readable code and a message; rendered as
+/// `{"code": ..., "message": ...}` with the status, like every refusal of the HTTP surface.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON error answer.
+    pub(crate) fn response(&self) -> warp::reply::Response {
+        #[derive(serde::Serialize)]
+        struct ErrorBody<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        let body = ErrorBody {
+            code: self.code,
+            message: &self.message,
+        };
+        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+    }
+}
+
+/// warp turns any `Reject` into a `Rejection` (`?` and `.into()` work); `http::recover` renders it.
+impl warp::reject::Reject for ApiError {}
+
+/// A refused send or ack on the REST path: its status by kind, its code and message as on the
+/// websocket.
+impl From<SendError> for ApiError {
+    fn from(e: SendError) -> Self {
+        let status = match &e {
+            SendError::Body(BodyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            SendError::TooManyInFlight | SendError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            SendError::ProduceFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+/// Why a data frame from a client is not a `ClientFrame`.
+#[derive(Debug, Error)]
+pub(crate) enum FrameError {
+    /// A protobuf frame larger than any body allows (a JSON frame is capped by the socket).
+    #[error("frame too big")]
+    TooBig,
+    #[error("cannot decode frame: {0}")]
+    Undecodable(String),
+    #[error("unexpected frame type")]
+    UnexpectedType,
+}
+
+impl FrameError {
+    /// The close this frame calls for, if any; otherwise it is answered with a `bad_frame`.
+    pub(crate) fn close(&self) -> Option<Close> {
+        match self {
+            FrameError::TooBig => Some(Close::TooBig),
+            FrameError::Undecodable(_) | FrameError::UnexpectedType => None,
+        }
+    }
+}
+
+/// Why the server closes a websocket. Each reason has its close code (4000-4999 are
+/// application-defined, the others standard) and the reason text sent with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// Another connection of the same user replaced this one, here or on another gateway.
+    Replaced,
+    /// The socket did not drain its queue; reconnect and sync.
+    SlowConsumer,
+    /// More live messages arrived during a sync than a connection holds back.
+    TooManyHeld,
+    /// The peer did not answer pings for two intervals.
+    PingTimeout,
+    /// A flood past the rate limit (standard "policy violation").
+    RateLimited,
+    /// The server is shutting down (standard "going away").
+    GoingAway,
+    /// A frame or message over the size limit (standard "message too big").
+    TooBig,
+    /// A violation of the websocket protocol (standard "protocol error").
+    Protocol,
+    /// Invalid UTF-8 in a text frame (standard "invalid frame payload data").
+    BadUtf8,
+    /// The connection's presence could not be published (standard "internal error").
+    PresenceUnavailable,
+}
+
+impl Close {
+    pub(crate) fn code(self) -> u16 {
+        match self {
+            Close::Replaced => 4001,
+            Close::PingTimeout => 4002,
+            Close::SlowConsumer | Close::TooManyHeld => 4008,
+            Close::GoingAway => 1001,
+            Close::Protocol => 1002,
+            Close::BadUtf8 => 1007,
+            Close::RateLimited => 1008,
+            Close::TooBig => 1009,
+            Close::PresenceUnavailable => 1011,
+        }
+    }
+
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Close::Replaced => "replaced by a newer connection of the same user",
+            Close::SlowConsumer => "socket not draining; reconnect to sync",
+            Close::TooManyHeld => "too many messages during sync",
+            Close::PingTimeout => "no answer to pings",
+            Close::RateLimited => "rate limit exceeded",
+            Close::GoingAway => "server shutting down",
+            Close::TooBig => "frame or message too big",
+            Close::Protocol => "websocket protocol violation",
+            Close::BadUtf8 => "text frame is not UTF-8",
+            Close::PresenceUnavailable => "presence unavailable; retry later",
+        }
+    }
+
+    /// The close for an error the websocket layer reported while reading, by its variant: a
+    /// violation of the protocol is 1002, invalid UTF-8 in a text frame 1007, an oversized frame
+    /// or message 1009; a failed connection gets no close frame (`None`).
+    pub(crate) fn for_socket_error(error: &WsError) -> Option<Close> {
+        match error {
+            WsError::Protocol(_) => Some(Close::Protocol),
+            WsError::Utf8(_) => Some(Close::BadUtf8),
+            WsError::Capacity(_) => Some(Close::TooBig),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_sends_keep_their_rest_statuses() {
+        let status = |e: SendError| ApiError::from(e).status.as_u16();
+        assert_eq!(
+            status(SendError::Body(BodyError::TooLarge { size: 2, limit: 1 })),
+            413
+        );
+        assert_eq!(status(SendError::Body(BodyError::Empty)), 400);
+        assert_eq!(status(SendError::RateLimited), 429);
+        assert_eq!(status(SendError::TooManyInFlight), 429);
+        assert_eq!(status(SendError::ProduceFailed(String::new())), 503);
+        assert_eq!(status(SendError::SelfMessage), 400);
+    }
+}
