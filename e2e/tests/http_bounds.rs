@@ -9,13 +9,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use chat_common::auth::TokenVerifier;
-use chat_common::ids::GatewayId;
 use chat_e2e::{close_code, ws_url, Component, TestEnv, WAIT};
 use db_writer::ShardConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 /// The pause between attempts to connect while the server releases a slot: it has no event a
 /// client could await, so the client polls (within [`WAIT`]).
@@ -25,35 +22,6 @@ const RETRY: Duration = Duration::from_millis(20);
 const SLACK: Duration = Duration::from_millis(100);
 
 /// The token settings of the e2e harness (`e2e/src/lib.rs`), so `TestEnv::token` verifies.
-const SECRET: &[u8] = b"test-secret";
-const ISSUER: &str = "chat-test";
-const AUDIENCE: &str = "chat";
-
-/// The harness's gateway configuration, for gateways started with their own HTTP bounds.
-fn gateway_config(env: &TestEnv) -> gateway::Config {
-    gateway::Config {
-        gateway_id: GatewayId::parse("gw1").expect("valid id"),
-        addr: "127.0.0.1:0".parse().expect("valid address"),
-        kafka: env.kafka.clone(),
-        topics: env.topics.clone(),
-        shards: ShardConfig::from_list(&env.shard_dsns.join(","), 4).expect("test DSNs"),
-        verifier: TokenVerifier::hs256(SECRET, ISSUER, AUDIENCE),
-        dev_issuer: None,
-        max_body_bytes: 4096,
-        socket_queue: 1024,
-        ws_read_buffer_bytes: 256,
-        max_in_flight: 256,
-        web_dir: None,
-        allowed_origins: Vec::new(),
-        conn_rate: (100_000, 100_000),
-        user_rate: (100_000, 100_000),
-        ping_interval: Duration::from_secs(30),
-        max_conns_per_addr: 60_000,
-        handshake_timeout: Duration::from_secs(10),
-        http: relaxed(),
-    }
-}
-
 /// Bounds long enough never to fire in a test that does not test them.
 fn relaxed() -> gateway::HttpBounds {
     gateway::HttpBounds {
@@ -63,18 +31,17 @@ fn relaxed() -> gateway::HttpBounds {
     }
 }
 
+/// Starts gw1 on the harness's configuration with `bounds`, adjusted by `adjust`.
 async fn start(
-    mut config: gateway::Config,
+    env: &TestEnv,
     bounds: gateway::HttpBounds,
+    adjust: impl FnOnce(&mut gateway::Config),
 ) -> anyhow::Result<Component> {
-    config.http = bounds;
-    let shutdown = CancellationToken::new();
-    let running = gateway::start(config, shutdown.clone()).await?;
-    Ok(Component {
-        addr: running.addr,
-        shutdown,
-        task: running.task,
+    env.start_gateway_with("gw1", |config| {
+        config.http = bounds;
+        adjust(config);
     })
+    .await
 }
 
 /// A response as read off the wire.
@@ -226,11 +193,12 @@ async fn keep_alive_serves_a_sequence_then_closes_when_idle() -> anyhow::Result<
     let env = TestEnv::new(1, &["gw1"]).await?;
     let idle = Duration::from_secs(1);
     let gw = start(
-        gateway_config(&env),
+        &env,
         gateway::HttpBounds {
             idle_timeout: idle,
             ..relaxed()
         },
+        |_| {},
     )
     .await?;
 
@@ -281,14 +249,13 @@ async fn keep_alive_serves_a_sequence_then_closes_when_idle() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_request_whose_headers_never_end_is_cut_off() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;
-    let mut config = gateway_config(&env);
-    config.handshake_timeout = Duration::from_secs(1);
     let gw = start(
-        config,
+        &env,
         gateway::HttpBounds {
             idle_timeout: Duration::from_secs(1),
             ..relaxed()
         },
+        |config| config.handshake_timeout = Duration::from_secs(1),
     )
     .await?;
 
@@ -314,11 +281,12 @@ async fn a_body_that_does_not_arrive_gets_408_and_a_closed_connection() -> anyho
     let env = TestEnv::new(1, &["gw1"]).await?;
     let body_timeout = Duration::from_secs(1);
     let gw = start(
-        gateway_config(&env),
+        &env,
         gateway::HttpBounds {
             body_timeout,
             ..relaxed()
         },
+        |_| {},
     )
     .await?;
 
@@ -372,16 +340,16 @@ async fn a_request_not_answered_in_time_gets_408_and_a_closed_connection() -> an
             held.push(s);
         }
     });
-    let mut config = gateway_config(&env);
-    config.shards = ShardConfig::from_list(&format!("postgres://chat@{hole}/none"), 1)?;
-    config.shards.acquire_timeout = Duration::from_secs(120);
+    let mut shards = ShardConfig::from_list(&format!("postgres://chat@{hole}/none"), 1)?;
+    shards.acquire_timeout = Duration::from_secs(120);
     let request_timeout = Duration::from_secs(1);
     let gw = start(
-        config,
+        &env,
         gateway::HttpBounds {
             request_timeout,
             ..relaxed()
         },
+        |config| config.shards = shards,
     )
     .await?;
 
@@ -410,9 +378,7 @@ async fn a_request_not_answered_in_time_gets_408_and_a_closed_connection() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_open_connection_counts_toward_the_per_address_limit() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;
-    let mut config = gateway_config(&env);
-    config.max_conns_per_addr = 2;
-    let gw = start(config, relaxed()).await?;
+    let gw = start(&env, relaxed(), |config| config.max_conns_per_addr = 2).await?;
 
     /// Opens connections until one is served (the server frees a slot when it has seen the
     /// previous holder's close, a moment after the client closed).
@@ -486,7 +452,7 @@ async fn every_open_connection_counts_toward_the_per_address_limit() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_type_and_length_problems_get_their_own_status() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;
-    let gw = start(gateway_config(&env), relaxed()).await?;
+    let gw = start(&env, relaxed(), |_| {}).await?;
     let body = r#"{"body":"hello"}"#;
 
     // A body that is not JSON: 415, and the connection goes on.
@@ -556,7 +522,7 @@ async fn content_type_and_length_problems_get_their_own_status() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_upgrade_and_shutdown_drains_every_connection() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;
-    let gw = start(gateway_config(&env), relaxed()).await?;
+    let gw = start(&env, relaxed(), |_| {}).await?;
 
     let client = chat_e2e::connect(&ws_url(gw.addr), &env.token("alice")).await;
     let url = format!("{}/ws?access_token={}", ws_url(gw.addr), env.token("bob"));
