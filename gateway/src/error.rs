@@ -91,6 +91,38 @@ impl From<SendError> for ApiError {
     }
 }
 
+/// Why a page of history could not be read.
+#[derive(Debug, Error)]
+pub(crate) enum HistoryError {
+    #[error("that is your own user id")]
+    OwnConversation,
+    /// The store did not answer; the request may be retried.
+    #[error("history is unavailable; retry")]
+    Unavailable,
+}
+
+impl From<HistoryError> for ApiError {
+    fn from(e: HistoryError) -> Self {
+        let (status, code) = match e {
+            HistoryError::OwnConversation => (StatusCode::BAD_REQUEST, "self_message"),
+            HistoryError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "history_unavailable"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// A sync answered without the pending messages (receipts and failures may still be there):
+/// the store did not answer, and the client should sync again.
+#[derive(Debug, Error)]
+#[error("history is unavailable; retry the sync")]
+pub(crate) struct SyncIncomplete;
+
+impl SyncIncomplete {
+    pub(crate) fn code(&self) -> &'static str {
+        "sync_failed"
+    }
+}
+
 /// Why a data frame from a client is not a `ClientFrame`.
 #[derive(Debug, Error)]
 pub(crate) enum FrameError {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use chat_common::ids::{ConversationKey, UserId};
+use chat_common::ids::UserId;
 use serde::{Deserialize, Serialize};
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
@@ -44,7 +44,7 @@ fn authenticated(app: Arc<App>) -> impl Filter<Extract = (UserId,), Error = Reje
                             "missing token",
                         ));
                     };
-                    app.config.verifier.verify(&token).map_err(|e| {
+                    app.config().verifier.verify(&token).map_err(|e| {
                         metrics::counter!("gateway_auth_refused_total").increment(1);
                         reject(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
                     })
@@ -62,11 +62,11 @@ fn origin_allowed(app: Arc<App>) -> impl Filter<Extract = (), Error = Rejection>
             let app = app.clone();
             async move {
                 let Some(origin) = origin else { return Ok(()) };
-                let allowed = if app.config.allowed_origins.is_empty() {
+                let allowed = if app.config().allowed_origins.is_empty() {
                     let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("");
                     host.as_deref() == Some(authority)
                 } else {
-                    app.config.allowed_origins.contains(&origin)
+                    app.config().allowed_origins.contains(&origin)
                 };
                 if allowed {
                     Ok(())
@@ -204,18 +204,6 @@ struct HistoryPage {
     next_before: Option<u64>,
 }
 
-fn peer_of(caller: &UserId, peer: &str) -> Result<ConversationKey, Rejection> {
-    let peer = UserId::parse(peer)
-        .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
-    ConversationKey::of(caller, &peer).ok_or_else(|| {
-        reject(
-            StatusCode::BAD_REQUEST,
-            "self_message",
-            "that is your own user id",
-        )
-    })
-}
-
 /// Every route of the gateway. `bounds` gives the body-read timeout of the routes that read one.
 pub(crate) fn routes(
     app: Arc<App>,
@@ -244,11 +232,11 @@ pub(crate) fn routes(
                 // Frames larger than a body JSON-escaped at its worst plus envelope are refused by
                 // the websocket layer with close code 1009 (binary frames get a tighter bound).
                 let config = crate::upgrade::SocketConfig {
-                    max_message_bytes: ws::frame_limit(app.config.max_body_bytes),
-                    read_buffer_bytes: app.config.ws_read_buffer_bytes,
+                    max_message_bytes: ws::frame_limit(app.config().max_body_bytes),
+                    read_buffer_bytes: app.config().ws_read_buffer_bytes,
                 };
                 handshake.accept(config, move |socket| {
-                    let tracker = app.tracker.clone();
+                    let service = app.clone();
                     let start = ws::Start {
                         app,
                         user,
@@ -257,12 +245,12 @@ pub(crate) fn routes(
                         auto_sync,
                         address_slot: slot,
                     };
-                    tracker.track_future(ws::serve(Box::new(start)))
+                    service.track(ws::serve(Box::new(start)))
                 })
             },
         );
 
-    let max_body = (app.config.max_body_bytes as u64) * 6 + 1024; // JSON escaping headroom
+    let max_body = (app.config().max_body_bytes as u64) * 6 + 1024; // JSON escaping headroom
     let put = warp::path!("messages" / String)
         .and(warp::put())
         .and(authenticated(app.clone()))
@@ -310,27 +298,15 @@ pub(crate) fn routes(
         .and(with_app(app.clone()))
         .and_then(
             |peer: String, user: UserId, q: HistoryQuery, app: Arc<App>| async move {
-                let conversation = peer_of(&user, &peer)?;
-                let limit = q.limit.unwrap_or(50).clamp(1, 500);
-                let messages = app
-                    .shards
-                    .history(&conversation, q.before, limit)
+                let peer = UserId::parse(&peer)
+                    .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
+                let page = app
+                    .history(&user, &peer, q.before, q.limit)
                     .await
-                    .map_err(|e| {
-                        tracing::warn!(error = %e, "history query failed");
-                        reject(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "history_unavailable",
-                            "history is unavailable; retry",
-                        )
-                    })?;
-                let next_before = messages
-                    .first()
-                    .filter(|m| m.seq > 1 && messages.len() as u32 == limit)
-                    .map(|m| m.seq);
+                    .map_err(ApiError::from)?;
                 Ok::<_, Rejection>(warp::reply::json(&HistoryPage {
-                    messages,
-                    next_before,
+                    messages: page.messages,
+                    next_before: page.next_before,
                 }))
             },
         );
@@ -345,7 +321,7 @@ pub(crate) fn routes(
         .and(warp::get())
         .and(with_app(app.clone()))
         .and_then(|user: String, app: Arc<App>| async move {
-            let Some(issuer) = &app.config.dev_issuer else {
+            let Some(issuer) = &app.config().dev_issuer else {
                 return Err(reject(
                     StatusCode::NOT_FOUND,
                     "not_found",
@@ -365,16 +341,10 @@ pub(crate) fn routes(
     let ready_app = app.clone();
     let ready: chat_common::http::ReadyCheck = Arc::new(move || {
         let app = ready_app.clone();
-        Box::pin(async move {
-            chat_common::http::kafka_ready(app.producer.clone()).await?;
-            app.shards
-                .ping()
-                .await
-                .map_err(|e| chat_common::http::NotReady::new("shards", e))
-        })
+        Box::pin(async move { app.ready().await })
     });
 
-    let web = match app.config.web_dir.clone().filter(|d| d.is_dir()) {
+    let web = match app.config().web_dir.clone().filter(|d| d.is_dir()) {
         Some(dir) => warp::get().and(warp::fs::dir(dir)).boxed(),
         None => warp::any()
             .and_then(|| async { Err::<warp::fs::File, _>(warp::reject::not_found()) })

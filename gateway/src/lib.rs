@@ -6,7 +6,8 @@
 //! publishes to `presence` which users it holds.
 //!
 //! - `config`: typed configuration from the environment.
-//! - `app`: shared state; send, ack and presence operations used by both transports.
+//! - `app`: the service every transport calls (send, ack, sync, history, sessions and
+//!   presence), with private state; the only user of the store.
 //! - `sessions`: the sockets held, one bounded queue each.
 //! - `ws`: one websocket connection (sync, then live, with no gap or duplicate at the seam).
 //! - `outbound`: the outbound topic consumer.
@@ -31,10 +32,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+
+use crate::app::App;
 
 pub use config::{Config, HttpBounds};
 
@@ -53,53 +55,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
         .await?
         .context("kafka")?;
-    let shards = db_writer::Shards::connect(&config.shards).context("shards")?;
-    let producer = config.kafka.producer()?;
-    let group = format!("{}gateway-{}", config.topics.prefix(), config.gateway_id);
-    let consumer = config.kafka.consumer(&group)?;
     let outbound_topic = config.topics.outbound(&config.gateway_id);
-    consumer
-        .subscribe(&[&outbound_topic])
-        .context("subscribe to outbound")?;
-
-    // A user holds one session: when they connect to another gateway, the presence log says so
-    // and the session here is closed (4001), so the old device does not sit there receiving nothing.
-    let sessions = Arc::new(sessions::Sessions::default());
-    let me = config.gateway_id.clone();
-    let on_route: chat_common::presence::OnRoute = {
-        let sessions = sessions.clone();
-        Arc::new(move |user, route| {
-            if route.online && route.gateway != me {
-                sessions.replaced_elsewhere(user, route.epoch);
-            }
-        })
-    };
+    let app = Arc::new(App::new(config, shutdown.clone())?);
+    let consumer = outbound_consumer(app.config(), &outbound_topic)?;
     chat_common::presence::PresenceView::start(
-        &config.kafka,
-        &config.topics.presence(),
-        Some(on_route),
+        &app.config().kafka,
+        &app.config().topics.presence(),
+        Some(app.on_route()),
         shutdown.clone(),
     )
     .await
     .context("presence")?;
-    let user_limiter = governor::RateLimiter::keyed(app::quota(config.user_rate));
-    let app = Arc::new(app::App {
-        config,
-        producer,
-        shards,
-        user_limiter,
-        per_addr: Default::default(),
-        sessions,
-        shutdown: shutdown.clone(),
-        tracker: TaskTracker::new(),
-    });
+
     // hyper directly, one connection at a time (warp's own server has no timeouts, and hyper's
     // counts nothing per address): see `server`.
-    let listener = std::net::TcpListener::bind(app.config.addr).context("bind")?;
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let listener = bind(app.config().addr)?;
     let addr = listener.local_addr()?;
-    let bounds = app.config.http;
+    let bounds = app.config().http;
     let routes = warp::service(http::routes(app.clone(), bounds));
     let http_server = tokio::spawn(server::serve(
         app.clone(),
@@ -109,39 +81,49 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     ));
     let outbound = tokio::spawn(outbound::run(app.clone(), consumer, shutdown.clone()));
-    // One timer pings every socket (through its mailbox), rather than a timer per socket.
-    tokio::spawn({
-        let (app, shutdown) = (app.clone(), shutdown.clone());
-        async move {
-            let period = app.config.ping_interval;
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => app.sessions.ping_all(),
-                }
-            }
-        }
-    });
-    tracing::info!(%addr, gateway = %app.config.gateway_id, outbound = %outbound_topic, "gateway started");
+    tokio::spawn(ping_sessions(app.clone(), shutdown.clone()));
+    tracing::info!(%addr, gateway = %app.config().gateway_id, outbound = %outbound_topic, "gateway started");
 
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
-        app.sessions.kick_all(error::Close::GoingAway);
+        app.close_sessions(error::Close::GoingAway);
         let _ = http_server.await;
-        app.tracker.close();
         // Connections close with 1001 and publish their offline presence; bounded wait.
-        if tokio::time::timeout(Duration::from_secs(10), app.tracker.wait())
-            .await
-            .is_err()
-        {
+        if !app.drain(Duration::from_secs(10)).await {
             tracing::warn!("some connections did not close within 10 s");
         }
         let _ = outbound.await;
-        use rdkafka::producer::Producer;
-        let _ = app.producer.flush(Duration::from_secs(5));
+        app.flush(Duration::from_secs(5));
         tracing::info!("gateway stopped");
     });
     Ok(Running { addr, task })
+}
+
+/// The consumer of this gateway's outbound topic, subscribed.
+fn outbound_consumer(config: &Config, topic: &str) -> anyhow::Result<StreamConsumer> {
+    let group = format!("{}gateway-{}", config.topics.prefix(), config.gateway_id);
+    let consumer = config.kafka.consumer(&group)?;
+    consumer
+        .subscribe(&[topic])
+        .context("subscribe to outbound")?;
+    Ok(consumer)
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).context("bind")?;
+    listener.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}
+
+/// One timer pings every socket (through its mailbox), rather than a timer per socket.
+async fn ping_sessions(app: Arc<App>, shutdown: CancellationToken) {
+    let period = app.config().ping_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => app.ping_sessions(),
+        }
+    }
 }

@@ -86,7 +86,7 @@ fn push(app: &App, user: &str, kind: Option<outbound_record::Kind>) {
         metrics::counter!("gateway_errors_total", "kind" => "misrouted_record").increment(1);
         return;
     };
-    let pushed = app.sessions.push(user, item);
+    let pushed = app.push_to(user, item);
     let outcome = if pushed { "pushed" } else { "not_connected" };
     metrics::counter!("gateway_outbound_total", "outcome" => outcome).increment(1);
 }

@@ -279,7 +279,7 @@ async fn serve_connection<S>(
     };
     let conn = hyper::server::conn::Http::new()
         .http1_only(true)
-        .http1_header_read_timeout(app.config.handshake_timeout)
+        .http1_header_read_timeout(app.config().handshake_timeout)
         .serve_connection(stream, service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -306,7 +306,7 @@ async fn serve_connection<S>(
                 }
                 conn.as_mut().graceful_shutdown();
                 closing = true;
-                check.as_mut().reset(Instant::now() + app.config.handshake_timeout);
+                check.as_mut().reset(Instant::now() + app.config().handshake_timeout);
             }
             _ = check.as_mut() => {
                 let now = Instant::now();
@@ -334,7 +334,7 @@ async fn serve_connection<S>(
                         metrics::counter!("gateway_http_closed_total", "reason" => "idle").increment(1);
                         conn.as_mut().graceful_shutdown();
                         closing = true;
-                        check.as_mut().reset(now + app.config.handshake_timeout);
+                        check.as_mut().reset(now + app.config().handshake_timeout);
                     }
                 }
             }

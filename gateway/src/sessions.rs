@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use chat_common::ids::UserId;
 use chat_proto::v1::{ChatMessage, Failed, Receipt, ServerFrame};
 
-use crate::error::Close;
+use crate::error::{Close, SyncIncomplete};
 
 /// What a connection's writer is asked to send. Every variant is boxed, so a queued item is two
 /// words whatever the frame (a `ServerFrame` inline is several hundred bytes).
@@ -28,6 +28,8 @@ pub(crate) enum Outgoing {
 /// Pending messages, then receipts and failures of the user's own messages they may have missed.
 #[derive(Debug, Default)]
 pub(crate) struct SyncAnswer {
+    /// Set when the pending messages could not be read (the client is told to sync again).
+    pub(crate) incomplete: Option<SyncIncomplete>,
     pub(crate) messages: Vec<ChatMessage>,
     pub(crate) receipts: Vec<Receipt>,
     pub(crate) failures: Vec<Failed>,

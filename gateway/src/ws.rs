@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use chat_common::ids::UserId;
 use chat_proto::v1::{
-    client_frame, server_frame, ChatMessage, ClientFrame, Deliver, Receipt, ServerFrame, SyncDone,
+    client_frame, server_frame, ChatMessage, ClientFrame, Deliver, ServerFrame, SyncDone,
 };
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -19,13 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::app::{App, Enqueue, PendingSend};
+use crate::app::{App, Enqueue, PendingSend, SyncCursor};
 use crate::error::{Close, FrameError, SendError};
 use crate::sessions::{Mail, Mailbox, Outgoing, SessionHandle, SyncAnswer};
 use crate::upgrade::Socket;
 
-/// Most pending messages one sync sends; the client syncs again for the rest.
-const SYNC_LIMIT: u32 = 10_000;
 /// Rate-limited frames in a row after which the connection is closed (1008).
 const RATE_STRIKES: u32 = 50;
 /// Room in a frame for everything but the body: the frame's field names or tags, a client
@@ -93,10 +91,14 @@ impl Writer {
             }
             Outgoing::Synced(answer) => {
                 let SyncAnswer {
+                    incomplete,
                     messages,
                     receipts,
                     failures,
                 } = *answer;
+                if let Some(e) = incomplete {
+                    out.push(error_frame(e.code(), e.to_string(), String::new()));
+                }
                 let count = messages.len() as u64;
                 for m in messages {
                     let seq = self.last_sent.entry(m.conversation.clone()).or_insert(0);
@@ -190,7 +192,7 @@ impl Conn {
             return Step::Reply(Box::new(f));
         }
         self.strikes = 0;
-        match decode_frame(&msg, self.app.config.max_body_bytes) {
+        match decode_frame(&msg, self.app.config().max_body_bytes) {
             Ok((frame, format)) => {
                 self.format = format;
                 handle_frame(
@@ -266,36 +268,17 @@ pub(crate) async fn serve(start: Box<Start>) {
         let boxed = start;
         *boxed
     };
-    let mailbox = Arc::new(Mailbox::new(
-        app.config.socket_queue,
-        app.config.max_in_flight,
-    ));
-    let conn_id = app.sessions.next_conn_id();
-    let epoch = app.sessions.next_epoch();
-    let handle = SessionHandle {
-        conn_id,
-        epoch,
-        mailbox: mailbox.clone(),
-    };
-    if let Some(old) = app.sessions.register(&user, handle) {
-        old.mailbox.kick(Close::Replaced);
-    }
-    // Shutdown kicks every registered session; one registering meanwhile sees the flag.
-    if app.shutdown.is_cancelled() {
-        mailbox.kick(Close::GoingAway);
-    }
-    metrics::counter!("gateway_connections_opened_total").increment(1);
-    tracing::info!(user = %user, conn_id, "connected");
+    let session = app.open_session(&user);
 
     // Route first, then sync: see `chat_common::presence` for why this order closes the gap.
     // Live messages are held from the start until the first sync is answered: the automatic
     // one, or (with `sync=manual`) the client's first `sync` frame, which takes over this hold.
     let mut conn = Conn {
-        limiter: governor::RateLimiter::direct(crate::app::quota(app.config.conn_rate)),
+        limiter: app.connection_limiter(),
         app,
         user,
         format,
-        mailbox,
+        mailbox: session.mailbox.clone(),
         strikes: 0,
         writer: Writer {
             last_sent: HashMap::new(),
@@ -304,9 +287,7 @@ pub(crate) async fn serve(start: Box<Start>) {
             first_sync_pending: !auto_sync,
         },
     };
-    let close_with = if let Err(e) =
-        Box::pin(conn.app.publish_presence(&conn.user, epoch, true)).await
-    {
+    let close_with = if let Err(e) = Box::pin(conn.app.announce(&conn.user, &session)).await {
         tracing::warn!(user = %conn.user, error = %e, "presence publish failed");
         Some(Close::PresenceUnavailable)
     } else {
@@ -315,7 +296,7 @@ pub(crate) async fn serve(start: Box<Start>) {
             let frame = ServerFrame {
                 kind: Some(server_frame::Kind::Welcome(chat_proto::v1::Welcome {
                     user: conn.user.to_string(),
-                    gateway_id: conn.app.config.gateway_id.to_string(),
+                    gateway_id: conn.app.config().gateway_id.to_string(),
                 })),
             };
             encode(conn.format, &frame)
@@ -325,13 +306,12 @@ pub(crate) async fn serve(start: Box<Start>) {
             spawn_sync(
                 &conn.app,
                 &conn.user,
-                HashMap::new(),
-                0,
+                SyncCursor::default(),
                 conn.mailbox.clone(),
             );
         }
         // Pings come through the mailbox from the gateway's one timer (`Sessions::ping_all`).
-        let ping_interval = conn.app.config.ping_interval;
+        let ping_interval = conn.app.config().ping_interval;
         let mut last_heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -399,15 +379,7 @@ pub(crate) async fn serve(start: Box<Start>) {
             }
         }
     };
-    Box::pin(finish(
-        socket,
-        conn,
-        close_with,
-        conn_id,
-        epoch,
-        address_slot,
-    ))
-    .await;
+    Box::pin(finish(socket, conn, close_with, session, address_slot)).await;
 }
 
 /// Closes the socket (with a close frame if the server closes it), unregisters the session and
@@ -416,8 +388,7 @@ async fn finish(
     mut socket: Socket,
     conn: Conn,
     close_with: Option<Close>,
-    conn_id: u64,
-    epoch: u64,
+    session: SessionHandle,
     address_slot: crate::app::AddrSlot,
 ) {
     let Conn {
@@ -441,14 +412,8 @@ async fn finish(
     } else {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.close(None)).await;
     }
-    if app.sessions.unregister(&user, conn_id) {
-        if let Err(e) = app.publish_presence(&user, epoch, false).await {
-            tracing::warn!(user = %user, error = %e, "presence offline publish failed");
-        }
-    }
+    app.close_session(&user, &session).await;
     drop(address_slot);
-    metrics::counter!("gateway_connections_closed_total").increment(1);
-    tracing::info!(user = %user, conn_id, "disconnected");
 }
 
 /// Writes `frames` and flushes. A write blocks while the peer does not read; a kick (its queue
@@ -531,9 +496,9 @@ fn handle_frame(
             }
         }
         Some(client_frame::Kind::Ack(ack)) => {
-            let (app, user, mailbox) = (app.clone(), user.clone(), mailbox.clone());
-            app.tracker.clone().spawn(async move {
-                if let Err(e) = app.ack(&user, &ack.peer, ack.up_to_seq).await {
+            let (service, user, mailbox) = (app.clone(), user.clone(), mailbox.clone());
+            app.spawn(async move {
+                if let Err(e) = service.ack(&user, &ack.peer, ack.up_to_seq).await {
                     mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
                         e.code(),
                         e.to_string(),
@@ -550,7 +515,7 @@ fn handle_frame(
                     .and_then(|p| chat_common::ids::ConversationKey::of(user, &p));
                 match conv {
                     Some(c) => {
-                        after.insert(c.to_string(), seq);
+                        after.insert(c, seq);
                     }
                     None => {
                         let f = error_frame(
@@ -568,7 +533,11 @@ fn handle_frame(
             } else {
                 writer.syncing += 1;
             }
-            spawn_sync(app, user, after, sync.receipts_after_ms, mailbox.clone());
+            let cursor = SyncCursor {
+                after,
+                receipts_after_ms: sync.receipts_after_ms,
+            };
+            spawn_sync(app, user, cursor, mailbox.clone());
         }
         None => {
             let f = error_frame("bad_frame", "empty frame".into(), String::new());
@@ -619,7 +588,7 @@ fn answer_when_durable(
     mailbox: Arc<Mailbox>,
     permit: crate::sessions::InFlight,
 ) {
-    app.tracker.spawn(async move {
+    app.spawn(async move {
         let reply = match pending.accepted().await {
             Ok(accepted) => ServerFrame {
                 kind: Some(server_frame::Kind::Accepted(accepted)),
@@ -631,66 +600,13 @@ fn answer_when_durable(
     });
 }
 
-/// Queries what `user` has pending after `after` and queues it as one sync answer.
-/// How far back a sync looks for receipts the sender may have missed.
-const RECEIPT_LOOKBACK_MS: i64 = 30 * 24 * 3600 * 1000;
-
-/// Queries what `user` has pending after `after` (and the receipts of acks after
-/// `receipts_after_ms`) and queues it as one sync answer.
-fn spawn_sync(
-    app: &Arc<App>,
-    user: &UserId,
-    after: HashMap<String, u64>,
-    receipts_after_ms: i64,
-    mailbox: Arc<Mailbox>,
-) {
-    let (app, user) = (app.clone(), user.clone());
-    app.tracker.clone().spawn(async move {
-        let since = receipts_after_ms.max(chat_common::now_ms() - RECEIPT_LOOKBACK_MS);
-        let receipts = match app.shards.receipts_since(&user, since, 1000).await {
-            Ok(r) => r
-                .into_iter()
-                .map(|a| Receipt {
-                    peer: a.peer,
-                    conversation: a.conversation,
-                    up_to_seq: a.up_to_seq,
-                    acked_at_ms: a.acked_at_ms,
-                })
-                .collect(),
-            Err(e) => {
-                tracing::warn!(user = %user, error = %e, "receipt query failed");
-                Vec::new()
-            }
-        };
-        // The user's own messages that were accepted and then set aside (dead letters): a
-        // client that was offline when the `failed` notice was pushed learns of them here.
-        let failures = match app.shards.failures_since(&user, since, 1000).await {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(user = %user, error = %e, "failure query failed");
-                Vec::new()
-            }
-        };
-        let messages = match app.shards.pending(&user, &after, SYNC_LIMIT).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(user = %user, error = %e, "sync query failed");
-                metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
-                let f = error_frame(
-                    "sync_failed",
-                    "history is unavailable; retry the sync".into(),
-                    String::new(),
-                );
-                mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
-                Vec::new()
-            }
-        };
-        metrics::counter!("gateway_synced_messages_total").increment(messages.len() as u64);
-        mailbox.push_or_kick(Outgoing::Synced(Box::new(SyncAnswer {
-            messages,
-            receipts,
-            failures,
-        })));
+/// Queries, in a task of its own, what `user` has pending after `cursor` and queues it as one
+/// sync answer.
+fn spawn_sync(app: &Arc<App>, user: &UserId, cursor: SyncCursor, mailbox: Arc<Mailbox>) {
+    let (service, user) = (app.clone(), user.clone());
+    app.spawn(async move {
+        let answer = service.sync(&user, &cursor).await;
+        mailbox.push_or_kick(Outgoing::Synced(Box::new(answer)));
     });
 }
 

@@ -1,22 +1,17 @@
-//! The gateway's shared state and the operations both the websocket and REST paths use:
-//! sending a message, acknowledging, publishing presence. Each answers only after Kafka's
-//! delivery report, so "accepted" means durable.
+//! Writes: a send, an ack and a presence change each become a record on Kafka, and each
+//! answers only after Kafka's delivery report, so "accepted" means durable.
 
 use chat_common::ids::{message_id, ClientMessageId, ConversationKey, UserId};
 use chat_common::now_ms;
 use chat_proto::v1::{
     inbound_record, Accepted, AckRecord, ChatMessage, InboundRecord, PresenceRecord,
 };
-use db_writer::Shards;
 use prost::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 
-use crate::config::Config;
+use super::App;
 use crate::error::SendError;
-use crate::sessions::Sessions;
 
 /// A send that passed every check, with its record encoded.
 pub(crate) struct PreparedSend {
@@ -55,68 +50,6 @@ pub(crate) enum Enqueue {
     /// The producer's queue is full: try again shortly, before any later send of this sender.
     QueueFull(PreparedSend),
     Failed(SendError),
-}
-
-/// Shared state of one gateway process.
-pub(crate) struct App {
-    pub(crate) config: Config,
-    pub(crate) producer: FutureProducer,
-    pub(crate) shards: Shards,
-    pub(crate) sessions: std::sync::Arc<Sessions>,
-    /// Cancelled on SIGTERM: connections close with 1001 and the server drains.
-    pub(crate) shutdown: CancellationToken,
-    /// Every connection task, so shutdown can wait for them.
-    pub(crate) tracker: TaskTracker,
-    /// Sends per user, over every connection and REST.
-    pub(crate) user_limiter: governor::DefaultKeyedRateLimiter<String>,
-    /// Open connections per source address, counted from accept (HTTP or websocket; an upgrade
-    /// keeps its connection's count).
-    pub(crate) per_addr: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// A quota of `per_sec` sustained with bursts up to `burst` (both at least 1).
-pub(crate) fn quota((per_sec, burst): (u32, u32)) -> governor::Quota {
-    let one = std::num::NonZeroU32::MIN;
-    governor::Quota::per_second(std::num::NonZeroU32::new(per_sec).unwrap_or(one))
-        .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(one))
-}
-
-/// Holds one of a source address's connection slots; gives it back when dropped. Taken when
-/// the connection is accepted, handed to the websocket if it upgrades (see `server`).
-pub(crate) struct AddrSlot {
-    app: std::sync::Arc<App>,
-    addr: std::net::IpAddr,
-}
-
-impl Drop for AddrSlot {
-    fn drop(&mut self) {
-        let mut map = self.app.per_addr.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.addr) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.addr);
-            }
-        }
-    }
-}
-
-impl App {
-    /// Takes a connection slot for `addr`, or `None` when it already holds the maximum.
-    pub(crate) fn addr_slot(
-        self: &std::sync::Arc<Self>,
-        addr: std::net::IpAddr,
-    ) -> Option<AddrSlot> {
-        let mut map = self.per_addr.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(addr).or_insert(0);
-        if *n >= self.config.max_conns_per_addr {
-            return None;
-        }
-        *n += 1;
-        Some(AddrSlot {
-            app: self.clone(),
-            addr,
-        })
-    }
 }
 
 impl App {
@@ -260,7 +193,7 @@ impl App {
     }
 
     /// Publishes that `user`'s session with `epoch` is on (or off) this gateway.
-    pub(crate) async fn publish_presence(
+    pub(super) async fn publish_presence(
         &self,
         user: &UserId,
         epoch: u64,
