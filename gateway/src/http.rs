@@ -6,15 +6,20 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use chat_common::http::ReadyCheck;
 use chat_common::ids::UserId;
 use serde::{Deserialize, Serialize};
+use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
-use crate::app::App;
+use crate::app::{AddrSlot, App, History};
 use crate::error::ApiError;
+use crate::server::ConnectionSlot;
+use crate::upgrade::{self, Handshake, SocketConfig};
 use crate::ws::{self, Format};
 
+/// A refusal with `status`, `code` and `message` (see [`ApiError`]).
 fn reject(status: StatusCode, code: &'static str, message: impl Into<String>) -> Rejection {
     ApiError::new(status, code, message).into()
 }
@@ -87,18 +92,16 @@ fn origin_allowed(app: Arc<App>) -> impl Filter<Extract = (), Error = Rejection>
 /// becomes (the per-address limit itself is applied at accept, see [`crate::server`]). Last
 /// in the route, after every check that can refuse: a refused upgrade leaves the slot with
 /// its connection.
-fn connection_slot() -> impl Filter<Extract = (crate::app::AddrSlot,), Error = Rejection> + Clone {
-    warp::ext::optional::<crate::server::ConnectionSlot>().and_then(
-        |slot: Option<crate::server::ConnectionSlot>| async move {
-            slot.and_then(|s| s.take()).ok_or_else(|| {
-                reject(
-                    StatusCode::BAD_REQUEST,
-                    "not_websocket",
-                    "this connection cannot be upgraded",
-                )
-            })
-        },
-    )
+fn connection_slot() -> impl Filter<Extract = (AddrSlot,), Error = Rejection> + Clone {
+    warp::ext::optional::<ConnectionSlot>().and_then(|slot: Option<ConnectionSlot>| async move {
+        slot.and_then(|s| s.take()).ok_or_else(|| {
+            reject(
+                StatusCode::BAD_REQUEST,
+                "not_websocket",
+                "this connection cannot be upgraded",
+            )
+        })
+    })
 }
 
 /// A JSON request body, read within `timeout`: 413 over `limit` (from `Content-Length`, before
@@ -191,11 +194,13 @@ struct SendBody {
     client_message_id: Option<String>,
 }
 
+/// Query of `GET /messages/{user_id}`.
 struct HistoryQuery {
     before: Option<u64>,
     limit: Option<u32>,
 }
 
+/// Answer of `GET /messages/{user_id}`.
 #[derive(Serialize)]
 struct HistoryPage {
     messages: Vec<chat_proto::v1::ChatMessage>,
@@ -204,161 +209,194 @@ struct HistoryPage {
     next_before: Option<u64>,
 }
 
-/// Every route of the gateway. `bounds` gives the body-read timeout of the routes that read one.
+/// Every route of the gateway, each with its handler below.
 pub(crate) fn routes(
     app: Arc<App>,
-    bounds: crate::config::HttpBounds,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    let ws_route = warp::path!("ws")
+    let config = app.config();
+    let max_body = (config.max_body_bytes as u64) * 6 + 1024; // JSON escaping headroom
+    let websocket = warp::path!("ws")
         .and(warp::get())
         .and(origin_allowed(app.clone()))
         .and(authenticated(app.clone()))
         .and(query_map())
-        .and(crate::upgrade::handshake())
+        .and(upgrade::handshake())
         .and(connection_slot())
         .and(with_app(app.clone()))
-        .map(
-            |user: UserId,
-             query: HashMap<String, String>,
-             handshake: crate::upgrade::Handshake,
-             slot: crate::app::AddrSlot,
-             app: Arc<App>| {
-                let format = match query.get("format").map(String::as_str) {
-                    Some("json") => Format::Json,
-                    _ => Format::Binary,
-                };
-                // `sync=manual`: the client resumes with its own `sync` frame (last seq per peer).
-                let auto_sync = query.get("sync").map(String::as_str) != Some("manual");
-                // Frames larger than a body JSON-escaped at its worst plus envelope are refused by
-                // the websocket layer with close code 1009 (binary frames get a tighter bound).
-                let config = crate::upgrade::SocketConfig {
-                    max_message_bytes: ws::frame_limit(app.config().max_body_bytes),
-                    read_buffer_bytes: app.config().ws_read_buffer_bytes,
-                };
-                handshake.accept(config, move |socket| {
-                    let service = app.clone();
-                    let start = ws::Start {
-                        app,
-                        user,
-                        socket,
-                        format,
-                        auto_sync,
-                        address_slot: slot,
-                    };
-                    service.track(ws::serve(Box::new(start)))
-                })
-            },
-        );
-
-    let max_body = (app.config().max_body_bytes as u64) * 6 + 1024; // JSON escaping headroom
-    let put = warp::path!("messages" / String)
+        .map(open_websocket);
+    let send = warp::path!("messages" / String)
         .and(warp::put())
         .and(authenticated(app.clone()))
-        .and(json_body::<SendBody>(max_body, bounds.body_timeout))
+        .and(json_body::<SendBody>(max_body, config.http.body_timeout))
         .and(with_app(app.clone()))
-        .and_then(
-            |peer: String, user: UserId, body: SendBody, app: Arc<App>| async move {
-                let client_id = body
-                    .client_message_id
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-                match app.send(&user, &client_id, &peer, body.body).await {
-                    Ok(accepted) => Ok::<_, Rejection>(warp::reply::with_status(
-                        warp::reply::json(&accepted),
-                        StatusCode::ACCEPTED,
-                    )),
-                    Err(e) => Err(ApiError::from(e).into()),
-                }
-            },
-        );
-
-    let get = warp::path!("messages" / String)
+        .and_then(send_message);
+    let history = warp::path!("messages" / String)
         .and(warp::get())
         .and(authenticated(app.clone()))
-        .and(
-            query_map().and_then(|q: HashMap<String, String>| async move {
-                let num = |k: &str| -> Result<Option<u64>, Rejection> {
-                    q.get(k)
-                        .map(|v| {
-                            v.parse::<u64>().map_err(|_| {
-                                reject(
-                                    StatusCode::BAD_REQUEST,
-                                    "bad_query",
-                                    format!("{k} must be a non-negative integer"),
-                                )
-                            })
-                        })
-                        .transpose()
-                };
-                Ok::<_, Rejection>(HistoryQuery {
-                    before: num("before")?,
-                    limit: num("limit")?.map(|l| l.min(u64::from(u32::MAX)) as u32),
-                })
-            }),
-        )
+        .and(history_query())
         .and(with_app(app.clone()))
-        .and_then(
-            |peer: String, user: UserId, q: HistoryQuery, app: Arc<App>| async move {
-                let peer = UserId::parse(&peer)
-                    .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
-                let page = app
-                    .history(&user, &peer, q.before, q.limit)
-                    .await
-                    .map_err(ApiError::from)?;
-                Ok::<_, Rejection>(warp::reply::json(&HistoryPage {
-                    messages: page.messages,
-                    next_before: page.next_before,
-                }))
-            },
-        );
-
-    // Who the token names: lets a browser check a token (a refused upgrade is invisible to it).
+        .and_then(history_page);
     let me = warp::path!("me")
         .and(warp::get())
         .and(authenticated(app.clone()))
-        .map(|user: UserId| warp::reply::json(&serde_json::json!({ "user": user.as_str() })));
-
+        .map(whoami);
     let dev_token = warp::path!("dev" / "token" / String)
         .and(warp::get())
         .and(with_app(app.clone()))
-        .and_then(|user: String, app: Arc<App>| async move {
-            let Some(issuer) = &app.config().dev_issuer else {
-                return Err(reject(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "dev tokens are disabled",
-                ));
-            };
-            let user = UserId::parse(&user)
-                .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
-            let token = issuer.issue(&user, 24 * 3600).map_err(|e| {
-                reject(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })?;
-            Ok::<_, Rejection>(warp::reply::json(
-                &serde_json::json!({ "user": user.as_str(), "token": token }),
-            ))
-        });
+        .and_then(dev_token);
+    websocket
+        .or(send)
+        .or(history)
+        .or(me)
+        .or(dev_token)
+        .or(chat_common::http::ops_routes(readiness(app.clone())))
+        .or(web_client(&app))
+        .recover(recover)
+}
 
-    let ready_app = app.clone();
-    let ready: chat_common::http::ReadyCheck = Arc::new(move || {
-        let app = ready_app.clone();
+/// `GET /ws`: answers the upgrade (`format=json` for JSON text frames, `sync=manual` to resume
+/// with the client's own `sync` frame) and serves the socket in a tracked task.
+fn open_websocket(
+    user: UserId,
+    query: HashMap<String, String>,
+    handshake: Handshake,
+    slot: AddrSlot,
+    app: Arc<App>,
+) -> warp::reply::Response {
+    let format = match query.get("format").map(String::as_str) {
+        Some("json") => Format::Json,
+        _ => Format::Binary,
+    };
+    // `sync=manual`: the client resumes with its own `sync` frame (last seq per peer).
+    let auto_sync = query.get("sync").map(String::as_str) != Some("manual");
+    // Frames larger than a body JSON-escaped at its worst plus envelope are refused by the
+    // websocket layer with close code 1009 (binary frames get a tighter bound).
+    let config = SocketConfig {
+        max_message_bytes: ws::frame_limit(app.config().max_body_bytes),
+        read_buffer_bytes: app.config().ws_read_buffer_bytes,
+    };
+    handshake.accept(config, move |socket| {
+        let service = app.clone();
+        let start = ws::Start {
+            app,
+            user,
+            socket,
+            format,
+            auto_sync,
+            address_slot: slot,
+        };
+        service.track(ws::serve(Box::new(start)))
+    })
+}
+
+/// `PUT /messages/{user_id}`: sends to that user; 202 with the `Accepted` answer once Kafka
+/// has the message.
+async fn send_message(
+    peer: String,
+    user: UserId,
+    body: SendBody,
+    app: Arc<App>,
+) -> Result<impl Reply, Rejection> {
+    let client_id = body
+        .client_message_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let accepted = app
+        .send(&user, &client_id, &peer, body.body)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(warp::reply::with_status(
+        warp::reply::json(&accepted),
+        StatusCode::ACCEPTED,
+    ))
+}
+
+/// `before` and `limit` of a history request, non-negative integers when present.
+fn history_query() -> impl Filter<Extract = (HistoryQuery,), Error = Rejection> + Clone {
+    query_map().and_then(|q: HashMap<String, String>| async move {
+        let num = |k: &str| -> Result<Option<u64>, Rejection> {
+            q.get(k)
+                .map(|v| {
+                    v.parse::<u64>().map_err(|_| {
+                        reject(
+                            StatusCode::BAD_REQUEST,
+                            "bad_query",
+                            format!("{k} must be a non-negative integer"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        Ok::<_, Rejection>(HistoryQuery {
+            before: num("before")?,
+            limit: num("limit")?.map(|l| l.min(u64::from(u32::MAX)) as u32),
+        })
+    })
+}
+
+/// `GET /messages/{user_id}`: a page of the caller's conversation with that user.
+async fn history_page(
+    peer: String,
+    user: UserId,
+    query: HistoryQuery,
+    app: Arc<App>,
+) -> Result<impl Reply, Rejection> {
+    let peer = UserId::parse(&peer)
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
+    let History {
+        messages,
+        next_before,
+    } = app
+        .history(&user, &peer, query.before, query.limit)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(warp::reply::json(&HistoryPage {
+        messages,
+        next_before,
+    }))
+}
+
+/// `GET /me`: who the token names, so a browser can check a token (a refused upgrade is
+/// invisible to it).
+fn whoami(user: UserId) -> impl Reply {
+    warp::reply::json(&serde_json::json!({ "user": user.as_str() }))
+}
+
+/// `GET /dev/token/{user}` (only with dev tokens enabled, on the local stack): a token for that
+/// user, valid for a day.
+async fn dev_token(user: String, app: Arc<App>) -> Result<impl Reply, Rejection> {
+    let Some(issuer) = &app.config().dev_issuer else {
+        return Err(reject(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "dev tokens are disabled",
+        ));
+    };
+    let user = UserId::parse(&user)
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
+    let token = issuer
+        .issue(&user, 24 * 3600)
+        .map_err(|e| reject(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(warp::reply::json(
+        &serde_json::json!({ "user": user.as_str(), "token": token }),
+    ))
+}
+
+/// `/readyz`: the service's readiness.
+fn readiness(app: Arc<App>) -> ReadyCheck {
+    Arc::new(move || {
+        let app = app.clone();
         Box::pin(async move { app.ready().await })
-    });
+    })
+}
 
-    let web = match app.config().web_dir.clone().filter(|d| d.is_dir()) {
+/// `GET /*`: the web client's static files, when its directory exists.
+fn web_client(app: &App) -> BoxedFilter<(warp::fs::File,)> {
+    match app.config().web_dir.clone().filter(|d| d.is_dir()) {
         Some(dir) => warp::get().and(warp::fs::dir(dir)).boxed(),
         None => warp::any()
             .and_then(|| async { Err::<warp::fs::File, _>(warp::reject::not_found()) })
             .boxed(),
-    };
-
-    ws_route
-        .or(put)
-        .or(get)
-        .or(me)
-        .or(dev_token)
-        .or(chat_common::http::ops_routes(ready))
-        .or(web)
-        .recover(recover)
+    }
 }
 
 /// Renders a rejection. warp offers every route the request and combines their rejections, so

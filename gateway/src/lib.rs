@@ -72,7 +72,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let listener = bind(app.config().addr)?;
     let addr = listener.local_addr()?;
     let bounds = app.config().http;
-    let routes = warp::service(http::routes(app.clone(), bounds));
+    let routes = warp::service(http::routes(app.clone()));
     let http_server = tokio::spawn(server::serve(
         app.clone(),
         listener,

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::error::{Close, SendError};
 use crate::sessions::{Mailbox, Outgoing, SessionHandle, Sessions};
 
-pub(crate) use read::SyncCursor;
+pub(crate) use read::{History, SyncCursor};
 pub(crate) use send::{Enqueue, PendingSend, PreparedSend};
 
 /// Shared state of one gateway process.
