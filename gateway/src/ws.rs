@@ -17,9 +17,9 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::app::{App, Enqueue, PendingSend, SyncCursor};
+use crate::app::{AddrSlot, App, Enqueue, PendingSend, PreparedSend, SyncCursor};
 use crate::error::{Close, FrameError, SendError};
 use crate::sessions::{Mail, Mailbox, Outgoing, SessionHandle, SyncAnswer};
 use crate::upgrade::Socket;
@@ -145,30 +145,175 @@ fn deliver(m: ChatMessage) -> ServerFrame {
     }
 }
 
-/// What to do after a frame from the client.
+/// What a connection starts with.
+pub(crate) struct Start {
+    pub(crate) app: Arc<App>,
+    pub(crate) user: UserId,
+    pub(crate) socket: Socket,
+    pub(crate) format: Format,
+    pub(crate) auto_sync: bool,
+    pub(crate) address_slot: AddrSlot,
+}
+
+/// Serves one authenticated websocket until it closes: opens the session, goes live (presence,
+/// welcome, first sync), serves frames both ways, then closes and winds the session up.
+///
+/// This future lives as long as the connection, idle or not, so it is kept small (it is most
+/// of what an idle connection costs): its one argument is a box (an async fn keeps its
+/// arguments for its whole life, even once moved out), frames are handled by plain functions,
+/// and the futures of rare steps (going live, pings, errors, closing) and of writes are boxed
+/// while they run.
+pub(crate) async fn serve(start: Box<Start>) {
+    // Moved out in a block of its own, so the box is freed now rather than when `serve` ends.
+    let Start {
+        app,
+        user,
+        mut socket,
+        format,
+        auto_sync,
+        address_slot,
+    } = {
+        let boxed = start;
+        *boxed
+    };
+    let mut conn = Conn::open(app, user, format, auto_sync);
+    let close_with = match Box::pin(conn.go_live(&mut socket, auto_sync)).await {
+        Ok(()) => conn.run(&mut socket).await,
+        Err(why) => Some(why),
+    };
+    Box::pin(finish(socket, conn, close_with, address_slot)).await;
+}
+
+/// A connection's state apart from the socket.
+struct Conn {
+    app: Arc<App>,
+    user: UserId,
+    session: SessionHandle,
+    format: Format,
+    limiter: governor::DefaultDirectRateLimiter,
+    /// Rate-limited frames in a row.
+    strikes: u32,
+    /// When the peer last sent anything (pings are answered by the websocket layer, but the
+    /// answers count).
+    last_heard: tokio::time::Instant,
+    writer: Writer,
+}
+
+/// What the connection does next, decided from one mail or one frame from the client.
 enum Step {
     Continue,
+    /// Send these frames (answers, pushed messages, a sync) and flush.
+    Write(Vec<ServerFrame>),
     /// Answer with this frame (an error the client should see), then go on.
     Reply(Box<ServerFrame>),
-    /// Close, with a code and reason, or without (the client closed).
+    /// Ping the peer.
+    Ping,
+    /// Close, with a reason, or without (the client closed, or the socket failed).
     Close(Option<Close>),
     /// Finish this first, before reading the next frame: a send waiting for room in the
     /// producer's queue holds back the sends behind it, so they stay in order.
     Block(Box<BlockedSend>),
 }
 
-/// A connection's state apart from the socket: what handling a client frame needs.
-struct Conn {
-    app: Arc<App>,
-    user: UserId,
-    format: Format,
-    mailbox: Arc<Mailbox>,
-    limiter: governor::DefaultDirectRateLimiter,
-    strikes: u32,
-    writer: Writer,
-}
-
 impl Conn {
+    /// Registers the session. Live messages are held from the start until the first sync is
+    /// answered: the automatic one, or (with `sync=manual`) the client's first `sync` frame,
+    /// which takes over this hold.
+    fn open(app: Arc<App>, user: UserId, format: Format, auto_sync: bool) -> Self {
+        let session = app.open_session(&user);
+        Conn {
+            limiter: app.connection_limiter(),
+            app,
+            user,
+            session,
+            format,
+            strikes: 0,
+            last_heard: tokio::time::Instant::now(),
+            writer: Writer {
+                last_sent: HashMap::new(),
+                syncing: 1,
+                held: Vec::new(),
+                first_sync_pending: !auto_sync,
+            },
+        }
+    }
+
+    /// Publishes the user's presence here, sends the welcome and starts the first sync (unless
+    /// the client syncs itself). Route first, then sync: see `chat_common::presence` for why
+    /// this order closes the gap.
+    async fn go_live(&self, socket: &mut Socket, auto_sync: bool) -> Result<(), Close> {
+        if let Err(e) = self.app.announce(&self.user, &self.session).await {
+            tracing::warn!(user = %self.user, error = %e, "presence publish failed");
+            return Err(Close::PresenceUnavailable);
+        }
+        let welcome = ServerFrame {
+            kind: Some(server_frame::Kind::Welcome(chat_proto::v1::Welcome {
+                user: self.user.to_string(),
+                gateway_id: self.app.config().gateway_id.to_string(),
+            })),
+        };
+        let _ = socket.send(encode(self.format, &welcome)).await;
+        if auto_sync {
+            let cursor = SyncCursor::default();
+            spawn_sync(&self.app, &self.user, cursor, self.session.mailbox.clone());
+        }
+        Ok(())
+    }
+
+    /// Serves frames both ways until either side closes; the close to send, if any. One await
+    /// for the mailbox and the socket, one (boxed) for what a step needs: each await point of
+    /// this loop adds to the future that every connection holds.
+    async fn run(&mut self, socket: &mut Socket) -> Option<Close> {
+        self.last_heard = tokio::time::Instant::now();
+        loop {
+            let step = tokio::select! {
+                mail = self.session.mailbox.next() => self.on_mail(mail),
+                incoming = socket.next() => self.on_incoming(incoming),
+            };
+            match step {
+                Step::Continue => {}
+                Step::Close(why) => return why,
+                step => {
+                    if let Err(why) = Box::pin(self.perform(step, socket)).await {
+                        return why;
+                    }
+                }
+            }
+        }
+    }
+
+    /// What the mailbox asks: close, ping (pings come from the gateway's one timer, see
+    /// `App::ping_sessions`), or send what was queued.
+    fn on_mail(&mut self, mail: Mail) -> Step {
+        match mail {
+            Mail::Kicked(why) => Step::Close(Some(why)),
+            Mail::Ping if self.last_heard.elapsed() > self.app.config().ping_interval * 2 => {
+                Step::Close(Some(Close::PingTimeout))
+            }
+            Mail::Ping => Step::Ping,
+            Mail::Item(item) => match self.writer.frames(item) {
+                Ok(frames) => Step::Write(frames),
+                Err(why) => Step::Close(Some(why)),
+            },
+        }
+    }
+
+    /// What the socket read: a frame from the client, an error, or the end.
+    fn on_incoming(&mut self, incoming: Option<Result<Message, WsError>>) -> Step {
+        match incoming {
+            Some(Ok(msg)) => {
+                self.last_heard = tokio::time::Instant::now();
+                self.on_message(msg)
+            }
+            Some(Err(e)) => {
+                tracing::debug!(user = %self.user, error = %e, "socket error");
+                metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
+                Step::Close(Close::for_socket_error(&e))
+            }
+            None => Step::Close(None),
+        }
+    }
+
     /// Handles one frame from the client. Never waits, but for a send that finds the producer's
     /// queue full (`Step::Block`); the answers to sends and acks come back through the mailbox.
     fn on_message(&mut self, msg: Message) -> Step {
@@ -199,7 +344,7 @@ impl Conn {
                     &self.app,
                     &self.user,
                     frame,
-                    &self.mailbox,
+                    &self.session.mailbox,
                     &mut self.writer,
                 )
             }
@@ -211,6 +356,33 @@ impl Conn {
                     e.to_string(),
                     String::new(),
                 )))
+            }
+        }
+    }
+
+    /// Does what a step needs of the socket (or of the producer's queue); `Err` ends the
+    /// connection, with a close or without (the socket failed).
+    async fn perform(&self, step: Step, socket: &mut Socket) -> Result<(), Option<Close>> {
+        match step {
+            Step::Continue => Ok(()),
+            Step::Close(why) => Err(why),
+            Step::Write(frames) => {
+                write_frames(socket, frames, self.format, &self.session.mailbox).await
+            }
+            Step::Reply(frame) => socket
+                .send(encode(self.format, &frame))
+                .await
+                .map_err(|_| None),
+            Step::Ping => {
+                let ping = socket.send(Message::Ping(Default::default()));
+                match tokio::time::timeout(std::time::Duration::from_secs(5), ping).await {
+                    Ok(Ok(())) => Ok(()),
+                    _ => Err(None),
+                }
+            }
+            Step::Block(send) => {
+                send.enqueue().await;
+                Ok(())
             }
         }
     }
@@ -238,163 +410,13 @@ fn decode_frame(msg: &Message, max_body: usize) -> Result<(ClientFrame, Format),
     }
 }
 
-/// What a connection starts with.
-pub(crate) struct Start {
-    pub(crate) app: Arc<App>,
-    pub(crate) user: UserId,
-    pub(crate) socket: Socket,
-    pub(crate) format: Format,
-    pub(crate) auto_sync: bool,
-    pub(crate) address_slot: crate::app::AddrSlot,
-}
-
-/// Serves one authenticated websocket until it closes.
-///
-/// This future lives as long as the connection, idle or not, so it is kept small (it is most
-/// of what an idle connection costs): its one argument is a box (an async fn keeps its
-/// arguments for its whole life, even once moved out), frames are handled by plain functions,
-/// and the futures of rare steps (presence, pings, errors, closing) and of writes are boxed
-/// while they run.
-pub(crate) async fn serve(start: Box<Start>) {
-    // Moved out in a block of its own, so the box is freed now rather than when `serve` ends.
-    let Start {
-        app,
-        user,
-        mut socket,
-        format,
-        auto_sync,
-        address_slot,
-    } = {
-        let boxed = start;
-        *boxed
-    };
-    let session = app.open_session(&user);
-
-    // Route first, then sync: see `chat_common::presence` for why this order closes the gap.
-    // Live messages are held from the start until the first sync is answered: the automatic
-    // one, or (with `sync=manual`) the client's first `sync` frame, which takes over this hold.
-    let mut conn = Conn {
-        limiter: app.connection_limiter(),
-        app,
-        user,
-        format,
-        mailbox: session.mailbox.clone(),
-        strikes: 0,
-        writer: Writer {
-            last_sent: HashMap::new(),
-            syncing: 1,
-            held: Vec::new(),
-            first_sync_pending: !auto_sync,
-        },
-    };
-    let close_with = if let Err(e) = Box::pin(conn.app.announce(&conn.user, &session)).await {
-        tracing::warn!(user = %conn.user, error = %e, "presence publish failed");
-        Some(Close::PresenceUnavailable)
-    } else {
-        // In a block: a frame still in scope would be kept in this future across every await.
-        let welcome = {
-            let frame = ServerFrame {
-                kind: Some(server_frame::Kind::Welcome(chat_proto::v1::Welcome {
-                    user: conn.user.to_string(),
-                    gateway_id: conn.app.config().gateway_id.to_string(),
-                })),
-            };
-            encode(conn.format, &frame)
-        };
-        let _ = Box::pin(socket.send(welcome)).await;
-        if auto_sync {
-            spawn_sync(
-                &conn.app,
-                &conn.user,
-                SyncCursor::default(),
-                conn.mailbox.clone(),
-            );
-        }
-        // Pings come through the mailbox from the gateway's one timer (`Sessions::ping_all`).
-        let ping_interval = conn.app.config().ping_interval;
-        let mut last_heard = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                mail = conn.mailbox.next() => {
-                    let item = match mail {
-                        Mail::Kicked(why) => break Some(why),
-                        Mail::Ping => {
-                            if last_heard.elapsed() > ping_interval * 2 {
-                                break Some(Close::PingTimeout);
-                            }
-                            let sent = Box::pin(tokio::time::timeout(
-                                std::time::Duration::from_secs(5),
-                                socket.send(Message::Ping(Default::default())),
-                            )).await;
-                            if !matches!(sent, Ok(Ok(()))) {
-                                break None;
-                            }
-                            continue;
-                        }
-                        Mail::Item(item) => item,
-                    };
-                    match conn.writer.frames(item) {
-                        Ok(frames) => {
-                            let write = write_frames(&mut socket, frames, conn.format, &conn.mailbox);
-                            if let Err(reason) = Box::pin(write).await {
-                                break reason;
-                            }
-                        }
-                        Err(reason) => break Some(reason),
-                    }
-                }
-                incoming = socket.next() => {
-                    let step = match incoming {
-                        Some(Ok(msg)) => {
-                            last_heard = tokio::time::Instant::now();
-                            conn.on_message(msg)
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(user = %conn.user, error = %e, "socket error");
-                            metrics::counter!("gateway_errors_total", "kind" => "bad_frame").increment(1);
-                            Step::Close(Close::for_socket_error(&e))
-                        }
-                        None => Step::Close(None),
-                    };
-                    // One await for both rare steps: each await point of this loop adds to the
-                    // future that every connection holds.
-                    let rare: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> =
-                        match step {
-                            Step::Continue => continue,
-                            Step::Close(reason) => break reason,
-                            Step::Block(send) => Box::pin(async move {
-                                send.enqueue().await;
-                                true
-                            }),
-                            Step::Reply(f) => {
-                                let format = conn.format;
-                                let socket = &mut socket;
-                                Box::pin(async move { socket.send(encode(format, &f)).await.is_ok() })
-                            }
-                        };
-                    if !rare.await {
-                        break None;
-                    }
-                }
-            }
-        }
-    };
-    Box::pin(finish(socket, conn, close_with, session, address_slot)).await;
-}
-
-/// Closes the socket (with a close frame if the server closes it), unregisters the session and
-/// publishes the user's offline presence if this was still their session.
-async fn finish(
-    mut socket: Socket,
-    conn: Conn,
-    close_with: Option<Close>,
-    session: SessionHandle,
-    address_slot: crate::app::AddrSlot,
-) {
+/// Closes the socket (with a close frame if the server closes it), then winds the session up
+/// (unregistered, and the user's offline presence published if this was still their session).
+async fn finish(mut socket: Socket, conn: Conn, close_with: Option<Close>, address_slot: AddrSlot) {
     let Conn {
-        app, user, mailbox, ..
+        app, user, session, ..
     } = conn;
-    mailbox.close();
+    session.mailbox.close();
     if let Some(why) = close_with {
         metrics::counter!("gateway_closed_by_server_total", "code" => why.code().to_string())
             .increment(1);
@@ -551,7 +573,7 @@ fn handle_frame(
 /// is handed over (or refused), so the sends behind it stay behind it.
 struct BlockedSend {
     app: Arc<App>,
-    prepared: crate::app::PreparedSend,
+    prepared: PreparedSend,
     client_message_id: String,
     mailbox: Arc<Mailbox>,
     permit: crate::sessions::InFlight,
