@@ -9,9 +9,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chat_common::ids::UserId;
+use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::{
-    client_frame, server_frame, ChatMessage, ClientFrame, Deliver, ServerFrame, SyncDone,
+    self, client_frame, server_frame, ChatMessage, ClientFrame, Deliver, ServerFrame, SyncDone,
 };
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -340,13 +340,7 @@ impl Conn {
         match decode_frame(&msg, self.app.config().max_body_bytes) {
             Ok((frame, format)) => {
                 self.format = format;
-                handle_frame(
-                    &self.app,
-                    &self.user,
-                    frame,
-                    &self.session.mailbox,
-                    &mut self.writer,
-                )
+                self.on_frame(frame)
             }
             Err(e) if e.close().is_some() => Step::Close(e.close()),
             Err(e) => {
@@ -470,103 +464,122 @@ fn binary_frame_limit(max_body: usize) -> usize {
     max_body + FRAME_ENVELOPE_BYTES
 }
 
-/// Handles one decoded client frame. A send is handed to the producer here, in frame order,
-/// so a connection's pipelined sends reach Kafka (and get their seqs) in the order they were
-/// sent; only the wait for each delivery report runs in a task of its own, so a slow produce
-/// never stalls this connection's reads or writes. Answers come back through the mailbox.
-fn handle_frame(
-    app: &Arc<App>,
-    user: &UserId,
-    frame: ClientFrame,
-    mailbox: &Arc<Mailbox>,
-    writer: &mut Writer,
-) -> Step {
-    match frame.kind {
-        Some(client_frame::Kind::Send(send)) => {
-            let refuse = |e: SendError, cid: String| {
-                mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
-                    e.code(),
-                    e.to_string(),
-                    cid,
-                ))));
-            };
-            let Some(permit) = mailbox.begin_send() else {
-                refuse(SendError::TooManyInFlight, send.client_message_id);
-                return Step::Continue;
-            };
-            let cid = send.client_message_id.clone();
-            let prepared =
-                match app.prepare_send(user, &send.client_message_id, &send.recipient, send.body) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        refuse(e, cid);
-                        return Step::Continue;
-                    }
-                };
-            match app.enqueue_send(prepared) {
-                Ok(pending) => answer_when_durable(app, pending, cid, mailbox.clone(), permit),
-                Err(Enqueue::Failed(e)) => refuse(e, cid),
-                Err(Enqueue::QueueFull(prepared)) => {
-                    return Step::Block(Box::new(BlockedSend {
-                        app: app.clone(),
-                        prepared,
-                        client_message_id: cid,
-                        mailbox: mailbox.clone(),
-                        permit,
-                    }));
-                }
-            }
+/// A client frame's handlers. A send is handed to the producer here, in frame order, so a
+/// connection's pipelined sends reach Kafka (and get their seqs) in the order they were sent;
+/// only the wait for each delivery report runs in a task of its own, so a slow produce never
+/// stalls this connection's reads or writes. Answers come back through the mailbox.
+impl Conn {
+    fn on_frame(&mut self, frame: ClientFrame) -> Step {
+        match frame.kind {
+            Some(client_frame::Kind::Send(send)) => return self.on_send(send),
+            Some(client_frame::Kind::Ack(ack)) => self.on_ack(ack),
+            Some(client_frame::Kind::Sync(sync)) => self.on_sync(sync),
+            None => self.answer(error_frame(
+                "bad_frame",
+                "empty frame".into(),
+                String::new(),
+            )),
         }
-        Some(client_frame::Kind::Ack(ack)) => {
-            let (service, user, mailbox) = (app.clone(), user.clone(), mailbox.clone());
-            app.spawn(async move {
-                if let Err(e) = service.ack(&user, &ack.peer, ack.up_to_seq).await {
-                    mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
-                        e.code(),
-                        e.to_string(),
-                        String::new(),
-                    ))));
-                }
-            });
-        }
-        Some(client_frame::Kind::Sync(sync)) => {
-            let mut after = HashMap::new();
-            for (peer, seq) in sync.last_seq {
-                let conv = UserId::parse(&peer)
-                    .ok()
-                    .and_then(|p| chat_common::ids::ConversationKey::of(user, &p));
-                match conv {
-                    Some(c) => {
-                        after.insert(c, seq);
-                    }
-                    None => {
-                        let f = error_frame(
-                            "invalid_peer",
-                            format!("invalid peer {peer:?} in sync"),
-                            String::new(),
-                        );
-                        mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
-                        return Step::Continue;
-                    }
-                }
-            }
-            if writer.first_sync_pending {
-                writer.first_sync_pending = false;
-            } else {
-                writer.syncing += 1;
-            }
-            let cursor = SyncCursor {
-                after,
-                receipts_after_ms: sync.receipts_after_ms,
-            };
-            spawn_sync(app, user, cursor, mailbox.clone());
-        }
-        None => {
-            let f = error_frame("bad_frame", "empty frame".into(), String::new());
-            mailbox.push_or_kick(Outgoing::Frame(Box::new(f)));
-        }
+        Step::Continue
     }
-    Step::Continue
+
+    /// Hands the send to the producer, or refuses it; blocks the connection's reads while the
+    /// producer's queue is full.
+    fn on_send(&mut self, send: v1::Send) -> Step {
+        let mailbox = &self.session.mailbox;
+        let Some(permit) = mailbox.begin_send() else {
+            self.answer(refusal(&SendError::TooManyInFlight, send.client_message_id));
+            return Step::Continue;
+        };
+        let cid = send.client_message_id;
+        let prepared = match self
+            .app
+            .prepare_send(&self.user, &cid, &send.recipient, send.body)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.answer(refusal(&e, cid));
+                return Step::Continue;
+            }
+        };
+        match self.app.enqueue_send(prepared) {
+            Ok(pending) => answer_when_durable(&self.app, pending, cid, mailbox.clone(), permit),
+            Err(Enqueue::Failed(e)) => self.answer(refusal(&e, cid)),
+            Err(Enqueue::QueueFull(prepared)) => {
+                return Step::Block(Box::new(BlockedSend {
+                    app: self.app.clone(),
+                    prepared,
+                    client_message_id: cid,
+                    mailbox: mailbox.clone(),
+                    permit,
+                }));
+            }
+        }
+        Step::Continue
+    }
+
+    /// Produces the ack in a task of its own; only a refusal is answered.
+    fn on_ack(&self, ack: v1::Ack) {
+        let (app, user) = (self.app.clone(), self.user.clone());
+        let mailbox = self.session.mailbox.clone();
+        self.app.spawn(async move {
+            if let Err(e) = app.ack(&user, &ack.peer, ack.up_to_seq).await {
+                let refused = refusal(&e, String::new());
+                mailbox.push_or_kick(Outgoing::Frame(Box::new(refused)));
+            }
+        });
+    }
+
+    /// Starts a sync from where the client says it is; live messages are held until it is
+    /// answered.
+    fn on_sync(&mut self, sync: v1::Sync) {
+        let cursor = match sync_cursor(&self.user, sync) {
+            Ok(cursor) => cursor,
+            Err(peer) => {
+                let message = format!("invalid peer {peer:?} in sync");
+                self.answer(error_frame("invalid_peer", message, String::new()));
+                return;
+            }
+        };
+        if self.writer.first_sync_pending {
+            self.writer.first_sync_pending = false;
+        } else {
+            self.writer.syncing += 1;
+        }
+        spawn_sync(&self.app, &self.user, cursor, self.session.mailbox.clone());
+    }
+
+    /// Queues `frame` for the client.
+    fn answer(&self, frame: ServerFrame) {
+        self.session
+            .mailbox
+            .push_or_kick(Outgoing::Frame(Box::new(frame)));
+    }
+}
+
+/// The cursor a `sync` frame gives: per peer, the last seq the client has of that conversation,
+/// and the time after which it wants receipts. `Err` with the first peer that is not a valid
+/// user id other than the caller's own.
+fn sync_cursor(user: &UserId, sync: v1::Sync) -> Result<SyncCursor, String> {
+    let mut after = HashMap::new();
+    for (peer, seq) in sync.last_seq {
+        let conversation = UserId::parse(&peer)
+            .ok()
+            .and_then(|p| ConversationKey::of(user, &p));
+        match conversation {
+            Some(c) => after.insert(c, seq),
+            None => return Err(peer),
+        };
+    }
+    Ok(SyncCursor {
+        after,
+        receipts_after_ms: sync.receipts_after_ms,
+    })
+}
+
+/// The error frame of a refused send or ack.
+fn refusal(e: &SendError, client_message_id: String) -> ServerFrame {
+    error_frame(e.code(), e.to_string(), client_message_id)
 }
 
 /// A send that found the producer's queue full: the connection reads no further frame until it
@@ -591,11 +604,8 @@ impl BlockedSend {
         match app.enqueue_waiting(prepared).await {
             Ok(pending) => answer_when_durable(&app, pending, client_message_id, mailbox, permit),
             Err(e) => {
-                mailbox.push_or_kick(Outgoing::Frame(Box::new(error_frame(
-                    e.code(),
-                    e.to_string(),
-                    client_message_id,
-                ))));
+                let refused = refusal(&e, client_message_id);
+                mailbox.push_or_kick(Outgoing::Frame(Box::new(refused)));
             }
         }
     }
@@ -615,7 +625,7 @@ fn answer_when_durable(
             Ok(accepted) => ServerFrame {
                 kind: Some(server_frame::Kind::Accepted(accepted)),
             },
-            Err(e) => error_frame(e.code(), e.to_string(), client_message_id),
+            Err(e) => refusal(&e, client_message_id),
         };
         mailbox.push_or_kick(Outgoing::Frame(Box::new(reply)));
         drop(permit);
