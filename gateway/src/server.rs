@@ -235,109 +235,184 @@ async fn serve_connection<S>(
     let activity = Activity::new();
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::Body>| {
-            let busy = activity.begin();
-            if req.uri().path() == "/ws" {
-                let upgrade = UpgradeSlot::take_from(&mut req);
-                req.extensions_mut().insert(upgrade);
-                req.extensions_mut().insert(slot.clone());
-            }
-            let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
-            let mut routes = routes.clone();
-            let deadline = bounds.request_timeout;
-            async move {
-                let _busy = busy;
-                if chunked {
-                    metrics::counter!("gateway_http_closed_total", "reason" => "transfer_encoding")
-                        .increment(1);
-                    return Ok::<_, Infallible>(closing(
-                        ApiError::new(
-                            StatusCode::LENGTH_REQUIRED,
-                            "length_required",
-                            "send the body with a Content-Length (Transfer-Encoding is not accepted)",
-                        )
-                        .response(),
-                    ));
-                }
-                match tokio::time::timeout(deadline, routes.call(req)).await {
-                    Ok(answer) => answer,
-                    Err(_) => {
-                        metrics::counter!("gateway_http_closed_total", "reason" => "request_timeout")
-                            .increment(1);
-                        Ok(closing(
-                            ApiError::new(
-                                StatusCode::REQUEST_TIMEOUT,
-                                "request_timeout",
-                                "the request took too long",
-                            )
-                            .response(),
-                        ))
-                    }
-                }
-            }
+        hyper::service::service_fn(move |req| {
+            answer(
+                req,
+                &activity,
+                &slot,
+                routes.clone(),
+                bounds.request_timeout,
+            )
         })
     };
+    let handshake_timeout = app.config().handshake_timeout;
     let conn = hyper::server::conn::Http::new()
         .http1_only(true)
-        .http1_header_read_timeout(app.config().handshake_timeout)
+        .http1_header_read_timeout(handshake_timeout)
         .serve_connection(stream, service)
         .with_upgrades();
     tokio::pin!(conn);
 
-    // The watchdog. Idle past `idle_timeout`, or at shutdown, the connection is asked to close:
-    // hyper closes it at once between requests, or after the request it is reading (headers
-    // bounded by `handshake_timeout`) or serving (bounded by `request_timeout`). One that has
-    // carried no request has nothing to finish and is dropped (hyper would wait for one). One
-    // still open when those bounds have passed is dropped.
+    let mut watchdog = Watchdog {
+        peer,
+        bounds,
+        handshake_timeout,
+        closing: false,
+    };
     let check = tokio::time::sleep(bounds.idle_timeout);
     tokio::pin!(check);
-    let mut closing = false;
     loop {
-        tokio::select! {
+        let verdict = tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, %peer, "http connection ended with an error");
                 }
                 break;
             }
-            _ = shutdown.cancelled(), if !closing => {
-                if let Seen::Unused { .. } = activity.seen() {
-                    break;
-                }
+            _ = shutdown.cancelled(), if !watchdog.closing => watchdog.on_shutdown(activity.seen()),
+            _ = check.as_mut() => watchdog.on_check(activity.seen()),
+        };
+        match verdict {
+            Verdict::LookAgainAt(at) => check.as_mut().reset(at),
+            Verdict::AskToClose { look_again_at } => {
                 conn.as_mut().graceful_shutdown();
-                closing = true;
-                check.as_mut().reset(Instant::now() + app.config().handshake_timeout);
+                check.as_mut().reset(look_again_at);
             }
-            _ = check.as_mut() => {
-                let now = Instant::now();
-                match (closing, activity.seen()) {
-                    (_, Seen::Busy) => {
-                        let bound = if closing { bounds.request_timeout } else { bounds.idle_timeout };
-                        check.as_mut().reset(now + bound);
-                    }
-                    (true, _) => {
-                        metrics::counter!("gateway_http_closed_total", "reason" => "close_overdue")
-                            .increment(1);
-                        tracing::debug!(%peer, "connection still open after being asked to close; dropped");
-                        break;
-                    }
-                    (false, Seen::Unused { since } | Seen::Idle { since })
-                        if now < since + bounds.idle_timeout =>
-                    {
-                        check.as_mut().reset(since + bounds.idle_timeout);
-                    }
-                    (false, Seen::Unused { .. }) => {
-                        metrics::counter!("gateway_http_closed_total", "reason" => "idle").increment(1);
-                        break;
-                    }
-                    (false, Seen::Idle { .. }) => {
-                        metrics::counter!("gateway_http_closed_total", "reason" => "idle").increment(1);
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                        check.as_mut().reset(now + app.config().handshake_timeout);
-                    }
-                }
+            Verdict::Drop => break,
+        }
+    }
+}
+
+/// Serves one request of the connection: marks it in flight, hands a `/ws` request the
+/// connection's upgrade and slot, refuses a `Transfer-Encoding` (411, then the connection
+/// closes), and answers 408 (then closes) when the routes take longer than `deadline`.
+fn answer<S>(
+    mut req: hyper::Request<hyper::Body>,
+    activity: &Arc<Activity>,
+    slot: &ConnectionSlot,
+    mut routes: S,
+    deadline: Duration,
+) -> impl std::future::Future<Output = Result<warp::reply::Response, Infallible>>
+where
+    S: hyper::service::Service<
+        hyper::Request<hyper::Body>,
+        Response = warp::reply::Response,
+        Error = Infallible,
+    >,
+{
+    let busy = activity.begin();
+    if req.uri().path() == "/ws" {
+        let upgrade = UpgradeSlot::take_from(&mut req);
+        req.extensions_mut().insert(upgrade);
+        req.extensions_mut().insert(slot.clone());
+    }
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    async move {
+        let _busy = busy;
+        if chunked {
+            metrics::counter!("gateway_http_closed_total", "reason" => "transfer_encoding")
+                .increment(1);
+            return Ok(closing(
+                ApiError::new(
+                    StatusCode::LENGTH_REQUIRED,
+                    "length_required",
+                    "send the body with a Content-Length (Transfer-Encoding is not accepted)",
+                )
+                .response(),
+            ));
+        }
+        match tokio::time::timeout(deadline, routes.call(req)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                metrics::counter!("gateway_http_closed_total", "reason" => "request_timeout")
+                    .increment(1);
+                Ok(closing(
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        "the request took too long",
+                    )
+                    .response(),
+                ))
             }
+        }
+    }
+}
+
+/// Closes a connection that holds the server's resources without progress. Idle past
+/// `idle_timeout`, or at shutdown, the connection is asked to close: hyper closes it at once
+/// between requests, or after the request it is reading (headers bounded by
+/// `handshake_timeout`) or serving (bounded by `request_timeout`). One that has carried no
+/// request has nothing to finish and is dropped (hyper would wait for one). One still open when
+/// those bounds have passed is dropped.
+struct Watchdog {
+    peer: SocketAddr,
+    bounds: HttpBounds,
+    handshake_timeout: Duration,
+    /// The connection was asked to close.
+    closing: bool,
+}
+
+/// What the watchdog does with its connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    LookAgainAt(Instant),
+    /// Ask it to close (after the request it carries), and look again then.
+    AskToClose {
+        look_again_at: Instant,
+    },
+    /// Drop it now.
+    Drop,
+}
+
+impl Watchdog {
+    /// At shutdown: drop a connection that never carried a request, ask the others to close.
+    fn on_shutdown(&mut self, seen: Seen) -> Verdict {
+        if let Seen::Unused { .. } = seen {
+            return Verdict::Drop;
+        }
+        self.ask_to_close(Instant::now())
+    }
+
+    /// When the timer fires.
+    fn on_check(&mut self, seen: Seen) -> Verdict {
+        let now = Instant::now();
+        let idle_timeout = self.bounds.idle_timeout;
+        match (self.closing, seen) {
+            (_, Seen::Busy) => {
+                let bound = if self.closing {
+                    self.bounds.request_timeout
+                } else {
+                    idle_timeout
+                };
+                Verdict::LookAgainAt(now + bound)
+            }
+            (true, _) => {
+                metrics::counter!("gateway_http_closed_total", "reason" => "close_overdue")
+                    .increment(1);
+                tracing::debug!(peer = %self.peer, "connection still open after being asked to close; dropped");
+                Verdict::Drop
+            }
+            (false, Seen::Unused { since } | Seen::Idle { since })
+                if now < since + idle_timeout =>
+            {
+                Verdict::LookAgainAt(since + idle_timeout)
+            }
+            (false, Seen::Unused { .. }) => {
+                metrics::counter!("gateway_http_closed_total", "reason" => "idle").increment(1);
+                Verdict::Drop
+            }
+            (false, Seen::Idle { .. }) => {
+                metrics::counter!("gateway_http_closed_total", "reason" => "idle").increment(1);
+                self.ask_to_close(now)
+            }
+        }
+    }
+
+    fn ask_to_close(&mut self, now: Instant) -> Verdict {
+        self.closing = true;
+        Verdict::AskToClose {
+            look_again_at: now + self.handshake_timeout,
         }
     }
 }
@@ -370,5 +445,36 @@ mod tests {
         assert!(matches!(activity.seen(), Seen::Busy));
         drop(second);
         assert!(matches!(activity.seen(), Seen::Idle { .. }));
+    }
+
+    #[test]
+    fn the_watchdog_asks_an_idle_connection_to_close_then_drops_it_when_overdue() {
+        let bounds = HttpBounds {
+            idle_timeout: Duration::from_millis(1),
+            ..HttpBounds::default()
+        };
+        let mut watchdog = Watchdog {
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            bounds,
+            handshake_timeout: Duration::from_secs(10),
+            closing: false,
+        };
+        let activity = Activity::new();
+        drop(activity.begin());
+        assert!(matches!(
+            watchdog.on_check(Seen::Busy),
+            Verdict::LookAgainAt(_)
+        ));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(
+            watchdog.on_check(activity.seen()),
+            Verdict::AskToClose { .. }
+        ));
+        assert_eq!(watchdog.on_check(activity.seen()), Verdict::Drop);
+        assert_eq!(
+            watchdog.on_shutdown(Activity::new().seen()),
+            Verdict::Drop,
+            "a connection that carried no request has nothing to finish"
+        );
     }
 }
