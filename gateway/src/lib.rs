@@ -11,11 +11,17 @@
 //! - `sessions`: the sockets held, one bounded queue each.
 //! - `ws`: one websocket connection (sync, then live, with no gap or duplicate at the seam).
 //! - `outbound`: the outbound topic consumer.
-//! - `http`: routes, authentication before upgrade, error mapping.
+//! - `http`: the routes table and one handler per route; authentication before upgrade;
+//!   rejections rendered as JSON errors.
 //! - `error`: the errors of each boundary, and the status, frame code or close code of each.
 //! - `server`: connections: counted per address from accept, bounded in time, drained on
 //!   shutdown.
 //! - `upgrade`: the websocket handshake and the socket's buffers.
+//!
+//! Imports run one way: `error` and `config` at the bottom, then `sessions`, then `app`, then the
+//! transports (`upgrade`, `ws`, `server`, `outbound`), and `http`, which makes routes of them.
+//! The transports parse what comes in, call `app`, and render its answers; only `app` reads the
+//! store.
 
 mod app;
 mod config;
