@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chat_common::ids::UserId;
+use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::{Ack, Receipt};
 use futures_util::future::try_join_all;
 
@@ -182,48 +182,51 @@ impl Shards {
     }
 }
 
-/// The watermarks of a sender's directions that moved after a time, newest first.
-const RECEIPTS_SINCE: &str = "SELECT conversation, up_to_seq, acked_at_ms, recipient
+/// The watermarks of a sender's directions that moved after a time, newest first (columns as
+/// [`ReceiptRow`] reads them).
+const RECEIPTS_SINCE: &str = "SELECT conversation, recipient, up_to_seq, acked_at_ms
      FROM acks
      WHERE sender = $1 AND acked_at_ms > $2
      ORDER BY acked_at_ms DESC
      LIMIT $3";
 
-/// The latest ack a sender has not necessarily seen: per conversation, the highest acked seq of
-/// the sender's messages and when it was acked.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AckedUpTo {
-    pub conversation: String,
-    pub peer: String,
-    pub up_to_seq: u64,
-    pub acked_at_ms: i64,
-}
-
 impl Shards {
     /// Receipts for `sender`: per conversation, the highest seq of the sender's messages acked
-    /// after `after_ms`. Reads every shard; at most `limit` conversations per shard.
+    /// after `after_ms` (the receipts a sender may have missed). Reads every shard; at most
+    /// `limit` conversations per shard.
     pub async fn receipts_since(
         &self,
         sender: &UserId,
         after_ms: i64,
         limit: u32,
-    ) -> Result<Vec<AckedUpTo>, DbError> {
+    ) -> Result<Vec<Receipt>, DbError> {
         let limit = i64::from(limit);
         self.on_every_shard(|shard, client| async move {
             let rows = client
                 .query(RECEIPTS_SINCE, &[&sender.as_str(), &after_ms, &limit])
                 .await
                 .map_err(DbError::pg(shard))?;
-            Ok(rows
-                .iter()
-                .map(|r| AckedUpTo {
-                    conversation: r.get(0),
-                    up_to_seq: r.get::<_, i64>(1) as u64,
-                    acked_at_ms: r.get(2),
-                    peer: r.get(3),
-                })
-                .collect())
+            rows.iter()
+                .map(|row| ReceiptRow::decode(row, shard))
+                .collect()
         })
         .await
+    }
+}
+
+/// A row of [`RECEIPTS_SINCE`]: a direction's watermark, as the receipt its sender gets.
+struct ReceiptRow;
+
+impl ReceiptRow {
+    fn decode(row: &tokio_postgres::Row, shard: usize) -> Result<Receipt, DbError> {
+        let bad = |reason: String| DbError::BadRow { shard, reason };
+        Ok(Receipt {
+            conversation: ConversationKey::parse(row.get(0))
+                .map_err(|e| bad(format!("conversation: {e}")))?,
+            peer: UserId::parse(row.get(1)).map_err(|e| bad(format!("recipient: {e}")))?,
+            up_to_seq: u64::try_from(row.get::<_, i64>(2))
+                .map_err(|e| bad(format!("up_to_seq: {e}")))?,
+            acked_at_ms: row.get(3),
+        })
     }
 }

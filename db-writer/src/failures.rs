@@ -41,6 +41,26 @@ impl FailedMessage {
         }
     }
 
+    /// A row of `failed_messages` (columns as `FAILURES_SINCE` selects them).
+    fn decode(row: &tokio_postgres::Row, shard: usize) -> Result<Self, DbError> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| DbError::BadRow {
+            shard,
+            reason: format!("failed message {what}: {e}"),
+        };
+        Ok(Self {
+            conversation: ConversationKey::parse(row.get(0))
+                .map_err(|e| bad("conversation", &e))?,
+            sender: UserId::parse(row.get(1)).map_err(|e| bad("sender", &e))?,
+            recipient: UserId::parse(row.get(2)).map_err(|e| bad("recipient", &e))?,
+            client_message_id: ClientMessageId::parse(row.get(3))
+                .map_err(|e| bad("client message id", &e))?,
+            message_id: uuid::Uuid::parse_str(row.get(4)).map_err(|e| bad("message id", &e))?,
+            code: row.get(5),
+            reason: row.get(6),
+            failed_at_ms: row.get(7),
+        })
+    }
+
     /// What the sender is told.
     pub fn to_proto(&self) -> Failed {
         Failed {
@@ -61,8 +81,8 @@ fn storable(s: &str) -> String {
 }
 
 /// A sender's failures after a time, newest first.
-const FAILURES_SINCE: &str =
-    "SELECT client_message_id, message_id, recipient, code, reason, failed_at_ms
+const FAILURES_SINCE: &str = "SELECT conversation, sender, recipient, client_message_id,
+            message_id, code, reason, failed_at_ms
      FROM failed_messages
      WHERE sender = $1 AND failed_at_ms > $2
      ORDER BY failed_at_ms DESC
@@ -119,7 +139,7 @@ impl Shards {
         sender: &UserId,
         after_ms: i64,
         limit: u32,
-    ) -> Result<Vec<Failed>, DbError> {
+    ) -> Result<Vec<FailedMessage>, DbError> {
         let limit = i64::from(limit);
         let mut all = self
             .on_every_shard(|shard, client| async move {
@@ -127,17 +147,9 @@ impl Shards {
                     .query(FAILURES_SINCE, &[&sender.as_str(), &after_ms, &limit])
                     .await
                     .map_err(DbError::pg(shard))?;
-                Ok(rows
-                    .iter()
-                    .map(|r| Failed {
-                        client_message_id: r.get(0),
-                        message_id: r.get(1),
-                        peer: r.get(2),
-                        code: r.get(3),
-                        reason: r.get(4),
-                        failed_at_ms: r.get(5),
-                    })
-                    .collect())
+                rows.iter()
+                    .map(|row| FailedMessage::decode(row, shard))
+                    .collect()
             })
             .await?;
         all.sort_by_key(|f| std::cmp::Reverse(f.failed_at_ms));

@@ -34,7 +34,7 @@ mod rows;
 pub mod schema;
 pub mod shards;
 
-pub use acks::{AckedUpTo, ReceiptFor};
+pub use acks::ReceiptFor;
 pub use error::DbError;
 pub use export::ExportError;
 pub use failures::FailedMessage;

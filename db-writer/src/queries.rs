@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use chat_common::ids::{ConversationKey, UserId};
-use chat_proto::v1::ChatMessage;
+use chat_common::message::Message;
 
 use crate::error::DbError;
 use crate::rows::{bigint, message_columns, MessageRow};
@@ -48,7 +48,7 @@ impl Shards {
         conversation: &ConversationKey,
         before: Option<u64>,
         limit: u32,
-    ) -> Result<Vec<ChatMessage>, DbError> {
+    ) -> Result<Vec<Message>, DbError> {
         let shard = self.locator().shard_of(conversation);
         let client = self.client(shard).await?;
         let before = before.map(bigint).unwrap_or(i64::MAX);
@@ -61,7 +61,7 @@ impl Shards {
             .map_err(DbError::pg(shard))?;
         let mut page = rows
             .iter()
-            .map(|row| MessageRow::decode(row, shard).map(|m| ChatMessage::from(&m)))
+            .map(|row| MessageRow::decode(row, shard))
             .collect::<Result<Vec<_>, _>>()?;
         page.reverse();
         Ok(page)
@@ -73,9 +73,9 @@ impl Shards {
     pub async fn pending(
         &self,
         user: &UserId,
-        after: &HashMap<String, u64>,
+        after: &HashMap<ConversationKey, u64>,
         limit: u32,
-    ) -> Result<Vec<ChatMessage>, DbError> {
+    ) -> Result<Vec<Message>, DbError> {
         let (conversations, seqs): (Vec<&str>, Vec<i64>) =
             after.iter().map(|(c, s)| (c.as_str(), bigint(*s))).unzip();
         let (conversations, seqs, limit) = (&conversations, &seqs, i64::from(limit));
@@ -91,6 +91,6 @@ impl Shards {
             })
             .await?;
         all.sort_by(|a, b| (&a.conversation, a.seq).cmp(&(&b.conversation, b.seq)));
-        Ok(all.iter().map(ChatMessage::from).collect())
+        Ok(all)
     }
 }

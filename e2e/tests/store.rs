@@ -55,7 +55,14 @@ async fn receipts(
         .receipts_since(&UserId::parse(user)?, after_ms, 10)
         .await?
         .into_iter()
-        .map(|r| (r.conversation, r.peer, r.up_to_seq, r.acked_at_ms))
+        .map(|r| {
+            (
+                r.conversation.to_string(),
+                r.peer.to_string(),
+                r.up_to_seq,
+                r.acked_at_ms,
+            )
+        })
         .collect())
 }
 
@@ -151,7 +158,7 @@ async fn acks_move_a_watermark_per_direction() -> anyhow::Result<()> {
     assert!(receipts(&shards, "bo", 0).await?.is_empty());
 
     // Sync skips what the client says it holds.
-    let held = HashMap::from([(conv.clone(), 4)]);
+    let held = HashMap::from([(ConversationKey::parse(&conv)?, 4)]);
     assert!(shards
         .pending(&UserId::parse("bo")?, &held, 100)
         .await?

@@ -50,15 +50,7 @@ impl App {
             .receipts_since(user, since, SYNC_NOTICES_LIMIT)
             .await
         {
-            Ok(r) => r
-                .into_iter()
-                .map(|a| Receipt {
-                    peer: a.peer,
-                    conversation: a.conversation,
-                    up_to_seq: a.up_to_seq,
-                    acked_at_ms: a.acked_at_ms,
-                })
-                .collect(),
+            Ok(r) => r.iter().map(Receipt::from).collect(),
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "receipt query failed");
                 Vec::new()
@@ -71,19 +63,15 @@ impl App {
             .failures_since(user, since, SYNC_NOTICES_LIMIT)
             .await
         {
-            Ok(f) => f,
+            Ok(f) => f.iter().map(db_writer::FailedMessage::to_proto).collect(),
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "failure query failed");
                 Vec::new()
             }
         };
-        let after: HashMap<String, u64> = cursor
-            .after
-            .iter()
-            .map(|(conversation, seq)| (conversation.to_string(), *seq))
-            .collect();
-        let (messages, incomplete) = match self.shards.pending(user, &after, SYNC_LIMIT).await {
-            Ok(m) => (m, None),
+        let pending = self.shards.pending(user, &cursor.after, SYNC_LIMIT).await;
+        let (messages, incomplete) = match pending {
+            Ok(m) => (m.iter().map(ChatMessage::from).collect::<Vec<_>>(), None),
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "sync query failed");
                 metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
@@ -118,6 +106,7 @@ impl App {
                 tracing::warn!(error = %e, "history query failed");
                 HistoryError::Unavailable
             })?;
+        let messages: Vec<ChatMessage> = messages.iter().map(ChatMessage::from).collect();
         let next_before = messages
             .first()
             .filter(|m| m.seq > 1 && messages.len() as u32 == limit)
