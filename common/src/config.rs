@@ -13,6 +13,17 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl ConfigError {
+    /// Variable `name`, set to `value`, is refused for `reason`.
+    pub fn new(name: &str, value: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self {
+            name: name.to_owned(),
+            value: value.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// The variable's value, or `default` when it is unset or empty.
 pub fn env_or(name: &str, default: &str) -> String {
     match std::env::var(name) {

@@ -9,6 +9,8 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use thiserror::Error;
 
+use crate::config::ConfigError;
+
 /// Errors at the Kafka boundary.
 #[derive(Debug, Error)]
 pub enum KafkaError {
@@ -89,20 +91,20 @@ impl KafkaConfig {
     /// Adds the librdkafka properties of `KAFKA_PRODUCER_OPTS` and `KAFKA_CONSUMER_OPTS`
     /// (`key=value,...`, applied over the defaults: batching and fetch tuning without a rebuild)
     /// and the linger of `KAFKA_LINGER_MS`.
-    pub fn with_env_opts(mut self) -> Result<Self, String> {
+    pub fn with_env_opts(mut self) -> Result<Self, ConfigError> {
         for (name, target) in [
             ("KAFKA_PRODUCER_OPTS", &mut self.producer_opts),
             ("KAFKA_CONSUMER_OPTS", &mut self.consumer_opts),
         ] {
             if let Ok(text) = std::env::var(name) {
-                *target = parse_opts(&text).map_err(|e| format!("{name}: {e}"))?;
+                *target = parse_opts(&text).map_err(|e| ConfigError::new(name, &text, e))?;
             }
         }
         if let Ok(text) = std::env::var("KAFKA_LINGER_MS") {
             let ms: u64 = text
                 .trim()
                 .parse()
-                .map_err(|e| format!("KAFKA_LINGER_MS: {text:?}: {e}"))?;
+                .map_err(|e| ConfigError::new("KAFKA_LINGER_MS", &text, e))?;
             self.linger = Duration::from_millis(ms);
         }
         Ok(self)
@@ -273,7 +275,10 @@ mod tests {
             ])
         );
         assert_eq!(parse_opts(""), Ok(vec![]));
-        assert!(parse_opts("linger.ms").is_err_and(|e| e.contains("linger.ms")));
+        assert_eq!(
+            parse_opts("linger.ms"),
+            Err(NotKeyValue("linger.ms".into()))
+        );
         assert!(parse_opts("=5").is_err());
     }
 

@@ -72,35 +72,24 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
-    /// Reads `GATEWAY_ID`, `GATEWAY_ADDR`, `KAFKA_BROKERS`, `TOPIC_PREFIX`, `SHARD_DSNS`,
-    /// `SHARD_POOL_SIZE`, `JWT_SECRET`, `JWT_PUBLIC_KEY_FILE`, `JWT_ISSUER`, `JWT_AUDIENCE`,
-    /// `DEV_TOKENS`, `MAX_BODY_BYTES`, `SOCKET_QUEUE`, `WS_READ_BUFFER_BYTES`, `MAX_IN_FLIGHT`, `WEB_DIR`,
-    /// `ALLOWED_ORIGINS`, `CONN_RATE_PER_SEC`, `CONN_RATE_BURST`, `USER_RATE_PER_SEC`,
-    /// `USER_RATE_BURST`, `PING_INTERVAL_SECS`, `MAX_CONNS_PER_ADDR`, `HANDSHAKE_TIMEOUT_SECS`,
-    /// `KAFKA_PRODUCER_OPTS`, `KAFKA_CONSUMER_OPTS`, and the HTTP time bounds
-    /// (`HTTP_IDLE_TIMEOUT_SECS`, `HTTP_BODY_TIMEOUT_SECS`, `HTTP_REQUEST_TIMEOUT_SECS`, see
-    /// [`HttpBounds::from_env`]).
+    /// Reads the environment; every variable, with its default, is listed in
+    /// `docs/configuration.md` (a test keeps the list and the code in step).
     pub fn from_env() -> Result<Self, ConfigError> {
-        let invalid = |name: &str, value: String, reason: String| ConfigError {
-            name: name.to_owned(),
-            value,
-            reason,
-        };
         let id = env_or("GATEWAY_ID", "gw1");
         let gateway_id =
-            GatewayId::parse(&id).map_err(|e| invalid("GATEWAY_ID", id.clone(), e.to_string()))?;
+            GatewayId::parse(&id).map_err(|e| ConfigError::new("GATEWAY_ID", id.clone(), e))?;
         let dsns = env_or("SHARD_DSNS", DEFAULT_SHARD_DSNS);
         let shards = ShardConfig::from_list(&dsns, env_parse("SHARD_POOL_SIZE", 8)?)
-            .map_err(|e| invalid("SHARD_DSNS", dsns.clone(), e.to_string()))?;
+            .map_err(|e| ConfigError::new("SHARD_DSNS", dsns.clone(), e))?;
         let issuer = env_or("JWT_ISSUER", DEFAULT_ISSUER);
         let audience = env_or("JWT_AUDIENCE", DEFAULT_AUDIENCE);
         let secret = env_or("JWT_SECRET", DEV_JWT_SECRET);
         let verifier = match std::env::var("JWT_PUBLIC_KEY_FILE") {
             Ok(path) if !path.is_empty() => {
                 let pem = std::fs::read(&path)
-                    .map_err(|e| invalid("JWT_PUBLIC_KEY_FILE", path.clone(), e.to_string()))?;
+                    .map_err(|e| ConfigError::new("JWT_PUBLIC_KEY_FILE", path.clone(), e))?;
                 TokenVerifier::rs256(&pem, &issuer, &audience)
-                    .map_err(|e| invalid("JWT_PUBLIC_KEY_FILE", path.clone(), e.to_string()))?
+                    .map_err(|e| ConfigError::new("JWT_PUBLIC_KEY_FILE", path.clone(), e))?
             }
             _ => TokenVerifier::hs256(secret.as_bytes(), &issuer, &audience),
         };
@@ -109,9 +98,7 @@ impl Config {
         Ok(Self {
             gateway_id,
             addr: env_parse("GATEWAY_ADDR", "127.0.0.1:8080".parse().expect("valid"))?,
-            kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS))
-                .with_env_opts()
-                .map_err(|e| invalid("KAFKA_*", String::new(), e))?,
+            kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS)).with_env_opts()?,
             topics: TopicNames::new(env_or("TOPIC_PREFIX", "")),
             shards,
             verifier,

@@ -161,9 +161,7 @@ pub struct KafkaReport {
 
 pub async fn raw_kafka(a: KafkaArgs) -> anyhow::Result<KafkaReport> {
     // The pipeline's settings, including any KAFKA_*_OPTS tuning it runs with.
-    let cfg = KafkaConfig::new(&a.brokers)
-        .with_env_opts()
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let cfg = KafkaConfig::new(&a.brokers).with_env_opts()?;
     let producer = cfg.producer()?;
     let consumer = Arc::new(cfg.consumer(&a.group)?);
     consumer.subscribe(&[&a.topic])?;

@@ -37,22 +37,16 @@ impl Config {
     /// Reads the environment; every variable, with its default, is listed in
     /// `docs/configuration.md` (a test keeps the list and the code in step).
     pub fn from_env() -> Result<Self, ConfigError> {
-        let invalid = |name: &str, value: String, reason: String| ConfigError {
-            name: name.to_owned(),
-            value,
-            reason,
-        };
         let dsns = env_or("SHARD_DSNS", DEFAULT_SHARD_DSNS);
         let shards = ShardConfig::from_list(&dsns, env_parse("SHARD_POOL_SIZE", 8)?)
-            .map_err(|e| invalid("SHARD_DSNS", dsns.clone(), e.to_string()))?;
+            .map_err(|e| ConfigError::new("SHARD_DSNS", dsns.clone(), e))?;
         let mut kafka = KafkaConfig {
             // A batch's pushes to one gateway are one record, sent when the batch is done:
             // there is nothing to wait for.
             linger: Duration::ZERO,
             ..KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS))
         }
-        .with_env_opts()
-        .map_err(|e| invalid("KAFKA_*", String::new(), e))?;
+        .with_env_opts()?;
         kafka.max_poll_interval =
             Duration::from_millis(env_parse("MULTIPLEXER_MAX_POLL_INTERVAL_MS", 60_000)?);
         Ok(Self {
