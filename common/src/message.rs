@@ -200,7 +200,10 @@ mod tests {
         ));
         assert!(matches!(
             refused(|w| w.sender = "b ob".into()),
-            InvalidData::Id { field: "sender", .. }
+            InvalidData::Id {
+                field: "sender",
+                ..
+            }
         ));
     }
 
