@@ -76,18 +76,25 @@ impl TryFrom<ChatMessage> for Message {
     }
 }
 
-impl From<&Message> for ChatMessage {
-    fn from(m: &Message) -> Self {
+impl From<Message> for ChatMessage {
+    /// Moves the message's text and ids into the wire value (no copy of the body).
+    fn from(m: Message) -> Self {
         ChatMessage {
             message_id: m.id.to_string(),
             client_message_id: m.client_id.as_str().to_owned(),
             sender: m.sender.as_str().to_owned(),
             recipient: m.recipient.as_str().to_owned(),
-            body: m.body.clone(),
+            body: m.body,
             sent_at_ms: m.sent_at_ms,
             seq: m.seq,
             conversation: m.conversation.as_str().to_owned(),
         }
+    }
+}
+
+impl From<&Message> for ChatMessage {
+    fn from(m: &Message) -> Self {
+        m.clone().into()
     }
 }
 

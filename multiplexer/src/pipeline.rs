@@ -302,7 +302,7 @@ impl Pipeline {
             out.push((
                 s.message.recipient.clone(),
                 OutboundRecord {
-                    kind: Some(outbound_record::Kind::Deliver((&s.message).into())),
+                    kind: Some(outbound_record::Kind::Deliver(s.message.into())),
                 },
             ));
         }

@@ -71,7 +71,10 @@ impl App {
         };
         let pending = self.shards.pending(user, &cursor.after, SYNC_LIMIT).await;
         let (messages, incomplete) = match pending {
-            Ok(m) => (m.iter().map(ChatMessage::from).collect::<Vec<_>>(), None),
+            Ok(m) => (
+                m.into_iter().map(ChatMessage::from).collect::<Vec<_>>(),
+                None,
+            ),
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "sync query failed");
                 metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
@@ -106,7 +109,7 @@ impl App {
                 tracing::warn!(error = %e, "history query failed");
                 HistoryError::Unavailable
             })?;
-        let messages: Vec<ChatMessage> = messages.iter().map(ChatMessage::from).collect();
+        let messages: Vec<ChatMessage> = messages.into_iter().map(ChatMessage::from).collect();
         let next_before = messages
             .first()
             .filter(|m| m.seq > 1 && messages.len() as u32 == limit)
