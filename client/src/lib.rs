@@ -18,10 +18,22 @@
 //! it when it was refused (which is why the in-flight bound stays below the gateway's
 //! `MAX_IN_FLIGHT`, so `too_many_in_flight` does not happen).
 //!
+//! Reconnection waits follow a [`Backoff`]: each delay is drawn at random between a floor and a
+//! ceiling that doubles per failed attempt, so clients a gateway dropped together do not all come
+//! back together (a reconnect storm); the schedule starts over once a connection has held for
+//! [`STABLE_CONNECTION`].
+//!
 //! [`Rest`] wraps the REST API (`PUT`/`GET /messages/{user_id}`, dev tokens).
+//!
+//! Modules: `backoff` (the reconnection schedule); the connection, its outbox and the REST
+//! wrapper are here.
+
+mod backoff;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
+
+pub use backoff::Backoff;
 
 use chat_proto::v1::{
     client_frame, server_frame, Accepted, Ack, ChatMessage, ClientFrame, Failed, Receipt, Send,
@@ -105,6 +117,21 @@ pub const RETRYABLE_CODES: [&str; 3] = ["produce_failed", "too_many_in_flight", 
 const MAX_RETRIES: u32 = 5;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// The library's reconnection schedule (with [`Options::reconnect`]): the first attempt after a
+/// drop waits 50 to 200 ms, each later one up to twice as long, never more than 2 s.
+pub fn reconnect_backoff() -> Backoff {
+    Backoff::new(
+        Duration::from_millis(50),
+        Duration::from_millis(200),
+        Duration::from_secs(2),
+    )
+}
+
+/// A connection that stayed up this long was a success: the reconnection schedule starts over
+/// after it drops. One dropped sooner (a gateway that accepts and then closes at once) keeps
+/// the schedule's place, so the waits keep growing.
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 impl Options {
     pub fn new(url: &str, token: &str) -> Self {
@@ -503,7 +530,9 @@ pub const CLOSE_REPLACED: u16 = 4001;
 impl Driver {
     async fn run(mut self, mut socket: Socket, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut url_index = 0;
+        let mut backoff = reconnect_backoff();
         loop {
+            let opened_at = tokio::time::Instant::now();
             if self.resume(&mut socket).await.is_ok() {
                 if let Ended::Closed = self.serve(&mut socket, &mut commands).await {
                     let _ = socket.close(None).await;
@@ -514,25 +543,15 @@ impl Driver {
             if !self.options.reconnect {
                 break;
             }
-            // Reconnect with backoff, moving through the URLs.
-            let mut backoff = Duration::from_millis(50);
+            // Reconnect with backoff, moving through the URLs. Every attempt waits first, the
+            // first one too: a gateway dropping all its sockets at once must not see them all
+            // come back (to it or the next one) at once.
+            if opened_at.elapsed() >= STABLE_CONNECTION {
+                backoff.reset();
+            }
             socket = loop {
-                url_index = (url_index + 1) % self.options.urls.len();
-                let url = self.options.urls[url_index].clone();
-                match open(&url, &self.options.token, self.options.json).await {
-                    Ok((s, _, gateway_id)) => {
-                        lock(&self.state).gateway_id = gateway_id.clone();
-                        let _ = self.events.send(Event::Connected { gateway_id });
-                        break s;
-                    }
-                    Err(ClientError::Unauthorized) => {
-                        self.fail_all(|| ClientError::Unauthorized);
-                        return;
-                    }
-                    Err(_) => {}
-                }
                 // Commands keep arriving while we are away: sends queue up, close ends it.
-                let sleep = tokio::time::sleep(backoff);
+                let sleep = tokio::time::sleep(backoff.next_delay());
                 tokio::pin!(sleep);
                 loop {
                     tokio::select! {
@@ -547,7 +566,20 @@ impl Driver {
                         }
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                url_index = (url_index + 1) % self.options.urls.len();
+                let url = self.options.urls[url_index].clone();
+                match open(&url, &self.options.token, self.options.json).await {
+                    Ok((s, _, gateway_id)) => {
+                        lock(&self.state).gateway_id = gateway_id.clone();
+                        let _ = self.events.send(Event::Connected { gateway_id });
+                        break s;
+                    }
+                    Err(ClientError::Unauthorized) => {
+                        self.fail_all(|| ClientError::Unauthorized);
+                        return;
+                    }
+                    Err(_) => {}
+                }
             };
         }
         self.fail_all(|| ClientError::Closed);
