@@ -23,17 +23,20 @@
 //! back together (a reconnect storm); the schedule starts over once a connection has held for
 //! [`STABLE_CONNECTION`].
 //!
-//! [`Rest`] wraps the REST API (`PUT`/`GET /messages/{user_id}`, dev tokens).
+//! [`Rest`] wraps the REST API (`PUT`/`GET /messages/{user_id}`, dev tokens, and
+//! [`Rest::conversations`], the user's conversation list with unread counts and previews).
 //!
-//! Modules: `backoff` (the reconnection schedule); the connection, its outbox and the REST
-//! wrapper are here.
+//! Modules: `backoff` (the reconnection schedule), `conversations` (the conversation list's
+//! types and call); the connection, its outbox and the rest of the REST wrapper are here.
 
 mod backoff;
+mod conversations;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 pub use backoff::Backoff;
+pub use conversations::{ConversationSummary, ConversationsPage, Preview, MAX_CONVERSATIONS_PAGE};
 
 use chat_proto::v1::{
     client_frame, server_frame, Accepted, Ack, ChatMessage, ClientFrame, Failed, Receipt, Send,
