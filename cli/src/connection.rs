@@ -4,7 +4,7 @@
 //! close, including 4001 "replaced by a newer connection of the same user": two sessions of one
 //! user (say `chat listen` and the web client) would then replace each other, the web client
 //! (which does not retry after 4001) losing. So the library runs without reconnection and this
-//! wrapper reconnects instead: with backoff, resuming from the last sequence held per
+//! wrapper reconnects instead: with jittered backoff (see [`reconnect_backoff`]), resuming from the last sequence held per
 //! conversation, settling a send the drop left unanswered over REST with the same client message
 //! id (the server turns a repeat into the original message), stopping on 4001 and on a refused
 //! token.
@@ -12,21 +12,39 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use chat_client::{Client, ClientError, Event, Options};
+use chat_client::{Backoff, Client, ClientError, Event, Options, STABLE_CONNECTION};
 use chat_proto::v1::Accepted;
+use tokio::time::Instant;
 
 use crate::failure::Failure;
 use crate::session::Session;
 
 /// Longest wait for a websocket connection to open (the library bounds only the welcome).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The shortest wait before a reconnection attempt.
+const BACKOFF_FLOOR: Duration = Duration::from_millis(100);
+/// The first attempt's window ends here; each later window is twice as long.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait before an attempt.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The reconnection schedule: a random wait in `[100 ms, 500 ms]` before the first attempt,
+/// the window's end doubling per failed attempt up to 5 s. Random, so that the users of a
+/// gateway that went away do not all come back to the next one at the same moments.
+pub fn reconnect_backoff() -> Backoff {
+    Backoff::new(BACKOFF_FLOOR, FIRST_BACKOFF, MAX_BACKOFF)
+}
 
 pub struct Connection {
     session: Session,
     auto_ack: bool,
     client: Client,
+    /// When the current connection opened: one that held for
+    /// [`STABLE_CONNECTION`] starts the schedule over when it drops.
+    opened_at: Instant,
+    /// Where the reconnection schedule is: kept across drops that come soon after a connect,
+    /// so a server that accepts and drops at once sees the waits grow.
+    backoff: Backoff,
     /// Events read from a connection that ended, not handed out yet.
     queue: VecDeque<Event>,
 }
@@ -40,6 +58,8 @@ impl Connection {
             session: session.clone(),
             auto_ack,
             client,
+            opened_at: Instant::now(),
+            backoff: reconnect_backoff(),
             queue: VecDeque::new(),
         })
     }
@@ -105,20 +125,24 @@ impl Connection {
         }
     }
 
-    /// Connects again with backoff, resuming after the last sequence held per conversation.
-    /// Gives up only when the token is refused (it expired, or the server's key changed).
+    /// Connects again with jittered backoff, resuming after the last sequence held per
+    /// conversation. Gives up only when the token is refused (it expired, or the server's key
+    /// changed).
     async fn reconnect(&mut self) -> Result<(), Failure> {
         let resume_from = self.client.last_seq();
-        let mut backoff = FIRST_BACKOFF;
+        if self.opened_at.elapsed() >= STABLE_CONNECTION {
+            self.backoff.reset();
+        }
         loop {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(self.backoff.next_delay()).await;
             match Self::open_client(&self.session, self.auto_ack, resume_from.clone()).await {
                 Ok(client) => {
                     self.client = client;
+                    self.opened_at = Instant::now();
                     return Ok(());
                 }
                 Err(f @ Failure::Unauthorized { .. }) => return Err(f),
-                Err(_) => backoff = (backoff * 2).min(MAX_BACKOFF),
+                Err(_) => {}
             }
         }
     }
@@ -130,5 +154,29 @@ impl Connection {
             while self.client.next_event().await.is_some() {}
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnection_waits_stay_between_the_floor_and_a_doubling_ceiling() {
+        let mut backoff = reconnect_backoff();
+        let mut ceilings = Vec::new();
+        for _ in 0..200 {
+            let ceiling = backoff.ceiling();
+            ceilings.push(ceiling.as_millis());
+            let wait = backoff.next_delay();
+            assert!(
+                (BACKOFF_FLOOR..=ceiling).contains(&wait),
+                "{wait:?} outside [{BACKOFF_FLOOR:?}, {ceiling:?}]"
+            );
+        }
+        assert_eq!(ceilings[..6], [500, 1000, 2000, 4000, 5000, 5000]);
+        assert!(ceilings.iter().all(|c| *c <= MAX_BACKOFF.as_millis()));
+        backoff.reset();
+        assert_eq!(backoff.ceiling(), FIRST_BACKOFF);
     }
 }
