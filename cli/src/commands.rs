@@ -1,6 +1,6 @@
-//! `login`, `send`, `listen`, `history`.
+//! `login`, `send`, `listen`, `history`, `conversations`.
 
-use chat_client::Event;
+use chat_client::{ConversationSummary, Event, MAX_CONVERSATIONS_PAGE};
 use chat_proto::v1::Accepted;
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
@@ -9,7 +9,9 @@ use crate::config::{self, Config};
 use crate::connection::Connection;
 use crate::events::{Shown, Tracker};
 use crate::failure::Failure;
-use crate::output::{accepted_event, history_text, message_event, Out};
+use crate::output::{
+    accepted_event, conversation_event, conversation_rows, history_text, message_event, Out,
+};
 use crate::session::{dev_token, Server, Session};
 
 /// The local stack's first gateway.
@@ -218,6 +220,61 @@ pub async fn history(
         "event": "history",
         "peer": peer,
         "count": messages.len(),
+        "nextBefore": next_before,
+    }));
+    Ok(())
+}
+
+/// `chat conversations [--limit N] [--before CURSOR | --all]`: the user's conversations, newest
+/// activity first; one page, or with `--all` every page (collected first, so the columns line
+/// up).
+pub async fn conversations(
+    out: Out,
+    server: Option<&str>,
+    limit: Option<u32>,
+    before: Option<String>,
+    all: bool,
+) -> Result<(), Failure> {
+    let session = Session::load(server)?;
+    let limit = if all {
+        Some(limit.unwrap_or(MAX_CONVERSATIONS_PAGE))
+    } else {
+        limit
+    };
+    let mut listed: Vec<ConversationSummary> = Vec::new();
+    let mut cursor = before;
+    let next_before = loop {
+        let page = session.conversations(limit, cursor.as_deref()).await?;
+        listed.extend(page.conversations);
+        match page.next_before {
+            // A cursor that does not move would loop for ever: the server is wrong.
+            Some(next) if all && cursor.as_deref() == Some(next.as_str()) => {
+                return Err(Failure::other(format!(
+                    "the server returned the same page cursor twice ({next})"
+                )))
+            }
+            Some(next) if all => cursor = Some(next),
+            next => break next,
+        }
+    };
+    if out.json {
+        for c in &listed {
+            out.event(conversation_event(c));
+        }
+    } else {
+        for row in conversation_rows(&listed) {
+            crate::output::stdout_line(&row);
+        }
+    }
+    if listed.is_empty() {
+        out.note("no conversations");
+    }
+    if let Some(n) = &next_before {
+        out.note(&format!("more: chat conversations --before {n} (or --all)"));
+    }
+    out.event(json!({
+        "event": "conversations",
+        "count": listed.len(),
         "nextBefore": next_before,
     }));
     Ok(())

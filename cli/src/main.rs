@@ -5,6 +5,7 @@
 //! chat send bob "hi" [--wait-delivered]
 //! chat listen
 //! chat history bob [--limit N] [--before SEQ]
+//! chat conversations [--limit N] [--before CURSOR | --all]
 //! chat [interactive [--to bob]]
 //! ```
 //!
@@ -46,7 +47,7 @@ Exit codes:
 #[command(
     name = "chat",
     version,
-    about = "Command-line chat client: log in, send, listen, read history, or chat interactively",
+    about = "Command-line chat client: log in, send, listen, list conversations, read history, or chat interactively",
     after_help = AFTER_HELP
 )]
 struct Cli {
@@ -101,6 +102,19 @@ enum Command {
         #[arg(long, value_name = "SEQ")]
         before: Option<u64>,
     },
+    /// List your conversations, newest activity first: peer, unread count, last activity (UTC)
+    /// and the last message (when the server keeps bodies).
+    Conversations {
+        /// Conversations per page (1 to 200; the server's default is 50, 200 with --all).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=200))]
+        limit: Option<u32>,
+        /// Start after this cursor (printed by the previous page) instead of at the newest.
+        #[arg(long, value_name = "CURSOR")]
+        before: Option<String>,
+        /// Follow the pages to the end instead of printing one.
+        #[arg(long)]
+        all: bool,
+    },
     /// Chat at a prompt: `/to bob`, then type lines; `/history`, `/quit` (the default command).
     Interactive {
         /// Start talking to this user.
@@ -134,6 +148,9 @@ async fn run(cli: Cli, out: Out) -> Result<(), Failure> {
             limit,
             before,
         } => commands::history(out, server, &peer, limit, before).await,
+        Command::Conversations { limit, before, all } => {
+            commands::conversations(out, server, limit, before, all).await
+        }
         Command::Interactive { to } => interactive::run(out, server, to).await,
     }
 }

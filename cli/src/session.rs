@@ -1,7 +1,7 @@
 //! The server address, the saved token, and the calls every command makes: REST requests and
 //! the websocket connection (both from the client library).
 
-use chat_client::{Client, Rest};
+use chat_client::{Client, ConversationsPage, Rest};
 use chat_proto::v1::{Accepted, ChatMessage};
 use serde_json::json;
 
@@ -141,6 +141,18 @@ impl Session {
         let messages = serde_json::from_value(answer["messages"].clone())
             .map_err(|e| Failure::other(format!("unexpected history answer ({e}): {answer}")))?;
         Ok((messages, answer["nextBefore"].as_u64()))
+    }
+
+    /// `GET /conversations`: a page of the user's conversations, newest activity first.
+    pub async fn conversations(
+        &self,
+        limit: Option<u32>,
+        before: Option<&str>,
+    ) -> Result<ConversationsPage, Failure> {
+        self.rest
+            .conversations(&self.token, limit, before)
+            .await
+            .map_err(|e| self.failure(e))
     }
 
     /// `GET /me`: the user the token names.
