@@ -17,47 +17,53 @@ use crate::rows::bigint;
 use crate::shards::Shards;
 
 /// The ack statement of both modes, up to `moved` (the watermarks moved, never past the
-/// conversation's last seq and never back); `$extra` adds columns to `a`. Each lookup is a
+/// conversation's last seq and never back). `a` holds each ack with its direction's row as it
+/// was before the statement (every part of a statement reads one snapshot): `before`,
+/// `before_at` and `sender`, NULL when no message was ever sent that way. Each lookup is a
 /// subquery, so that it stays an index probe per ack: joined, the planner hashes the whole
 /// conversations table instead.
 macro_rules! ack_moved {
-    ($extra:literal) => {
-        concat!(
-            "WITH a AS (
-                 SELECT u.conversation, u.recipient, u.acked_at,
-                        least(u.up_to, (SELECT c.last_seq FROM conversations c
-                                        WHERE c.conversation = u.conversation)) AS up_to",
-            $extra,
-            "
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                     AS u(conversation, recipient, up_to, acked_at)),
-             moved AS (
-                 UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
-                 FROM a
-                 WHERE k.conversation = a.conversation AND k.recipient = a.recipient
-                   AND k.up_to_seq < a.up_to
-                 RETURNING k.conversation, k.recipient, k.up_to_seq)"
-        )
+    () => {
+        "WITH a AS (
+             SELECT u.conversation, u.recipient, u.acked_at,
+                    least(u.up_to, (SELECT c.last_seq FROM conversations c
+                                    WHERE c.conversation = u.conversation)) AS up_to,
+                    k.up_to_seq AS before, k.acked_at_ms AS before_at, k.sender
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                 AS u(conversation, recipient, up_to, acked_at)
+             LEFT JOIN LATERAL (
+                 SELECT k.up_to_seq, k.acked_at_ms, k.sender FROM acks k
+                 WHERE k.conversation = u.conversation AND k.recipient = u.recipient) k ON true),
+         moved AS (
+             UPDATE acks k SET up_to_seq = a.up_to, acked_at_ms = a.acked_at
+             FROM a
+             WHERE k.conversation = a.conversation AND k.recipient = a.recipient
+               AND k.up_to_seq < a.up_to
+             RETURNING k.conversation, k.recipient, k.up_to_seq, k.acked_at_ms)"
+    };
+}
+
+/// What both statements return: every acked direction's watermark after the statement (columns
+/// as [`Watermark`] reads them), and whether this statement moved it.
+macro_rules! ack_result {
+    () => {
+        "
+         SELECT a.conversation, a.recipient, a.sender,
+                coalesce(moved.up_to_seq, a.before), coalesce(moved.acked_at_ms, a.before_at),
+                moved.conversation IS NOT NULL
+         FROM a LEFT JOIN moved
+           ON moved.conversation = a.conversation AND moved.recipient = a.recipient
+         WHERE a.sender IS NOT NULL"
     };
 }
 
 /// The ack statement of keep mode.
-const ACK_KEEP: &str = concat!(
-    ack_moved!(""),
-    "
-     SELECT conversation, recipient, up_to_seq FROM moved"
-);
+const ACK_KEEP: &str = concat!(ack_moved!(), ack_result!());
 
-/// The ack statement of delete-on-ack mode: the bodies the watermark passed are erased in the
-/// same statement.
+/// The ack statement of delete-on-ack mode: the bodies the watermark passed (above `before`)
+/// are erased in the same statement.
 const ACK_ERASE: &str = concat!(
-    ack_moved!(
-        ",
-                -- The watermark before this statement (every part of a statement reads one
-                -- snapshot): the bodies to erase are above it.
-                (SELECT k.up_to_seq FROM acks k
-                 WHERE k.conversation = u.conversation AND k.recipient = u.recipient) AS before"
-    ),
+    ack_moved!(),
     ",
      erased AS (
          UPDATE messages m SET body = NULL
@@ -66,9 +72,30 @@ const ACK_ERASE: &str = concat!(
          WHERE m.conversation = moved.conversation
            AND m.recipient = moved.recipient
            AND m.seq > a.before AND m.seq <= moved.up_to_seq
-           AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)
-     SELECT conversation, recipient, up_to_seq FROM moved"
+           AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)",
+    ack_result!()
 );
+
+/// A direction's ack watermark after a batch of acks: `reader` has acknowledged every message
+/// `writer` sent them in `conversation` up to `up_to_seq`. Returned for every ack whose
+/// direction exists, moved or not, so that a replayed ack still reaches the user index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watermark {
+    pub conversation: ConversationKey,
+    pub reader: UserId,
+    pub writer: UserId,
+    pub up_to_seq: u64,
+    /// When it last moved; `None` while nothing was acknowledged.
+    pub acked_at_ms: Option<i64>,
+}
+
+/// What a batch of acks did: the receipts to send (watermarks that moved), and every acked
+/// direction's watermark (for the user index).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acked {
+    pub receipts: Vec<ReceiptFor>,
+    pub watermarks: Vec<Watermark>,
+}
 
 /// A receipt, and the sender it is for (whose messages were acknowledged).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,22 +104,11 @@ pub struct ReceiptFor {
     pub receipt: Receipt,
 }
 
-/// A watermark the ack statement moved: its row's conversation and recipient, and where it is
-/// now.
-struct Moved<'r> {
-    conversation: &'r str,
-    recipient: &'r str,
-    up_to_seq: u64,
-}
-
 impl Shards {
     /// Applies a batch of acks: one statement per shard, after keeping only the highest seq per
-    /// conversation and user. Returns a receipt for each sender whose messages were newly acked.
-    pub async fn apply_acks(
-        &self,
-        acks: &[Ack],
-        retention: Retention,
-    ) -> Result<Vec<ReceiptFor>, DbError> {
+    /// conversation and user. Returns a receipt for each sender whose messages were newly acked,
+    /// and every acked direction's watermark.
+    pub async fn apply_acks(&self, acks: &[Ack], retention: Retention) -> Result<Acked, DbError> {
         // The highest ack per (conversation, user).
         let mut latest: BTreeMap<(&str, &str), &Ack> = BTreeMap::new();
         for a in acks {
@@ -104,13 +120,18 @@ impl Shards {
             }
         }
         let per_shard = self.group_by_shard(latest.into_values(), |a| &a.conversation);
-        let receipts = try_join_all(
+        let per_shard = try_join_all(
             per_shard
                 .into_iter()
                 .map(|(shard, acks)| self.ack_on_shard(shard, acks, retention)),
         )
         .await?;
-        Ok(receipts.into_iter().flatten().collect())
+        let mut all = Acked::default();
+        for acked in per_shard {
+            all.receipts.extend(acked.receipts);
+            all.watermarks.extend(acked.watermarks);
+        }
+        Ok(all)
     }
 
     /// Records acks on one shard in one statement: each acknowledges every message sent to its
@@ -123,7 +144,7 @@ impl Shards {
         shard: usize,
         acks: Vec<&Ack>,
         retention: Retention,
-    ) -> Result<Vec<ReceiptFor>, DbError> {
+    ) -> Result<Acked, DbError> {
         let pg = DbError::pg(shard);
         let client = self.client(shard).await?;
         let (mut conversations, mut users, mut seqs, mut ats) = (vec![], vec![], vec![], vec![]);
@@ -152,33 +173,53 @@ impl Shards {
             .iter()
             .map(|a| ((a.conversation.as_str(), a.user.as_str()), *a))
             .collect();
-        let mut receipts = Vec::with_capacity(rows.len());
+        let mut acked = Acked::default();
         for row in &rows {
-            let moved = Moved {
-                conversation: row.get(0),
-                recipient: row.get(1),
-                up_to_seq: row.get::<_, i64>(2) as u64,
-            };
-            let Some(ack) = by_direction.get(&(moved.conversation, moved.recipient)) else {
+            let watermark = Watermark::decode(row, shard)?;
+            let moved: bool = row.get(5);
+            if !moved {
+                acked.watermarks.push(watermark);
+                continue;
+            }
+            let Some(ack) =
+                by_direction.get(&(watermark.conversation.as_str(), watermark.reader.as_str()))
+            else {
                 return Err(DbError::Invariant {
                     shard,
                     reason: format!(
                         "a watermark moved that no ack asked for ({} {})",
-                        moved.conversation, moved.recipient
+                        watermark.conversation, watermark.reader
                     ),
                 });
             };
-            receipts.push(ReceiptFor {
+            acked.receipts.push(ReceiptFor {
                 sender: ack.peer.clone(),
                 receipt: Receipt {
                     conversation: ack.conversation.clone(),
                     peer: ack.user.clone(),
-                    up_to_seq: moved.up_to_seq,
+                    up_to_seq: watermark.up_to_seq,
                     acked_at_ms: ack.acked_at_ms,
                 },
             });
+            acked.watermarks.push(watermark);
         }
-        Ok(receipts)
+        Ok(acked)
+    }
+}
+
+impl Watermark {
+    /// A row of the ack statements' result (see `ack_result!`).
+    fn decode(row: &tokio_postgres::Row, shard: usize) -> Result<Self, DbError> {
+        let bad = |reason: String| DbError::BadRow { shard, reason };
+        Ok(Self {
+            conversation: ConversationKey::parse(row.get(0))
+                .map_err(|e| bad(format!("conversation: {e}")))?,
+            reader: UserId::parse(row.get(1)).map_err(|e| bad(format!("recipient: {e}")))?,
+            writer: UserId::parse(row.get(2)).map_err(|e| bad(format!("sender: {e}")))?,
+            up_to_seq: u64::try_from(row.get::<_, i64>(3))
+                .map_err(|e| bad(format!("up_to_seq: {e}")))?,
+            acked_at_ms: row.get(4),
+        })
     }
 }
 

@@ -157,6 +157,48 @@ impl Shards {
     }
 }
 
+/// A sender's failures after a time in the conversations given ($4), newest first.
+const FAILURES_IN: &str = "SELECT conversation, sender, recipient, client_message_id,
+            message_id, code, reason, failed_at_ms
+     FROM failed_messages
+     WHERE sender = $1 AND failed_at_ms > $2 AND conversation = ANY($4::text[])
+     ORDER BY failed_at_ms DESC
+     LIMIT $3";
+
+impl Shards {
+    /// The messages of `sender` set aside after `after_ms` in `conversations` (those the user's
+    /// index says hold a failure), newest first, at most `limit`: one query per shard among
+    /// them.
+    pub(crate) async fn failures_in(
+        &self,
+        sender: &UserId,
+        conversations: Vec<ConversationKey>,
+        after_ms: i64,
+        limit: u32,
+        queries: &crate::user_index::QueryCount,
+    ) -> Result<Vec<FailedMessage>, DbError> {
+        let per_shard = self.group_by_shard(conversations, |c| c);
+        let limit = i64::from(limit);
+        let per_shard = try_join_all(per_shard.into_iter().map(|(shard, convs)| async move {
+            let names: Vec<&str> = convs.iter().map(ConversationKey::as_str).collect();
+            let client = self.client(shard).await?;
+            queries.one();
+            let rows = client
+                .query(FAILURES_IN, &[&sender.as_str(), &after_ms, &limit, &names])
+                .await
+                .map_err(DbError::pg(shard))?;
+            rows.iter()
+                .map(|row| FailedMessage::decode(row, shard))
+                .collect::<Result<Vec<_>, _>>()
+        }))
+        .await?;
+        let mut all: Vec<FailedMessage> = per_shard.into_iter().flatten().collect();
+        all.sort_by_key(|f| std::cmp::Reverse(f.failed_at_ms));
+        all.truncate(limit as usize);
+        Ok(all)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

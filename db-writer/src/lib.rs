@@ -10,7 +10,9 @@
 //! - [`schema`]: the migrations.
 //! - [`messages`]: idempotent batched writes with gap-free per-conversation sequences.
 //! - [`acks`]: acks as watermarks (with erasure in delete-on-ack mode), and receipts.
-//! - [`queries`]: history pages and the sync query.
+//! - [`queries`]: history pages, and the sync query of the time before the user index.
+//! - [`user_index`]: each user's conversations in their home shard: what a connect reads first,
+//!   and the conversation list; [`index_build`]: building it from the shards, and checking it.
 //! - [`retention`]: the retention mode, and the expiry of unacknowledged messages.
 //! - [`failures`]: messages set aside for good, remembered for their sender's next sync.
 //! - [`inbound`]: the `inbound` log's edge: records decoded once into domain types.
@@ -25,6 +27,7 @@ pub mod error;
 pub mod export;
 pub mod failures;
 pub mod inbound;
+pub mod index_build;
 pub mod locator;
 pub mod messages;
 pub mod queries;
@@ -33,12 +36,15 @@ pub mod retention;
 mod rows;
 pub mod schema;
 pub mod shards;
+pub mod user_index;
 
-pub use acks::ReceiptFor;
+pub use acks::{Acked, ReceiptFor, Watermark};
 pub use error::DbError;
 pub use export::ExportError;
 pub use failures::FailedMessage;
+pub use index_build::{IndexViolation, Rebuilt};
 pub use locator::Locator;
 pub use messages::Stored;
 pub use retention::{Retention, UnknownRetention};
 pub use shards::{ShardConfig, Shards};
+pub use user_index::{ConversationSummary, IndexUpdates, ListCursor, Preview, SyncRead};

@@ -3,8 +3,11 @@
 //! Jump consistent hash of the conversation key over the number of shards: A->B and B->A share a
 //! key, so a conversation lives on one shard and one query answers it; growing from N to N+1
 //! shards moves only about 1/(N+1) of the conversations (resharding is a replay of `inbound`).
+//!
+//! The same hash over a user id gives the user's home shard, which holds their conversation
+//! index (`user_index`). A user id contains no ':', so it is never a conversation key.
 
-use chat_common::ids::ConversationKey;
+use chat_common::ids::{ConversationKey, UserId};
 use jumphash::JumpHasher;
 
 /// Fixed SipHash keys: placement must be the same in every process and every release. Changing
@@ -34,6 +37,11 @@ impl Locator {
     /// The shard of a conversation.
     pub fn shard_of(&self, key: &ConversationKey) -> usize {
         self.hasher.slot(&key.as_str(), self.shards) as usize
+    }
+
+    /// The home shard of a user: where their conversation index lives.
+    pub fn home_of(&self, user: &UserId) -> usize {
+        self.hasher.slot(&user.as_str(), self.shards) as usize
     }
 }
 
@@ -70,6 +78,23 @@ mod tests {
         assert_eq!(got, GOLDEN);
     }
     const GOLDEN: [usize; 4] = [0, 1, 3, 1];
+
+    #[test]
+    fn home_placement_is_stable_across_releases() {
+        // Golden values: if this fails, every user's index moved and needs a rebuild.
+        let l = Locator::new(4);
+        let got: Vec<usize> = ["alice", "bob", "carol", "u1"]
+            .iter()
+            .map(|u| l.home_of(&UserId::parse(u).expect("valid")))
+            .collect();
+        assert_eq!(got, HOME_GOLDEN);
+        // A user's home is computed like a conversation's: the hash of the id's text.
+        let spread: std::collections::HashSet<usize> = (0..100)
+            .map(|i| l.home_of(&UserId::parse(&format!("user{i}")).expect("valid")))
+            .collect();
+        assert_eq!(spread.len(), 4, "homes use every shard");
+    }
+    const HOME_GOLDEN: [usize; 4] = [2, 2, 1, 0];
 
     #[test]
     fn spreads_evenly_and_moves_little_when_growing() {

@@ -4,6 +4,8 @@
 //! - `db-writer locate alice bob` prints the shard of a conversation.
 //! - `db-writer replay --from beginning` rebuilds the shards in `SHARD_DSNS` (the same layout,
 //!   empty shards, or a new layout: resharding) from the `inbound` log, idempotently.
+//! - `db-writer rebuild-index` builds every user's conversation index from the shards (after
+//!   upgrading to a release with the index, or restoring shards); `check-index` checks it.
 //! - `db-writer export --since 2026-11-01T00:00:00Z --out messages.jsonl` writes a time range of
 //!   messages as JSON lines (keep mode only).
 
@@ -35,6 +37,15 @@ enum Command {
     Export(ExportArgs),
     /// Rebuild (or reshard into) the shards in --shards from the inbound log.
     Replay(ReplayArgs),
+    /// Build every user's conversation index from what the shards hold (safe while the
+    /// pipeline runs), then mark it built so that gateways read it.
+    RebuildIndex,
+    /// Check every user's conversation index against the shards; exits 1 on a violation.
+    CheckIndex {
+        /// Most violations to print.
+        #[arg(long, default_value_t = 20)]
+        max: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -94,6 +105,34 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Export(args) => export(&config, args).await?,
         Command::Replay(args) => replay(&config, args).await?,
+        Command::RebuildIndex => {
+            let shards = Shards::connect(&config)?;
+            shards.migrate().await.context("migrating shards")?;
+            let done = shards
+                .rebuild_index()
+                .await
+                .context("rebuilding the index")?;
+            println!(
+                "user index rebuilt on {} shards: {} conversation directions read, {} index rows written",
+                shards.len(),
+                done.directions,
+                done.rows
+            );
+        }
+        Command::CheckIndex { max } => {
+            let shards = Shards::connect(&config)?;
+            let found = shards
+                .check_index(max)
+                .await
+                .context("checking the index")?;
+            for v in &found {
+                println!("{v}");
+            }
+            if !found.is_empty() {
+                anyhow::bail!("{} index rows break the invariant", found.len());
+            }
+            println!("user index consistent with {} shards", shards.len());
+        }
     }
     Ok(())
 }
@@ -184,7 +223,7 @@ async fn replay(config: &ShardConfig, args: ReplayArgs) -> anyhow::Result<()> {
     .context("replay")?;
     bar.finish_and_clear();
     println!(
-        "replayed {} into {} shards (group {group}): {} records read, {} messages ({} rows written, {} already present), {} acks, {} invalid records skipped, {} refused by the store",
+        "replayed {} into {} shards (group {group}): {} records read, {} messages ({} rows written, {} already present), {} acks, {} invalid records skipped, {} refused by the store, {} user index rows written",
         options.topic,
         shards.len(),
         summary.records_read,
@@ -193,7 +232,8 @@ async fn replay(config: &ShardConfig, args: ReplayArgs) -> anyhow::Result<()> {
         summary.rows_present,
         summary.acks,
         summary.invalid,
-        summary.refused
+        summary.refused,
+        summary.index_rows
     );
     Ok(())
 }

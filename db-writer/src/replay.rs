@@ -5,8 +5,9 @@
 //! multiplexer uses: idempotent writes by (conversation, sender, client message id), sequences
 //! assigned in log order, acks (with erasure in delete-on-ack mode). What the multiplexer set
 //! aside (invalid records, messages and acks the store refuses for their data) is skipped and
-//! counted, so the replay stores exactly what the live pipeline stored. Into the same shards it changes nothing that is already there;
-//! into empty shards, or a new list of shards (resharding from N to M), it rebuilds what the log
+//! counted, so the replay stores exactly what the live pipeline stored, and writes the user index
+//! as the multiplexer does. Into the same shards it changes nothing that is already there; into
+//! empty shards, or a new list of shards (resharding from N to M), it rebuilds what the log
 //! holds, placing each conversation where the new locator says. It runs in its own consumer group
 //! and commits its progress there; pushing to gateways is not part of a replay.
 
@@ -24,6 +25,7 @@ use crate::error::DbError;
 use crate::inbound::{self, Inbound};
 use crate::retention::Retention;
 use crate::shards::Shards;
+use crate::user_index::IndexUpdates;
 
 pub use chat_common::kafka::{parse_start, Start};
 
@@ -53,6 +55,8 @@ pub struct Summary {
     pub invalid: u64,
     /// Messages and acks skipped because the store refuses their data (dead-lettered live).
     pub refused: u64,
+    /// User index rows written (each user of each conversation a batch touched, once per batch).
+    pub index_rows: u64,
 }
 
 /// Why a replay stopped early.
@@ -110,8 +114,11 @@ pub async fn replay(
                 Err(_) => summary.invalid += 1,
             }
         }
-        store(shards, &messages, &mut summary).await?;
-        ack(shards, &acks, options.retention, &mut summary).await?;
+        let mut index = IndexUpdates::new();
+        store(shards, &messages, &mut index, &mut summary).await?;
+        ack(shards, &acks, options.retention, &mut index, &mut summary).await?;
+        shards.update_index(&index).await?;
+        summary.index_rows += index.len() as u64;
         for (p, offset) in last {
             consumer.store_offset(topic, p, offset)?;
             if offset + 1 >= end[&p] {
@@ -187,6 +194,7 @@ async fn next_records(
 async fn store(
     shards: &Shards,
     messages: &[Message],
+    index: &mut IndexUpdates,
     summary: &mut Summary,
 ) -> Result<(), ReplayError> {
     if messages.is_empty() {
@@ -206,6 +214,7 @@ async fn store(
         }
         other => other?,
     };
+    index.stored(&stored);
     for s in stored {
         summary.messages += 1;
         if s.created {
@@ -222,6 +231,7 @@ async fn ack(
     shards: &Shards,
     acks: &[Ack],
     retention: Retention,
+    index: &mut IndexUpdates,
     summary: &mut Summary,
 ) -> Result<(), ReplayError> {
     if acks.is_empty() {
@@ -231,14 +241,17 @@ async fn ack(
         Err(e) if e.is_data_error() => {
             for a in acks {
                 match shards.apply_acks(std::slice::from_ref(a), retention).await {
-                    Ok(_) => summary.acks += 1,
+                    Ok(acked) => {
+                        summary.acks += 1;
+                        acked.watermarks.iter().for_each(|w| index.watermark(w));
+                    }
                     Err(e) if e.is_data_error() => summary.refused += 1,
                     Err(e) => return Err(e.into()),
                 }
             }
         }
         other => {
-            other?;
+            other?.watermarks.iter().for_each(|w| index.watermark(w));
             summary.acks += acks.len() as u64;
         }
     }

@@ -54,6 +54,8 @@ impl ShardConfig {
 pub struct Shards {
     pub(crate) pools: Vec<Pool>,
     locator: Locator,
+    /// Whether the user index can be read yet (see `user_index`).
+    pub(crate) index_state: std::sync::Arc<crate::user_index::IndexState>,
 }
 
 impl Shards {
@@ -92,6 +94,7 @@ impl Shards {
         Ok(Self {
             locator: Locator::new(pools.len() as u32),
             pools,
+            index_state: Default::default(),
         })
     }
 

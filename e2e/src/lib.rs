@@ -155,6 +155,8 @@ impl TestEnv {
             user_rate: (100_000, 100_000),
             ping_interval: Duration::from_secs(30),
             max_conns_per_addr: 60_000,
+            max_concurrent_syncs: 64,
+            retention: self.retention,
             handshake_timeout: Duration::from_secs(10),
             http: gateway::HttpBounds::default(),
         };

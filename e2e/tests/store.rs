@@ -88,6 +88,7 @@ async fn ack(
     Ok(shards
         .apply_acks(&[ack], retention)
         .await?
+        .receipts
         .into_iter()
         .map(|r| {
             let r = r.receipt;

@@ -55,6 +55,12 @@ pub struct Config {
     pub handshake_timeout: std::time::Duration,
     /// How long an HTTP connection that is not a websocket may hold a descriptor without progress.
     pub http: HttpBounds,
+    /// Syncs run at once; a connect beyond that waits for a slot (its socket open, `welcome`
+    /// sent, live messages held). Bounds what a reconnect storm asks of the shards.
+    pub max_concurrent_syncs: usize,
+    /// The deployment's retention mode: in delete-on-ack mode the conversation list shows no
+    /// previews.
+    pub retention: db_writer::Retention,
 }
 
 impl std::fmt::Debug for Config {
@@ -129,6 +135,8 @@ impl Config {
                 10,
             )?),
             http: HttpBounds::from_env()?,
+            max_concurrent_syncs: env_parse("MAX_CONCURRENT_SYNCS", 64)?,
+            retention: env_parse("RETENTION", db_writer::Retention::Keep)?,
         })
     }
 }

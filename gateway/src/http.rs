@@ -7,13 +7,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use chat_common::http::ReadyCheck;
-use chat_common::ids::UserId;
+use chat_common::ids::{ConversationKey, UserId};
+use db_writer::{ConversationSummary, ListCursor};
 use serde::{Deserialize, Serialize};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
-use crate::app::{AddrSlot, App, History};
+use crate::app::{AddrSlot, App, ConversationPage, History};
 use crate::error::ApiError;
 use crate::server::ConnectionSlot;
 use crate::upgrade::{self, Handshake, SocketConfig};
@@ -209,6 +210,70 @@ struct HistoryPage {
     next_before: Option<u64>,
 }
 
+/// Answer of `GET /conversations`.
+#[derive(Serialize)]
+struct ConversationList {
+    conversations: Vec<ConversationItem>,
+    /// Pass as `before` to get the next page; absent on the last page.
+    #[serde(rename = "nextBefore", skip_serializing_if = "Option::is_none")]
+    next_before: Option<String>,
+}
+
+/// One conversation of `GET /conversations` (numbers as JSON numbers, like `nextBefore`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConversationItem {
+    peer: String,
+    conversation: String,
+    last_seq: u64,
+    last_activity_ms: i64,
+    unread: u64,
+    read_up_to: u64,
+    peer_read_up_to: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preview: Option<PreviewItem>,
+}
+
+#[derive(Serialize)]
+struct PreviewItem {
+    sender: String,
+    seq: u64,
+    body: String,
+}
+
+impl From<ConversationSummary> for ConversationItem {
+    fn from(c: ConversationSummary) -> Self {
+        Self {
+            peer: c.peer.as_str().to_owned(),
+            conversation: c.conversation.as_str().to_owned(),
+            last_seq: c.last_seq,
+            last_activity_ms: c.last_activity_ms,
+            unread: c.unread,
+            read_up_to: c.read_up_to,
+            peer_read_up_to: c.peer_read_up_to,
+            preview: c.preview.map(|p| PreviewItem {
+                sender: p.sender.as_str().to_owned(),
+                seq: p.seq,
+                body: p.body,
+            }),
+        }
+    }
+}
+
+/// The `before` cursor of the conversation list: the last activity (ms) and the key of the
+/// previous page's last conversation, joined by '.' (opaque to clients).
+fn list_cursor(c: &ListCursor) -> String {
+    format!("{}.{}", c.last_activity_ms, c.conversation)
+}
+
+fn parse_list_cursor(s: &str) -> Option<ListCursor> {
+    let (ms, key) = s.split_once('.')?;
+    Some(ListCursor {
+        last_activity_ms: ms.parse().ok()?,
+        conversation: ConversationKey::parse(key).ok()?,
+    })
+}
+
 /// Every route of the gateway, each with its handler below.
 pub(crate) fn routes(
     app: Arc<App>,
@@ -236,6 +301,12 @@ pub(crate) fn routes(
         .and(history_query())
         .and(with_app(app.clone()))
         .and_then(history_page);
+    let conversations = warp::path!("conversations")
+        .and(warp::get())
+        .and(authenticated(app.clone()))
+        .and(query_map())
+        .and(with_app(app.clone()))
+        .and_then(conversation_list);
     let me = warp::path!("me")
         .and(warp::get())
         .and(authenticated(app.clone()))
@@ -247,6 +318,7 @@ pub(crate) fn routes(
     websocket
         .or(send)
         .or(history)
+        .or(conversations)
         .or(me)
         .or(dev_token)
         .or(chat_common::http::ops_routes(readiness(app.clone())))
@@ -352,6 +424,39 @@ async fn history_page(
     Ok(warp::reply::json(&HistoryPage {
         messages,
         next_before,
+    }))
+}
+
+/// `GET /conversations?limit=&before=`: a page of the caller's conversations, newest activity
+/// first.
+async fn conversation_list(
+    user: UserId,
+    query: HashMap<String, String>,
+    app: Arc<App>,
+) -> Result<impl Reply, Rejection> {
+    let bad = |message: &str| reject(StatusCode::BAD_REQUEST, "bad_query", message.to_owned());
+    let limit = query
+        .get("limit")
+        .map(|v| {
+            v.parse::<u64>()
+                .map(|l| l.min(u64::from(u32::MAX)) as u32)
+                .map_err(|_| bad("limit must be a non-negative integer"))
+        })
+        .transpose()?;
+    let before = query
+        .get("before")
+        .map(|v| parse_list_cursor(v).ok_or_else(|| bad("before must be a nextBefore value")))
+        .transpose()?;
+    let ConversationPage {
+        conversations,
+        next_before,
+    } = app
+        .conversations(&user, before.as_ref(), limit)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(warp::reply::json(&ConversationList {
+        conversations: conversations.into_iter().map(Into::into).collect(),
+        next_before: next_before.as_ref().map(list_cursor),
     }))
 }
 

@@ -1,8 +1,9 @@
 //! The consume -> store -> route loop.
 //!
 //! One batch at a time: read up to `max_batch` records from `inbound`, store their messages in
-//! the shards (one transaction per shard), apply their acks, produce each stored message to the
-//! recipient's gateway topic and each receipt to the sender's, wait for every delivery report,
+//! the shards (one transaction per shard), apply their acks, move the users' conversation index
+//! (one statement per home shard; before anything is routed, see `db_writer::user_index`),
+//! produce each stored message to the recipient's gateway topic and each receipt to the sender's, wait for every delivery report,
 //! and only then store the batch's offsets. A crash anywhere before that point replays the batch,
 //! and every step is idempotent, so the replay changes nothing but re-sends pushes that clients
 //! drop by message id.
@@ -25,7 +26,7 @@ use chat_proto::v1::{
     outbound_record, DeadLetter, OutboundBatch, OutboundItem, OutboundRecord, Stored,
 };
 use db_writer::inbound::{self, Inbound, InvalidRecord};
-use db_writer::{DbError, FailedMessage, ReceiptFor, Shards};
+use db_writer::{Acked, DbError, FailedMessage, IndexUpdates, ReceiptFor, Shards};
 use futures_util::future::join_all;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -258,10 +259,23 @@ impl Pipeline {
         metrics::counter!("multiplexer_messages_stored_total").increment(created as u64);
         metrics::counter!("multiplexer_messages_duplicate_total")
             .increment((stored.len() - created) as u64);
-        let Some(receipts) = self.ack(batch, &mut aside, shutdown).await else {
+        let Some(Acked {
+            receipts,
+            watermarks,
+        }) = self.ack(batch, &mut aside, shutdown).await
+        else {
             return false;
         };
         if !self.set_aside(batch, &aside, shutdown).await {
+            return false;
+        }
+        // The index moves before anything is routed: a message a sync may have to deliver is
+        // in its recipient's index by then (the invariant of `db_writer::user_index`).
+        let mut index = IndexUpdates::new();
+        index.stored(&stored);
+        watermarks.iter().for_each(|w| index.watermark(w));
+        aside.failures.iter().for_each(|f| index.failure(f));
+        if !self.update_index(&index, shutdown).await {
             return false;
         }
 
@@ -369,9 +383,9 @@ impl Pipeline {
         batch: &Batch,
         aside: &mut SetAside,
         shutdown: &CancellationToken,
-    ) -> Option<Vec<ReceiptFor>> {
+    ) -> Option<Acked> {
         if batch.acks.is_empty() {
-            return Some(Vec::new());
+            return Some(Acked::default());
         }
         let retention = self.config.retention;
         match retry(shutdown, "acks", || {
@@ -385,14 +399,17 @@ impl Pipeline {
                 tracing::warn!(error = %describe(&e), "the store refused a batch of acks; applying them one by one");
             }
         }
-        let mut receipts = Vec::new();
+        let mut all = Acked::default();
         for (i, ack) in batch.acks.iter().enumerate() {
             match retry(shutdown, "ack", || {
                 self.shards.apply_acks(std::slice::from_ref(ack), retention)
             })
             .await
             {
-                Attempt::Done(r) => receipts.extend(r),
+                Attempt::Done(acked) => {
+                    all.receipts.extend(acked.receipts);
+                    all.watermarks.extend(acked.watermarks);
+                }
                 Attempt::Stopped => return None,
                 Attempt::Refused(e) => {
                     aside.record(
@@ -405,7 +422,35 @@ impl Pipeline {
                 }
             }
         }
-        Some(receipts)
+        Some(all)
+    }
+
+    /// Moves the users' conversation index by what the batch did. False if shutdown
+    /// interrupted it. Its rows hold validated ids and numbers only: the store has no reason to
+    /// refuse them, and if it does, the batch waits (routing before the index moved would break
+    /// the sync's invariant).
+    async fn update_index(&self, index: &IndexUpdates, shutdown: &CancellationToken) -> bool {
+        if index.is_empty() {
+            return true;
+        }
+        let started = Instant::now();
+        loop {
+            match retry(shutdown, "index", || self.shards.update_index(index)).await {
+                Attempt::Done(()) => break,
+                Attempt::Stopped => return false,
+                Attempt::Refused(e) => {
+                    tracing::error!(error = %describe(&e), "the store refused index rows; retrying");
+                    metrics::counter!("multiplexer_errors_total", "kind" => "index").increment(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        metrics::histogram!("multiplexer_index_seconds").record(started.elapsed());
+        metrics::counter!("multiplexer_index_rows_total").increment(index.len() as u64);
+        true
     }
 
     /// Writes the dead letters to `inbound-dlq` (waiting for every delivery report) and

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::error::{Close, SendError};
 use crate::sessions::{Mailbox, Outgoing, SessionHandle, Sessions};
 
-pub(crate) use read::{History, SyncCursor};
+pub(crate) use read::{ConversationPage, History, SyncCursor};
 pub(crate) use send::{Enqueue, PendingSend, PreparedSend};
 
 /// Shared state of one gateway process.
@@ -49,6 +49,8 @@ pub(crate) struct App {
     /// Open connections per source address, counted from accept (HTTP or websocket; an upgrade
     /// keeps its connection's count).
     per_addr: Mutex<HashMap<IpAddr, usize>>,
+    /// One permit per sync allowed to run at once (`MAX_CONCURRENT_SYNCS`).
+    sync_slots: tokio::sync::Semaphore,
 }
 
 /// A quota of `per_sec` sustained with bursts up to `burst` (both at least 1).
@@ -63,6 +65,7 @@ impl App {
     pub(crate) fn new(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let shards = Shards::connect(&config.shards).context("shards")?;
         let producer = config.kafka.producer()?;
+        let sync_slots = tokio::sync::Semaphore::new(config.max_concurrent_syncs.max(1));
         Ok(Self {
             user_limiter: governor::RateLimiter::keyed(quota(config.user_rate)),
             config,
@@ -72,6 +75,7 @@ impl App {
             shutdown,
             tracker: TaskTracker::new(),
             per_addr: Mutex::default(),
+            sync_slots,
         })
     }
 

@@ -1,10 +1,12 @@
-//! Reads of the store: what a connection's sync sends, and pages of history. The store's rows
+//! Reads of the store: what a connection's sync sends, the conversation list, and pages of
+//! history. The store's rows
 //! become the protocol's messages, receipts and failures here.
 
 use std::collections::HashMap;
 
 use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::{ChatMessage, Receipt};
+use db_writer::{ConversationSummary, ListCursor};
 
 use super::App;
 use crate::error::{HistoryError, SyncIncomplete};
@@ -19,6 +21,10 @@ const RECEIPT_LOOKBACK_MS: i64 = 30 * 24 * 3600 * 1000;
 /// Messages in a page of history when the request does not say, and the most it may ask for.
 const HISTORY_PAGE: u32 = 50;
 const HISTORY_PAGE_MAX: u32 = 500;
+/// Conversations in a page of the list when the request does not say, and the most it may ask
+/// for.
+const LIST_PAGE: u32 = 50;
+const LIST_PAGE_MAX: u32 = 200;
 
 /// Where a sync starts: the last seq the client has per conversation (absent: from the
 /// beginning of what is pending), and the time after which it wants the receipts and failures of
@@ -27,6 +33,14 @@ const HISTORY_PAGE_MAX: u32 = 500;
 pub(crate) struct SyncCursor {
     pub(crate) after: HashMap<ConversationKey, u64>,
     pub(crate) receipts_after_ms: i64,
+}
+
+/// A page of a user's conversations, newest activity first.
+#[derive(Debug)]
+pub(crate) struct ConversationPage {
+    pub(crate) conversations: Vec<ConversationSummary>,
+    /// Where the next page starts; `None` on the last page.
+    pub(crate) next_before: Option<ListCursor>,
 }
 
 /// A page of a conversation, oldest first.
@@ -39,55 +53,77 @@ pub(crate) struct History {
 
 impl App {
     /// What `user` has pending after `cursor`, and the receipts and failures of their own
-    /// messages since then (at most 30 days back). A query that fails leaves its part empty; when
-    /// it is the pending messages, the answer says so (the client should sync again).
+    /// messages since then (at most 30 days back). Waits for one of the gateway's sync slots
+    /// first (`MAX_CONCURRENT_SYNCS`): a reconnect storm queues here instead of on the shards.
+    /// When the store does not answer, the answer says so (the client should sync again).
     pub(crate) async fn sync(&self, user: &UserId, cursor: &SyncCursor) -> SyncAnswer {
+        let waited = std::time::Instant::now();
+        let _slot = self.sync_slots.acquire().await;
+        metrics::histogram!("gateway_sync_wait_seconds").record(waited.elapsed());
         let since = cursor
             .receipts_after_ms
             .max(chat_common::now_ms() - RECEIPT_LOOKBACK_MS);
-        let receipts = match self
+        let read = self
             .shards
-            .receipts_since(user, since, SYNC_NOTICES_LIMIT)
-            .await
-        {
-            Ok(r) => r.iter().map(Receipt::from).collect(),
-            Err(e) => {
-                tracing::warn!(user = %user, error = %e, "receipt query failed");
-                Vec::new()
+            .sync_read(user, &cursor.after, since, SYNC_LIMIT, SYNC_NOTICES_LIMIT)
+            .await;
+        let answer = match read {
+            Ok(read) => {
+                metrics::histogram!("gateway_sync_shard_queries").record(read.shard_queries as f64);
+                SyncAnswer {
+                    incomplete: None,
+                    messages: read.messages.into_iter().map(ChatMessage::from).collect(),
+                    receipts: read.receipts.iter().map(Receipt::from).collect(),
+                    failures: read
+                        .failures
+                        .iter()
+                        .map(db_writer::FailedMessage::to_proto)
+                        .collect(),
+                }
             }
-        };
-        // The user's own messages that were accepted and then set aside (dead letters): a
-        // client that was offline when the `failed` notice was pushed learns of them here.
-        let failures = match self
-            .shards
-            .failures_since(user, since, SYNC_NOTICES_LIMIT)
-            .await
-        {
-            Ok(f) => f.iter().map(db_writer::FailedMessage::to_proto).collect(),
-            Err(e) => {
-                tracing::warn!(user = %user, error = %e, "failure query failed");
-                Vec::new()
-            }
-        };
-        let pending = self.shards.pending(user, &cursor.after, SYNC_LIMIT).await;
-        let (messages, incomplete) = match pending {
-            Ok(m) => (
-                m.into_iter().map(ChatMessage::from).collect::<Vec<_>>(),
-                None,
-            ),
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "sync query failed");
                 metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
-                (Vec::new(), Some(SyncIncomplete))
+                SyncAnswer {
+                    incomplete: Some(SyncIncomplete),
+                    ..SyncAnswer::default()
+                }
             }
         };
-        metrics::counter!("gateway_synced_messages_total").increment(messages.len() as u64);
-        SyncAnswer {
-            incomplete,
-            messages,
-            receipts,
-            failures,
-        }
+        metrics::counter!("gateway_synced_messages_total").increment(answer.messages.len() as u64);
+        answer
+    }
+
+    /// A page of `user`'s conversations, newest activity first: up to `limit` (50 by default,
+    /// at most 200) after `before`. Previews only in keep mode: in delete-on-ack mode the list
+    /// shows no content.
+    pub(crate) async fn conversations(
+        &self,
+        user: &UserId,
+        before: Option<&ListCursor>,
+        limit: Option<u32>,
+    ) -> Result<ConversationPage, HistoryError> {
+        let limit = limit.unwrap_or(LIST_PAGE).clamp(1, LIST_PAGE_MAX);
+        let previews = self.config.retention == db_writer::Retention::Keep;
+        let conversations = self
+            .shards
+            .conversations(user, before, limit, previews)
+            .await
+            .map_err(|e| {
+                tracing::warn!(user = %user, error = %e, "conversation list query failed");
+                HistoryError::Unavailable
+            })?;
+        let next_before = conversations
+            .last()
+            .filter(|_| conversations.len() as u32 == limit)
+            .map(|c| ListCursor {
+                last_activity_ms: c.last_activity_ms,
+                conversation: c.conversation.clone(),
+            });
+        Ok(ConversationPage {
+            conversations,
+            next_before,
+        })
     }
 
     /// A page of `user`'s conversation with `peer`: up to `limit` messages (50 by default, at

@@ -1,0 +1,291 @@
+//! The per-user conversation index on a real Postgres, at the store's level: a seeded random
+//! workload written the way the multiplexer writes it (with batches whose index write "crashed"
+//! and were replayed), then checked three ways: the invariant (`check_index`), every user's
+//! index sync against the sync that reads every shard, and a rebuild from the shards alone.
+//! Also the cost: a user with 500 conversations and nothing pending syncs with one query.
+//!
+//! `USER_INDEX_SEED=<n>` replays a run (the seed is printed at the start).
+
+use std::collections::{BTreeSet, HashMap};
+
+use anyhow::Context;
+use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
+use chat_common::message::{Ack, Message};
+use chat_e2e::TestEnv;
+use db_writer::{IndexUpdates, Retention, ShardConfig, Shards, SyncRead};
+
+/// splitmix64: small, seeded, good enough to pick users and actions.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn seed() -> u64 {
+    match std::env::var("USER_INDEX_SEED") {
+        Ok(s) => s.trim().parse().expect("USER_INDEX_SEED is a u64"),
+        Err(_) => {
+            let u = uuid::Uuid::new_v4();
+            u.as_u64_pair().0 ^ u.as_u64_pair().1
+        }
+    }
+}
+
+fn user(i: u64) -> UserId {
+    UserId::parse(&format!("u{i}")).expect("valid")
+}
+
+fn message(sender: &UserId, recipient: &UserId, body: String, at: i64) -> Message {
+    Message {
+        id: uuid::Uuid::new_v4(),
+        client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string()).expect("valid"),
+        conversation: ConversationKey::of(sender, recipient).expect("distinct"),
+        sender: sender.clone(),
+        recipient: recipient.clone(),
+        body,
+        sent_at_ms: at,
+        seq: 0,
+    }
+}
+
+fn shards_of(dsns: &[String]) -> anyhow::Result<Shards> {
+    Ok(Shards::connect(&ShardConfig::from_list(
+        &dsns.join(","),
+        4,
+    )?)?)
+}
+
+/// One batch as the multiplexer handles it: store, acks, index. With `crash`, the index write
+/// is lost (the process died after the store and acks committed), and the batch is handled again
+/// from the start, as the next owner of the partition would.
+async fn handle(
+    shards: &Shards,
+    messages: &[Message],
+    acks: &[Ack],
+    crash: bool,
+) -> anyhow::Result<()> {
+    let stored = shards.store_batch(messages).await?;
+    let acked = shards.apply_acks(acks, Retention::Keep).await?;
+    if crash {
+        return Box::pin(handle(shards, messages, acks, false)).await;
+    }
+    let mut index = IndexUpdates::new();
+    index.stored(&stored);
+    acked.watermarks.iter().for_each(|w| index.watermark(w));
+    shards.update_index(&index).await?;
+    Ok(())
+}
+
+/// A sync answer as comparable text: messages in order, receipts as a set.
+fn summary(read: &SyncRead) -> (Vec<String>, BTreeSet<String>) {
+    (
+        read.messages
+            .iter()
+            .map(|m| format!("{} {} {}", m.conversation, m.seq, m.body))
+            .collect(),
+        read.receipts
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} {}",
+                    r.conversation, r.peer, r.up_to_seq, r.acked_at_ms
+                )
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_agrees_with_the_shards_through_crashes_and_a_rebuild() -> anyhow::Result<()> {
+    let seed = seed();
+    println!("USER_INDEX_SEED={seed}");
+    let mut rng = Rng(seed);
+    let env = TestEnv::new(4, &["gw1"]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let users = 40;
+    // What each recipient has been sent, per conversation: the seqs come from the store.
+    let mut sent_to: HashMap<(UserId, ConversationKey), u64> = HashMap::new();
+    let mut at = 1_000_000;
+    for batch in 0..60 {
+        let mut messages = Vec::new();
+        let mut acks = Vec::new();
+        for _ in 0..(1 + rng.below(40)) {
+            let (a, b) = (rng.below(users), rng.below(users));
+            if a == b {
+                continue;
+            }
+            let (a, b) = (user(a), user(b));
+            at += 1;
+            if rng.below(3) == 0 {
+                // b acks what it may have from a, up to a guess (clamped by the store).
+                let conversation = ConversationKey::of(&a, &b).expect("distinct");
+                let known = sent_to.get(&(b.clone(), conversation.clone())).copied();
+                acks.push(Ack {
+                    user: b.clone(),
+                    peer: a.clone(),
+                    conversation,
+                    up_to_seq: known.unwrap_or(0) + rng.below(3),
+                    acked_at_ms: at,
+                });
+            } else {
+                messages.push(message(&a, &b, format!("b{batch} {at}"), at));
+            }
+        }
+        let crash = rng.below(4) == 0;
+        handle(&shards, &messages, &acks, crash)
+            .await
+            .with_context(|| format!("seed {seed}: batch {batch}"))?;
+        // Record the seqs each recipient was sent (read back from history).
+        for m in &messages {
+            let page = shards.history(&m.conversation, None, 1).await?;
+            if let Some(last) = page.last() {
+                sent_to.insert((m.recipient.clone(), m.conversation.clone()), last.seq);
+            }
+        }
+    }
+
+    let violations = shards.check_index(20).await?;
+    anyhow::ensure!(violations.is_empty(), "seed {seed}: {violations:?}");
+
+    // Every user's sync through the index is the sync that reads every shard, with and without
+    // a client cursor and a receipt time.
+    let compare = |label: &'static str| {
+        let shards = shards.clone();
+        async move {
+            for i in 0..users {
+                let u = user(i);
+                for since in [0, 1_000_000 + 300] {
+                    let by_index = shards
+                        .sync_read(&u, &HashMap::new(), since, 10_000, 1000)
+                        .await?;
+                    let every = shards
+                        .sync_read_every_shard(&u, &HashMap::new(), since, 10_000, 1000)
+                        .await?;
+                    anyhow::ensure!(
+                        summary(&by_index) == summary(&every),
+                        "seed {seed}: {label}: {u} since {since}: index {:?} != shards {:?}",
+                        summary(&by_index),
+                        summary(&every)
+                    );
+                    anyhow::ensure!(
+                        by_index.shard_queries <= 1 + shards.len() * 2,
+                        "seed {seed}: {label}: {} queries",
+                        by_index.shard_queries
+                    );
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    compare("live").await?;
+
+    // Built again from the shards alone, the index says the same.
+    for i in 0..shards.len() {
+        env.shard(i)
+            .await?
+            .execute("TRUNCATE user_conversations", &[])
+            .await?;
+    }
+    let rebuilt = shards.rebuild_index().await?;
+    anyhow::ensure!(rebuilt.rows > 0, "seed {seed}: nothing rebuilt");
+    let violations = shards.check_index(20).await?;
+    anyhow::ensure!(
+        violations.is_empty(),
+        "seed {seed}: after rebuild: {violations:?}"
+    );
+    compare("rebuilt").await?;
+
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_500_conversations_and_nothing_pending_syncs_in_one_query() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(4, &["gw1"]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let me = UserId::parse("busy")?;
+    let peers: Vec<UserId> = (0..500).map(|i| user(10_000 + i)).collect();
+    let messages: Vec<Message> = peers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            [
+                message(p, &me, format!("hello {i}"), 1_000 + i as i64),
+                message(&me, p, format!("hi {i}"), 2_000 + i as i64),
+            ]
+        })
+        .collect();
+    handle(&shards, &messages, &[], false).await?;
+    let conversations: BTreeSet<usize> = peers
+        .iter()
+        .map(|p| {
+            shards
+                .locator()
+                .shard_of(&ConversationKey::of(&me, p).expect("distinct"))
+        })
+        .collect();
+    anyhow::ensure!(
+        conversations.len() == 4,
+        "the conversations span every shard"
+    );
+
+    // Everything pending: one query for the index, one per shard.
+    let read = shards
+        .sync_read(&me, &HashMap::new(), i64::MAX - 1, 10_000, 1000)
+        .await?;
+    assert_eq!(read.messages.len(), 500);
+    assert_eq!(read.shard_queries, 1 + 4, "index, then the four shards");
+
+    // Acked everywhere: one query, whatever the number of conversations and shards.
+    let acks: Vec<Ack> = peers
+        .iter()
+        .map(|p| Ack {
+            user: me.clone(),
+            peer: p.clone(),
+            conversation: ConversationKey::of(&me, p).expect("distinct"),
+            up_to_seq: 2,
+            acked_at_ms: 5_000,
+        })
+        .collect();
+    handle(&shards, &[], &acks, false).await?;
+    let read = shards
+        .sync_read(&me, &HashMap::new(), i64::MAX - 1, 10_000, 1000)
+        .await?;
+    assert!(read.messages.is_empty());
+    assert_eq!(read.shard_queries, 1, "nothing pending: the index alone");
+
+    // One conversation pending again: the index and that conversation's shard.
+    let one = message(&peers[7], &me, "again".into(), 9_000);
+    let shard = shards.locator().shard_of(&one.conversation);
+    handle(&shards, &[one], &[], false).await?;
+    let read = shards
+        .sync_read(&me, &HashMap::new(), i64::MAX - 1, 10_000, 1000)
+        .await?;
+    assert_eq!(read.messages.len(), 1);
+    assert_eq!(read.messages[0].body, "again");
+    assert_eq!(read.shard_queries, 2, "the index, then shard {shard} only");
+
+    // A peer's receipt comes from the index too (its "hello" was acked at 5,000); the query
+    // beyond the index is for the "hi" pending for it.
+    let read = shards
+        .sync_read(&peers[3], &HashMap::new(), 4_999, 10_000, 1000)
+        .await?;
+    assert_eq!(read.receipts.len(), 1);
+    assert_eq!(read.receipts[0].up_to_seq, 2);
+    assert_eq!(read.messages.len(), 1);
+    assert_eq!(
+        read.shard_queries, 2,
+        "the index, then the pending conversation's shard"
+    );
+
+    env.teardown().await
+}
