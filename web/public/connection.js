@@ -1,5 +1,12 @@
 // The websocket to the gateway: JSON frames, reconnection with exponential backoff and jitter.
 //
+// Why the jitter: when a gateway goes away, every browser it held sees the drop at the same
+// moment. Each wait is drawn at random between a floor and a ceiling that doubles per failed
+// attempt (`backoffDelay`), so they come back spread out rather than in waves; the schedule only
+// starts over once a connection has held for STABLE_MS, so a server that accepts and drops at
+// once sees the waits grow; and the browser's `online` event reconnects after a short random
+// wait, not at once, since a whole office's network comes back at the same moment too.
+//
 // States (the `state` event's detail):
 //   connecting  a socket is opening
 //   open        the server's `welcome` arrived
@@ -19,10 +26,22 @@ export const CLOSE = {
   SLOW_CONSUMER: 4008,
 };
 
-/** Delay before reconnect attempt `n` (0-based): 0.5 s doubling up to 30 s, with jitter. */
+/** The reconnection schedule, in ms: the shortest wait, the first window's end, the longest. */
+export const BACKOFF = { floor: 250, first: 1_000, cap: 30_000 };
+/** A connection open this long was a success: after it drops, the schedule starts over. */
+export const STABLE_MS = 10_000;
+/** Back online, the reconnect waits a random time below this. */
+export const ONLINE_JITTER_MS = 1_000;
+
+/** The end of attempt `n`'s window (0-based): 1 s doubling up to 30 s. */
+export function backoffCeiling(n) {
+  return Math.min(BACKOFF.cap, BACKOFF.first * 2 ** Math.min(Math.max(n, 0), 16));
+}
+
+/** Delay before reconnect attempt `n` (0-based): uniformly random in [0.25 s, backoffCeiling(n)]. */
 export function backoffDelay(n, random = Math.random) {
-  const base = Math.min(30_000, 500 * 2 ** Math.min(n, 16));
-  return Math.round(base / 2 + (random() * base) / 2);
+  const ceiling = backoffCeiling(n);
+  return Math.round(BACKOFF.floor + random() * (ceiling - BACKOFF.floor));
 }
 
 export class Connection extends EventTarget {
@@ -43,8 +62,9 @@ export class Connection extends EventTarget {
     this.timer = null;
     this.retryAt = 0;
     this.welcomed = false;
+    this.openedAt = 0; // when the current socket was welcomed
     this.onOnline = () => {
-      if (this.state === 'offline' || this.state === 'waiting') this.connectNow();
+      if (this.state === 'offline' || this.state === 'waiting') this.retryIn(Math.round(Math.random() * ONLINE_JITTER_MS), 'back online');
     };
     this.onOffline = () => {
       // The socket may linger half-open for minutes after the network is gone; drop it now.
@@ -119,7 +139,7 @@ export class Connection extends EventTarget {
       }
       if (frame.welcome) {
         this.welcomed = true;
-        this.attempt = 0;
+        this.openedAt = Date.now();
         this.setState('open', { welcome: frame.welcome });
       }
       this.dispatchEvent(new CustomEvent('frame', { detail: frame }));
@@ -151,6 +171,7 @@ export class Connection extends EventTarget {
   async closed(code, reason, wasOpen) {
     this.dispatchEvent(new CustomEvent('closed', { detail: { code, reason, wasOpen } }));
     if (this.state === 'stopped') return;
+    if (wasOpen && Date.now() - this.openedAt >= STABLE_MS) this.attempt = 0;
     if (code === CLOSE.REPLACED) {
       this.setState('replaced', { reason });
       return;
@@ -180,9 +201,21 @@ export class Connection extends EventTarget {
   scheduleRetry(reason) {
     const delay = backoffDelay(this.attempt);
     this.attempt += 1;
+    this.retryIn(delay, reason);
+  }
+
+  /** Opens a socket after `delay` ms (state `waiting` until then). */
+  retryIn(delay, reason) {
     this.retryAt = Date.now() + delay;
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.open(), delay);
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      if (globalThis.navigator && navigator.onLine === false) {
+        this.setState('offline');
+        return;
+      }
+      this.open();
+    }, delay);
     this.setState('waiting', { retryAt: this.retryAt, delay, reason });
   }
 
@@ -196,7 +229,9 @@ export class Connection extends EventTarget {
   /** Forces a reconnect, e.g. when the server stopped answering on this socket. */
   recycle(why) {
     if (!this.ws) return;
+    const stable = this.welcomed && Date.now() - this.openedAt >= STABLE_MS;
     this.drop(this.ws, why);
+    if (stable) this.attempt = 0;
     this.scheduleRetry(why);
   }
 

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ChatStore, STORAGE_PREFIX, isValidUserId, int } from '../public/store.js';
-import { backoffDelay } from '../public/connection.js';
+import { BACKOFF, Connection, STABLE_MS, backoffCeiling, backoffDelay } from '../public/connection.js';
 
 class MemoryStorage {
   constructor() { this.m = new Map(); }
@@ -195,10 +195,61 @@ test('messages that are not for this user are ignored', () => {
   assert.equal(s.contacts().length, 0);
 });
 
-test('backoff doubles from 0.5 s up to 30 s, with jitter in [d/2, d]', () => {
-  for (const [n, d] of [[0, 500], [1, 1000], [3, 4000], [6, 30_000], [40, 30_000]]) {
-    assert.equal(backoffDelay(n, () => 0), d / 2);
-    assert.equal(backoffDelay(n, () => 1), d);
+test('backoff: a random wait between 0.25 s and a ceiling doubling from 1 s up to 30 s', () => {
+  for (const [n, d] of [[0, 1000], [1, 2000], [3, 8000], [4, 16_000], [5, 30_000], [40, 30_000], [5000, 30_000]]) {
+    assert.equal(backoffCeiling(n), d);
+    assert.equal(backoffDelay(n, () => 0), BACKOFF.floor);
+    assert.equal(backoffDelay(n, () => 0.999999), d);
+  }
+  // Math.random: every draw in its window, and the draws of one window spread over all of it
+  // (browsers a gateway dropped together must not come back together).
+  for (let n = 0; n < 8; n += 1) {
+    const draws = Array.from({ length: 2000 }, () => backoffDelay(n));
+    assert.ok(draws.every((d) => d >= BACKOFF.floor && d <= backoffCeiling(n)), `attempt ${n}`);
+    const span = backoffCeiling(n) - BACKOFF.floor;
+    assert.ok(Math.min(...draws) < BACKOFF.floor + span * 0.05, `attempt ${n}: low end reached`);
+    assert.ok(Math.max(...draws) > BACKOFF.floor + span * 0.95, `attempt ${n}: high end reached`);
+  }
+});
+
+test('reconnection: a socket dropped soon after opening keeps the schedule growing; one that held starts it over', () => {
+  const sockets = [];
+  class FakeSocket {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 1;
+      sockets.push(this);
+    }
+    close() {}
+    send() {}
+  }
+  const saved = globalThis.WebSocket;
+  globalThis.WebSocket = FakeSocket;
+  const conn = new Connection({ baseUrl: 'http://127.0.0.1:1', token: () => 't' });
+  const waits = [];
+  conn.addEventListener('state', (e) => {
+    if (e.detail.state === 'waiting') waits.push(e.detail.delay);
+  });
+  try {
+    const openAndDrop = (heldMs) => {
+      conn.open();
+      const ws = sockets.at(-1);
+      ws.onmessage({ data: JSON.stringify({ welcome: { user: 'bob', gatewayId: 'gw1' } }) });
+      conn.openedAt -= heldMs;
+      ws.onclose({ code: 1006, reason: '' });
+    };
+    openAndDrop(0);
+    openAndDrop(0);
+    openAndDrop(0);
+    assert.equal(conn.attempt, 3, 'three quick drops: three steps along');
+    assert.ok(waits.every((d) => d >= BACKOFF.floor && d <= backoffCeiling(2)));
+    openAndDrop(STABLE_MS);
+    assert.equal(conn.attempt, 1, 'a connection that held: back to the first window');
+    assert.ok(waits.at(-1) <= backoffCeiling(0));
+    assert.ok(sockets[0].url.startsWith('ws://127.0.0.1:1/ws?'));
+  } finally {
+    conn.stop();
+    globalThis.WebSocket = saved;
   }
 });
 
