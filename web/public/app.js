@@ -25,6 +25,13 @@ const MAX_IN_FLIGHT = 100;
 const RETRYABLE = new Set(['produce_failed', 'too_many_in_flight', 'rate_limited']);
 const FIRST_RETRY_MS = 200;
 const MAX_RETRY_MS = 5_000;
+/**
+ * The conversation list (GET /conversations) is read a page of this many at a time, at most
+ * LISTING_PAGES pages: the most recent 1,000 conversations are listed, older ones show up when
+ * they get a message or are opened by name.
+ */
+const LISTING_PAGE = 200;
+const LISTING_PAGES = 5;
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, props = {}, ...children) => {
@@ -59,6 +66,10 @@ const app = {
   flushTimer: null,
   lastFrameAt: 0,
   dev: false, // the token came from /dev/token: renew it by itself when it expires
+  // The server's conversation list is read on the next welcome: after signing in (or loading the
+  // page), and after another device of this user held the connection meanwhile.
+  listingDue: false,
+  listing: null, // the listing in progress (a Promise)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -142,6 +153,7 @@ function startSession({ user, token, dev = false }) {
   app.dev = dev;
   app.store = new ChatStore(user);
   app.current = null;
+  app.listingDue = true;
   $('me-name').textContent = user;
   $('whoami').hidden = false;
   $('signin').hidden = true;
@@ -177,6 +189,7 @@ function signOut(message = '') {
   clearTimeout(app.flushTimer);
   app.flushTimer = null;
   app.history.clear();
+  app.listingDue = false;
   localStorage.removeItem(SESSION_KEY);
   app.store = null;
   app.me = app.token = app.current = null;
@@ -259,6 +272,8 @@ function onConnState({ state, retryAt, welcome }) {
       setConnStatus(state, 'Offline. Messages will be sent when you are back online');
       break;
     case 'replaced':
+      // What the other device read meanwhile comes with the list when this tab takes over.
+      app.listingDue = true;
       setConnStatus(state, 'Signed in from another tab or device');
       announce('This chat was opened somewhere else; this tab is disconnected.');
       break;
@@ -296,6 +311,7 @@ function onWelcome(welcome) {
   // client message ids (idempotent), pipelined up to the in-flight bound.
   app.inFlight.clear();
   pumpOutbox();
+  if (app.listingDue) loadListing();
 }
 
 function onClosed({ code }) {
@@ -488,6 +504,46 @@ function clearSendTimer(cid) {
   app.sendTimers.delete(cid);
 }
 
+/**
+ * Reads the server's conversation list (newest activity first, up to LISTING_PAGES pages) and
+ * merges it: the sync brings only what this user has not acknowledged, so a conversation read
+ * on another device, and never answered, is known here only from the list. A failure leaves it
+ * due for the next connection; a gateway without the route (404) lists nothing.
+ */
+function loadListing() {
+  if (app.listing) return app.listing;
+  const store = app.store;
+  const run = async () => {
+    let before = '';
+    for (let page = 0; page < LISTING_PAGES; page += 1) {
+      const q = new URLSearchParams({ limit: String(LISTING_PAGE) });
+      if (before) q.set('before', before);
+      let res;
+      try {
+        res = await fetch(`/conversations?${q}`, { headers: { Authorization: `Bearer ${app.token}` } });
+      } catch {
+        return; // offline: still due
+      }
+      if (app.store !== store) return;
+      if (res.status === 404) break;
+      if (!res.ok) return; // 401 is the connection's to handle (renew or sign out); others: next time
+      const body = await res.json();
+      if (app.store !== store) return;
+      if (store.applyListing(body.conversations).length) renderContacts();
+      const next = typeof body.nextBefore === 'string' ? body.nextBefore : '';
+      if (!next || next === before) break;
+      before = next;
+    }
+    app.listingDue = false;
+  };
+  app.listing = run()
+    .catch((e) => console.warn('conversation list', e))
+    .finally(() => {
+      app.listing = null;
+    });
+  return app.listing;
+}
+
 /** Fetches the latest page (or the page before `before`) and merges it. */
 async function loadHistory(peer, { before = 0 } = {}) {
   const key = before ? `${peer}<${before}` : peer;
@@ -589,7 +645,7 @@ function renderContacts() {
     badge.hidden = n === 0;
     btn.querySelector('.unread-label').textContent = n > 0 ? `, ${n} unread` : '';
     btn.dataset.unread = String(n);
-    const last = store.messages(c.peer).at(-1);
+    const last = store.preview(c.peer);
     btn.querySelector('.contact-preview').textContent = last
       ? `${last.sender === app.me ? 'You: ' : ''}${last.body || '…'}`
       : '';

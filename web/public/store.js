@@ -74,6 +74,9 @@ function emptyConversation(peer) {
     lastActivity: 0,
     // `before` for the next older history page; 0 = unknown yet, -1 = at the beginning.
     olderBefore: 0,
+    // What the server's conversation list (GET /conversations) last said, see `applyListing`:
+    // { lastSeq, unread, preview: {sender, body, seq} | null }, or null before it said anything.
+    listed: null,
   };
 }
 
@@ -544,14 +547,71 @@ export class ChatStore {
     return out;
   }
 
-  /** Messages from the peer not seen yet. */
+  /**
+   * Merges a page of the server's conversation list (`GET /conversations`, newest first). The
+   * list is how a browser learns of conversations the websocket's sync does not bring: those
+   * acknowledged on another device (read there, perhaps never answered). Per conversation:
+   * it is listed (created if new, ordered by its last activity); a new one starts read up to the
+   * server's acknowledgement (`readUpTo`); the peer's acknowledgement counts as a receipt; and
+   * its unread count and preview are kept (`listed`) for what this browser does not hold yet.
+   * Returns the peers it changed.
+   */
+  applyListing(summaries) {
+    const changed = [];
+    for (const s of Array.isArray(summaries) ? summaries : []) {
+      const peer = s?.peer;
+      if (!isValidUserId(peer) || peer === this.me) continue;
+      const conv = this.conversation(peer);
+      const activity = int(s.lastActivityMs);
+      if (activity > conv.lastActivity) conv.lastActivity = activity;
+      if (conv.readUpTo === null) conv.readUpTo = int(s.readUpTo);
+      const p = s.preview;
+      const preview =
+        p && isValidUserId(p.sender) && typeof p.body === 'string' ? { sender: p.sender, body: p.body, seq: int(p.seq) } : null;
+      conv.listed = { lastSeq: int(s.lastSeq), unread: int(s.unread), preview };
+      const peerRead = int(s.peerReadUpTo);
+      if (peerRead > conv.deliveredUpTo) conv.deliveredUpTo = peerRead;
+      this.applyDelivered(conv);
+      changed.push(peer);
+    }
+    if (changed.length) this.save();
+    return changed;
+  }
+
+  /**
+   * Messages from the peer not seen yet: those held here above `readUpTo`, or, when the server's
+   * list counted more unread up to its `lastSeq` (messages this browser does not hold yet), its
+   * count, plus what arrived after that.
+   */
   unread(peer) {
     const c = this.convs.get(peer);
     if (!c) return 0;
     const from = c.readUpTo ?? 0;
-    let n = 0;
-    for (const m of c.messages) if (m.sender === peer && m.seq > from) n += 1;
-    return n;
+    const listedUnread = c.listed?.unread ?? 0;
+    const cut = listedUnread > 0 ? c.listed.lastSeq : Number.POSITIVE_INFINITY;
+    let upToCut = 0;
+    let after = 0;
+    for (const m of c.messages) {
+      if (m.sender !== peer || m.seq <= from) continue;
+      if (m.seq <= cut) upToCut += 1;
+      else after += 1;
+    }
+    return Math.max(upToCut, listedUnread) + after;
+  }
+
+  /**
+   * What the contact list shows of a conversation: its newest message held here, or the server's
+   * preview when that is newer. null when there is neither.
+   * @returns {{sender: string, body: string, seq: number} | null}
+   */
+  preview(peer) {
+    const c = this.convs.get(peer);
+    if (!c) return null;
+    const last = this.messages(peer).at(-1);
+    const p = c.listed?.preview;
+    // An own message without a seq yet is newer than anything the server listed.
+    if (p && (!last || (last.seq && last.seq < p.seq))) return { ...p };
+    return last ? { sender: last.sender, body: last.body, seq: last.seq } : null;
   }
 
   /** The user saw the conversation: everything in it is read. */
@@ -560,8 +620,10 @@ export class ChatStore {
     if (!c) return false;
     let top = c.readUpTo ?? 0;
     for (const m of c.messages) if (m.sender === peer && m.seq > top) top = m.seq;
-    if (top === c.readUpTo) return false;
+    const listedUnread = c.listed?.unread ?? 0;
+    if (top === c.readUpTo && !listedUnread) return false;
     c.readUpTo = top;
+    if (c.listed) c.listed.unread = 0;
     this.save();
     return true;
   }

@@ -11,8 +11,13 @@
 //      client message id and exists once; keyboard only on a phone-sized, dark screen; the server
 //      dropping the socket (4008) and a second tab taking over (4001).
 //   3. a receipt produced while the sender was offline reaches it with the next sync.
+//   4. a new device: hank reads his messages in one browser context (gina's, answered; juno's,
+//      never answered), then signs in from a fresh context: the server's conversation list
+//      brings both (unread 0, with their previews in keep mode), and ivy's messages sent
+//      meanwhile show an unread badge of 2.
 //
-// Every wait is on a DOM condition (selector / predicate) or a browser event, never a fixed sleep.
+// Every wait is on a DOM condition (selector / predicate), a browser event, or the server's
+// conversation list showing what a step needs (polled), never a fixed sleep.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -132,6 +137,50 @@ async function serverHistory(page, peer) {
     const res = await fetch(`/messages/${p}?limit=100`, { headers: { Authorization: `Bearer ${token}` } });
     return (await res.json()).messages;
   }, peer);
+}
+
+/** A dev token, from node (no browser): for users who only send over REST. */
+async function devToken(base, user) {
+  const res = await fetch(`${base}/dev/token/${user}`);
+  assert.equal(res.status, 200, `dev token for ${user}`);
+  return (await res.json()).token;
+}
+
+/** `PUT /messages/{to}` from node; returns the `accepted` answer. */
+async function restSend(base, token, to, body) {
+  const res = await fetch(`${base}/messages/${to}`, {
+    method: 'PUT',
+    headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ body }),
+  });
+  assert.equal(res.status, 202, `send to ${to}: ${await res.clone().text()}`);
+  return res.json();
+}
+
+/**
+ * Polls `GET /conversations` (from node) until `ok(list)` holds, the list as a map peer ->
+ * summary; fails after WAIT. The per-user list is written after the messages and acks it sums
+ * up, so a test waits on it before it relies on it.
+ */
+async function listedUntil(base, token, what, ok) {
+  const deadline = Date.now() + WAIT;
+  let last = null;
+  for (;;) {
+    const res = await fetch(`${base}/conversations?limit=200`, { headers: { Authorization: `Bearer ${token}` } });
+    if (res.ok) {
+      last = new Map((await res.json()).conversations.map((c) => [c.peer, c]));
+      if (ok(last)) return last;
+    } else {
+      last = `HTTP ${res.status}`;
+    }
+    if (Date.now() > deadline) assert.fail(`GET /conversations never showed ${what}: ${JSON.stringify(last instanceof Map ? [...last.values()] : last)}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/** The contact list's peers, top to bottom. */
+function contactPeers(page) {
+  return page.locator('#contact-list button.contact').evaluateAll((bs) => bs.map((b) => b.dataset.peer));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,4 +414,80 @@ test('a receipt missed while offline arrives with the next sync', { skip }, asyn
 
   await erin.context.close();
   await frank.context.close();
+});
+
+test('a new device lists every conversation, read ones too, with unread badges', { skip }, async () => {
+  // One browser context: gina on gateway 1 and hank on gateway 2 (two origins, two storages).
+  const first = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  const gina = await first.newPage();
+  const hank = await first.newPage();
+  for (const [page, user, base] of [[gina, 'gina', GW1], [hank, 'hank', GW2]]) {
+    page.on('pageerror', (e) => console.error(`[${user}] page error:`, e));
+    await page.goto(`${base}/`);
+    await signIn(page, user);
+  }
+  const hankToken = await hank.evaluate(() => JSON.parse(localStorage.getItem('chat.v1.session')).token);
+
+  // gina and hank talk; hank's browser stores and acknowledges, gina sees two ticks both ways.
+  await openConversation(gina, 'hank');
+  await send(gina, 'hello hank');
+  await badge(hank, 'gina').filter({ hasText: '1' }).waitFor({ timeout: WAIT });
+  await openConversation(hank, 'gina');
+  await theirMessage(hank, 'hello hank').waitFor({ timeout: WAIT });
+  await send(hank, 'hi gina');
+  await ownMessage(gina, 'hello hank', 'delivered').waitFor({ timeout: WAIT });
+  await ownMessage(hank, 'hi gina', 'delivered').waitFor({ timeout: WAIT });
+
+  // juno writes (over REST); hank's browser receives and acknowledges it; he never answers.
+  const junoToken = await devToken(GW1, 'juno');
+  await restSend(GW1, junoToken, 'hank', 'are you coming on friday?');
+  await badge(hank, 'juno').filter({ hasText: '1' }).waitFor({ timeout: WAIT });
+  await openConversation(hank, 'juno');
+  await theirMessage(hank, 'are you coming on friday?').waitFor({ timeout: WAIT });
+  await listedUntil(GW1, hankToken, 'gina and juno read', (l) => l.get('gina')?.unread === 0 && l.get('gina')?.lastSeq === 2 && l.get('juno')?.unread === 0);
+  await first.close();
+
+  // ivy writes twice while hank is away: unread.
+  const ivyToken = await devToken(GW1, 'ivy');
+  await restSend(GW1, ivyToken, 'hank', 'ping');
+  await restSend(GW1, ivyToken, 'hank', 'ping again');
+  await listedUntil(GW1, hankToken, 'ivy with 2 unread', (l) => l.get('ivy')?.unread === 2);
+
+  // hank on a new device: nothing in this browser, and the sync brings only ivy's messages.
+  const fresh = await browser.newContext({ viewport: { width: 1100, height: 720 }, baseURL: GW1 });
+  const device = await fresh.newPage();
+  device.on('pageerror', (e) => console.error('[hank, new device] page error:', e));
+  await device.goto('/');
+  const listed = device.waitForResponse((r) => new URL(r.url()).pathname === '/conversations');
+  await signIn(device, 'hank');
+  assert.equal((await listed).status(), 200);
+
+  const row = (peer) => device.locator(`#contact-list button[data-peer="${peer}"]`);
+  for (const peer of ['gina', 'juno']) {
+    await row(peer).waitFor({ timeout: WAIT });
+    assert.equal(await row(peer).getAttribute('data-unread'), '0', `${peer}: read on the other device`);
+    assert.equal(await badge(device, peer).isHidden(), true);
+  }
+  await badge(device, 'ivy').filter({ hasText: /^2$/ }).waitFor({ timeout: WAIT });
+  assert.equal(await row('ivy').getAttribute('data-unread'), '2');
+  assert.deepEqual(await contactPeers(device), ['ivy', 'juno', 'gina'], 'newest activity first');
+  const preview = (peer) => row(peer).locator('.contact-preview').innerText();
+  assert.equal(await preview('ivy'), 'ping again');
+  if (RETENTION === 'keep') {
+    // The previews come from the list: this browser holds none of these messages.
+    assert.equal(await preview('juno'), 'are you coming on friday?');
+    assert.equal(await preview('gina'), 'You: hi gina');
+  }
+  await shot(device, `${RETENTION}-14-hank-new-device`);
+
+  // Opening a listed conversation loads its history; reading ivy's clears the badge.
+  await openConversation(device, 'gina');
+  await device.locator('li.msg.own[data-status="delivered"][data-seq="2"]').waitFor({ timeout: WAIT });
+  assert.equal(await device.locator('#messages li').count(), 2);
+  // In delete-on-ack mode the server erased both bodies once they were acknowledged.
+  if (RETENTION === 'keep') assert.deepEqual(await bodies(device), ['hello hank', 'hi gina']);
+  await openConversation(device, 'ivy');
+  await theirMessage(device, 'ping again').waitFor({ timeout: WAIT });
+  await badge(device, 'ivy').waitFor({ state: 'hidden', timeout: WAIT });
+  await fresh.close();
 });

@@ -253,6 +253,71 @@ test('reconnection: a socket dropped soon after opening keeps the schedule growi
   }
 });
 
+test("the server's conversation list adds conversations the sync does not bring", () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  // Live: carol wrote once, this browser holds it.
+  s.ingest(wire(1, 'carol', 'bob', 'from carol'), { live: true });
+  const changed = s.applyListing([
+    // Read on another device, never answered: only the list knows of it.
+    {
+      peer: 'alice', conversation: 'alice:bob', lastSeq: 4, lastActivityMs: 1_800_000_000_000,
+      unread: 0, readUpTo: 3, peerReadUpTo: 4, preview: { sender: 'alice', body: 'see you', seq: 3 },
+    },
+    // Unread messages this browser does not hold yet (the sync brings them).
+    { peer: 'dave', conversation: 'bob:dave', lastSeq: 7, lastActivityMs: 1_700_000_000_500, unread: 2, readUpTo: 5, peerReadUpTo: 0 },
+    { peer: 'carol', conversation: 'bob:carol', lastSeq: 1, lastActivityMs: 1, unread: 1, readUpTo: 0, peerReadUpTo: 0 },
+    { peer: 'bob', conversation: 'bob:bob', lastSeq: 1 }, // never a conversation with oneself
+    { peer: 'not valid!' },
+  ]);
+  assert.deepEqual(changed, ['alice', 'dave', 'carol']);
+  assert.deepEqual(s.contacts().map((c) => c.peer), ['alice', 'dave', 'carol'], 'newest activity first');
+  assert.equal(s.unread('alice'), 0);
+  assert.deepEqual(s.preview('alice'), { sender: 'alice', body: 'see you', seq: 3 });
+  assert.equal(s.unread('dave'), 2, "the server's count, before the messages are here");
+  assert.equal(s.preview('dave'), null, 'no preview (delete-on-ack mode): nothing to show');
+  assert.equal(s.unread('carol'), 1, 'the same message counted once');
+  assert.deepEqual(s.preview('carol'), { sender: 'carol', body: 'from carol', seq: 1 });
+
+  // The sync brings dave's two unread messages (seq 6, 7), then a live one (8).
+  s.ingest(wire(6, 'dave', 'bob'), { live: true });
+  s.ingest(wire(7, 'dave', 'bob'), { live: true });
+  assert.equal(s.unread('dave'), 2);
+  s.ingest(wire(8, 'dave', 'bob', 'newest'), { live: true });
+  assert.equal(s.unread('dave'), 3);
+  assert.equal(s.preview('dave').body, 'newest');
+  s.markRead('dave');
+  assert.equal(s.unread('dave'), 0);
+
+  // A listed count of messages that never arrive here clears once the conversation is seen.
+  s.applyListing([{ peer: 'erin', conversation: 'bob:erin', lastSeq: 2, lastActivityMs: 5, unread: 2, readUpTo: 0 }]);
+  assert.equal(s.unread('erin'), 2);
+  assert.equal(s.markRead('erin'), true);
+  assert.equal(s.unread('erin'), 0);
+
+  // Own messages: the peer's acknowledgement is a receipt; a newer local message wins the preview.
+  const mine = s.addOutgoing('alice', 'on my way');
+  assert.equal(s.preview('alice').body, 'on my way', 'not sent yet: newer than the listed one');
+  s.markStored({ clientMessageId: mine.clientMessageId, messageId: 'id-mine', seq: '4', conversation: 'alice:bob', peer: 'alice' });
+  assert.equal(mine.status, 'delivered', 'alice acknowledged up to 4');
+
+  // The list is kept with the history: a reload still shows it.
+  const again = new ChatStore('bob', s.storage, now);
+  assert.deepEqual(again.contacts().map((c) => c.peer), s.contacts().map((c) => c.peer));
+  assert.equal(again.unread('alice'), 0);
+});
+
+test('a listed conversation starts read up to the server acknowledgement; later messages are unread', () => {
+  const s = new ChatStore('bob', new MemoryStorage(), now);
+  s.applyListing([{ peer: 'alice', conversation: 'alice:bob', lastSeq: 3, lastActivityMs: 9, unread: 0, readUpTo: 3, peerReadUpTo: 0 }]);
+  s.ingestPage('alice', [wire(1, 'alice', 'bob'), wire(2, 'bob', 'alice'), wire(3, 'alice', 'bob')], undefined, { latest: true, synced: true });
+  assert.equal(s.unread('alice'), 0, 'history of read messages');
+  s.ingest(wire(4, 'alice', 'bob'), { live: true });
+  assert.equal(s.unread('alice'), 1);
+  // A conversation this browser already tracks keeps its own read mark.
+  s.applyListing([{ peer: 'alice', conversation: 'alice:bob', lastSeq: 4, lastActivityMs: 10, unread: 0, readUpTo: 4 }]);
+  assert.equal(s.unread('alice'), 1, 'the server says acknowledged (stored here), not seen');
+});
+
 test('a second tab writing the same history is noticed', () => {
   const storage = new MemoryStorage();
   const tab1 = new ChatStore('bob', storage, now);
