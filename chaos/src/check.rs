@@ -30,6 +30,9 @@ pub struct Report {
     pub seq_violations: usize,
     /// Delete-on-ack: acked messages whose body is stored again.
     pub resurrected: usize,
+    /// User index rows that break its invariant (a message pending for a user whose index does
+    /// not show it) or run ahead of the shards.
+    pub index_violations: usize,
     /// Poison-record scenario: bad records produced into `inbound`, and how many of them are
     /// missing from the dead-letter topic, or there with the wrong source or bytes.
     pub poison: Option<PoisonCounts>,
@@ -50,6 +53,7 @@ impl Report {
             && self.phantoms == 0
             && self.seq_violations == 0
             && self.resurrected == 0
+            && self.index_violations == 0
             && self.recovery_secs <= 30.0
             && self
                 .poison
@@ -71,7 +75,7 @@ impl Report {
         format!(
             "messages {}, unanswered {}, lost {}, duplicates shown {}, order violations {}, \
              sender-order violations {}, phantoms {}, seq gaps {}, resurrected {}, \
-             recovery {:.1} s; {} {}",
+             index violations {}, recovery {:.1} s; {} {}",
             self.messages,
             self.unanswered,
             self.lost_text(),
@@ -81,6 +85,7 @@ impl Report {
             self.phantoms,
             self.seq_violations,
             self.resurrected,
+            self.index_violations,
             self.recovery_secs,
             self.note,
             self.detail
@@ -253,6 +258,18 @@ pub async fn check_shards(dsns: &[String]) -> anyhow::Result<(usize, usize)> {
         resurrected += r as usize;
     }
     Ok((violations, resurrected))
+}
+
+/// The user index against the shards (`Shards::check_index`): the number of violations, each
+/// logged.
+pub async fn check_index(dsns: &[String]) -> anyhow::Result<usize> {
+    let shards =
+        db_writer::Shards::connect(&db_writer::ShardConfig::from_list(&dsns.join(","), 1)?)?;
+    let found = shards.check_index(1000).await?;
+    for v in found.iter().take(10) {
+        eprintln!("user index: {v}");
+    }
+    Ok(found.len())
 }
 
 #[cfg(test)]

@@ -144,9 +144,10 @@ fn table(reports: &[Report], args: &Args) -> String {
         "# Fault-injection results\n\n`chaos --duration {} --rate {} --conversations {} --burst {}` on {} cores; \
          3 Kafka brokers (RF 3, min.insync.replicas 2), 2 Postgres servers, 2 gateways, 2 multiplexers. \
          `order violations`: what a recipient was shown out of seq order or with a gap; \
-         `sender order`: messages stored with a lower seq than one their sender sent before them.\n\n\
-         | scenario | result | messages | unanswered | lost | dup shown | dup on wire | order violations | sender order | phantoms | seq gaps | resurrected | recovery (s) | note |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         `sender order`: messages stored with a lower seq than one their sender sent before them; \
+         `index`: user index rows that break its invariant or run ahead of the shards (`db-writer check-index`).\n\n\
+         | scenario | result | messages | unanswered | lost | dup shown | dup on wire | order violations | sender order | phantoms | seq gaps | resurrected | index | recovery (s) | note |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         args.duration,
         args.rate,
         args.conversations,
@@ -155,7 +156,7 @@ fn table(reports: &[Report], args: &Args) -> String {
     );
     for r in reports {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
             r.scenario,
             if r.passed() { "pass" } else { "FAIL" },
             r.messages,
@@ -168,6 +169,7 @@ fn table(reports: &[Report], args: &Args) -> String {
             r.phantoms,
             r.seq_violations,
             r.resurrected,
+            r.index_violations,
             r.recovery_secs,
             r.note
         ));
@@ -414,6 +416,7 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
     }
     let (gaps, resurrected) = check::check_shards(&slice.dsns(false)).await?;
     report.seq_violations = gaps;
+    report.index_violations = check::check_index(&slice.dsns(false)).await?;
     report.resurrected = if retention == "delete-on-ack" {
         resurrected
     } else {
