@@ -169,6 +169,7 @@ impl Shards {
                 .await
                 .map_err(DbError::pg(shard))?;
         }
+        self.index_state.mark_built();
         tracing::info!(
             directions = done.directions,
             rows = done.rows,

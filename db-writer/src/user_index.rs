@@ -454,6 +454,13 @@ pub(crate) struct IndexState {
 
 const INDEX_STATE_RECHECK_MS: i64 = 10_000;
 
+impl IndexState {
+    /// This process built the index (`rebuild_index`): no need to wait for the next check.
+    pub(crate) fn mark_built(&self) {
+        self.built.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Shards {
     /// Whether every shard's index is built (cached once true; rechecked every 10 s until then).
     pub async fn index_built(&self) -> Result<bool, DbError> {

@@ -289,3 +289,72 @@ async fn a_user_with_500_conversations_and_nothing_pending_syncs_in_one_query() 
 
     env.teardown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_deployment_syncs_every_shard_until_the_index_is_rebuilt() -> anyhow::Result<()>
+{
+    let mut env = TestEnv::new(1, &["gw1"]).await?;
+    // Shards of the release before the index, with messages and acks in them.
+    let dsns = env.empty_databases(3).await?;
+    let shards = shards_of(&dsns)?;
+    shards.migrate_to(5).await?;
+    let (ann, bob, cy) = (user(1), user(2), user(3));
+    let old = [
+        message(&ann, &bob, "one".into(), 10),
+        message(&ann, &bob, "two".into(), 11),
+        message(&cy, &bob, "three".into(), 12),
+        message(&bob, &ann, "back".into(), 13),
+    ];
+    shards.store_batch(&old).await?;
+    let ack = Ack {
+        user: bob.clone(),
+        peer: ann.clone(),
+        conversation: ConversationKey::of(&bob, &ann).expect("distinct"),
+        up_to_seq: 1,
+        acked_at_ms: 20,
+    };
+    shards.apply_acks(&[ack], Retention::Keep).await?;
+
+    // Migration 6 on shards that hold messages: not built, so the sync reads every shard.
+    shards.migrate().await?;
+    anyhow::ensure!(
+        !shards.index_built().await?,
+        "a shard with messages starts unbuilt"
+    );
+    let before = shards.sync_read(&bob, &HashMap::new(), 0, 100, 100).await?;
+    assert_eq!(before.shard_queries, 3 * 3, "every query on every shard");
+    let bodies: Vec<&str> = before.messages.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies.len(), 2, "two and three pending: {bodies:?}");
+
+    // The rebuild builds it from the shards; the same answers come from the index.
+    let rebuilt = shards.rebuild_index().await?;
+    assert_eq!(rebuilt.directions, 3, "ann->bob, cy->bob, bob->ann");
+    assert!(shards.index_built().await?);
+    assert!(shards.check_index(10).await?.is_empty());
+    for u in [&ann, &bob, &cy] {
+        let by_index = shards.sync_read(u, &HashMap::new(), 0, 100, 100).await?;
+        let every = shards
+            .sync_read_every_shard(u, &HashMap::new(), 0, 100, 100)
+            .await?;
+        assert_eq!(summary(&by_index), summary(&every), "{u}");
+        // The index, then the shards of the conversations with something pending.
+        let pending_shards: BTreeSet<usize> = every
+            .messages
+            .iter()
+            .map(|m| shards.locator().shard_of(&m.conversation))
+            .collect();
+        assert_eq!(by_index.shard_queries, 1 + pending_shards.len(), "{u}");
+    }
+    let list = shards.conversations(&bob, None, 10, true).await?;
+    let unread: Vec<(String, u64)> = list
+        .iter()
+        .map(|c| (c.peer.to_string(), c.unread))
+        .collect();
+    // Newest activity first: bob's "back" to ann (13), then cy's "three" (12).
+    assert_eq!(unread, [("u1".to_owned(), 1), ("u3".to_owned(), 1)]);
+    assert_eq!(
+        list[0].preview.as_ref().map(|p| p.body.as_str()),
+        Some("back")
+    );
+    env.teardown().await
+}
