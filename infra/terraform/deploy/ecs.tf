@@ -101,6 +101,8 @@ resource "aws_ecs_task_definition" "gateway" {
       { name = "JWT_ISSUER", value = var.jwt_issuer },
       { name = "JWT_AUDIENCE", value = var.jwt_audience },
       { name = "DEV_TOKENS", value = "false" },
+      # The conversation list shows previews only in keep mode.
+      { name = "RETENTION", value = var.retention },
     ])
     secrets = [
       local.shard_secret,
