@@ -463,17 +463,18 @@ impl IndexState {
 
 impl Shards {
     /// Whether every shard's index is built (cached once true; rechecked every 10 s until then).
-    pub async fn index_built(&self) -> Result<bool, DbError> {
+    /// A shard that cannot say (not migrated yet, or down) counts as not built.
+    pub async fn index_built(&self) -> bool {
         let state = &self.index_state;
         if state.built.load(Ordering::Relaxed) {
-            return Ok(true);
+            return true;
         }
         let now = chat_common::now_ms();
         let last = state.checked_at_ms.load(Ordering::Relaxed);
         if last != 0 && now - last < INDEX_STATE_RECHECK_MS {
-            return Ok(false);
+            return false;
         }
-        let built = self
+        let answers = self
             .on_every_shard(|shard, client| async move {
                 let row = client
                     .query_opt("SELECT built FROM index_state", &[])
@@ -481,12 +482,18 @@ impl Shards {
                     .map_err(DbError::pg(shard))?;
                 Ok(vec![row.is_some_and(|r| r.get::<_, bool>(0))])
             })
-            .await?
-            .into_iter()
-            .all(|b| b);
+            .await;
+        // A shard not migrated yet (no `index_state`) or not answering: not built, for now.
+        let built = match answers {
+            Ok(answers) => answers.into_iter().all(|b| b),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether the user index is built; reading every shard");
+                false
+            }
+        };
         state.checked_at_ms.store(now, Ordering::Relaxed);
         state.built.store(built, Ordering::Relaxed);
-        Ok(built)
+        built
     }
 
     /// What a connect of `user` sends: every message not yet acknowledged after what the client
@@ -504,7 +511,7 @@ impl Shards {
         limit: u32,
         notices_limit: u32,
     ) -> Result<SyncRead, DbError> {
-        if !self.index_built().await? {
+        if !self.index_built().await {
             return self
                 .sync_read_every_shard(user, held, since_ms, limit, notices_limit)
                 .await;
