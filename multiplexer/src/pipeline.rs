@@ -270,7 +270,10 @@ impl Pipeline {
             return false;
         }
         // The index moves before anything is routed: a message a sync may have to deliver is
-        // in its recipient's index by then (the invariant of `db_writer::user_index`).
+        // in its recipient's index by then (the invariant of `db_writer::user_index`). It must
+        // also be committed before the presence catch-up below reads the log's end: a session
+        // announced after that read is not routed to, and its sync must find the index moved.
+        // So the two waits do not overlap.
         let mut index = IndexUpdates::new();
         index.stored(&stored);
         watermarks.iter().for_each(|w| index.watermark(w));
