@@ -7,7 +7,10 @@
 #   2. end to end: the highest rate sustained for 60 s with every message delivered and
 #      receipted, then latency at 10K msg/s (or the max, if lower) and at 80% of the max;
 #   3. ratios against the baselines;
-#   4. idle connections one gateway holds, and RSS per connection (and a plain tokio TCP server's).
+#   4. idle connections one gateway holds, and RSS per connection (and a plain tokio TCP server's);
+#   5. the connect storm: users with history (seeded into the shards, the user index rebuilt) all
+#      connect to one gateway at once; time to syncDone, CPU per connect by process, memory per
+#      idle connection, with 4 and with 16 shards.
 #
 # Everything it starts is its own: gateways and a multiplexer from target/release with their own
 # topic prefix, consumer groups and shard databases, on the Kafka and Postgres of `make stack`.
@@ -17,7 +20,7 @@
 # Output: target/bench/<run id>/ (JSON reports, PNG charts, logs, results.md); a full run also
 # writes bench/RESULTS.md.
 #
-# Env: BENCH_STAGES  stages to run (default "baselines e2e connections")
+# Env: BENCH_STAGES  stages to run (default "baselines e2e connections storm")
 #      BENCH_QUICK=1 short durations (a smoke test, minutes less; figures are rough)
 #      BENCH_USERS   websocket users of the e2e load (default 1000)
 #      BENCH_CONNS   idle connections to hold (default 19500)
@@ -29,8 +32,16 @@
 #                    multiplexer (e.g. "KAFKA_LINGER_MS=10", "MULTIPLEXER_BATCH_WAIT_MS=10")
 #      BENCH_START_RATE first probed rate of the search (default 400 msg/s)
 #      BENCH_SEARCH_ARGS extra arguments for `loadgen search`
+#      BENCH_STORM_USERS users of the connect storm (default 18000; 3000 with BENCH_QUICK=1; at
+#                    most the fd limit less a few hundred)
+#      BENCH_STORM_SHARDS shard counts to storm with, one data set each (default "4 16")
+#      BENCH_STORM_CONCURRENCY connections in progress at once (default 0: every user at once)
+#      BENCH_STORM_BEFORE_GATEWAY a gateway binary built from other code (e.g. a worktree of an
+#                    older commit): stormed on the same data right after this code's gateway,
+#                    reported as "before"; BENCH_STORM_BEFORE_LABEL names it (default "before")
 #      BENCH_PROFILE=1 record CPU profiles (perf, cpu-clock) of the gateway and multiplexer
-#                    during the e2e search: target/bench/<run>/profile-*.txt
+#                    during the e2e search, and of the whole machine during each connect storm:
+#                    target/bench/<run>/profile-*.txt
 #      KAFKA_BROKERS (default 127.0.0.1:9092), CHAT_TEST_PG (admin DSN, default
 #      postgres://chat@127.0.0.1:54320/postgres)
 set -euo pipefail
@@ -41,7 +52,7 @@ BIN=target/release
 BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 PG_ADMIN="${CHAT_TEST_PG:-postgres://chat@127.0.0.1:54320/postgres}"
 PG_BASE="${PG_ADMIN%/*}"
-STAGES="${BENCH_STAGES:-baselines e2e connections}"
+STAGES="${BENCH_STAGES:-baselines e2e connections storm}"
 QUICK="${BENCH_QUICK:-0}"
 USERS="${BENCH_USERS:-1000}"
 CONNS="${BENCH_CONNS:-19500}"
@@ -87,6 +98,7 @@ cleanup() {
     "$BIN/loadgen" cleanup --brokers "$BROKERS" --prefix "$PREFIX" \
       --group "${PREFIX}multiplexer" --group "${PREFIX}raw" \
       --group "${PREFIX}gateway-lgw1" --group "${PREFIX}gateway-lgw2" --group "${PREFIX}gateway-lgc1" \
+      --group "${PREFIX}gateway-lgs1" \
       $(for g in $(seq 1 "$FLEET_GWS"); do printf -- " --group %sgateway-lgf%s" "$PREFIX" "$g"; done) \
       >>"$OUT/logs/cleanup.log" 2>&1 || echo "bench: topic cleanup failed (see $OUT/logs/cleanup.log)" >&2
   fi
@@ -149,9 +161,9 @@ fi
 # shellcheck disable=SC2206
 SEARCH_ARGS+=(${BENCH_SEARCH_ARGS:-})
 
-create_dbs() { # name_prefix -> sets DSNS to the DSN list
+create_dbs() { # name_prefix [shards, default 4] -> sets DSNS to the DSN list
   local dsns="" i db
-  for i in 0 1 2 3; do
+  for ((i = 0; i < ${2:-4}; i++)); do
     db="${RUN_ID}_$1$i"
     psql -q "$PG_ADMIN" -c "CREATE DATABASE \"$db\"" >/dev/null
     DBS+=("$db")
@@ -185,7 +197,7 @@ fi
 # ---------------------------------------------------------------- 2. end to end
 gateway_env() { # id port
   echo GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" TOPIC_PREFIX="$PREFIX" KAFKA_BROKERS="$BROKERS" \
-    SHARD_DSNS="$E2E_DSNS" SHARD_POOL_SIZE=4 RUST_LOG=warn WEB_DIR=/nonexistent \
+    SHARD_DSNS="${GW_DSNS:-${E2E_DSNS:-}}" SHARD_POOL_SIZE=4 RUST_LOG=warn WEB_DIR=/nonexistent \
     CONN_RATE_PER_SEC=1000000 CONN_RATE_BURST=1000000 USER_RATE_PER_SEC=1000000 USER_RATE_BURST=1000000 \
     MAX_CONNS_PER_ADDR=100000 ${BENCH_GATEWAY_ENV:-}
 }
@@ -287,6 +299,69 @@ if has_stage connections; then
   for g in $(seq 1 "$FLEET_GWS"); do stop_bg "lgf$g"; done
 fi
 
+# ---------------------------------------------------------------- 5. connect storm
+if has_stage storm; then
+  STORM_USERS="${BENCH_STORM_USERS:-$([[ "$QUICK" == 1 ]] && echo 3000 || echo 18000)}"
+  STORM_USER_PREFIX="${RUN_ID}s"
+  STORM_PLAN=(--users "$STORM_USERS" --user-prefix "$STORM_USER_PREFIX")
+  "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "$PREFIX" --gateways lgs1 >>"$OUT/logs/topics.log"
+  storm_once() { # shards file label binary
+    local port
+    port="$(free_port 18520)"
+    # shellcheck disable=SC2046,SC2086
+    start_bg "gw-$2" "$OUT/logs/gw-$2.log" env $(GW_DSNS="$STORM_DSNS" gateway_env lgs1 "$port") \
+      ${BENCH_STORM_GATEWAY_ENV:-} "$4"
+    wait_ready "http://127.0.0.1:$port/readyz" "gw-$2"
+    sleep 2
+    if [[ "${BENCH_PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
+      # Every process on the machine: Postgres backends start during the storm.
+      start_bg perf-storm "$OUT/logs/perf-$2.log" perf record -a -e cpu-clock -F 499 -g -o "$OUT/perf-$2.data"
+    fi
+    "$BIN/loadgen" storm --url "ws://127.0.0.1:$port" "${STORM_PLAN[@]}" --source-ips "$SOURCE_IPS" \
+      --concurrency "${BENCH_STORM_CONCURRENCY:-0}" --target-pid "${PIDS[gw-$2]}" --dsns "$STORM_DSNS" \
+      --label "$3" --watch loadgen=self --watch "gateway=${PIDS[gw-$2]}" "${KAFKA_W[@]}" "${PG_W[@]}" \
+      --out "$OUT/$2.json" || echo "bench: the storm on $1 shards ($3) failed" >&2
+    if [[ -n "${PIDS[perf-storm]:-}" ]]; then
+      kill -INT "${PIDS[perf-storm]}" 2>/dev/null || true
+      wait "${PIDS[perf-storm]}" 2>/dev/null || true
+      unset "PIDS[perf-storm]"
+      perf report -i "$OUT/perf-$2.data" --stdio --no-children --sort comm,dso --percent-limit 1 -g none \
+        >"$OUT/profile-$2-dso.txt" 2>/dev/null || true
+      perf report -i "$OUT/perf-$2.data" --stdio --no-children --comms postgres --sort symbol --percent-limit 0.5 \
+        -g none >"$OUT/profile-$2-postgres.txt" 2>/dev/null || true
+      perf report -i "$OUT/perf-$2.data" --stdio --no-children --comms gateway --sort symbol --percent-limit 0.5 \
+        -g none >"$OUT/profile-$2-gateway.txt" 2>/dev/null || true
+    fi
+    stop_bg "gw-$2"
+  }
+  for shards in ${BENCH_STORM_SHARDS:-4 16}; do
+    log "connect storm: seeding $STORM_USERS users with history into $shards shards"
+    create_dbs "st${shards}_" "$shards"; STORM_DSNS="$DSNS"
+    "$BIN/loadgen" storm-seed --dsns "$STORM_DSNS" "${STORM_PLAN[@]}" --out "$OUT/storm-seed-$shards.json" \
+      || die "seeding the storm's shards failed"
+    if "$BIN/db-writer" rebuild-index --help >/dev/null 2>&1; then
+      log "connect storm: db-writer rebuild-index ($shards shards)"
+      t0=$SECONDS
+      SHARD_DSNS="$STORM_DSNS" "$BIN/db-writer" rebuild-index >>"$OUT/logs/rebuild-index-$shards.log" 2>&1 \
+        || die "db-writer rebuild-index failed (see $OUT/logs/rebuild-index-$shards.log)"
+      echo "rebuild-index on $shards shards: $((SECONDS - t0)) s" >>"$OUT/logs/rebuild-index-$shards.log"
+    else
+      echo "bench: this db-writer has no rebuild-index; the gateway syncs without the user index" >&2
+    fi
+    built=""
+    for dsn in ${STORM_DSNS//,/ }; do
+      # Settle what seeding left to do before measuring: vacuum (visibility, statistics), checkpoint.
+      psql -q "$dsn" -c 'VACUUM ANALYZE' -c 'CHECKPOINT' >>"$OUT/logs/migrate.log" 2>&1
+      built+="$(psql -q "$dsn" -Atc 'SELECT built FROM index_state' 2>/dev/null || echo none)"
+    done
+    log "connect storm: index built per shard: $built"
+    storm_once "$shards" "storm-$shards" "this code" "$BIN/gateway"
+    if [[ -n "${BENCH_STORM_BEFORE_GATEWAY:-}" ]]; then
+      storm_once "$shards" "storm-before-$shards" "${BENCH_STORM_BEFORE_LABEL:-before}" "$BENCH_STORM_BEFORE_GATEWAY"
+    fi
+  done
+fi
+
 # ---------------------------------------------------------------- the table
 log "results"
 "$BIN/loadgen" report --dir "$OUT" >"$OUT/results.md"
@@ -294,7 +369,7 @@ echo
 cat "$OUT/results.md"
 echo
 echo "JSON reports, charts (trial-*.png) and logs: $OUT/"
-if [[ "$STAGES" == "baselines e2e connections" && "$QUICK" != 1 ]]; then
+if [[ "$STAGES" == "baselines e2e connections storm" && "$QUICK" != 1 ]]; then
   { echo "# Bench results"; echo; echo "Produced by \`$COMMAND\` (bench/bench.sh); charts and JSON of this run were in $OUT/."; echo;
     cat "$OUT/results.md"; } >bench/RESULTS.md
   echo "wrote bench/RESULTS.md"

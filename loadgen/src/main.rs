@@ -2,8 +2,9 @@
 //!
 //! Subcommands: `run` (one open-loop end-to-end trial), `search` (the highest sustainable rate,
 //! then latency points), `raw-kafka`, `raw-pg`, `echo-server` + `echo` (raw websocket),
-//! `tcp-server` + `hold` (connections held and memory per connection), `cleanup` (topics and
-//! groups of a bench run), `report` (the Markdown table from the JSON reports).
+//! `tcp-server` + `hold` (connections held and memory per connection), `storm-seed` + `storm`
+//! (users with history connecting to one gateway at once), `cleanup` (topics and groups of a
+//! bench run), `report` (the Markdown table from the JSON reports).
 //! `make bench` (bench/bench.sh) runs all of it.
 
 mod chart;
@@ -12,6 +13,7 @@ mod e2e;
 mod raw;
 mod report;
 mod stats;
+mod storm;
 mod ws;
 
 use std::path::PathBuf;
@@ -75,6 +77,48 @@ impl FleetArgs {
             watches: self.watches.clone(),
         })
     }
+}
+
+/// The data set of the connect storm (the same for `storm-seed` and `storm`).
+#[derive(Args, Clone)]
+struct PlanArgs {
+    #[arg(long, default_value_t = 18_000)]
+    users: usize,
+    /// User ids are this prefix and a number.
+    #[arg(long, default_value = "st")]
+    user_prefix: String,
+    /// Conversations per user (even).
+    #[arg(long, default_value_t = 50)]
+    conversations: usize,
+    /// Conversations per user with messages pending for the user.
+    #[arg(long, default_value_t = 3)]
+    pending_conversations: usize,
+    /// Unacknowledged messages in each of those.
+    #[arg(long, default_value_t = 2)]
+    pending_messages: usize,
+    /// Conversations per user with a receipt of the last 30 days for the user.
+    #[arg(long, default_value_t = 2)]
+    receipt_conversations: usize,
+}
+
+impl PlanArgs {
+    fn plan(&self) -> storm::Plan {
+        storm::Plan {
+            users: self.users,
+            user_prefix: self.user_prefix.clone(),
+            conversations: self.conversations,
+            pending_conversations: self.pending_conversations,
+            pending_messages: self.pending_messages,
+            receipt_conversations: self.receipt_conversations,
+        }
+    }
+}
+
+fn split_dsns(dsns: &str) -> Vec<String> {
+    dsns.split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -225,6 +269,53 @@ enum Command {
         /// connections of several holders (one per server) are open at the same time.
         #[arg(long)]
         barrier: Option<String>,
+    },
+    /// Writes the connect storm's users, conversations and messages into migrated, empty shards
+    /// (each conversation on its shard), and marks the user index not built.
+    StormSeed {
+        /// Shard DSNs, comma separated, in shard order.
+        #[arg(long)]
+        dsns: String,
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Connects every seeded user to one gateway at once; time to `syncDone`, what each sync
+    /// carried, CPU per connect, memory per idle connection.
+    Storm {
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[arg(long, default_value = "127.0.0.2-127.0.0.5")]
+        source_ips: String,
+        /// Connections in progress at once (0: every user at once).
+        #[arg(long, default_value_t = 0)]
+        concurrency: usize,
+        /// The gateway process (for its memory).
+        #[arg(long)]
+        target_pid: u32,
+        /// Shard DSNs (comma separated), to count the statements the shards ran.
+        #[arg(long, default_value = "")]
+        dsns: String,
+        /// What is measured (code and layout), for the report.
+        #[arg(long, default_value = "")]
+        label: String,
+        #[arg(long, default_value_t = 120.0)]
+        timeout_seconds: f64,
+        /// Wait after the last `syncDone` before reading the gateway's memory.
+        #[arg(long, default_value_t = 3.0)]
+        settle_seconds: f64,
+        /// Wait after that before reading it again (jemalloc returns freed pages within 10 s).
+        #[arg(long, default_value_t = 12.0)]
+        idle_seconds: f64,
+        #[arg(long = "watch")]
+        watches: Vec<Watch>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Deletes the topics with a prefix and the named consumer groups.
     Cleanup {
@@ -446,6 +537,47 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 hold_seconds,
                 user_prefix,
                 barrier,
+            })
+            .await?;
+            write_json(&out, &r)?;
+        }
+        Command::StormSeed {
+            dsns,
+            plan,
+            body_bytes,
+            out,
+        } => {
+            let r = storm::seed(&split_dsns(&dsns), &plan.plan(), body_bytes).await?;
+            if let Some(out) = out {
+                write_json(&out, &r)?;
+            }
+        }
+        Command::Storm {
+            url,
+            plan,
+            source_ips,
+            concurrency,
+            target_pid,
+            dsns,
+            label,
+            timeout_seconds,
+            settle_seconds,
+            idle_seconds,
+            watches,
+            out,
+        } => {
+            let r = storm::storm(storm::StormArgs {
+                url,
+                plan: plan.plan(),
+                source_ips: ws::parse_ips(&source_ips)?,
+                concurrency,
+                target_pid,
+                watches,
+                dsns: split_dsns(&dsns),
+                label,
+                timeout: Duration::from_secs_f64(timeout_seconds),
+                settle: Duration::from_secs_f64(settle_seconds),
+                idle: Duration::from_secs_f64(idle_seconds),
             })
             .await?;
             write_json(&out, &r)?;

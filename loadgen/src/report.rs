@@ -1,14 +1,16 @@
 //! The Markdown results table from a bench output directory.
 //!
 //! Reads `meta.json` (written by bench/bench.sh), `kafka.json`, `pg.json`, `echo.json`,
-//! `search.json`, `hold-gateway.json`, `hold-tcp.json`, `hold-fleet-<n>.json`; a missing file
-//! shows as "not run".
+//! `search.json`, `hold-gateway.json`, `hold-tcp.json`, `hold-fleet-<n>.json`, `storm-<shards>.json`
+//! (and `storm-before-<shards>.json`, other code on the same data); a missing file shows as "not
+//! run".
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::e2e::{SearchReport, TrialReport};
 use crate::raw::{EchoReport, HoldReport, KafkaReport, PgReport};
+use crate::storm::StormReport;
 
 fn load<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Option<T> {
     let text = std::fs::read_to_string(dir.join(name)).ok()?;
@@ -406,6 +408,8 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
         )?;
     }
 
+    storm_section(&mut o, dir)?;
+
     if let Some(s) = &search {
         writeln!(o, "\n### Trials ({:.0} s in all)\n", s.total_seconds)?;
         writeln!(o, "| # | trial | rate | s | sent | receipted | lost | refused | accepted p99 | receipt p50 / p99 / p99.9 (ms) | CPU/msg | verdict |")?;
@@ -438,4 +442,198 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
         }
     }
     Ok(o)
+}
+
+/// The connect storms of a run: this code's (`storm-<shards>.json`) and other code's on the same
+/// data (`storm-before-<shards>.json`), by shard count.
+fn storms(dir: &Path) -> (Vec<StormReport>, Vec<StormReport>) {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("storm-") && n.ends_with(".json"))
+                .filter(|n| !n.starts_with("storm-seed"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let (mut now, mut before): (Vec<StormReport>, Vec<StormReport>) = (Vec::new(), Vec::new());
+    for name in names {
+        if let Some(r) = load::<StormReport>(dir, &name) {
+            if name.starts_with("storm-before-") {
+                before.push(r);
+            } else {
+                now.push(r);
+            }
+        }
+    }
+    now.sort_by_key(|r| r.shards);
+    before.sort_by_key(|r| r.shards);
+    (now, before)
+}
+
+fn cpu_ms(r: &StormReport, process: &str) -> f64 {
+    r.cpu_per_connect.get(process).copied().unwrap_or(0.0) * 1e3
+}
+
+fn storm_section(o: &mut String, dir: &Path) -> anyhow::Result<()> {
+    writeln!(
+        o,
+        "\n### 6. Connect storm (users with history connect to one gateway at once)\n"
+    )?;
+    let (now, before) = storms(dir);
+    let Some(first) = now.first().or(before.first()) else {
+        writeln!(o, "not run")?;
+        return Ok(());
+    };
+    let p = &first.plan;
+    writeln!(
+        o,
+        "{} users, each with {} conversations: {} with {} messages pending for the user, {} with a receipt of the last 30 days, the rest acknowledged 40 days ago. Every user's websocket opened at once ({} in progress at most), automatic sync; time per connection from the start of its TCP connect to `syncDone`; CPU from /proc over the storm (first connect to last `syncDone`), per synced connection; shard transactions from `pg_stat_database` (statements outside a transaction, and preparations); memory = gateway RSS growth per connection, all idle after their sync (15 s after the last `syncDone`; 3 s after it in brackets).\n",
+        n(p.users as f64),
+        p.conversations,
+        p.pending_conversations,
+        p.pending_messages,
+        p.receipt_conversations,
+        n(first.concurrency as f64),
+    )?;
+    writeln!(o, "| code | shards | synced as planned (of) | connects/s to syncDone | to syncDone p50 / p99 / max (ms) | CPU per connect (ms): gateway / postgres / kafka / loadgen / all | shard transactions per connect | memory per idle connection |")?;
+    writeln!(o, "|---|---:|---|---:|---|---|---:|---:|")?;
+    for r in now.iter().chain(&before) {
+        let failed: u64 = r.failures.values().sum();
+        writeln!(
+            o,
+            "| {} | {} | {} of {}{}{} | **{}** | {} / {} / {} | {:.3} / {:.3} / {:.3} / {:.3} / **{:.3}** | {} | {:.2} KiB ({:.2}) |",
+            r.label,
+            r.shards,
+            n(r.synced_as_planned as f64),
+            n(r.attempted as f64),
+            if failed > 0 { format!("; {failed} failed") } else { String::new() },
+            if r.synced_as_planned < r.synced {
+                format!("; {} synced otherwise", r.synced - r.synced_as_planned)
+            } else {
+                String::new()
+            },
+            n(r.connects_per_sec),
+            ms(r.to_sync_done.p50_ms),
+            ms(r.to_sync_done.p99_ms),
+            ms(r.to_sync_done.max_ms),
+            cpu_ms(r, "gateway"),
+            cpu_ms(r, "postgres"),
+            cpu_ms(r, "kafka"),
+            cpu_ms(r, "loadgen"),
+            r.cpu_per_connect_total * 1e3,
+            r.pg_transactions_per_connect
+                .map(|t| format!("{t:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            r.rss_per_connection_idle_bytes / 1024.0,
+            r.rss_per_connection_bytes / 1024.0,
+        )?;
+    }
+    for r in now.iter().chain(&before) {
+        for m in r.mismatches.iter().take(2) {
+            writeln!(
+                o,
+                "\n{} ({} shards), a sync not as planned: {m}",
+                r.label, r.shards
+            )?;
+        }
+        for (code, count) in &r.sync_errors {
+            writeln!(
+                o,
+                "\n{} ({} shards): {count} connections got an `{code}` error frame before `syncDone` (the gateway could not read all of their sync)",
+                r.label, r.shards
+            )?;
+        }
+        for (e, count) in &r.failures {
+            writeln!(
+                o,
+                "\n{} ({} shards): {count} connections failed: {e}",
+                r.label, r.shards
+            )?;
+        }
+    }
+    if now.is_empty() {
+        return Ok(());
+    }
+    let list = |f: &dyn Fn(&StormReport) -> String| {
+        now.iter()
+            .map(|r| format!("{} ({} shards)", f(r), r.shards))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let all = |f: &dyn Fn(&StormReport) -> bool| now.iter().all(f);
+    writeln!(o, "\n| figure (this code) | value | target | met |")?;
+    writeln!(o, "|---|---|---|---|")?;
+    writeln!(
+        o,
+        "| connects per second to `syncDone` | {} | ≥ 2,000 (aim 4,000) | {} |",
+        list(&|r| n(r.connects_per_sec)),
+        yes(all(&|r| r.connects_per_sec >= 2000.0))
+    )?;
+    writeln!(
+        o,
+        "| Postgres CPU per connect | {} | ≤ 0.3 ms | {} |",
+        list(&|r| format!("{:.3} ms", cpu_ms(r, "postgres"))),
+        yes(all(&|r| cpu_ms(r, "postgres") <= 0.3))
+    )?;
+    writeln!(
+        o,
+        "| gateway CPU per connect | {} | ≤ 0.4 ms | {} |",
+        list(&|r| format!("{:.3} ms", cpu_ms(r, "gateway"))),
+        yes(all(&|r| cpu_ms(r, "gateway") <= 0.4))
+    )?;
+    if let (Some(lo), Some(hi)) = (now.first(), now.last()) {
+        if hi.shards > lo.shards {
+            let total = hi.cpu_per_connect_total / lo.cpu_per_connect_total.max(1e-12);
+            let pg = cpu_ms(hi, "postgres") / cpu_ms(lo, "postgres").max(1e-9);
+            writeln!(
+                o,
+                "| CPU per connect, {} shards / {} shards | all processes {:.2} ({:.3} / {:.3} ms); Postgres {:.2} ({:.3} / {:.3} ms); connects/s {:.2} ({} / {}) | ≤ 1.2 | {} |",
+                hi.shards,
+                lo.shards,
+                total,
+                hi.cpu_per_connect_total * 1e3,
+                lo.cpu_per_connect_total * 1e3,
+                pg,
+                cpu_ms(hi, "postgres"),
+                cpu_ms(lo, "postgres"),
+                hi.connects_per_sec / lo.connects_per_sec.max(1e-9),
+                n(hi.connects_per_sec),
+                n(lo.connects_per_sec),
+                yes(total <= 1.2)
+            )?;
+        }
+    }
+    writeln!(
+        o,
+        "| memory per idle connection (gateway RSS growth) | {} | 2.47 KiB before the index (Centrifugo 47.2) | |",
+        list(&|r| format!("{:.2} KiB", r.rss_per_connection_idle_bytes / 1024.0))
+    )?;
+    writeln!(
+        o,
+        "| every sync carried exactly the user's pending messages and receipts | {} | all | {} |",
+        list(&|r| format!(
+            "{} of {}",
+            n(r.synced_as_planned as f64),
+            n(r.attempted as f64)
+        )),
+        yes(all(&|r| r.synced_as_planned == r.attempted))
+    )?;
+    for b in &before {
+        if let Some(r) = now.iter().find(|r| r.shards == b.shards) {
+            writeln!(
+                o,
+                "| against {} at {} shards: connects/s; CPU per connect (all; Postgres; gateway) | {:.1}x ({} / {}); {:.2}x; {:.2}x; {:.2}x | | |",
+                b.label,
+                b.shards,
+                r.connects_per_sec / b.connects_per_sec.max(1e-9),
+                n(r.connects_per_sec),
+                n(b.connects_per_sec),
+                r.cpu_per_connect_total / b.cpu_per_connect_total.max(1e-12),
+                cpu_ms(r, "postgres") / cpu_ms(b, "postgres").max(1e-9),
+                cpu_ms(r, "gateway") / cpu_ms(b, "gateway").max(1e-9),
+            )?;
+        }
+    }
+    Ok(())
 }
