@@ -183,8 +183,12 @@ impl Shards {
             let names: Vec<&str> = convs.iter().map(ConversationKey::as_str).collect();
             let client = self.client(shard).await?;
             queries.one();
+            let statement = client
+                .prepare_cached(FAILURES_IN)
+                .await
+                .map_err(DbError::pg(shard))?;
             let rows = client
-                .query(FAILURES_IN, &[&sender.as_str(), &after_ms, &limit, &names])
+                .query(&statement, &[&sender.as_str(), &after_ms, &limit, &names])
                 .await
                 .map_err(DbError::pg(shard))?;
             rows.iter()

@@ -52,9 +52,13 @@ impl Shards {
         let shard = self.locator().shard_of(conversation);
         let client = self.client(shard).await?;
         let before = before.map(bigint).unwrap_or(i64::MAX);
+        let statement = client
+            .prepare_cached(HISTORY)
+            .await
+            .map_err(DbError::pg(shard))?;
         let rows = client
             .query(
-                HISTORY,
+                &statement,
                 &[&conversation.as_str(), &before, &i64::from(limit)],
             )
             .await

@@ -27,6 +27,20 @@ pub struct ShardConfig {
     pub pool_size: usize,
     /// How long to wait for a pooled connection before failing (and letting the caller retry).
     pub acquire_timeout: Duration,
+    /// How the connections plan prepared statements (see [`Plans`]).
+    pub plans: Plans,
+}
+
+/// How a process's shard connections plan their prepared statements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plans {
+    /// `plan_cache_mode=force_custom_plan`: each execution planned with its own arrays. For the
+    /// writers (the multiplexer, a replay), whose lookups by array a generic plan made slow.
+    Custom,
+    /// Postgres's default: after five executions a statement may keep a generic plan. For the
+    /// gateway, whose reads are probes by key (a user's index, a conversation's messages), where
+    /// planning each execution cost more than running it.
+    Auto,
 }
 
 impl ShardConfig {
@@ -45,7 +59,14 @@ impl ShardConfig {
             dsns,
             pool_size,
             acquire_timeout: Duration::from_secs(5),
+            plans: Plans::Custom,
         })
+    }
+
+    /// The same shards, with connections that plan as `plans` says.
+    pub fn with_plans(mut self, plans: Plans) -> Self {
+        self.plans = plans;
+        self
     }
 }
 
@@ -69,11 +90,13 @@ impl Shards {
             // arrays: a generic plan, which Postgres would otherwise switch to after five runs,
             // is fixed by the table sizes of that moment (a new shard is empty) and was measured
             // 10 to 30 times slower for the store's lookups (docs/design.md).
-            let options = match pg.get_options() {
-                Some(o) => format!("{o} {CUSTOM_PLANS}"),
-                None => CUSTOM_PLANS.to_owned(),
-            };
-            pg.options(&options);
+            if config.plans == Plans::Custom {
+                let options = match pg.get_options() {
+                    Some(o) => format!("{o} {CUSTOM_PLANS}"),
+                    None => CUSTOM_PLANS.to_owned(),
+                };
+                pg.options(&options);
+            }
             let mgr = Manager::from_config(
                 pg,
                 NoTls,

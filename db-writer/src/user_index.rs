@@ -521,8 +521,12 @@ impl Shards {
         let rows = {
             let client = self.client(home).await?;
             queries.one();
+            let statement = client
+                .prepare_cached(SYNC_ROWS)
+                .await
+                .map_err(DbError::pg(home))?;
             client
-                .query(SYNC_ROWS, &[&user.as_str(), &since_ms])
+                .query(&statement, &[&user.as_str(), &since_ms])
                 .await
                 .map_err(DbError::pg(home))?
         };
@@ -577,8 +581,12 @@ impl Shards {
                 convs.iter().map(|(c, h)| (c.as_str(), bigint(*h))).unzip();
             let client = self.client(shard).await?;
             queries.one();
+            let statement = client
+                .prepare_cached(PENDING_IN)
+                .await
+                .map_err(DbError::pg(shard))?;
             let rows = client
-                .query(PENDING_IN, &[&user.as_str(), &names, &held, &limit])
+                .query(&statement, &[&user.as_str(), &names, &held, &limit])
                 .await
                 .map_err(DbError::pg(shard))?;
             rows.iter()
@@ -708,11 +716,14 @@ impl Shards {
             Some(c) => (c.last_activity_ms, c.conversation.as_str()),
             None => (i64::MAX, ""),
         };
-        let rows = self
-            .client(home)
-            .await?
+        let client = self.client(home).await?;
+        let statement = client
+            .prepare_cached(LIST)
+            .await
+            .map_err(DbError::pg(home))?;
+        let rows = client
             .query(
-                LIST,
+                &statement,
                 &[&user.as_str(), &before_ms, &before_key, &i64::from(limit)],
             )
             .await
@@ -729,11 +740,14 @@ impl Shards {
         let per_shard = self.group_by_shard(needs_details, |c| c);
         let details = try_join_all(per_shard.into_iter().map(|(shard, convs)| async move {
             let names: Vec<&str> = convs.iter().map(ConversationKey::as_str).collect();
-            let rows = self
-                .client(shard)
-                .await?
+            let client = self.client(shard).await?;
+            let statement = client
+                .prepare_cached(DETAILS)
+                .await
+                .map_err(DbError::pg(shard))?;
+            let rows = client
                 .query(
-                    DETAILS,
+                    &statement,
                     &[&user.as_str(), &names, &previews, &PREVIEW_CHARS],
                 )
                 .await

@@ -141,7 +141,7 @@ impl TestEnv {
             addr: "127.0.0.1:0".parse()?,
             kafka: self.kafka.clone(),
             topics: self.topics.clone(),
-            shards: self.shard_config(),
+            shards: self.shard_config().with_plans(db_writer::Plans::Auto),
             verifier: TokenVerifier::hs256(SECRET, ISSUER, AUDIENCE),
             dev_issuer: None,
             max_body_bytes: 4096,

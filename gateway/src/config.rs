@@ -85,8 +85,10 @@ impl Config {
         let gateway_id =
             GatewayId::parse(&id).map_err(|e| ConfigError::new("GATEWAY_ID", id.clone(), e))?;
         let dsns = env_or("SHARD_DSNS", DEFAULT_SHARD_DSNS);
+        // The gateway only reads, by key: generic plans (docs/design.md).
         let shards = ShardConfig::from_list(&dsns, env_parse("SHARD_POOL_SIZE", 8)?)
-            .map_err(|e| ConfigError::new("SHARD_DSNS", dsns.clone(), e))?;
+            .map_err(|e| ConfigError::new("SHARD_DSNS", dsns.clone(), e))?
+            .with_plans(db_writer::Plans::Auto);
         let issuer = env_or("JWT_ISSUER", DEFAULT_ISSUER);
         let audience = env_or("JWT_AUDIENCE", DEFAULT_AUDIENCE);
         let secret = env_or("JWT_SECRET", DEV_JWT_SECRET);
