@@ -102,6 +102,27 @@ pub fn cpu_seconds(w: &Watch) -> Option<f64> {
     Some(ticks as f64 / ticks_per_sec())
 }
 
+/// CPU seconds the whole machine has spent busy (every CPU, `/proc/stat`: all but idle and
+/// iowait) since boot: with the watched processes' share, how much else ran meanwhile.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is counted in user already).
+    let busy: u64 = f
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Some(busy as f64 / ticks_per_sec())
+}
+
 /// Resident memory in KiB (`VmRSS`), of the process alone.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

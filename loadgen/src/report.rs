@@ -408,7 +408,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
         )?;
     }
 
-    storm_section(&mut o, dir)?;
+    storm_section(&mut o, dir, cores)?;
 
     if let Some(s) = &search {
         writeln!(o, "\n### Trials ({:.0} s in all)\n", s.total_seconds)?;
@@ -475,7 +475,7 @@ fn cpu_ms(r: &StormReport, process: &str) -> f64 {
     r.cpu_per_connect.get(process).copied().unwrap_or(0.0) * 1e3
 }
 
-fn storm_section(o: &mut String, dir: &Path) -> anyhow::Result<()> {
+fn storm_section(o: &mut String, dir: &Path, cores: f64) -> anyhow::Result<()> {
     writeln!(
         o,
         "\n### 6. Connect storm (users with history connect to one gateway at once)\n"
@@ -535,6 +535,19 @@ fn storm_section(o: &mut String, dir: &Path) -> anyhow::Result<()> {
                 o,
                 "\n{} ({} shards), a sync not as planned: {m}",
                 r.label, r.shards
+            )?;
+        }
+        if let Some(busy) = r.machine_busy_seconds {
+            writeln!(
+                o,
+                "\n{} ({} shards): over its {:.1} s the machine was busy {:.1} CPU s of {:.1} ({:.1} CPU s in processes other than the measured ones); load average {} at the end",
+                r.label,
+                r.shards,
+                r.cpu.wall_seconds,
+                busy,
+                r.cpu.wall_seconds * cores,
+                (busy - r.cpu.total_seconds).max(0.0),
+                r.load_average.map(|l| format!("{l:.2}")).unwrap_or_else(|| "?".into()),
             )?;
         }
         for (code, count) in &r.sync_errors {

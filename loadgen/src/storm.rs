@@ -424,6 +424,12 @@ pub struct StormReport {
     /// CPU seconds per synced connection, by process and in all.
     pub cpu_per_connect: BTreeMap<String, f64>,
     pub cpu_per_connect_total: f64,
+    /// CPU seconds the whole machine was busy over the storm, and the 1-minute load average at
+    /// its end: what else ran on the machine (a shared one) is `machine - cpu.total_seconds`.
+    #[serde(default)]
+    pub machine_busy_seconds: Option<f64>,
+    #[serde(default)]
+    pub load_average: Option<f64>,
     /// Shard work per synced connection (`pg_stat_database` of the shards, over the storm).
     pub pg_transactions_per_connect: Option<f64>,
     pub pg_buffers_per_connect: Option<f64>,
@@ -467,6 +473,7 @@ pub async fn storm(a: StormArgs) -> anyhow::Result<StormReport> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
     let bar = crate::progress_bar(n as u64, "storm: connected to syncDone");
     let probe = Probe::start(&a.watches);
+    let machine_before = cpu::machine_busy_seconds();
     let t0 = Instant::now();
     for (user, (token, expected)) in prepared.into_iter().enumerate() {
         let source = (!a.source_ips.is_empty()).then(|| a.source_ips[user % a.source_ips.len()]);
@@ -533,6 +540,12 @@ pub async fn storm(a: StormArgs) -> anyhow::Result<StormReport> {
         }
     }
     let cpu = probe.stop();
+    let machine_busy_seconds = machine_before
+        .zip(cpu::machine_busy_seconds())
+        .map(|(b, e)| e - b);
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok());
     bar.finish_and_clear();
 
     tokio::time::sleep(a.settle).await;
@@ -618,6 +631,8 @@ pub async fn storm(a: StormArgs) -> anyhow::Result<StormReport> {
         to_welcome: Latency::of_us(&mut to_welcome),
         done_per_second: per_second,
         cpu_per_connect_total: per(cpu.total_seconds),
+        machine_busy_seconds,
+        load_average,
         cpu_per_connect,
         cpu,
         pg_transactions_per_connect: pg_delta.map(|d| d.0),
