@@ -89,7 +89,7 @@ CURRENT: dict[str, Metric] = {
     "multiplexer_outbound_records_total": _m("counter"),
     "multiplexer_errors_total": _m(
         "counter",
-        kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard", "sweep_index", "failure_rows"},
+        kind={"consume", "invalid_ack", "produce", "empty_record", "invalid_record", "shard", "sweep_index", "failure_rows", "index"},
     ),
     # Inbound records set aside on inbound-dlq (multiplexer/src/pipeline.rs), by reason.
     "multiplexer_dead_letters_total": _m(
@@ -115,6 +115,12 @@ CURRENT: dict[str, Metric] = {
     "gateway_rate_limited_total": _m("counter", scope={"user", "connection"}),
     "gateway_origin_refused_total": _m("counter"),
     "gateway_connections_refused_total": _m("counter", reason={"per_address"}),
+    # The user's path (gateway/src/app/read.rs, multiplexer/src/pipeline.rs): time a sync waited
+    # for a slot, shard queries per sync, and the user index write of each batch.
+    "gateway_sync_wait_seconds": _m("histogram"),
+    "gateway_sync_shard_queries": _m("histogram"),
+    "multiplexer_index_seconds": _m("histogram"),
+    "multiplexer_index_rows_total": _m("counter"),
 }
 
 # Not emitted yet. Dashboards and alerts may use them, marked as planned.
