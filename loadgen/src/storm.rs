@@ -716,8 +716,11 @@ async fn connect_and_sync(
             Some(Err(e)) => return Err(format!("read: {e}")),
             None => return Err("closed before syncDone".into()),
         };
-        if m.is_close() {
-            return Err(format!("closed before syncDone: {m:?}"));
+        if let tokio_tungstenite::tungstenite::Message::Close(frame) = &m {
+            return Err(match frame {
+                Some(f) => format!("closed before syncDone: {} {}", u16::from(f.code), f.reason),
+                None => "closed before syncDone".into(),
+            });
         }
         match ws::decode(&m).and_then(|f| f.kind) {
             Some(server_frame::Kind::Welcome(_)) => welcome_us = now(),
