@@ -362,9 +362,16 @@ if has_stage storm; then
   done
 fi
 
+# ---------------------------------------------------------------- 6. a peer: Centrifugo
+# Optional (BENCH_PEER=1 or "peer" in BENCH_STAGES): bench/peer.sh writes $OUT/peer.md.
+if has_stage peer || [[ "${BENCH_PEER:-0}" == 1 ]]; then
+  source bench/peer.sh
+fi
+
 # ---------------------------------------------------------------- the table
 log "results"
 "$BIN/loadgen" report --dir "$OUT" >"$OUT/results.md"
+if [[ -f "$OUT/peer.md" ]]; then cat "$OUT/peer.md" >>"$OUT/results.md"; fi
 echo
 cat "$OUT/results.md"
 echo
