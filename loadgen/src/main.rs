@@ -10,6 +10,7 @@
 mod chart;
 mod cpu;
 mod e2e;
+mod peer;
 mod raw;
 mod report;
 mod stats;
@@ -338,6 +339,8 @@ enum Command {
     /// Prints in-memory sizes of the frame types a gateway queues per socket (diagnostics).
     #[command(hide = true)]
     Sizes,
+    /// A peer websocket server (Centrifugo) measured with the same client as the gateway.
+    Peer(peer::PeerArgs),
     /// Prints the Markdown results table from a bench output directory.
     Report {
         #[arg(long)]
@@ -379,6 +382,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Peer(args) => peer::run(args).await?,
         Command::Run {
             fleet,
             rate,
