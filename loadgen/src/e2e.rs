@@ -8,7 +8,9 @@
 //! once), and receipted (sender gets the peer's receipt covering its sequence).
 //!
 //! Each trial pairs users differently (user i sends to user i + offset), so every trial starts
-//! with fresh conversations.
+//! with fresh conversations. Given the pipeline's metrics endpoints, a trial also records what it
+//! added to the pipeline's own histograms (scraped right before it and right after it drains),
+//! which is where its latency went hop by hop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -25,6 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::chart;
 use crate::cpu::{CpuUse, Probe, Watch};
+use crate::prometheus::{self, Endpoint, PipelineHistograms};
 use crate::stats::{log_histogram, Latency};
 use crate::ws;
 
@@ -356,6 +359,8 @@ pub struct Fleet {
     setup: Setup,
     senders: Vec<mpsc::UnboundedSender<Cmd>>,
     next_trial: u32,
+    /// The pipeline's metrics endpoints, scraped before and after each trial.
+    metrics: Vec<Endpoint>,
 }
 
 impl Fleet {
@@ -414,7 +419,14 @@ impl Fleet {
             setup,
             senders,
             next_trial: 0,
+            metrics: Vec::new(),
         })
+    }
+
+    /// Scrape these endpoints right before and right after every trial: each report then has
+    /// what the trial added to the pipeline's own histograms (`TrialReport::pipeline`).
+    pub fn scrape_metrics(&mut self, endpoints: Vec<Endpoint>) {
+        self.metrics = endpoints;
     }
 
     /// Runs one trial and analyses it; writes its chart to `chart_path`.
@@ -428,6 +440,8 @@ impl Fleet {
             offset = 1;
         }
         let n = (spec.rate * spec.seconds).round() as u32;
+        // Before the trial's clock starts, so a slow scrape does not delay its first sends.
+        let before = prometheus::scrape(&self.metrics).await;
         let slots = |n: u32| (0..n).map(|_| AtomicU32::new(0)).collect::<Vec<_>>();
         let trial = Arc::new(Trial {
             id,
@@ -496,7 +510,17 @@ impl Fleet {
         }
         let cpu = probe.stop();
         bar.finish_and_clear();
-        let report = analyse(&trial, spec, sent, send_end, cpu, late_max_us, aborted);
+        // Everything receipted (or the drain ended): the histograms hold this trial's messages.
+        let pipeline = if self.metrics.is_empty() {
+            None
+        } else {
+            Some(prometheus::delta(
+                &before,
+                &prometheus::scrape(&self.metrics).await,
+            ))
+        };
+        let mut report = analyse(&trial, spec, sent, send_end, cpu, late_max_us, aborted);
+        report.pipeline = pipeline;
         if let Err(e) = draw(&trial, &report, sent, chart_path) {
             eprintln!("chart {}: {e}", chart_path.display());
         }
@@ -516,7 +540,6 @@ impl Fleet {
                 (last, moved) = (d, Instant::now());
             }
         }
-        let mut report = report;
         report.settle_seconds = settle.elapsed().as_secs_f64();
         report.users = users;
         report.chart = Some(chart_path.display().to_string());
@@ -570,6 +593,10 @@ pub struct TrialReport {
     /// Time waited after the trial for its leftovers to drain (not part of its figures).
     #[serde(default)]
     pub settle_seconds: f64,
+    /// What the trial added to the pipeline's own histograms (scraped right before it started
+    /// and right after it drained); `None` when no metrics endpoint was given.
+    #[serde(default)]
+    pub pipeline: Option<PipelineHistograms>,
 }
 
 impl TrialReport {
@@ -722,6 +749,7 @@ fn analyse(
             .collect(),
         chart: None,
         settle_seconds: 0.0,
+        pipeline: None,
     }
 }
 

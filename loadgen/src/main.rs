@@ -11,6 +11,7 @@ mod chart;
 mod cpu;
 mod e2e;
 mod peer;
+mod prometheus;
 mod raw;
 mod report;
 mod stats;
@@ -136,6 +137,10 @@ enum Command {
         drain_seconds: f64,
         #[arg(long, default_value_t = 1000.0)]
         max_p99_ms: f64,
+        /// The pipeline's metrics endpoints, name=url (repeatable), scraped before and after
+        /// the trial: the report gets what it added to each histogram.
+        #[arg(long = "metrics")]
+        metrics: Vec<prometheus::Endpoint>,
     },
     /// Finds the highest rate sustained for a full trial, then measures latency points.
     Search {
@@ -159,6 +164,11 @@ enum Command {
         /// Stop probing after this long (confirmation and latency runs still happen).
         #[arg(long, default_value_t = 300.0)]
         budget_seconds: f64,
+        /// The pipeline's metrics endpoints, name=url (repeatable, e.g.
+        /// gateway=http://127.0.0.1:8080/metrics), scraped before and after every trial: each
+        /// trial's report gets what it added to each histogram (same names are added together).
+        #[arg(long = "metrics")]
+        metrics: Vec<prometheus::Endpoint>,
     },
     /// Raw Kafka: produce and consume records of the pipeline's size with its settings.
     RawKafka {
@@ -389,9 +399,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             seconds,
             drain_seconds,
             max_p99_ms,
+            metrics,
         } => {
             std::fs::create_dir_all(&fleet.out_dir)?;
             let mut f = e2e::Fleet::connect(fleet.setup()?).await?;
+            f.scrape_metrics(metrics);
             let spec = e2e::TrialSpec {
                 label: "run".into(),
                 rate,
@@ -413,9 +425,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             latency_seconds,
             max_p99_ms,
             budget_seconds,
+            metrics,
         } => {
             std::fs::create_dir_all(&fleet.out_dir)?;
             let mut f = e2e::Fleet::connect(fleet.setup()?).await?;
+            f.scrape_metrics(metrics);
             let s = e2e::SearchSpec {
                 start_rate,
                 max_rate,
