@@ -1,4 +1,5 @@
-//! A small PNG chart: throughput over time (top) and a latency distribution (bottom).
+//! Small PNG charts: a trial's throughput over time (top) and latency distribution (bottom);
+//! and a search's latency against rate.
 //!
 //! Drawn on an RGB buffer with a built-in 3x5 pixel font, so it needs no font files and no
 //! plotting crate; only `png` encodes the result.
@@ -12,6 +13,8 @@ pub const GRAY: Rgb = [150, 150, 150];
 pub const BLUE: Rgb = [31, 119, 180];
 pub const GREEN: Rgb = [44, 160, 44];
 pub const RED: Rgb = [214, 39, 40];
+pub const LIGHT_GREEN: Rgb = [140, 210, 140];
+pub const LIGHT_RED: Rgb = [240, 150, 150];
 const BLACK: Rgb = [0, 0, 0];
 const LIGHT: Rgb = [225, 225, 225];
 const WHITE: Rgb = [255, 255, 255];
@@ -58,6 +61,7 @@ const GLYPHS: &[(char, [&str; 5])] = &[
     ('.', ["000", "000", "000", "000", "010"]),
     (',', ["000", "000", "000", "010", "100"]),
     (':', ["000", "010", "000", "010", "000"]),
+    (';', ["000", "010", "000", "010", "100"]),
     ('/', ["001", "001", "010", "100", "100"]),
     ('%', ["101", "001", "010", "100", "101"]),
     ('-', ["000", "000", "111", "000", "000"]),
@@ -433,6 +437,139 @@ pub fn render(
         c.rect(lx - 2, my - 2, lx + wl + 1, my + 11, WHITE);
         c.text(lx, my, &label, 2, m.color);
         my += 16;
+    }
+    c.save(path)
+}
+
+/// Latency (log scale) against rate: one line per series through its (rate, ms) points,
+/// dashed horizontal lines at `targets` and dashed vertical lines at `rates` (label, rate).
+pub fn render_curve(
+    path: &Path,
+    title: &str,
+    subtitle: &str,
+    series: &[Series],
+    targets: &[Marker],
+    rates: &[(String, f64)],
+) -> anyhow::Result<()> {
+    let (w, h) = (1100usize, 660usize);
+    let mut c = Canvas::new(w, h);
+    c.text(20, 12, title, 3, BLACK);
+    c.text(20, 34, subtitle, 2, [80, 80, 80]);
+    let (px0, py0, pw, ph) = (90i64, 110i64, 900i64, 460i64);
+
+    let xmax = nice(
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .chain(rates.iter().map(|r| r.1))
+            .fold(1.0f64, f64::max)
+            * 1.05,
+    );
+    let values: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .chain(targets.iter().map(|t| t.ms))
+        .filter(|v| *v > 0.0)
+        .collect();
+    let lo = values.iter().copied().fold(f64::MAX, f64::min).min(1.0);
+    let hi = values.iter().copied().fold(0.0f64, f64::max).max(lo * 10.0);
+    let (dlo, dhi) = (lo.log10().floor(), hi.log10().ceil());
+    let xs = |v: f64| px0 + (v / xmax * pw as f64) as i64;
+    let ys = |ms: f64| {
+        let l = ms.max(10f64.powf(dlo)).log10();
+        py0 + ph - ((l - dlo) / (dhi - dlo) * ph as f64) as i64
+    };
+
+    // Grid: 1, 2 and 5 of every decade; labelled at each.
+    let mut d = dlo;
+    while d < dhi + 1e-9 {
+        for m in [1.0, 2.0, 5.0] {
+            let ms = m * 10f64.powf(d);
+            if ms > 10f64.powf(dhi) * 1.0001 {
+                break;
+            }
+            let y = ys(ms);
+            c.line((px0, y), (px0 + pw, y), LIGHT, 1);
+            let label = fmt_ms(ms * 1000.0);
+            c.text(
+                px0 - 8 - Canvas::text_width(&label, 2),
+                y - 5,
+                &label,
+                2,
+                BLACK,
+            );
+        }
+        d += 1.0;
+    }
+    let xstep = nice(xmax / 10.0);
+    let mut x = 0.0;
+    while x <= xmax + 1e-9 {
+        let px = xs(x);
+        c.line((px, py0), (px, py0 + ph), LIGHT, 1);
+        let label = fmt_num(x);
+        c.text(
+            px - Canvas::text_width(&label, 2) / 2,
+            py0 + ph + 8,
+            &label,
+            2,
+            BLACK,
+        );
+        x += xstep;
+    }
+    c.line((px0, py0 + ph), (px0 + pw, py0 + ph), BLACK, 1);
+    c.line((px0, py0), (px0, py0 + ph), BLACK, 1);
+    c.text(
+        px0,
+        py0 - 40,
+        "LATENCY FROM SCHEDULED SEND (LOG SCALE)",
+        2,
+        BLACK,
+    );
+    let xlabel = "MESSAGES PER SECOND (OPEN LOOP)";
+    c.text(
+        px0 + pw - Canvas::text_width(xlabel, 2),
+        py0 + ph + 26,
+        xlabel,
+        2,
+        BLACK,
+    );
+
+    for t in targets {
+        let y = ys(t.ms);
+        let mut x = px0;
+        while x < px0 + pw {
+            c.line((x, y), ((x + 6).min(px0 + pw), y), t.color, 1);
+            x += 12;
+        }
+        c.text(px0 + pw + 6, y - 5, &t.label, 2, t.color);
+    }
+    for (label, rate) in rates {
+        let x = xs(*rate);
+        let mut y = py0;
+        while y < py0 + ph {
+            c.line((x, y), (x, (y + 4).min(py0 + ph)), GRAY, 1);
+            y += 8;
+        }
+        let wl = Canvas::text_width(label, 2);
+        c.rect(x - wl / 2 - 2, py0 + 2, x + wl / 2 + 1, py0 + 15, WHITE);
+        c.text(x - wl / 2, py0 + 4, label, 2, [80, 80, 80]);
+    }
+    for s in series {
+        let mut prev: Option<(i64, i64)> = None;
+        for &(rate, ms) in &s.points {
+            let p = (xs(rate), ys(ms));
+            if let Some(q) = prev {
+                c.line(q, p, s.color, 2);
+            }
+            c.rect(p.0 - 3, p.1 - 3, p.0 + 3, p.1 + 3, s.color);
+            prev = Some(p);
+        }
+    }
+    let mut lx = px0;
+    for s in series {
+        c.rect(lx, py0 - 20, lx + 14, py0 - 12, s.color);
+        c.text(lx + 20, py0 - 22, &s.name, 2, BLACK);
+        lx += 40 + Canvas::text_width(&s.name, 2);
     }
     c.save(path)
 }

@@ -864,6 +864,18 @@ pub struct SearchReport {
     pub max_sustained_trial: Option<usize>,
     /// Latency points: label -> index in `trials`.
     pub latency_points: BTreeMap<String, usize>,
+    /// The fixed low rate of a latency point (`SearchSpec::low_rate`; 0: none).
+    #[serde(default)]
+    pub low_rate: f64,
+    /// The latency point at the fixed low rate, if it was sustainable.
+    #[serde(default)]
+    pub low_rate_trial: Option<usize>,
+    /// The latency point at 80% of the maximum.
+    #[serde(default)]
+    pub eighty_pct_trial: Option<usize>,
+    /// Latency against rate over the trials that passed (a PNG).
+    #[serde(default)]
+    pub curve_chart: Option<String>,
     pub total_seconds: f64,
 }
 
@@ -876,6 +888,9 @@ pub struct SearchSpec {
     pub confirm_seconds: f64,
     pub latency_rate: f64,
     pub latency_seconds: f64,
+    /// A fixed latency point at a low rate, whatever the maximum (if it is sustainable).
+    pub low_rate: f64,
+    pub low_seconds: f64,
     pub max_p99_ms: f64,
     pub budget_seconds: f64,
     pub out_dir: PathBuf,
@@ -906,8 +921,8 @@ async fn run_trial(
 }
 
 /// Probes rates (short trials, growing by 1.5x, then bisecting), confirms the best with a full
-/// trial (stepping down 10% on failure), then measures latency at the latency rate (or the
-/// maximum, if lower) and at 80% of the maximum.
+/// trial (stepping down 15% on failure), then measures latency at the fixed low rate, at the
+/// latency rate (or the maximum, if lower) and at 80% of the maximum; draws latency against rate.
 pub async fn search(fleet: &mut Fleet, s: &SearchSpec) -> anyhow::Result<SearchReport> {
     let started = Instant::now();
     let mut trials: Vec<TrialReport> = Vec::new();
@@ -1005,7 +1020,19 @@ pub async fn search(fleet: &mut Fleet, s: &SearchSpec) -> anyhow::Result<SearchR
         }
     }
     let mut latency_points = BTreeMap::new();
+    let (mut low_rate_trial, mut eighty_pct_trial) = (None, None);
     if let Some((max, idx)) = max_sustained {
+        if s.low_rate > 0.0 && s.low_rate <= max {
+            run_trial(
+                fleet,
+                spec("latency-low", s.low_rate, s.low_seconds, s, 10.0),
+                &mut trials,
+                &s.out_dir,
+            )
+            .await;
+            low_rate_trial = Some(trials.len() - 1);
+            latency_points.insert(format!("{} (fixed low rate)", s.low_rate), trials.len() - 1);
+        }
         if s.latency_rate <= max {
             run_trial(
                 fleet,
@@ -1047,7 +1074,17 @@ pub async fn search(fleet: &mut Fleet, s: &SearchSpec) -> anyhow::Result<SearchR
             format!("{} (80% of max)", (max * 0.8).round()),
             trials.len() - 1,
         );
+        eighty_pct_trial = Some(trials.len() - 1);
     }
+    let curve_path = s.out_dir.join("curve.png");
+    let curve_chart = match draw_curve(&trials, max_sustained.map(|m| m.0), s.low_rate, &curve_path)
+    {
+        Ok(()) => Some(curve_path.display().to_string()),
+        Err(e) => {
+            eprintln!("chart {}: {e}", curve_path.display());
+            None
+        }
+    };
     Ok(SearchReport {
         users: fleet.setup.users,
         gateways: fleet.setup.urls.len(),
@@ -1057,6 +1094,87 @@ pub async fn search(fleet: &mut Fleet, s: &SearchSpec) -> anyhow::Result<SearchR
         max_sustained_rate: max_sustained.map(|m| m.0),
         max_sustained_trial: max_sustained.map(|m| m.1),
         latency_points,
+        low_rate: s.low_rate,
+        low_rate_trial,
+        eighty_pct_trial,
+        curve_chart,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The trials a latency curve is drawn through: every one that passed but the warm-up, the
+/// longest at each rate (the most messages), by rate.
+pub fn curve_trials(trials: &[TrialReport]) -> Vec<(usize, &TrialReport)> {
+    let mut by_rate: BTreeMap<u64, (usize, &TrialReport)> = BTreeMap::new();
+    for (i, t) in trials.iter().enumerate() {
+        if !t.passed || t.spec.label == "warmup" {
+            continue;
+        }
+        let e = by_rate.entry(t.spec.rate.round() as u64).or_insert((i, t));
+        if t.sent > e.1.sent {
+            *e = (i, t);
+        }
+    }
+    by_rate.into_values().collect()
+}
+
+/// Delivered and receipt p50 / p99 against rate, with the targets and the low rate and
+/// maximum marked.
+fn draw_curve(
+    trials: &[TrialReport],
+    max: Option<f64>,
+    low_rate: f64,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let points = curve_trials(trials);
+    anyhow::ensure!(!points.is_empty(), "no trial passed: no curve");
+    let line = |name: &str, color, f: fn(&TrialReport) -> f64| chart::Series {
+        name: name.into(),
+        color,
+        points: points.iter().map(|(_, t)| (t.spec.rate, f(t))).collect(),
+    };
+    let series = [
+        line("DELIVERED P50", chart::LIGHT_GREEN, |t| {
+            t.deliver_latency.p50_ms
+        }),
+        line("DELIVERED P99", chart::GREEN, |t| t.deliver_latency.p99_ms),
+        line("RECEIPT P50", chart::LIGHT_RED, |t| {
+            t.receipt_latency.p50_ms
+        }),
+        line("RECEIPT P99", chart::RED, |t| t.receipt_latency.p99_ms),
+    ];
+    let targets = [
+        chart::Marker {
+            label: "10 MS".into(),
+            ms: 10.0,
+            color: chart::GRAY,
+        },
+        chart::Marker {
+            label: "50 MS".into(),
+            ms: 50.0,
+            color: chart::GRAY,
+        },
+        chart::Marker {
+            label: "100 MS".into(),
+            ms: 100.0,
+            color: chart::GRAY,
+        },
+    ];
+    let mut rates = vec![(format!("{low_rate}"), low_rate)];
+    if let Some(m) = max {
+        rates.push(("MAX".into(), m));
+        rates.push(("80%".into(), (m * 0.8).round()));
+    }
+    chart::render_curve(
+        path,
+        "LATENCY AGAINST RATE",
+        &format!(
+            "{} TRIALS THAT PASSED{}. TARGETS: DELIVERED P99 10 MS AT {low_rate}, 50 MS AT 80% OF MAX; RECEIPT P99 100 MS AT 80%",
+            points.len(),
+            max.map(|m| format!(", MAX {m}")).unwrap_or_default()
+        ),
+        &series,
+        &targets,
+        &rates,
+    )
 }

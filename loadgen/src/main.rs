@@ -158,6 +158,11 @@ enum Command {
         latency_rate: f64,
         #[arg(long, default_value_t = 30.0)]
         latency_seconds: f64,
+        /// A fixed latency point at this rate (whatever the maximum, if it is sustainable).
+        #[arg(long, default_value_t = 500.0)]
+        low_rate: f64,
+        #[arg(long, default_value_t = 30.0)]
+        low_seconds: f64,
         /// A trial passes only if the receipt p99 (overall and in its last 5 s) is at most this.
         #[arg(long, default_value_t = 1000.0)]
         max_p99_ms: f64,
@@ -423,6 +428,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             confirm_seconds,
             latency_rate,
             latency_seconds,
+            low_rate,
+            low_seconds,
             max_p99_ms,
             budget_seconds,
             metrics,
@@ -437,6 +444,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 confirm_seconds,
                 latency_rate,
                 latency_seconds,
+                low_rate,
+                low_seconds,
                 max_p99_ms,
                 budget_seconds,
                 out_dir: fleet.out_dir.clone(),
