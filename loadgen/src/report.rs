@@ -1,14 +1,15 @@
 //! The Markdown results table from a bench output directory.
 //!
 //! Reads `meta.json` (written by bench/bench.sh), `kafka.json`, `pg.json`, `echo.json`,
-//! `search.json`, `hold-gateway.json`, `hold-tcp.json`, `hold-fleet-<n>.json`, `storm-<shards>.json`
-//! (and `storm-before-<shards>.json`, other code on the same data); a missing file shows as "not
-//! run".
+//! `search.json` (and `delete-on-ack/search.json`, the same search in that retention mode),
+//! `hold-gateway.json`, `hold-tcp.json`, `hold-fleet-<n>.json`, `storm-<shards>.json` (and
+//! `storm-before-<shards>.json`, other code on the same data); a missing file shows as "not run".
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::e2e::{SearchReport, TrialReport};
+use crate::prometheus::HistogramDelta;
 use crate::raw::{EchoReport, HoldReport, KafkaReport, PgReport};
 use crate::storm::StormReport;
 
@@ -187,76 +188,28 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
         None => writeln!(o, "| Websocket echo | not run | | | | |")?,
     }
 
-    writeln!(
-        o,
-        "\n### 2. End to end (send → accepted → stored → pushed → acked → delivered receipt)\n"
+    let doa: Option<SearchReport> = load(dir, &format!("{DELETE_ON_ACK_DIR}/search.json"));
+    let max_trial: Option<&TrialReport> = search.as_ref().and_then(max_trial);
+    e2e_section(
+        &mut o,
+        "2. End to end (send → accepted → stored → pushed → acked → delivered receipt)",
+        "keep mode",
+        search.as_ref(),
+        cores,
     )?;
-    let trial = |i: usize| search.as_ref().and_then(|s| s.trials.get(i));
-    let max_trial: Option<&TrialReport> = search
-        .as_ref()
-        .and_then(|s| s.max_sustained_trial)
-        .and_then(trial);
-    writeln!(o, "| figure | value | target | met |")?;
-    writeln!(o, "|---|---|---|---|")?;
-    match (&search, max_trial) {
-        (Some(s), Some(t)) => writeln!(
-            o,
-            "| highest rate sustained for {} s, nothing lost, bounded lag | **{} msg/s** ({} users, {} gateway(s), ack {:?}) | ≥ 12,000 msg/s | {} |",
-            t.spec.seconds,
-            n(t.spec.rate),
-            s.users,
-            s.gateways,
-            s.ack_mode,
-            yes(t.spec.rate >= 12000.0)
-        )?,
-        (Some(_), None) => writeln!(o, "| highest sustained rate | none of the tried rates passed | ≥ 12,000 msg/s | **no** |")?,
-        _ => writeln!(o, "| end to end | not run | | |")?,
-    }
-    if let Some(s) = &search {
-        for (label, &i) in &s.latency_points {
-            if let Some(t) = trial(i) {
-                let target = label.starts_with("10000") || label.contains("target");
-                writeln!(
-                    o,
-                    "| latency at {} msg/s: p50 / p99 / p99.9 | {} / **{}** / {} ms ({} s, {} msgs, {} lost) | {} | {} |",
-                    label,
-                    ms(t.receipt_latency.p50_ms),
-                    ms(t.receipt_latency.p99_ms),
-                    ms(t.receipt_latency.p999_ms),
-                    t.spec.seconds,
-                    t.sent,
-                    t.lost,
-                    if target { "p99 < 50 ms at 10K" } else { "" },
-                    if target { yes(t.spec.rate >= 10000.0 && t.receipt_latency.p99_ms < 50.0) } else { "" }
-                )?;
-                writeln!(
-                    o,
-                    "| … accepted p99 / delivered p99 at {} | {} / {} ms | | |",
-                    label,
-                    ms(t.accept_latency.p99_ms),
-                    ms(t.deliver_latency.p99_ms)
-                )?;
-            }
-        }
-    }
-    if let Some(t) = max_trial {
-        let parts: Vec<String> = t
-            .cpu
-            .seconds
-            .iter()
-            .map(|(k, v)| format!("{k} {}", us(v / t.sent.max(1) as f64)))
-            .collect();
-        writeln!(
-            o,
-            "| CPU per message at the max rate (all processes) | {} ({}); {:.0}% of {} cores | | |",
-            us(t.cpu_seconds_per_message),
-            parts.join(", "),
-            t.cpu.total_seconds / t.cpu.wall_seconds.max(1e-9) / cores * 100.0,
-            cores
+    if search.is_some() || doa.is_some() {
+        e2e_section(
+            &mut o,
+            "2b. End to end, delete-on-ack mode (`RETENTION=delete-on-ack`: a body is erased once its recipient acks it; own shards, topics and users)",
+            "delete-on-ack mode",
+            doa.as_ref(),
+            cores,
         )?;
     }
 
     writeln!(o, "\n### 3. Ratios\n")?;
+    // The rate the raw stages' CPU allows, with the websocket at its open-loop cost.
+    let mut allowed_rate_ws_open = None;
     writeln!(o, "| ratio | value | target | met |")?;
     writeln!(o, "|---|---|---|---|")?;
     if let (Some(k), Some(p), Some(e)) = (&kafka, &pg, &echo) {
@@ -298,21 +251,33 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
         // best: the same ratio against it.
         let per_msg_ws_open = per_msg_with(e.latency.cpu_seconds_per_record);
         let allowed_ws_open = cores / per_msg_ws_open;
-        if let Some(t) = max_trial {
+        allowed_rate_ws_open = Some(allowed_ws_open);
+        let open_loop = format!(
+            "… the same, with the websocket round trip at its open-loop cost ({} at {}/s: one frame per write, as the gateway writes them)",
+            us(e.latency.cpu_seconds_per_record),
+            n(e.latency.rate),
+        );
+        for (label, max_trial) in [
+            (open_loop.as_str(), max_trial),
+            (
+                "… the same in delete-on-ack mode",
+                doa.as_ref().and_then(self::max_trial),
+            ),
+        ] {
+            let Some(t) = max_trial else { continue };
             writeln!(
                 o,
-                "| … the same, with the websocket round trip at its open-loop cost ({} at {}/s: one frame per write, as the gateway writes them) | {:.2} ({} / {}; {} per message) | | |",
-                us(e.latency.cpu_seconds_per_record),
-                n(e.latency.rate),
+                "| {label} | {:.2} ({} / {}; {} per message) | ≥ {RAW_RATIO_MIN} | {} |",
                 t.spec.rate / allowed_ws_open,
                 n(t.spec.rate),
                 n(allowed_ws_open),
-                us(per_msg_ws_open)
+                us(per_msg_ws_open),
+                yes(t.spec.rate / allowed_ws_open >= RAW_RATIO_MIN)
             )?;
         }
         if let Some(s) = &search {
-            for (label, &i) in &s.latency_points {
-                if let Some(t) = trial(i) {
+            for (label, i) in latency_points(s) {
+                if let Some(t) = s.trials.get(i) {
                     let base = k.latency.latency.p99_ms + e.latency.latency.p99_ms;
                     writeln!(
                         o,
@@ -329,6 +294,23 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     } else {
         writeln!(o, "| ratios | need all three baselines | | |")?;
     }
+    let mode_ratio = mode_ratio(search.as_ref(), doa.as_ref());
+    if let Some((r, keep, del)) = mode_ratio {
+        writeln!(
+            o,
+            "| delete-on-ack max / keep max | {r:.2} ({} / {}) | ≥ {DELETE_ON_ACK_RATIO_MIN} | {} |",
+            n(del),
+            n(keep),
+            yes(r >= DELETE_ON_ACK_RATIO_MIN)
+        )?;
+    }
+    targets_section(
+        &mut o,
+        search.as_ref(),
+        doa.as_ref(),
+        allowed_rate_ws_open,
+        mode_ratio,
+    )?;
 
     writeln!(o, "\n### 4. Connections (idle, one server process)\n")?;
     writeln!(o, "| server | held (of attempted) | fds open / limit | held / fd limit | RSS before → after | RSS per connection | target | met |")?;
@@ -411,37 +393,544 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     storm_section(&mut o, dir, cores)?;
 
     if let Some(s) = &search {
-        writeln!(o, "\n### Trials ({:.0} s in all)\n", s.total_seconds)?;
-        writeln!(o, "| # | trial | rate | s | sent | receipted | lost | refused | accepted p99 | receipt p50 / p99 / p99.9 (ms) | CPU/msg | verdict |")?;
+        trials_table(&mut o, "Trials", s)?;
+    }
+    if let Some(s) = &doa {
+        trials_table(&mut o, "Trials, delete-on-ack mode", s)?;
+    }
+    Ok(o)
+}
+
+/// Every trial of a search, in the order they ran.
+fn trials_table(o: &mut String, title: &str, s: &SearchReport) -> anyhow::Result<()> {
+    writeln!(o, "\n### {title} ({:.0} s in all)\n", s.total_seconds)?;
+    writeln!(o, "| # | trial | rate | s | sent | receipted | lost | refused | accepted p99 | receipt p50 / p99 / p99.9 (ms) | CPU/msg | verdict |")?;
+    writeln!(
+        o,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
+    )?;
+    for (i, t) in s.trials.iter().enumerate() {
         writeln!(
             o,
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"
+            "| {i} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
+            t.spec.label,
+            n(t.spec.rate),
+            t.spec.seconds,
+            n(t.sent as f64),
+            n(t.receipted as f64),
+            t.lost,
+            t.refused,
+            ms(t.accept_latency.p99_ms),
+            ms(t.receipt_latency.p50_ms),
+            ms(t.receipt_latency.p99_ms),
+            ms(t.receipt_latency.p999_ms),
+            us(t.cpu_seconds_per_message),
+            if t.passed {
+                "pass".to_owned()
+            } else {
+                format!("fail: {}", t.verdict)
+            }
         )?;
-        for (i, t) in s.trials.iter().enumerate() {
+    }
+    Ok(())
+}
+
+/// Where bench/bench.sh puts the delete-on-ack mode's search (under the run's directory).
+pub const DELETE_ON_ACK_DIR: &str = "delete-on-ack";
+
+// The targets of the second performance step (issue 18).
+const DELIVERED_P99_LOW_MS: f64 = 10.0;
+const DELIVERED_P99_80PCT_MS: f64 = 50.0;
+const RECEIPT_P99_80PCT_MS: f64 = 100.0;
+const CPU_PER_MESSAGE_MAX_US: f64 = 150.0;
+const RAW_RATIO_MIN: f64 = 0.8;
+const DELETE_ON_ACK_RATIO_MIN: f64 = 0.85;
+
+/// The pipeline's histograms of a message's hops, in the order a message meets them: a label
+/// (what one observation is) and the histogram's name.
+const HOPS: [(&str, &str); 8] = [
+    (
+        "gateway produce ack (produce to `inbound` until acknowledged; per message)",
+        "gateway_produce_seconds",
+    ),
+    (
+        "inbound wait (record's Kafka timestamp to consumed by the multiplexer; per record: messages and acks)",
+        "multiplexer_inbound_wait_seconds",
+    ),
+    (
+        "store (a batch's store and acks in the shards; per batch)",
+        "multiplexer_store_seconds",
+    ),
+    (
+        "index (the conversation index write; per batch)",
+        "multiplexer_index_seconds",
+    ),
+    (
+        "outbound produce (until every delivery report; per batch)",
+        "multiplexer_route_seconds",
+    ),
+    (
+        "outbound wait (record's Kafka timestamp to consumed by the gateway; per record)",
+        "gateway_outbound_wait_seconds",
+    ),
+    (
+        "socket write (frames written and flushed to a socket; per write)",
+        "gateway_socket_write_seconds",
+    ),
+    (
+        "accepted to pushed, on the gateway (per pushed message)",
+        "chat_e2e_latency_seconds",
+    ),
+];
+
+/// The trial that confirmed the highest sustained rate.
+fn max_trial(s: &SearchReport) -> Option<&TrialReport> {
+    s.max_sustained_trial.and_then(|i| s.trials.get(i))
+}
+
+/// The latency point at the fixed low rate (by label in reports older than the field).
+fn low_trial(s: &SearchReport) -> Option<usize> {
+    s.low_rate_trial.or_else(|| {
+        s.latency_points
+            .iter()
+            .find(|(k, _)| k.contains("fixed low rate"))
+            .map(|(_, &i)| i)
+    })
+}
+
+/// The latency point at 80% of the maximum (by label in reports older than the field).
+fn eighty_pct_trial(s: &SearchReport) -> Option<usize> {
+    s.eighty_pct_trial.or_else(|| {
+        s.latency_points
+            .iter()
+            .find(|(k, _)| k.contains("80% of max"))
+            .map(|(_, &i)| i)
+    })
+}
+
+/// The latency points by rate (label, trial index).
+fn latency_points(s: &SearchReport) -> Vec<(&str, usize)> {
+    let mut v: Vec<(&str, usize)> = s
+        .latency_points
+        .iter()
+        .map(|(k, &i)| (k.as_str(), i))
+        .filter(|(_, i)| *i < s.trials.len())
+        .collect();
+    v.sort_by(|a, b| s.trials[a.1].spec.rate.total_cmp(&s.trials[b.1].spec.rate));
+    v
+}
+
+/// delete-on-ack max / keep max, and the two maxima.
+fn mode_ratio(keep: Option<&SearchReport>, doa: Option<&SearchReport>) -> Option<(f64, f64, f64)> {
+    let k = keep?.max_sustained_rate?;
+    let d = doa?.max_sustained_rate.unwrap_or(0.0);
+    (k > 0.0).then(|| (d / k, k, d))
+}
+
+/// A measured value against a target: the cell's text and the "met" cell.
+fn judged(value: String, ok: bool) -> (String, &'static str) {
+    (value, yes(ok))
+}
+
+/// Delivered p99 at the fixed low rate against its target (`None`: not run).
+fn low_rate_figure(s: &SearchReport) -> Option<(String, &'static str)> {
+    if let Some(t) = low_trial(s).and_then(|i| s.trials.get(i)) {
+        let p99 = t.deliver_latency.p99_ms;
+        return Some(judged(
+            format!("{} ms at {} msg/s", ms(p99), n(t.spec.rate)),
+            p99 <= DELIVERED_P99_LOW_MS,
+        ));
+    }
+    match s.max_sustained_rate {
+        Some(max) if s.low_rate > max => Some((
+            format!("{} msg/s not sustainable (max {})", n(s.low_rate), n(max)),
+            yes(false),
+        )),
+        None if !s.trials.is_empty() => Some(("no sustained rate".into(), yes(false))),
+        _ => None,
+    }
+}
+
+fn eighty_pct(s: &SearchReport) -> Option<&TrialReport> {
+    eighty_pct_trial(s).and_then(|i| s.trials.get(i))
+}
+
+fn cpu_figure(s: &SearchReport) -> Option<(String, &'static str)> {
+    let t = max_trial(s)?;
+    let v = t.cpu_seconds_per_message * 1e6;
+    Some(judged(
+        format!(
+            "{} at {} msg/s",
+            us(t.cpu_seconds_per_message),
+            n(t.spec.rate)
+        ),
+        v <= CPU_PER_MESSAGE_MAX_US,
+    ))
+}
+
+/// Section 2 for one retention mode: the figures against their targets, latency against rate,
+/// and the per-hop breakdown at each latency point.
+fn e2e_section(
+    o: &mut String,
+    heading: &str,
+    mode: &str,
+    search: Option<&SearchReport>,
+    cores: f64,
+) -> anyhow::Result<()> {
+    writeln!(o, "\n### {heading}\n")?;
+    let max = search.and_then(max_trial);
+    writeln!(o, "| figure | value | target | met |")?;
+    writeln!(o, "|---|---|---|---|")?;
+    let Some(s) = search else {
+        writeln!(o, "| end to end | not run | | |")?;
+        return Ok(());
+    };
+    match max {
+        Some(t) => writeln!(
+            o,
+            "| highest rate sustained for {} s, nothing lost, bounded lag | **{} msg/s** ({} users, {} gateway(s), ack {:?}) | ≥ 12,000 msg/s | {} |",
+            t.spec.seconds,
+            n(t.spec.rate),
+            s.users,
+            s.gateways,
+            s.ack_mode,
+            yes(t.spec.rate >= 12000.0)
+        )?,
+        None => writeln!(o, "| highest sustained rate | none of the tried rates passed | ≥ 12,000 msg/s | **no** |")?,
+    }
+    let (low, eighty) = (low_trial(s), eighty_pct_trial(s));
+    if low.is_none() && s.low_rate > 0.0 {
+        if let Some((value, met)) = low_rate_figure(s) {
             writeln!(
                 o,
-                "| {i} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
-                t.spec.label,
-                n(t.spec.rate),
-                t.spec.seconds,
-                n(t.sent as f64),
-                n(t.receipted as f64),
-                t.lost,
-                t.refused,
-                ms(t.accept_latency.p99_ms),
-                ms(t.receipt_latency.p50_ms),
-                ms(t.receipt_latency.p99_ms),
-                ms(t.receipt_latency.p999_ms),
-                us(t.cpu_seconds_per_message),
-                if t.passed {
-                    "pass".to_owned()
-                } else {
-                    format!("fail: {}", t.verdict)
-                }
+                "| latency at {} msg/s (fixed low rate) | {value} | delivered p99 ≤ {DELIVERED_P99_LOW_MS} ms | {met} |",
+                n(s.low_rate)
             )?;
         }
     }
-    Ok(o)
+    for (label, i) in latency_points(s) {
+        let t = &s.trials[i];
+        let at_target = label.starts_with("10000") || label.contains("target");
+        let (receipt_target, receipt_met) = if i == eighty.unwrap_or(usize::MAX) {
+            (
+                format!("receipt p99 ≤ {RECEIPT_P99_80PCT_MS} ms"),
+                yes(t.receipt_latency.p99_ms <= RECEIPT_P99_80PCT_MS),
+            )
+        } else if at_target {
+            (
+                "p99 < 50 ms at 10K".to_owned(),
+                yes(t.spec.rate >= 10000.0 && t.receipt_latency.p99_ms < 50.0),
+            )
+        } else {
+            (String::new(), "")
+        };
+        writeln!(
+            o,
+            "| latency at {} msg/s: receipt p50 / p99 / p99.9 | {} / **{}** / {} ms ({} s, {} msgs, {} lost) | {receipt_target} | {receipt_met} |",
+            label,
+            ms(t.receipt_latency.p50_ms),
+            ms(t.receipt_latency.p99_ms),
+            ms(t.receipt_latency.p999_ms),
+            t.spec.seconds,
+            t.sent,
+            t.lost,
+        )?;
+        let delivered_target = if Some(i) == low {
+            Some(DELIVERED_P99_LOW_MS)
+        } else if Some(i) == eighty {
+            Some(DELIVERED_P99_80PCT_MS)
+        } else {
+            None
+        };
+        writeln!(
+            o,
+            "| … accepted p99; delivered p50 / p99 at {} | {}; {} / **{}** ms | {} | {} |",
+            label,
+            ms(t.accept_latency.p99_ms),
+            ms(t.deliver_latency.p50_ms),
+            ms(t.deliver_latency.p99_ms),
+            delivered_target
+                .map(|v| format!("delivered p99 ≤ {v} ms"))
+                .unwrap_or_default(),
+            delivered_target
+                .map(|v| yes(t.deliver_latency.p99_ms <= v))
+                .unwrap_or(""),
+        )?;
+    }
+    if let Some(t) = max {
+        let parts: Vec<String> = t
+            .cpu
+            .seconds
+            .iter()
+            .map(|(k, v)| format!("{k} {}", us(v / t.sent.max(1) as f64)))
+            .collect();
+        writeln!(
+            o,
+            "| CPU per message at the max rate (all processes) | {} ({}); {:.0}% of {} cores | ≤ {CPU_PER_MESSAGE_MAX_US} µs | {} |",
+            us(t.cpu_seconds_per_message),
+            parts.join(", "),
+            t.cpu.total_seconds / t.cpu.wall_seconds.max(1e-9) / cores * 100.0,
+            cores,
+            yes(t.cpu_seconds_per_message * 1e6 <= CPU_PER_MESSAGE_MAX_US)
+        )?;
+    }
+    curve_table(o, mode, s)?;
+    hops_section(o, mode, s)
+}
+
+/// Delivered and receipt p50 / p99 of every trial (the warm-up aside), by rate.
+fn curve_table(o: &mut String, mode: &str, s: &SearchReport) -> anyhow::Result<()> {
+    writeln!(o, "\n#### Latency against rate ({mode})\n")?;
+    let mut rows: Vec<(usize, &TrialReport)> = s
+        .trials
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.spec.label != "warmup")
+        .collect();
+    rows.sort_by(|a, b| a.1.spec.rate.total_cmp(&b.1.spec.rate).then(a.0.cmp(&b.0)));
+    let drawn = crate::e2e::curve_trials(&s.trials).len();
+    match &s.curve_chart {
+        Some(c) => writeln!(
+            o,
+            "Chart: `{c}` (p50 and p99 against rate through the {drawn} trials that passed, the longest at each rate). Latency is from the scheduled send (open loop): delivered = the recipient reads the push, receipt = the sender reads the receipt of the recipient's ack.\n"
+        )?,
+        None if drawn == 0 => writeln!(o, "No chart: no trial passed.\n")?,
+        None => writeln!(o, "No chart in this report.\n")?,
+    }
+    writeln!(o, "| # | trial | rate (msg/s) | s | delivered p50 / p99 (ms) | receipt p50 / p99 (ms) | CPU/msg | passed |")?;
+    writeln!(o, "|---:|---|---:|---:|---|---|---:|---|")?;
+    for (i, t) in rows {
+        writeln!(
+            o,
+            "| {i} | {} | {} | {} | {} / {} | {} / {} | {} | {} |",
+            t.spec.label,
+            n(t.spec.rate),
+            t.spec.seconds,
+            ms(t.deliver_latency.p50_ms),
+            ms(t.deliver_latency.p99_ms),
+            ms(t.receipt_latency.p50_ms),
+            ms(t.receipt_latency.p99_ms),
+            us(t.cpu_seconds_per_message),
+            if t.passed { "yes" } else { "**no**" }
+        )?;
+    }
+    Ok(())
+}
+
+/// A histogram value in milliseconds.
+fn hist_ms(v: Option<f64>) -> String {
+    v.map(|v| ms(v * 1e3)).unwrap_or_else(|| "-".into())
+}
+
+/// A quantile of a histogram in milliseconds; within the first bucket only its bound is known
+/// (interpolating from 0 says nothing), beyond the last only that it is above it.
+fn quantile_ms(h: &HistogramDelta, v: Option<f64>, beyond: bool) -> String {
+    match (v, h.buckets.first()) {
+        (Some(v), Some(&(first, _))) if v <= first => format!("≤ {}", ms(first * 1e3)),
+        (Some(v), _) if beyond => format!("> {}", ms(v * 1e3)),
+        _ => hist_ms(v),
+    }
+}
+
+/// What each latency point (fixed low rate, 80% of the maximum, the maximum) added to the
+/// pipeline's own histograms, one table each.
+fn hops_section(o: &mut String, mode: &str, s: &SearchReport) -> anyhow::Result<()> {
+    writeln!(
+        o,
+        "\n#### Per hop, from the pipeline's own histograms ({mode})\n"
+    )?;
+    let mut points: Vec<(String, usize)> = Vec::new();
+    if let Some(i) = low_trial(s) {
+        points.push(("fixed low rate".into(), i));
+    }
+    if let Some(i) = eighty_pct_trial(s) {
+        points.push(("80% of the maximum".into(), i));
+    }
+    if let Some(i) = s.max_sustained_trial {
+        points.push(("the maximum: its confirming trial".into(), i));
+    }
+    points.retain(|(_, i)| *i < s.trials.len());
+    if points.is_empty() {
+        writeln!(o, "No latency point was measured.")?;
+        return Ok(());
+    }
+    let bounds: Vec<String> = points
+        .iter()
+        .filter_map(|(_, i)| s.trials[*i].pipeline.as_ref())
+        .flat_map(|p| p.histograms.iter())
+        .find(|(name, _)| name.ends_with("_seconds"))
+        .map(|(_, h)| {
+            h.buckets
+                .iter()
+                .map(|b| {
+                    let v = format!("{:.3}", b.0 * 1e3);
+                    v.trim_end_matches('0').trim_end_matches('.').to_owned()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    writeln!(
+        o,
+        "What each trial added to the gateway's and the multiplexer's histograms: scraped right before it started and right after it drained, the difference taken bucket by bucket. p50 and p99 are interpolated inside a bucket as Prometheus's `histogram_quantile` does{}; mean = sum / count. The two waits compare Kafka timestamps (whole milliseconds) with the consumer's clock. A histogram the processes do not export shows as \"not exported\".",
+        if bounds.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (bucket bounds {} ms; \"≤ x\": in the first bucket, \"> x\": beyond the last)",
+                bounds.join(", ")
+            )
+        }
+    )?;
+    for (what, i) in points {
+        let t = &s.trials[i];
+        writeln!(
+            o,
+            "\nAt **{} msg/s** ({what}): trial #{i}, {} s, {} messages delivered\n",
+            n(t.spec.rate),
+            t.spec.seconds,
+            n(t.delivered as f64)
+        )?;
+        let Some(p) = &t.pipeline else {
+            writeln!(
+                o,
+                "not scraped (no `--metrics` endpoint given to `loadgen search`)"
+            )?;
+            continue;
+        };
+        writeln!(o, "| hop | p50 (ms) | p99 (ms) | mean (ms) | count |")?;
+        writeln!(o, "|---|---:|---:|---:|---:|")?;
+        for (label, name) in HOPS {
+            match p.histograms.get(name) {
+                Some(h) => writeln!(
+                    o,
+                    "| {label} `{name}` | {} | {} | {} | {} |",
+                    quantile_ms(h, h.p50, false),
+                    quantile_ms(h, h.p99, h.p99_beyond_buckets),
+                    hist_ms(h.mean),
+                    n(h.count as f64)
+                )?,
+                None => writeln!(o, "| {label} `{name}` | not exported | | | |")?,
+            }
+        }
+        writeln!(
+            o,
+            "| delivered, as the load generator sees it (scheduled send to the push read) | {} | {} | {} | {} |",
+            ms(t.deliver_latency.p50_ms),
+            ms(t.deliver_latency.p99_ms),
+            ms(t.deliver_latency.mean_ms),
+            n(t.delivered as f64)
+        )?;
+        for (what, why) in &p.errors {
+            writeln!(o, "\nnot read: {what}: {why}")?;
+        }
+    }
+    Ok(())
+}
+
+/// The targets of issue 18, for each retention mode.
+fn targets_section(
+    o: &mut String,
+    keep: Option<&SearchReport>,
+    doa: Option<&SearchReport>,
+    allowed_rate_ws_open: Option<f64>,
+    mode_ratio: Option<(f64, f64, f64)>,
+) -> anyhow::Result<()> {
+    writeln!(
+        o,
+        "\n### 3b. Targets: latency under load, CPU per message, delete-on-ack\n"
+    )?;
+    writeln!(o, "| target | keep mode | met | delete-on-ack mode | met |")?;
+    writeln!(o, "|---|---|---|---|---|")?;
+    let not_run = || ("not run".to_owned(), "-");
+    let row = |o: &mut String,
+               target: String,
+               f: &dyn Fn(&SearchReport) -> Option<(String, &'static str)>|
+     -> anyhow::Result<()> {
+        let (kv, km) = keep.and_then(f).unwrap_or_else(not_run);
+        let (dv, dm) = doa.and_then(f).unwrap_or_else(not_run);
+        writeln!(o, "| {target} | {kv} | {km} | {dv} | {dm} |")?;
+        Ok(())
+    };
+    row(
+        o,
+        format!(
+            "delivered p99 ≤ {DELIVERED_P99_LOW_MS} ms at {} msg/s",
+            n(keep
+                .or(doa)
+                .map(|s| s.low_rate)
+                .filter(|r| *r > 0.0)
+                .unwrap_or(500.0))
+        ),
+        &low_rate_figure,
+    )?;
+    row(
+        o,
+        format!("delivered p99 ≤ {DELIVERED_P99_80PCT_MS} ms at 80% of the max"),
+        &|s| {
+            eighty_pct(s).map(|t| {
+                judged(
+                    format!(
+                        "{} ms at {} msg/s",
+                        ms(t.deliver_latency.p99_ms),
+                        n(t.spec.rate)
+                    ),
+                    t.deliver_latency.p99_ms <= DELIVERED_P99_80PCT_MS,
+                )
+            })
+        },
+    )?;
+    row(
+        o,
+        format!("receipt p99 ≤ {RECEIPT_P99_80PCT_MS} ms at 80% of the max"),
+        &|s| {
+            eighty_pct(s).map(|t| {
+                judged(
+                    format!(
+                        "{} ms at {} msg/s",
+                        ms(t.receipt_latency.p99_ms),
+                        n(t.spec.rate)
+                    ),
+                    t.receipt_latency.p99_ms <= RECEIPT_P99_80PCT_MS,
+                )
+            })
+        },
+    )?;
+    row(
+        o,
+        format!("CPU per message ≤ {CPU_PER_MESSAGE_MAX_US} µs at the max (all processes)"),
+        &cpu_figure,
+    )?;
+    row(
+        o,
+        format!("e2e rate / rate the raw stages' CPU allows (websocket at its open-loop cost) ≥ {RAW_RATIO_MIN}"),
+        &|s| {
+            let allowed = allowed_rate_ws_open?;
+            let t = max_trial(s)?;
+            let r = t.spec.rate / allowed;
+            Some(judged(
+                format!("{r:.2} ({} / {})", n(t.spec.rate), n(allowed)),
+                r >= RAW_RATIO_MIN,
+            ))
+        },
+    )?;
+    let (dv, dm) = match mode_ratio {
+        Some((r, k, d)) => judged(
+            format!("{r:.2} ({} / {})", n(d), n(k)),
+            r >= DELETE_ON_ACK_RATIO_MIN,
+        ),
+        None => not_run(),
+    };
+    writeln!(
+        o,
+        "| delete-on-ack max within 15% of keep mode's (ratio ≥ {DELETE_ON_ACK_RATIO_MIN}) | | | {dv} | {dm} |"
+    )?;
+    if allowed_rate_ws_open.is_none() {
+        writeln!(
+            o,
+            "\nThe CPU-allowed rate needs the three baselines (section 1) of the same run."
+        )?;
+    }
+    Ok(())
 }
 
 /// The connect storms of a run: this code's (`storm-<shards>.json`) and other code's on the same
