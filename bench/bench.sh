@@ -5,7 +5,9 @@
 #   1. baselines: raw Kafka (the pipeline's producer/consumer settings), raw Postgres (the
 #      db-writer's batched insert and ack update on migrated shards), a raw websocket echo;
 #   2. end to end: the highest rate sustained for 60 s with every message delivered and
-#      receipted, then latency at 10K msg/s (or the max, if lower) and at 80% of the max;
+#      receipted, then latency at 500 msg/s, at 10K msg/s (or the max, if lower) and at 80% of the
+#      max, with what each hop took from the pipeline's own histograms; latency against rate as a
+#      chart; the same again in delete-on-ack mode (fresh shards, topics and users);
 #   3. ratios against the baselines;
 #   4. idle connections one gateway holds, and RSS per connection (and a plain tokio TCP server's);
 #   5. the connect storm: users with history (seeded into the shards, the user index rebuilt) all
@@ -31,7 +33,10 @@
 #      BENCH_GATEWAY_ENV / BENCH_MULTIPLEXER_ENV  extra VAR=value settings for the e2e gateways /
 #                    multiplexer (e.g. "KAFKA_LINGER_MS=10", "MULTIPLEXER_BATCH_WAIT_MS=10")
 #      BENCH_START_RATE first probed rate of the search (default 400 msg/s)
-#      BENCH_SEARCH_ARGS extra arguments for `loadgen search`
+#      BENCH_SEARCH_ARGS extra arguments for `loadgen search` (e.g. "--low-rate 1000")
+#      BENCH_RETENTIONS retention modes the e2e search runs in, each on its own shards, topics and
+#                    users (default "keep delete-on-ack"; delete-on-ack's outputs go to
+#                    target/bench/<run id>/delete-on-ack/)
 #      BENCH_STORM_USERS users of the connect storm (default 18000; 3000 with BENCH_QUICK=1; at
 #                    most the fd limit less a few hundred)
 #      BENCH_STORM_SHARDS shard counts to storm with, one data set each (default "4 16")
@@ -74,6 +79,7 @@ has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 # ---------------------------------------------------------------- processes we start, and cleanup
 declare -A PIDS=()
 DBS=()
+GROUPS_TO_DELETE=() # consumer groups beyond the fixed list in cleanup (e.g. another mode's)
 start_bg() { # name logfile cmd...  (env via `env` in cmd)
   local name="$1" logf="$2"
   shift 2
@@ -100,6 +106,7 @@ cleanup() {
       --group "${PREFIX}gateway-lgw1" --group "${PREFIX}gateway-lgw2" --group "${PREFIX}gateway-lgc1" \
       --group "${PREFIX}gateway-lgs1" \
       $(for g in $(seq 1 "$FLEET_GWS"); do printf -- " --group %sgateway-lgf%s" "$PREFIX" "$g"; done) \
+      $(for g in "${GROUPS_TO_DELETE[@]}"; do printf -- " --group %s" "$g"; done) \
       >>"$OUT/logs/cleanup.log" 2>&1 || echo "bench: topic cleanup failed (see $OUT/logs/cleanup.log)" >&2
   fi
   for db in "${DBS[@]}"; do
@@ -154,7 +161,7 @@ log "idle CPU of the shared Kafka and Postgres (other work on this machine)"
 if [[ "$QUICK" == 1 ]]; then
   KAFKA_ARGS=(--records 60000 --seconds 5); PG_ARGS=(--rows 20000 --acks-each 4000)
   ECHO_ARGS=(--flat-seconds 4 --seconds 5)
-  SEARCH_ARGS=(--probe-seconds 5 --confirm-seconds 10 --latency-seconds 5 --budget-seconds 60)
+  SEARCH_ARGS=(--probe-seconds 5 --confirm-seconds 10 --latency-seconds 5 --low-seconds 10 --budget-seconds 60)
 else
   KAFKA_ARGS=(); PG_ARGS=(); ECHO_ARGS=(); SEARCH_ARGS=()
 fi
@@ -195,55 +202,87 @@ if has_stage baselines; then
 fi
 
 # ---------------------------------------------------------------- 2. end to end
-gateway_env() { # id port
-  echo GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" TOPIC_PREFIX="$PREFIX" KAFKA_BROKERS="$BROKERS" \
+gateway_env() { # id port  (GW_DSNS, GW_TOPIC_PREFIX, GW_RETENTION override the defaults)
+  echo GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" TOPIC_PREFIX="${GW_TOPIC_PREFIX:-$PREFIX}" KAFKA_BROKERS="$BROKERS" \
     SHARD_DSNS="${GW_DSNS:-${E2E_DSNS:-}}" SHARD_POOL_SIZE=4 RUST_LOG=warn WEB_DIR=/nonexistent \
     CONN_RATE_PER_SEC=1000000 CONN_RATE_BURST=1000000 USER_RATE_PER_SEC=1000000 USER_RATE_BURST=1000000 \
-    MAX_CONNS_PER_ADDR=100000 ${BENCH_GATEWAY_ENV:-}
+    MAX_CONNS_PER_ADDR=100000 ${GW_RETENTION:+RETENTION=$GW_RETENTION} ${BENCH_GATEWAY_ENV:-}
 }
+RETENTIONS="${BENCH_RETENTIONS:-keep delete-on-ack}"
+for retention in $RETENTIONS; do
+  [[ "$retention" == keep || "$retention" == delete-on-ack ]] \
+    || die "BENCH_RETENTIONS: unknown retention mode '$retention' (keep, delete-on-ack)"
+done
 if has_stage e2e || has_stage connections; then
   "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "$PREFIX" --gateways "lgw1,lgw2,lgc1$(for g in $(seq 1 "$FLEET_GWS"); do printf ",lgf%s" "$g"; done)" >>"$OUT/logs/topics.log"
   create_dbs s; E2E_DSNS="$DSNS"
 fi
-if has_stage e2e; then
-  log "end to end: $NGW gateway(s) + 1 multiplexer, $USERS users, ack $ACK"
-  URLS=(); WATCH_GW=()
+
+# One e2e search: gateways and a multiplexer in one retention mode on their own shards, topic
+# prefix, consumer groups and users; the search scrapes both processes' metrics around each trial.
+e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process and log names)
+  local retention="$1" dir="$2" prefix="$3" dsns="$4" users="$5" tag="$6" g port mx_port
+  local urls=() watch_gw=() metrics=() gw_ports=()
+  mkdir -p "$dir"
+  log "end to end ($retention): $NGW gateway(s) + 1 multiplexer, $USERS users, ack $ACK"
   for g in $(seq 1 "$NGW"); do
     port="$(free_port $((18480 + g)))"
     # shellcheck disable=SC2046
-    start_bg "lgw$g" "$OUT/logs/lgw$g.log" env $(gateway_env "lgw$g" "$port") "$BIN/gateway"
-    wait_ready "http://127.0.0.1:$port/readyz" "lgw$g"
-    URLS+=(--url "ws://127.0.0.1:$port"); WATCH_GW+=(--watch "gateway=${PIDS[lgw$g]}")
-    GW_PORTS+=("$port")
+    start_bg "${tag}lgw$g" "$OUT/logs/${tag}lgw$g.log" \
+      env $(GW_DSNS="$dsns" GW_TOPIC_PREFIX="$prefix" GW_RETENTION="$retention" gateway_env "lgw$g" "$port") \
+      "$BIN/gateway"
+    wait_ready "http://127.0.0.1:$port/readyz" "${tag}lgw$g"
+    urls+=(--url "ws://127.0.0.1:$port"); watch_gw+=(--watch "gateway=${PIDS[${tag}lgw$g]}")
+    metrics+=(--metrics "gateway=http://127.0.0.1:$port/metrics")
+    gw_ports+=("$port")
   done
-  MX_PORT="$(free_port 18489)"
-  start_bg multiplexer "$OUT/logs/multiplexer.log" env TOPIC_PREFIX="$PREFIX" KAFKA_BROKERS="$BROKERS" \
-    SHARD_DSNS="$E2E_DSNS" SHARD_POOL_SIZE=4 MULTIPLEXER_GROUP="${PREFIX}multiplexer" \
-    MULTIPLEXER_HTTP_ADDR="127.0.0.1:$MX_PORT" RUST_LOG=warn ${BENCH_MULTIPLEXER_ENV:-} "$BIN/multiplexer"
-  wait_ready "http://127.0.0.1:$MX_PORT/readyz" multiplexer
+  mx_port="$(free_port 18489)"
+  # shellcheck disable=SC2086
+  start_bg "${tag}multiplexer" "$OUT/logs/${tag}multiplexer.log" env TOPIC_PREFIX="$prefix" KAFKA_BROKERS="$BROKERS" \
+    SHARD_DSNS="$dsns" SHARD_POOL_SIZE=4 MULTIPLEXER_GROUP="${prefix}multiplexer" RETENTION="$retention" \
+    MULTIPLEXER_HTTP_ADDR="127.0.0.1:$mx_port" RUST_LOG=warn ${BENCH_MULTIPLEXER_ENV:-} "$BIN/multiplexer"
+  wait_ready "http://127.0.0.1:$mx_port/readyz" "${tag}multiplexer"
+  metrics+=(--metrics "multiplexer=http://127.0.0.1:$mx_port/metrics")
   if [[ "${BENCH_PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
-    start_bg perf-gw "$OUT/logs/perf-gw.log" perf record -e cpu-clock -F 499 -g -o "$OUT/perf-gateway.data" -p "${PIDS[lgw1]}"
-    start_bg perf-mx "$OUT/logs/perf-mx.log" perf record -e cpu-clock -F 499 -g -o "$OUT/perf-multiplexer.data" -p "${PIDS[multiplexer]}"
+    start_bg perf-gw "$OUT/logs/${tag}perf-gw.log" perf record -e cpu-clock -F 499 -g -o "$dir/perf-gateway.data" -p "${PIDS[${tag}lgw1]}"
+    start_bg perf-mx "$OUT/logs/${tag}perf-mx.log" perf record -e cpu-clock -F 499 -g -o "$dir/perf-multiplexer.data" -p "${PIDS[${tag}multiplexer]}"
   fi
-  "$BIN/loadgen" search "${URLS[@]}" --users "$USERS" --source-ips "$SOURCE_IPS" --ack "$ACK" \
-    --user-prefix "${RUN_ID}e" --out-dir "$OUT" --start-rate "${BENCH_START_RATE:-400}" \
-    --watch loadgen=self "${WATCH_GW[@]}" --watch "multiplexer=${PIDS[multiplexer]}" "${KAFKA_W[@]}" "${PG_W[@]}" \
-    "${SEARCH_ARGS[@]}"
+  "$BIN/loadgen" search "${urls[@]}" --users "$USERS" --source-ips "$SOURCE_IPS" --ack "$ACK" \
+    --user-prefix "$users" --out-dir "$dir" --start-rate "${BENCH_START_RATE:-400}" "${metrics[@]}" \
+    --watch loadgen=self "${watch_gw[@]}" --watch "multiplexer=${PIDS[${tag}multiplexer]}" "${KAFKA_W[@]}" "${PG_W[@]}" \
+    "${SEARCH_ARGS[@]}" || echo "bench: the e2e search ($retention) failed" >&2
   if [[ -n "${PIDS[perf-gw]:-}" ]]; then
     kill -INT "${PIDS[perf-gw]}" "${PIDS[perf-mx]}" 2>/dev/null || true
     wait "${PIDS[perf-gw]}" "${PIDS[perf-mx]}" 2>/dev/null || true
     unset "PIDS[perf-gw]" "PIDS[perf-mx]"
     for p in gateway multiplexer; do
-      perf report -i "$OUT/perf-$p.data" --stdio --no-children --sort symbol --percent-limit 1 -g none \
-        >"$OUT/profile-$p.txt" 2>/dev/null || true
-      perf report -i "$OUT/perf-$p.data" --stdio --no-children --sort dso --percent-limit 1 -g none \
-        >"$OUT/profile-$p-dso.txt" 2>/dev/null || true
+      perf report -i "$dir/perf-$p.data" --stdio --no-children --sort symbol --percent-limit 1 -g none \
+        >"$dir/profile-$p.txt" 2>/dev/null || true
+      perf report -i "$dir/perf-$p.data" --stdio --no-children --sort dso --percent-limit 1 -g none \
+        >"$dir/profile-$p-dso.txt" 2>/dev/null || true
     done
   fi
-  curl -fsS "http://127.0.0.1:$MX_PORT/metrics" >"$OUT/metrics-multiplexer.txt" 2>/dev/null || true
-  curl -fsS "http://127.0.0.1:${GW_PORTS[0]}/metrics" >"$OUT/metrics-gateway.txt" 2>/dev/null || true
-  stop_bg multiplexer
-  for g in $(seq 1 "$NGW"); do stop_bg "lgw$g"; done
+  curl -fsS "http://127.0.0.1:$mx_port/metrics" >"$dir/metrics-multiplexer.txt" 2>/dev/null || true
+  curl -fsS "http://127.0.0.1:${gw_ports[0]}/metrics" >"$dir/metrics-gateway.txt" 2>/dev/null || true
+  stop_bg "${tag}multiplexer"
+  for g in $(seq 1 "$NGW"); do stop_bg "${tag}lgw$g"; done
+}
+
+if has_stage e2e; then
+  for retention in $RETENTIONS; do
+    if [[ "$retention" == keep ]]; then
+      e2e_search keep "$OUT" "$PREFIX" "$E2E_DSNS" "${RUN_ID}e" ""
+    else
+      # Its own topics (under the run's prefix, so cleanup deletes them), groups and shards.
+      DOA_PREFIX="${PREFIX}doa-"
+      "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "$DOA_PREFIX" \
+        --gateways "$(seq -s, -f 'lgw%g' 1 "$NGW")" >>"$OUT/logs/topics.log"
+      GROUPS_TO_DELETE+=("${DOA_PREFIX}multiplexer")
+      for g in $(seq 1 "$NGW"); do GROUPS_TO_DELETE+=("${DOA_PREFIX}gateway-lgw$g"); done
+      create_dbs d
+      e2e_search delete-on-ack "$OUT/delete-on-ack" "$DOA_PREFIX" "$DSNS" "${RUN_ID}d" doa-
+    fi
+  done
 fi
 
 # ---------------------------------------------------------------- 4. connections
