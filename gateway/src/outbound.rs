@@ -31,6 +31,11 @@ pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cance
                 continue;
             }
         };
+        if let Some(produced_ms) = msg.timestamp().to_millis() {
+            // The record's timestamp (the multiplexer's clock at produce) to now.
+            let waited_ms = chat_common::now_ms().saturating_sub(produced_ms).max(0);
+            metrics::histogram!("gateway_outbound_wait_seconds").record(waited_ms as f64 / 1000.0);
+        }
         let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
         match (msg.payload().map(OutboundRecord::decode), key) {
             (

@@ -442,10 +442,13 @@ async fn write_frames(
     mailbox: &Mailbox,
 ) -> Result<(), Option<Close>> {
     let write = async {
+        let started = std::time::Instant::now();
         for f in frames {
             socket.feed(encode(format, &f)).await?;
         }
-        socket.flush().await
+        socket.flush().await?;
+        metrics::histogram!("gateway_socket_write_seconds").record(started.elapsed());
+        Ok::<(), tokio_tungstenite::tungstenite::Error>(())
     };
     tokio::select! {
         r = write => r.map_err(|_| None),

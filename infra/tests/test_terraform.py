@@ -121,6 +121,13 @@ CURRENT: dict[str, Metric] = {
     "gateway_sync_shard_queries": _m("histogram"),
     "multiplexer_index_seconds": _m("histogram"),
     "multiplexer_index_rows_total": _m("counter"),
+    # The hops of a message, for the latency breakdown of `make bench` (multiplexer/src/pipeline.rs,
+    # gateway/src/outbound.rs, gateway/src/ws.rs).
+    "multiplexer_inbound_wait_seconds": _m("histogram"),
+    "multiplexer_store_seconds": _m("histogram"),
+    "multiplexer_route_seconds": _m("histogram"),
+    "gateway_outbound_wait_seconds": _m("histogram"),
+    "gateway_socket_write_seconds": _m("histogram"),
 }
 
 # Not emitted yet. Dashboards and alerts may use them, marked as planned.
