@@ -1,12 +1,14 @@
 //! The consume -> store -> route loop.
 //!
-//! One batch at a time: read up to `max_batch` records from `inbound`, store their messages in
-//! the shards (one transaction per shard), apply their acks, move the users' conversation index
-//! (one statement per home shard; before anything is routed, see `db_writer::user_index`),
-//! produce each stored message to the recipient's gateway topic and each receipt to the sender's, wait for every delivery report,
-//! and only then store the batch's offsets. A crash anywhere before that point replays the batch,
-//! and every step is idempotent, so the replay changes nothing but re-sends pushes that clients
-//! drop by message id.
+//! A batch goes through two stages. The first reads up to `max_batch` records from `inbound`,
+//! stores their messages in the shards (one transaction per shard) while it applies their acks,
+//! and sets aside what cannot be processed. The second moves the users' conversation index (one
+//! statement per home shard; before anything is routed, see `db_writer::user_index`), produces
+//! each stored message to the recipient's gateway topic and each receipt to the sender's, waits
+//! for every delivery report, and only then stores the batch's offsets. The stages overlap (the
+//! next batch is stored while this one is routed) and the second takes batches in log order. A
+//! crash anywhere before the offsets are stored replays the batch, and every step is idempotent,
+//! so the replay changes nothing but re-sends pushes that clients drop by message id.
 //!
 //! No record can stop a partition. A record that does not decode, or fails validation, or that
 //! the store refuses for its data (`DbError::is_data_error`) is set aside: a `DeadLetter` on
@@ -52,6 +54,14 @@ pub struct Pipeline {
     pub(crate) presence: PresenceView,
 }
 
+/// Records how long `m` waited in `inbound`: its timestamp (the producing gateway's clock) to now.
+fn record_inbound_wait(m: &impl Message) {
+    if let Some(produced_ms) = m.timestamp().to_millis() {
+        let waited_ms = chat_common::now_ms().saturating_sub(produced_ms).max(0);
+        metrics::histogram!("multiplexer_inbound_wait_seconds").record(waited_ms as f64 / 1000.0);
+    }
+}
+
 /// The dead-letter code of a record the store refused for its data.
 pub const STORE_REFUSED: &str = "store_refused";
 
@@ -82,6 +92,20 @@ struct Batch {
     invalid: Vec<(usize, InvalidRecord)>,
     /// Highest offset per (topic, partition), stored once the batch is done.
     offsets: BTreeMap<(String, i32), i64>,
+}
+
+/// A stored batch, as the second stage takes it.
+struct Routing {
+    /// What the batch moves in the users' conversation index.
+    index: IndexUpdates,
+    /// The records to route, in order.
+    out: Vec<(UserId, OutboundRecord)>,
+    /// Highest offset per (topic, partition), stored once the records are routed.
+    offsets: BTreeMap<(String, i32), i64>,
+    /// When the first stage took the batch.
+    started: Instant,
+    /// Messages and acks in the batch.
+    size: usize,
 }
 
 /// What the batch sets aside: dead letters, and the failures to tell senders about.
@@ -182,25 +206,40 @@ fn describe(e: &DbError) -> String {
 }
 
 impl Pipeline {
-    /// Runs until `shutdown`; the batch in flight is finished (or abandoned, to be replayed by
-    /// the next owner of its partitions) and stored offsets are committed before returning.
+    /// Runs until `shutdown`; the batches in flight are finished (or abandoned, to be replayed
+    /// by the next owner of their partitions) and stored offsets are committed before returning.
+    ///
+    /// Two stages overlap: while one batch's index is written and its records are routed, the
+    /// next batch is read and stored. The second stage takes the batches one at a time and in
+    /// order, so pushes, receipts and stored offsets keep the log's order, and a batch's index
+    /// still commits before anything of it is routed. At most one stored batch waits for it.
     pub async fn run(self, shutdown: CancellationToken) {
-        while let Some(records) = self.next_records(&shutdown).await {
-            let batch = decode(records);
-            let started = Instant::now();
-            if !self.handle(&batch, &shutdown).await {
-                break;
-            }
-            for ((topic, partition), offset) in &batch.offsets {
-                // Fails only if the partition was revoked meanwhile; its new owner replays it.
-                if let Err(e) = self.consumer.store_offset(topic, *partition, *offset) {
-                    tracing::debug!(error = %e, topic, partition, "offset not stored");
+        let (to_route, mut routing) = tokio::sync::mpsc::channel::<Routing>(1);
+        let this = &self;
+        let shutdown = &shutdown;
+        let store_stage = async move {
+            while let Some(records) = this.next_records(shutdown).await {
+                let batch = decode(records);
+                let started = Instant::now();
+                let Some(r) = this.handle(batch, started, shutdown).await else {
+                    break;
+                };
+                // Fails once the second stage stopped.
+                if to_route.send(r).await.is_err() {
+                    break;
                 }
             }
-            metrics::histogram!("multiplexer_batch_seconds").record(started.elapsed());
-            metrics::histogram!("multiplexer_batch_size")
-                .record((batch.messages.len() + batch.acks.len()) as f64);
-        }
+        };
+        let route_stage = async move {
+            while let Some(r) = routing.recv().await {
+                // False only when shutdown interrupted it: the first stage stops too, and what
+                // either holds is replayed from the stored offsets.
+                if !this.finish(r, shutdown).await {
+                    break;
+                }
+            }
+        };
+        tokio::join!(store_stage, route_stage);
         if let Err(e) = self
             .consumer
             .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
@@ -208,6 +247,38 @@ impl Pipeline {
             tracing::debug!(error = %e, "final commit (nothing to commit?)");
         }
         tracing::info!("multiplexer loop stopped");
+    }
+
+    /// The second stage of a batch: moves the index, catches up with presence, routes, and
+    /// stores the batch's offsets. False if shutdown interrupted it.
+    async fn finish(&self, r: Routing, shutdown: &CancellationToken) -> bool {
+        // The index moves before anything is routed: a message a sync may have to deliver is
+        // in its recipient's index by then (the invariant of `db_writer::user_index`). It must
+        // also be committed before the presence catch-up below reads the log's end: a session
+        // announced after that read is not routed to, and its sync must find the index moved.
+        // So the two waits do not overlap.
+        if !self.update_index(&r.index, shutdown).await {
+            return false;
+        }
+        // Everything this batch changed is committed; make sure the routes we use are at least
+        // as new as any session that synced before the commit (see `presence`).
+        if !r.out.is_empty() {
+            self.presence.catch_up(PRESENCE_CATCH_UP).await;
+        }
+        let route_started = Instant::now();
+        if !self.route(r.out, shutdown).await {
+            return false;
+        }
+        metrics::histogram!("multiplexer_route_seconds").record(route_started.elapsed());
+        for ((topic, partition), offset) in &r.offsets {
+            // Fails only if the partition was revoked meanwhile; its new owner replays it.
+            if let Err(e) = self.consumer.store_offset(topic, *partition, *offset) {
+                tracing::debug!(error = %e, topic, partition, "offset not stored");
+            }
+        }
+        metrics::histogram!("multiplexer_batch_seconds").record(r.started.elapsed());
+        metrics::histogram!("multiplexer_batch_size").record(r.size as f64);
+        true
     }
 
     /// Waits for the first record, then gathers more for up to `batch_wait`.
@@ -220,6 +291,7 @@ impl Pipeline {
             };
             match first {
                 Ok(m) => {
+                    record_inbound_wait(&m);
                     records.push(m.detach());
                     break;
                 }
@@ -233,7 +305,10 @@ impl Pipeline {
         let deadline = tokio::time::Instant::now() + self.config.batch_wait;
         while records.len() < self.config.max_batch {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(m)) => records.push(m.detach()),
+                Ok(Ok(m)) => {
+                    record_inbound_wait(&m);
+                    records.push(m.detach());
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "consume failed");
                     break;
@@ -244,49 +319,55 @@ impl Pipeline {
         Some(records)
     }
 
-    /// Stores, acks and routes one batch, setting aside what can never be processed. False if
+    /// The first stage of a batch: stores its messages and applies its acks, sets aside what
+    /// can never be processed, and returns what the second stage writes and routes. `None` if
     /// shutdown interrupted it.
-    async fn handle(&self, batch: &Batch, shutdown: &CancellationToken) -> bool {
+    async fn handle(
+        &self,
+        batch: Batch,
+        started: Instant,
+        shutdown: &CancellationToken,
+    ) -> Option<Routing> {
+        let batch = &batch;
         let mut aside = SetAside::default();
         for (index, why) in &batch.invalid {
             let reason = why.to_string();
             aside.record(batch, *index, why.code(), reason.clone(), &reason);
         }
-        let Some((stored, isolated)) = self.store(batch, &mut aside, shutdown).await else {
-            return false;
+        // The messages and the acks go to the shards at once: they write different rows (an
+        // ack only moves its direction's watermark up to the conversation's last seq as its
+        // statement sees it, so it never covers a message stored beside it), and each commit
+        // waits for a WAL flush, so one after the other cost two.
+        let store_started = Instant::now();
+        let mut ack_aside = SetAside::default();
+        let (stored, acked) = tokio::join!(
+            self.store(batch, &mut aside, shutdown),
+            self.ack(batch, &mut ack_aside, shutdown)
+        );
+        let (
+            Some((stored, isolated)),
+            Some(Acked {
+                receipts,
+                watermarks,
+            }),
+        ) = (stored, acked)
+        else {
+            return None;
         };
+        aside.dead.extend(ack_aside.dead);
+        aside.failures.extend(ack_aside.failures);
         let created = stored.iter().filter(|s| s.created).count();
         metrics::counter!("multiplexer_messages_stored_total").increment(created as u64);
         metrics::counter!("multiplexer_messages_duplicate_total")
             .increment((stored.len() - created) as u64);
-        let Some(Acked {
-            receipts,
-            watermarks,
-        }) = self.ack(batch, &mut aside, shutdown).await
-        else {
-            return false;
-        };
+        metrics::histogram!("multiplexer_store_seconds").record(store_started.elapsed());
         if !self.set_aside(batch, &aside, shutdown).await {
-            return false;
+            return None;
         }
-        // The index moves before anything is routed: a message a sync may have to deliver is
-        // in its recipient's index by then (the invariant of `db_writer::user_index`). It must
-        // also be committed before the presence catch-up below reads the log's end: a session
-        // announced after that read is not routed to, and its sync must find the index moved.
-        // So the two waits do not overlap.
         let mut index = IndexUpdates::new();
         index.stored(&stored);
         watermarks.iter().for_each(|w| index.watermark(w));
         aside.failures.iter().for_each(|f| index.failure(f));
-        if !self.update_index(&index, shutdown).await {
-            return false;
-        }
-
-        // Everything this batch changed is committed; make sure the routes we use are at least
-        // as new as any session that synced before the commit (see `presence`).
-        if !stored.is_empty() || !receipts.is_empty() || !aside.failures.is_empty() {
-            self.presence.catch_up(PRESENCE_CATCH_UP).await;
-        }
         let mut out: Vec<(UserId, OutboundRecord)> = Vec::new();
         // A batch that was bisected may have committed some messages on some shards in the
         // attempt the store refused: those come back as not created, so their senders are told
@@ -331,7 +412,13 @@ impl Pipeline {
                 },
             ));
         }
-        self.route(out, shutdown).await
+        Some(Routing {
+            index,
+            out,
+            offsets: batch.offsets.clone(),
+            started,
+            size: batch.messages.len() + batch.acks.len(),
+        })
     }
 
     /// Stores the batch's messages. When the store refuses the batch for its data, bisects it:
