@@ -16,7 +16,8 @@
 #      BENCH_PEER_CONCURRENCY  connects in progress at once (default 64)
 #      BENCH_PEER_USERS        users of the latency phase, in pairs (default 200)
 #      BENCH_PEER_RATE         messages per second of the latency phase (default 500)
-#      BENCH_PEER_SECONDS      length of the latency phase (default 20; 8 with BENCH_QUICK=1)
+#      BENCH_PEER_SECONDS      measured length of the latency phase, after a warm-up at the same
+#                              rate (default 20 s after 5 s; 8 s after 2 s with BENCH_QUICK=1)
 #      GO                      the go command (default: go on PATH, else /usr/local/go/bin/go)
 
 PEER_MODULE=github.com/centrifugal/centrifugo/v6
@@ -58,6 +59,8 @@ peer_stage() {
   local conns="${BENCH_PEER_CONNS:-5000}" concurrency="${BENCH_PEER_CONCURRENCY:-64}"
   local users="${BENCH_PEER_USERS:-200}" rate="${BENCH_PEER_RATE:-500}"
   local seconds="${BENCH_PEER_SECONDS:-$([[ "$QUICK" == 1 ]] && echo 8 || echo 20)}"
+  local warmup=5
+  if [[ "$QUICK" == 1 ]]; then warmup=2; fi
   local port mx_port cf_port t0=$SECONDS
 
   GO="${GO:-$(command -v go || true)}"
@@ -73,7 +76,7 @@ peer_stage() {
   fi
 
   local measure=(--conns "$conns" --concurrency "$concurrency" --source-ips "$SOURCE_IPS"
-    --users "$users" --rate "$rate" --seconds "$seconds" --watch loadgen=self)
+    --users "$users" --rate "$rate" --seconds "$seconds" --warmup-seconds "$warmup" --watch loadgen=self)
 
   log "peer: the gateway (+ multiplexer, Kafka, Postgres): $conns idle connections, $concurrency at a time; $users users at $rate msg/s for $seconds s"
   "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "$PREFIX" --gateways lgw1 >>"$OUT/logs/topics.log"

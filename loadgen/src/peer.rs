@@ -105,8 +105,13 @@ struct MeasureArgs {
     /// Messages per second of the latency phase (open loop).
     #[arg(long, default_value_t = 500.0)]
     rate: f64,
+    /// Length of the measured part of the latency phase.
     #[arg(long, default_value_t = 20.0)]
     seconds: f64,
+    /// Sent at the same rate before the measured part and not counted (the first messages on a
+    /// fresh pipeline open producer connections, conversations and plans).
+    #[arg(long, default_value_t = 5.0)]
+    warmup_seconds: f64,
     /// Most time to wait after the last send for the last deliveries.
     #[arg(long, default_value_t = 10.0)]
     drain_seconds: f64,
@@ -422,6 +427,7 @@ pub struct PeerMeasurement {
 
 /// N connections opened with a fixed concurrency, then held idle.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ConnectPhase {
     pub attempted: usize,
     pub established: usize,
@@ -443,11 +449,14 @@ pub struct ConnectPhase {
 
 /// Pairs of users, each message pushed to the other user of its pair, open loop.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DeliveryPhase {
     pub users: usize,
     pub rate: f64,
     pub seconds: f64,
+    pub warmup_seconds: f64,
     pub body_bytes: usize,
+    /// Messages of the measured part (the counts below are of these).
     pub scheduled: u64,
     pub confirmed: u64,
     pub delivered: u64,
@@ -458,6 +467,8 @@ pub struct DeliveryPhase {
     pub scheduler_late_max_ms: f64,
     /// From the scheduled send to the push at the recipient.
     pub deliver_latency: Latency,
+    /// The p99 of each second of the measured part (by scheduled send time).
+    pub per_second_p99_ms: Vec<f64>,
     pub cpu: CpuUse,
     pub cpu_us_per_message: f64,
     pub path: String,
@@ -711,7 +722,9 @@ async fn delivery_phase(a: &MeasureArgs, sources: &[IpAddr]) -> anyhow::Result<D
         .into_iter()
         .collect::<anyhow::Result<_>>()
         .context("connecting the users of the latency phase")?;
-    let n = (a.rate * a.seconds).round() as u32;
+    let warm = (a.rate * a.warmup_seconds).round() as u32;
+    let measured = (a.rate * a.seconds).round() as u32;
+    let n = warm + measured;
     let schedule = Arc::new(Schedule {
         t0: Instant::now() + Duration::from_millis(500),
         rate: a.rate,
@@ -741,11 +754,14 @@ async fn delivery_phase(a: &MeasureArgs, sources: &[IpAddr]) -> anyhow::Result<D
         )));
     }
     let bar = crate::progress_bar(n as u64, &format!("{:?} at {} msg/s", a.server, a.rate));
-    let probe = Probe::start(&a.watches);
+    let mut probe = None;
     let mut late_max = Duration::ZERO;
     for i in 0..n {
         let due = schedule.t0 + Duration::from_micros(schedule.sched_us(i));
         tokio::time::sleep_until(due.into()).await;
+        if i == warm {
+            probe = Some(Probe::start(&a.watches));
+        }
         late_max = late_max.max(Instant::now().saturating_duration_since(due));
         // Message i from user i mod users, to the other user of its pair.
         let _ = senders[i as usize % a.users].send(i);
@@ -757,22 +773,38 @@ async fn delivery_phase(a: &MeasureArgs, sources: &[IpAddr]) -> anyhow::Result<D
     while schedule.n_delivered.load(Ordering::Relaxed) < n as u64 && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let cpu_use = probe.stop();
+    let cpu_use = probe.map(|p| p.stop()).unwrap_or_default();
     bar.finish_and_clear();
     stop.cancel();
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    let mut samples: Vec<u64> = schedule
+    // The measured part: (scheduled send, latency) of each delivered message.
+    let measured_samples: Vec<(u64, u64)> = schedule
         .delivered_at
         .iter()
         .enumerate()
+        .skip(warm as usize)
         .filter_map(|(i, at)| {
             let at = at.load(Ordering::Relaxed);
-            (at > 0).then(|| (at - 1).saturating_sub(schedule.sched_us(i as u32)))
+            let sched = schedule.sched_us(i as u32);
+            (at > 0).then(|| (sched, (at - 1).saturating_sub(sched)))
         })
         .collect();
-    let delivered = samples.len() as u64;
+    let delivered = measured_samples.len() as u64;
+    let warm_us = schedule.sched_us(warm);
+    let mut per_second: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for (sched, us) in &measured_samples {
+        per_second
+            .entry((sched - warm_us) / 1_000_000)
+            .or_default()
+            .push(*us);
+    }
+    let per_second_p99_ms = per_second
+        .into_values()
+        .map(|mut v| Latency::of_us(&mut v).p99_ms)
+        .collect();
+    let mut samples: Vec<u64> = measured_samples.into_iter().map(|(_, us)| us).collect();
     let latency = Latency::of_us(&mut samples);
     let errors = schedule
         .errors
@@ -780,23 +812,25 @@ async fn delivery_phase(a: &MeasureArgs, sources: &[IpAddr]) -> anyhow::Result<D
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     eprintln!(
-        "{:?}: {delivered} of {n} delivered at {} msg/s; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; errors {errors:?}",
+        "{:?}: {delivered} of {measured} delivered at {} msg/s (after {warm} not counted); p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; errors {errors:?}",
         a.server, a.rate, latency.p50_ms, latency.p99_ms, latency.p999_ms
     );
     Ok(DeliveryPhase {
         users: a.users,
         rate: a.rate,
         seconds: a.seconds,
+        warmup_seconds: a.warmup_seconds,
         body_bytes: a.body_bytes,
-        scheduled: n as u64,
+        scheduled: measured as u64,
         confirmed: schedule.n_confirmed.load(Ordering::Relaxed),
         delivered,
         duplicates: schedule.duplicates.load(Ordering::Relaxed),
-        lost: n as u64 - delivered,
+        lost: measured as u64 - delivered,
         errors,
         scheduler_late_max_ms: late_max.as_secs_f64() * 1e3,
         deliver_latency: latency,
-        cpu_us_per_message: cpu_use.total_seconds * 1e6 / (n as f64).max(1.0),
+        per_second_p99_ms,
+        cpu_us_per_message: cpu_use.total_seconds * 1e6 / (measured as f64).max(1.0),
         cpu: cpu_use,
         path: a.server.path().to_owned(),
     })
@@ -976,15 +1010,16 @@ fn markdown(r: &PeerReport) -> anyhow::Result<String> {
         "The same client for both (`loadgen peer measure`: tokio-tungstenite, the same tokens, \
          sockets from {} source addresses), one server at a time: {} connections opened {} at a \
          time and held idle (RSS of the server process before and after), then {} users in pairs, \
-         each message sent by one and pushed to the other, {} msg/s open loop for {:.0} s, \
-         {}-byte bodies (latency from the scheduled send to the push at the recipient). Frames: \
-         the gateway's protobuf, Centrifugo's JSON protocol.\n",
+         each message sent by one and pushed to the other, {} msg/s open loop for {:.0} s after \
+         {:.0} s of warm-up, {}-byte bodies (latency from the scheduled send to the push at the \
+         recipient). Frames: the gateway's protobuf, Centrifugo's JSON protocol.\n",
         gc.source_addresses,
         thousands(gc.attempted as f64),
         gc.concurrency,
         gd.users,
         thousands(gd.rate),
         gd.seconds,
+        gd.warmup_seconds,
         gd.body_bytes,
     )?;
     writeln!(
