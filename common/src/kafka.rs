@@ -1,11 +1,13 @@
 //! Kafka client factories: every producer and consumer in the project is built here, so the
 //! durability settings (`acks=all`, idempotence, manual offset storage) are set in one place.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
+use rdkafka::message::{OwnedMessage, ToBytes};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use thiserror::Error;
 
@@ -50,6 +52,9 @@ pub struct KafkaConfig {
     /// request per partition, so at 2 ms most requests carried a single record (`KAFKA_LINGER_MS`
     /// overrides it; the multiplexer uses 0).
     pub linger: Duration,
+    /// Below this many records a second (`KAFKA_LINGER_ABOVE`), a [`Lanes`] producer sends each
+    /// record at once instead of lingering; 0: always linger.
+    pub linger_above: u64,
     /// `max.poll.interval.ms` of group consumers: a member silent for longer (stopped, wedged)
     /// loses its partitions, and its late writes are fenced by idempotency.
     pub max_poll_interval: Duration,
@@ -82,6 +87,7 @@ impl KafkaConfig {
             brokers: brokers.into(),
             produce_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(5),
+            linger_above: 2000,
             max_poll_interval: Duration::from_secs(60),
             producer_opts: Vec::new(),
             consumer_opts: Vec::new(),
@@ -106,6 +112,12 @@ impl KafkaConfig {
                 .parse()
                 .map_err(|e| ConfigError::new("KAFKA_LINGER_MS", &text, e))?;
             self.linger = Duration::from_millis(ms);
+        }
+        if let Ok(text) = std::env::var("KAFKA_LINGER_ABOVE") {
+            self.linger_above = text
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::new("KAFKA_LINGER_ABOVE", &text, e))?;
         }
         Ok(self)
     }
@@ -136,6 +148,28 @@ impl KafkaConfig {
             c.set(k, v);
         }
         Ok(c.create()?)
+    }
+
+    /// An idempotent producer like [`KafkaConfig::producer`] in two lanes: one that sends each
+    /// record at once and one that lingers, chosen by the rate (see [`Lanes`]).
+    pub fn lanes(&self) -> Result<Lanes, KafkaError> {
+        let prompt = KafkaConfig {
+            linger: Duration::ZERO,
+            ..self.clone()
+        }
+        .producer()?;
+        let lingering = self.producer()?;
+        Ok(Lanes {
+            prompt,
+            lingering,
+            linger_above: self.linger_above,
+            state: Mutex::new(LaneState {
+                lingering: self.linger_above == 0,
+                window_start: Instant::now(),
+                in_window: 0,
+                rate: 0,
+            }),
+        })
     }
 
     /// A consumer in `group` that stores offsets only when told to (at-least-once).
@@ -182,6 +216,126 @@ impl KafkaConfig {
                 brokers: self.brokers.clone(),
                 source,
             })
+    }
+}
+
+/// A producer in two lanes to the same brokers: one with `linger.ms` 0, one with the configured
+/// linger. Lingering fills produce requests when records come fast (librdkafka sends one request
+/// per partition, and the broker's cost follows requests), but at a low rate a request holds
+/// one record whatever the linger, and lingering only adds its time to every record. So records
+/// go by the prompt lane while the rate is below `linger_above` records a second (measured over
+/// 100 ms; back below half of it to return) and by the lingering lane above.
+///
+/// Order: records handed over one after another reach their partition in that order, as with
+/// one producer. A lane is left only once everything handed to it is delivered (librdkafka's
+/// queue for it is empty, delivery reports included), and the choice and the handing over
+/// happen under one lock, so no record handed over later can overtake one still in the other
+/// lane.
+pub struct Lanes {
+    prompt: FutureProducer,
+    lingering: FutureProducer,
+    linger_above: u64,
+    state: Mutex<LaneState>,
+}
+
+struct LaneState {
+    lingering: bool,
+    window_start: Instant,
+    in_window: u64,
+    /// Records a second over the last full window.
+    rate: u64,
+}
+
+/// How long the rate is counted over before the lanes are reconsidered.
+const LANE_WINDOW: Duration = Duration::from_millis(100);
+
+impl Lanes {
+    fn lane(&self, lingering: bool) -> &FutureProducer {
+        if lingering {
+            &self.lingering
+        } else {
+            &self.prompt
+        }
+    }
+
+    /// Hands `record` to the current lane without waiting (see `FutureProducer::send_result`).
+    #[allow(clippy::result_large_err)]
+    pub fn send_result<'a, K, P>(
+        &self,
+        record: FutureRecord<'a, K, P>,
+    ) -> Result<DeliveryFuture, (rdkafka::error::KafkaError, FutureRecord<'a, K, P>)>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.in_window += 1;
+        let elapsed = s.window_start.elapsed();
+        if elapsed >= LANE_WINDOW {
+            s.rate = s.in_window * 1000 / (elapsed.as_millis().max(1) as u64);
+            s.in_window = 0;
+            s.window_start = Instant::now();
+        }
+        if self.linger_above > 0 {
+            let want = if s.lingering {
+                s.rate * 2 >= self.linger_above
+            } else {
+                s.rate >= self.linger_above
+            };
+            if want != s.lingering && self.lane(s.lingering).in_flight_count() == 0 {
+                s.lingering = want;
+                metrics::counter!("kafka_producer_lane_switches_total").increment(1);
+                tracing::debug!(lingering = want, rate = s.rate, "producer lane switched");
+            }
+        }
+        self.lane(s.lingering).send_result(record)
+    }
+
+    /// Hands `record` over, waiting up to `queue_timeout` for room in a full queue, then waits
+    /// for its delivery report.
+    pub async fn send<K, P>(
+        &self,
+        record: FutureRecord<'_, K, P>,
+        queue_timeout: Duration,
+    ) -> Result<
+        rdkafka::producer::future_producer::Delivery,
+        (rdkafka::error::KafkaError, Option<OwnedMessage>),
+    >
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        let deadline = Instant::now() + queue_timeout;
+        let mut record = record;
+        let delivery = loop {
+            match self.send_result(record) {
+                Ok(d) => break d,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    r,
+                )) if Instant::now() < deadline => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err((e, None)),
+            }
+        };
+        match delivery.await {
+            Ok(Ok(delivery)) => Ok(delivery),
+            Ok(Err((e, m))) => Err((e, Some(m))),
+            Err(_) => Err((rdkafka::error::KafkaError::Canceled, None)),
+        }
+    }
+
+    /// A producer of the lanes, for checks that only need a connection (readiness).
+    pub fn producer(&self) -> &FutureProducer {
+        &self.prompt
+    }
+
+    /// Waits up to `bound` for every queued record of both lanes to be delivered.
+    pub fn flush(&self, bound: Duration) {
+        let _ = self.prompt.flush(bound);
+        let _ = self.lingering.flush(bound);
     }
 }
 

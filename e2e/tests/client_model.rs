@@ -912,7 +912,12 @@ async fn simulated_users_get_every_message_once_in_order() -> anyhow::Result<()>
 
     let env = TestEnv::new(2, &["gw1", "gw2"]).await?;
     let gw1 = env.start_gateway("gw1").await?;
-    let gw2 = env.start_gateway("gw2").await?;
+    // gw2's producer lingers above 100 records a second, so its bursts move it between the
+    // prompt and the lingering lane again and again (`chat_common::kafka::Lanes`), and every
+    // switch is checked by its users' order and completeness below.
+    let gw2 = env
+        .start_gateway_with("gw2", |c| c.kafka.linger_above = 100)
+        .await?;
     let mux1 = env.start_multiplexer().await?;
     let mux2 = env.start_multiplexer().await?;
     let urls = [ws_url(gw1.addr), ws_url(gw2.addr)];

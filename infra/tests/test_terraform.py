@@ -128,6 +128,8 @@ CURRENT: dict[str, Metric] = {
     "multiplexer_route_seconds": _m("histogram"),
     "gateway_outbound_wait_seconds": _m("histogram"),
     "gateway_socket_write_seconds": _m("histogram"),
+    # A gateway's producer moving between its prompt and lingering lanes (common/src/kafka.rs).
+    "kafka_producer_lane_switches_total": _m("counter"),
 }
 
 # Not emitted yet. Dashboards and alerts may use them, marked as planned.

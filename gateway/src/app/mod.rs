@@ -18,9 +18,9 @@ use std::time::Duration;
 use anyhow::Context;
 use chat_common::http::NotReady;
 use chat_common::ids::UserId;
+use chat_common::kafka::Lanes;
 use chat_common::presence::OnRoute;
 use db_writer::Shards;
-use rdkafka::producer::{FutureProducer, Producer as _};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TrackedFuture;
 use tokio_util::task::TaskTracker;
@@ -35,8 +35,9 @@ pub(crate) use send::{Enqueue, PendingSend, PreparedSend};
 /// Shared state of one gateway process.
 pub(crate) struct App {
     config: Config,
-    /// Produces sends, acks and presence (idempotent, so a sender's records keep their order).
-    producer: FutureProducer,
+    /// Produces sends, acks and presence (idempotent, so a sender's records keep their order),
+    /// in two lanes: at once at a low rate, lingering at a high one.
+    producer: Lanes,
     /// Read for sync and history; writes go through Kafka and the multiplexer.
     shards: Shards,
     sessions: Arc<Sessions>,
@@ -64,7 +65,7 @@ impl App {
     /// The service, with the shards of `config` connected and a producer to its brokers.
     pub(crate) fn new(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let shards = Shards::connect(&config.shards).context("shards")?;
-        let producer = config.kafka.producer()?;
+        let producer = config.kafka.lanes()?;
         let sync_slots = tokio::sync::Semaphore::new(config.max_concurrent_syncs.max(1));
         Ok(Self {
             user_limiter: governor::RateLimiter::keyed(quota(config.user_rate)),
@@ -85,7 +86,7 @@ impl App {
 
     /// Is Kafka reachable, and does every shard answer?
     pub(crate) async fn ready(&self) -> Result<(), NotReady> {
-        chat_common::http::kafka_ready(self.producer.clone()).await?;
+        chat_common::http::kafka_ready(self.producer.producer().clone()).await?;
         self.shards
             .ping()
             .await
@@ -124,7 +125,7 @@ impl App {
 
     /// Waits up to `bound` for the producer's queued records to be delivered.
     pub(crate) fn flush(&self, bound: Duration) {
-        let _ = self.producer.flush(bound);
+        self.producer.flush(bound);
     }
 }
 
