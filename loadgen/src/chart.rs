@@ -457,14 +457,15 @@ pub fn render_curve(
     c.text(20, 34, subtitle, 2, [80, 80, 80]);
     let (px0, py0, pw, ph) = (90i64, 110i64, 900i64, 460i64);
 
-    let xmax = nice(
-        series
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.0))
-            .chain(rates.iter().map(|r| r.1))
-            .fold(1.0f64, f64::max)
-            * 1.05,
-    );
+    // The x axis ends at the first whole step above the highest rate.
+    let xhigh = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .chain(rates.iter().map(|r| r.1))
+        .fold(1.0f64, f64::max)
+        * 1.05;
+    let xstep = nice(xhigh / 8.0);
+    let xmax = (xhigh / xstep).ceil() * xstep;
     let values: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -501,7 +502,6 @@ pub fn render_curve(
         }
         d += 1.0;
     }
-    let xstep = nice(xmax / 10.0);
     let mut x = 0.0;
     while x <= xmax + 1e-9 {
         let px = xs(x);
@@ -550,9 +550,16 @@ pub fn render_curve(
             c.line((x, y), (x, (y + 4).min(py0 + ph)), GRAY, 1);
             y += 8;
         }
+        // At the bottom of the panel: latencies seldom reach down there.
         let wl = Canvas::text_width(label, 2);
-        c.rect(x - wl / 2 - 2, py0 + 2, x + wl / 2 + 1, py0 + 15, WHITE);
-        c.text(x - wl / 2, py0 + 4, label, 2, [80, 80, 80]);
+        c.rect(
+            x - wl / 2 - 2,
+            py0 + ph - 18,
+            x + wl / 2 + 1,
+            py0 + ph - 5,
+            WHITE,
+        );
+        c.text(x - wl / 2, py0 + ph - 16, label, 2, [80, 80, 80]);
     }
     for s in series {
         let mut prev: Option<(i64, i64)> = None;

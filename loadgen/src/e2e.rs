@@ -1102,12 +1102,13 @@ pub async fn search(fleet: &mut Fleet, s: &SearchSpec) -> anyhow::Result<SearchR
     })
 }
 
-/// The trials a latency curve is drawn through: every one that passed but the warm-up, the
-/// longest at each rate (the most messages), by rate.
-pub fn curve_trials(trials: &[TrialReport]) -> Vec<(usize, &TrialReport)> {
+/// The trials a latency curve is drawn through: every one that passed but the warm-up, up to
+/// the maximum sustained rate (a short probe above it may have passed), the longest at each rate
+/// (the most messages), by rate.
+pub fn curve_trials(trials: &[TrialReport], max: Option<f64>) -> Vec<(usize, &TrialReport)> {
     let mut by_rate: BTreeMap<u64, (usize, &TrialReport)> = BTreeMap::new();
     for (i, t) in trials.iter().enumerate() {
-        if !t.passed || t.spec.label == "warmup" {
+        if !t.passed || t.spec.label == "warmup" || max.is_some_and(|m| t.spec.rate > m) {
             continue;
         }
         let e = by_rate.entry(t.spec.rate.round() as u64).or_insert((i, t));
@@ -1126,7 +1127,7 @@ fn draw_curve(
     low_rate: f64,
     path: &Path,
 ) -> anyhow::Result<()> {
-    let points = curve_trials(trials);
+    let points = curve_trials(trials, max);
     anyhow::ensure!(!points.is_empty(), "no trial passed: no curve");
     let line = |name: &str, color, f: fn(&TrialReport) -> f64| chart::Series {
         name: name.into(),
@@ -1169,9 +1170,9 @@ fn draw_curve(
         path,
         "LATENCY AGAINST RATE",
         &format!(
-            "{} TRIALS THAT PASSED{}. TARGETS: DELIVERED P99 10 MS AT {low_rate}, 50 MS AT 80% OF MAX; RECEIPT P99 100 MS AT 80%",
+            "{} TRIALS THAT PASSED{}; TARGETS: DELIVERED P99 10 MS AT {low_rate}, 50 MS AT 80% OF MAX; RECEIPT P99 100 MS AT 80%",
             points.len(),
-            max.map(|m| format!(", MAX {m}")).unwrap_or_default()
+            max.map(|m| format!(", UP TO THE MAX ({m})")).unwrap_or_default()
         ),
         &series,
         &targets,

@@ -688,11 +688,11 @@ fn curve_table(o: &mut String, mode: &str, s: &SearchReport) -> anyhow::Result<(
         .filter(|(_, t)| t.spec.label != "warmup")
         .collect();
     rows.sort_by(|a, b| a.1.spec.rate.total_cmp(&b.1.spec.rate).then(a.0.cmp(&b.0)));
-    let drawn = crate::e2e::curve_trials(&s.trials).len();
+    let drawn = crate::e2e::curve_trials(&s.trials, s.max_sustained_rate).len();
     match &s.curve_chart {
         Some(c) => writeln!(
             o,
-            "Chart: `{c}` (p50 and p99 against rate through the {drawn} trials that passed, the longest at each rate). Latency is from the scheduled send (open loop): delivered = the recipient reads the push, receipt = the sender reads the receipt of the recipient's ack.\n"
+            "Chart: `{c}` (p50 and p99 against rate through the {drawn} trials that passed up to the maximum, the longest at each rate). Latency is from the scheduled send (open loop): delivered = the recipient reads the push, receipt = the sender reads the receipt of the recipient's ack.\n"
         )?,
         None if drawn == 0 => writeln!(o, "No chart: no trial passed.\n")?,
         None => writeln!(o, "No chart in this report.\n")?,
