@@ -401,7 +401,7 @@ if has_stage storm; then
   done
 fi
 
-# ---------------------------------------------------------------- 6. a peer: Centrifugo
+# ---------------------------------------------------------------- 7. a peer: Centrifugo
 # Optional (BENCH_PEER=1 or "peer" in BENCH_STAGES): bench/peer.sh writes $OUT/peer.md.
 if has_stage peer || [[ "${BENCH_PEER:-0}" == 1 ]]; then
   source bench/peer.sh

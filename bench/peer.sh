@@ -25,7 +25,7 @@ PEER_VERSION=v6.9.1
 
 peer_skip() { # reason
   log "peer: skipped, $1"
-  printf '\n### 6. A peer in the same run: Centrifugo %s\n\nSkipped: %s.\n' "$PEER_VERSION" "$1" >"$OUT/peer.md"
+  printf '\n### 7. A peer in the same run: Centrifugo %s\n\nSkipped: %s.\n' "$PEER_VERSION" "$1" >"$OUT/peer.md"
 }
 
 # Sets PEER_BIN to a Centrifugo binary of PEER_VERSION, built if missing. Fails if it cannot be.

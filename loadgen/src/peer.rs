@@ -991,7 +991,7 @@ fn row(o: &mut String, name: &str, m: &PeerMeasurement) -> std::fmt::Result {
 fn markdown(r: &PeerReport) -> anyhow::Result<String> {
     let mut o = String::new();
     let v = &r.centrifugo_version;
-    writeln!(o, "\n### 6. A peer in the same run: Centrifugo {v}\n")?;
+    writeln!(o, "\n### 7. A peer in the same run: Centrifugo {v}\n")?;
     let (Some(g), Some(c)) = (&r.gateway, &r.centrifugo) else {
         writeln!(
             o,
