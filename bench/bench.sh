@@ -12,7 +12,9 @@
 #   4. idle connections one gateway holds, and RSS per connection (and a plain tokio TCP server's);
 #   5. the connect storm: users with history (seeded into the shards, the user index rebuilt) all
 #      connect to one gateway at once; time to syncDone, CPU per connect by process, memory per
-#      idle connection, with 4 and with 16 shards.
+#      idle connection, with 4 and with 16 shards;
+#   7. optional (BENCH_PEER=1): a peer, Centrifugo v6, beside the gateway with the same client
+#      (bench/peer.sh says how).
 #
 # Everything it starts is its own: gateways and a multiplexer from target/release with their own
 # topic prefix, consumer groups and shard databases, on the Kafka and Postgres of `make stack`.
