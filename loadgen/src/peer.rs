@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::report::ms;
 use anyhow::Context;
 use chat_common::auth::{DEFAULT_AUDIENCE, DEFAULT_ISSUER};
 use chat_common::config::DEV_JWT_SECRET;
@@ -926,17 +927,6 @@ fn thousands(v: f64) -> String {
         out.push(c);
     }
     out
-}
-
-/// Milliseconds with three significant digits.
-fn ms(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
 }
 
 fn times(v: f64) -> String {

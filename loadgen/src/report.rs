@@ -42,7 +42,8 @@ fn us(cpu_s: f64) -> String {
     format!("{:.1} µs", cpu_s * 1e6)
 }
 
-fn ms(v: f64) -> String {
+/// Milliseconds with three significant digits.
+pub(crate) fn ms(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {

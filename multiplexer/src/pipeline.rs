@@ -324,10 +324,11 @@ impl Pipeline {
     /// shutdown interrupted it.
     async fn handle(
         &self,
-        batch: Batch,
+        mut batch: Batch,
         started: Instant,
         shutdown: &CancellationToken,
     ) -> Option<Routing> {
+        let offsets = std::mem::take(&mut batch.offsets);
         let batch = &batch;
         let mut aside = SetAside::default();
         for (index, why) in &batch.invalid {
@@ -415,7 +416,7 @@ impl Pipeline {
         Some(Routing {
             index,
             out,
-            offsets: batch.offsets.clone(),
+            offsets,
             started,
             size: batch.messages.len() + batch.acks.len(),
         })
