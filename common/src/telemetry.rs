@@ -1,8 +1,9 @@
 //! Logs and metrics.
 //!
 //! Logs: `tracing` with the `RUST_LOG` filter (default `info`); `LOG_FORMAT=json` switches to one
-//! JSON object per line. Colours only when stdout is a terminal, so logs written to a file or a
-//! pipe carry no escape codes. Metrics: the `metrics` facade recorded by a Prometheus recorder;
+//! JSON object per line. Logs go to stderr, never stdout, so a tool whose output is data (an
+//! export, a tail, a replay summary) keeps its stream clean at any log level. Colours only when
+//! stderr is a terminal, so logs written to a file or a pipe carry no escape codes. Metrics: the `metrics` facade recorded by a Prometheus recorder;
 //! every process serves the rendering at `GET /metrics` (see [`crate::http`]).
 
 use std::io::IsTerminal;
@@ -18,7 +19,8 @@ pub fn init_logging() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
