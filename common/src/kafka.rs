@@ -133,9 +133,15 @@ impl KafkaConfig {
 
     /// An idempotent producer with `acks=all`: a record acknowledged by its delivery report is
     /// on every in-sync replica and is never duplicated by the producer's own retries.
+    ///
+    /// Keyed records go to the partition Java's client picks by default (`murmur2_random`:
+    /// murmur2 of the key, sign bit cleared, modulo the partition count), so a JVM or Kafka
+    /// Streams producer writing to `inbound` keeps each conversation on the same partition as
+    /// the gateways do. See docs/data.md for the migration from librdkafka's default.
     pub fn producer(&self) -> Result<FutureProducer, KafkaError> {
         let mut c = self.client_config();
-        c.set("acks", "all")
+        c.set("partitioner", "murmur2_random")
+            .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", self.linger.as_millis().to_string())
             .set("compression.type", "lz4")
