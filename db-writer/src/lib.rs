@@ -18,11 +18,13 @@
 //! - [`inbound`]: the `inbound` log's edge: records decoded once into domain types.
 //! - [`replay`]: rebuilding or resharding the stores from the `inbound` log.
 //! - [`export`]: a time range of messages for data teams.
+//! - [`catalogue`]: the store's metric families, for the services to register at start.
 //!
 //! Past [`inbound`] and the row decoding of `rows`, only validated types travel
 //! (`chat_common::message`): the store never parses an id it was given.
 
 pub mod acks;
+pub mod catalogue;
 pub mod error;
 pub mod export;
 pub mod failures;

@@ -17,6 +17,7 @@
 //! - `server`: connections: counted per address from accept, bounded in time, drained on
 //!   shutdown.
 //! - `upgrade`: the websocket handshake and the socket's buffers.
+//! - `catalogue`: the metric families the gateway records, registered at start.
 //!
 //! Imports run one way: `error` and `config` at the bottom, then `sessions`, then `app`, then the
 //! transports (`upgrade`, `ws`, `server`, `outbound`), and `http`, which makes routes of them.
@@ -24,6 +25,7 @@
 //! store.
 
 mod app;
+mod catalogue;
 mod config;
 mod error;
 mod http;
@@ -56,7 +58,16 @@ pub struct Running {
 
 /// Checks Kafka, connects the shards, subscribes to the outbound topic and starts serving.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    chat_common::telemetry::metrics_handle();
+    chat_common::telemetry::register_metrics(
+        "gateway",
+        env!("CARGO_PKG_VERSION"),
+        &[
+            catalogue::FAMILIES,
+            db_writer::catalogue::POOL_FAMILIES,
+            chat_common::telemetry::PRESENCE_FAMILIES,
+            chat_common::telemetry::LANES_FAMILIES,
+        ],
+    );
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
         .await?

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: install-deps.sh [java] [maven] [postgres]     (no argument = all three)
+# Usage: install-deps.sh [java] [maven] [postgres] [promtool]     (no argument = all four)
 #
 # Installs the system packages the local infra needs, via apt-get, but only
 # when something is actually missing (a no-op costs a few ms). Debian/Ubuntu,
@@ -9,6 +9,9 @@
 #   java     -> a Java >= 17 runtime   (openjdk-17-jre-headless)
 #   maven    -> mvn                    (maven)
 #   postgres -> initdb/pg_ctl/psql/... (postgresql, postgresql-client)
+#   promtool -> promtool               (prometheus: its server is installed too but never
+#               started: a policy-rc.d refuses service starts during the install, and the
+#               unit it enables is stopped if an init system started it anyway)
 #
 # Env: PG_BINDIR  directory holding initdb/pg_ctl (default: newest
 #                 /usr/lib/postgresql/*/bin)
@@ -17,7 +20,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ "${1:-}" == -h || "${1:-}" == --help ]] && { print_help; exit 0; }
 want=("$@")
-[[ ${#want[@]} -gt 0 ]] || want=(java maven postgres)
+[[ ${#want[@]} -gt 0 ]] || want=(java maven postgres promtool)
 
 java_ok() {
   command -v java >/dev/null 2>&1 || return 1
@@ -43,7 +46,8 @@ for w in "${want[@]}"; do
     java) java_ok || pkgs+=(openjdk-17-jre-headless) ;;
     maven) command -v mvn >/dev/null 2>&1 || pkgs+=(maven) ;;
     postgres) pg_ok || pkgs+=(postgresql postgresql-client) ;;
-    *) die "unknown component '$w' (expected: java maven postgres)" ;;
+    promtool) command -v promtool >/dev/null 2>&1 || pkgs+=(prometheus) ;;
+    *) die "unknown component '$w' (expected: java maven postgres promtool)" ;;
   esac
 done
 
@@ -55,8 +59,19 @@ command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install manually: 
 mkdir -p "$STATE_DIR"
 log="$STATE_DIR/install-deps.log"
 export DEBIAN_FRONTEND=noninteractive
+# Only promtool is wanted from the prometheus package: keep its server from starting (and from
+# taking port 9090) while packages install, unless the machine already has a policy of its own.
+policy=/usr/sbin/policy-rc.d
+if [[ " ${pkgs[*]} " == *" prometheus "* && ! -e $policy ]]; then
+  printf '#!/bin/sh\nexit 101\n' >"$policy"
+  chmod +x "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
 if ! apt-get -y -q install --no-install-recommends "${pkgs[@]}" >"$log" 2>&1; then
   if ! { apt-get -q update && apt-get -y -q install --no-install-recommends "${pkgs[@]}"; } >>"$log" 2>&1; then
     die "apt-get install ${pkgs[*]} failed (see $log)"
   fi
+fi
+if [[ " ${pkgs[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+  systemctl disable --now prometheus.service >>"$log" 2>&1 || true
 fi

@@ -3,11 +3,13 @@
 //! stored message to `outbound-<gateway>` of the gateway holding the recipient.
 //!
 //! - [`config`]: typed configuration from the environment.
+//! - `catalogue`: the metric families the multiplexer records, registered at start.
 //! - [`pipeline`]: the batch loop; offsets are stored only after the shard commit and every
 //!   outbound delivery report; records that can never be stored go to `inbound-dlq`.
 //!
 //! [`start`] wires them together and is what `main` and the tests call.
 
+mod catalogue;
 pub mod config;
 pub mod pipeline;
 
@@ -34,10 +36,16 @@ pub struct Running {
 
 /// Checks the dependencies, applies shard migrations, and starts the loop and the HTTP server.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    chat_common::telemetry::metrics_handle();
-    for code in pipeline::DEAD_LETTER_CODES {
-        metrics::counter!("multiplexer_dead_letters_total", "code" => code).increment(0);
-    }
+    chat_common::telemetry::register_metrics(
+        "multiplexer",
+        env!("CARGO_PKG_VERSION"),
+        &[
+            catalogue::FAMILIES,
+            db_writer::catalogue::POOL_FAMILIES,
+            db_writer::catalogue::WRITE_FAMILIES,
+            chat_common::telemetry::PRESENCE_FAMILIES,
+        ],
+    );
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
         .await?

@@ -18,7 +18,7 @@
 //! order), and each that cannot is alone. Errors retrying can fix (a shard down) are retried in
 //! place, holding the partition's order, as is anything that is not the data's fault.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -769,46 +769,82 @@ where
     }
 }
 
-/// Publishes `multiplexer_consumer_lag{partition}` (high watermark minus position) for the
-/// partitions this instance owns, every `every`, until `shutdown`.
+/// Publishes `multiplexer_consumer_lag{partition}` for the partitions this instance owns, every
+/// `every`, until `shutdown`. The lag is counted from the group's committed offset (where a
+/// restart or the partition's next owner resumes), not from the fetch position, which runs ahead
+/// of what is stored while a batch is retried (a shard down): the records not committed yet are
+/// the ones still to process. A partition revoked since the last report is set to 0, so a value
+/// from before a rebalance does not linger here while its new owner reports the real one.
 pub async fn report_lag(
     consumer: std::sync::Arc<StreamConsumer>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
+    let mut reported = BTreeSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let c = consumer.clone();
-        let lags = tokio::task::spawn_blocking(move || {
-            let Ok(positions) = c.position() else {
-                return Vec::new();
-            };
-            positions
-                .elements()
-                .iter()
-                .filter_map(|e| {
-                    let (_, high) = c
-                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
-                        .ok()?;
-                    let at = match e.offset() {
-                        rdkafka::Offset::Offset(o) => o,
-                        _ => return None, // nothing consumed yet on this partition
-                    };
-                    Some((e.partition(), (high - at).max(0)))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        for (partition, lag) in lags {
+        // None: the assignment or the committed offsets could not be read; the last values stay.
+        let Ok(Some(owned)) = tokio::task::spawn_blocking(move || committed_lags(&c)).await else {
+            continue;
+        };
+        for (partition, lag) in lag_updates(&mut reported, &owned) {
             metrics::gauge!("multiplexer_consumer_lag", "partition" => partition.to_string())
                 .set(lag as f64);
         }
     }
+}
+
+/// The lag of each partition assigned to `c` now (None where a watermark could not be read).
+fn committed_lags(c: &StreamConsumer) -> Option<BTreeMap<i32, Option<i64>>> {
+    let timeout = Duration::from_secs(2);
+    let assigned = c.assignment().ok()?;
+    let committed = c.committed_offsets(assigned, timeout).ok()?;
+    Some(
+        committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let lag = c
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .ok()
+                    .and_then(|(low, high)| lag(e.offset(), low, high));
+                (e.partition(), lag)
+            })
+            .collect(),
+    )
+}
+
+/// Records from the committed offset to the high watermark `high`. A group with no committed
+/// offset yet, or one below the log start `low` (deleted by retention), starts at `low`
+/// (`auto.offset.reset=earliest`).
+fn lag(committed: rdkafka::Offset, low: i64, high: i64) -> Option<i64> {
+    let from = match committed {
+        rdkafka::Offset::Offset(o) => o.max(low),
+        rdkafka::Offset::Invalid | rdkafka::Offset::Beginning => low,
+        _ => return None,
+    };
+    Some((high - from).max(0))
+}
+
+/// The gauge values of one report: the lag of each partition owned now whose lag is known, and 0
+/// for each reported before and owned no more. `reported` becomes the partitions owned now.
+fn lag_updates(
+    reported: &mut BTreeSet<i32>,
+    owned: &BTreeMap<i32, Option<i64>>,
+) -> Vec<(i32, i64)> {
+    let mut updates: Vec<(i32, i64)> = reported
+        .iter()
+        .filter(|p| !owned.contains_key(p))
+        .map(|p| (*p, 0))
+        .collect();
+    updates.extend(owned.iter().filter_map(|(p, lag)| lag.map(|l| (*p, l))));
+    *reported = owned.keys().copied().collect();
+    updates
 }
 
 #[cfg(test)]
@@ -870,6 +906,40 @@ mod tests {
         assert!(d.reason.contains("truncated") && d.reason.contains("3145728"));
         // Well within what the producer accepts (1,000,000 bytes by default).
         assert!(d.encoded_len() < 600 * 1024);
+    }
+
+    #[test]
+    fn lag_counts_from_the_committed_offset_or_the_log_start() {
+        use rdkafka::Offset;
+        assert_eq!(lag(Offset::Offset(40), 0, 100), Some(60));
+        assert_eq!(lag(Offset::Offset(100), 0, 100), Some(0));
+        // Nothing committed yet: everything from the log start is still to process.
+        assert_eq!(lag(Offset::Invalid, 10, 100), Some(90));
+        // Committed below what retention kept: the group resumes at the log start.
+        assert_eq!(lag(Offset::Offset(3), 10, 100), Some(90));
+        // A watermark read before the commit landed: never negative.
+        assert_eq!(lag(Offset::Offset(105), 0, 100), Some(0));
+        assert_eq!(lag(Offset::End, 0, 100), None);
+    }
+
+    #[test]
+    fn a_revoked_partition_is_reported_at_zero_once() {
+        let mut reported = BTreeSet::new();
+        let owned = BTreeMap::from([(0, Some(5)), (1, Some(7)), (2, None)]);
+        assert_eq!(lag_updates(&mut reported, &owned), [(0, 5), (1, 7)]);
+        // A rebalance takes 1 and 2 away and gives 3: 1 and 2 go to 0 (2 was never known).
+        let owned = BTreeMap::from([(0, Some(4)), (3, Some(9))]);
+        assert_eq!(
+            lag_updates(&mut reported, &owned),
+            [(1, 0), (2, 0), (0, 4), (3, 9)]
+        );
+        assert_eq!(lag_updates(&mut reported, &owned), [(0, 4), (3, 9)]);
+        // Every partition revoked: each goes to 0, and nothing is reported after.
+        assert_eq!(
+            lag_updates(&mut reported, &BTreeMap::new()),
+            [(0, 0), (3, 0)]
+        );
+        assert!(lag_updates(&mut reported, &BTreeMap::new()).is_empty());
     }
 
     #[test]
