@@ -11,7 +11,9 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer a
 use rdkafka::types::RDKafkaErrorCode;
 use thiserror::Error;
 
-use crate::config::ConfigError;
+use clap::parser::ValueSource;
+
+use crate::config::{config_error, try_parse_matches_from, ConfigError, DEFAULT_BROKERS};
 
 /// Errors at the Kafka boundary.
 #[derive(Debug, Error)]
@@ -64,6 +66,59 @@ pub struct KafkaConfig {
     pub consumer_opts: Vec<(String, String)>,
 }
 
+/// The Kafka settings of a service, as flags with environment variables (`--kafka-brokers` /
+/// `KAFKA_BROKERS`): flattened into each service's declaration, turned into a [`KafkaConfig`] by
+/// [`KafkaConfig::from_args`].
+#[derive(Clone, Debug, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = DEFAULT_BROKERS, value_name = "HOST:PORT,...")]
+    pub kafka_brokers: String,
+    /// Prefix of every topic name (several stacks on one cluster).
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "", value_name = "PREFIX")]
+    pub topic_prefix: String,
+    /// Extra librdkafka properties of every producer, over the defaults (e.g. linger.ms=5).
+    #[arg(
+        long,
+        env = "KAFKA_PRODUCER_OPTS",
+        value_name = "KEY=VALUE,...",
+        hide_env_values = true
+    )]
+    pub kafka_producer_opts: Option<Properties>,
+    /// Extra librdkafka properties of every consumer, over the defaults (e.g.
+    /// fetch.min.bytes=65536).
+    #[arg(
+        long,
+        env = "KAFKA_CONSUMER_OPTS",
+        value_name = "KEY=VALUE,...",
+        hide_env_values = true
+    )]
+    pub kafka_consumer_opts: Option<Properties>,
+    /// Producer linger.ms: how long the producer waits to fill a batch.
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 5, value_name = "MS")]
+    pub kafka_linger_ms: u64,
+    /// Records a second above which a gateway's producer lingers; below it each record is sent
+    /// at once. 0: always linger.
+    #[arg(
+        long,
+        env = "KAFKA_LINGER_ABOVE",
+        default_value_t = 2000,
+        value_name = "N"
+    )]
+    pub kafka_linger_above: u64,
+}
+
+/// librdkafka properties, `key=value,...` (see [`parse_opts`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Properties(pub Vec<(String, String)>);
+
+impl std::str::FromStr for Properties {
+    type Err = NotKeyValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_opts(s).map(Self)
+    }
+}
+
 /// An item of a `key=value,...` list that is not `key=value`.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[error("{0:?} is not key=value")]
@@ -94,30 +149,43 @@ impl KafkaConfig {
         }
     }
 
+    /// The configuration `args` declare, over [`KafkaConfig::new`]'s defaults.
+    pub fn from_args(args: &KafkaArgs) -> Self {
+        Self {
+            linger: Duration::from_millis(args.kafka_linger_ms),
+            linger_above: args.kafka_linger_above,
+            producer_opts: args.kafka_producer_opts.clone().unwrap_or_default().0,
+            consumer_opts: args.kafka_consumer_opts.clone().unwrap_or_default().0,
+            ..Self::new(&args.kafka_brokers)
+        }
+    }
+
     /// Adds the librdkafka properties of `KAFKA_PRODUCER_OPTS` and `KAFKA_CONSUMER_OPTS`
     /// (`key=value,...`, applied over the defaults: batching and fetch tuning without a rebuild)
-    /// and the linger of `KAFKA_LINGER_MS`.
+    /// and the linger of `KAFKA_LINGER_MS` and `KAFKA_LINGER_ABOVE`, for a tool with brokers of
+    /// its own. Read through [`KafkaArgs`]; only the variables that are set change `self`.
     pub fn with_env_opts(mut self) -> Result<Self, ConfigError> {
-        for (name, target) in [
-            ("KAFKA_PRODUCER_OPTS", &mut self.producer_opts),
-            ("KAFKA_CONSUMER_OPTS", &mut self.consumer_opts),
-        ] {
-            if let Ok(text) = std::env::var(name) {
-                *target = parse_opts(&text).map_err(|e| ConfigError::new(name, &text, e))?;
-            }
+        /// [`KafkaArgs`] alone, from the environment.
+        #[derive(clap::Parser)]
+        struct FromEnv {
+            #[command(flatten)]
+            kafka: KafkaArgs,
         }
-        if let Ok(text) = std::env::var("KAFKA_LINGER_MS") {
-            let ms: u64 = text
-                .trim()
-                .parse()
-                .map_err(|e| ConfigError::new("KAFKA_LINGER_MS", &text, e))?;
-            self.linger = Duration::from_millis(ms);
+        let (args, matches) = try_parse_matches_from::<FromEnv, _, _>(["kafka"])
+            .map_err(|e| config_error::<FromEnv>(&e))?;
+        let args = args.kafka;
+        let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
+        if let Some(opts) = args.kafka_producer_opts {
+            self.producer_opts = opts.0;
         }
-        if let Ok(text) = std::env::var("KAFKA_LINGER_ABOVE") {
-            self.linger_above = text
-                .trim()
-                .parse()
-                .map_err(|e| ConfigError::new("KAFKA_LINGER_ABOVE", &text, e))?;
+        if let Some(opts) = args.kafka_consumer_opts {
+            self.consumer_opts = opts.0;
+        }
+        if from_env("kafka_linger_ms") {
+            self.linger = Duration::from_millis(args.kafka_linger_ms);
+        }
+        if from_env("kafka_linger_above") {
+            self.linger_above = args.kafka_linger_above;
         }
         Ok(self)
     }
@@ -424,6 +492,36 @@ pub fn start_offset(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_defaults_are_those_of_new() {
+        use clap::{CommandFactory, FromArgMatches};
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            kafka: KafkaArgs,
+        }
+        // No environment variable in play.
+        let cmd = Only::command().mut_args(|a| a.env(clap::builder::Resettable::Reset));
+        let matches = cmd.try_get_matches_from(["kafka"]).expect("defaults parse");
+        let args = Only::from_arg_matches(&matches)
+            .expect("defaults parse")
+            .kafka;
+        let (declared, new) = (
+            KafkaConfig::from_args(&args),
+            KafkaConfig::new(DEFAULT_BROKERS),
+        );
+        assert_eq!(declared.brokers, new.brokers);
+        assert_eq!(declared.linger, new.linger);
+        assert_eq!(declared.linger_above, new.linger_above);
+        assert_eq!(declared.produce_timeout, new.produce_timeout);
+        assert_eq!(declared.max_poll_interval, new.max_poll_interval);
+        assert!(declared.producer_opts.is_empty() && declared.consumer_opts.is_empty());
+        assert_eq!(args.topic_prefix, "");
+        let opts: Properties = "a=1, b = 2".parse().expect("key=value");
+        assert_eq!(opts.0, [("a".into(), "1".into()), ("b".into(), "2".into())]);
+        assert!("a=1,b".parse::<Properties>().is_err());
+    }
 
     #[test]
     fn opts_parse_and_refuse_what_is_not_key_value() {

@@ -1,15 +1,16 @@
-//! Gateway configuration, from environment variables (defaults run the local stack).
+//! Gateway configuration: flags with environment variables behind them ([`Args`], defaults run
+//! the local stack), turned into the [`Config`] the gateway runs with.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chat_common::auth::{TokenIssuer, TokenVerifier, DEFAULT_AUDIENCE, DEFAULT_ISSUER};
-use chat_common::config::{
-    env_or, env_parse, ConfigError, DEFAULT_BROKERS, DEFAULT_SHARD_DSNS, DEV_JWT_SECRET,
-};
+use chat_common::config::{parse_args, ConfigError, ShardArgs, DEV_JWT_SECRET};
 use chat_common::ids::GatewayId;
-use chat_common::kafka::KafkaConfig;
+use chat_common::kafka::{KafkaArgs, KafkaConfig};
 use chat_common::topics::TopicNames;
+use clap::{ArgAction, CommandFactory, Parser};
 use db_writer::ShardConfig;
 
 /// Everything a gateway needs to run.
@@ -77,68 +78,242 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// A gateway's settings as declared to its command line: each a flag with an environment variable
+/// behind it and the default that runs the local stack. `gateway --help` lists them, and
+/// `docs/configuration.md` is checked against this declaration (a test keeps the two in step).
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Holds client websockets, produces their messages to Kafka, pushes what its outbound topic carries.",
+    after_help = "Every setting is a flag or the environment variable named beside it (the flag wins); \
+                  a variable set to the empty string counts as unset. Logging: RUST_LOG (default \
+                  info) and LOG_FORMAT (json for JSON lines). See docs/configuration.md."
+)]
+pub struct Args {
+    /// Unique id of this gateway (user id alphabet); it consumes outbound-<id>.
+    #[arg(long, env = "GATEWAY_ID", default_value = "gw1", value_name = "ID", value_parser = GatewayId::parse)]
+    pub gateway_id: GatewayId,
+    /// HTTP and websocket listen address (also /healthz, /readyz, /metrics).
+    #[arg(
+        long,
+        env = "GATEWAY_ADDR",
+        default_value = "127.0.0.1:8080",
+        value_name = "HOST:PORT"
+    )]
+    pub gateway_addr: SocketAddr,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Shards, read for history, sync and the conversation list.
+    #[command(flatten)]
+    pub shards: ShardArgs,
+    /// keep, or delete-on-ack (the conversation list then shows no previews).
+    #[arg(long, env = "RETENTION", default_value = "keep", value_name = "MODE", value_parser = parse_retention)]
+    pub retention: db_writer::Retention,
+    /// HS256 secret that signs and verifies tokens; set it in production.
+    #[arg(long, env = "JWT_SECRET", default_value = DEV_JWT_SECRET, value_name = "SECRET", hide_env_values = true, hide_default_value = true)]
+    pub jwt_secret: String,
+    /// Required iss claim.
+    #[arg(long, env = "JWT_ISSUER", default_value = DEFAULT_ISSUER, value_name = "ISS")]
+    pub jwt_issuer: String,
+    /// Required aud claim.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE, value_name = "AUD")]
+    pub jwt_audience: String,
+    /// RS256 public key (PEM file); when set, HS256 tokens are not accepted.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_name = "PATH")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// true serves GET /dev/token/{user} (local stack only).
+    #[arg(long, env = "DEV_TOKENS", default_value_t = false, action = ArgAction::Set, value_name = "BOOL")]
+    pub dev_tokens: bool,
+    /// Largest message body, bytes of UTF-8.
+    #[arg(
+        long,
+        env = "MAX_BODY_BYTES",
+        default_value_t = 4096,
+        value_name = "BYTES"
+    )]
+    pub max_body_bytes: usize,
+    /// Frames queued per socket before it is closed as not draining.
+    #[arg(
+        long,
+        env = "SOCKET_QUEUE",
+        default_value_t = 1024,
+        value_name = "FRAMES"
+    )]
+    pub socket_queue: usize,
+    /// Initial read buffer per websocket (grows to the frame being read).
+    #[arg(
+        long,
+        env = "WS_READ_BUFFER_BYTES",
+        default_value_t = 256,
+        value_name = "BYTES"
+    )]
+    pub ws_read_buffer_bytes: usize,
+    /// Sends per socket awaiting Kafka's ack; more get too_many_in_flight.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 256, value_name = "N")]
+    pub max_in_flight: usize,
+    /// Static files of the web client, served at / (nothing is served if it is missing).
+    #[arg(
+        long,
+        env = "WEB_DIR",
+        default_value = "web/public",
+        value_name = "DIR"
+    )]
+    pub web_dir: PathBuf,
+    /// Browser origins allowed to open a websocket, comma separated (empty: same origin only).
+    #[arg(
+        long,
+        env = "ALLOWED_ORIGINS",
+        default_value = "",
+        value_name = "ORIGIN,..."
+    )]
+    pub allowed_origins: String,
+    /// Frames per second per connection, sustained.
+    #[arg(
+        long,
+        env = "CONN_RATE_PER_SEC",
+        default_value_t = 50,
+        value_name = "N"
+    )]
+    pub conn_rate_per_sec: u32,
+    /// Frames a connection may send in a burst above its rate.
+    #[arg(long, env = "CONN_RATE_BURST", default_value_t = 200, value_name = "N")]
+    pub conn_rate_burst: u32,
+    /// Sends per second per user over all connections and REST, sustained.
+    #[arg(
+        long,
+        env = "USER_RATE_PER_SEC",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub user_rate_per_sec: u32,
+    /// Sends a user may make in a burst above their rate.
+    #[arg(long, env = "USER_RATE_BURST", default_value_t = 400, value_name = "N")]
+    pub user_rate_burst: u32,
+    /// Seconds between server pings; a socket silent for two intervals is closed.
+    #[arg(
+        long,
+        env = "PING_INTERVAL_SECS",
+        default_value_t = 30,
+        value_name = "SECS"
+    )]
+    pub ping_interval_secs: u64,
+    /// Syncs run at once; a connect beyond that waits for a slot.
+    #[arg(
+        long,
+        env = "MAX_CONCURRENT_SYNCS",
+        default_value_t = 64,
+        value_name = "N"
+    )]
+    pub max_concurrent_syncs: usize,
+    /// Open connections per source address.
+    #[arg(
+        long,
+        env = "MAX_CONNS_PER_ADDR",
+        default_value_t = 60_000,
+        value_name = "N"
+    )]
+    pub max_conns_per_addr: usize,
+    /// Seconds a client has to send its request headers (slowloris defence).
+    #[arg(
+        long,
+        env = "HANDSHAKE_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_name = "SECS"
+    )]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a connection with no request in flight is kept; at least 1.
+    #[arg(long, env = "HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60, value_name = "SECS", value_parser = at_least_one_second)]
+    pub http_idle_timeout_secs: u64,
+    /// Seconds a PUT /messages body has to arrive in full; at least 1.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT_SECS", default_value_t = 10, value_name = "SECS", value_parser = at_least_one_second)]
+    pub http_body_timeout_secs: u64,
+    /// Seconds a request has to be answered from the end of its headers; at least 1.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_name = "SECS", value_parser = at_least_one_second)]
+    pub http_request_timeout_secs: u64,
+}
+
+/// A timeout in whole seconds; zero is refused, as it would close every connection.
+fn at_least_one_second(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1 second".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_retention(s: &str) -> Result<db_writer::Retention, db_writer::UnknownRetention> {
+    s.parse()
+}
+
 impl Config {
-    /// Reads the environment; every variable, with its default, is listed in
-    /// `docs/configuration.md` (a test keeps the list and the code in step).
-    pub fn from_env() -> Result<Self, ConfigError> {
-        let id = env_or("GATEWAY_ID", "gw1");
-        let gateway_id =
-            GatewayId::parse(&id).map_err(|e| ConfigError::new("GATEWAY_ID", id.clone(), e))?;
-        let dsns = env_or("SHARD_DSNS", DEFAULT_SHARD_DSNS);
+    /// The declaration of the gateway's settings as a command (what `gateway --help` prints):
+    /// each argument's flag, variable and default.
+    pub fn command() -> clap::Command {
+        Args::command()
+    }
+
+    /// Reads the process's flags and environment. `--help` and `--version` print and exit 0, a
+    /// value that does not parse exits 2 naming it, before anything else happens (see
+    /// [`chat_common::config::parse_args`]).
+    pub fn from_command_line() -> Result<Self, ConfigError> {
+        Self::from_args(parse_args())
+    }
+
+    /// The configuration `args` declare. Refuses what parses but cannot be used (the shard list,
+    /// the public key file), naming the variable.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let dsns = &args.shards.shard_dsns;
         // The gateway only reads, by key: generic plans (docs/design.md).
-        let shards = ShardConfig::from_list(&dsns, env_parse("SHARD_POOL_SIZE", 8)?)
+        let shards = ShardConfig::from_list(dsns, args.shards.shard_pool_size)
             .map_err(|e| ConfigError::new("SHARD_DSNS", dsns.clone(), e))?
             .with_plans(db_writer::Plans::Auto);
-        let issuer = env_or("JWT_ISSUER", DEFAULT_ISSUER);
-        let audience = env_or("JWT_AUDIENCE", DEFAULT_AUDIENCE);
-        let secret = env_or("JWT_SECRET", DEV_JWT_SECRET);
-        let verifier = match std::env::var("JWT_PUBLIC_KEY_FILE") {
-            Ok(path) if !path.is_empty() => {
-                let pem = std::fs::read(&path)
-                    .map_err(|e| ConfigError::new("JWT_PUBLIC_KEY_FILE", path.clone(), e))?;
-                TokenVerifier::rs256(&pem, &issuer, &audience)
-                    .map_err(|e| ConfigError::new("JWT_PUBLIC_KEY_FILE", path.clone(), e))?
+        let (issuer, audience, secret) = (&args.jwt_issuer, &args.jwt_audience, &args.jwt_secret);
+        let verifier = match &args.jwt_public_key_file {
+            Some(path) => {
+                let shown = path.display().to_string();
+                let pem = std::fs::read(path)
+                    .map_err(|e| ConfigError::new("JWT_PUBLIC_KEY_FILE", shown.clone(), e))?;
+                TokenVerifier::rs256(&pem, issuer, audience)
+                    .map_err(|e| ConfigError::new("JWT_PUBLIC_KEY_FILE", shown, e))?
             }
-            _ => TokenVerifier::hs256(secret.as_bytes(), &issuer, &audience),
+            None => TokenVerifier::hs256(secret.as_bytes(), issuer, audience),
         };
-        let dev_issuer = env_parse("DEV_TOKENS", false)?
-            .then(|| TokenIssuer::hs256(secret.as_bytes(), &issuer, &audience));
+        let dev_issuer = args
+            .dev_tokens
+            .then(|| TokenIssuer::hs256(secret.as_bytes(), issuer, audience));
         Ok(Self {
-            gateway_id,
-            addr: env_parse("GATEWAY_ADDR", "127.0.0.1:8080".parse().expect("valid"))?,
-            kafka: KafkaConfig::new(env_or("KAFKA_BROKERS", DEFAULT_BROKERS)).with_env_opts()?,
-            topics: TopicNames::new(env_or("TOPIC_PREFIX", "")),
+            gateway_id: args.gateway_id,
+            addr: args.gateway_addr,
+            kafka: KafkaConfig::from_args(&args.kafka),
+            topics: TopicNames::new(args.kafka.topic_prefix.clone()),
             shards,
             verifier,
             dev_issuer,
-            max_body_bytes: env_parse("MAX_BODY_BYTES", 4096)?,
-            socket_queue: env_parse("SOCKET_QUEUE", 1024)?,
-            ws_read_buffer_bytes: env_parse("WS_READ_BUFFER_BYTES", 256)?,
-            max_in_flight: env_parse("MAX_IN_FLIGHT", 256)?,
-            web_dir: Some(env_or("WEB_DIR", "web/public").into()),
-            allowed_origins: env_or("ALLOWED_ORIGINS", "")
+            max_body_bytes: args.max_body_bytes,
+            socket_queue: args.socket_queue,
+            ws_read_buffer_bytes: args.ws_read_buffer_bytes,
+            max_in_flight: args.max_in_flight,
+            web_dir: Some(args.web_dir),
+            allowed_origins: args
+                .allowed_origins
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect(),
-            conn_rate: (
-                env_parse("CONN_RATE_PER_SEC", 50)?,
-                env_parse("CONN_RATE_BURST", 200)?,
-            ),
-            user_rate: (
-                env_parse("USER_RATE_PER_SEC", 100)?,
-                env_parse("USER_RATE_BURST", 400)?,
-            ),
-            ping_interval: std::time::Duration::from_secs(env_parse("PING_INTERVAL_SECS", 30)?),
-            max_conns_per_addr: env_parse("MAX_CONNS_PER_ADDR", 60_000)?,
-            handshake_timeout: std::time::Duration::from_secs(env_parse(
-                "HANDSHAKE_TIMEOUT_SECS",
-                10,
-            )?),
-            http: HttpBounds::from_env()?,
-            max_concurrent_syncs: env_parse("MAX_CONCURRENT_SYNCS", 64)?,
-            retention: env_parse("RETENTION", db_writer::Retention::Keep)?,
+            conn_rate: (args.conn_rate_per_sec, args.conn_rate_burst),
+            user_rate: (args.user_rate_per_sec, args.user_rate_burst),
+            ping_interval: Duration::from_secs(args.ping_interval_secs),
+            max_conns_per_addr: args.max_conns_per_addr,
+            handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
+            http: HttpBounds {
+                idle_timeout: Duration::from_secs(args.http_idle_timeout_secs),
+                body_timeout: Duration::from_secs(args.http_body_timeout_secs),
+                request_timeout: Duration::from_secs(args.http_request_timeout_secs),
+            },
+            max_concurrent_syncs: args.max_concurrent_syncs,
+            retention: args.retention,
         })
     }
 }
@@ -169,26 +344,107 @@ impl Default for HttpBounds {
     }
 }
 
-impl HttpBounds {
-    /// Reads `HTTP_IDLE_TIMEOUT_SECS` (default 60), `HTTP_BODY_TIMEOUT_SECS` (10) and
-    /// `HTTP_REQUEST_TIMEOUT_SECS` (30). A zero is refused: it would close every connection.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        let defaults = Self::default();
-        let secs = |name: &str, default: Duration| -> Result<Duration, ConfigError> {
-            let n: u64 = env_parse(name, default.as_secs())?;
-            if n == 0 {
-                return Err(ConfigError {
-                    name: name.to_owned(),
-                    value: n.to_string(),
-                    reason: "must be at least 1 second".to_owned(),
-                });
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::FromArgMatches;
+
+    /// `args` parsed as the gateway's command line, with no environment variable in play.
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cmd = Args::command().mut_args(|a| a.env(clap::builder::Resettable::Reset));
+        let matches = cmd
+            .try_get_matches_from(std::iter::once("gateway").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let args = Args::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        Config::from_args(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_run_the_local_stack() {
+        let c = parse(&[]).expect("the defaults parse");
+        assert_eq!(c.gateway_id.as_str(), "gw1");
+        assert_eq!(c.addr, "127.0.0.1:8080".parse().expect("an address"));
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.kafka.linger, Duration::from_millis(5));
+        assert_eq!(c.kafka.linger_above, 2000);
+        assert!(c.kafka.producer_opts.is_empty() && c.kafka.consumer_opts.is_empty());
+        assert_eq!(c.topics.prefix(), "");
+        assert_eq!(c.shards.dsns.len(), 4);
+        assert_eq!(c.shards.pool_size, 8);
+        assert!(c.dev_issuer.is_none());
+        assert_eq!(c.max_body_bytes, 4096);
+        assert_eq!(c.socket_queue, 1024);
+        assert_eq!(c.ws_read_buffer_bytes, 256);
+        assert_eq!(c.max_in_flight, 256);
+        assert_eq!(c.web_dir, Some(PathBuf::from("web/public")));
+        assert!(c.allowed_origins.is_empty());
+        assert_eq!((c.conn_rate, c.user_rate), ((50, 200), (100, 400)));
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.max_conns_per_addr, 60_000);
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.http, HttpBounds::default());
+        assert_eq!(c.max_concurrent_syncs, 64);
+        assert_eq!(c.retention, db_writer::Retention::Keep);
+    }
+
+    #[test]
+    fn flags_set_what_the_variables_set() {
+        let c = parse(&[
+            "--gateway-id",
+            "gw2",
+            "--gateway-addr",
+            "127.0.0.1:8081",
+            "--dev-tokens",
+            "true",
+            "--allowed-origins",
+            "https://a.example, https://b.example,,",
+            "--conn-rate-burst",
+            "9",
+            "--http-body-timeout-secs",
+            "3",
+            "--kafka-linger-above",
+            "0",
+        ])
+        .expect("valid flags");
+        assert_eq!(c.gateway_id.as_str(), "gw2");
+        assert_eq!(c.addr.port(), 8081);
+        assert!(c.dev_issuer.is_some());
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(c.conn_rate, (50, 9));
+        assert_eq!(c.http.body_timeout, Duration::from_secs(3));
+        assert_eq!(c.kafka.linger_above, 0);
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_setting() {
+        let e = parse(&["--http-idle-timeout-secs", "0"]).expect_err("zero closes everything");
+        assert!(
+            e.contains("--http-idle-timeout-secs") && e.contains("at least 1 second"),
+            "{e}"
+        );
+        let e = parse(&["--gateway-id", "gw 1"]).expect_err("not an id");
+        assert!(e.contains("--gateway-id"), "{e}");
+        let e = parse(&["--dev-tokens", "yes"]).expect_err("true or false");
+        assert!(e.contains("--dev-tokens"), "{e}");
+        let e = parse(&["--jwt-public-key-file", "/nonexistent/key.pem"]).expect_err("no file");
+        assert!(e.contains("JWT_PUBLIC_KEY_FILE"), "{e}");
+    }
+
+    #[test]
+    fn every_setting_has_a_variable_and_the_flag_of_its_name() {
+        for arg in Config::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
             }
-            Ok(Duration::from_secs(n))
-        };
-        Ok(Self {
-            idle_timeout: secs("HTTP_IDLE_TIMEOUT_SECS", defaults.idle_timeout)?,
-            body_timeout: secs("HTTP_BODY_TIMEOUT_SECS", defaults.body_timeout)?,
-            request_timeout: secs("HTTP_REQUEST_TIMEOUT_SECS", defaults.request_timeout)?,
-        })
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("{id} has no variable"));
+            let flag = chat_common::config::flag_for(&env.to_string_lossy());
+            assert_eq!(arg.get_long().map(|l| format!("--{l}")), Some(flag));
+        }
     }
 }
