@@ -118,6 +118,19 @@ impl PresenceView {
             .map(|r| r.gateway.clone())
     }
 
+    /// The users whose session the log says is open on `gateway`, with their session epochs,
+    /// sorted by user.
+    pub fn online_at(&self, gateway: &GatewayId) -> Vec<(String, u64)> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut users: Vec<(String, u64)> = routes
+            .iter()
+            .filter(|(_, r)| r.online && &r.gateway == gateway)
+            .map(|(u, r)| (u.clone(), r.epoch))
+            .collect();
+        users.sort();
+        users
+    }
+
     /// Waits until every record that was in the presence log when this was called has been
     /// applied. Returns false if that did not happen within `timeout` (the caller routes with
     /// what it has; the sync on the next connect covers anything missed).

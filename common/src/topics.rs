@@ -74,6 +74,54 @@ impl TopicNames {
     pub fn outbound(&self, gateway: &GatewayId) -> String {
         format!("{}outbound-{}", self.prefix, gateway.as_str())
     }
+
+    /// What the topic `name` is in this deployment, by its whole name (never by a suffix: the
+    /// outbound topic of a gateway named `presence` is `outbound-presence`, an outbound topic).
+    /// `None` for a name that is not one of the deployment's topics.
+    pub fn role(&self, name: &str) -> Option<TopicRole> {
+        let rest = name.strip_prefix(self.prefix.as_str())?;
+        match rest {
+            "inbound" => Some(TopicRole::Inbound),
+            "inbound-dlq" => Some(TopicRole::DeadLetters),
+            "presence" => Some(TopicRole::Presence),
+            _ => rest
+                .strip_prefix("outbound-")
+                .and_then(|g| GatewayId::parse(g).ok())
+                .map(TopicRole::Outbound),
+        }
+    }
+}
+
+/// The kinds of topic, by what their records are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TopicRole {
+    /// `inbound`: `chat.v1.InboundRecord`.
+    Inbound,
+    /// `inbound-dlq`: `chat.v1.DeadLetter`.
+    DeadLetters,
+    /// `presence`: `chat.v1.PresenceRecord`.
+    Presence,
+    /// `outbound-<gateway>`: `chat.v1.OutboundRecord`.
+    Outbound(GatewayId),
+}
+
+impl std::str::FromStr for TopicRole {
+    type Err = String;
+
+    /// `inbound`, `inbound-dlq`, `presence` or `outbound` (of no gateway in particular).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inbound" => Ok(Self::Inbound),
+            "inbound-dlq" => Ok(Self::DeadLetters),
+            "presence" => Ok(Self::Presence),
+            "outbound" => Ok(Self::Outbound(
+                GatewayId::parse("any").expect("a valid gateway id"),
+            )),
+            other => Err(format!(
+                "unknown role {other:?}: expected inbound, inbound-dlq, presence or outbound"
+            )),
+        }
+    }
 }
 
 /// Replication settings that depend on the cluster, not on the topic.
@@ -200,5 +248,37 @@ mod tests {
         assert_eq!(n.presence(), "t1-presence");
         assert_eq!(n.outbound(&g), "t1-outbound-gw-2");
         assert_eq!(standard_topics(&n, &[g]).len(), 4);
+    }
+
+    #[test]
+    fn role_is_read_from_the_whole_name() {
+        let n = TopicNames::new("t1-");
+        let gw = |s: &str| GatewayId::parse(s).expect("valid");
+        assert_eq!(n.role("t1-inbound"), Some(TopicRole::Inbound));
+        assert_eq!(n.role("t1-inbound-dlq"), Some(TopicRole::DeadLetters));
+        assert_eq!(n.role("t1-presence"), Some(TopicRole::Presence));
+        // Gateways named like the other topics keep their outbound role.
+        for name in ["presence", "inbound", "inbound-dlq", "gw1"] {
+            let topic = n.outbound(&gw(name));
+            assert_eq!(
+                n.role(&topic),
+                Some(TopicRole::Outbound(gw(name))),
+                "{topic}"
+            );
+        }
+        // Not this deployment's topics.
+        for other in [
+            "inbound",
+            "t2-inbound",
+            "t1-replay-inbound",
+            "t1-outbound-",
+            "t1-x",
+        ] {
+            assert_eq!(n.role(other), None, "{other}");
+        }
+        assert_eq!(
+            TopicNames::new("").role("presence"),
+            Some(TopicRole::Presence)
+        );
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chat_common::kafka::{start_offset, KafkaConfig, Start};
+use chat_common::topics::TopicRole;
 use chat_proto::v1::{DeadLetter, InboundRecord, OutboundRecord, PresenceRecord};
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -21,6 +22,8 @@ use serde_json::{json, Value};
 /// What a tail prints.
 pub struct TailOptions {
     pub topic: String,
+    /// What the topic's records are (from its name, or as the user said).
+    pub role: TopicRole,
     pub start: Start,
     /// Keep waiting for new records (otherwise stop at the end of the log as it was at start).
     pub follow: bool,
@@ -32,12 +35,13 @@ pub struct TailOptions {
     pub max: Option<u64>,
 }
 
-/// Decodes one value by the kind of topic it is on.
-pub fn decode(topic: &str, payload: Option<&[u8]>) -> Value {
+/// Decodes one value by the role of the topic it is on (see [`TopicNames::role`]).
+///
+/// [`TopicNames::role`]: chat_common::topics::TopicNames::role
+pub fn decode(role: &TopicRole, payload: Option<&[u8]>) -> Value {
     let Some(p) = payload else { return Value::Null };
-    let kind = topic.rsplit('-').next().unwrap_or(topic);
-    let decoded = if topic.ends_with("inbound-dlq") {
-        DeadLetter::decode(p).ok().and_then(|d| {
+    let decoded = match role {
+        TopicRole::DeadLetters => DeadLetter::decode(p).ok().and_then(|d| {
             let original = InboundRecord::decode(d.original.as_slice())
                 .ok()
                 .and_then(|r| serde_json::to_value(r).ok())
@@ -47,26 +51,31 @@ pub fn decode(topic: &str, payload: Option<&[u8]>) -> Value {
                 o.insert("originalRecord".into(), original);
             }
             Some(v)
-        })
-    } else if topic.ends_with("inbound") {
-        InboundRecord::decode(p)
+        }),
+        TopicRole::Inbound => InboundRecord::decode(p)
             .ok()
-            .and_then(|r| serde_json::to_value(r).ok())
-    } else if topic.ends_with("presence") {
-        PresenceRecord::decode(p)
+            .and_then(|r| serde_json::to_value(r).ok()),
+        TopicRole::Presence => PresenceRecord::decode(p)
             .ok()
-            .and_then(|r| serde_json::to_value(r).ok())
-    } else if topic.contains("outbound-") {
-        OutboundRecord::decode(p)
+            .and_then(|r| serde_json::to_value(r).ok()),
+        TopicRole::Outbound(_) => OutboundRecord::decode(p)
             .ok()
-            .and_then(|r| serde_json::to_value(r).ok())
-    } else {
-        None
+            .and_then(|r| serde_json::to_value(r).ok()),
     };
     decoded.unwrap_or_else(|| {
         let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
-        json!({ "undecodable": hex, "as": kind })
+        json!({ "undecodable": hex, "as": role_name(role) })
     })
+}
+
+/// The role as `--role` spells it.
+pub fn role_name(role: &TopicRole) -> &'static str {
+    match role {
+        TopicRole::Inbound => "inbound",
+        TopicRole::DeadLetters => "inbound-dlq",
+        TopicRole::Presence => "presence",
+        TopicRole::Outbound(_) => "outbound",
+    }
 }
 
 /// True when the record mentions `user` (as key or in a user field).
@@ -151,7 +160,7 @@ pub async fn tail(kafka: &KafkaConfig, options: TailOptions) -> anyhow::Result<u
             }
         }
         let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-        for (item, key, value) in pushes(key, decode(topic, m.payload())) {
+        for (item, key, value) in pushes(key, decode(&options.role, m.payload())) {
             if let Some(u) = &options.user {
                 if !mentions_user(key.as_deref(), &value, u) {
                     continue;
@@ -211,6 +220,10 @@ mod tests {
         inbound_record, outbound_record, ChatMessage, OutboundBatch, OutboundItem, Stored,
     };
 
+    fn outbound() -> TopicRole {
+        TopicRole::Outbound(chat_common::ids::GatewayId::parse("gw1").expect("valid"))
+    }
+
     #[test]
     fn decodes_by_topic_and_filters() {
         let rec = InboundRecord {
@@ -224,12 +237,12 @@ mod tests {
             gateway_id: "gw1".into(),
         }
         .encode_to_vec();
-        let v = decode("t-inbound", Some(&rec));
+        let v = decode(&TopicRole::Inbound, Some(&rec));
         assert_eq!(v["message"]["body"], "hi");
         assert!(mentions_user(Some("alice:bob"), &v, "bob"));
         assert!(!mentions_user(Some("alice:bob"), &v, "carol"));
         assert!(mentions_conversation(Some("alice:bob"), &v, "alice:bob"));
-        assert_eq!(decode("presence", None), Value::Null);
+        assert_eq!(decode(&TopicRole::Presence, None), Value::Null);
 
         // An outbound batch is printed item by item, each keyed by its user.
         let stored = |seq: u64| OutboundRecord {
@@ -253,18 +266,18 @@ mod tests {
             })),
         }
         .encode_to_vec();
-        let lines = pushes(Some("gw1"), decode("outbound-gw1", Some(&batch)));
+        let lines = pushes(Some("gw1"), decode(&outbound(), Some(&batch)));
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1].0, Some(1));
         assert_eq!(lines[1].1.as_deref(), Some("bob"));
         assert_eq!(lines[1].2["stored"]["seq"], "2");
         let single = pushes(
             Some("carol"),
-            decode("outbound-gw1", Some(&stored(3).encode_to_vec())),
+            decode(&outbound(), Some(&stored(3).encode_to_vec())),
         );
         assert_eq!(single.len(), 1);
         assert_eq!((single[0].0, single[0].1.as_deref()), (None, Some("carol")));
-        assert!(decode("inbound", Some(b"\xff\xff"))
+        assert!(decode(&TopicRole::Inbound, Some(b"\xff\xff"))
             .get("undecodable")
             .is_some());
     }
@@ -293,14 +306,14 @@ mod tests {
             gateway_id: "gw1".into(),
         }
         .encode_to_vec();
-        let v = decode("t-inbound-dlq", Some(&dead(rec)));
+        let v = decode(&TopicRole::DeadLetters, Some(&dead(rec)));
         assert_eq!(v["code"], "invalid_body");
         assert_eq!(v["partition"], 2);
         assert_eq!(v["offset"], "41");
         assert_eq!(v["originalRecord"]["message"]["body"], "x\u{0}y");
         assert!(mentions_user(None, &v, "alice"));
         // An original that is not an InboundRecord is kept as bytes only.
-        let v = decode("inbound-dlq", Some(&dead(b"\xff\xff".to_vec())));
+        let v = decode(&TopicRole::DeadLetters, Some(&dead(b"\xff\xff".to_vec())));
         assert_eq!(v["originalRecord"], Value::Null);
         assert_eq!(v["original"], "//8=");
     }
