@@ -35,7 +35,7 @@ const ALL: &[&str] = &[
 ];
 
 #[derive(Parser)]
-#[command(about = "Fault-injection suite for the chat pipeline")]
+#[command(version, about = "Fault-injection suite for the chat pipeline")]
 struct Args {
     /// Comma-separated scenarios, or `all`.
     #[arg(long, default_value = "all")]
