@@ -1138,8 +1138,14 @@ def test_gateways_listen_on_443_to_8080_with_a_long_idle_timeout() -> None:
 
 
 def _rust_env(crate: str) -> set[str]:
-    src = (ROOT / crate / "src" / "config.rs").read_text()
-    names = set(re.findall(r'(?:env_or|env_parse|std::env::var)\(\s*"([A-Z0-9_]+)"', src))
+    # Settings are clap arguments with an environment variable (`env = "NAME"`): the crate's
+    # own in its config.rs, the shared ones (Kafka, topics, shards) beside what they configure
+    # in common.
+    names: set[str] = set()
+    for src in [ROOT / crate / "src" / "config.rs", *sorted((ROOT / "common" / "src").glob("*.rs"))]:
+        text = src.read_text()
+        names |= set(re.findall(r'\benv\s*=\s*"([A-Z0-9_]+)"', text))
+        names |= set(re.findall(r'(?:env_or|env_parse|std::env::var)\(\s*"([A-Z0-9_]+)"', text))
     assert names, crate
     telemetry = (ROOT / "common" / "src" / "telemetry.rs").read_text()
     names |= set(re.findall(r'std::env::var\("([A-Z0-9_]+)"\)', telemetry))
