@@ -91,9 +91,9 @@ replay: ## Rebuild the shards in SHARD_DSNS from inbound: make replay [FROM=begi
 	@target/$(PROFILE)/db-writer replay --from "$(or $(FROM),beginning)" || { echo "replay: failed (see the message above; a replay is idempotent and can be run again)"; exit 1; }
 
 .PHONY: export
-export: ## Export messages sent since SINCE as JSON lines: make export SINCE=2026-11-01T00:00:00Z [OUT=messages.jsonl] (keep mode)
-	@test -n "$(SINCE)" || { echo "export: say from when: make export SINCE=2026-11-01T00:00:00Z"; exit 1; }
-	@target/$(PROFILE)/db-writer export --since "$(SINCE)" $(if $(OUT),--out "$(OUT)",) || { echo "export: failed (see the message above)"; exit 1; }
+export: ## Export messages as JSON lines or Parquet: make export SINCE=2026-11-01T00:00:00Z [OUT=messages.jsonl] [FORMAT=parquet] [CURSOR=export.cursor] (keep mode; docs/data.md)
+	@test -n "$(SINCE)$(CURSOR)" || { echo "export: say from when (SINCE=2026-11-01T00:00:00Z) or resume a cursor (CURSOR=export.cursor)"; exit 1; }
+	@target/$(PROFILE)/db-writer export $(if $(SINCE),--since "$(SINCE)",) $(if $(FORMAT),--format "$(FORMAT)",) $(if $(CURSOR),--cursor "$(CURSOR)",) $(if $(OUT),--out "$(OUT)",) || { echo "export: failed (see the message above)"; exit 1; }
 
 .PHONY: tf-fmt
 tf-fmt: ## Format the Terraform files (needs the terraform binary).

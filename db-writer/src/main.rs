@@ -7,7 +7,8 @@
 //! - `db-writer rebuild-index` builds every user's conversation index from the shards (after
 //!   upgrading to a release with the index, or restoring shards); `check-index` checks it.
 //! - `db-writer export --since 2026-11-01T00:00:00Z --out messages.jsonl` writes a time range of
-//!   messages as JSON lines (keep mode only).
+//!   messages as JSON lines, or Parquet with `--format parquet`; with `--cursor FILE`, the
+//!   messages committed since the previous export of that cursor (keep mode only).
 
 use std::io::Write as _;
 
@@ -33,7 +34,8 @@ enum Command {
     Migrate,
     /// Print which shard holds the conversation between two users.
     Locate { a: String, b: String },
-    /// Export the messages sent in a time range as JSON lines (keep mode only).
+    /// Export messages as JSON lines or Parquet: a time range, or incrementally from a cursor
+    /// (keep mode only).
     Export(ExportArgs),
     /// Rebuild (or reshard into) the shards in --shards from the inbound log.
     Replay(ReplayArgs),
@@ -50,18 +52,35 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ExportArgs {
-    /// Start of the range: ms:N or an RFC 3339 time (inclusive).
-    #[arg(long)]
-    since: String,
-    /// End of the range: ms:N or an RFC 3339 time (exclusive; default now).
-    #[arg(long)]
+    /// Start of the range: ms:N or an RFC 3339 time (inclusive). Optional with --cursor
+    /// (default: the beginning).
+    #[arg(long, required_unless_present = "cursor")]
+    since: Option<String>,
+    /// End of the range: ms:N or an RFC 3339 time (exclusive; default now). Not with --cursor,
+    /// which would never come back for what it left out.
+    #[arg(long, conflicts_with = "cursor")]
     until: Option<String>,
     /// Output file (default: standard output).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Output format: jsonl (the `chat.v1.ChatMessage` JSON mapping, one message a line) or
+    /// parquet (typed columns: docs/data.md).
+    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+    format: Format,
+    /// Incremental export: the messages committed since the export that wrote FILE (all of
+    /// them if FILE does not exist yet); FILE is replaced once the output is complete.
+    #[arg(long, value_name = "FILE")]
+    cursor: Option<std::path::PathBuf>,
     /// The deployment's retention mode: keep | delete-on-ack.
     #[arg(long, env = "RETENTION", default_value = "keep")]
     retention: Retention,
+}
+
+/// `db-writer export`'s output formats.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Jsonl,
+    Parquet,
 }
 
 #[derive(clap::Args)]
@@ -137,13 +156,17 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `db-writer export`: a time range of messages as JSON lines, in the wire mapping of
-/// `chat.v1.ChatMessage`.
+/// `db-writer export`: a time range of messages, or those committed since a cursor, as JSON
+/// lines (the wire mapping of `chat.v1.ChatMessage`) or Parquet. Only data goes to the output;
+/// the summary and the logs go to stderr.
 async fn export(config: &ShardConfig, args: ExportArgs) -> anyhow::Result<()> {
+    use db_writer::export::{ExportCursor, ParquetSink, Selection};
     let ExportArgs {
         since,
         until,
         out,
+        format,
+        cursor,
         retention,
     } = args;
     anyhow::ensure!(
@@ -156,28 +179,112 @@ async fn export(config: &ShardConfig, args: ExportArgs) -> anyhow::Result<()> {
             "expected ms:N or an RFC 3339 time, got {s:?}"
         )),
     };
-    let from = time(&since)?;
+    let from = since.as_deref().map(time).transpose()?.unwrap_or(i64::MIN);
     let until = match until {
         Some(u) => time(&u)?,
         None => chat_common::now_ms(),
     };
+    let previous = match &cursor {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some(
+                ExportCursor::from_json(&text)
+                    .with_context(|| format!("reading the cursor {}", path.display()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading the cursor {}", path.display()))
+            }
+        },
+        None => None,
+    };
+    let selection = match &cursor {
+        Some(_) => Selection::CommittedSince {
+            after: previous.as_ref(),
+            since_ms: from,
+        },
+        None => Selection::SentBetween {
+            from_ms: from,
+            until_ms: until,
+        },
+    };
     let shards = Shards::connect(config)?;
-    let mut writer: Box<dyn std::io::Write + Send> = match &out {
+    let sink: Box<dyn std::io::Write + Send> = match &out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    let n = shards
-        .export_range(from, until, &mut |m| {
-            let line = serde_json::to_string(&chat_proto::v1::ChatMessage::from(m))
-                .map_err(std::io::Error::other)?;
-            writeln!(writer, "{line}")
-        })
-        .await
-        .context("export")?;
-    writer.flush()?;
-    eprintln!("exported {n} messages sent in [{from}, {until}) ms");
+    let (exported, mut sink) = match format {
+        Format::Jsonl => {
+            let mut writer = sink;
+            let exported = shards
+                .export(selection, &mut |m| {
+                    let line = serde_json::to_string(&chat_proto::v1::ChatMessage::from(m))
+                        .map_err(std::io::Error::other)?;
+                    writeln!(writer, "{line}")
+                })
+                .await
+                .context("export")?;
+            (exported, writer)
+        }
+        Format::Parquet => {
+            let mut parquet = ParquetSink::new(sink).context("starting the Parquet file")?;
+            let exported = shards
+                .export(selection, &mut |m| {
+                    parquet.push(m).map_err(std::io::Error::other)
+                })
+                .await
+                .context("export")?;
+            (
+                exported,
+                parquet.finish().context("finishing the Parquet file")?,
+            )
+        }
+    };
+    sink.flush()?;
+    drop(sink);
+    if let Some(path) = &out {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", path.display()))?;
+    }
+    match &cursor {
+        Some(path) => {
+            // Only now that the output is complete: a failed run leaves the cursor where it was.
+            write_atomically(path, exported.cursor.to_json().as_bytes())
+                .with_context(|| format!("writing the cursor {}", path.display()))?;
+            eprintln!(
+                "exported {} messages committed since {}; cursor {} moved",
+                exported.messages,
+                if previous.is_some() {
+                    "the previous export"
+                } else {
+                    "the beginning"
+                },
+                path.display()
+            );
+        }
+        None => eprintln!(
+            "exported {} messages sent in [{from}, {until}) ms",
+            exported.messages
+        ),
+    }
+    Ok(())
+}
+
+/// Replaces `path` with `content` as one step: a temporary file beside it, synced, then renamed
+/// over it (a crash leaves the old file or the new one, never a part).
+fn write_atomically(path: &std::path::Path, content: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(content)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(())
 }
 

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../migrations/0005_client_id_scope_and_failures.sql"),
     ),
     (6, include_str!("../migrations/0006_user_conversations.sql")),
+    (7, include_str!("../migrations/0007_export_cursor.sql")),
 ];
 
 /// Advisory lock key that serialises migrations (any constant shared by all processes).
