@@ -1,7 +1,16 @@
-//! `docs/configuration.md` is the one list of the environment variables the binaries read. This
-//! test keeps it honest in both directions: every variable the shipped code reads has a row
-//! there, and every row names a variable that something still reads (the code, or for the local
-//! stack's rows, the Makefile and scripts). It reads source files only: no Kafka, no Postgres.
+//! `docs/configuration.md` is the one list of the environment variables the binaries read. These
+//! tests keep it honest in both directions. No Kafka, no Postgres.
+//!
+//! The services' settings are checked against their declaration itself: the clap command of the
+//! gateway and of the multiplexer (`Config::command()`, clap's `CommandFactory`), whose every
+//! argument is a flag with a variable and a default. Each variable a service declares has a row
+//! in the service's table, or in the shared table with the service in its "read by" column, and
+//! the row's default is the declared one; each such row names a variable the service declares.
+//!
+//! Everything else (the operator and client tools, the harness, logging) is checked by scanning
+//! the source: every variable the shipped code reads has a row, and every row names a variable
+//! that something still reads (the code, or for the local stack's rows, the Makefile and
+//! scripts).
 //!
 //! How a read is recognised, kept simple on purpose: in a source file that reads the environment
 //! at all (`std::env::var`, the `env_or` / `env_parse` helpers of `chat_common::config`, clap's
@@ -14,6 +23,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+use chat_common::config::clap;
 
 /// Crates whose `src/` is scanned: the services, the operator and client tools, the benchmark
 /// and fault-injection drivers, and the integration-test harness.
@@ -232,6 +243,293 @@ fn every_variable_read_is_documented_and_every_documented_one_is_read() {
         "{DOC} and the code disagree.\n\
          Read by the code but without a row in {DOC}: {undocumented:#?}\n\
          Documented in {DOC} but read by nothing (neither the code nor the scripts): {unread:#?}"
+    );
+}
+
+/// The table of the page that lists the settings shared by the services.
+const SHARED: &str = "Shared by the services";
+
+/// A row of a table of the page.
+#[derive(Debug)]
+struct Row {
+    /// The `## ` heading the table is under.
+    section: String,
+    /// The variables of its first column (`` `CONN_RATE_PER_SEC` / `CONN_RATE_BURST` ``).
+    names: Vec<String>,
+    /// Its "read by" cell, in a table that has one.
+    read_by: Option<String>,
+    /// Its "default" cell.
+    default: String,
+}
+
+/// The rows of every table of the page whose header has a "variable" and a "default" column.
+fn rows(doc: &str) -> Vec<Row> {
+    let cells = |line: &str| -> Vec<String> {
+        let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
+        inner.split('|').map(|c| c.trim().to_owned()).collect()
+    };
+    let mut out = Vec::new();
+    let mut section = String::new();
+    let mut header: Option<Vec<String>> = None;
+    for line in doc.lines() {
+        if let Some(title) = line.strip_prefix("## ") {
+            section = title.trim().to_owned();
+        }
+        if !line.trim_start().starts_with('|') {
+            header = None;
+            continue;
+        }
+        let row = cells(line);
+        let Some(head) = &header else {
+            header = Some(row);
+            continue;
+        };
+        if row
+            .iter()
+            .all(|c| c.chars().all(|ch| ch == '-' || ch == ':'))
+        {
+            continue;
+        }
+        let column = |name: &str| head.iter().position(|h| h == name).map(|i| row[i].clone());
+        let (Some(first), Some(default)) = (row.first(), column("default")) else {
+            continue;
+        };
+        if head.first().map(String::as_str) != Some("variable") {
+            continue;
+        }
+        out.push(Row {
+            section: section.clone(),
+            names: backquoted(first)
+                .into_iter()
+                .filter(|n| is_variable_name(n))
+                .collect(),
+            read_by: column("read by"),
+            default,
+        });
+    }
+    out
+}
+
+/// The backquoted spans of a cell, in order.
+fn backquoted(cell: &str) -> Vec<String> {
+    cell.split('`')
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, s)| s.to_owned())
+        .collect()
+}
+
+/// What a service declares for a variable.
+#[derive(Debug)]
+struct Declared {
+    flag: String,
+    default: Option<String>,
+    /// A secret's default, kept out of `--help`: the page must not print it either.
+    default_hidden: bool,
+}
+
+/// Variable -> its declaration, for every argument `--help` shows. Fails on a setting without a
+/// variable, or whose flag is not the variable's name (the page states that rule).
+fn declared(service: &str, cmd: &clap::Command) -> BTreeMap<String, Declared> {
+    let mut out = BTreeMap::new();
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        if arg.is_hide_set() || id == "help" || id == "version" {
+            continue;
+        }
+        let env = arg
+            .get_env()
+            .unwrap_or_else(|| panic!("{service}: setting {id} has no environment variable"))
+            .to_string_lossy()
+            .into_owned();
+        let flag = format!("--{}", arg.get_long().unwrap_or_default());
+        assert_eq!(
+            flag,
+            chat_common::config::flag_for(&env),
+            "{service}: the flag of {env} is not named after it"
+        );
+        let defaults = arg.get_default_values();
+        assert!(defaults.len() <= 1, "{service}: {env} has several defaults");
+        out.insert(
+            env,
+            Declared {
+                flag,
+                default: defaults.first().map(|d| d.to_string_lossy().into_owned()),
+                default_hidden: arg.is_hide_default_value_set(),
+            },
+        );
+    }
+    out
+}
+
+/// Whether the "read by" cell names `service` as one of its items.
+fn read_by(cell: &str, service: &str) -> bool {
+    cell.split(',')
+        .flat_map(|part| part.split(" and "))
+        .any(|item| item.trim() == service)
+}
+
+/// What a default cell says for the `index`th variable of its row, as read by `service`: a
+/// `(service `value`)` aside wins; then "unset" (no default), "empty" (the empty string), or the
+/// row's `index`th backquoted value.
+fn documented_default(cell: &str, index: usize, service: &str) -> Option<Option<String>> {
+    if let Some(aside) = cell.split(&format!("({service} ")).nth(1) {
+        return backquoted(aside).into_iter().next().map(Some);
+    }
+    if cell.starts_with("unset") {
+        return Some(None);
+    }
+    if cell.starts_with("empty") {
+        return Some(Some(String::new()));
+    }
+    backquoted(cell).into_iter().nth(index).map(Some)
+}
+
+/// Whether a documented value stands for `actual`: equal, or abbreviated with `…` (the part
+/// before it starts the value, the part after ends it).
+fn stands_for(documented: &str, actual: &str) -> bool {
+    match documented.split_once('…') {
+        Some((head, tail)) => {
+            actual.len() >= head.len() + tail.len()
+                && actual.starts_with(head)
+                && actual.ends_with(tail)
+        }
+        None => documented == actual,
+    }
+}
+
+/// The disagreements between a service's declaration and the page.
+fn disagreements(service: &str, section: &str, cmd: &clap::Command, rows: &[Row]) -> Vec<String> {
+    let declared = declared(service, cmd);
+    let mut problems = Vec::new();
+    let mut documented = BTreeSet::new();
+    for row in rows {
+        let for_service = row.section == section
+            || (row.section == SHARED
+                && row.read_by.as_deref().is_some_and(|c| read_by(c, service)));
+        if !for_service {
+            continue;
+        }
+        for (index, name) in row.names.iter().enumerate() {
+            documented.insert(name.clone());
+            let Some(decl) = declared.get(name) else {
+                problems.push(format!(
+                    "{name} is documented ({:?} table) as read by the {service}, which does not declare it",
+                    row.section
+                ));
+                continue;
+            };
+            let doc = documented_default(&row.default, index, service);
+            let agrees = if decl.default_hidden {
+                // A secret's default: the page describes it without printing it.
+                let secret = decl.default.as_deref().unwrap_or_default();
+                !row.default.is_empty()
+                    && !row.default.starts_with("unset")
+                    && (secret.is_empty() || !row.default.contains(secret))
+            } else {
+                match (&doc, &decl.default) {
+                    (Some(Some(d)), Some(actual)) => stands_for(d, actual),
+                    (Some(None), None) => true,
+                    _ => false,
+                }
+            };
+            if !agrees {
+                problems.push(format!(
+                    "{name}: the {service} declares the default {:?} ({}), the page says {:?}",
+                    decl.default, decl.flag, row.default
+                ));
+            }
+        }
+    }
+    for (name, decl) in &declared {
+        if !documented.contains(name) {
+            problems.push(format!(
+                "{name} ({}) is declared by the {service} but has no row in the {section:?} table \
+                 or the {SHARED:?} table with {service} in its \"read by\" column",
+                decl.flag
+            ));
+        }
+    }
+    problems
+}
+
+#[test]
+fn the_services_rows_are_their_declarations_both_ways() {
+    let root = workspace();
+    let rows = rows(&read(&root.join(DOC)));
+    let gateway = gateway::Config::command();
+    let multiplexer = multiplexer::Config::command();
+    assert!(
+        declared("gateway", &gateway).len() > 20
+            && declared("multiplexer", &multiplexer).len() > 10,
+        "the declarations hold fewer settings than the services have"
+    );
+    let mut problems = disagreements("gateway", "Gateway", &gateway, &rows);
+    problems.extend(disagreements(
+        "multiplexer",
+        "Multiplexer",
+        &multiplexer,
+        &rows,
+    ));
+    assert!(
+        problems.is_empty(),
+        "{DOC} and the services' declarations disagree:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn a_declaration_and_a_table_that_disagree_are_caught() {
+    #[derive(clap::Parser)]
+    #[allow(dead_code)]
+    struct Svc {
+        /// Documented with its default.
+        #[arg(long, env = "SVC_PORT", default_value_t = 80)]
+        svc_port: u16,
+        /// Documented with another default.
+        #[arg(long, env = "SVC_WAIT_MS", default_value_t = 5)]
+        svc_wait_ms: u64,
+        /// Not documented.
+        #[arg(long, env = "SVC_HIDDEN_GEM")]
+        svc_hidden_gem: Option<String>,
+        /// Documented under "read by".
+        #[arg(
+            long,
+            env = "SHARED_DSNS",
+            default_value = "postgres://a/db_0,postgres://a/db_3"
+        )]
+        shared_dsns: String,
+        /// Documented for another service only.
+        #[arg(long, env = "OTHER_ONLY", default_value = "")]
+        other_only: String,
+    }
+    let doc = "\
+## Shared by the services
+
+| variable | read by | default | meaning |
+|---|---|---|---|
+| `SHARED_DSNS` | svc, other | `postgres://a/db_0,…_3` | shards |
+| `OTHER_ONLY` | other | empty | not for svc |
+
+## Svc
+
+| variable | default | meaning |
+|---|---|---|
+| `SVC_PORT` | `80` | port |
+| `SVC_WAIT_MS` | `7` (other `5`) | wait |
+| `SVC_GONE` | unset | removed |
+";
+    let cmd = <Svc as clap::CommandFactory>::command();
+    let mut problems = disagreements("svc", "Svc", &cmd, &rows(doc));
+    problems.sort();
+    let named: Vec<&str> = problems
+        .iter()
+        .map(|p| p.split([' ', ':']).next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        named,
+        ["OTHER_ONLY", "SVC_GONE", "SVC_HIDDEN_GEM", "SVC_WAIT_MS"],
+        "{problems:#?}"
     );
 }
 
