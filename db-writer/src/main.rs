@@ -160,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
 /// lines (the wire mapping of `chat.v1.ChatMessage`) or Parquet. Only data goes to the output;
 /// the summary and the logs go to stderr.
 async fn export(config: &ShardConfig, args: ExportArgs) -> anyhow::Result<()> {
-    use db_writer::export::{ExportCursor, ParquetSink, Selection};
+    use db_writer::export::{ExportCursor, Selection};
     let ExportArgs {
         since,
         until,
@@ -214,35 +214,12 @@ async fn export(config: &ShardConfig, args: ExportArgs) -> anyhow::Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    let (exported, mut sink) = match format {
-        Format::Jsonl => {
-            let mut writer = sink;
-            let exported = shards
-                .export(selection, &mut |m| {
-                    let line = serde_json::to_string(&chat_proto::v1::ChatMessage::from(m))
-                        .map_err(std::io::Error::other)?;
-                    writeln!(writer, "{line}")
-                })
-                .await
-                .context("export")?;
-            (exported, writer)
-        }
-        Format::Parquet => {
-            let mut parquet = ParquetSink::new(sink).context("starting the Parquet file")?;
-            let exported = shards
-                .export(selection, &mut |m| {
-                    parquet.push(m).map_err(std::io::Error::other)
-                })
-                .await
-                .context("export")?;
-            (
-                exported,
-                parquet.finish().context("finishing the Parquet file")?,
-            )
-        }
-    };
-    sink.flush()?;
-    drop(sink);
+    let written = write_export(&shards, selection, format, sink).await;
+    if let (Err(_), Some(path)) = (&written, &out) {
+        // Nothing half-written is left where a reader might take it for an export.
+        let _ = std::fs::remove_file(path);
+    }
+    let exported = written?;
     if let Some(path) = &out {
         std::fs::File::open(path)
             .and_then(|f| f.sync_all())
@@ -270,6 +247,39 @@ async fn export(config: &ShardConfig, args: ExportArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Writes the export of `selection` to `sink` in `format`, flushed.
+async fn write_export(
+    shards: &Shards,
+    selection: db_writer::export::Selection<'_>,
+    format: Format,
+    mut sink: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<db_writer::export::Exported> {
+    let exported = match format {
+        Format::Jsonl => shards
+            .export(selection, &mut |m| {
+                let line = serde_json::to_string(&chat_proto::v1::ChatMessage::from(m))
+                    .map_err(std::io::Error::other)?;
+                writeln!(sink, "{line}")
+            })
+            .await
+            .context("export")?,
+        Format::Parquet => {
+            let mut parquet =
+                db_writer::export::ParquetSink::new(sink).context("starting the Parquet file")?;
+            let exported = shards
+                .export(selection, &mut |m| {
+                    parquet.push(m).map_err(std::io::Error::other)
+                })
+                .await
+                .context("export")?;
+            sink = parquet.finish().context("finishing the Parquet file")?;
+            exported
+        }
+    };
+    sink.flush()?;
+    Ok(exported)
 }
 
 /// Replaces `path` with `content` as one step: a temporary file beside it, synced, then renamed

@@ -286,6 +286,10 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
     assert_ne!(code, 0);
     assert!(err.contains("cursor"), "{err}");
     assert_eq!(std::fs::read_to_string(&export.cursor)?, before);
+    assert!(
+        !dir.join("refused.parquet").exists(),
+        "a failed export leaves no output behind"
+    );
 
     // --until would leave messages behind for good, so it does not go with --cursor.
     let (code, _, err) = run(
