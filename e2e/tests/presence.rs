@@ -79,3 +79,73 @@ async fn catch_up_waits_for_every_record_already_in_the_log() -> anyhow::Result<
     assert!(!view.catch_up(Duration::from_millis(500)).await);
     env.teardown().await
 }
+
+/// The presence log names a gateway whose outbound topic does not exist (deleted with the
+/// gateway, or not created yet): the multiplexer stores the message, leaves the push to sync,
+/// and goes on. Retrying such a produce forever would stop every conversation behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_to_a_gateway_without_a_topic_does_not_stop_the_pipeline() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let mux = env
+        .start_multiplexer_with(|c| {
+            // librdkafka gives up on a topic missing from the metadata after this long.
+            c.kafka
+                .producer_opts
+                .push(("topic.metadata.propagation.max.ms".into(), "500".into()));
+        })
+        .await?;
+    let gw = env.start_gateway("gw1").await?;
+    let producer = env.kafka.producer()?;
+    publish(
+        &producer,
+        &env.topics.presence(),
+        &["alice".into()],
+        "ghost",
+        1,
+        true,
+    )
+    .await?;
+
+    let bob = chat_e2e::connect(&chat_e2e::ws_url(gw.addr), &env.token("bob")).await;
+    let mut carol = chat_e2e::connect(&chat_e2e::ws_url(gw.addr), &env.token("carol")).await;
+    bob.send("alice", "to a gateway without a topic").await?;
+    bob.send("carol", "behind it").await?;
+    let got = carol.next_message(chat_e2e::WAIT).await?;
+    assert_eq!(got.body, "behind it");
+    assert_eq!(
+        env.stored("alice:bob").await?.len(),
+        1,
+        "stored all the same"
+    );
+
+    // Counted once the batch is done, which may be just after carol has the push.
+    let rest = chat_client::Rest::new(&chat_e2e::http_url(mux.addr));
+    let deadline = tokio::time::Instant::now() + chat_e2e::WAIT;
+    loop {
+        let text = rest.request("GET", "/metrics", None, None).await?;
+        let text = text.body.as_str().unwrap_or_default().to_owned();
+        let routed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("multiplexer_routed_total{"))
+            .collect();
+        if routed.contains(&"multiplexer_routed_total{to=\"no_topic\"} 1") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{routed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // alice turns up on a real gateway: the sync brings what the push could not.
+    let mut alice =
+        chat_client::Client::connect(&chat_e2e::ws_url(gw.addr), &env.token("alice")).await?;
+    let synced = alice.until_sync_done(chat_e2e::WAIT).await?;
+    let bodies: Vec<&str> = synced.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["to a gateway without a topic"]);
+
+    alice.close();
+    bob.close();
+    carol.close();
+    gw.stop().await;
+    mux.stop().await;
+    env.teardown().await
+}

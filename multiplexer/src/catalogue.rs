@@ -63,9 +63,9 @@ pub(crate) const FAMILIES: &[Family] = &[
     ),
     Family::counter(
         "multiplexer_routed_total",
-        "Pushes routed, by destination (a gateway's outbound topic, or offline: the recipient is on no gateway).",
+        "Pushes routed, by destination (a gateway's outbound topic; offline: the recipient is on no gateway; no_topic: the presence log names a gateway whose outbound topic does not exist).",
     )
-    .known("to", &["gateway", "offline"]),
+    .known("to", &["gateway", "offline", "no_topic"]),
     Family::counter(
         "multiplexer_outbound_records_total",
         "Kafka records produced to outbound topics (one record may batch many pushes).",

@@ -32,6 +32,7 @@ use db_writer::{Acked, DbError, FailedMessage, IndexUpdates, ReceiptFor, Shards}
 use futures_util::future::join_all;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
@@ -570,7 +571,8 @@ impl Pipeline {
                 (topic.clone(), key, value)
             })
             .collect();
-        if !self.produce_all(todo, shutdown).await {
+        // The dead-letter topic is checked at start: never dropped, retried until it is back.
+        if self.produce_all(todo, false, shutdown).await.is_none() {
             return false;
         }
         for (_, code, _) in &aside.dead {
@@ -639,30 +641,41 @@ impl Pipeline {
                 todo.push((topic.clone(), key.clone(), value, n));
             }
         }
-        let pushes: u64 = todo.iter().map(|t| t.3).sum();
         let records = todo.len() as u64;
+        let pushes: Vec<u64> = todo.iter().map(|t| t.3).collect();
         let todo = todo
             .into_iter()
             .map(|(topic, key, value, _)| (topic, Some(key.into_bytes()), value))
             .collect();
-        if !self.produce_all(todo, shutdown).await {
+        let Some(missing) = self.produce_all(todo, true, shutdown).await else {
             return false;
-        }
-        metrics::counter!("multiplexer_routed_total", "to" => "gateway").increment(pushes);
-        metrics::counter!("multiplexer_outbound_records_total").increment(records);
+        };
+        let lost: u64 = missing.iter().map(|&i| pushes[i]).sum();
+        let sent: u64 = pushes.iter().sum::<u64>() - lost;
+        metrics::counter!("multiplexer_routed_total", "to" => "gateway").increment(sent);
+        metrics::counter!("multiplexer_routed_total", "to" => "no_topic").increment(lost);
+        metrics::counter!("multiplexer_outbound_records_total")
+            .increment(records - missing.len() as u64);
         true
     }
 
     /// Produces every (topic, key, value), retrying the failed ones with backoff until each has
-    /// its delivery report. False if shutdown interrupted.
+    /// its delivery report. With `skip_missing`, records whose topic does not exist are not
+    /// retried, and their indexes are returned: a gateway the presence log still names but whose
+    /// outbound topic was deleted (or not yet created) would otherwise stop the partition for
+    /// good, and the messages are stored, so they reach the recipient by sync. None if shutdown
+    /// interrupted.
     async fn produce_all(
         &self,
-        mut todo: Vec<(String, Option<Vec<u8>>, Vec<u8>)>,
+        todo: Vec<Produce>,
+        skip_missing: bool,
         shutdown: &CancellationToken,
-    ) -> bool {
+    ) -> Option<Vec<usize>> {
+        let mut todo: Vec<(usize, Produce)> = todo.into_iter().enumerate().collect();
+        let mut missing = Vec::new();
         let mut backoff = Duration::from_millis(50);
         while !todo.is_empty() {
-            let results = join_all(todo.iter().map(|(topic, key, payload)| {
+            let results = join_all(todo.iter().map(|(_, (topic, key, payload))| {
                 let mut record = FutureRecord::to(topic).payload(payload);
                 if let Some(key) = key {
                     record = record.key(key);
@@ -671,25 +684,44 @@ impl Pipeline {
             }))
             .await;
             let mut failed = Vec::new();
-            for (item, result) in todo.into_iter().zip(results) {
-                if let Err((e, _)) = result {
-                    tracing::warn!(error = %e, topic = %item.0, "produce failed; retrying");
-                    metrics::counter!("multiplexer_errors_total", "kind" => "produce").increment(1);
-                    failed.push(item);
+            for ((i, item), result) in todo.into_iter().zip(results) {
+                match result {
+                    Ok(_) => {}
+                    // librdkafka's own verdict once the cluster's metadata has lacked the topic
+                    // for topic.metadata.propagation.max.ms; a broker's transient "unknown
+                    // partition" is retried inside librdkafka and never lands here.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic), _))
+                        if skip_missing =>
+                    {
+                        tracing::warn!(
+                            topic = %item.0,
+                            "outbound topic does not exist; its pushes are left to sync"
+                        );
+                        missing.push(i);
+                    }
+                    Err((e, _)) => {
+                        tracing::warn!(error = %e, topic = %item.0, "produce failed; retrying");
+                        metrics::counter!("multiplexer_errors_total", "kind" => "produce")
+                            .increment(1);
+                        failed.push((i, item));
+                    }
                 }
             }
             todo = failed;
             if !todo.is_empty() {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return false,
+                    _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-        true
+        Some(missing)
     }
 }
+
+/// A record to produce: topic, key, value.
+type Produce = (String, Option<Vec<u8>>, Vec<u8>);
 
 /// Splits a gateway's pushes, in order, into batches of at most `MAX_BATCH_RECORD_BYTES` each
 /// (a single larger push gets a batch of its own).
