@@ -14,7 +14,8 @@ export CHAT_TEST_PG ?= postgres://chat@127.0.0.1:54320/postgres
 
 .PHONY: help
 help: ## List the targets.
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@if [ -t 1 ] && [ -z "$${NO_COLOR:-}" ]; then on=$$'\033[36m'; off=$$'\033[0m'; else on=; off=; fi; \
+	grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -v on="$$on" -v off="$$off" 'BEGIN {FS = ":.*## "}; {printf "  %s%-12s%s %s\n", on, $$1, off, $$2}'
 
 .PHONY: deps
 deps: ## Install what is missing on this machine (Java, Maven, Postgres, curl, Kafka jars, Rust toolchain parts).
@@ -67,14 +68,17 @@ down: ## Stop everything `make up` started.
 	@$(SCRIPTS)/postgres.sh stop
 
 .PHONY: status
-status: ## Show what is running.
-	@$(SCRIPTS)/kafka.sh status || true
-	@$(SCRIPTS)/postgres.sh status || true
-	@$(SCRIPTS)/services.sh status || true
+status: ## Show what is running; fails when something `make up` starts is down.
+	@rc=0; \
+	$(SCRIPTS)/kafka.sh status || rc=1; \
+	$(SCRIPTS)/postgres.sh status || rc=1; \
+	$(SCRIPTS)/services.sh status || rc=1; \
+	if [ $$rc -ne 0 ]; then echo "status: not everything is up (make up starts what is missing)" >&2; fi; \
+	exit $$rc
 
 .PHONY: logs
-logs: ## Follow the logs of the gateways and the multiplexer.
-	@tail -n 50 -F .local/logs/*.log
+logs: ## Follow the logs of the gateways and the multiplexer (under CHAT_STATE_DIR, default .local); fails when there are none.
+	@$(SCRIPTS)/services.sh logs
 
 .PHONY: token
 token: ## Print a dev token: make token USER=alice

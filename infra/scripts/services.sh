@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Usage: services.sh start|stop|status
+# Usage: services.sh start|stop|status|logs
 #
 # The application processes of the local stack: gateways gw1 (:8080) and gw2 (:8081) and one
 # multiplexer (:9300), started from target/$PROFILE (default release) with pid files under
-# <state>/run and logs under <state>/logs. `start` returns once each answers /readyz; processes
-# already running are left alone. `stop` sends SIGTERM (graceful drain) and waits.
+# <state>/run and logs under <state>/logs (<state> = <repo>/.local unless CHAT_STATE_DIR is set).
+# `start` returns once each answers /readyz; processes already running are left alone. `stop`
+# sends SIGTERM (graceful drain) and waits. `status` prints one line each; exit 0 only when all
+# are ready. `logs` follows the logs there are (exit 1 at once when there are none).
 #
-# Env: PROFILE (release|debug), RETENTION (keep|delete-on-ack), KAFKA_BROKERS, SHARD_DSNS,
-#      JWT_SECRET; see docs/configuration.md for every variable the processes read.
+# Env: PROFILE (release|debug), CHAT_STATE_DIR, RETENTION (keep|delete-on-ack), KAFKA_BROKERS,
+#      SHARD_DSNS, JWT_SECRET; see docs/configuration.md for every variable the processes read.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -15,7 +17,6 @@ PROFILE="${PROFILE:-release}"
 BIN="$REPO_ROOT/target/$PROFILE"
 RUN="$STATE_DIR/run"
 LOGS="$STATE_DIR/logs"
-mkdir -p "$RUN" "$LOGS"
 
 # name  binary  health-url  env...
 SERVICES=(
@@ -30,6 +31,7 @@ ready() { curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null; }
 
 start() {
   local entry name bin url envs
+  mkdir -p "$RUN" "$LOGS"
   for entry in "${SERVICES[@]}"; do
     IFS='|' read -r name bin url envs <<<"$entry"
     [[ -x "$BIN/$bin" ]] || die "$BIN/$bin is missing: build first (make build)"
@@ -81,9 +83,27 @@ status() {
   return $rc
 }
 
+# Follows the logs of the services that have one; says which have none. With none at all there
+# is nothing to follow: exit 1 rather than wait for files that may never appear.
+logs() {
+  local entry name present=() missing=()
+  for entry in "${SERVICES[@]}"; do
+    IFS='|' read -r name _ <<<"$entry"
+    if [[ -f "$LOGS/$name.log" ]]; then present+=("$LOGS/$name.log"); else missing+=("$name"); fi
+  done
+  if ((${#present[@]} == 0)); then
+    die "no logs in $LOGS for ${missing[*]}: nothing to follow (make up starts them; CHAT_STATE_DIR selects the state dir)"
+  fi
+  if ((${#missing[@]} > 0)); then
+    echo "$SCRIPT_NAME: no log yet for ${missing[*]} in $LOGS; following the others" >&2
+  fi
+  exec tail -n 50 -F "${present[@]}"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  logs) logs ;;
+  *) print_help >&2; exit 2 ;;
 esac
