@@ -30,6 +30,36 @@ impl Shards {
         self.migrate_to(i32::MAX).await
     }
 
+    /// The migrations each shard lacks, for the shards that lack any: (shard, versions).
+    pub async fn missing_migrations(&self) -> Result<Vec<(usize, Vec<i32>)>, DbError> {
+        let mut behind = Vec::new();
+        for shard in 0..self.pools.len() {
+            let client = self.client(shard).await?;
+            let pg = |source| DbError::Postgres { shard, source };
+            let applied: Vec<i32> = client
+                .query("SELECT version FROM schema_migrations", &[])
+                .await
+                .or_else(|e| match e.code() {
+                    // A shard never migrated has no table at all.
+                    Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(Vec::new()),
+                    _ => Err(e),
+                })
+                .map_err(pg)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let missing: Vec<i32> = MIGRATIONS
+                .iter()
+                .map(|(v, _)| *v)
+                .filter(|v| !applied.contains(v))
+                .collect();
+            if !missing.is_empty() {
+                behind.push((shard, missing));
+            }
+        }
+        Ok(behind)
+    }
+
     /// Applies missing migrations up to and including `last` to every shard (tests of a
     /// migration start from the schema before it).
     pub async fn migrate_to(&self, last: i32) -> Result<(), DbError> {

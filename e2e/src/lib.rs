@@ -192,6 +192,7 @@ impl TestEnv {
             http_addr: "127.0.0.1:0".parse()?,
             unacked_ttl: self.unacked_ttl,
             expiry_interval: self.expiry_interval,
+            migrate: true,
         };
         adjust(&mut config);
         let shutdown = CancellationToken::new();

@@ -378,3 +378,36 @@ async fn the_watermark_migration_keeps_every_state() -> anyhow::Result<()> {
     assert!(pending(&shards, "bea").await?.is_empty());
     env.teardown().await
 }
+
+/// Where migrations run as their own step (MULTIPLEXER_MIGRATE=false), a multiplexer refuses
+/// a shard that lacks one, naming it, instead of migrating it or running against an old schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiplexer_that_does_not_migrate_refuses_a_shard_behind() -> anyhow::Result<()> {
+    let mut env = TestEnv::new(1, &["gw1"]).await?;
+    let mut dsns = env.shard_dsns.clone();
+    let fresh = env.empty_databases(1).await?;
+    dsns.extend(fresh.clone());
+    let with = |migrate: bool| {
+        let dsns = dsns.join(",");
+        move |c: &mut multiplexer::Config| {
+            c.shards = ShardConfig::from_list(&dsns, 1).expect("valid DSNs");
+            c.migrate = migrate;
+        }
+    };
+    let refused = match env.start_multiplexer_with(with(false)).await {
+        Ok(_) => anyhow::bail!("started against a shard with no schema"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(refused.contains("1: [1, 2, 3"), "{refused}");
+    assert!(!refused.contains("0: ["), "shard 0 is migrated: {refused}");
+    // Untouched: it still has no schema at all.
+    let shards = Shards::connect(&ShardConfig::from_list(&fresh.join(","), 1)?)?;
+    assert_eq!(shards.missing_migrations().await?.len(), 1);
+
+    // Migrated as its own step, the same multiplexer starts.
+    shards.migrate().await?;
+    assert!(shards.missing_migrations().await?.is_empty());
+    let mux = env.start_multiplexer_with(with(false)).await?;
+    mux.stop().await;
+    env.teardown().await
+}

@@ -33,6 +33,10 @@ pub struct Config {
     pub unacked_ttl: Duration,
     /// How often the expiry sweep runs (delete-on-ack mode).
     pub expiry_interval: Duration,
+    /// Apply missing shard migrations at start. Off where migrations run as their own step
+    /// before a rollout (the Terraform deployment): the multiplexer then refuses to start on a
+    /// shard that lacks one, naming it.
+    pub migrate: bool,
 }
 
 /// A multiplexer's settings as declared to its command line: each a flag with an environment
@@ -108,6 +112,10 @@ pub struct Args {
     /// Delete-on-ack: seconds after which an unacked message is erased (default 30 days).
     #[arg(long, env = "UNACKED_TTL_SECS", default_value_t = 30 * 24 * 3600, value_name = "SECS")]
     pub unacked_ttl_secs: u64,
+    /// Apply missing shard migrations at start; false: refuse to start while a shard lacks one
+    /// (where migrations run as their own step before a rollout).
+    #[arg(long, env = "MULTIPLEXER_MIGRATE", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
+    pub multiplexer_migrate: bool,
     /// Delete-on-ack: seconds between expiry sweeps.
     #[arg(
         long,
@@ -158,6 +166,7 @@ impl Config {
             http_addr: args.multiplexer_http_addr,
             unacked_ttl: Duration::from_secs(args.unacked_ttl_secs),
             expiry_interval: Duration::from_secs(args.expiry_interval_secs),
+            migrate: args.multiplexer_migrate,
         })
     }
 }
@@ -194,6 +203,7 @@ mod tests {
         assert_eq!(c.http_addr, "127.0.0.1:9300".parse().expect("an address"));
         assert_eq!(c.unacked_ttl, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(c.expiry_interval, Duration::from_secs(60));
+        assert!(c.migrate);
     }
 
     #[test]

@@ -75,7 +75,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.topics.inbound_dlq()
     );
     let shards = db_writer::Shards::connect(&config.shards).context("shards")?;
-    shards.migrate().await.context("shard migrations")?;
+    if config.migrate {
+        shards.migrate().await.context("shard migrations")?;
+    } else {
+        let behind = shards.missing_migrations().await.context("shard schema")?;
+        anyhow::ensure!(
+            behind.is_empty(),
+            "shards lack migrations this multiplexer needs (shard: versions): {}; apply them \
+             first (db-writer migrate), or start with MULTIPLEXER_MIGRATE=true",
+            behind
+                .iter()
+                .map(|(shard, v)| format!("{shard}: {v:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 
     let presence = chat_common::presence::PresenceView::start(
         &config.kafka,
