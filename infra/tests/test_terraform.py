@@ -916,7 +916,8 @@ def test_providers_are_pinned(d: Path) -> None:
                 assert re.search(r"\d", spec.get("version", "")), f"{local_name}: no version constraint"
                 pinned[local_name] = spec["source"]
     assert required_version, f"{_rel(d)}: no required_version"
-    used = {t.split("_")[0] for t, _ in list(m.resources) + list(m.data)}
+    # terraform_data comes with Terraform itself (the built-in provider, >= 1.4): nothing to pin.
+    used = {t.split("_")[0] for t, _ in list(m.resources) + list(m.data)} - {"terraform"}
     assert used - set(pinned) == set(), f"providers used but not pinned: {used - set(pinned)}"
     if "kafka" in pinned:
         assert pinned["kafka"] == "Mongey/kafka"
@@ -1213,6 +1214,24 @@ def test_one_task_per_gateway_id_and_multiplexers_capped_by_partitions() -> None
     defaults = {n: evaluate(v.attrs["default"], scope) for n, v in m.variables.items() if "default" in v.attrs}
     assert defaults["multiplexer_max_count"] <= _topics_json()["inbound"]["partitions"]
     assert defaults["multiplexer_min_count"] <= defaults["multiplexer_max_count"]
+
+
+def test_migrations_run_once_before_the_services_update() -> None:
+    m = _deploy()
+    scope = Scope(m, {}, str(DEPLOY))
+    task = m.resources[("aws_ecs_task_definition", "migrate")]
+    env = _env_entries(task.attrs["container_definitions"], m)
+    assert "SHARD_DSNS" in env, "the migration task needs the shard DSNs"
+    assert evaluate(m.variables["migrate_command"].attrs["default"], scope) == ["db-writer", "migrate"]
+    run = m.resources[("terraform_data", "migrate")]
+    assert "var.run_migrations" in _ref_targets(run.attrs["count"])
+    triggers = _ref_targets(run.attrs["triggers_replace"])
+    assert {"var.gateway_image", "var.multiplexer_image"} <= triggers, "a new image must migrate first"
+    for service in ("gateway", "multiplexer"):
+        deps = _ref_targets(m.resources[("aws_ecs_service", service)].attrs["depends_on"])
+        assert "terraform_data.migrate" in deps, f"the {service} service updates before migrations ran"
+    mux = _env_entries(m.resources[("aws_ecs_task_definition", "multiplexer")].attrs["container_definitions"], m)
+    assert evaluate(mux["MULTIPLEXER_MIGRATE"], scope) == "false", "multiplexers would migrate mid-rollout"
 
 
 def test_shards_are_counted_rds_instances_listed_in_order() -> None:

@@ -147,7 +147,8 @@ resource "aws_ecs_service" "gateway" {
     container_port   = 8080
   }
 
-  depends_on = [aws_lb_listener.gateway_443, module.kafka_topics]
+  # New images start only once the shards have the schema they need (migrate.tf).
+  depends_on = [aws_lb_listener.gateway_443, module.kafka_topics, terraform_data.migrate]
 }
 
 # --- Multiplexers ---------------------------------------------------------------------------
@@ -172,6 +173,9 @@ resource "aws_ecs_task_definition" "multiplexer" {
       { name = "MULTIPLEXER_HTTP_ADDR", value = "0.0.0.0:9300" },
       { name = "RETENTION", value = var.retention },
       { name = "UNACKED_TTL_SECS", value = tostring(var.unacked_ttl_seconds) },
+      # Migrations run once, before the services update, as their own task (migrate.tf): not
+      # from a new task while old ones still run.
+      { name = "MULTIPLEXER_MIGRATE", value = "false" },
     ])
     secrets = [local.shard_secret]
     logConfiguration = {
@@ -212,7 +216,7 @@ resource "aws_ecs_service" "multiplexer" {
     }
   }
 
-  depends_on = [module.kafka_topics]
+  depends_on = [module.kafka_topics, terraform_data.migrate]
 }
 
 resource "aws_appautoscaling_target" "multiplexer" {

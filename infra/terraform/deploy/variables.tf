@@ -185,6 +185,24 @@ variable "multiplexer_image" {
   type        = string
 }
 
+variable "db_writer_image" {
+  description = "Container image holding the db-writer binary, run as the one-off migration task (migrate.tf). Empty: the multiplexer image, which must then contain db-writer."
+  type        = string
+  default     = ""
+}
+
+variable "migrate_command" {
+  description = "Command of the migration task's container: what applies the shard migrations in db_writer_image."
+  type        = list(string)
+  default     = ["db-writer", "migrate"]
+}
+
+variable "run_migrations" {
+  description = "Before the services are updated, apply the shard migrations with a one-off ECS task and fail the apply if it fails (needs the aws CLI where terraform runs). False: run db-writer migrate yourself before applying new images."
+  type        = bool
+  default     = true
+}
+
 variable "gateway_ids" {
   description = "Ids of the gateways. Each id gets its own ECS service (one task: GATEWAY_ID must be unique, and it names the outbound-<id> topic and the consumer group gateway-<id>) and its own topic. Add an id to scale out."
   type        = list(string)
