@@ -648,7 +648,12 @@ async fn an_error_that_is_not_the_data_s_fault_is_retried_and_sets_nothing_aside
         let text = text.as_str().unwrap_or_default().to_owned();
         Ok(text
             .lines()
-            .any(|l| l.starts_with("multiplexer_errors_total{kind=\"shard\"}"))
+            .any(|l| {
+                // Registered at 0 from start: counted means above 0.
+                l.strip_prefix("multiplexer_errors_total{kind=\"shard\"} ")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+            })
             .then_some(()))
     })
     .await?;
