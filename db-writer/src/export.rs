@@ -234,6 +234,18 @@ impl Shards {
                             mark.database, before.database
                         )));
                     }
+                    // A server's transaction ids only grow: ids below the cursor's mean another
+                    // server (a shard restored or rebuilt elsewhere), whose rows the cursor
+                    // would skip until its ids caught up.
+                    match (snapshot_bound(&before.snapshot, 0), snapshot_bound(&mark.snapshot, 1)) {
+                        (Some(old_xmin), Some(xmax)) if xmax >= old_xmin => {}
+                        _ => {
+                            return Err(ExportError::Cursor(format!(
+                                "shard {shard}'s transaction ids ({}) are behind the cursor's ({}): the shard was restored or rebuilt on another server; start a new cursor",
+                                mark.snapshot, before.snapshot
+                            )))
+                        }
+                    }
                     tx.bind(COMMITTED_SINCE, &[&since_ms, &before.snapshot])
                         .await
                 }
@@ -257,6 +269,11 @@ impl Shards {
             cursor: ExportCursor { shards: marks },
         })
     }
+}
+
+/// Field `i` of a snapshot's text form `xmin:xmax:xip,...` (0: xmin, 1: xmax).
+fn snapshot_bound(snapshot: &str, i: usize) -> Option<u64> {
+    snapshot.split(':').nth(i)?.parse().ok()
 }
 
 /// The Parquet schema of an export, one row per message. Ids and text are UTF-8 strings (the
@@ -390,6 +407,14 @@ mod tests {
         assert!(ExportCursor::from_json("{\"format\": 2, \"shards\": []}").is_err());
         assert!(ExportCursor::from_json("{\"format\": 1, \"shards\": [{}]}").is_err());
         assert!(ExportCursor::from_json("not json").is_err());
+    }
+
+    #[test]
+    fn snapshot_bounds_are_read_from_the_text_form() {
+        assert_eq!(snapshot_bound("100:104:101,103", 0), Some(100));
+        assert_eq!(snapshot_bound("100:104:101,103", 1), Some(104));
+        assert_eq!(snapshot_bound("7:7:", 1), Some(7));
+        assert_eq!(snapshot_bound("garbage", 1), None);
     }
 
     #[test]

@@ -291,6 +291,21 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
         "a failed export leaves no output behind"
     );
 
+    // A cursor ahead of the shard's transaction ids (a shard restored on another server) is
+    // refused rather than followed: it would skip the shard's new rows.
+    let ahead = dir.join("ahead.json");
+    let mut doc: Value = serde_json::from_str(&before)?;
+    doc["shards"][late_shard]["snapshot"] = "900000000000:900000000000:".into();
+    std::fs::write(&ahead, doc.to_string())?;
+    let (code, _, err) = run(
+        "db-writer",
+        &["export", "--cursor", &ahead.to_string_lossy()],
+        &export.shards_env,
+    )
+    .await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("start a new cursor"), "{err}");
+
     // --until would leave messages behind for good, so it does not go with --cursor.
     let (code, _, err) = run(
         "db-writer",
