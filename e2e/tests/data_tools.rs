@@ -117,7 +117,7 @@ async fn tail_decodes_and_filters_and_export_writes_json_lines() -> anyhow::Resu
     );
 
     // A missing topic is a clear error.
-    let (code, _, err) = run("chatctl", &["tail", "nope"], &kafka).await?;
+    let (code, _, err) = run("chatctl", &["tail", "outbound-nope"], &kafka).await?;
     assert_ne!(code, 0);
     assert!(err.contains("does not exist"), "{err}");
 
