@@ -17,7 +17,8 @@
 //! - [`failures`]: messages set aside for good, remembered for their sender's next sync.
 //! - [`inbound`]: the `inbound` log's edge: records decoded once into domain types.
 //! - [`replay`]: rebuilding or resharding the stores from the `inbound` log.
-//! - [`export`]: a time range of messages for data teams.
+//! - [`export`]: messages for data teams, as JSON lines or Parquet, by time range or incrementally
+//!   (a cursor of per-shard snapshots).
 //! - [`catalogue`]: the store's metric families, for the services to register at start.
 //!
 //! Past [`inbound`] and the row decoding of `rows`, only validated types travel
