@@ -64,6 +64,61 @@ pub struct KafkaConfig {
     pub producer_opts: Vec<(String, String)>,
     /// librdkafka properties set on every consumer after the defaults (`KAFKA_CONSUMER_OPTS`).
     pub consumer_opts: Vec<(String, String)>,
+    /// How every client reaches the brokers: plaintext, or TLS with SCRAM.
+    pub security: KafkaSecurity,
+}
+
+/// How a client reaches the brokers (`KAFKA_SECURITY_PROTOCOL` and the settings beside it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum KafkaSecurity {
+    /// No TLS, no authentication: the local stack's default broker only.
+    #[default]
+    Plaintext,
+    /// TLS (the brokers' certificates checked against `ca_file`, or the system's roots), no
+    /// authentication.
+    Ssl { ca_file: Option<std::path::PathBuf> },
+    /// TLS, and SASL with `mechanism` (SCRAM-SHA-512 by default) as `username`.
+    SaslSsl {
+        ca_file: Option<std::path::PathBuf>,
+        mechanism: String,
+        username: String,
+        password: String,
+    },
+}
+
+impl KafkaSecurity {
+    /// The librdkafka properties that say it.
+    fn apply(&self, c: &mut ClientConfig) {
+        let ca = |c: &mut ClientConfig, ca_file: &Option<std::path::PathBuf>| {
+            // The broker's name is checked against its certificate (librdkafka's default since
+            // 2.0, said here so that an override elsewhere cannot turn it off unnoticed).
+            c.set("ssl.endpoint.identification.algorithm", "https");
+            if let Some(f) = ca_file {
+                c.set("ssl.ca.location", f.to_string_lossy());
+            }
+        };
+        match self {
+            Self::Plaintext => {
+                c.set("security.protocol", "plaintext");
+            }
+            Self::Ssl { ca_file } => {
+                c.set("security.protocol", "ssl");
+                ca(c, ca_file);
+            }
+            Self::SaslSsl {
+                ca_file,
+                mechanism,
+                username,
+                password,
+            } => {
+                c.set("security.protocol", "sasl_ssl")
+                    .set("sasl.mechanism", mechanism)
+                    .set("sasl.username", username)
+                    .set("sasl.password", password);
+                ca(c, ca_file);
+            }
+        }
+    }
 }
 
 /// The Kafka settings of a service, as flags with environment variables (`--kafka-brokers` /
@@ -106,6 +161,56 @@ pub struct KafkaArgs {
         value_name = "N"
     )]
     pub kafka_linger_above: u64,
+    /// plaintext, ssl, or sasl_ssl (TLS, then SASL with KAFKA_SASL_MECHANISM as
+    /// KAFKA_SASL_USERNAME).
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", default_value = "plaintext", value_name = "PROTOCOL", value_parser = ["plaintext", "ssl", "sasl_ssl"])]
+    pub kafka_security_protocol: String,
+    /// PEM file of the CA that signed the brokers' certificates (default: the system's roots).
+    #[arg(long, env = "KAFKA_CA_FILE", value_name = "PATH")]
+    pub kafka_ca_file: Option<std::path::PathBuf>,
+    /// SASL mechanism with sasl_ssl.
+    #[arg(
+        long,
+        env = "KAFKA_SASL_MECHANISM",
+        default_value = "SCRAM-SHA-512",
+        value_name = "MECHANISM"
+    )]
+    pub kafka_sasl_mechanism: String,
+    /// This service's Kafka user (required with sasl_ssl).
+    #[arg(
+        long,
+        env = "KAFKA_SASL_USERNAME",
+        value_name = "USER",
+        required_if_eq("kafka_security_protocol", "sasl_ssl")
+    )]
+    pub kafka_sasl_username: Option<String>,
+    /// Its password (required with sasl_ssl).
+    #[arg(
+        long,
+        env = "KAFKA_SASL_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true,
+        required_if_eq("kafka_security_protocol", "sasl_ssl")
+    )]
+    pub kafka_sasl_password: Option<String>,
+}
+
+impl KafkaArgs {
+    /// The security settings they declare (clap has already refused sasl_ssl without a user
+    /// and a password).
+    pub fn security(&self) -> KafkaSecurity {
+        let ca_file = self.kafka_ca_file.clone();
+        match self.kafka_security_protocol.as_str() {
+            "ssl" => KafkaSecurity::Ssl { ca_file },
+            "sasl_ssl" => KafkaSecurity::SaslSsl {
+                ca_file,
+                mechanism: self.kafka_sasl_mechanism.clone(),
+                username: self.kafka_sasl_username.clone().unwrap_or_default(),
+                password: self.kafka_sasl_password.clone().unwrap_or_default(),
+            },
+            _ => KafkaSecurity::Plaintext,
+        }
+    }
 }
 
 /// librdkafka properties, `key=value,...` (see [`parse_opts`]).
@@ -146,6 +251,7 @@ impl KafkaConfig {
             max_poll_interval: Duration::from_secs(60),
             producer_opts: Vec::new(),
             consumer_opts: Vec::new(),
+            security: KafkaSecurity::Plaintext,
         }
     }
 
@@ -156,6 +262,7 @@ impl KafkaConfig {
             linger_above: args.kafka_linger_above,
             producer_opts: args.kafka_producer_opts.clone().unwrap_or_default().0,
             consumer_opts: args.kafka_consumer_opts.clone().unwrap_or_default().0,
+            security: args.security(),
             ..Self::new(&args.kafka_brokers)
         }
     }
@@ -174,6 +281,7 @@ impl KafkaConfig {
         let (args, matches) = try_parse_matches_from::<FromEnv, _, _>(["kafka"])
             .map_err(|e| config_error::<FromEnv>(&e))?;
         let args = args.kafka;
+        let security = args.security();
         let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
         if let Some(opts) = args.kafka_producer_opts {
             self.producer_opts = opts.0;
@@ -187,6 +295,9 @@ impl KafkaConfig {
         if from_env("kafka_linger_above") {
             self.linger_above = args.kafka_linger_above;
         }
+        if from_env("kafka_security_protocol") {
+            self.security = security;
+        }
         Ok(self)
     }
 
@@ -196,6 +307,7 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.brokers)
             .set("broker.address.family", "v4")
             .set("socket.keepalive.enable", "true");
+        self.security.apply(&mut c);
         c
     }
 
@@ -521,6 +633,61 @@ mod tests {
         let opts: Properties = "a=1, b = 2".parse().expect("key=value");
         assert_eq!(opts.0, [("a".into(), "1".into()), ("b".into(), "2".into())]);
         assert!("a=1,b".parse::<Properties>().is_err());
+    }
+
+    #[test]
+    fn security_is_declared_and_sasl_needs_a_user_and_a_password() {
+        use clap::{CommandFactory, FromArgMatches};
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            kafka: KafkaArgs,
+        }
+        let parse = |args: &[&str]| {
+            let cmd = Only::command().mut_args(|a| a.env(clap::builder::Resettable::Reset));
+            cmd.try_get_matches_from(std::iter::once("kafka").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())
+                .and_then(|m| Only::from_arg_matches(&m).map_err(|e| e.to_string()))
+                .map(|o| KafkaConfig::from_args(&o.kafka).security)
+        };
+        assert_eq!(parse(&[]), Ok(KafkaSecurity::Plaintext));
+        let err = parse(&["--kafka-security-protocol", "sasl_ssl"]).expect_err("no user");
+        assert!(err.contains("--kafka-sasl-username"), "{err}");
+        let err = parse(&[
+            "--kafka-security-protocol",
+            "sasl_ssl",
+            "--kafka-sasl-username",
+            "gw1",
+        ])
+        .expect_err("no password");
+        assert!(err.contains("--kafka-sasl-password"), "{err}");
+        assert!(parse(&["--kafka-security-protocol", "tls"]).is_err());
+        assert_eq!(
+            parse(&[
+                "--kafka-security-protocol",
+                "sasl_ssl",
+                "--kafka-sasl-username",
+                "gw1",
+                "--kafka-sasl-password",
+                "pw",
+                "--kafka-ca-file",
+                "/ca.pem",
+            ]),
+            Ok(KafkaSecurity::SaslSsl {
+                ca_file: Some("/ca.pem".into()),
+                mechanism: "SCRAM-SHA-512".into(),
+                username: "gw1".into(),
+                password: "pw".into(),
+            })
+        );
+        // What librdkafka is told.
+        let mut c = ClientConfig::new();
+        KafkaSecurity::Ssl { ca_file: None }.apply(&mut c);
+        assert_eq!(c.get("security.protocol"), Some("ssl"));
+        assert_eq!(
+            c.get("ssl.endpoint.identification.algorithm"),
+            Some("https")
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: install-deps.sh [java] [maven] [postgres] [promtool]     (no argument = all four)
+# Usage: install-deps.sh [java] [maven] [postgres] [promtool] [openssl]   (no argument = all)
 #
 # Installs the system packages the local infra needs, via apt-get, but only
 # when something is actually missing (a no-op costs a few ms). Debian/Ubuntu,
@@ -12,6 +12,8 @@
 #   promtool -> promtool               (prometheus: its server is installed too but never
 #               started: a policy-rc.d refuses service starts during the install, and the
 #               unit it enables is stopped if an init system started it anyway)
+#   openssl  -> libssl-dev, pkg-config, openssl (the Kafka clients' TLS and SCRAM, and the
+#               secured local broker's certificates)
 #
 # Env: PG_BINDIR  directory holding initdb/pg_ctl (default: newest
 #                 /usr/lib/postgresql/*/bin)
@@ -20,7 +22,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ "${1:-}" == -h || "${1:-}" == --help ]] && { print_help; exit 0; }
 want=("$@")
-[[ ${#want[@]} -gt 0 ]] || want=(java maven postgres promtool)
+[[ ${#want[@]} -gt 0 ]] || want=(java maven postgres promtool openssl)
 
 java_ok() {
   command -v java >/dev/null 2>&1 || return 1
@@ -47,7 +49,14 @@ for w in "${want[@]}"; do
     maven) command -v mvn >/dev/null 2>&1 || pkgs+=(maven) ;;
     postgres) pg_ok || pkgs+=(postgresql postgresql-client) ;;
     promtool) command -v promtool >/dev/null 2>&1 || pkgs+=(prometheus) ;;
-    *) die "unknown component '$w' (expected: java maven postgres promtool)" ;;
+    # The Kafka clients' TLS and SCRAM (librdkafka built against OpenSSL), and the openssl
+    # command that makes the secured local broker's certificates.
+    openssl)
+      dpkg -s libssl-dev >/dev/null 2>&1 || pkgs+=(libssl-dev)
+      command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
+      command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
+      ;;
+    *) die "unknown component '$w' (expected: java maven postgres promtool openssl)" ;;
   esac
 done
 

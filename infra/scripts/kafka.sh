@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: kafka.sh start|stop|status|wait|reset|bootstrap [--cluster]
+# Usage: kafka.sh start|stop|status|wait|reset|bootstrap [--cluster|--secure]
 #        kafka.sh start-node|stop-node|kill-node N --cluster
 #
 # Local Kafka (KRaft only, combined broker+controller nodes), for dev/tests.
@@ -8,6 +8,14 @@
 #   --cluster : 3 nodes, PLAINTEXT 127.0.0.1:19092-19094, controllers
 #               127.0.0.1:19192-19194, state in <state>/kafka-cluster/node-N/,
 #               RF 3 / min.insync.replicas 2 / no unclean election.
+#   --secure  : 1 node, SASL_SSL (SCRAM-SHA-512) 127.0.0.1:9094 only, controller
+#               127.0.0.1:9095 (loopback, not advertised), ACLs enforced
+#               (StandardAuthorizer, nothing allowed without an ACL), state in
+#               <state>/kafka-secure/. On first start it makes a CA and the
+#               broker's certificate (tls/ca.crt is what clients trust) and one
+#               SCRAM user per service with a random password (users/<name>:
+#               admin, the super user; gw1, gw2, multiplexer, data). ACLs for a
+#               deployment: infra/scripts/kafka-acls.sh.
 #   (<state> = <repo>/.local unless CHAT_STATE_DIR is set)
 #
 #   start      start (formatting storage on first use) and return once every
@@ -38,10 +46,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { print_help | sed -n 1,2p >&2; exit 2; }
 
-cmd="" node_arg="" cluster=0
+cmd="" node_arg="" cluster=0 secure=0
 for a in "$@"; do
   case "$a" in
     --cluster) cluster=1 ;;
+    --secure) secure=1 ;;
     -h|--help) print_help; exit 0 ;;
     -*) die "unknown option '$a'" ;;
     *)
@@ -51,6 +60,7 @@ for a in "$@"; do
   esac
 done
 [[ -n "$cmd" ]] || usage
+[[ $cluster -eq 1 && $secure -eq 1 ]] && die "--cluster and --secure do not go together"
 
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
@@ -59,18 +69,61 @@ JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
 if [[ $cluster -eq 1 ]]; then
   BASE="$STATE_DIR/kafka-cluster"
   NODES=(1 2 3)
+elif [[ $secure -eq 1 ]]; then
+  BASE="$STATE_DIR/kafka-secure"
+  NODES=(1)
 else
   BASE="$STATE_DIR/kafka"
   NODES=(1)
 fi
 
 node_dir() { if [[ $cluster -eq 1 ]]; then echo "$BASE/node-$1"; else echo "$BASE"; fi; }
-broker_port() { if [[ $cluster -eq 1 ]]; then echo $((19091 + $1)); else echo "${KAFKA_PORT:-9092}"; fi; }
-ctrl_port() { if [[ $cluster -eq 1 ]]; then echo $((19191 + $1)); else echo "${KAFKA_CONTROLLER_PORT:-9093}"; fi; }
+broker_port() {
+  if [[ $cluster -eq 1 ]]; then echo $((19091 + $1))
+  elif [[ $secure -eq 1 ]]; then echo "${KAFKA_SECURE_PORT:-9094}"
+  else echo "${KAFKA_PORT:-9092}"; fi
+}
+ctrl_port() {
+  if [[ $cluster -eq 1 ]]; then echo $((19191 + $1))
+  elif [[ $secure -eq 1 ]]; then echo "${KAFKA_SECURE_CONTROLLER_PORT:-9095}"
+  else echo "${KAFKA_CONTROLLER_PORT:-9093}"; fi
+}
 conf_of() { echo "$(node_dir "$1")/server.properties"; }
 pidf_of() { echo "$(node_dir "$1")/kafka.pid"; }
 log_of() { echo "$(node_dir "$1")/kafka.log"; }
-label() { if [[ $cluster -eq 1 ]]; then echo "kafka node $1"; else echo "kafka"; fi; }
+label() {
+  if [[ $cluster -eq 1 ]]; then echo "kafka node $1"
+  elif [[ $secure -eq 1 ]]; then echo "kafka (secure)"
+  else echo "kafka"; fi
+}
+listener() { if [[ $secure -eq 1 ]]; then echo SASL_SSL; else echo PLAINTEXT; fi; }
+
+# --- The secured broker's CA, certificate and users (made once, kept with its data). ---
+SECURE_USERS=(admin gw1 gw2 multiplexer data)
+password_of() { cat "$BASE/users/$1"; }
+secure_prepare() {
+  local tls="$BASE/tls" u
+  mkdir -p "$tls" "$BASE/users"
+  chmod 700 "$BASE/users" "$tls"
+  for u in "${SECURE_USERS[@]}"; do
+    [[ -s "$BASE/users/$u" ]] || head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$BASE/users/$u"
+  done
+  [[ -s "$tls/broker.p12" && -s "$tls/ca.crt" ]] && return 0
+  command -v openssl >/dev/null 2>&1 || die "openssl is needed to make the secured broker's certificates"
+  (
+    cd "$tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=chat local CA" \
+      -keyout ca.key -out ca.crt
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout broker.key -out broker.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile broker.ext -out broker.crt
+    openssl pkcs12 -export -in broker.crt -inkey broker.key -certfile ca.crt \
+      -passout "pass:$(password_of admin)" -out broker.p12.tmp
+    mv broker.p12.tmp broker.p12
+    rm -f broker.csr broker.ext ca.srl
+  ) >"$BASE/tls.log" 2>&1 || die "making the secured broker's certificates failed (see $BASE/tls.log)"
+}
 
 bootstrap() {
   local n out=""
@@ -153,11 +206,11 @@ write_config() {
 process.roles=broker,controller
 node.id=$n
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(ctrl_port "$n")
-advertised.listeners=PLAINTEXT://127.0.0.1:$(broker_port "$n")
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=$(listener)://127.0.0.1:$(broker_port "$n"),CONTROLLER://127.0.0.1:$(ctrl_port "$n")
+advertised.listeners=$(listener)://127.0.0.1:$(broker_port "$n")
+listener.security.protocol.map=$(listener):$(listener),CONTROLLER:PLAINTEXT
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
+inter.broker.listener.name=$(listener)
 log.dirs=$d/data
 
 auto.create.topics.enable=false
@@ -188,6 +241,26 @@ broker.heartbeat.interval.ms=1000
 broker.session.timeout.ms=4000
 EOF
   fi
+  if [[ $secure -eq 1 ]]; then
+    # Clients: TLS and SCRAM only. The controller listener stays on loopback in plaintext
+    # (it is not advertised, and serves only the controller's own APIs); the broker reaches it
+    # as ANONYMOUS, hence that principal among the super users.
+    cat >>"$tmp" <<EOF
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(password_of admin)";
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$BASE/tls/broker.p12
+ssl.keystore.password=$(password_of admin)
+ssl.key.password=$(password_of admin)
+ssl.truststore.type=PEM
+ssl.truststore.location=$BASE/tls/ca.crt
+ssl.client.auth=none
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:admin;User:ANONYMOUS
+EOF
+  fi
   if [[ -n "${KAFKA_EXTRA_PROPS:-}" ]]; then
     echo "# KAFKA_EXTRA_PROPS" >>"$tmp"
     tr ' ' '\n' <<<"$KAFKA_EXTRA_PROPS" | sed '/^$/d' >>"$tmp"
@@ -211,11 +284,18 @@ format_if_needed() {
   [[ -f "$d/data/meta.properties" ]] && return 0
   libs="$(libs_dir)"
   mkdir -p "$d/data"
+  # The secured broker's SCRAM users go into the metadata log as it is formatted.
+  local scram=() u
+  if [[ $secure -eq 1 ]]; then
+    for u in "${SECURE_USERS[@]}"; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=$u,password=$(password_of "$u")]")
+    done
+  fi
   if ! "$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 \
       -Dlog4j2.configurationFile="$INFRA_DIR/kafka/tools-log4j2.properties" \
       -cp "$libs/*" kafka.tools.StorageTool format \
       --config "$(conf_of "$n")" --cluster-id "$(cluster_id)" --ignore-formatted \
-      >"$d/format.log" 2>&1; then
+      "${scram[@]}" >"$d/format.log" 2>&1; then
     die "$(label "$n"): storage format failed (see $d/format.log)"
   fi
 }
@@ -235,6 +315,7 @@ launch_node() {
   check_port_free "$(broker_port "$n")" "$n"
   check_port_free "$(ctrl_port "$n")" "$n"
   mkdir -p "$d"
+  [[ $secure -eq 1 ]] && secure_prepare
   write_config "$n"
   format_if_needed "$n"
   [[ -f "$log" ]] && mv -f "$log" "$log.prev"
@@ -381,7 +462,7 @@ case "$cmd" in
     for n in "${NODES[@]}"; do
       if pid="$(running_pid "$n")"; then
         if is_ready "$n"; then st="ready"; else st="starting"; rc=3; fi
-        echo "$(label "$n"): running pid $pid, PLAINTEXT 127.0.0.1:$(broker_port "$n"), controller 127.0.0.1:$(ctrl_port "$n"), $st"
+        echo "$(label "$n"): running pid $pid, $(listener) 127.0.0.1:$(broker_port "$n"), controller 127.0.0.1:$(ctrl_port "$n"), $st"
       else
         echo "$(label "$n"): stopped"
         rc=3
