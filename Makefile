@@ -33,6 +33,7 @@ stack: deps ## Start Kafka (KRaft, single node) and Postgres (4 shard databases)
 .PHONY: stack-down
 stack-down: ## Stop Kafka and Postgres (data is kept under .local/).
 	@$(SCRIPTS)/kafka.sh stop
+	@$(SCRIPTS)/kafka.sh stop --secure
 	@$(SCRIPTS)/postgres.sh stop
 
 .PHONY: build
