@@ -31,7 +31,7 @@ stack: deps ## Start Kafka (KRaft, single node) and Postgres (4 shard databases)
 	@$(SCRIPTS)/postgres.sh start
 
 .PHONY: stack-down
-stack-down: ## Stop Kafka and Postgres (data is kept under .local/).
+stack-down: ## Stop Kafka and Postgres (data is kept under .local/), and the secured broker the tests start.
 	@$(SCRIPTS)/kafka.sh stop
 	@$(SCRIPTS)/kafka.sh stop --secure
 	@$(SCRIPTS)/postgres.sh stop
