@@ -26,8 +26,11 @@ pub async fn login(
 ) -> Result<(), Failure> {
     let path = config::path()?;
     // Logging in again keeps the saved server unless told otherwise.
-    let saved = config::load(&path).ok().map(|c| c.server);
-    let server = Server::parse(server.or(saved.as_deref()).unwrap_or(DEFAULT_SERVER))?;
+    let saved = config::load(&path).ok();
+    let saved_server = saved.as_ref().map(|c| c.server.as_str());
+    let saved_ca = saved.as_ref().and_then(|c| c.ca_file.as_deref());
+    let server =
+        Server::parse(server.or(saved_server).unwrap_or(DEFAULT_SERVER))?.trusting(saved_ca)?;
     let given_token = token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
     let from_flag = given_token.is_some();
     let token = match (given_token, &user) {
@@ -57,6 +60,7 @@ pub async fn login(
             server: session.server.http.clone(),
             user: who.clone(),
             token: session.token.clone(),
+            ca_file: session.server.ca_file.clone(),
         },
     )?;
     out.emit(

@@ -1,4 +1,4 @@
-//! The saved login: `{server, user, token}` in `$CHAT_CONFIG` or `~/.config/chat/config.json`,
+//! The saved login: `{server, user, token, ca_file}` in `$CHAT_CONFIG` or `~/.config/chat/config.json`,
 //! readable by its owner only (mode 0600), written atomically.
 
 use std::io::Write as _;
@@ -16,6 +16,9 @@ pub struct Config {
     pub server: String,
     pub user: String,
     pub token: String,
+    /// PEM file of CAs trusted for this server (`--ca-file` at login), besides the default roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// Where the login is kept: `$CHAT_CONFIG`, else `$XDG_CONFIG_HOME/chat/config.json`, else

@@ -70,6 +70,7 @@ impl Connection {
         resume_from: std::collections::HashMap<String, u64>,
     ) -> Result<Client, Failure> {
         let mut options = Options::new(&session.server.ws, &session.token);
+        options.tls = session.server.tls.clone();
         options.auto_ack = auto_ack;
         options.resume_from = resume_from;
         match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect_with(options)).await {

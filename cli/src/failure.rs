@@ -71,6 +71,13 @@ impl Failure {
                     _ => detail,
                 },
             },
+            ClientError::Tls { reason, .. } => Failure::Unreachable {
+                server: server.to_owned(),
+                detail: reason,
+            },
+            ClientError::CaFile { path, reason } => {
+                Failure::Usage(format!("--ca-file {path}: {reason}"))
+            }
             ClientError::Refused { code, message } => Failure::Refused { code, message },
             ClientError::Timeout(d) => Failure::Timeout(d),
             ClientError::Closed => Failure::Unreachable {

@@ -1,7 +1,7 @@
 //! `chat`: the command-line chat client, on the Rust client library (`chat-client`).
 //!
 //! ```text
-//! chat login alice [--server http://127.0.0.1:8080] [--token JWT]
+//! chat login alice [--server http://127.0.0.1:8080] [--token JWT] [--ca-file ca.pem]
 //! chat send bob "hi" [--wait-delivered]
 //! chat listen
 //! chat history bob [--limit N] [--before SEQ]
@@ -59,6 +59,11 @@ struct Cli {
     /// for `chat login`, http://127.0.0.1:8080).
     #[arg(long, global = true, env = "CHAT_SERVER", value_name = "URL")]
     server: Option<String>,
+
+    /// PEM file of CAs to trust for an https:// server, besides the usual public roots (saved
+    /// by `chat login`).
+    #[arg(long, global = true, env = "CHAT_CA_FILE", value_name = "PATH")]
+    ca_file: Option<String>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -125,6 +130,7 @@ enum Command {
 
 async fn run(cli: Cli, out: Out) -> Result<(), Failure> {
     let server = cli.server.as_deref();
+    session::set_ca_file(cli.ca_file);
     match cli.command.unwrap_or(Command::Interactive { to: None }) {
         Command::Login { user, token } => commands::login(out, server, user, token).await,
         Command::Send {

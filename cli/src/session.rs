@@ -1,7 +1,9 @@
 //! The server address, the saved token, and the calls every command makes: REST requests and
 //! the websocket connection (both from the client library).
 
-use chat_client::{Client, ConversationsPage, Rest};
+use std::sync::OnceLock;
+
+use chat_client::{Client, ConversationsPage, Rest, Tls};
 use chat_proto::v1::{Accepted, ChatMessage};
 use serde_json::json;
 
@@ -11,11 +13,23 @@ use crate::failure::Failure;
 /// Most messages one sync answer carries (the gateway's limit); a full answer means "sync again".
 const SYNC_LIMIT: u64 = 10_000;
 
-/// A gateway address: the `http(s)://` base the user gave and the `ws(s)://` base derived from it.
+/// A gateway address: the `http(s)://` base the user gave and the `ws(s)://` base derived from
+/// it, and the CAs trusted for it.
 #[derive(Clone, Debug)]
 pub struct Server {
     pub http: String,
     pub ws: String,
+    pub tls: Tls,
+    /// The CA file `tls` trusts beyond the default roots, saved with the login.
+    pub ca_file: Option<String>,
+}
+
+/// `--ca-file` (or `CHAT_CA_FILE`), set once by `main`: it wins over the saved login's.
+static CA_FILE: OnceLock<Option<String>> = OnceLock::new();
+
+/// Records the `--ca-file` of this run.
+pub fn set_ca_file(path: Option<String>) {
+    let _ = CA_FILE.set(path.filter(|p| !p.is_empty()));
 }
 
 impl Server {
@@ -46,7 +60,21 @@ impl Server {
         Ok(Self {
             ws: format!("{ws_scheme}{rest}"),
             http,
+            tls: Tls::default(),
+            ca_file: None,
         })
+    }
+
+    /// Trusts the CAs of `--ca-file` when given, else of `saved` (the login's), besides the
+    /// default roots.
+    pub fn trusting(mut self, saved: Option<&str>) -> Result<Self, Failure> {
+        let flag = CA_FILE.get().cloned().flatten();
+        let Some(path) = flag.or(saved.map(str::to_owned)) else {
+            return Ok(self);
+        };
+        self.tls = Tls::with_ca_file(&path).map_err(|e| Failure::from_client(e, &self.http))?;
+        self.ca_file = Some(path);
+        Ok(self)
     }
 }
 
@@ -60,7 +88,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(server: Server, token: String) -> Self {
-        let rest = Rest::new(&server.http);
+        let rest = Rest::with_tls(&server.http, &server.tls);
         Self {
             server,
             token,
@@ -71,8 +99,14 @@ impl Session {
     /// The saved login, with the server replaced by `--server` when given.
     pub fn load(server_override: Option<&str>) -> Result<Self, Failure> {
         let path = config::path()?;
-        let Config { server, token, .. } = config::load(&path)?;
-        let server = Server::parse(server_override.unwrap_or(&server))?;
+        let Config {
+            server,
+            token,
+            ca_file,
+            ..
+        } = config::load(&path)?;
+        let server =
+            Server::parse(server_override.unwrap_or(&server))?.trusting(ca_file.as_deref())?;
         Ok(Self::new(server, token))
     }
 
@@ -168,7 +202,7 @@ impl Session {
 /// `GET /dev/token/{user}` (local stack only).
 pub async fn dev_token(server: &Server, user: &str) -> Result<String, Failure> {
     // Not `Rest::dev_token`: its error drops the status and the server's code.
-    let r = Rest::new(&server.http)
+    let r = Rest::with_tls(&server.http, &server.tls)
         .request("GET", &format!("/dev/token/{}", segment(user)), None, None)
         .await
         .map_err(|e| Failure::from_client(e, &server.http))?;

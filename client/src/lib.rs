@@ -23,20 +23,25 @@
 //! back together (a reconnect storm); the schedule starts over once a connection has held for
 //! [`STABLE_CONNECTION`].
 //!
+//! Both speak TLS (`wss://`, `https://`) with the CAs of a [`Tls`] (Mozilla's roots, plus a
+//! private CA's when given one).
+//!
 //! [`Rest`] wraps the REST API (`PUT`/`GET /messages/{user_id}`, dev tokens, and
 //! [`Rest::conversations`], the user's conversation list with unread counts and previews).
 //!
 //! Modules: `backoff` (the reconnection schedule), `conversations` (the conversation list's
-//! types and call); the connection, its outbox and the rest of the REST wrapper are here.
+//! types and call), `tls` (the CAs trusted); the connection, its outbox and the rest of the REST wrapper are here.
 
 mod backoff;
 mod conversations;
+mod tls;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 pub use backoff::Backoff;
 pub use conversations::{ConversationSummary, ConversationsPage, Preview, MAX_CONVERSATIONS_PAGE};
+pub use tls::Tls;
 
 use chat_proto::v1::{
     client_frame, server_frame, Accepted, Ack, ChatMessage, ClientFrame, Failed, Receipt, Send,
@@ -58,6 +63,12 @@ pub enum ClientError {
         url: String,
         source: Box<tungstenite::Error>,
     },
+    /// The TLS handshake failed: most often a certificate the client does not trust.
+    #[error("TLS with {url} failed: {reason}")]
+    Tls { url: String, reason: String },
+    /// A file of CAs to trust cannot be used.
+    #[error("cannot trust the CAs of {path}: {reason}")]
+    CaFile { path: String, reason: String },
     #[error("the server refused the request: {code}: {message}")]
     Refused { code: String, message: String },
     #[error("the client is closed")]
@@ -92,8 +103,11 @@ pub enum Event {
 /// How to connect.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Gateway base URLs (`ws://host:port`); reconnects move on to the next one.
+    /// Gateway base URLs (`ws://host:port` or `wss://host:port`); reconnects move on to the
+    /// next one.
     pub urls: Vec<String>,
+    /// The CAs trusted for `wss://` URLs.
+    pub tls: Tls,
     pub token: String,
     /// Text frames with the proto3 JSON mapping instead of binary protobuf.
     pub json: bool,
@@ -140,6 +154,7 @@ impl Options {
     pub fn new(url: &str, token: &str) -> Self {
         Self {
             urls: vec![url.to_owned()],
+            tls: Tls::default(),
             token: token.to_owned(),
             json: false,
             reconnect: false,
@@ -299,7 +314,12 @@ fn lock(m: &std::sync::Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn open(url: &str, token: &str, json: bool) -> Result<(Socket, String, String), ClientError> {
+async fn open(
+    url: &str,
+    token: &str,
+    json: bool,
+    tls: &Tls,
+) -> Result<(Socket, String, String), ClientError> {
     let format = if json { "json" } else { "binary" };
     let full = format!(
         "{}/ws?format={format}&sync=manual&access_token={token}",
@@ -309,7 +329,13 @@ async fn open(url: &str, token: &str, json: bool) -> Result<(Socket, String, Str
     // (the buffer grows for a larger one).
     let mut config = tungstenite::protocol::WebSocketConfig::default();
     config.read_buffer_size = 16 * 1024;
-    let connect = tokio_tungstenite::connect_async_with_config(full.as_str(), Some(config), true);
+    let connector = tokio_tungstenite::Connector::Rustls(tls.client_config());
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        full.as_str(),
+        Some(config),
+        true,
+        Some(connector),
+    );
     let (mut socket, _) = match connect.await {
         Ok(s) => s,
         Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => {
@@ -317,6 +343,12 @@ async fn open(url: &str, token: &str, json: bool) -> Result<(Socket, String, Str
         }
         Err(e) => {
             return Err(ClientError::Connect {
+        Err(tungstenite::Error::Io(e)) if tls::handshake_failure(&e).is_some() => {
+            return Err(ClientError::Tls {
+                url: url.to_owned(),
+                reason: tls::handshake_failure(&e).unwrap_or_default(),
+            })
+        }
                 url: url.to_owned(),
                 source: Box::new(e),
             })
@@ -351,7 +383,8 @@ impl Client {
     /// Connects with options; returns once the first connection is open and its sync requested.
     pub async fn connect_with(options: Options) -> Result<Self, ClientError> {
         let first = options.urls.first().ok_or(ClientError::Closed)?.clone();
-        let (socket, user, gateway_id) = open(&first, &options.token, options.json).await?;
+        let (socket, user, gateway_id) =
+            open(&first, &options.token, options.json, &options.tls).await?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let state = std::sync::Arc::new(std::sync::Mutex::new(Shared {
@@ -571,7 +604,14 @@ impl Driver {
                 }
                 url_index = (url_index + 1) % self.options.urls.len();
                 let url = self.options.urls[url_index].clone();
-                match open(&url, &self.options.token, self.options.json).await {
+                match open(
+                    &url,
+                    &self.options.token,
+                    self.options.json,
+                    &self.options.tls,
+                )
+                .await
+                {
                     Ok((s, _, gateway_id)) => {
                         lock(&self.state).gateway_id = gateway_id.clone();
                         let _ = self.events.send(Event::Connected { gateway_id });
@@ -796,7 +836,7 @@ fn decode(m: &Message) -> Option<ServerFrame> {
     }
 }
 
-/// The REST API, over plain HTTP (blocking calls run on a blocking thread).
+/// The REST API, over HTTP or HTTPS (blocking calls run on a blocking thread).
 #[derive(Clone, Debug)]
 pub struct Rest {
     base: String,
@@ -810,10 +850,11 @@ pub struct RestResponse {
 }
 
 impl Rest {
-    /// `base` like `http://127.0.0.1:8080`.
+    /// `base` like `http://127.0.0.1:8080` (or `https://`, trusting the default roots).
     pub fn new(base: &str) -> Self {
         Self {
             base: base.trim_end_matches('/').to_owned(),
+    agent: ureq::Agent,
         }
     }
 
@@ -826,9 +867,19 @@ impl Rest {
         body: Option<serde_json::Value>,
     ) -> Result<RestResponse, ClientError> {
         let url = format!("{}{}", self.base, path);
+        Self::with_tls(base, &Tls::default())
+    }
+
+    /// `base` like `https://chat.example.com`, trusting the CAs of `tls`.
+    pub fn with_tls(base: &str, tls: &Tls) -> Self {
         let (method, token) = (method.to_owned(), token.map(str::to_owned));
         tokio::task::spawn_blocking(move || {
-            let mut req = ureq::request(&method, &url).timeout(Duration::from_secs(30));
+            agent: ureq::AgentBuilder::new()
+                .tls_config(tls.client_config())
+                .build(),
+            let mut req = agent
+                .request(&method, &url)
+                .timeout(Duration::from_secs(30));
             if let Some(t) = token {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
@@ -841,7 +892,13 @@ impl Rest {
             let resp = match result {
                 Ok(r) => r,
                 Err(ureq::Error::Status(_, r)) => r,
-                Err(e) => return Err(ClientError::Http(e.to_string())),
+        let agent = self.agent.clone();
+                Err(ureq::Error::Transport(t)) => {
+                    return Err(match tls::handshake_failure(&t) {
+                        Some(reason) => ClientError::Tls { url, reason },
+                        None => ClientError::Http(t.to_string()),
+                    })
+                }
             };
             let status = resp.status();
             let text = resp

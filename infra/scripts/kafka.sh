@@ -14,7 +14,7 @@
 #               <state>/kafka-secure/. On first start it makes a CA and the
 #               broker's certificate (tls/ca.crt is what clients trust) and one
 #               SCRAM user per service with a random password (users/<name>:
-#               admin, the super user; gw1, gw2, multiplexer, data). ACLs for a
+#               admin, the super user; gateway-gw1, gateway-gw2, multiplexer, data). ACLs for a
 #               deployment: infra/scripts/kafka-acls.sh.
 #   (<state> = <repo>/.local unless CHAT_STATE_DIR is set)
 #
@@ -99,7 +99,7 @@ label() {
 listener() { if [[ $secure -eq 1 ]]; then echo SASL_SSL; else echo PLAINTEXT; fi; }
 
 # --- The secured broker's CA, certificate and users (made once, kept with its data). ---
-SECURE_USERS=(admin gw1 gw2 multiplexer data)
+SECURE_USERS=(admin gateway-gw1 gateway-gw2 multiplexer data)
 password_of() { cat "$BASE/users/$1"; }
 secure_prepare() {
   local tls="$BASE/tls" u
@@ -281,6 +281,12 @@ cluster_id() {
 format_if_needed() {
   local n="$1" d libs
   d="$(node_dir "$n")"
+  # The secured broker's users are written when its storage is formatted: a broker formatted
+  # with another list of users starts again from empty storage (it is a test broker).
+  if [[ $secure -eq 1 && -f "$d/data/meta.properties" \
+        && "$(cat "$BASE/users.list" 2>/dev/null)" != "${SECURE_USERS[*]}" ]]; then
+    rm -rf "$d/data"
+  fi
   [[ -f "$d/data/meta.properties" ]] && return 0
   libs="$(libs_dir)"
   mkdir -p "$d/data"
@@ -298,6 +304,8 @@ format_if_needed() {
       "${scram[@]}" >"$d/format.log" 2>&1; then
     die "$(label "$n"): storage format failed (see $d/format.log)"
   fi
+  [[ $secure -eq 1 ]] && echo "${SECURE_USERS[*]}" >"$BASE/users.list"
+  return 0
 }
 
 check_port_free() {

@@ -34,6 +34,9 @@ struct Cli {
     /// Worker threads of this process's runtime (default: one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// PEM file of CAs trusted by wss:// connections, besides the default roots.
+    #[arg(long, global = true, value_name = "PATH")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -170,7 +173,7 @@ enum Command {
         #[arg(long, default_value_t = 300.0)]
         budget_seconds: f64,
         /// The pipeline's metrics endpoints, name=url (repeatable, e.g.
-        /// gateway=http://127.0.0.1:8080/metrics), scraped before and after every trial: each
+        /// gateway=http://127.0.0.1:9100/metrics, a gateway's GATEWAY_METRICS_ADDR), scraped before and after every trial: each
         /// trial's report gets what it added to each histogram (same names are added together).
         #[arg(long = "metrics")]
         metrics: Vec<prometheus::Endpoint>,
@@ -387,6 +390,9 @@ fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> anyhow:
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(path) = &cli.ca_file {
+        ws::trust(chat_client::Tls::with_ca_file(path)?);
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(t) = cli.threads {

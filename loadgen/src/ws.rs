@@ -3,9 +3,11 @@
 //! The client library connects with `connect_async`, which lets the kernel pick the source
 //! address; one source address has at most ~28K ephemeral ports towards one server port. Here the
 //! socket is bound to a chosen 127.0.0.N first (`TcpSocket::bind`), then upgraded with
-//! `client_async`, so many source addresses can be used.
+//! `client_async`, so many source addresses can be used. `wss://` URLs are TLS over that socket,
+//! trusting the default roots and the `--ca-file` given ([`trust`]).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
 use anyhow::Context;
 use chat_common::auth::{TokenIssuer, DEFAULT_AUDIENCE, DEFAULT_ISSUER};
@@ -15,21 +17,31 @@ use chat_proto::v1::{ClientFrame, ServerFrame};
 use prost::Message as _;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub type Ws = WebSocketStream<TcpStream>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// `ws://host:port` -> the socket address.
+/// The CAs `wss://` connections trust, set once from `--ca-file`.
+static TLS: OnceLock<chat_client::Tls> = OnceLock::new();
+
+/// Trusts `tls`'s CAs for every `wss://` connection of this process (call before connecting).
+pub fn trust(tls: chat_client::Tls) {
+    let _ = TLS.set(tls);
+}
+
+/// `ws://host:port` (or `wss://`) -> the socket address.
 pub fn addr_of(url: &str) -> anyhow::Result<SocketAddr> {
     let hostport = url
         .trim_start_matches("ws://")
+        .trim_start_matches("wss://")
         .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .split('/')
         .next()
         .unwrap_or_default();
     hostport
         .parse()
-        .with_context(|| format!("expected ws://IP:PORT, got {url:?}"))
+        .with_context(|| format!("expected ws://IP:PORT or wss://IP:PORT, got {url:?}"))
 }
 
 /// A TCP connection to `addr` from `source` (any port).
@@ -55,7 +67,15 @@ pub async fn connect(
     // one process need a small one (it grows to the frame being read).
     let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
     config.read_buffer_size = 4096;
-    let (ws, _) = tokio_tungstenite::client_async_with_config(full, stream, Some(config)).await?;
+    let tls = TLS.get_or_init(chat_client::Tls::default).client_config();
+    let connector = tokio_tungstenite::Connector::Rustls(tls);
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+        full,
+        stream,
+        Some(config),
+        Some(connector),
+    )
+    .await?;
     Ok(ws)
 }
 
