@@ -74,6 +74,33 @@ impl DbError {
         }
     }
 
+    /// The shard the error came from, when it came from one.
+    pub fn shard(&self) -> Option<usize> {
+        match self {
+            DbError::Pool { shard, .. }
+            | DbError::Postgres { shard, .. }
+            | DbError::BadRow { shard, .. }
+            | DbError::Invariant { shard, .. } => Some(*shard),
+            DbError::Config(_) => None,
+        }
+    }
+
+    /// True when the shard did not answer: no connection could be had from its pool, or the
+    /// connection failed (no SQLSTATE: refused, reset, closed; class 08, connection; 57, the
+    /// server shutting down or starting; 53, out of connections). What a reader tells its
+    /// client as "that shard is unavailable, retry later", as opposed to a fault of the query
+    /// or of the data, which retrying does not cure.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Pool { .. } => true,
+            DbError::Postgres { source, .. } => source.code().is_none_or(|code| {
+                let c = code.code();
+                c.starts_with("08") || c.starts_with("57") || c.starts_with("53")
+            }),
+            DbError::Config(_) | DbError::BadRow { .. } | DbError::Invariant { .. } => false,
+        }
+    }
+
     /// A one-line reason without the values involved: Postgres's primary message and SQLSTATE,
     /// without its DETAIL (which quotes the failing row, body included). For a message's sender
     /// and the failure row kept for its sync.
@@ -114,5 +141,17 @@ mod tests {
         assert!(!invariant.is_data_error() && !invariant.is_retryable());
         let config = DbError::Config("x".into());
         assert!(!config.is_data_error() && !config.is_retryable());
+        assert!(!bad.is_unavailable() && !invariant.is_unavailable() && !config.is_unavailable());
+        assert_eq!((bad.shard(), config.shard()), (Some(0), None));
+    }
+
+    #[test]
+    fn an_empty_pool_is_an_unavailable_shard() {
+        let e = DbError::Pool {
+            shard: 3,
+            source: deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait),
+        };
+        assert!(e.is_unavailable() && e.is_retryable());
+        assert_eq!(e.shard(), Some(3));
     }
 }

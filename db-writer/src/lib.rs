@@ -49,5 +49,5 @@ pub use index_build::{IndexViolation, Rebuilt};
 pub use locator::Locator;
 pub use messages::Stored;
 pub use retention::{Retention, UnknownRetention};
-pub use shards::{Plans, ShardConfig, Shards};
+pub use shards::{Plans, ShardConfig, ShardDown, Shards};
 pub use user_index::{ConversationSummary, IndexUpdates, ListCursor, Preview, SyncRead};

@@ -175,15 +175,47 @@ impl Shards {
         Ok(per_shard.into_iter().flatten().collect())
     }
 
-    /// Checks that every shard answers (for `/readyz`).
-    pub async fn ping(&self) -> Result<(), DbError> {
-        for shard in 0..self.pools.len() {
-            let client = self.client(shard).await?;
-            client
-                .simple_query("SELECT 1")
-                .await
-                .map_err(|source| DbError::Postgres { shard, source })?;
-        }
+    /// The shards that do not answer `SELECT 1` within `within`, asked all at once (for
+    /// `/readyz` and its per-shard gauge: a server stopped answers at once with a refused
+    /// connection, a link cut only with the timeout).
+    pub async fn down_shards(&self, within: Duration) -> Vec<ShardDown> {
+        let answers = futures_util::future::join_all((0..self.len()).map(|shard| async move {
+            match tokio::time::timeout(within, self.ping_one(shard)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(ShardDown {
+                    shard,
+                    reason: e.to_string(),
+                }),
+                Err(_) => Some(ShardDown {
+                    shard,
+                    reason: format!("shard {shard}: no answer within {within:?}"),
+                }),
+            }
+        }))
+        .await;
+        answers.into_iter().flatten().collect()
+    }
+
+    async fn ping_one(&self, shard: usize) -> Result<(), DbError> {
+        let client = self.client(shard).await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|source| DbError::Postgres { shard, source })?;
         Ok(())
+    }
+}
+
+/// A shard that did not answer a ping, and what the attempt said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardDown {
+    pub shard: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ShardDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The reason already names the shard ("shard 1: ...").
+        f.write_str(&self.reason)
     }
 }

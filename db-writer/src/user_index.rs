@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::{Message, Receipt};
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 
 use crate::acks::Watermark;
 use crate::error::DbError;
@@ -427,6 +427,10 @@ pub struct SyncRead {
     pub receipts: Vec<Receipt>,
     /// Newest first.
     pub failures: Vec<FailedMessage>,
+    /// Conversations with something for this sync (pending messages or a failure) on a shard
+    /// that did not answer: nothing of theirs is in this read, the rest is. Sorted, distinct.
+    /// The client syncs again later for them.
+    pub unavailable: Vec<ConversationKey>,
     /// Shard queries this read cost (the index's, then one per shard that held something).
     pub shard_queries: usize,
 }
@@ -503,6 +507,10 @@ impl Shards {
     /// Reads the user's index (one query on their home shard), then only the shards of the
     /// conversations that hold something: a user with nothing pending costs one query whatever
     /// the number of shards and conversations. Until the index is built, reads every shard.
+    ///
+    /// One shard down does not fail the whole read: the conversations it holds come back in
+    /// [`SyncRead::unavailable`] and the rest is read. The home shard down fails it (the index
+    /// says what to read), as does any error other than an unavailable shard.
     pub async fn sync_read(
         &self,
         user: &UserId,
@@ -553,51 +561,85 @@ impl Shards {
         }
         receipts.sort_by_key(|r| std::cmp::Reverse(r.acked_at_ms));
         receipts.truncate(notices_limit as usize);
-        let (messages, failures) = futures_util::try_join!(
+        let (pending, failures) = futures_util::join!(
             self.pending_in(user, pending, limit, &queries),
-            self.failures_in(user, failed, since_ms, notices_limit, &queries),
-        )?;
+            self.failures_per_shard(user, failed, since_ms, notices_limit, &queries),
+        );
+        let (messages, mut unavailable) = pending?;
+        let (failures, failures_unavailable) = failures?;
+        unavailable.extend(failures_unavailable);
+        unavailable.sort();
+        unavailable.dedup();
         Ok(SyncRead {
             messages,
             receipts,
             failures,
+            unavailable,
             shard_queries: queries.get(),
         })
     }
 
     /// The pending messages of `conversations` (each with what the client holds), one query per
-    /// shard among them.
+    /// shard among them; and the conversations of the shards that did not answer.
     async fn pending_in(
         &self,
         user: &UserId,
         conversations: Vec<(ConversationKey, u64)>,
         limit: u32,
         queries: &QueryCount,
-    ) -> Result<Vec<Message>, DbError> {
+    ) -> Result<(Vec<Message>, Vec<ConversationKey>), DbError> {
         let per_shard = self.group_by_shard(conversations, |(c, _)| c);
         let limit = i64::from(limit);
-        let per_shard = try_join_all(per_shard.into_iter().map(|(shard, convs)| async move {
+        let per_shard = join_all(per_shard.into_iter().map(|(shard, convs)| async move {
+            let keys: Vec<ConversationKey> = convs.iter().map(|(c, _)| c.clone()).collect();
             let (names, held): (Vec<&str>, Vec<i64>) =
                 convs.iter().map(|(c, h)| (c.as_str(), bigint(*h))).unzip();
-            let client = self.client(shard).await?;
-            queries.one();
-            let statement = client
-                .prepare_cached(PENDING_IN)
-                .await
-                .map_err(DbError::pg(shard))?;
-            let rows = client
-                .query(&statement, &[&user.as_str(), &names, &held, &limit])
-                .await
-                .map_err(DbError::pg(shard))?;
-            rows.iter()
-                .map(|row| MessageRow::decode(row, shard))
-                .collect::<Result<Vec<_>, _>>()
+            let read = async {
+                let client = self.client(shard).await?;
+                queries.one();
+                let statement = client
+                    .prepare_cached(PENDING_IN)
+                    .await
+                    .map_err(DbError::pg(shard))?;
+                let rows = client
+                    .query(&statement, &[&user.as_str(), &names, &held, &limit])
+                    .await
+                    .map_err(DbError::pg(shard))?;
+                rows.iter()
+                    .map(|row| MessageRow::decode(row, shard))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            (read.await, keys)
         }))
-        .await?;
-        let mut all: Vec<Message> = per_shard.into_iter().flatten().collect();
+        .await;
+        let (mut all, unavailable) = partial(per_shard, "pending messages")?;
         all.sort_by(|a, b| (&a.conversation, a.seq).cmp(&(&b.conversation, b.seq)));
         all.truncate(limit as usize);
-        Ok(all)
+        Ok((all, unavailable))
+    }
+
+    /// The failures of `conversations` since `since_ms`, one query per shard among them (at
+    /// most `limit`, newest first); and the conversations of the shards that did not answer.
+    async fn failures_per_shard(
+        &self,
+        user: &UserId,
+        conversations: Vec<ConversationKey>,
+        since_ms: i64,
+        limit: u32,
+        queries: &QueryCount,
+    ) -> Result<(Vec<FailedMessage>, Vec<ConversationKey>), DbError> {
+        let per_shard = self.group_by_shard(conversations, |c| c);
+        let per_shard = join_all(per_shard.into_values().map(|convs| async move {
+            let read = self
+                .failures_in(user, convs.clone(), since_ms, limit, queries)
+                .await;
+            (read, convs)
+        }))
+        .await;
+        let (mut all, unavailable) = partial(per_shard, "failures")?;
+        all.sort_by_key(|f| std::cmp::Reverse(f.failed_at_ms));
+        all.truncate(limit as usize);
+        Ok((all, unavailable))
     }
 
     /// The sync of the time before the index: every shard, every conversation. Also the
@@ -619,9 +661,36 @@ impl Shards {
             messages,
             receipts,
             failures,
+            unavailable: Vec::new(),
             shard_queries: 3 * self.len(),
         })
     }
+}
+
+/// What one shard answered a read spread over shards, with the conversations it was for.
+type ShardAnswer<T> = (Result<Vec<T>, DbError>, Vec<ConversationKey>);
+
+/// Gathers the answers of a read spread over shards (each with the conversations it was
+/// for): what the shards that answered returned, and the conversations of those that were
+/// unavailable. Any other error fails the read: it is not the shard's absence, and retrying
+/// does not cure it.
+fn partial<T>(
+    per_shard: Vec<ShardAnswer<T>>,
+    what: &str,
+) -> Result<(Vec<T>, Vec<ConversationKey>), DbError> {
+    let mut read = Vec::new();
+    let mut unavailable = Vec::new();
+    for (answer, conversations) in per_shard {
+        match answer {
+            Ok(rows) => read.extend(rows),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, conversations = conversations.len(), "{what} of a shard that does not answer left out");
+                unavailable.extend(conversations);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((read, unavailable))
 }
 
 /// A row of [`SYNC_ROWS`].
@@ -652,6 +721,9 @@ pub struct ConversationSummary {
     pub peer_read_up_to: u64,
     /// The last message, when asked for and its body is still there.
     pub preview: Option<Preview>,
+    /// The conversation's shard did not answer: `unread` is the index's estimate (1 while
+    /// something may be unread, 0 otherwise) and there is no preview.
+    pub details_unavailable: bool,
 }
 
 /// The last message of a conversation, as the list shows it.
@@ -703,7 +775,9 @@ impl Shards {
     /// A page of `user`'s conversations, newest activity first, after `before` (from the newest
     /// without it): at most `limit`. One query on the user's home shard, then one per shard
     /// among the page's conversations for the unread counts (exact: counted above the
-    /// watermark in the conversation's shard) and, with `previews`, the last message.
+    /// watermark in the conversation's shard) and, with `previews`, the last message. A shard
+    /// that does not answer leaves its conversations without details
+    /// ([`ConversationSummary::details_unavailable`]); the home shard down fails the page.
     pub async fn conversations(
         &self,
         user: &UserId,
@@ -738,31 +812,40 @@ impl Shards {
             .map(|s| s.conversation.clone())
             .collect();
         let per_shard = self.group_by_shard(needs_details, |c| c);
-        let details = try_join_all(per_shard.into_iter().map(|(shard, convs)| async move {
+        let details = join_all(per_shard.into_iter().map(|(shard, convs)| async move {
             let names: Vec<&str> = convs.iter().map(ConversationKey::as_str).collect();
-            let client = self.client(shard).await?;
-            let statement = client
-                .prepare_cached(DETAILS)
-                .await
-                .map_err(DbError::pg(shard))?;
-            let rows = client
-                .query(
-                    &statement,
-                    &[&user.as_str(), &names, &previews, &PREVIEW_CHARS],
-                )
-                .await
-                .map_err(DbError::pg(shard))?;
-            rows.iter()
-                .map(|row| Details::decode(row, shard))
-                .collect::<Result<Vec<_>, _>>()
+            let keys = convs.clone();
+            let read = async {
+                let client = self.client(shard).await?;
+                let statement = client
+                    .prepare_cached(DETAILS)
+                    .await
+                    .map_err(DbError::pg(shard))?;
+                let rows = client
+                    .query(
+                        &statement,
+                        &[&user.as_str(), &names, &previews, &PREVIEW_CHARS],
+                    )
+                    .await
+                    .map_err(DbError::pg(shard))?;
+                rows.iter()
+                    .map(|row| Details::decode(row, shard))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            (read.await, keys)
         }))
-        .await?;
+        .await;
+        let (details, unavailable) = partial(details, "conversation details")?;
         let details: HashMap<ConversationKey, Details> = details
             .into_iter()
-            .flatten()
             .map(|d| (d.conversation.clone(), d))
             .collect();
         for summary in &mut page {
+            if unavailable.contains(&summary.conversation) {
+                // The index's estimate stays; the shard could not say more.
+                summary.details_unavailable = true;
+                continue;
+            }
             match details.get(&summary.conversation) {
                 Some(d) => {
                     summary.unread = d.unread;
@@ -798,6 +881,7 @@ impl ListRow {
             read_up_to,
             peer_read_up_to: seq(5, "peer_read_up_to")?,
             preview: None,
+            details_unavailable: false,
         })
     }
 }

@@ -123,4 +123,9 @@ pub(crate) const FAMILIES: &[Family] = &[
         "gateway_sync_shard_queries",
         "Shard queries of one sync (1 for a user with nothing pending).",
     ),
+    Family::gauge(
+        "gateway_shard_up",
+        "1 when the shard answered this gateway's last readiness check, 0 when it did not (the gateway stays ready while one shard answers).",
+    )
+    .open("shard"),
 ];

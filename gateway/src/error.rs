@@ -48,6 +48,8 @@ pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) code: &'static str,
     pub(crate) message: String,
+    /// Seconds to wait before retrying (`Retry-After`), for a refusal that a retry may cure.
+    pub(crate) retry_after_secs: Option<u32>,
 }
 
 impl ApiError {
@@ -56,6 +58,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 
@@ -70,7 +73,15 @@ impl ApiError {
             code: self.code,
             message: &self.message,
         };
-        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response.headers_mut().insert(
+                warp::http::header::RETRY_AFTER,
+                warp::http::HeaderValue::from(secs),
+            );
+        }
+        response
     }
 }
 
@@ -91,35 +102,92 @@ impl From<SendError> for ApiError {
     }
 }
 
-/// Why a page of history could not be read.
+/// Why a page of history or of the conversation list could not be read.
 #[derive(Debug, Error)]
 pub(crate) enum HistoryError {
     #[error("that is your own user id")]
     OwnConversation,
-    /// The store did not answer; the request may be retried.
+    /// The shard that holds what was asked for (the conversation's, or for the list the
+    /// user's home shard) does not answer; other conversations are not affected, and this one
+    /// can be retried later.
+    #[error("shard {shard}, which holds this data, is unavailable; retry later")]
+    ShardUnavailable { shard: usize },
+    /// The store failed otherwise; the request may be retried.
     #[error("history is unavailable; retry")]
     Unavailable,
 }
+
+/// Seconds a client is told to wait (`Retry-After`) before asking an unavailable shard again.
+const SHARD_RETRY_AFTER_SECS: u32 = 5;
 
 impl From<HistoryError> for ApiError {
     fn from(e: HistoryError) -> Self {
         let (status, code) = match e {
             HistoryError::OwnConversation => (StatusCode::BAD_REQUEST, "self_message"),
+            HistoryError::ShardUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "shard_unavailable")
+            }
             HistoryError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "history_unavailable"),
         };
-        ApiError::new(status, code, e.to_string())
+        let mut api = ApiError::new(status, code, e.to_string());
+        if matches!(e, HistoryError::ShardUnavailable { .. }) {
+            api.retry_after_secs = Some(SHARD_RETRY_AFTER_SECS);
+        }
+        api
     }
 }
 
-/// A sync answered without the pending messages (receipts and failures may still be there):
-/// the store did not answer, and the client should sync again.
+impl HistoryError {
+    /// The error a failed read of the store becomes: an unavailable shard, named, or a failure
+    /// of another kind.
+    pub(crate) fn from_store(e: &db_writer::DbError) -> Self {
+        match e.shard() {
+            Some(shard) if e.is_unavailable() => HistoryError::ShardUnavailable { shard },
+            _ => HistoryError::Unavailable,
+        }
+    }
+}
+
+/// A sync answered without all it should hold; the client should sync again later.
 #[derive(Debug, Error)]
-#[error("history is unavailable; retry the sync")]
-pub(crate) struct SyncIncomplete;
+pub(crate) enum SyncIncomplete {
+    /// The user's index could not be read (their home shard did not answer, or the store
+    /// failed otherwise): nothing pending was sent (receipts and failures neither).
+    #[error("your conversations cannot be read now ({0}); retry the sync later")]
+    Failed(String),
+    /// The shards of these conversations did not answer: everything else was sent, and the
+    /// sync-done frame lists their peers.
+    #[error("conversations with {} could not be synced (their shard is unavailable); sync again later", .peers.join(", "))]
+    Partial {
+        peers: Vec<String>,
+        /// Their conversation keys: the connection pushes nothing live in them until a sync
+        /// has read them (a live message there would come after a gap).
+        conversations: Vec<String>,
+    },
+}
 
 impl SyncIncomplete {
+    /// The code of the error frame sent before the sync-done frame. Both kinds share it: a
+    /// client that sees it syncs again later (as clients did before partial syncs existed);
+    /// the sync-done frame's `unavailable_peers` tells a partial sync from a failed one.
     pub(crate) fn code(&self) -> &'static str {
         "sync_failed"
+    }
+
+    /// The peers whose conversations were left out (empty when the whole sync failed).
+    pub(crate) fn unavailable_peers(&self) -> &[String] {
+        match self {
+            SyncIncomplete::Failed(_) => &[],
+            SyncIncomplete::Partial { peers, .. } => peers,
+        }
+    }
+
+    /// The conversations left out (empty when the whole sync failed).
+    pub(crate) fn unavailable_conversations(&self) -> &[String] {
+        match self {
+            SyncIncomplete::Failed(_) => &[],
+            SyncIncomplete::Partial { conversations, .. } => conversations,
+        }
     }
 }
 
@@ -230,5 +298,34 @@ mod tests {
         assert_eq!(status(SendError::TooManyInFlight), 429);
         assert_eq!(status(SendError::ProduceFailed(String::new())), 503);
         assert_eq!(status(SendError::SelfMessage), 400);
+    }
+
+    #[test]
+    fn an_unavailable_shard_is_a_503_naming_it_with_a_retry_after() {
+        let api = ApiError::from(HistoryError::ShardUnavailable { shard: 1 });
+        assert_eq!((api.status.as_u16(), api.code), (503, "shard_unavailable"));
+        assert!(api.message.contains("shard 1"), "{}", api.message);
+        let response = api.response();
+        assert_eq!(response.headers()[warp::http::header::RETRY_AFTER], "5");
+        let api = ApiError::from(HistoryError::Unavailable);
+        assert_eq!(
+            (api.status.as_u16(), api.code),
+            (503, "history_unavailable")
+        );
+        assert!(api.response().headers().get("retry-after").is_none());
+    }
+
+    #[test]
+    fn a_store_error_that_is_not_an_unavailable_shard_names_no_shard() {
+        // (An unavailable shard is told apart by `DbError::is_unavailable`, tested in db-writer,
+        // and end to end in e2e/tests/shard_outage.rs.)
+        let bad = db_writer::DbError::BadRow {
+            shard: 2,
+            reason: "x".into(),
+        };
+        assert!(matches!(
+            HistoryError::from_store(&bad),
+            HistoryError::Unavailable
+        ));
     }
 }

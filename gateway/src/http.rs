@@ -232,6 +232,10 @@ struct ConversationItem {
     peer_read_up_to: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     preview: Option<PreviewItem>,
+    /// Present (true) when the conversation's shard did not answer: `unread` is then 1 while
+    /// something may be unread (0 otherwise), and there is no preview; ask again later.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    unavailable: bool,
 }
 
 #[derive(Serialize)]
@@ -256,6 +260,7 @@ impl From<ConversationSummary> for ConversationItem {
                 seq: p.seq,
                 body: p.body,
             }),
+            unavailable: c.details_unavailable,
         }
     }
 }
@@ -405,7 +410,8 @@ fn history_query() -> impl Filter<Extract = (HistoryQuery,), Error = Rejection> 
     })
 }
 
-/// `GET /messages/{user_id}`: a page of the caller's conversation with that user.
+/// `GET /messages/{user_id}`: a page of the caller's conversation with that user; 503
+/// `shard_unavailable` (with `Retry-After`) while the conversation's shard does not answer.
 async fn history_page(
     peer: String,
     user: UserId,
@@ -428,7 +434,8 @@ async fn history_page(
 }
 
 /// `GET /conversations?limit=&before=`: a page of the caller's conversations, newest activity
-/// first.
+/// first; conversations whose shard does not answer are marked `unavailable`, and the caller's
+/// home shard down is a 503 `shard_unavailable`.
 async fn conversation_list(
     user: UserId,
     query: HashMap<String, String>,
@@ -486,7 +493,7 @@ async fn dev_token(user: String, app: Arc<App>) -> Result<impl Reply, Rejection>
     ))
 }
 
-/// `/readyz`: the service's readiness.
+/// `/readyz`: the service's readiness (see `App::ready`: Kafka and at least one shard).
 fn readiness(app: Arc<App>) -> ReadyCheck {
     Arc::new(move || {
         let app = app.clone();

@@ -31,6 +31,10 @@ const RATE_STRIKES: u32 = 50;
 const FRAME_ENVELOPE_BYTES: usize = 1024;
 /// Most live messages held while a sync runs before the socket counts as not draining.
 const MAX_HELD: usize = 4096;
+/// The last seq sent of a conversation the last sync could not read (its shard did not
+/// answer): no live message of it is pushed until a sync reads it, or the client would see it
+/// after a gap (and, acking it, acknowledge what it never saw).
+const UNSYNCED: u64 = u64::MAX;
 
 /// Encoding of the frames this server sends on a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,8 +100,16 @@ impl Writer {
                     receipts,
                     failures,
                 } = *answer;
+                // This answer read every conversation it could: those an earlier partial sync
+                // left out are open again, unless this one leaves them out too.
+                self.last_sent.retain(|_, seq| *seq != UNSYNCED);
+                let mut unavailable_peers = Vec::new();
                 if let Some(e) = incomplete {
                     out.push(error_frame(e.code(), e.to_string(), String::new()));
+                    unavailable_peers = e.unavailable_peers().to_vec();
+                    for conversation in e.unavailable_conversations() {
+                        self.last_sent.insert(conversation.clone(), UNSYNCED);
+                    }
                 }
                 let count = messages.len() as u64;
                 for m in messages {
@@ -113,7 +125,10 @@ impl Writer {
                 }));
                 self.syncing = self.syncing.saturating_sub(1);
                 out.push(ServerFrame {
-                    kind: Some(server_frame::Kind::SyncDone(SyncDone { delivered: count })),
+                    kind: Some(server_frame::Kind::SyncDone(SyncDone {
+                        delivered: count,
+                        unavailable_peers,
+                    })),
                 });
                 if self.syncing == 0 {
                     for m in std::mem::take(&mut self.held) {
@@ -127,6 +142,11 @@ impl Writer {
 
     fn deliver_if_new(&mut self, m: ChatMessage, out: &mut Vec<ServerFrame>) {
         let seq = self.last_sent.entry(m.conversation.clone()).or_insert(0);
+        if *seq == UNSYNCED {
+            // Left out of the sync (its shard did not answer): what came before it there was
+            // not sent, so neither is this. It stays pending for the next sync.
+            return;
+        }
         if m.seq <= *seq {
             metrics::counter!("gateway_duplicates_suppressed_total").increment(1);
             return;
@@ -648,6 +668,7 @@ fn spawn_sync(app: &Arc<App>, user: &UserId, cursor: SyncCursor, mailbox: Arc<Ma
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::SyncIncomplete;
 
     /// tokio's task header (32 bytes), scheduler and id (16), trailer (48); the tracker's
     /// token (8) and the stage's tag (8).
@@ -706,6 +727,88 @@ mod tests {
             let decoded = decode_frame(&Message::Binary(binary.into()), max_body).expect("decodes");
             proptest::prop_assert_eq!(&decoded, &(frame, Format::Binary));
         }
+    }
+
+    fn chat(conversation: &str, seq: u64) -> ChatMessage {
+        ChatMessage {
+            conversation: conversation.into(),
+            seq,
+            ..Default::default()
+        }
+    }
+
+    fn delivered(frames: &[ServerFrame]) -> Vec<(String, u64)> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(server_frame::Kind::Deliver(d)) => d.message.as_ref(),
+                _ => None,
+            })
+            .map(|m| (m.conversation.clone(), m.seq))
+            .collect()
+    }
+
+    /// A conversation a sync could not read gets nothing live (it would come after a gap) until
+    /// a later sync reads it; the others go on.
+    #[test]
+    fn a_conversation_left_out_of_a_sync_is_not_pushed_until_a_sync_reads_it() {
+        let mut w = Writer {
+            last_sent: HashMap::new(),
+            syncing: 1,
+            held: Vec::new(),
+            first_sync_pending: false,
+        };
+        let partial = SyncAnswer {
+            incomplete: Some(SyncIncomplete::Partial {
+                peers: vec!["b".into()],
+                conversations: vec!["a:b".into()],
+            }),
+            messages: vec![chat("a:c", 1)],
+            ..SyncAnswer::default()
+        };
+        // Held during the sync, released after it: only the readable conversation's.
+        let held = w
+            .frames(Outgoing::Live(Box::new(chat("a:b", 2))))
+            .expect("held");
+        assert!(held.is_empty());
+        let frames = w
+            .frames(Outgoing::Synced(Box::new(partial)))
+            .expect("frames");
+        assert_eq!(delivered(&frames), [("a:c".to_owned(), 1)]);
+        let errors: Vec<&str> = frames
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(server_frame::Kind::Error(e)) => Some(e.code.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors, ["sync_failed"]);
+        let done = frames.iter().find_map(|f| match &f.kind {
+            Some(server_frame::Kind::SyncDone(d)) => Some(d.clone()),
+            _ => None,
+        });
+        assert_eq!(done.expect("sync done").unavailable_peers, ["b"]);
+        let live = w
+            .frames(Outgoing::Live(Box::new(chat("a:b", 3))))
+            .expect("live");
+        assert!(delivered(&live).is_empty(), "after the gap: not pushed");
+        let live = w
+            .frames(Outgoing::Live(Box::new(chat("a:c", 2))))
+            .expect("live");
+        assert_eq!(delivered(&live), [("a:c".to_owned(), 2)]);
+
+        // The next sync reads it: from then on it is pushed like any other.
+        w.syncing += 1;
+        let full = SyncAnswer {
+            messages: vec![chat("a:b", 1), chat("a:b", 2), chat("a:b", 3)],
+            ..SyncAnswer::default()
+        };
+        let frames = w.frames(Outgoing::Synced(Box::new(full))).expect("frames");
+        assert_eq!(delivered(&frames).len(), 3);
+        let live = w
+            .frames(Outgoing::Live(Box::new(chat("a:b", 4))))
+            .expect("live");
+        assert_eq!(delivered(&live), [("a:b".to_owned(), 4)]);
     }
 
     #[test]

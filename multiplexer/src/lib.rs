@@ -110,12 +110,34 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     ));
 
+    // Ready only while every shard answers, unlike a gateway (which stays ready while one
+    // does): a batch holding a message or an ack for a shard that is down is retried in place,
+    // holding its partition's order, and the batches behind it wait, whatever their shards. So
+    // a multiplexer with a shard down makes no progress on any shard, and says so. Nothing
+    // routes traffic by a multiplexer's readiness (it only consumes), so this pulls nothing
+    // out of rotation; see docs/design.md ("One shard down").
     let (ready_shards, ready_producer) = (shards.clone(), producer.clone());
     let ready: ReadyCheck = Arc::new(move || {
         let (shards, producer) = (ready_shards.clone(), ready_producer.clone());
         Box::pin(async move {
             chat_common::http::kafka_ready(producer).await?;
-            shards.ping().await.map_err(|e| NotReady::new("shards", e))
+            let down = shards.down_shards(Duration::from_secs(2)).await;
+            if down.is_empty() {
+                return Ok(());
+            }
+            let named = down
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            Err(NotReady::new(
+                "shards",
+                format!(
+                    "{} of {} down, every partition waits: {named}",
+                    down.len(),
+                    shards.len()
+                ),
+            ))
         })
     });
     let (http_addr, server) = warp::serve(ops_routes(ready))

@@ -54,6 +54,11 @@ pub(crate) struct App {
     sync_slots: tokio::sync::Semaphore,
 }
 
+/// How long `/readyz` waits for each shard's answer (they are asked at once): a server
+/// stopped refuses at once, a link cut answers nothing, and a load balancer's health check
+/// gives up after a few seconds.
+const SHARD_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A quota of `per_sec` sustained with bursts up to `burst` (both at least 1).
 fn quota((per_sec, burst): (u32, u32)) -> governor::Quota {
     let one = std::num::NonZeroU32::MIN;
@@ -84,13 +89,40 @@ impl App {
         &self.config
     }
 
-    /// Is Kafka reachable, and does every shard answer?
+    /// Can this gateway serve: does Kafka answer, and at least one shard? Sends only need
+    /// Kafka, and a shard down costs only the reads of what it holds (history 503, syncs that
+    /// leave its conversations out), so one shard down leaves the gateway ready: were it not,
+    /// every gateway would leave the load balancer at once and a partial fault would become a
+    /// total one. Every shard down is not ready. Each answer sets `gateway_shard_up{shard}`
+    /// (the alert on a shard down reads it) and names the shards down in the log, and in the
+    /// 503's body when none answers.
     pub(crate) async fn ready(&self) -> Result<(), NotReady> {
         chat_common::http::kafka_ready(self.producer.producer().clone()).await?;
-        self.shards
-            .ping()
-            .await
-            .map_err(|e| NotReady::new("shards", e))
+        let down = self.shards.down_shards(SHARD_PING_TIMEOUT).await;
+        for shard in 0..self.shards.len() {
+            let up = if down.iter().any(|d| d.shard == shard) {
+                0.0
+            } else {
+                1.0
+            };
+            metrics::gauge!("gateway_shard_up", "shard" => shard.to_string()).set(up);
+        }
+        if down.is_empty() {
+            return Ok(());
+        }
+        let named = down
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        if down.len() == self.shards.len() {
+            return Err(NotReady::new(
+                "shards",
+                format!("every shard is down: {named}"),
+            ));
+        }
+        tracing::warn!(down = %named, "ready with shards down: their conversations cannot be read");
+        Ok(())
     }
 
     /// The frame rate limit of one new connection.

@@ -55,7 +55,9 @@ impl App {
     /// What `user` has pending after `cursor`, and the receipts and failures of their own
     /// messages since then (at most 30 days back). Waits for one of the gateway's sync slots
     /// first (`MAX_CONCURRENT_SYNCS`): a reconnect storm queues here instead of on the shards.
-    /// When the store does not answer, the answer says so (the client should sync again).
+    /// When the store does not answer, the answer says so (the client should sync again): with
+    /// the peers of the conversations left out when only some shards did not answer (the rest
+    /// is sent), or as a failed sync when the user's index (their home shard) cannot be read.
     pub(crate) async fn sync(&self, user: &UserId, cursor: &SyncCursor) -> SyncAnswer {
         let waited = std::time::Instant::now();
         let _slot = self.sync_slots.acquire().await;
@@ -70,8 +72,25 @@ impl App {
         let answer = match read {
             Ok(read) => {
                 metrics::histogram!("gateway_sync_shard_queries").record(read.shard_queries as f64);
+                let incomplete = (!read.unavailable.is_empty()).then(|| {
+                    tracing::warn!(user = %user, conversations = read.unavailable.len(), "sync left out conversations of a shard that does not answer");
+                    metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
+                    SyncIncomplete::Partial {
+                        peers: read
+                            .unavailable
+                            .iter()
+                            .filter_map(|c| c.peer_of(user))
+                            .map(|p| p.as_str().to_owned())
+                            .collect(),
+                        conversations: read
+                            .unavailable
+                            .iter()
+                            .map(|c| c.as_str().to_owned())
+                            .collect(),
+                    }
+                });
                 SyncAnswer {
-                    incomplete: None,
+                    incomplete,
                     messages: read.messages.into_iter().map(ChatMessage::from).collect(),
                     receipts: read.receipts.iter().map(Receipt::from).collect(),
                     failures: read
@@ -84,8 +103,12 @@ impl App {
             Err(e) => {
                 tracing::warn!(user = %user, error = %e, "sync query failed");
                 metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
+                let cause = match e.shard() {
+                    Some(shard) if e.is_unavailable() => format!("shard {shard} is unavailable"),
+                    _ => "the store did not answer".to_owned(),
+                };
                 SyncAnswer {
-                    incomplete: Some(SyncIncomplete),
+                    incomplete: Some(SyncIncomplete::Failed(cause)),
                     ..SyncAnswer::default()
                 }
             }
@@ -96,7 +119,8 @@ impl App {
 
     /// A page of `user`'s conversations, newest activity first: up to `limit` (50 by default,
     /// at most 200) after `before`. Previews only in keep mode: in delete-on-ack mode the list
-    /// shows no content.
+    /// shows no content. A conversation whose shard does not answer is listed from the index
+    /// alone (marked so); the user's home shard down fails the page.
     pub(crate) async fn conversations(
         &self,
         user: &UserId,
@@ -111,7 +135,7 @@ impl App {
             .await
             .map_err(|e| {
                 tracing::warn!(user = %user, error = %e, "conversation list query failed");
-                HistoryError::Unavailable
+                HistoryError::from_store(&e)
             })?;
         let next_before = conversations
             .last()
@@ -142,8 +166,8 @@ impl App {
             .history(&conversation, before, limit)
             .await
             .map_err(|e| {
-                tracing::warn!(error = %e, "history query failed");
-                HistoryError::Unavailable
+                tracing::warn!(conversation = %conversation, error = %e, "history query failed");
+                HistoryError::from_store(&e)
             })?;
         let messages: Vec<ChatMessage> = messages.into_iter().map(ChatMessage::from).collect();
         let next_before = messages
