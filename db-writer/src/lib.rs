@@ -37,6 +37,7 @@ pub mod queries;
 pub mod replay;
 pub mod retention;
 mod rows;
+mod tls;
 pub mod schema;
 pub mod shards;
 pub mod user_index;

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chat_common::ids::ConversationKey;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::future::try_join_all;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
 
 use crate::error::DbError;
@@ -84,8 +84,11 @@ impl Shards {
     pub fn connect(config: &ShardConfig) -> Result<Self, DbError> {
         let mut pools = Vec::with_capacity(config.dsns.len());
         for (i, dsn) in config.dsns.iter().enumerate() {
-            let mut pg = tokio_postgres::Config::from_str(dsn)
-                .map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
+            // libpq's sslmode and sslrootcert, which tokio-postgres does not take (see `tls`).
+            let crate::tls::Target {
+                config: mut pg,
+                verify,
+            } = crate::tls::parse(dsn).map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
             // Statements are prepared once per connection, but planned with each execution's
             // arrays: a generic plan, which Postgres would otherwise switch to after five runs,
             // is fixed by the table sizes of that moment (a new shard is empty) and was measured
@@ -97,13 +100,18 @@ impl Shards {
                 };
                 pg.options(&options);
             }
-            let mgr = Manager::from_config(
-                pg,
-                NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
+            let manager_config = ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            };
+            // TLS when the DSN requires it (a server that only offers it is used in plaintext,
+            // as before: sslmode=prefer, the default, asks for nothing).
+            let mgr = if pg.get_ssl_mode() == SslMode::Require {
+                let tls = crate::tls::connector(&verify)
+                    .map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
+                Manager::from_config(pg, tls, manager_config)
+            } else {
+                Manager::from_config(pg, NoTls, manager_config)
+            };
             let pool = Pool::builder(mgr)
                 .max_size(config.pool_size.max(1))
                 .wait_timeout(Some(config.acquire_timeout))
