@@ -31,10 +31,11 @@ stack: deps ## Start Kafka (KRaft, single node) and Postgres (4 shard databases)
 	@$(SCRIPTS)/postgres.sh start
 
 .PHONY: stack-down
-stack-down: ## Stop Kafka and Postgres (data is kept under .local/), and the secured broker the tests start.
+stack-down: ## Stop Kafka and Postgres (data is kept under .local/), and the secured broker and Postgres the tests start.
 	@$(SCRIPTS)/kafka.sh stop
 	@$(SCRIPTS)/kafka.sh stop --secure
 	@$(SCRIPTS)/postgres.sh stop
+	@$(SCRIPTS)/postgres.sh stop --secure
 
 .PHONY: build
 build: ## Build the binaries (PROFILE=release by default; PROFILE=debug is faster to build).
