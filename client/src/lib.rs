@@ -341,14 +341,14 @@ async fn open(
         Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => {
             return Err(ClientError::Unauthorized)
         }
-        Err(e) => {
-            return Err(ClientError::Connect {
         Err(tungstenite::Error::Io(e)) if tls::handshake_failure(&e).is_some() => {
             return Err(ClientError::Tls {
                 url: url.to_owned(),
                 reason: tls::handshake_failure(&e).unwrap_or_default(),
             })
         }
+        Err(e) => {
+            return Err(ClientError::Connect {
                 url: url.to_owned(),
                 source: Box::new(e),
             })
@@ -840,6 +840,7 @@ fn decode(m: &Message) -> Option<ServerFrame> {
 #[derive(Clone, Debug)]
 pub struct Rest {
     base: String,
+    agent: ureq::Agent,
 }
 
 /// A REST answer: status and JSON body.
@@ -852,9 +853,16 @@ pub struct RestResponse {
 impl Rest {
     /// `base` like `http://127.0.0.1:8080` (or `https://`, trusting the default roots).
     pub fn new(base: &str) -> Self {
+        Self::with_tls(base, &Tls::default())
+    }
+
+    /// `base` like `https://chat.example.com`, trusting the CAs of `tls`.
+    pub fn with_tls(base: &str, tls: &Tls) -> Self {
         Self {
             base: base.trim_end_matches('/').to_owned(),
-    agent: ureq::Agent,
+            agent: ureq::AgentBuilder::new()
+                .tls_config(tls.client_config())
+                .build(),
         }
     }
 
@@ -867,16 +875,9 @@ impl Rest {
         body: Option<serde_json::Value>,
     ) -> Result<RestResponse, ClientError> {
         let url = format!("{}{}", self.base, path);
-        Self::with_tls(base, &Tls::default())
-    }
-
-    /// `base` like `https://chat.example.com`, trusting the CAs of `tls`.
-    pub fn with_tls(base: &str, tls: &Tls) -> Self {
         let (method, token) = (method.to_owned(), token.map(str::to_owned));
+        let agent = self.agent.clone();
         tokio::task::spawn_blocking(move || {
-            agent: ureq::AgentBuilder::new()
-                .tls_config(tls.client_config())
-                .build(),
             let mut req = agent
                 .request(&method, &url)
                 .timeout(Duration::from_secs(30));
@@ -892,7 +893,6 @@ impl Rest {
             let resp = match result {
                 Ok(r) => r,
                 Err(ureq::Error::Status(_, r)) => r,
-        let agent = self.agent.clone();
                 Err(ureq::Error::Transport(t)) => {
                     return Err(match tls::handshake_failure(&t) {
                         Some(reason) => ClientError::Tls { url, reason },
