@@ -60,7 +60,7 @@ up: stack build topics migrate ## Install, build and run everything: Kafka, Post
 	@echo "  connect:    websocat 'ws://127.0.0.1:8080/ws?format=json&access_token=<token>'"
 	@echo "  send:       {\"send\":{\"clientMessageId\":\"m1\",\"recipient\":\"bob\",\"body\":\"hi\"}}"
 	@echo "  history:    curl -H \"Authorization: Bearer <token>\" http://127.0.0.1:8080/messages/bob"
-	@echo "  metrics:    http://127.0.0.1:8080/metrics  http://127.0.0.1:9300/metrics"
+	@echo "  metrics:    http://127.0.0.1:9100/metrics (gw1)  http://127.0.0.1:9101/metrics (gw2)  http://127.0.0.1:9300/metrics"
 	@echo "  logs:       make logs        stop: make down"
 
 .PHONY: down

@@ -204,8 +204,12 @@ if has_stage baselines; then
 fi
 
 # ---------------------------------------------------------------- 2. end to end
+# A gateway's operations listener (/metrics, /readyz): its public port + 1000.
+gateway_ops() { echo "http://127.0.0.1:$(($1 + 1000))"; }
+# DEV_TOKENS=true: without JWT_SECRET a gateway refuses to start otherwise (loadgen signs with
+# the same secret, JWT_SECRET or the development one).
 gateway_env() { # id port  (GW_DSNS, GW_TOPIC_PREFIX, GW_RETENTION override the defaults)
-  echo GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" TOPIC_PREFIX="${GW_TOPIC_PREFIX:-$PREFIX}" KAFKA_BROKERS="$BROKERS" \
+  echo GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" GATEWAY_METRICS_ADDR="127.0.0.1:$(($2 + 1000))" DEV_TOKENS=true TOPIC_PREFIX="${GW_TOPIC_PREFIX:-$PREFIX}" KAFKA_BROKERS="$BROKERS" \
     SHARD_DSNS="${GW_DSNS:-${E2E_DSNS:-}}" SHARD_POOL_SIZE=4 RUST_LOG=warn WEB_DIR=/nonexistent \
     CONN_RATE_PER_SEC=1000000 CONN_RATE_BURST=1000000 USER_RATE_PER_SEC=1000000 USER_RATE_BURST=1000000 \
     MAX_CONNS_PER_ADDR=100000 ${GW_RETENTION:+RETENTION=$GW_RETENTION} ${BENCH_GATEWAY_ENV:-}
@@ -233,9 +237,9 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
     start_bg "${tag}lgw$g" "$OUT/logs/${tag}lgw$g.log" \
       env $(GW_DSNS="$dsns" GW_TOPIC_PREFIX="$prefix" GW_RETENTION="$retention" gateway_env "lgw$g" "$port") \
       "$BIN/gateway"
-    wait_ready "http://127.0.0.1:$port/readyz" "${tag}lgw$g"
+    wait_ready "$(gateway_ops "$port")/readyz" "${tag}lgw$g"
     urls+=(--url "ws://127.0.0.1:$port"); watch_gw+=(--watch "gateway=${PIDS[${tag}lgw$g]}")
-    metrics+=(--metrics "gateway=http://127.0.0.1:$port/metrics")
+    metrics+=(--metrics "gateway=$(gateway_ops "$port")/metrics")
     gw_ports+=("$port")
   done
   mx_port="$(free_port 18489)"
@@ -265,7 +269,7 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
     done
   fi
   curl -fsS "http://127.0.0.1:$mx_port/metrics" >"$dir/metrics-multiplexer.txt" 2>/dev/null || true
-  curl -fsS "http://127.0.0.1:${gw_ports[0]}/metrics" >"$dir/metrics-gateway.txt" 2>/dev/null || true
+  curl -fsS "$(gateway_ops "${gw_ports[0]}")/metrics" >"$dir/metrics-gateway.txt" 2>/dev/null || true
   stop_bg "${tag}multiplexer"
   for g in $(seq 1 "$NGW"); do stop_bg "${tag}lgw$g"; done
 }
@@ -293,7 +297,7 @@ if has_stage connections; then
   port="$(free_port 18486)"
   # shellcheck disable=SC2046
   start_bg lgc1 "$OUT/logs/lgc1.log" env $(gateway_env lgc1 "$port") "$BIN/gateway"
-  wait_ready "http://127.0.0.1:$port/readyz" lgc1
+  wait_ready "$(gateway_ops "$port")/readyz" lgc1
   sleep 2
   "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode ws --conns "$CONNS" --source-ips "$SOURCE_IPS" \
     --target-pid "${PIDS[lgc1]}" --user-prefix "${RUN_ID}c" --out "$OUT/hold-gateway.json" \
@@ -325,7 +329,7 @@ if has_stage connections; then
     port="$(free_port $((18500 + g)))"
     # shellcheck disable=SC2046
     start_bg "lgf$g" "$OUT/logs/lgf$g.log" env $(gateway_env "lgf$g" "$port") "$BIN/gateway"
-    wait_ready "http://127.0.0.1:$port/readyz" "lgf$g"
+    wait_ready "$(gateway_ops "$port")/readyz" "lgf$g"
     # Each holder its own source addresses: every bound source address has its own port range.
     start_bg "holder$g" "$OUT/logs/holder$g.log" "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode ws \
       --conns "$FLEET_CONNS" --source-ips "127.0.$((10 + g)).2-127.0.$((10 + g)).5" --target-pid "${PIDS[lgf$g]}" \
@@ -352,7 +356,7 @@ if has_stage storm; then
     # shellcheck disable=SC2046,SC2086
     start_bg "gw-$2" "$OUT/logs/gw-$2.log" env $(GW_DSNS="$STORM_DSNS" gateway_env lgs1 "$port") \
       ${BENCH_STORM_GATEWAY_ENV:-} "$4"
-    wait_ready "http://127.0.0.1:$port/readyz" "gw-$2"
+    wait_ready "$(gateway_ops "$port")/readyz" "gw-$2"
     sleep 2
     if [[ "${BENCH_PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
       # Every process on the machine: Postgres backends start during the storm.

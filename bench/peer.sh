@@ -85,7 +85,7 @@ peer_stage() {
   port="$(free_port 18530)"
   # shellcheck disable=SC2046
   start_bg peer-gw "$OUT/logs/peer-gw.log" env $(GW_DSNS="$peer_dsns" gateway_env lgw1 "$port") "$BIN/gateway"
-  wait_ready "http://127.0.0.1:$port/readyz" peer-gw
+  wait_ready "$(gateway_ops "$port")/readyz" peer-gw
   mx_port="$(free_port 18539)"
   start_bg peer-mx "$OUT/logs/peer-mx.log" env TOPIC_PREFIX="$PREFIX" KAFKA_BROKERS="$BROKERS" \
     SHARD_DSNS="$peer_dsns" SHARD_POOL_SIZE=4 MULTIPLEXER_GROUP="${PREFIX}multiplexer" \

@@ -267,6 +267,10 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
             let mut e = env.clone();
             e.push(("GATEWAY_ID".into(), (*id).into()));
             e.push(("GATEWAY_ADDR".into(), format!("127.0.0.1:{port}")));
+            e.push((
+                "GATEWAY_METRICS_ADDR".into(),
+                stack::gateway_metrics_addr(*port),
+            ));
             let log = args.log_dir.join(format!("{scenario}-{id}.log"));
             Proc::new(id, args.bin_dir.join("gateway"), *port, e, log)
         })

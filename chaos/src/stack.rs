@@ -16,6 +16,11 @@ pub const CLUSTER: &str = "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094";
 /// The two Postgres servers: (name for postgres.sh, port).
 pub const PG: [(&str, u16); 2] = [("chaos-pg1", 55431), ("chaos-pg2", 55432)];
 pub const GATEWAYS: [(&str, u16); 2] = [("cg1", 18080), ("cg2", 18081)];
+
+/// The operations listener (`/metrics`, `/readyz`) of the gateway whose public port is `port`.
+pub fn gateway_metrics_addr(port: u16) -> String {
+    format!("127.0.0.1:{}", port + 100)
+}
 pub const MULTIPLEXER_PORTS: [u16; 2] = [19300, 19301];
 /// The proxy in front of the second Postgres server (for the cut-link scenario).
 pub const PG2_PROXY_PORT: u16 = 55442;
@@ -147,6 +152,8 @@ impl Slice {
 pub struct Proc {
     pub name: String,
     pub port: u16,
+    /// Where it answers `/readyz`: a gateway's `GATEWAY_METRICS_ADDR` port, else `port`.
+    ready_port: u16,
     bin: PathBuf,
     env: Vec<(String, String)>,
     /// stdout and stderr, appended to across restarts.
@@ -162,9 +169,15 @@ impl Proc {
         env: Vec<(String, String)>,
         log: PathBuf,
     ) -> Self {
+        let ready_port = env
+            .iter()
+            .find(|(k, _)| k == "GATEWAY_METRICS_ADDR")
+            .and_then(|(_, v)| v.rsplit_once(':')?.1.parse().ok())
+            .unwrap_or(port);
         Self {
             name: name.to_owned(),
             port,
+            ready_port,
             bin,
             env,
             log,
@@ -190,7 +203,7 @@ impl Proc {
     }
 
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let rest = chat_client::Rest::new(&format!("http://127.0.0.1:{}", self.port));
+        let rest = chat_client::Rest::new(&format!("http://127.0.0.1:{}", self.ready_port));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = rest.request("GET", "/readyz", None, None).await {

@@ -17,9 +17,10 @@ use thiserror::Error;
 /// test) uses the same clap as the declaration.
 pub use clap;
 
-/// A variable was set to something that does not parse.
+/// A variable was set to something that does not parse, or one that must be set is not (its
+/// value empty: an empty variable counts as unset).
 #[derive(Debug, Error)]
-#[error("environment variable {name}={value:?} is invalid: {reason}")]
+#[error("{}", self.describe())]
 pub struct ConfigError {
     pub name: String,
     pub value: String,
@@ -27,6 +28,15 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    fn describe(&self) -> String {
+        let (name, value, reason) = (&self.name, &self.value, &self.reason);
+        if value.is_empty() {
+            format!("environment variable {name} is not set: {reason}")
+        } else {
+            format!("environment variable {name}={value:?} is invalid: {reason}")
+        }
+    }
+
     /// Variable `name`, set to `value`, is refused for `reason`.
     pub fn new(name: &str, value: impl Into<String>, reason: impl std::fmt::Display) -> Self {
         Self {
@@ -196,5 +206,6 @@ where
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 /// Default shard DSNs of the local stack (4 databases on one Postgres server).
 pub const DEFAULT_SHARD_DSNS: &str = "postgres://chat@127.0.0.1:54320/chat_shard_0,postgres://chat@127.0.0.1:54320/chat_shard_1,postgres://chat@127.0.0.1:54320/chat_shard_2,postgres://chat@127.0.0.1:54320/chat_shard_3";
-/// Default HS256 secret of the local stack. Production must set `JWT_SECRET` or `JWT_PUBLIC_KEY`.
+/// Default HS256 secret of the local stack. A gateway uses it only with `DEV_TOKENS=true`;
+/// otherwise it refuses to start without `JWT_SECRET` or `JWT_PUBLIC_KEY_FILE`.
 pub const DEV_JWT_SECRET: &str = "dev-only-secret-change-me";

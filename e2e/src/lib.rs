@@ -31,6 +31,9 @@ const AUDIENCE: &str = "chat";
 /// A running in-process component.
 pub struct Component {
     pub addr: SocketAddr,
+    /// Where it serves `/metrics`, `/healthz` and `/readyz`: a gateway's operations listener, a
+    /// multiplexer's one HTTP address.
+    pub ops_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<()>,
 }
@@ -139,6 +142,8 @@ impl TestEnv {
         let mut config = gateway::Config {
             gateway_id: GatewayId::parse(id)?,
             addr: "127.0.0.1:0".parse()?,
+            metrics_addr: "127.0.0.1:0".parse()?,
+            tls: None,
             kafka: self.kafka.clone(),
             topics: self.topics.clone(),
             shards: self.shard_config().with_plans(db_writer::Plans::Auto),
@@ -165,6 +170,7 @@ impl TestEnv {
         let running = gateway::start(config, shutdown.clone()).await?;
         Ok(Component {
             addr: running.addr,
+            ops_addr: running.metrics_addr,
             shutdown,
             task: running.task,
         })
@@ -199,6 +205,7 @@ impl TestEnv {
         let running = multiplexer::start(config, shutdown.clone()).await?;
         Ok(Component {
             addr: running.http_addr,
+            ops_addr: running.http_addr,
             shutdown,
             task: running.task,
         })
@@ -237,16 +244,34 @@ impl TestEnv {
         let port = free_port()?;
         let mut env = self.process_env();
         env.push(("MULTIPLEXER_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
-        Process::spawn("multiplexer", env, port).await
+        Process::spawn("multiplexer", env, port, port).await
     }
 
     /// Starts the gateway binary `id` as a child process.
     pub async fn spawn_gateway_process(&self, id: &str) -> anyhow::Result<Process> {
+        self.spawn_gateway_process_with(id, |_| {}).await
+    }
+
+    /// Like [`TestEnv::spawn_gateway_process`], with the environment adjusted by `adjust`.
+    pub async fn spawn_gateway_process_with(
+        &self,
+        id: &str,
+        adjust: impl FnOnce(&mut Vec<(String, String)>),
+    ) -> anyhow::Result<Process> {
         let port = free_port()?;
+        let mut ops_port = free_port()?;
+        while ops_port == port {
+            ops_port = free_port()?;
+        }
         let mut env = self.process_env();
         env.push(("GATEWAY_ID".into(), id.into()));
         env.push(("GATEWAY_ADDR".into(), format!("127.0.0.1:{port}")));
-        Process::spawn("gateway", env, port).await
+        env.push((
+            "GATEWAY_METRICS_ADDR".into(),
+            format!("127.0.0.1:{ops_port}"),
+        ));
+        adjust(&mut env);
+        Process::spawn("gateway", env, port, ops_port).await
     }
 
     /// Creates `n` more empty, migrated databases (dropped by teardown); returns their DSNs.
@@ -488,6 +513,8 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub struct Process {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// Where it serves `/metrics`, `/healthz` and `/readyz` (a gateway's operations listener).
+    pub ops_addr: SocketAddr,
     name: &'static str,
     env: Vec<(String, String)>,
 }
@@ -505,6 +532,7 @@ impl Process {
         name: &'static str,
         env: Vec<(String, String)>,
         port: u16,
+        ops_port: u16,
     ) -> anyhow::Result<Self> {
         let path = binary(name);
         anyhow::ensure!(
@@ -518,9 +546,11 @@ impl Process {
             .spawn()
             .with_context(|| format!("starting {}", path.display()))?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let ops_addr: SocketAddr = format!("127.0.0.1:{ops_port}").parse()?;
         let mut p = Self {
             child,
             addr,
+            ops_addr,
             name,
             env,
         };
@@ -528,9 +558,9 @@ impl Process {
         Ok(p)
     }
 
-    /// Waits until `/readyz` answers 200.
+    /// Waits until `/readyz` (on the operations address) answers 200.
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let rest = chat_client::Rest::new(&http_url(self.addr));
+        let rest = chat_client::Rest::new(&http_url(self.ops_addr));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = rest.request("GET", "/readyz", None, None).await {

@@ -198,7 +198,9 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
     let rest = Rest::new(&http_url(gw.addr));
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let metrics = rest.request("GET", "/metrics", None, None).await?;
+        let metrics = Rest::new(&http_url(gw.ops_addr))
+            .request("GET", "/metrics", None, None)
+            .await?;
         let text = metrics.body.as_str().unwrap_or_default().to_owned();
         if text.lines().any(|l| {
             // Registered at 0 from start: counted means above 0.
@@ -341,7 +343,9 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
     }
     let r = rest.request("GET", "/nope", None, None).await?;
     assert_eq!(r.status, 404);
-    let r = rest.request("GET", "/readyz", None, None).await?;
+    let r = Rest::new(&http_url(gw.ops_addr))
+        .request("GET", "/readyz", None, None)
+        .await?;
     assert_eq!(r.status, 200, "the gateway is fine after all that");
 
     gw.stop().await;

@@ -177,7 +177,8 @@ fn put_head(env: &TestEnv, headers: &str) -> String {
     )
 }
 
-/// The value of a counter in the gateway's `/metrics` (0 when absent), read on `c`. Counters
+/// The value of a counter in the gateway's `/metrics` (0 when absent), read on `c` (a connection
+/// to its operations listener). Counters
 /// are process-wide: other tests of this file add to them too, so tests assert lower bounds.
 async fn counter(c: &mut Conn, series: &str) -> f64 {
     let r = c.exchange(&get("/metrics")).await;
@@ -240,7 +241,7 @@ async fn keep_alive_serves_a_sequence_then_closes_when_idle() -> anyhow::Result<
         opened.elapsed()
     );
 
-    let mut c = Conn::open(gw.addr).await;
+    let mut c = Conn::open(gw.ops_addr).await;
     assert!(counter(&mut c, "gateway_http_closed_total{reason=\"idle\"}").await >= 2.0);
     gw.stop().await;
     env.teardown().await
@@ -435,12 +436,13 @@ async fn every_open_connection_counts_toward_the_per_address_limit() -> anyhow::
     // Closing the websocket frees its slot.
     ws.close(None).await?;
     drop(ws);
-    let mut a = served(gw.addr).await;
+    // Held while the counter is read: the address is full, the operations listener answers.
+    let _a = served(gw.addr).await;
     let b = served(gw.addr).await;
     drop(b);
 
     let refused = counter(
-        &mut a,
+        &mut Conn::open(gw.ops_addr).await,
         "gateway_connections_refused_total{reason=\"per_address\"}",
     )
     .await;

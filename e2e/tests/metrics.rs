@@ -257,7 +257,7 @@ async fn each_scrape_passes_promtool_and_holds_the_catalogue_from_the_start() ->
     let env = TestEnv::new(1, &["gw1"]).await?;
     let mut mux = env.spawn_multiplexer_process().await?;
     let mut gw = env.spawn_gateway_process("gw1").await?;
-    for (service, addr) in [("multiplexer", mux.addr), ("gateway", gw.addr)] {
+    for (service, addr) in [("multiplexer", mux.ops_addr), ("gateway", gw.ops_addr)] {
         // The first scrape, right after /readyz: nothing has happened yet. The lag has a series
         // per partition owned, so it is there once the group has assigned them; the rest at once.
         let first = eventually(&format!("{service}'s partitions assigned"), || async {

@@ -119,6 +119,15 @@ pub(crate) const FAMILIES: &[Family] = &[
         "gateway_sync_wait_seconds",
         "Time a sync waited for one of the MAX_CONCURRENT_SYNCS slots.",
     ),
+    Family::counter(
+        "gateway_tls_reloads_total",
+        "Changes of TLS_CERT_FILE / TLS_KEY_FILE seen, by result (ok: the new pair is served; error: it is not, and the previous one stays).",
+    )
+    .known("result", &["error", "ok"]),
+    Family::counter(
+        "gateway_tls_handshakes_failed_total",
+        "TLS handshakes on the public listener that failed or did not finish within HANDSHAKE_TIMEOUT_SECS.",
+    ),
     Family::histogram(
         "gateway_sync_shard_queries",
         "Shard queries of one sync (1 for a user with nothing pending).",

@@ -18,8 +18,14 @@ use db_writer::ShardConfig;
 pub struct Config {
     /// This gateway's id; it consumes `outbound-<id>`.
     pub gateway_id: GatewayId,
-    /// Address of the HTTP server (websocket, REST, web client, health, metrics).
+    /// Address of the public HTTP server (websocket, REST, web client; `/healthz` too).
     pub addr: SocketAddr,
+    /// Address of the operations listener: `/metrics`, `/healthz`, `/readyz`. Never the public
+    /// one: only the monitoring network reaches it.
+    pub metrics_addr: SocketAddr,
+    /// The public listener's certificate and key; plain HTTP when unset (behind a
+    /// TLS-terminating load balancer).
+    pub tls: Option<TlsFiles>,
     pub kafka: KafkaConfig,
     pub topics: TopicNames,
     /// Shards, read for history and sync (writes go through Kafka and the multiplexer).
@@ -70,6 +76,8 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("gateway_id", &self.gateway_id)
             .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("tls", &self.tls)
             .field("kafka", &self.kafka)
             .field("topics", &self.topics)
             .field("shards", &self.shards.dsns.len())
@@ -94,7 +102,7 @@ pub struct Args {
     /// Unique id of this gateway (user id alphabet); it consumes outbound-<id>.
     #[arg(long, env = "GATEWAY_ID", default_value = "gw1", value_name = "ID", value_parser = GatewayId::parse)]
     pub gateway_id: GatewayId,
-    /// HTTP and websocket listen address (also /healthz, /readyz, /metrics).
+    /// Public listen address: websocket, REST, web client (and /healthz).
     #[arg(
         long,
         env = "GATEWAY_ADDR",
@@ -102,6 +110,30 @@ pub struct Args {
         value_name = "HOST:PORT"
     )]
     pub gateway_addr: SocketAddr,
+    /// Operations listen address: /metrics, /healthz, /readyz (keep it off the public network).
+    #[arg(
+        long,
+        env = "GATEWAY_METRICS_ADDR",
+        default_value = "127.0.0.1:9100",
+        value_name = "HOST:PORT"
+    )]
+    pub gateway_metrics_addr: SocketAddr,
+    /// PEM certificate chain: the public listener serves TLS (reloaded when the file changes).
+    #[arg(
+        long,
+        env = "TLS_CERT_FILE",
+        value_name = "PATH",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of TLS_CERT_FILE's certificate.
+    #[arg(
+        long,
+        env = "TLS_KEY_FILE",
+        value_name = "PATH",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Shards, read for history, sync and the conversation list.
@@ -110,9 +142,15 @@ pub struct Args {
     /// keep, or delete-on-ack (the conversation list then shows no previews).
     #[arg(long, env = "RETENTION", default_value = "keep", value_name = "MODE", value_parser = parse_retention)]
     pub retention: db_writer::Retention,
-    /// HS256 secret that signs and verifies tokens; set it in production.
-    #[arg(long, env = "JWT_SECRET", default_value = DEV_JWT_SECRET, value_name = "SECRET", hide_env_values = true, hide_default_value = true)]
-    pub jwt_secret: String,
+    /// HS256 secret that signs and verifies tokens. Without it or JWT_PUBLIC_KEY_FILE the gateway
+    /// refuses to start, unless DEV_TOKENS=true (then the development secret is used).
+    #[arg(
+        long,
+        env = "JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
     /// Required iss claim.
     #[arg(long, env = "JWT_ISSUER", default_value = DEFAULT_ISSUER, value_name = "ISS")]
     pub jwt_issuer: String,
@@ -122,7 +160,7 @@ pub struct Args {
     /// RS256 public key (PEM file); when set, HS256 tokens are not accepted.
     #[arg(long, env = "JWT_PUBLIC_KEY_FILE", value_name = "PATH")]
     pub jwt_public_key_file: Option<PathBuf>,
-    /// true serves GET /dev/token/{user} (local stack only).
+    /// true serves GET /dev/token/{user} and allows the development secret (local stack only).
     #[arg(long, env = "DEV_TOKENS", default_value_t = false, action = ArgAction::Set, value_name = "BOOL")]
     pub dev_tokens: bool,
     /// Largest message body, bytes of UTF-8.
@@ -268,7 +306,16 @@ impl Config {
         let shards = ShardConfig::from_list(dsns, args.shards.shard_pool_size)
             .map_err(|e| ConfigError::new("SHARD_DSNS", dsns.clone(), e))?
             .with_plans(db_writer::Plans::Auto);
-        let (issuer, audience, secret) = (&args.jwt_issuer, &args.jwt_audience, &args.jwt_secret);
+        let (issuer, audience) = (&args.jwt_issuer, &args.jwt_audience);
+        let secret = match (&args.jwt_secret, &args.jwt_public_key_file, args.dev_tokens) {
+            (Some(secret), _, _) => secret.clone(),
+            // Dev tokens are signed with the secret; with a public key they would not verify.
+            (None, Some(_), _) => String::new(),
+            // Local stack only: the development secret is in this repository.
+            (None, None, true) => DEV_JWT_SECRET.to_owned(),
+            (None, None, false) => return Err(no_token_key()),
+        };
+        let secret = &secret;
         let verifier = match &args.jwt_public_key_file {
             Some(path) => {
                 let shown = path.display().to_string();
@@ -279,12 +326,22 @@ impl Config {
             }
             None => TokenVerifier::hs256(secret.as_bytes(), issuer, audience),
         };
-        let dev_issuer = args
-            .dev_tokens
+        let dev_issuer = (args.dev_tokens && !secret.is_empty())
             .then(|| TokenIssuer::hs256(secret.as_bytes(), issuer, audience));
+        let tls = match (args.tls_cert_file, args.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                reload_every: TLS_RELOAD_EVERY,
+            }),
+            // clap requires both or neither.
+            _ => None,
+        };
         Ok(Self {
             gateway_id: args.gateway_id,
             addr: args.gateway_addr,
+            metrics_addr: args.gateway_metrics_addr,
+            tls,
             kafka: KafkaConfig::from_args(&args.kafka),
             topics: TopicNames::new(args.kafka.topic_prefix.clone()),
             shards,
@@ -317,6 +374,32 @@ impl Config {
         })
     }
 }
+
+/// The refusal of a gateway with no way to verify tokens but the development secret, which
+/// anyone can read in this repository.
+fn no_token_key() -> ConfigError {
+    ConfigError::new(
+        "JWT_SECRET",
+        "",
+        "no token key: set JWT_SECRET (HS256) or JWT_PUBLIC_KEY_FILE (RS256); \
+         DEV_TOKENS=true allows the development secret (local stack only)",
+    )
+}
+
+/// The public listener's certificate chain and key (PEM files), and how often they are read
+/// to see whether they changed (see `crate::tls`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often both files are read; a changed, valid pair replaces the one served.
+    pub reload_every: Duration,
+}
+
+/// The default of [`TlsFiles::reload_every`]: a renewal is served within a few seconds.
+pub const TLS_RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// How long an HTTP connection may hold the server's resources without progress. With the
 /// header-read timeout (`Config::handshake_timeout`) these bound every phase of a connection
@@ -361,9 +444,14 @@ mod tests {
 
     #[test]
     fn defaults_run_the_local_stack() {
-        let c = parse(&[]).expect("the defaults parse");
+        let c = parse(&["--jwt-secret", "s"]).expect("the defaults parse");
         assert_eq!(c.gateway_id.as_str(), "gw1");
         assert_eq!(c.addr, "127.0.0.1:8080".parse().expect("an address"));
+        assert_eq!(
+            c.metrics_addr,
+            "127.0.0.1:9100".parse().expect("an address")
+        );
+        assert_eq!(c.tls, None);
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.kafka.linger, Duration::from_millis(5));
         assert_eq!(c.kafka.linger_above, 2000);
@@ -390,6 +478,12 @@ mod tests {
     #[test]
     fn flags_set_what_the_variables_set() {
         let c = parse(&[
+            "--gateway-metrics-addr",
+            "0.0.0.0:9101",
+            "--tls-cert-file",
+            "/c.pem",
+            "--tls-key-file",
+            "/k.pem",
             "--gateway-id",
             "gw2",
             "--gateway-addr",
@@ -408,6 +502,12 @@ mod tests {
         .expect("valid flags");
         assert_eq!(c.gateway_id.as_str(), "gw2");
         assert_eq!(c.addr.port(), 8081);
+        assert_eq!(c.metrics_addr, "0.0.0.0:9101".parse().expect("an address"));
+        let tls = c.tls.expect("TLS files");
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str()),
+            (Some("/c.pem"), Some("/k.pem"))
+        );
         assert!(c.dev_issuer.is_some());
         assert_eq!(
             c.allowed_origins,
@@ -420,6 +520,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_naming_the_setting() {
+        let e = parse(&["--tls-cert-file", "/c.pem", "--jwt-secret", "s"]).expect_err("no key");
+        assert!(e.contains("--tls-key-file"), "{e}");
         let e = parse(&["--http-idle-timeout-secs", "0"]).expect_err("zero closes everything");
         assert!(
             e.contains("--http-idle-timeout-secs") && e.contains("at least 1 second"),
@@ -431,6 +533,27 @@ mod tests {
         assert!(e.contains("--dev-tokens"), "{e}");
         let e = parse(&["--jwt-public-key-file", "/nonexistent/key.pem"]).expect_err("no file");
         assert!(e.contains("JWT_PUBLIC_KEY_FILE"), "{e}");
+    }
+
+    #[test]
+    fn without_a_token_key_it_refuses_unless_dev_tokens_are_on() {
+        let e = parse(&[]).expect_err("no secret, no key, no dev tokens");
+        for name in ["JWT_SECRET", "JWT_PUBLIC_KEY_FILE", "DEV_TOKENS"] {
+            assert!(e.contains(name), "{e}");
+        }
+        let dev = parse(&["--dev-tokens", "true"]).expect("dev tokens allow the dev secret");
+        let issued = dev
+            .dev_issuer
+            .expect("dev tokens")
+            .issue(&chat_common::ids::UserId::parse("alice").expect("id"), 60)
+            .expect("token");
+        let with_dev_secret =
+            TokenVerifier::hs256(DEV_JWT_SECRET.as_bytes(), DEFAULT_ISSUER, DEFAULT_AUDIENCE);
+        assert!(with_dev_secret.verify(&issued).is_ok());
+        assert!(dev.verifier.verify(&issued).is_ok());
+        let own = parse(&["--jwt-secret", "mine"]).expect("a secret");
+        assert!(own.dev_issuer.is_none());
+        assert!(own.verifier.verify(&issued).is_err(), "not the dev secret");
     }
 
     #[test]

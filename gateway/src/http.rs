@@ -1,6 +1,7 @@
 //! HTTP surface: `/ws` (websocket), `PUT|GET /messages/{user_id}`, `GET /dev/token/{user}` (local
-//! stack only), and the operational routes. Authentication happens here, before any upgrade: a
-//! request without a valid token gets 401 and never becomes a websocket.
+//! stack only) on the public listener ([`routes`]), and the operational routes on their own
+//! ([`ops_routes`]). Authentication happens here, before any upgrade: a request without a valid
+//! token gets 401 and never becomes a websocket.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -279,7 +280,16 @@ fn parse_list_cursor(s: &str) -> Option<ListCursor> {
     })
 }
 
-/// Every route of the gateway, each with its handler below.
+/// The operations listener's routes: `/metrics`, `/healthz`, `/readyz`.
+pub(crate) fn ops_routes(
+    app: Arc<App>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    chat_common::http::ops_routes(readiness(app)).recover(recover)
+}
+
+/// Every route of the public listener, each with its handler below. `/healthz` stays here as
+/// well (it says only "ok"), for probes that can reach only the public port; `/metrics` and
+/// `/readyz` are on the operations listener alone.
 pub(crate) fn routes(
     app: Arc<App>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
@@ -326,7 +336,9 @@ pub(crate) fn routes(
         .or(conversations)
         .or(me)
         .or(dev_token)
-        .or(chat_common::http::ops_routes(readiness(app.clone())))
+        .or(warp::path!("healthz")
+            .and(warp::get())
+            .map(|| warp::reply::with_status("ok", StatusCode::OK)))
         .or(web_client(&app))
         .recover(recover)
 }

@@ -15,12 +15,15 @@
 //!   rejections rendered as JSON errors.
 //! - `error`: the errors of each boundary, and the status, frame code or close code of each.
 //! - `server`: connections: counted per address from accept, bounded in time, drained on
-//!   shutdown.
+//!   shutdown; served on two listeners, the public one (websocket, REST, web client) and the
+//!   operations one (`/metrics`, `/healthz`, `/readyz`, for the monitoring network only).
+//! - `tls`: the public listener's TLS, when a certificate is configured, reloaded when its
+//!   files change.
 //! - `upgrade`: the websocket handshake and the socket's buffers.
 //! - `catalogue`: the metric families the gateway records, registered at start.
 //!
 //! Imports run one way: `error` and `config` at the bottom, then `sessions`, then `app`, then the
-//! transports (`upgrade`, `ws`, `server`, `outbound`), and `http`, which makes routes of them.
+//! transports (`tls`, `upgrade`, `ws`, `server`, `outbound`), and `http`, which makes routes of them.
 //! The transports parse what comes in, call `app`, and render its answers; only `app` reads the
 //! store.
 
@@ -32,6 +35,7 @@ mod http;
 mod outbound;
 mod server;
 mod sessions;
+mod tls;
 mod upgrade;
 mod ws;
 
@@ -46,12 +50,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 
-pub use config::{Config, HttpBounds};
+pub use config::{Config, HttpBounds, TlsFiles, TLS_RELOAD_EVERY};
 
 /// A started gateway.
 pub struct Running {
-    /// Where the HTTP server listens (useful with port 0).
+    /// Where the public HTTP server listens (useful with port 0).
     pub addr: SocketAddr,
+    /// Where the operations listener (`/metrics`, `/healthz`, `/readyz`) listens.
+    pub metrics_addr: SocketAddr,
     /// Ends when the gateway has drained after `shutdown`.
     pub task: JoinHandle<()>,
 }
@@ -68,6 +74,18 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             chat_common::telemetry::LANES_FAMILIES,
         ],
     );
+    // A configured certificate that cannot be served stops the start, before anything connects.
+    let tls = config
+        .tls
+        .clone()
+        .map(tls::Tls::load)
+        .transpose()
+        .context("TLS_CERT_FILE / TLS_KEY_FILE")?;
+    if config.dev_issuer.is_some() {
+        tracing::warn!(
+            "DEV_TOKENS=true: GET /dev/token/{{user}} hands out tokens to anyone (local stack only)"
+        );
+    }
     let kafka = config.kafka.clone();
     tokio::task::spawn_blocking(move || kafka.check_reachable(Duration::from_secs(10)))
         .await?
@@ -86,25 +104,43 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     // hyper directly, one connection at a time (warp's own server has no timeouts, and hyper's
     // counts nothing per address): see `server`.
-    let listener = bind(app.config().addr)?;
+    let listener = bind(app.config().addr).context("GATEWAY_ADDR")?;
     let addr = listener.local_addr()?;
+    let ops_listener = bind(app.config().metrics_addr).context("GATEWAY_METRICS_ADDR")?;
+    let metrics_addr = ops_listener.local_addr()?;
     let bounds = app.config().http;
+    let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
+    if let Some(tls) = tls {
+        tokio::spawn(tls::watch(tls, shutdown.clone()));
+    }
     let routes = warp::service(http::routes(app.clone()));
     let http_server = tokio::spawn(server::serve(
         app.clone(),
         listener,
+        server::Role::Public {
+            tls: acceptor.clone(),
+        },
         routes,
+        bounds,
+        shutdown.clone(),
+    ));
+    let ops_server = tokio::spawn(server::serve(
+        app.clone(),
+        ops_listener,
+        server::Role::Operations,
+        warp::service(http::ops_routes(app.clone())),
         bounds,
         shutdown.clone(),
     ));
     let outbound = tokio::spawn(outbound::run(app.clone(), consumer, shutdown.clone()));
     tokio::spawn(ping_sessions(app.clone(), shutdown.clone()));
-    tracing::info!(%addr, gateway = %app.config().gateway_id, outbound = %outbound_topic, "gateway started");
+    tracing::info!(%addr, %metrics_addr, tls = acceptor.is_some(), gateway = %app.config().gateway_id, outbound = %outbound_topic, "gateway started");
 
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
         app.close_sessions(error::Close::GoingAway);
         let _ = http_server.await;
+        let _ = ops_server.await;
         // Connections close with 1001 and publish their offline presence; bounded wait.
         if !app.drain(Duration::from_secs(10)).await {
             tracing::warn!("some connections did not close within 10 s");
@@ -113,7 +149,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         app.flush(Duration::from_secs(5));
         tracing::info!("gateway stopped");
     });
-    Ok(Running { addr, task })
+    Ok(Running {
+        addr,
+        metrics_addr,
+        task,
+    })
 }
 
 /// The consumer of this gateway's outbound topic, subscribed.

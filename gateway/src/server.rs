@@ -15,6 +15,9 @@
 //!   No route takes a body without a length, and with both length headers (RFC 9112 section
 //!   6.3) closing is the only safe answer; hyper drops the `Content-Length` it sees after a
 //!   `Transfer-Encoding`, so refusing every `Transfer-Encoding` is also the only reliable test.
+//! - **TLS:** with a certificate configured ([`crate::tls`]), each connection's TLS handshake
+//!   runs in its own task, bounded by `handshake_timeout` like the request headers that follow;
+//!   a failed one is counted (`gateway_tls_handshakes_failed_total`) and the connection dropped.
 //! - **Shutdown:** on the cancellation token accepting stops, connections between requests close
 //!   at once and the others after the request they carry; upgraded connections are websockets
 //!   by then, closed with 1001 by their sessions.
@@ -34,6 +37,7 @@ use warp::http::{header, HeaderValue, StatusCode};
 use crate::app::{AddrSlot, App};
 use crate::config::HttpBounds;
 use crate::error::ApiError;
+use crate::tls::ServerStream;
 use crate::upgrade::UpgradeSlot;
 
 /// The connection's address slot, put in a `/ws` request's extensions: the websocket route
@@ -42,8 +46,8 @@ use crate::upgrade::UpgradeSlot;
 pub(crate) struct ConnectionSlot(Arc<Mutex<Option<AddrSlot>>>);
 
 impl ConnectionSlot {
-    fn new(slot: AddrSlot) -> Self {
-        Self(Arc::new(Mutex::new(Some(slot))))
+    fn new(slot: Option<AddrSlot>) -> Self {
+        Self(Arc::new(Mutex::new(slot)))
     }
 
     /// The slot, once: `None` if it was already taken (a second upgrade cannot happen on one
@@ -118,11 +122,25 @@ impl Drop for Busy {
     }
 }
 
+/// Which of the gateway's listeners a server is.
+pub(crate) enum Role {
+    /// The clients' listener: every connection takes one of its address's slots, and is a TLS
+    /// connection when `tls` is set.
+    Public {
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    },
+    /// The operations listener (`/metrics`, `/healthz`, `/readyz`): plain, and not counted
+    /// per address (its clients are the monitoring network's, and a full address must not
+    /// hide the gateway's state from them).
+    Operations,
+}
+
 /// Serves `routes` on `listener` until `shutdown`, then lets open connections finish their
 /// request (each closes after it) and returns once all have closed.
 pub(crate) async fn serve<S>(
     app: Arc<App>,
     listener: TcpListener,
+    role: Role,
     routes: S,
     bounds: HttpBounds,
     shutdown: CancellationToken,
@@ -154,17 +172,23 @@ pub(crate) async fn serve<S>(
                 }
             },
         };
-        let Some(slot) = app.addr_slot(peer.ip()) else {
-            metrics::counter!("gateway_connections_refused_total", "reason" => "per_address")
-                .increment(1);
-            // Under a flood of them, the rest are closed without an answer.
-            if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                connections.spawn(async move {
-                    refuse_over_limit(stream).await;
-                    drop(permit);
-                });
-            }
-            continue;
+        let (slot, tls) = match &role {
+            Role::Operations => (None, None),
+            Role::Public { tls } => match app.addr_slot(peer.ip()) {
+                Some(slot) => (Some(slot), tls.clone()),
+                None => {
+                    metrics::counter!("gateway_connections_refused_total", "reason" => "per_address")
+                        .increment(1);
+                    // Under a flood of them, the rest are closed without an answer.
+                    if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                        connections.spawn(async move {
+                            refuse_over_limit(stream).await;
+                            drop(permit);
+                        });
+                    }
+                    continue;
+                }
+            },
         };
         // Pushes are small frames, often several in a row: Nagle would hold the second until the
         // first is acknowledged (up to the client's delayed-ACK time).
@@ -174,6 +198,7 @@ pub(crate) async fn serve<S>(
         connections.spawn(serve_connection(
             app.clone(),
             stream,
+            tls,
             peer,
             ConnectionSlot::new(slot),
             routes.clone(),
@@ -213,10 +238,12 @@ async fn refuse_over_limit(mut stream: TcpStream) {
 }
 
 /// One HTTP connection, from accept to close (or to its upgrade, when the websocket takes over
-/// the stream and the slot).
+/// the stream and the slot). A TLS connection first completes its handshake.
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<S>(
     app: Arc<App>,
     stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     peer: SocketAddr,
     slot: ConnectionSlot,
     routes: S,
@@ -232,6 +259,31 @@ async fn serve_connection<S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    let handshake_timeout = app.config().handshake_timeout;
+    let stream = match tls {
+        None => ServerStream::Plain(stream),
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+            let outcome = tokio::select! {
+                // Nothing was asked of this connection yet: nothing to finish.
+                _ = shutdown.cancelled() => return,
+                outcome = handshake => outcome,
+            };
+            match outcome {
+                Ok(Ok(s)) => ServerStream::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    metrics::counter!("gateway_tls_handshakes_failed_total").increment(1);
+                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("gateway_tls_handshakes_failed_total").increment(1);
+                    tracing::debug!(%peer, "TLS handshake not done in time");
+                    return;
+                }
+            }
+        }
+    };
     let activity = Activity::new();
     let service = {
         let activity = activity.clone();
@@ -245,7 +297,6 @@ async fn serve_connection<S>(
             )
         })
     };
-    let handshake_timeout = app.config().handshake_timeout;
     let conn = hyper::server::conn::Http::new()
         .http1_only(true)
         .http1_header_read_timeout(handshake_timeout)

@@ -2,15 +2,14 @@
 //!
 //! warp 0.3 fixes tokio-tungstenite 0.21, whose read buffers cost about 8 KiB per connection
 //! whether or not it ever receives anything. Idle sockets are most of what a gateway holds, so
-//! this module answers the handshake itself (RFC 6455 section 4.2), takes the plain TCP stream
-//! back from hyper once the 101 is written (dropping hyper's buffers), and wraps it in a
+//! this module answers the handshake itself (RFC 6455 section 4.2), takes the stream (plain TCP,
+//! or TLS over it) back from hyper once the 101 is written (dropping hyper's buffers), and wraps it in a
 //! tokio-tungstenite stream with a small read buffer and a small write buffer. A frame larger
 //! than the read buffer still arrives whole: the buffer grows to fit the frame being read.
 
 use std::sync::{Arc, Mutex};
 
 use hyper::upgrade::OnUpgrade;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
@@ -18,12 +17,13 @@ use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::{Filter, Rejection};
 
 use crate::error::ApiError;
+use crate::tls::ServerStream;
 
 /// Bytes of frames gathered before a write to the socket (a flush writes them sooner).
 pub(crate) const WRITE_BUFFER_BYTES: usize = 4096;
 
-/// A server-side websocket over a plain TCP stream.
-pub(crate) type Socket = WebSocketStream<TcpStream>;
+/// A server-side websocket over the connection's stream (plain TCP, or TLS over it).
+pub(crate) type Socket = WebSocketStream<ServerStream>;
 
 /// The request's pending upgrade, put in its extensions by the server before warp sees it
 /// (warp extracts only `Clone` extensions; hyper's `OnUpgrade` is not).
@@ -134,12 +134,12 @@ impl Handshake {
     }
 }
 
-/// The upgraded connection as a websocket on the bare TCP stream.
+/// The upgraded connection as a websocket on the bare stream.
 async fn into_socket(on_upgrade: OnUpgrade, config: SocketConfig) -> anyhow::Result<Socket> {
     let upgraded = on_upgrade.await?;
     let parts = upgraded
-        .downcast::<TcpStream>()
-        .map_err(|_| anyhow::anyhow!("upgraded connection is not a TCP stream"))?;
+        .downcast::<ServerStream>()
+        .map_err(|_| anyhow::anyhow!("upgraded connection is not the server's stream"))?;
     let stream = parts.io;
     let mut ws_config = WebSocketConfig::default();
     ws_config.read_buffer_size = config.read_buffer_bytes;

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Usage: services.sh start|stop|status|logs
 #
-# The application processes of the local stack: gateways gw1 (:8080) and gw2 (:8081) and one
-# multiplexer (:9300), started from target/$PROFILE (default release) with pid files under
+# The application processes of the local stack: gateways gw1 (:8080, operations :9100) and gw2
+# (:8081, operations :9101) and one multiplexer (:9300), started from target/$PROFILE (default release) with pid files under
 # <state>/run and logs under <state>/logs (<state> = <repo>/.local unless CHAT_STATE_DIR is set).
-# `start` returns once each answers /readyz; processes already running are left alone. `stop`
+# `start` returns once each answers /readyz (a gateway's on its operations port); processes already running are left alone. `stop`
 # sends SIGTERM (graceful drain) and waits. `status` prints one line each; exit 0 only when all
 # are ready. `logs` follows the logs there are (exit 1 at once when there are none).
 #
@@ -20,8 +20,8 @@ LOGS="$STATE_DIR/logs"
 
 # name  binary  health-url  env...
 SERVICES=(
-  "gw1|gateway|http://127.0.0.1:8080/readyz|GATEWAY_ID=gw1 GATEWAY_ADDR=127.0.0.1:8080 DEV_TOKENS=true"
-  "gw2|gateway|http://127.0.0.1:8081/readyz|GATEWAY_ID=gw2 GATEWAY_ADDR=127.0.0.1:8081 DEV_TOKENS=true"
+  "gw1|gateway|http://127.0.0.1:9100/readyz|GATEWAY_ID=gw1 GATEWAY_ADDR=127.0.0.1:8080 GATEWAY_METRICS_ADDR=127.0.0.1:9100 DEV_TOKENS=true"
+  "gw2|gateway|http://127.0.0.1:9101/readyz|GATEWAY_ID=gw2 GATEWAY_ADDR=127.0.0.1:8081 GATEWAY_METRICS_ADDR=127.0.0.1:9101 DEV_TOKENS=true"
   "multiplexer|multiplexer|http://127.0.0.1:9300/readyz|MULTIPLEXER_HTTP_ADDR=127.0.0.1:9300"
 )
 

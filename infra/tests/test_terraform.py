@@ -1130,12 +1130,71 @@ def test_gateways_listen_on_443_to_8080_with_a_long_idle_timeout() -> None:
     assert evaluate(tg.attrs["port"], scope) == 8080
     (hc,) = tg.sub("health_check")
     assert evaluate(hc.attrs["path"], scope) == "/readyz"
+    # /readyz is on the operations port, not on the traffic port the NLB forwards.
+    assert str(evaluate(hc.attrs["port"], scope)) == str(GATEWAY_OPS_PORT)
     listeners = {n: b for (t, n), b in m.resources.items() if t == "aws_lb_listener"}
     ports = {evaluate(b.attrs["port"], scope) for b in listeners.values()}
     assert 443 in ports
+    assert GATEWAY_OPS_PORT not in ports, "the NLB must not forward the operations port"
     for b in listeners.values():
         assert "aws_lb_target_group.gateway" in {t for e in block_exprs(b) for t in _ref_targets(e)}
         assert "tcp_idle_timeout_seconds" in b.attrs
+
+
+GATEWAY_OPS_PORT = 9100
+
+
+def _ports(rule: Block, scope: Scope) -> range:
+    if evaluate(rule.attrs["ip_protocol"], scope) == "-1":
+        return range(0, 65536)
+    return range(evaluate(rule.attrs["from_port"], scope), evaluate(rule.attrs["to_port"], scope) + 1)
+
+
+def test_the_gateways_operations_port_is_open_only_to_monitoring_and_health_checks() -> None:
+    m = _deploy()
+    scope = Scope(m, {}, str(DEPLOY))
+    td = m.resources[("aws_ecs_task_definition", "gateway")]
+    env = _env_entries(td.attrs["container_definitions"], m)
+    assert evaluate(env["GATEWAY_METRICS_ADDR"], scope) == f"0.0.0.0:{GATEWAY_OPS_PORT}"
+    assert evaluate(env["GATEWAY_ADDR"], scope) != evaluate(env["GATEWAY_METRICS_ADDR"], scope)
+    allowed = {
+        "var.monitoring_cidr_blocks",
+        "var.monitoring_security_group_ids",
+        "aws_security_group.nlb",
+    }
+    sources_of_ops: set[str] = set()
+    for (type_, name), rule in m.resources.items():
+        if type_ != "aws_vpc_security_group_ingress_rule":
+            continue
+        if _ref_targets(rule.attrs["security_group_id"]) != {"aws_security_group.gateway"}:
+            continue
+        if GATEWAY_OPS_PORT not in _ports(rule, scope):
+            continue
+        sources = set()
+        for attr in ("for_each", "referenced_security_group_id", "cidr_ipv4", "cidr_ipv6"):
+            if attr in rule.attrs:
+                sources |= _ref_targets(rule.attrs[attr]) - {"each.value"}
+                lit = _string_literal(rule.attrs[attr])
+                if lit is not None:
+                    sources.add(lit)
+        assert sources and sources <= allowed, f"{name}: the operations port is open to {sources}"
+        assert 8080 not in _ports(rule, scope) or sources == {"aws_security_group.nlb"}, name
+        sources_of_ops |= sources
+    assert sources_of_ops == allowed, sources_of_ops
+    # The NLB reaches the operations port for its health checks only: no listener forwards it.
+    egress = [
+        r
+        for (t, _), r in m.resources.items()
+        if t == "aws_vpc_security_group_egress_rule"
+        and _ref_targets(r.attrs["security_group_id"]) == {"aws_security_group.nlb"}
+    ]
+    assert any(GATEWAY_OPS_PORT in _ports(r, scope) for r in egress)
+    # The client port no longer answers Prometheus: no monitoring rule opens 8080.
+    for (type_, name), rule in m.resources.items():
+        if type_ == "aws_vpc_security_group_ingress_rule" and "monitoring" in " ".join(
+            t for e in block_exprs(rule) for t in _ref_targets(e)
+        ):
+            assert 8080 not in _ports(rule, scope), name
 
 
 def _rust_env(crate: str) -> set[str]:
@@ -1430,11 +1489,16 @@ def test_prometheus_config_scrapes_the_local_stack() -> None:
     # Ports of the local stack, from infra/scripts/services.sh.
     services = (ROOT / "infra" / "scripts" / "services.sh").read_text()
     gw_addrs = set(re.findall(r"GATEWAY_ADDR=([\d.]+:\d+)", services))
+    gw_ops_addrs = set(re.findall(r"GATEWAY_METRICS_ADDR=([\d.]+:\d+)", services))
     mux_addrs = set(re.findall(r"MULTIPLEXER_HTTP_ADDR=([\d.]+:\d+)", services))
     assert gw_addrs == {"127.0.0.1:8080", "127.0.0.1:8081"} and mux_addrs == {"127.0.0.1:9300"}
-    assert targets["chat-gateway"] == gw_addrs
+    # The gateways serve /metrics and /readyz on their operations listeners only.
+    assert len(gw_ops_addrs) == 2 and not gw_ops_addrs & gw_addrs, gw_ops_addrs
+    assert targets["chat-gateway"] == gw_ops_addrs
     assert targets["chat-multiplexer"] == mux_addrs
-    assert targets["chat-gateway-ready"] == {f"http://{a}/readyz" for a in gw_addrs}
+    assert targets["chat-gateway-ready"] == {f"http://{a}/readyz" for a in gw_ops_addrs}
+    health_urls = set(re.findall(r"\|(http://[\d.]+:\d+/readyz)\|GATEWAY_ID=", services))
+    assert health_urls == {f"http://{a}/readyz" for a in gw_ops_addrs}, health_urls
     # Every job named by the dashboard or the rules exists.
     exprs = [r["expr"] for r in _alert_rules()] + [t["expr"] for p in _panels(_dashboard()) for t in p.get("targets", [])]
     named_jobs = {j for e in exprs for j in re.findall(r'job="([^"]+)"', e)}

@@ -15,6 +15,8 @@
 //      never answered), then signs in from a fresh context: the server's conversation list
 //      brings both (unread 0, with their previews in keep mode), and ivy's messages sent
 //      meanwhile show an unread badge of 2.
+//   5. over https: the page from a gateway serving TLS itself (E2E_GW3) opens its websocket
+//      with wss:// and talks to a user on a plain gateway.
 //
 // Every wait is on a DOM condition (selector / predicate), a browser event, or the server's
 // conversation list showing what a step needs (polled), never a fixed sleep.
@@ -27,6 +29,7 @@ import { chromium } from 'playwright-core';
 
 const GW1 = process.env.E2E_GW1;
 const GW2 = process.env.E2E_GW2;
+const GW3 = process.env.E2E_GW3;
 const RETENTION = process.env.E2E_RETENTION || 'keep';
 const ART = process.env.E2E_ARTIFACTS || new URL('../test-artifacts/', import.meta.url).pathname;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -62,8 +65,8 @@ after(async () => {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-async function newUser(base, user, { viewport = { width: 1100, height: 720 }, colorScheme = 'light', setup, shotSignIn } = {}) {
-  const context = await browser.newContext({ viewport, colorScheme, baseURL: base });
+async function newUser(base, user, { viewport = { width: 1100, height: 720 }, colorScheme = 'light', setup, shotSignIn, contextOptions = {} } = {}) {
+  const context = await browser.newContext({ viewport, colorScheme, baseURL: base, ...contextOptions });
   const page = await context.newPage();
   page.on('pageerror', (e) => console.error(`[${user}] page error:`, e));
   page.on('console', (m) => {
@@ -490,4 +493,31 @@ test('a new device lists every conversation, read ones too, with unread badges',
   await theirMessage(device, 'ping again').waitFor({ timeout: WAIT });
   await badge(device, 'ivy').waitFor({ state: 'hidden', timeout: WAIT });
   await fresh.close();
+});
+
+test('over https: the page and its websocket (wss://) from a gateway serving TLS', { skip: skip || (!GW3 && 'needs E2E_GW3') }, async () => {
+  assert.ok(GW3.startsWith('https://'), GW3);
+  // From node, the certificate is checked against the run's CA (NODE_EXTRA_CA_CERTS): the
+  // gateway really serves TLS with it, and answers REST over https.
+  const token = await devToken(GW3, 'tlsnode');
+  assert.ok(token);
+  // The browser is shown a certificate from a CA it does not know: that context accepts it.
+  const sockets = [];
+  const tina = await newUser(GW3, 'tina', {
+    contextOptions: { ignoreHTTPSErrors: true },
+    setup: (page) => page.on('websocket', (ws) => sockets.push(ws.url())),
+  });
+  assert.ok(tina.page.url().startsWith('https://'), tina.page.url());
+  assert.ok(sockets.length > 0 && sockets.every((u) => u.startsWith('wss://')), JSON.stringify(sockets));
+  const uma = await newUser(GW1, 'uma');
+  await openConversation(tina.page, 'uma');
+  await send(tina.page, 'sent over TLS');
+  await openConversation(uma.page, 'tina');
+  await theirMessage(uma.page, 'sent over TLS').waitFor({ timeout: WAIT });
+  await send(uma.page, 'read over TLS');
+  await theirMessage(tina.page, 'read over TLS').waitFor({ timeout: WAIT });
+  await ownMessage(tina.page, 'sent over TLS', 'delivered').waitFor({ timeout: WAIT });
+  await shot(tina.page, `${RETENTION}-40-https`);
+  await tina.context.close();
+  await uma.context.close();
 });

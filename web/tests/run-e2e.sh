@@ -7,6 +7,8 @@
 #   - two fresh shard databases <P>_s0 and <P>_s1 (created with psql)
 #   - a multiplexer (RETENTION from the environment) and two gateways, webgw1 and webgw2,
 #     on free loopback ports, serving this web/ directory
+#   - a third gateway, webgw3, serving TLS (https://, wss://) with a certificate made here for
+#     127.0.0.1 by a CA made here (openssl; nothing is kept)
 # where <P> is a random prefix, so runs never see each other's data and can run in parallel.
 # Kafka (127.0.0.1:9092) and Postgres (127.0.0.1:54320) must be up: `make stack`, or
 # infra/scripts/kafka.sh start && infra/scripts/postgres.sh start.
@@ -83,7 +85,7 @@ cleanup() {
       java -Xmx256m -XX:TieredStopAtLevel=1 -cp "$libs/*" \
         -Dlog4j2.configurationFile="$REPO/infra/kafka/tools-log4j2.properties" \
         org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --bootstrap-server "$BROKERS" \
-        --delete --group "$P-mux" --group "$P-gateway-webgw1" --group "$P-gateway-webgw2" \
+        --delete --group "$P-mux" --group "$P-gateway-webgw1" --group "$P-gateway-webgw2" --group "$P-gateway-webgw3" \
         >/dev/null 2>&1 || true
     else
       log "topics $P-* left behind (no Kafka CLI)"
@@ -96,7 +98,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "prefix $P, retention $RETENTION"
-"$BIN_DIR/chatctl" topics --prefix "$P-" --gateways webgw1,webgw2 --brokers "$BROKERS" >"$ART/chatctl.log" 2>&1 \
+"$BIN_DIR/chatctl" topics --prefix "$P-" --gateways webgw1,webgw2,webgw3 --brokers "$BROKERS" >"$ART/chatctl.log" 2>&1 \
   || { cat "$ART/chatctl.log" >&2; exit 1; }
 TOPICS_CREATED=1
 for db in "${DBS[@]}"; do
@@ -109,6 +111,30 @@ GW1_PORT="$(free_port)"
 GW2_PORT="$(free_port)"
 while [[ "$GW1_PORT" == "$MUX_PORT" ]]; do GW1_PORT="$(free_port)"; done
 while [[ "$GW2_PORT" == "$MUX_PORT" || "$GW2_PORT" == "$GW1_PORT" ]]; do GW2_PORT="$(free_port)"; done
+# The gateways' operations listeners (/readyz, /metrics; GATEWAY_METRICS_ADDR).
+GW1_OPS="$(free_port)"
+while [[ " $MUX_PORT $GW1_PORT $GW2_PORT " == *" $GW1_OPS "* ]]; do GW1_OPS="$(free_port)"; done
+GW2_OPS="$(free_port)"
+while [[ " $MUX_PORT $GW1_PORT $GW2_PORT $GW1_OPS " == *" $GW2_OPS "* ]]; do GW2_OPS="$(free_port)"; done
+GW3_PORT="$(free_port)"
+while [[ " $MUX_PORT $GW1_PORT $GW2_PORT $GW1_OPS $GW2_OPS " == *" $GW3_PORT "* ]]; do GW3_PORT="$(free_port)"; done
+GW3_OPS="$(free_port)"
+while [[ " $MUX_PORT $GW1_PORT $GW2_PORT $GW1_OPS $GW2_OPS $GW3_PORT " == *" $GW3_OPS "* ]]; do GW3_OPS="$(free_port)"; done
+
+# A CA and a server certificate for 127.0.0.1, made for this run.
+TLS_DIR="$ART/tls"
+rm -rf "$TLS_DIR" && mkdir -p "$TLS_DIR"
+(
+  cd "$TLS_DIR"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem \
+    -days 2 -subj "/CN=web e2e CA" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout key.pem -out server.csr \
+    -subj "/CN=127.0.0.1" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >server.ext
+  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 \
+    -extfile server.ext 2>/dev/null
+) || { log "cannot make the test certificate (openssl)"; exit 1; }
 
 export KAFKA_BROKERS="$BROKERS" TOPIC_PREFIX="$P-" SHARD_DSNS="$DSNS" RUST_LOG="${RUST_LOG:-info}"
 
@@ -130,19 +156,26 @@ MULTIPLEXER_GROUP="$P-mux" RETENTION="$RETENTION" MULTIPLEXER_HTTP_ADDR="127.0.0
 PIDS+=($!)
 wait_ready multiplexer "http://127.0.0.1:$MUX_PORT/readyz" "${PIDS[-1]}"
 
-start_gateway() { # id port
-  GATEWAY_ID="$1" GATEWAY_ADDR="127.0.0.1:$2" DEV_TOKENS=true WEB_DIR="$WEB_DIR/public" \
-    "$BIN_DIR/gateway" >"$ART/$1.log" 2>&1 &
+start_gateway() { # id port ops-port [VAR=value...]
+  local id="$1" port="$2" ops="$3"
+  shift 3
+  env GATEWAY_ID="$id" GATEWAY_ADDR="127.0.0.1:$port" GATEWAY_METRICS_ADDR="127.0.0.1:$ops" DEV_TOKENS=true \
+    WEB_DIR="$WEB_DIR/public" "$@" "$BIN_DIR/gateway" >"$ART/$id.log" 2>&1 &
   PIDS+=($!)
 }
-start_gateway webgw1 "$GW1_PORT"
-start_gateway webgw2 "$GW2_PORT"
-wait_ready webgw1 "http://127.0.0.1:$GW1_PORT/readyz" "${PIDS[1]}"
-wait_ready webgw2 "http://127.0.0.1:$GW2_PORT/readyz" "${PIDS[2]}"
+start_gateway webgw1 "$GW1_PORT" "$GW1_OPS"
+start_gateway webgw2 "$GW2_PORT" "$GW2_OPS"
+start_gateway webgw3 "$GW3_PORT" "$GW3_OPS" TLS_CERT_FILE="$TLS_DIR/cert.pem" TLS_KEY_FILE="$TLS_DIR/key.pem"
+wait_ready webgw1 "http://127.0.0.1:$GW1_OPS/readyz" "${PIDS[1]}"
+wait_ready webgw2 "http://127.0.0.1:$GW2_OPS/readyz" "${PIDS[2]}"
+wait_ready webgw3 "http://127.0.0.1:$GW3_OPS/readyz" "${PIDS[3]}"
 curl -fsS -o /dev/null "http://127.0.0.1:$GW1_PORT/index.html" \
   || { log "gateway does not serve web/ (WEB_DIR): is target/debug/gateway up to date?"; exit 1; }
 
 export E2E_GW1="http://127.0.0.1:$GW1_PORT" E2E_GW2="http://127.0.0.1:$GW2_PORT"
+# The TLS gateway; node's own requests trust the test CA (the browser context of that test
+# accepts the certificate it is shown).
+export E2E_GW3="https://127.0.0.1:$GW3_PORT" NODE_EXTRA_CA_CERTS="$TLS_DIR/ca.pem"
 export E2E_RETENTION="$RETENTION" E2E_ARTIFACTS="$ART" E2E_PREFIX="$P"
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 log "running the browser test against $E2E_GW1 and $E2E_GW2"

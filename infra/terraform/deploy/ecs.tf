@@ -93,11 +93,17 @@ resource "aws_ecs_task_definition" "gateway" {
     image        = var.gateway_image
     essential    = true
     stopTimeout  = 30
-    portMappings = [{ containerPort = 8080, protocol = "tcp" }]
+    # 8080: clients (through the NLB); 9100: /metrics, /healthz, /readyz (the monitoring CIDRs
+    # and the NLB's health checks only, see security.tf).
+    portMappings = [
+      { containerPort = 8080, protocol = "tcp" },
+      { containerPort = 9100, protocol = "tcp" },
+    ]
     environment = concat(local.common_environment, [
       { name = "GATEWAY_ID", value = each.key },
-      # The default 127.0.0.1:8080 would be unreachable from the NLB.
+      # The defaults (127.0.0.1) would be unreachable from the NLB and from Prometheus.
       { name = "GATEWAY_ADDR", value = "0.0.0.0:8080" },
+      { name = "GATEWAY_METRICS_ADDR", value = "0.0.0.0:9100" },
       { name = "JWT_ISSUER", value = var.jwt_issuer },
       { name = "JWT_AUDIENCE", value = var.jwt_audience },
       { name = "DEV_TOKENS", value = "false" },

@@ -28,10 +28,12 @@ resource "aws_lb_target_group" "gateway" {
   deregistration_delay   = 30
   connection_termination = true
 
+  # /readyz is served on the gateways' operations port (GATEWAY_METRICS_ADDR), never on the
+  # traffic port the NLB forwards.
   health_check {
     protocol            = "HTTP"
     path                = "/readyz"
-    port                = "traffic-port"
+    port                = "9100"
     interval            = 10
     healthy_threshold   = 2
     unhealthy_threshold = 2

@@ -10,7 +10,7 @@ resource "aws_security_group" "nlb" {
 
 resource "aws_security_group" "gateway" {
   name        = "${var.name}-gateway"
-  description = "Gateway tasks (HTTP and websocket on 8080)"
+  description = "Gateway tasks (HTTP and websocket on 8080, operations on 9100)"
   vpc_id      = aws_vpc.this.id
 }
 
@@ -58,33 +58,64 @@ resource "aws_vpc_security_group_ingress_rule" "nlb_plain" {
 
 resource "aws_vpc_security_group_egress_rule" "nlb_to_gateway" {
   security_group_id            = aws_security_group.nlb.id
-  description                  = "Forward to the gateways (traffic and health checks)"
+  description                  = "Forward client traffic to the gateways"
   referenced_security_group_id = aws_security_group.gateway.id
   ip_protocol                  = "tcp"
   from_port                    = 8080
   to_port                      = 8080
 }
 
+resource "aws_vpc_security_group_egress_rule" "nlb_health_to_gateway" {
+  security_group_id            = aws_security_group.nlb.id
+  description                  = "Health checks of the gateways (/readyz on the operations port)"
+  referenced_security_group_id = aws_security_group.gateway.id
+  ip_protocol                  = "tcp"
+  from_port                    = 9100
+  to_port                      = 9100
+}
+
 # --- Gateways --------------------------------------------------------------------------------
 
 resource "aws_vpc_security_group_ingress_rule" "gateway_from_nlb" {
   security_group_id            = aws_security_group.gateway.id
-  description                  = "Client traffic and health checks from the NLB"
+  description                  = "Client traffic from the NLB"
   referenced_security_group_id = aws_security_group.nlb.id
   ip_protocol                  = "tcp"
   from_port                    = 8080
   to_port                      = 8080
 }
 
+# The operations port (GATEWAY_METRICS_ADDR: /metrics, /healthz, /readyz) is never forwarded
+# by the NLB: only its health checks and the monitoring network reach it.
+resource "aws_vpc_security_group_ingress_rule" "gateway_health_from_nlb" {
+  security_group_id            = aws_security_group.gateway.id
+  description                  = "NLB health checks (/readyz on the operations port)"
+  referenced_security_group_id = aws_security_group.nlb.id
+  ip_protocol                  = "tcp"
+  from_port                    = 9100
+  to_port                      = 9100
+}
+
 resource "aws_vpc_security_group_ingress_rule" "gateway_metrics" {
   for_each = toset(var.monitoring_cidr_blocks)
 
   security_group_id = aws_security_group.gateway.id
-  description       = "Prometheus scrapes /metrics"
+  description       = "Prometheus scrapes /metrics on the operations port"
   cidr_ipv4         = each.value
   ip_protocol       = "tcp"
-  from_port         = 8080
-  to_port           = 8080
+  from_port         = 9100
+  to_port           = 9100
+}
+
+resource "aws_vpc_security_group_ingress_rule" "gateway_metrics_from_group" {
+  for_each = toset(var.monitoring_security_group_ids)
+
+  security_group_id            = aws_security_group.gateway.id
+  description                  = "Prometheus (by security group) scrapes /metrics on the operations port"
+  referenced_security_group_id = each.value
+  ip_protocol                  = "tcp"
+  from_port                    = 9100
+  to_port                      = 9100
 }
 
 resource "aws_vpc_security_group_egress_rule" "gateway_all" {

@@ -47,7 +47,18 @@ variable "client_cidr_blocks" {
 }
 
 variable "monitoring_cidr_blocks" {
-  description = "CIDR blocks of the Prometheus servers allowed to scrape the tasks directly (gateway :8080/metrics, multiplexer :9300/metrics). Keep them inside the VPC or a peered network."
+  description = "CIDR blocks of the Prometheus servers allowed to scrape the tasks directly (gateway :9100/metrics, the operations port, never the client port; multiplexer :9300/metrics). Keep them inside the VPC or a peered network."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = !contains(var.monitoring_cidr_blocks, "0.0.0.0/0")
+    error_message = "Metrics must not be reachable from the whole internet."
+  }
+}
+
+variable "monitoring_security_group_ids" {
+  description = "Security groups of Prometheus servers in this VPC allowed to scrape the gateways' operations port (:9100/metrics), besides monitoring_cidr_blocks."
   type        = list(string)
   default     = []
 }
