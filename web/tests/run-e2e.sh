@@ -70,6 +70,8 @@ cleanup() {
       wait "$pid" 2>/dev/null
     done
   fi
+  # The run's test CA and key: nothing of them is kept.
+  [[ -n "${TLS_DIR:-}" ]] && rm -rf "$TLS_DIR"
   local db
   for db in "${CREATED_DBS[@]}"; do
     psql -X -q "$ADMIN_PG" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 \
