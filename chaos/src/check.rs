@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use crate::degraded::DegradedCounts;
 use crate::poison::PoisonCounts;
 use crate::workload::Log;
 
@@ -36,6 +37,9 @@ pub struct Report {
     /// Poison-record scenario: bad records produced into `inbound`, and how many of them are
     /// missing from the dead-letter topic, or there with the wrong source or bytes.
     pub poison: Option<PoisonCounts>,
+    /// Degraded-readiness scenario: the gateways' readiness and the healthy shard's
+    /// conversations while the other shard was down.
+    pub degraded: Option<DegradedCounts>,
     /// Heal to the delivery of the last message accepted before the heal, in seconds.
     pub recovery_secs: f64,
     pub unanswered: u64,
@@ -59,6 +63,7 @@ impl Report {
                 .poison
                 .as_ref()
                 .is_none_or(PoisonCounts::all_dead_lettered)
+            && self.degraded.as_ref().is_none_or(DegradedCounts::passed)
     }
 
     /// The lost count as shown: "-" when the scenario did not complete.

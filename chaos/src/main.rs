@@ -8,6 +8,7 @@
 //! non-zero if any scenario has an anomaly.
 
 mod check;
+mod degraded;
 mod poison;
 mod proxy;
 mod stack;
@@ -30,6 +31,7 @@ const ALL: &[&str] = &[
     "stop-multiplexer",
     "kill-gateway",
     "stop-postgres",
+    "degraded-readiness",
     "cut-postgres-link",
     "replay-delete-on-ack",
 ];
@@ -304,6 +306,8 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
     tokio::time::sleep(fault_at).await;
     // Poison-record: the bad records produced, and where they landed.
     let mut poisoned = Vec::new();
+    // Degraded-readiness: the outage, and what was seen during it.
+    let mut outage_seen: Option<(Instant, Instant, degraded::DegradedCounts)> = None;
     let (heal, mut note) = match scenario {
         "kill-broker" => {
             let leader = leader_of(&slice.topics.inbound())?;
@@ -369,6 +373,42 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
             .await?;
             (Instant::now(), "shard 1's server stopped 30 s".into())
         }
+        "degraded-readiness" => {
+            let (name, port) = stack::PG[1];
+            let down = degraded::placed_on(&run_id, args.conversations, 2, 1, false)?;
+            let healthy = degraded::placed_on(&run_id, args.conversations, 2, 0, true)?;
+            let (first_healthy, first_down) = match (healthy.first(), down.first()) {
+                (Some(h), Some(d)) => (*h, *d),
+                _ => anyhow::bail!("no conversation wholly on shard 0, or none on shard 1"),
+            };
+            let (stop_polling, stopped) = tokio::sync::watch::channel(false);
+            let addrs = GATEWAYS
+                .iter()
+                .map(|(_, p)| stack::gateway_metrics_addr(*p))
+                .collect();
+            let polling = tokio::spawn(degraded::poll_readiness(addrs, stopped));
+            let port_arg = port.to_string();
+            stack::script(&["postgres.sh", "stop", "--name", name, "--port", &port_arg]).await?;
+            let outage = Instant::now();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (history, history_ok) =
+                degraded::probe_history(GATEWAYS[0].1, &run_id, first_healthy, first_down).await?;
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            let _ = stop_polling.send(true);
+            let (polls, not_ready, not_ready_example) = polling.await?;
+            stack::script(&["postgres.sh", "start", "--name", name, "--port", &port_arg]).await?;
+            let heal = Instant::now();
+            let counts = degraded::DegradedCounts {
+                polls,
+                not_ready,
+                not_ready_example,
+                history,
+                history_ok,
+                ..Default::default()
+            };
+            outage_seen = Some((outage, heal, counts));
+            (heal, "shard 1's server stopped 30 s".into())
+        }
         "cut-postgres-link" => {
             let p = proxy.as_ref().context("proxy")?;
             p.cut();
@@ -396,7 +436,14 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
     let log = load.finish().await;
     let mut report = {
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
-        check::check(scenario, &log, heal)
+        let mut report = check::check(scenario, &log, heal);
+        if let Some((outage, healed, mut counts)) = outage_seen.take() {
+            let healthy = degraded::placed_on(&run_id, args.conversations, 2, 0, true)?;
+            degraded::healthy_delivery(&log, &healthy, outage, healed, &mut counts);
+            note = format!("{note}; {}", counts.note());
+            report.degraded = Some(counts);
+        }
+        report
     };
     if scenario == "poison-record" {
         let mut counts = poison::read_dead_letters(

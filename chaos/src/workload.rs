@@ -68,6 +68,9 @@ pub struct Log {
     pub shown: Vec<Vec<(String, u64, Instant)>>,
     /// Repeats the client library dropped (duplicates on the wire), summed over recipients.
     pub wire_duplicates: u64,
+    /// Errors either client of a conversation was shown: a send refused or timed out (sent
+    /// again), an error frame: (conversation, when, what).
+    pub errors: Vec<(usize, Instant, String)>,
 }
 
 pub struct Workload {
@@ -134,6 +137,11 @@ impl Workload {
                         Some(Event::Message(m)) => {
                             lock(&l).shown[i].push((m.message_id.clone(), m.seq, Instant::now()));
                             let _ = receiver.ack(&m.sender, m.seq);
+                        }
+                        Some(Event::Error { code, .. }) => {
+                            lock(&l)
+                                .errors
+                                .push((i, Instant::now(), format!("receiver: {code}")));
                         }
                         Some(_) => {}
                         None => break,
@@ -319,9 +327,13 @@ fn record(log: &Mutex<Log>, outcome: Outcome) -> Option<Pending> {
             lock(log).accepted.insert(acc.message_id, sent);
             None
         }
-        Err(ClientError::Refused { .. }) | Err(ClientError::Timeout(_))
+        Err(e @ (ClientError::Refused { .. } | ClientError::Timeout(_)))
             if pending.tries < MAX_TRIES =>
         {
+            let what = format!("sender: {e}");
+            lock(log)
+                .errors
+                .push((pending.conversation, Instant::now(), what));
             Some(pending)
         }
         Err(_) => {

@@ -305,6 +305,8 @@ struct Shared {
     last_seq: HashMap<String, u64>,
     /// Deliveries dropped as repeats (at-least-once delivery seen on the wire).
     wire_duplicates: u64,
+    /// Peers whose conversations the last sync could not read (their shard was unavailable).
+    unsynced_peers: Vec<String>,
 }
 
 fn lock(m: &std::sync::Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -391,6 +393,7 @@ impl Client {
             gateway_id: gateway_id.clone(),
             last_seq: options.resume_from.clone(),
             wire_duplicates: 0,
+            unsynced_peers: Vec::new(),
         }));
         let _ = ev_tx.send(Event::Connected { gateway_id });
         let driver = Driver {
@@ -428,6 +431,14 @@ impl Client {
     /// How many deliveries were dropped as repeats so far (duplicates on the wire).
     pub fn wire_duplicates(&self) -> u64 {
         lock(&self.state).wire_duplicates
+    }
+
+    /// The peers whose conversations the last completed sync could not read, because the
+    /// server's shard holding them did not answer (the sync-done frame's `unavailable_peers`):
+    /// what is pending there comes with a later [`Client::sync`] (the server pushes nothing
+    /// live in them until a sync has read them). Empty when the last sync read everything.
+    pub fn unsynced_peers(&self) -> Vec<String> {
+        lock(&self.state).unsynced_peers.clone()
     }
 
     /// Sends `body` to `to` with a fresh client message id; returns the server's acceptance.
@@ -818,9 +829,12 @@ impl Driver {
             }
             Some(server_frame::Kind::Stored(s)) => Event::Stored(s),
             Some(server_frame::Kind::Failed(f)) => Event::Failed(f),
-            Some(server_frame::Kind::SyncDone(s)) => Event::SyncDone {
-                delivered: s.delivered,
-            },
+            Some(server_frame::Kind::SyncDone(s)) => {
+                lock(&self.state).unsynced_peers = s.unavailable_peers;
+                Event::SyncDone {
+                    delivered: s.delivered,
+                }
+            }
             Some(server_frame::Kind::Welcome(_)) | None => return Ok(()),
         };
         let _ = self.events.send(event);
