@@ -1275,6 +1275,48 @@ def test_one_task_per_gateway_id_and_multiplexers_capped_by_partitions() -> None
     assert defaults["multiplexer_min_count"] <= defaults["multiplexer_max_count"]
 
 
+def test_kafka_and_postgres_take_only_tls_and_each_service_signs_in_as_itself() -> None:
+    m = _deploy()
+    scope = Scope(m, {}, str(DEPLOY))
+    msk = m.resources[("aws_msk_cluster", "this")]
+    transit = msk.sub("encryption_info")[0].sub("encryption_in_transit")[0]
+    assert evaluate(transit.attrs["client_broker"], scope) == "TLS"
+    auth = msk.sub("client_authentication")[0]
+    assert evaluate(auth.sub("sasl")[0].attrs["scram"], scope) is True
+    assert evaluate(auth.attrs["unauthenticated"], scope) is False
+    props = m.resources[("aws_msk_configuration", "this")].attrs["server_properties"]
+    # (a heredoc's interpolations are not parsed as references: check the text and the variable)
+    assert "allow.everyone.if.no.acl.found=${var.kafka_acls_enforced" in str(props), "ACLs not enforced"
+    assert "kafka_acls_enforced" in m.variables
+    # The Kafka ports open to the application and admins: SASL/SCRAM over TLS only.
+    for name in ("kafka_from_app", "kafka_from_admin"):
+        rule = m.resources[("aws_vpc_security_group_ingress_rule", name)]
+        assert evaluate(rule.attrs["from_port"], scope) == 9096 == evaluate(rule.attrs["to_port"], scope), name
+    params = {
+        evaluate(p.attrs["name"], scope): evaluate(p.attrs["value"], scope)
+        for p in m.resources[("aws_db_parameter_group", "shards")].sub("parameter")
+    }
+    assert params["rds.force_ssl"] == "1"
+    dsns = m.locals["shard_dsns"]
+    assert "sslmode=verify-full" in str(dsns) and "var.rds_ca_bundle_path" in _ref_targets(dsns)
+    for process, user in (("gateway", "gateway-"), ("multiplexer", "multiplexer")):
+        td = m.resources[("aws_ecs_task_definition", process)]
+        env = _env_entries(td.attrs["container_definitions"], m)
+        assert evaluate(env["KAFKA_SECURITY_PROTOCOL"], scope) == "sasl_ssl", process
+        assert "aws_msk_cluster.this" in _ref_targets(env["KAFKA_BROKERS"])
+        assert "bootstrap_brokers_sasl_scram" in str(env["KAFKA_BROKERS"]), process
+        assert user in str(env["KAFKA_SASL_USERNAME"]), process
+        assert "KAFKA_SASL_PASSWORD" in env, f"{process}: no Kafka password secret"
+    # The ACLs: a gateway reads only its own outbound topic; the multiplexer writes outbound-*.
+    acls = (DEPLOY / "kafka_acls.tf").read_text()
+    assert 'user = "gateway-${id}", type = "Topic", name = "${local.p}outbound-${id}", pattern = "Literal", ops = ["Read", "Describe"]' in acls
+    assert 'user = "multiplexer", type = "Topic", name = "${local.p}outbound-", pattern = "Prefixed", ops = ["Write", "Describe"]' in acls
+    # The same list as the local stack's.
+    java = (ROOT / "infra" / "kafka" / "Acls.java").read_text()
+    assert 'a.topic(user, prefix + "outbound-" + id.trim(), READ, DESCRIBE);' in java
+    assert ("kafka_acl", "this") in m.resources
+
+
 def test_migrations_run_once_before_the_services_update() -> None:
     m = _deploy()
     scope = Scope(m, {}, str(DEPLOY))

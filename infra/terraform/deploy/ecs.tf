@@ -51,8 +51,16 @@ resource "aws_iam_role_policy_attachment" "task_execution" {
 
 data "aws_iam_policy_document" "read_secrets" {
   statement {
-    actions   = ["secretsmanager:GetSecretValue"]
-    resources = [aws_secretsmanager_secret.shard_dsns.arn, var.jwt_secret_arn]
+    actions = ["secretsmanager:GetSecretValue"]
+    resources = concat(
+      [aws_secretsmanager_secret.shard_dsns.arn, var.jwt_secret_arn],
+      [for u in concat(["multiplexer"], [for id in var.gateway_ids : "gateway-${id}"]) : aws_secretsmanager_secret.kafka_user[u].arn],
+    )
+  }
+  # The Kafka users' secrets are encrypted with a key of their own (kafka_users.tf).
+  statement {
+    actions   = ["kms:Decrypt"]
+    resources = [aws_kms_key.kafka_users.arn]
   }
 }
 
@@ -66,7 +74,10 @@ resource "aws_iam_role_policy" "task_execution_secrets" {
 
 locals {
   common_environment = [
-    { name = "KAFKA_BROKERS", value = aws_msk_cluster.this.bootstrap_brokers },
+    # TLS and SCRAM only (msk.tf); each task signs in as its service's user.
+    { name = "KAFKA_BROKERS", value = aws_msk_cluster.this.bootstrap_brokers_sasl_scram },
+    { name = "KAFKA_SECURITY_PROTOCOL", value = "sasl_ssl" },
+    { name = "KAFKA_SASL_MECHANISM", value = "SCRAM-SHA-512" },
     { name = "TOPIC_PREFIX", value = var.topic_prefix },
     { name = "SHARD_POOL_SIZE", value = tostring(var.shard_pool_size) },
     { name = "LOG_FORMAT", value = "json" },
@@ -74,6 +85,9 @@ locals {
   ]
 
   shard_secret = { name = "SHARD_DSNS", valueFrom = aws_secretsmanager_secret.shard_dsns.arn }
+
+  # The password of a Kafka user, from the JSON of its secret.
+  kafka_password = { for u in local.kafka_users : u => { name = "KAFKA_SASL_PASSWORD", valueFrom = "${aws_secretsmanager_secret.kafka_user[u].arn}:password::" } }
 }
 
 # --- Gateways ------------------------------------------------------------------------------------
@@ -101,6 +115,7 @@ resource "aws_ecs_task_definition" "gateway" {
     ]
     environment = concat(local.common_environment, [
       { name = "GATEWAY_ID", value = each.key },
+      { name = "KAFKA_SASL_USERNAME", value = "gateway-${each.key}" },
       # The defaults (127.0.0.1) would be unreachable from the NLB and from Prometheus.
       { name = "GATEWAY_ADDR", value = "0.0.0.0:8080" },
       { name = "GATEWAY_METRICS_ADDR", value = "0.0.0.0:9100" },
@@ -113,6 +128,7 @@ resource "aws_ecs_task_definition" "gateway" {
     secrets = [
       local.shard_secret,
       { name = "JWT_SECRET", valueFrom = var.jwt_secret_arn },
+      local.kafka_password["gateway-${each.key}"],
     ]
     ulimits = [{ name = "nofile", softLimit = 65536, hardLimit = 65536 }]
     logConfiguration = {
@@ -176,6 +192,7 @@ resource "aws_ecs_task_definition" "multiplexer" {
     environment = concat(local.common_environment, [
       # Prefixed like the gateways' groups, so stacks sharing a cluster stay apart.
       { name = "MULTIPLEXER_GROUP", value = "${var.topic_prefix}multiplexer" },
+      { name = "KAFKA_SASL_USERNAME", value = "multiplexer" },
       { name = "MULTIPLEXER_HTTP_ADDR", value = "0.0.0.0:9300" },
       { name = "RETENTION", value = var.retention },
       { name = "UNACKED_TTL_SECS", value = tostring(var.unacked_ttl_seconds) },
@@ -183,7 +200,7 @@ resource "aws_ecs_task_definition" "multiplexer" {
       # from a new task while old ones still run.
       { name = "MULTIPLEXER_MIGRATE", value = "false" },
     ])
-    secrets = [local.shard_secret]
+    secrets = [local.shard_secret, local.kafka_password["multiplexer"]]
     logConfiguration = {
       logDriver = "awslogs"
       options = {

@@ -2,6 +2,10 @@
 #
 # Broker defaults mirror infra/scripts/kafka.sh's cluster mode; topic-level settings come from
 # infra/topics.json through the kafka-topics module (topics.tf), not from here.
+#
+# Clients reach the brokers only over TLS with SASL/SCRAM (port 9096), each service as its own
+# user (kafka_users.tf), with ACLs that give each what it needs (kafka_acls.tf). See
+# docs/security.md and, for the first apply, infra/terraform/README.md.
 
 resource "aws_msk_configuration" "this" {
   name           = "${var.name}-kafka"
@@ -15,6 +19,7 @@ resource "aws_msk_configuration" "this" {
     offsets.topic.replication.factor=3
     transaction.state.log.replication.factor=3
     transaction.state.log.min.isr=2
+    allow.everyone.if.no.acl.found=${var.kafka_acls_enforced ? "false" : "true"}
   EOT
 }
 
@@ -52,12 +57,17 @@ resource "aws_msk_cluster" "this" {
     revision = aws_msk_configuration.this.latest_revision
   }
 
+  # SASL/SCRAM over TLS only: no plaintext listener, no unauthenticated access.
+  client_authentication {
+    sasl {
+      scram = true
+    }
+    unauthenticated = false
+  }
+
   encryption_info {
     encryption_in_transit {
-      # The Rust clients (chat-common KafkaConfig) set no security.protocol, so they speak
-      # PLAINTEXT on 9092. TLS stays on between brokers. Switch to "TLS" once the clients
-      # support it.
-      client_broker = "PLAINTEXT"
+      client_broker = "TLS"
       in_cluster    = true
     }
   }

@@ -14,8 +14,8 @@ output "websocket_url" {
 }
 
 output "kafka_bootstrap_brokers" {
-  description = "KAFKA_BROKERS of the processes: MSK plaintext bootstrap brokers (private addresses)."
-  value       = aws_msk_cluster.this.bootstrap_brokers
+  description = "KAFKA_BROKERS of the processes: MSK's SASL/SCRAM-over-TLS bootstrap brokers (private addresses, port 9096)."
+  value       = aws_msk_cluster.this.bootstrap_brokers_sasl_scram
 }
 
 output "topic_names" {

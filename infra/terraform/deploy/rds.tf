@@ -12,11 +12,11 @@ resource "aws_db_parameter_group" "shards" {
   name_prefix = "${var.name}-shards-"
   family      = "postgres${var.postgres_version}"
 
-  # db-writer connects with tokio-postgres NoTls: RDS must accept unencrypted connections
-  # (rds.force_ssl defaults to 1 from Postgres 15 on). Remove once the client uses TLS.
+  # TLS only: the processes connect with sslmode=verify-full against the RDS CA bundle
+  # (secrets.tf), and an unencrypted connection is refused.
   parameter {
     name  = "rds.force_ssl"
-    value = "0"
+    value = "1"
   }
 
   # gp3 storage and a working set in memory: a random page read costs about a sequential one.

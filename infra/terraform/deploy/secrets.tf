@@ -1,10 +1,12 @@
 # SHARD_DSNS holds the shard passwords, so it reaches the tasks as a secret, not as plain
 # environment. The list is in shard index order (see rds.tf).
 
+# Every DSN asks for TLS with the server's certificate and name checked against the RDS CA
+# bundle, which the images must carry at rds_ca_bundle_path.
 locals {
   shard_dsns = join(",", [
     for i, db in aws_db_instance.shard :
-    "postgres://${db.username}:${random_password.shard[i].result}@${db.address}:${db.port}/${db.db_name}"
+    "postgres://${db.username}:${random_password.shard[i].result}@${db.address}:${db.port}/${db.db_name}?sslmode=verify-full&sslrootcert=${var.rds_ca_bundle_path}"
   ])
 }
 

@@ -157,8 +157,8 @@ resource "aws_vpc_security_group_ingress_rule" "kafka_from_app" {
   description                  = "Kafka clients: ${each.key}"
   referenced_security_group_id = each.value
   ip_protocol                  = "tcp"
-  from_port                    = 9092
-  to_port                      = 9092
+  from_port                    = 9096
+  to_port                      = 9096
 }
 
 resource "aws_vpc_security_group_ingress_rule" "kafka_from_admin" {
@@ -168,8 +168,8 @@ resource "aws_vpc_security_group_ingress_rule" "kafka_from_admin" {
   description       = "Topic management (Terraform Kafka provider, chatctl)"
   cidr_ipv4         = each.value
   ip_protocol       = "tcp"
-  from_port         = 9092
-  to_port           = 9092
+  from_port         = 9096
+  to_port           = 9096
 }
 
 resource "aws_vpc_security_group_ingress_rule" "kafka_self" {

@@ -64,7 +64,7 @@ variable "monitoring_security_group_ids" {
 }
 
 variable "kafka_admin_cidr_blocks" {
-  description = "CIDR blocks (VPN, bastion) allowed to reach the MSK brokers on 9092, so the Kafka provider of this configuration and chatctl can manage topics. Never 0.0.0.0/0."
+  description = "CIDR blocks (VPN, bastion) allowed to reach the MSK brokers on 9096 (SASL/SCRAM over TLS), so the Kafka provider of this configuration and chatctl can manage topics. Never 0.0.0.0/0."
   type        = list(string)
   default     = []
 
@@ -336,4 +336,20 @@ variable "log_retention_days" {
   description = "Days the CloudWatch log groups keep the processes' logs."
   type        = number
   default     = 30
+}
+
+# ---------------------------------------------------------------------------------------------
+# Security of the links to Kafka and Postgres (docs/security.md)
+# ---------------------------------------------------------------------------------------------
+
+variable "kafka_acls_enforced" {
+  description = "MSK refuses every user that holds no ACL for what it asks (allow.everyone.if.no.acl.found=false). The first apply of a new cluster needs false, so that the admin user can create the ACLs (its own included); apply again with true (see infra/terraform/README.md)."
+  type        = bool
+  default     = true
+}
+
+variable "rds_ca_bundle_path" {
+  description = "Path, inside the gateway and multiplexer images, of the RDS CA bundle (global-bundle.pem) against which the shards' certificates and names are checked (sslmode=verify-full)."
+  type        = string
+  default     = "/etc/ssl/certs/rds-global-bundle.pem"
 }
