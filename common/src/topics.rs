@@ -186,7 +186,34 @@ pub async fn ensure_topics(
             Err((name, code)) => return Err(KafkaError::CreateTopic { name, code }),
         }
     }
-    Ok(())
+    // The controller has the topics; a broker's metadata can lag behind it for a moment, and a
+    // process started right after (a multiplexer checking its dead-letter topic) would be told
+    // the topic does not exist. Return once the broker lists every partition with a leader.
+    let names: Vec<String> = topics.iter().map(|(n, _)| n.clone()).collect();
+    let client = admin.inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = client.fetch_metadata(None, Duration::from_secs(10))?;
+        let ready = names.iter().all(|name| {
+            md.topics().iter().any(|t| {
+                t.name() == name
+                    && t.error().is_none()
+                    && !t.partitions().is_empty()
+                    && t.partitions().iter().all(|p| p.leader() >= 0)
+            })
+        });
+        if ready {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let name = names.join(", ");
+            return Err(KafkaError::CreateTopic {
+                name,
+                code: RDKafkaErrorCode::LeaderNotAvailable,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Deletes topics (tests clean up after themselves with it). Missing topics are not an error.
