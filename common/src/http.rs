@@ -8,9 +8,37 @@ use std::sync::Arc;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
-/// A readiness probe: `Ok(())` when the process can serve, or which dependency failed.
+/// A readiness probe: `Ok` when the process can serve (saying what is degraded, if anything),
+/// or which dependency failed.
 pub type ReadyCheck =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), NotReady>> + Send>> + Send + Sync>;
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Ready, NotReady>> + Send>> + Send + Sync>;
+
+/// A process that can serve, fully or with part of a dependency down: `/readyz` answers 200
+/// with `ready`, or `ready, degraded: <what>` (a gateway with a shard down stays in rotation and
+/// says which).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// What does not answer, when the process serves without it.
+    pub degraded: Option<String>,
+}
+
+impl Ready {
+    /// Ready without `what`.
+    pub fn degraded(what: impl std::fmt::Display) -> Self {
+        Self {
+            degraded: Some(what.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.degraded {
+            None => f.write_str("ready"),
+            Some(what) => write!(f, "ready, degraded: {what}"),
+        }
+    }
+}
 
 /// Why a process is not ready: the dependency whose check failed, and what the check said.
 /// `/readyz` answers 503 with `not ready: <dependency>: <reason>`.
@@ -43,7 +71,7 @@ pub fn ops_routes(
         let ready = ready.clone();
         async move {
             match ready().await {
-                Ok(()) => warp::reply::with_status("ready".to_owned(), StatusCode::OK),
+                Ok(ready) => warp::reply::with_status(ready.to_string(), StatusCode::OK),
                 Err(reason) => warp::reply::with_status(
                     format!("not ready: {reason}"),
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -73,4 +101,18 @@ pub async fn kafka_ready(producer: rdkafka::producer::FutureProducer) -> Result<
     })
     .await
     .map_err(|e| NotReady::new("kafka", e))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ready;
+
+    #[test]
+    fn ready_says_what_is_degraded() {
+        assert_eq!(Ready::default().to_string(), "ready");
+        assert_eq!(
+            Ready::degraded("shards down: shard 1: refused").to_string(),
+            "ready, degraded: shards down: shard 1: refused"
+        );
+    }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_common::http::{ops_routes, NotReady, ReadyCheck};
+use chat_common::http::{ops_routes, NotReady, Ready, ReadyCheck};
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::Producer as _;
 use tokio::task::JoinHandle;
@@ -123,7 +123,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             chat_common::http::kafka_ready(producer).await?;
             let down = shards.down_shards(Duration::from_secs(2)).await;
             if down.is_empty() {
-                return Ok(());
+                return Ok(Ready::default());
             }
             let named = down
                 .iter()

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_common::http::NotReady;
+use chat_common::http::{NotReady, Ready};
 use chat_common::ids::UserId;
 use chat_common::kafka::Lanes;
 use chat_common::presence::OnRoute;
@@ -94,9 +94,9 @@ impl App {
     /// leave its conversations out), so one shard down leaves the gateway ready: were it not,
     /// every gateway would leave the load balancer at once and a partial fault would become a
     /// total one. Every shard down is not ready. Each answer sets `gateway_shard_up{shard}`
-    /// (the alert on a shard down reads it) and names the shards down in the log, and in the
-    /// 503's body when none answers.
-    pub(crate) async fn ready(&self) -> Result<(), NotReady> {
+    /// (the alert on a shard down reads it) and names the shards down: in the log, and in the
+    /// answer (`ready, degraded: shards down: …`, or the 503's when none answers).
+    pub(crate) async fn ready(&self) -> Result<Ready, NotReady> {
         chat_common::http::kafka_ready(self.producer.producer().clone()).await?;
         let down = self.shards.down_shards(SHARD_PING_TIMEOUT).await;
         for shard in 0..self.shards.len() {
@@ -108,7 +108,7 @@ impl App {
             metrics::gauge!("gateway_shard_up", "shard" => shard.to_string()).set(up);
         }
         if down.is_empty() {
-            return Ok(());
+            return Ok(Ready::default());
         }
         let named = down
             .iter()
@@ -122,7 +122,7 @@ impl App {
             ));
         }
         tracing::warn!(down = %named, "ready with shards down: their conversations cannot be read");
-        Ok(())
+        Ok(Ready::degraded(format!("shards down: {named}")))
     }
 
     /// The frame rate limit of one new connection.
