@@ -132,7 +132,7 @@ test-web: stack ## Web client: unit tests and a real-browser test (Chromium + Pl
 	@cd web && npm test || { echo "test-web: web client tests failed (screenshots and logs in web/test-artifacts/)"; exit 1; }
 
 .PHONY: chaos
-chaos: deps ## Fault-injection suite, all 8 scenarios (~28 min): 3 brokers, 2 Postgres servers, 2 gateways, 2 multiplexers; writes chaos/RESULTS.md.
+chaos: deps ## Fault-injection suite, all 9 scenarios (~30 min): 3 brokers, 2 Postgres servers, 2 gateways, 2 multiplexers; writes chaos/RESULTS.md.
 	@$(CARGO) build $(CARGO_PROFILE_FLAG) --bins --quiet || { echo "chaos: cargo build failed"; exit 1; }
 	@target/$(PROFILE)/chaos --bin-dir target/$(PROFILE) --duration $(or $(DURATION),120) --rate $(or $(RATE),200) || { echo "chaos: anomalies found or a scenario did not complete (see the table above)"; exit 1; }
 
