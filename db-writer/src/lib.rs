@@ -37,9 +37,9 @@ pub mod queries;
 pub mod replay;
 pub mod retention;
 mod rows;
-mod tls;
 pub mod schema;
 pub mod shards;
+mod tls;
 pub mod user_index;
 
 pub use acks::{Acked, ReceiptFor, Watermark};
