@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chat_common::auth::{TokenIssuer, TokenVerifier};
-use chat_common::ids::{GatewayId, UserId};
+use chat_common::ids::{ClientMessageId, ConversationKey, GatewayId, UserId};
 use chat_common::kafka::KafkaConfig;
 use chat_common::topics::{delete_topics, ensure_topics, standard_topics, TopicNames};
 use db_writer::{Retention, ShardConfig};
@@ -517,6 +517,88 @@ pub struct Process {
     pub ops_addr: SocketAddr,
     name: &'static str,
     env: Vec<(String, String)>,
+}
+
+/// Polls `check` until it returns `Some`, for at most [`WAIT`]: for states no event announces
+/// (rows in a shard, committed offsets, what a scrape shows later).
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    eventually_within(what, WAIT, check).await
+}
+
+/// [`eventually`], for at most `within`.
+pub async fn eventually_within<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A new message from `from` to `to`, as a gateway would accept it (fresh ids; seq 0, which the
+/// store assigns), for tests that write through the shard layer directly.
+pub fn new_message(
+    from: &str,
+    to: &str,
+    body: &str,
+    sent_at_ms: i64,
+) -> anyhow::Result<chat_common::message::Message> {
+    let (sender, recipient) = (UserId::parse(from)?, UserId::parse(to)?);
+    Ok(chat_common::message::Message {
+        id: uuid::Uuid::new_v4(),
+        client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string())?,
+        conversation: ConversationKey::of(&sender, &recipient).context("same user")?,
+        sender,
+        recipient,
+        body: body.into(),
+        sent_at_ms,
+        seq: 0,
+    })
+}
+
+/// Runs a binary of the workspace (built by `cargo build --bins`) with `args` and `env`, for
+/// at most 60 s: its exit code, stdout and stderr.
+pub async fn run_binary(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> anyhow::Result<(i32, Vec<u8>, String)> {
+    let path = binary(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        path.display()
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(path)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output(),
+    )
+    .await??;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// Path of a binary of this workspace (built by `cargo build --bins`, which `make test` runs).

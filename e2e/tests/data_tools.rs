@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chat_e2e::{binary, connect, ws_url, TestEnv, WAIT};
+use chat_e2e::{connect, run_binary, ws_url, TestEnv, WAIT};
 use serde_json::Value;
 
 async fn run(
@@ -11,25 +11,8 @@ async fn run(
     args: &[&str],
     env: &[(&str, String)],
 ) -> anyhow::Result<(i32, String, String)> {
-    let path = binary(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: run `cargo build --bins` first",
-        path.display()
-    );
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(path)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .output(),
-    )
-    .await??;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let (code, out, err) = run_binary(name, args, env).await?;
+    Ok((code, String::from_utf8_lossy(&out).into_owned(), err))
 }
 
 fn lines(out: &str) -> Vec<Value> {

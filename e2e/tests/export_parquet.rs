@@ -8,38 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
+use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::Message;
-use chat_e2e::{binary, TestEnv};
+use chat_e2e::{new_message, run_binary, TestEnv};
 use db_writer::{Locator, ShardConfig, Shards};
 use serde_json::Value;
-
-/// Runs a binary of the workspace; returns (exit code, stdout bytes, stderr).
-async fn run(
-    name: &str,
-    args: &[&str],
-    env: &[(&str, String)],
-) -> anyhow::Result<(i32, Vec<u8>, String)> {
-    let path = binary(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: run `cargo build --bins` first",
-        path.display()
-    );
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(path)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .output(),
-    )
-    .await??;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
 
 /// Runs one of the Python checks in `db-writer/tests/parquet` (installing pyarrow on first
 /// use); returns its stdout as JSON.
@@ -60,20 +33,6 @@ async fn python(script: &str, args: &[&str]) -> anyhow::Result<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).context("the Python check's output is JSON")
-}
-
-fn message(from: &str, to: &str, body: &str, sent_at_ms: i64) -> anyhow::Result<Message> {
-    let (sender, recipient) = (UserId::parse(from)?, UserId::parse(to)?);
-    Ok(Message {
-        id: uuid::Uuid::new_v4(),
-        client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string())?,
-        conversation: ConversationKey::of(&sender, &recipient).context("same user")?,
-        sender,
-        recipient,
-        body: body.into(),
-        sent_at_ms,
-        seq: 0,
-    })
 }
 
 /// A message as pyarrow reads it back, in the export's column names.
@@ -109,7 +68,7 @@ impl Export {
     async fn next(&mut self) -> anyhow::Result<Value> {
         self.runs += 1;
         let file = self.dir.join(format!("run{}.parquet", self.runs));
-        let (code, stdout, err) = run(
+        let (code, stdout, err) = run_binary(
             "db-writer",
             &[
                 "export",
@@ -150,11 +109,11 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
     let t0 = 1_764_000_000_000i64;
     let first: Vec<Message> = shards
         .store_batch(&[
-            message("alice", "bob", "hello bob", t0)?,
-            message("bob", "alice", "hi alice", t0 + 1)?,
-            message("alice", "carol", "ça va? 🙂", t0 + 2)?,
-            message("dave", "erin", "one", t0 + 3)?,
-            message("dave", "erin", "two", t0 + 4)?,
+            new_message("alice", "bob", "hello bob", t0)?,
+            new_message("bob", "alice", "hi alice", t0 + 1)?,
+            new_message("alice", "carol", "ça va? 🙂", t0 + 2)?,
+            new_message("dave", "erin", "one", t0 + 3)?,
+            new_message("dave", "erin", "two", t0 + 4)?,
         ])
         .await?
         .into_iter()
@@ -205,7 +164,7 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
     // A transaction that started first and commits last: a high-water mark over ids or times
     // would skip it for good. Held open on the shard of its conversation, as a slow
     // multiplexer batch would be.
-    let late = message("frank", "grace", "committed late", t0 + 5)?;
+    let late = new_message("frank", "grace", "committed late", t0 + 5)?;
     let late_shard = shards.locator().shard_of(&late.conversation);
     let (slow, conn) =
         tokio_postgres::connect(&env.shard_dsns[late_shard], tokio_postgres::NoTls).await?;
@@ -230,9 +189,9 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
     // More writes, committed while it is open, on both shards and in a known conversation.
     let second: Vec<Message> = shards
         .store_batch(&[
-            message("alice", "bob", "again", t0 + 6)?,
-            message("carol", "alice", "back", t0 + 7)?,
-            message("dave", "erin", "three", t0 + 8)?,
+            new_message("alice", "bob", "again", t0 + 6)?,
+            new_message("carol", "alice", "back", t0 + 7)?,
+            new_message("dave", "erin", "three", t0 + 8)?,
         ])
         .await?
         .into_iter()
@@ -269,7 +228,7 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
 
     // A cursor of another layout is refused, and left as it was.
     let before = std::fs::read_to_string(&export.cursor)?;
-    let (code, _, err) = run(
+    let (code, _, err) = run_binary(
         "db-writer",
         &[
             "export",
@@ -297,7 +256,7 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
     let mut doc: Value = serde_json::from_str(&before)?;
     doc["shards"][late_shard]["snapshot"] = "900000000000:900000000000:".into();
     std::fs::write(&ahead, doc.to_string())?;
-    let (code, _, err) = run(
+    let (code, _, err) = run_binary(
         "db-writer",
         &["export", "--cursor", &ahead.to_string_lossy()],
         &export.shards_env,
@@ -307,7 +266,7 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
     assert!(err.contains("start a new cursor"), "{err}");
 
     // --until would leave messages behind for good, so it does not go with --cursor.
-    let (code, _, err) = run(
+    let (code, _, err) = run_binary(
         "db-writer",
         &[
             "export",
@@ -329,7 +288,7 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
         .migrate_to(6)
         .await?;
     let fresh = dir.join("fresh-cursor.json");
-    let (code, _, err) = run(
+    let (code, _, err) = run_binary(
         "db-writer",
         &["export", "--cursor", &fresh.to_string_lossy()],
         &[("SHARD_DSNS", old[0].clone())],
@@ -349,9 +308,9 @@ async fn at_debug_log_level_stdout_carries_only_the_data() -> anyhow::Result<()>
     let shards = Shards::connect(&ShardConfig::from_list(&env.shard_dsns.join(","), 2)?)?;
     shards
         .store_batch(&[
-            message("alice", "bob", "one", 1_000)?,
-            message("bob", "carol", "two", 2_000)?,
-            message("carol", "dave", "three", 3_000)?,
+            new_message("alice", "bob", "one", 1_000)?,
+            new_message("bob", "carol", "two", 2_000)?,
+            new_message("carol", "dave", "three", 3_000)?,
         ])
         .await?;
     let debug = [
@@ -360,7 +319,8 @@ async fn at_debug_log_level_stdout_carries_only_the_data() -> anyhow::Result<()>
     ];
 
     // JSON lines: every stdout line is a message; the logs went to stderr.
-    let (code, stdout, err) = run("db-writer", &["export", "--since", "ms:0"], &debug).await?;
+    let (code, stdout, err) =
+        run_binary("db-writer", &["export", "--since", "ms:0"], &debug).await?;
     assert_eq!(code, 0, "{err}");
     let text = String::from_utf8(stdout)?;
     let lines: Vec<Value> = text
@@ -376,7 +336,7 @@ async fn at_debug_log_level_stdout_carries_only_the_data() -> anyhow::Result<()>
     );
 
     // Parquet on stdout: the bytes are exactly a Parquet file that pyarrow reads.
-    let (code, stdout, err) = run(
+    let (code, stdout, err) = run_binary(
         "db-writer",
         &["export", "--since", "ms:0", "--format", "parquet"],
         &debug,

@@ -14,7 +14,6 @@
 //! (`cargo build --bins`, which `make test` runs first).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -23,13 +22,23 @@ use std::time::Duration;
 use anyhow::Context;
 use chat_client::Rest;
 use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
-use chat_e2e::{http_url, TestEnv};
+use chat_e2e::{eventually_within, http_url, TestEnv};
 use chat_proto::v1::{inbound_record, ChatMessage, InboundRecord};
 use prost::Message as _;
 
 const CATALOGUE: &str = include_str!("../../infra/observability/metrics.json");
 
+/// The spawned binaries report lag every 5 s: a longer wait than the harness's.
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Some`, for at most [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    eventually_within(what, WAIT, check).await
+}
 
 /// One family of the catalogue.
 struct Family {
@@ -169,25 +178,6 @@ fn promtool(text: &str) -> anyhow::Result<String> {
         Ok(String::new())
     } else {
         Ok(format!("promtool exited {}:\n{said}", out.status))
-    }
-}
-
-/// Polls `check` until it returns `Some`, for at most [`WAIT`]: for what a scrape shows later.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -10,12 +10,10 @@
 //!   first scheme and one of the current scheme for the same send are one message.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::time::Duration;
 
 use chat_client::{Event, Rest};
 use chat_common::ids::{message_id, ClientMessageId, ConversationKey, UserId};
-use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
+use chat_e2e::{connect, eventually, http_url, ws_url, TestEnv, WAIT};
 use chat_proto::v1::{inbound_record, AckRecord, ChatMessage, DeadLetter, Failed, InboundRecord};
 use db_writer::{Locator, ShardConfig, Shards};
 use prost::Message as _;
@@ -69,26 +67,6 @@ fn record(m: ChatMessage) -> Vec<u8> {
         gateway_id: "gw1".into(),
     }
     .encode_to_vec()
-}
-
-/// Polls `check` until it returns `Some`, for at most [`WAIT`]: for states no event announces
-/// (rows in a shard, committed offsets).
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Reads events until a `Failed` arrives.

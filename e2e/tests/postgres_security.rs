@@ -5,9 +5,8 @@
 //! and the gateway as the reader.
 
 use anyhow::Context;
-use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
-use chat_common::message::Message;
-use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
+use chat_common::ids::{ConversationKey, UserId};
+use chat_e2e::{connect, http_url, new_message, ws_url, TestEnv, WAIT};
 use db_writer::{ShardConfig, Shards};
 use std::path::{Path, PathBuf};
 
@@ -60,20 +59,6 @@ fn verify_full() -> String {
 
 fn shards(dsn: &str) -> anyhow::Result<Shards> {
     Ok(Shards::connect(&ShardConfig::from_list(dsn, 2)?)?)
-}
-
-fn message(from: &str, to: &str, body: &str) -> anyhow::Result<Message> {
-    let (sender, recipient) = (UserId::parse(from)?, UserId::parse(to)?);
-    Ok(Message {
-        id: uuid::Uuid::new_v4(),
-        client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string())?,
-        conversation: ConversationKey::of(&sender, &recipient).context("same user")?,
-        sender,
-        recipient,
-        body: body.into(),
-        sent_at_ms: 1,
-        seq: 0,
-    })
 }
 
 /// Whether a connection through the shard layer gets an answer (what it asks does not need a
@@ -131,7 +116,7 @@ async fn shards_take_only_tls_and_each_role_only_its_part() -> anyhow::Result<()
 
         // The writer stores; the reader reads it and may not write.
         let writer = shards(&dsn("chat_writer", &db, &verify_full())?)?;
-        let stored = writer.store_batch(&[message("alice", "bob", "as the writer")?]).await?;
+        let stored = writer.store_batch(&[new_message("alice", "bob", "as the writer", 1)?]).await?;
         assert_eq!(stored.len(), 1);
         let reader = shards(&dsn("chat_reader", &db, &verify_full())?)?;
         let ab = ConversationKey::of(&UserId::parse("alice")?, &UserId::parse("bob")?)
@@ -140,7 +125,7 @@ async fn shards_take_only_tls_and_each_role_only_its_part() -> anyhow::Result<()
         assert_eq!(page.len(), 1);
         assert_eq!(page[0].body, "as the writer");
         let err = reader
-            .store_batch(&[message("alice", "bob", "as the reader")?])
+            .store_batch(&[new_message("alice", "bob", "as the reader", 1)?])
             .await
             .expect_err("the reader wrote");
         assert!(format!("{err:?}").contains("permission denied"), "{err:?}");

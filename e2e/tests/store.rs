@@ -4,28 +4,14 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
-use chat_common::message::{Ack, Message};
-use chat_e2e::TestEnv;
+use chat_common::ids::{ConversationKey, UserId};
+use chat_common::message::Ack;
+use chat_e2e::{new_message, TestEnv};
 use db_writer::{Retention, ShardConfig, Shards};
 
 fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
     let key = ConversationKey::of(&UserId::parse(a)?, &UserId::parse(b)?).context("same user")?;
     Ok(key.as_str().to_owned())
-}
-
-fn message(from: &str, to: &str, body: &str, sent_at_ms: i64) -> anyhow::Result<Message> {
-    let (sender, recipient) = (UserId::parse(from)?, UserId::parse(to)?);
-    Ok(Message {
-        id: uuid::Uuid::new_v4(),
-        client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string())?,
-        conversation: ConversationKey::of(&sender, &recipient).context("same user")?,
-        sender,
-        recipient,
-        body: body.into(),
-        sent_at_ms,
-        seq: 0,
-    })
 }
 
 fn shards_of(dsns: &[String]) -> anyhow::Result<Shards> {
@@ -105,9 +91,9 @@ async fn acks_move_a_watermark_per_direction() -> anyhow::Result<()> {
     // amy -> bo (1), bo -> amy (2), amy -> bo (3).
     let stored = shards
         .store_batch(&[
-            message("amy", "bo", "one", 1)?,
-            message("bo", "amy", "two", 2)?,
-            message("amy", "bo", "three", 3)?,
+            new_message("amy", "bo", "one", 1)?,
+            new_message("bo", "amy", "two", 2)?,
+            new_message("amy", "bo", "three", 3)?,
         ])
         .await?;
     let seqs: Vec<u64> = stored.iter().map(|s| s.message.seq).collect();
@@ -140,7 +126,7 @@ async fn acks_move_a_watermark_per_direction() -> anyhow::Result<()> {
     );
     assert!(pending(&shards, "bo").await?.is_empty());
     shards
-        .store_batch(&[message("amy", "bo", "four", 4)?])
+        .store_batch(&[new_message("amy", "bo", "four", 4)?])
         .await?;
     assert_eq!(pending(&shards, "bo").await?, [(4, "four".into())]);
 
@@ -175,10 +161,10 @@ async fn delete_on_ack_erases_what_the_watermark_passes_and_expiry_counts_the_un
     let conv = conversation("cy", "di")?;
     shards
         .store_batch(&[
-            message("cy", "di", "one", 1_000)?,
-            message("di", "cy", "two", 1_000)?,
-            message("cy", "di", "three", 1_000)?,
-            message("cy", "di", "four", 5_000)?,
+            new_message("cy", "di", "one", 1_000)?,
+            new_message("di", "cy", "two", 1_000)?,
+            new_message("cy", "di", "three", 1_000)?,
+            new_message("cy", "di", "four", 5_000)?,
         ])
         .await?;
     assert_eq!(
@@ -227,17 +213,17 @@ async fn a_batch_mixing_stored_and_new_messages_keeps_seqs_dense() -> anyhow::Re
     let (ab, cd) = (conversation("amy", "bo")?, conversation("cy", "di")?);
     let first = shards
         .store_batch(&[
-            message("amy", "bo", "one", 1)?,
-            message("bo", "amy", "two", 2)?,
-            message("cy", "di", "uno", 3)?,
+            new_message("amy", "bo", "one", 1)?,
+            new_message("bo", "amy", "two", 2)?,
+            new_message("cy", "di", "uno", 3)?,
         ])
         .await?;
-    let three = message("amy", "bo", "three", 4)?;
+    let three = new_message("amy", "bo", "three", 4)?;
     let again = shards
         .store_batch(&[
             three.clone(),
             first[1].message.clone(),
-            message("bo", "amy", "four", 5)?,
+            new_message("bo", "amy", "four", 5)?,
             first[2].message.clone(),
             three.clone(),
         ])
@@ -258,7 +244,7 @@ async fn a_batch_mixing_stored_and_new_messages_keeps_seqs_dense() -> anyhow::Re
     );
     // The next message follows without a gap; each conversation holds each message once.
     let five = shards
-        .store_batch(&[message("amy", "bo", "five", 6)?])
+        .store_batch(&[new_message("amy", "bo", "five", 6)?])
         .await?;
     assert_eq!(five[0].message.seq, 5);
     let bodies: Vec<(i64, Option<String>)> = env.stored(&ab).await?;
@@ -302,8 +288,8 @@ async fn the_sweep_index_is_built_on_demand() -> anyhow::Result<()> {
         .await?;
     shards
         .store_batch(&[
-            message("amy", "bo", "one", 1)?,
-            message("amy", "bo", "two", 2)?,
+            new_message("amy", "bo", "one", 1)?,
+            new_message("amy", "bo", "two", 2)?,
         ])
         .await?;
     let failed = db
