@@ -227,3 +227,13 @@ impl std::fmt::Display for ShardDown {
         f.write_str(&self.reason)
     }
 }
+
+impl ShardDown {
+    /// The shards down, as one line for a readiness answer ("shard 1: ...; shard 3: ...").
+    pub fn list(down: &[ShardDown]) -> String {
+        down.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}

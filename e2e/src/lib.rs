@@ -307,6 +307,20 @@ impl TestEnv {
         Ok(dsns)
     }
 
+    /// Messages stored, over every shard.
+    pub async fn message_count(&self) -> anyhow::Result<i64> {
+        let mut n = 0;
+        for i in 0..self.shard_dsns.len() {
+            n += self
+                .shard(i)
+                .await?
+                .query_one("SELECT count(*) FROM messages", &[])
+                .await?
+                .get::<_, i64>(0);
+        }
+        Ok(n)
+    }
+
     /// The stored (seq, body) of a conversation, over every shard, in seq order.
     pub async fn stored(&self, conversation: &str) -> anyhow::Result<Vec<(i64, Option<String>)>> {
         let mut out = Vec::new();

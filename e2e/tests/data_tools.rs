@@ -33,16 +33,7 @@ async fn tail_decodes_and_filters_and_export_writes_json_lines() -> anyhow::Resu
     alice.send("carol", "to carol").await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let mut n = 0i64;
-        for i in 0..2 {
-            n += env
-                .shard(i)
-                .await?
-                .query_one("SELECT count(*) FROM messages", &[])
-                .await?
-                .get::<_, i64>(0);
-        }
-        if n == 4 {
+        if env.message_count().await? == 4 {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "not stored");

@@ -125,11 +125,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             if down.is_empty() {
                 return Ok(Ready::default());
             }
-            let named = down
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
+            let named = db_writer::ShardDown::list(&down);
             Err(NotReady::new(
                 "shards",
                 format!(

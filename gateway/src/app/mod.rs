@@ -110,11 +110,7 @@ impl App {
         if down.is_empty() {
             return Ok(Ready::default());
         }
-        let named = down
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
+        let named = db_writer::ShardDown::list(&down);
         if down.len() == self.shards.len() {
             return Err(NotReady::new(
                 "shards",
