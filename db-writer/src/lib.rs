@@ -49,6 +49,6 @@ pub use failures::FailedMessage;
 pub use index_build::{IndexViolation, Rebuilt};
 pub use locator::Locator;
 pub use messages::Stored;
-pub use retention::{Retention, UnknownRetention};
+pub use retention::{Retention, SweepIndexError, UnknownRetention};
 pub use shards::{Plans, ShardConfig, ShardDown, Shards};
 pub use user_index::{ConversationSummary, IndexUpdates, ListCursor, Preview, SyncRead};

@@ -1,6 +1,7 @@
 //! `db-writer`: the shard layer's operator commands.
 //!
-//! - `db-writer migrate` applies the schema migrations to every shard in `SHARD_DSNS`.
+//! - `db-writer migrate` applies the schema migrations to every shard in `SHARD_DSNS`; with
+//!   `--retention delete-on-ack` it also builds the expiry sweep's index.
 //! - `db-writer locate alice bob` prints the shard of a conversation.
 //! - `db-writer replay --from beginning` rebuilds the shards in `SHARD_DSNS` (the same layout,
 //!   empty shards, or a new layout: resharding) from the `inbound` log, idempotently.
@@ -30,8 +31,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply missing schema migrations to every shard.
-    Migrate,
+    /// Apply missing schema migrations to every shard, and what the retention mode needs (in
+    /// delete-on-ack mode, the expiry sweep's index). Run as the shards' owner.
+    Migrate {
+        /// The deployment's retention mode: keep | delete-on-ack.
+        #[arg(long, env = "RETENTION", default_value = "keep")]
+        retention: Retention,
+    },
     /// Print which shard holds the conversation between two users.
     Locate { a: String, b: String },
     /// Export messages as JSON lines or Parquet: a time range, or incrementally from a cursor
@@ -111,10 +117,19 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = ShardConfig::from_list(&cli.shards, 2)?;
     match cli.command {
-        Command::Migrate => {
+        Command::Migrate { retention } => {
             let shards = Shards::connect(&config)?;
-            shards.migrate().await.context("migrating shards")?;
-            println!("{} shards migrated", shards.len());
+            shards
+                .migrate_for(retention)
+                .await
+                .context("migrating shards")?;
+            match retention {
+                Retention::Keep => println!("{} shards migrated", shards.len()),
+                Retention::DeleteOnAck => println!(
+                    "{} shards migrated; the expiry sweep's index is ready",
+                    shards.len()
+                ),
+            }
         }
         Command::Locate { a, b } => {
             let key = ConversationKey::of(&UserId::parse(&a)?, &UserId::parse(&b)?)

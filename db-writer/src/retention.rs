@@ -34,15 +34,41 @@ impl std::str::FromStr for Retention {
     }
 }
 
+/// Why the expiry sweep's index could not be made ready ([`Shards::ensure_sweep_index`]).
+#[derive(Debug, Error)]
+pub enum SweepIndexError {
+    /// The index is missing (or left invalid) and this role may not build it: only the owner of
+    /// the `messages` table may. A multiplexer running as the writer role meets this when the
+    /// shards were not migrated in delete-on-ack mode; the fix is an operator's, so a caller
+    /// reports it and tries again later.
+    #[error(
+        "shard {shard}: the expiry sweep's index (messages_unexpired_age) is missing and this role \
+         may not build it (only the owner of the messages table may): run `db-writer migrate \
+         --retention delete-on-ack` as the shards' owner (chat_owner)"
+    )]
+    NotOwner { shard: usize },
+    /// Anything else: a shard down, a lost connection, ...
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
 /// Advisory lock key that serialises builds of the sweep index (`Shards::ensure_sweep_index`).
 const SWEEP_INDEX_LOCK: i64 = 0x0063_6861_7473_7769;
+
+/// SQLSTATE 42501, insufficient_privilege: what Postgres answers a role that does not own the
+/// table it would index.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 impl Shards {
     /// Builds the expiry sweep's index where it is missing (delete-on-ack mode; see migration
     /// 4). `CREATE INDEX CONCURRENTLY` does not block writes. Builds are serialised per shard by
     /// an advisory lock, so an invalid index found while holding it is what a build that failed
     /// or was interrupted left behind: it is dropped and built again.
-    pub async fn ensure_sweep_index(&self) -> Result<(), DbError> {
+    ///
+    /// Only the owner of the tables may build it: `db-writer migrate --retention delete-on-ack`
+    /// does ([`Shards::migrate_for`]). Any role finds a valid index ready; a role that may not
+    /// build a missing one gets [`SweepIndexError::NotOwner`].
+    pub async fn ensure_sweep_index(&self) -> Result<(), SweepIndexError> {
         for shard in 0..self.pools.len() {
             let client = self.client(shard).await?;
             let pg = |source| DbError::Postgres { shard, source };
@@ -55,7 +81,10 @@ impl Shards {
             let _ = client
                 .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_INDEX_LOCK])
                 .await;
-            built?;
+            built.map_err(|e| match e.sqlstate() {
+                Some(INSUFFICIENT_PRIVILEGE) => SweepIndexError::NotOwner { shard },
+                _ => SweepIndexError::Db(e),
+            })?;
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
-//! The schema: ordered migrations, applied to every shard under an advisory lock.
+//! The schema: ordered migrations, applied to every shard under an advisory lock, and what a
+//! retention mode needs beyond them.
 
 use crate::error::DbError;
+use crate::retention::{Retention, SweepIndexError};
 use crate::shards::Shards;
 
 /// The schema, as ordered migrations. Applied by [`Shards::migrate`] under an advisory lock, so
@@ -28,6 +30,19 @@ impl Shards {
     /// Applies missing migrations to every shard.
     pub async fn migrate(&self) -> Result<(), DbError> {
         self.migrate_to(i32::MAX).await
+    }
+
+    /// Applies missing migrations, then what `retention` needs on top: in delete-on-ack mode the
+    /// expiry sweep's index (migration 4 left it to be built on demand, since keep mode would
+    /// pay for it on every insert and never read it). What `db-writer migrate` runs, as the
+    /// shards' owner, so that multiplexers running as the writer role, which may not build an
+    /// index, find it ready.
+    pub async fn migrate_for(&self, retention: Retention) -> Result<(), SweepIndexError> {
+        self.migrate().await?;
+        if retention == Retention::DeleteOnAck {
+            self.ensure_sweep_index().await?;
+        }
+        Ok(())
     }
 
     /// The migrations each shard lacks, for the shards that lack any: (shard, versions).

@@ -182,19 +182,33 @@ async fn expiry_sweep(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // The sweep reads its own index, which keep mode does not have: build it first (without
-        // blocking writes; the multiplexer runs meanwhile).
+        // The sweep reads its own index, which keep mode does not have. `db-writer migrate
+        // --retention delete-on-ack` builds it as the shards' owner; a multiplexer that finds it
+        // missing builds it if its role may (without blocking writes; the multiplexer runs
+        // meanwhile), and otherwise says what to run and tries again at the next sweep.
         if !indexed {
             let built = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 built = shards.ensure_sweep_index() => built,
             };
-            if let Err(e) = built {
-                tracing::warn!(error = %e, "building the sweep index failed; trying again at the next sweep");
-                metrics::counter!("multiplexer_errors_total", "kind" => "sweep_index").increment(1);
-                continue;
+            match built {
+                Ok(()) => indexed = true,
+                Err(e @ db_writer::SweepIndexError::NotOwner { .. }) => {
+                    tracing::error!(
+                        error = %e,
+                        "delete-on-ack: no unacked message expires until the sweep's index exists; trying again at the next sweep"
+                    );
+                    metrics::counter!("multiplexer_errors_total", "kind" => "sweep_index")
+                        .increment(1);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "building the sweep index failed; trying again at the next sweep");
+                    metrics::counter!("multiplexer_errors_total", "kind" => "sweep_index")
+                        .increment(1);
+                    continue;
+                }
             }
-            indexed = true;
         }
         let now = chat_common::now_ms();
         let cutoff = now - i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
