@@ -8,6 +8,7 @@
 //! - [`shards`]: the pools to the shards, and the two ways a concern reaches them (one shard per
 //!   conversation, every shard for a user's reads).
 //! - [`schema`]: the migrations.
+//! - [`roles`]: the roles the processes sign in as (owner, writer, reader), and their grants.
 //! - [`messages`]: idempotent batched writes with gap-free per-conversation sequences.
 //! - [`acks`]: acks as watermarks (with erasure in delete-on-ack mode), and receipts.
 //! - [`queries`]: history pages, and the sync query of the time before the user index.
@@ -36,6 +37,7 @@ pub mod messages;
 pub mod queries;
 pub mod replay;
 pub mod retention;
+pub mod roles;
 mod rows;
 pub mod schema;
 pub mod shards;

@@ -1,7 +1,11 @@
 //! `db-writer`: the shard layer's operator commands.
 //!
-//! - `db-writer migrate` applies the schema migrations to every shard in `SHARD_DSNS`; with
-//!   `--retention delete-on-ack` it also builds the expiry sweep's index.
+//! - `db-writer roles`, connected as an administrator (the RDS master user), creates the owner,
+//!   writer and reader roles with the passwords in `CHAT_OWNER_PASSWORD`, `CHAT_WRITER_PASSWORD`
+//!   and `CHAT_READER_PASSWORD`, hands the shard databases to the owner and grants the others
+//!   their part.
+//! - `db-writer migrate` applies the schema migrations to every shard in `SHARD_DSNS` (as the
+//!   owner); with `--retention delete-on-ack` it also builds the expiry sweep's index.
 //! - `db-writer locate alice bob` prints the shard of a conversation.
 //! - `db-writer replay --from beginning` rebuilds the shards in `SHARD_DSNS` (the same layout,
 //!   empty shards, or a new layout: resharding) from the `inbound` log, idempotently.
@@ -17,7 +21,7 @@ use anyhow::Context;
 use chat_common::config::DEFAULT_SHARD_DSNS;
 use chat_common::ids::{ConversationKey, UserId};
 use clap::{Parser, Subcommand};
-use db_writer::{replay, Retention, ShardConfig, Shards};
+use db_writer::{replay, roles, Retention, ShardConfig, Shards};
 
 #[derive(Parser)]
 #[command(version, about = "Shard layer operations for the chat pipeline")]
@@ -38,6 +42,12 @@ enum Command {
         #[arg(long, env = "RETENTION", default_value = "keep")]
         retention: Retention,
     },
+    /// Create the owner, writer and reader roles (or set their passwords), make the owner the
+    /// owner of each shard database and its tables, and grant the writer and the reader their
+    /// part. Run as an administrator (the RDS master user). The passwords are read from
+    /// CHAT_OWNER_PASSWORD, CHAT_WRITER_PASSWORD and CHAT_READER_PASSWORD, never from the
+    /// command line.
+    Roles,
     /// Print which shard holds the conversation between two users.
     Locate { a: String, b: String },
     /// Export messages as JSON lines or Parquet: a time range, or incrementally from a cursor
@@ -130,6 +140,34 @@ async fn main() -> anyhow::Result<()> {
                     shards.len()
                 ),
             }
+        }
+        Command::Roles => {
+            let password = |name: &str| match std::env::var(name) {
+                Ok(p) if !p.is_empty() => Ok(p),
+                _ => Err(anyhow::anyhow!("{name} is not set")),
+            };
+            let passwords = roles::RolePasswords {
+                owner: password("CHAT_OWNER_PASSWORD")?,
+                writer: password("CHAT_WRITER_PASSWORD")?,
+                reader: password("CHAT_READER_PASSWORD")?,
+            };
+            let shards = Shards::connect(&config)?;
+            let done = shards
+                .ensure_roles(&passwords)
+                .await
+                .context("creating the roles")?;
+            println!(
+                "roles {}, {}, {} in place on {} shards: {} created, {} passwords set, {} databases and {} tables handed to {}",
+                roles::OWNER,
+                roles::WRITER,
+                roles::READER,
+                shards.len(),
+                done.created,
+                done.updated,
+                done.databases,
+                done.relations,
+                roles::OWNER
+            );
         }
         Command::Locate { a, b } => {
             let key = ConversationKey::of(&UserId::parse(&a)?, &UserId::parse(&b)?)
