@@ -821,6 +821,14 @@ def _check_refs(m: Module) -> list[str]:
     for block in m.blocks:
         if block.type == "terraform":
             continue
+        if block.type == "moved":
+            # `from` names an address that no longer exists (that is the point); `to` must.
+            for side, must_exist in (("from", False), ("to", True)):
+                (ref,) = references(block.attrs[side])
+                exists = bool(ref.path) and (ref.root, ref.path[0]) in resources
+                if exists != must_exist:
+                    problems.append(f"{block.where()}: moved.{side} {ref.root}.{'.'.join(ref.path)}")
+            continue
         iterated = "for_each" in block.attrs
         counted = "count" in block.attrs
         exprs = block_exprs(block) if block.type != "locals" else list(block.attrs.values())
@@ -1297,8 +1305,10 @@ def test_kafka_and_postgres_take_only_tls_and_each_service_signs_in_as_itself() 
         for p in m.resources[("aws_db_parameter_group", "shards")].sub("parameter")
     }
     assert params["rds.force_ssl"] == "1"
-    dsns = m.locals["shard_dsns"]
-    assert "sslmode=verify-full" in str(dsns) and "var.rds_ca_bundle_path" in _ref_targets(dsns)
+    tls = m.locals["dsn_tls"]
+    assert "sslmode=verify-full" in str(tls) and "var.rds_ca_bundle_path" in _ref_targets(tls)
+    for name in ("master_dsns", "role_dsns"):
+        assert "local.dsn_tls" in _ref_targets(m.locals[name]), f"{name} without verify-full"
     for process, user in (("gateway", "gateway-"), ("multiplexer", "multiplexer")):
         td = m.resources[("aws_ecs_task_definition", process)]
         env = _env_entries(td.attrs["container_definitions"], m)
@@ -1324,10 +1334,14 @@ def test_migrations_run_once_before_the_services_update() -> None:
     env = _env_entries(task.attrs["container_definitions"], m)
     assert "SHARD_DSNS" in env, "the migration task needs the shard DSNs"
     assert evaluate(m.variables["migrate_command"].attrs["default"], scope) == ["db-writer", "migrate"]
+    # The deployment's retention mode: in delete-on-ack mode the migration builds the sweep's
+    # index, which the multiplexers (chat_writer) may not.
+    assert _ref_targets(env["RETENTION"]) == {"var.retention"}, "the migration task must know the retention mode"
     run = m.resources[("terraform_data", "migrate")]
     assert "var.run_migrations" in _ref_targets(run.attrs["count"])
     triggers = _ref_targets(run.attrs["triggers_replace"])
     assert {"var.gateway_image", "var.multiplexer_image"} <= triggers, "a new image must migrate first"
+    assert "aws_ecs_task_definition.migrate" in triggers, "a new retention mode must migrate first"
     for service in ("gateway", "multiplexer"):
         deps = _ref_targets(m.resources[("aws_ecs_service", service)].attrs["depends_on"])
         assert "terraform_data.migrate" in deps, f"the {service} service updates before migrations ran"
@@ -1335,12 +1349,124 @@ def test_migrations_run_once_before_the_services_update() -> None:
     assert evaluate(mux["MULTIPLEXER_MIGRATE"], scope) == "false", "multiplexers would migrate mid-rollout"
 
 
+DB_ROLES = {"chat_owner", "chat_writer", "chat_reader"}
+
+
+def _full_refs(expr: Tree) -> set[tuple[str, ...]]:
+    """Every reference of `expr` with its whole path: root, names and literal keys."""
+    return {(r.root,) + tuple(str(p) for p in r.path) for r in references(expr)}
+
+
+def test_postgres_roles_have_generated_passwords_in_encrypted_secrets() -> None:
+    m = _deploy()
+    scope = Scope(m, {}, str(DEPLOY))
+    assert set(evaluate(m.locals["db_roles"], scope)) == DB_ROLES
+    # The role names are what db-writer roles creates and postgres.sh makes locally.
+    roles_rs = (ROOT / "db-writer" / "src" / "roles.rs").read_text()
+    for role in DB_ROLES:
+        assert f'"{role}"' in roles_rs, role
+    password = m.resources[("random_password", "db_role")]
+    assert _ref_targets(password.attrs["for_each"]) == {"local.db_roles"}
+    assert evaluate(password.attrs["length"], scope) >= 32
+    # No URL-special characters: the passwords go into DSNs unescaped.
+    assert evaluate(password.attrs["special"], scope) is False
+    for name in ("db_role", "role_dsns"):
+        secret = m.resources[("aws_secretsmanager_secret", name)]
+        assert _ref_targets(secret.attrs["for_each"]) == {"local.db_roles"}, name
+        assert _ref_targets(secret.attrs["kms_key_id"]) == {"aws_kms_key.db_roles"}, f"{name}: not under the roles' key"
+        version = m.resources[("aws_secretsmanager_secret_version", name)]
+        assert f"aws_secretsmanager_secret.{name}" in _ref_targets(version.attrs["secret_id"]), name
+    assert evaluate(m.resources[("aws_kms_key", "db_roles")].attrs["enable_key_rotation"], scope) is True
+    version = m.resources[("aws_secretsmanager_secret_version", "db_role")]
+    assert "random_password.db_role" in _ref_targets(version.attrs["secret_string"])
+    role_dsns = m.locals["role_dsns"]
+    assert {"random_password.db_role", "aws_db_instance.shard", "local.db_roles"} <= _ref_targets(role_dsns)
+    assert "random_password.shard" not in _ref_targets(role_dsns), "a role's DSNs must not carry the master password"
+    assert "random_password.shard" in _ref_targets(m.locals["master_dsns"])
+    # The tasks' execution role may read the secrets and decrypt them.
+    policy = m.data[("aws_iam_policy_document", "read_secrets")]
+    targets = {t for st in policy.sub("statement") for t in _ref_targets(st.attrs["resources"])}
+    assert {
+        "aws_secretsmanager_secret.role_dsns",
+        "aws_secretsmanager_secret.db_role",
+        "aws_secretsmanager_secret.master_dsns",
+        "aws_kms_key.db_roles",
+    } <= targets
+
+
+def _task_secret(task: str, name: str) -> set[tuple[str, ...]]:
+    m = _deploy()
+    env = _env_entries(m.resources[("aws_ecs_task_definition", task)].attrs["container_definitions"], m)
+    assert name in env, f"the {task} task has no {name}"
+    return _full_refs(env[name])
+
+
+def test_the_roles_task_signs_in_as_the_master_user_and_runs_before_the_migrations() -> None:
+    m = _deploy()
+    scope = Scope(m, {}, str(DEPLOY))
+    assert evaluate(m.variables["db_roles_command"].attrs["default"], scope) == ["db-writer", "roles"]
+    assert ("aws_secretsmanager_secret", "master_dsns", "arn") in _task_secret("db_roles", "SHARD_DSNS")
+    for role in DB_ROLES:
+        var = f"{role.upper()}_PASSWORD"
+        assert ("aws_secretsmanager_secret", "db_role", role, "arn") in _task_secret("db_roles", var), var
+        text = _env_entries(m.resources[("aws_ecs_task_definition", "db_roles")].attrs["container_definitions"], m)[var]
+        assert ":password::" in str(text), f"{var}: the password field of the secret, not its JSON"
+    # Those are the variables db-writer roles reads.
+    main_rs = (ROOT / "db-writer" / "src" / "main.rs").read_text()
+    for role in DB_ROLES:
+        assert f'"{role.upper()}_PASSWORD"' in main_rs, role
+    # No service or migration signs in as the master user.
+    for (type_, name), block in m.resources.items():
+        if type_ == "aws_ecs_task_definition" and name != "db_roles":
+            refs = _full_refs(block.attrs["container_definitions"])
+            env = _env_entries(block.attrs["container_definitions"], m)
+            refs |= {r for v in env.values() for r in _full_refs(v)}
+            assert not any(r[:2] == ("aws_secretsmanager_secret", "master_dsns") for r in refs), name
+    run = m.resources[("terraform_data", "db_roles")]
+    assert "var.run_migrations" in _ref_targets(run.attrs["count"])
+    triggers = _ref_targets(run.attrs["triggers_replace"])
+    # Again on a new password (rotation), a new shard, a new image.
+    assert {
+        "aws_ecs_task_definition.db_roles",
+        "aws_secretsmanager_secret_version.db_role",
+        "aws_db_instance.shard",
+    } <= triggers, triggers
+    (exec_,) = run.sub("provisioner")
+    assert _ref_targets(exec_.attrs["command"]) == {"local.run_one_off_task"}
+    env = exec_.attrs["environment"]
+    assert "aws_ecs_task_definition.db_roles" in _ref_targets(env)
+    assert "aws_subnet.private" in _ref_targets(env)
+    # Before the migrations, and before the services.
+    migrate = m.resources[("terraform_data", "migrate")]
+    assert "terraform_data.db_roles" in _ref_targets(migrate.attrs["depends_on"])
+    for service in ("gateway", "multiplexer"):
+        deps = _ref_targets(m.resources[("aws_ecs_service", service)].attrs["depends_on"])
+        assert "terraform_data.db_roles" in deps, service
+
+
+@pytest.mark.parametrize(
+    "task,role",
+    [("migrate", "chat_owner"), ("multiplexer", "chat_writer"), ("gateway", "chat_reader")],
+)
+def test_each_process_signs_in_to_the_shards_as_its_role(task: str, role: str) -> None:
+    assert _task_secret(task, "SHARD_DSNS") == {("aws_secretsmanager_secret", "role_dsns", role, "arn")}
+
+
+@pytest.mark.parametrize("service,role", [("multiplexer", "chat_writer"), ("gateway", "chat_reader")])
+def test_a_rotated_role_password_rolls_the_services_signing_in_as_it(service: str, role: str) -> None:
+    m = _deploy()
+    scope = Scope(m, {}, str(DEPLOY))
+    svc = m.resources[("aws_ecs_service", service)]
+    assert evaluate(svc.attrs["force_new_deployment"], scope) is True
+    assert ("aws_secretsmanager_secret_version", "role_dsns", role, "version_id") in _full_refs(svc.attrs["triggers"])
+
+
 def test_shards_are_counted_rds_instances_listed_in_order() -> None:
     m = _deploy()
     db = m.resources[("aws_db_instance", "shard")]
     assert _ref_targets(db.attrs["count"]) == {"var.shard_count"}
-    dsns = m.locals["shard_dsns"]
-    assert "aws_db_instance.shard" in _ref_targets(dsns)
+    for name in ("master_dsns", "role_dsns"):
+        assert "aws_db_instance.shard" in _ref_targets(m.locals[name]), name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,14 +53,17 @@ data "aws_iam_policy_document" "read_secrets" {
   statement {
     actions = ["secretsmanager:GetSecretValue"]
     resources = concat(
-      [aws_secretsmanager_secret.shard_dsns.arn, var.jwt_secret_arn],
+      [aws_secretsmanager_secret.master_dsns.arn, var.jwt_secret_arn],
+      [for role in local.db_roles : aws_secretsmanager_secret.role_dsns[role].arn],
+      [for role in local.db_roles : aws_secretsmanager_secret.db_role[role].arn],
       [for u in concat(["multiplexer"], [for id in var.gateway_ids : "gateway-${id}"]) : aws_secretsmanager_secret.kafka_user[u].arn],
     )
   }
-  # The Kafka users' secrets are encrypted with a key of their own (kafka_users.tf).
+  # The Kafka users' and the Postgres roles' secrets are encrypted with keys of their own
+  # (kafka_users.tf, db_roles.tf).
   statement {
     actions   = ["kms:Decrypt"]
-    resources = [aws_kms_key.kafka_users.arn]
+    resources = [aws_kms_key.kafka_users.arn, aws_kms_key.db_roles.arn]
   }
 }
 
@@ -83,8 +86,6 @@ locals {
     { name = "LOG_FORMAT", value = "json" },
     { name = "RUST_LOG", value = var.rust_log },
   ]
-
-  shard_secret = { name = "SHARD_DSNS", valueFrom = aws_secretsmanager_secret.shard_dsns.arn }
 
   # The password of a Kafka user, from the JSON of its secret.
   kafka_password = { for u in local.kafka_users : u => { name = "KAFKA_SASL_PASSWORD", valueFrom = "${aws_secretsmanager_secret.kafka_user[u].arn}:password::" } }
@@ -126,7 +127,8 @@ resource "aws_ecs_task_definition" "gateway" {
       { name = "RETENTION", value = var.retention },
     ])
     secrets = [
-      local.shard_secret,
+      # Signed in to the shards as chat_reader: a gateway only reads them.
+      { name = "SHARD_DSNS", valueFrom = aws_secretsmanager_secret.role_dsns["chat_reader"].arn },
       { name = "JWT_SECRET", valueFrom = var.jwt_secret_arn },
       local.kafka_password["gateway-${each.key}"],
     ]
@@ -157,6 +159,12 @@ resource "aws_ecs_service" "gateway" {
 
   health_check_grace_period_seconds = 60
 
+  # A new chat_reader password (db_roles.tf) reaches the tasks only when they start: roll them.
+  force_new_deployment = true
+  triggers = {
+    shard_dsns = aws_secretsmanager_secret_version.role_dsns["chat_reader"].version_id
+  }
+
   network_configuration {
     subnets          = aws_subnet.private[*].id
     security_groups  = [aws_security_group.gateway.id]
@@ -169,8 +177,9 @@ resource "aws_ecs_service" "gateway" {
     container_port   = 8080
   }
 
-  # New images start only once the shards have the schema they need (migrate.tf).
-  depends_on = [aws_lb_listener.gateway_443, module.kafka_topics, terraform_data.migrate]
+  # New images start only once the shards have the roles and the schema they need (db_roles.tf,
+  # migrate.tf).
+  depends_on = [aws_lb_listener.gateway_443, module.kafka_topics, terraform_data.db_roles, terraform_data.migrate]
 }
 
 # --- Multiplexers ---------------------------------------------------------------------------
@@ -196,11 +205,15 @@ resource "aws_ecs_task_definition" "multiplexer" {
       { name = "MULTIPLEXER_HTTP_ADDR", value = "0.0.0.0:9300" },
       { name = "RETENTION", value = var.retention },
       { name = "UNACKED_TTL_SECS", value = tostring(var.unacked_ttl_seconds) },
-      # Migrations run once, before the services update, as their own task (migrate.tf): not
-      # from a new task while old ones still run.
+      # Migrations run once, before the services update, as their own task and as the owner
+      # (migrate.tf): not from a new task while old ones still run, and chat_writer may not.
       { name = "MULTIPLEXER_MIGRATE", value = "false" },
     ])
-    secrets = [local.shard_secret, local.kafka_password["multiplexer"]]
+    secrets = [
+      # Signed in to the shards as chat_writer: rows only, no DDL (hence MULTIPLEXER_MIGRATE).
+      { name = "SHARD_DSNS", valueFrom = aws_secretsmanager_secret.role_dsns["chat_writer"].arn },
+      local.kafka_password["multiplexer"],
+    ]
     logConfiguration = {
       logDriver = "awslogs"
       options = {
@@ -218,6 +231,12 @@ resource "aws_ecs_service" "multiplexer" {
   task_definition = aws_ecs_task_definition.multiplexer.arn
   launch_type     = "FARGATE"
   desired_count   = var.multiplexer_min_count
+
+  # A new chat_writer password (db_roles.tf) reaches the tasks only when they start: roll them.
+  force_new_deployment = true
+  triggers = {
+    shard_dsns = aws_secretsmanager_secret_version.role_dsns["chat_writer"].version_id
+  }
 
   network_configuration {
     subnets          = aws_subnet.private[*].id
@@ -239,7 +258,7 @@ resource "aws_ecs_service" "multiplexer" {
     }
   }
 
-  depends_on = [module.kafka_topics, terraform_data.migrate]
+  depends_on = [module.kafka_topics, terraform_data.db_roles, terraform_data.migrate]
 }
 
 resource "aws_appautoscaling_target" "multiplexer" {

@@ -33,9 +33,19 @@ output "shard_endpoints" {
   value       = [for db in aws_db_instance.shard : "${db.address}:${db.port}"]
 }
 
-output "shard_dsns_secret_arn" {
-  description = "ARN of the Secrets Manager secret holding SHARD_DSNS (passwords included)."
-  value       = aws_secretsmanager_secret.shard_dsns.arn
+output "master_dsns_secret_arn" {
+  description = "ARN of the Secrets Manager secret holding SHARD_DSNS as the RDS master user (passwords included): the roles task's; no service signs in with it."
+  value       = aws_secretsmanager_secret.master_dsns.arn
+}
+
+output "role_dsns_secret_arns" {
+  description = "Map of Postgres role (chat_owner, chat_writer, chat_reader) to the ARN of the secret holding SHARD_DSNS as that role (passwords included)."
+  value       = { for role, secret in aws_secretsmanager_secret.role_dsns : role => secret.arn }
+}
+
+output "db_role_secret_arns" {
+  description = "Map of Postgres role to the ARN of the secret holding its password ({username, password})."
+  value       = { for role, secret in aws_secretsmanager_secret.db_role : role => secret.arn }
 }
 
 output "ecs_cluster_name" {

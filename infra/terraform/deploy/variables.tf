@@ -208,8 +208,14 @@ variable "migrate_command" {
   default     = ["db-writer", "migrate"]
 }
 
+variable "db_roles_command" {
+  description = "Command of the roles task's container: what creates the shards' Postgres roles (chat_owner, chat_writer, chat_reader) and their grants in db_writer_image, signed in as the RDS master user."
+  type        = list(string)
+  default     = ["db-writer", "roles"]
+}
+
 variable "run_migrations" {
-  description = "Before the services are updated, apply the shard migrations with a one-off ECS task and fail the apply if it fails (needs the aws CLI where terraform runs). False: run db-writer migrate yourself before applying new images."
+  description = "Before the services are updated, run the roles task (db-writer roles) and then the shard migrations (db-writer migrate) as one-off ECS tasks, and fail the apply if either fails (needs the aws CLI where terraform runs). False: run both yourself before applying new images or new role passwords."
   type        = bool
   default     = true
 }
