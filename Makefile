@@ -142,7 +142,7 @@ chaos-short: deps ## Three fault scenarios, 30 s each (CI): a multiplexer SIGKIL
 	@target/debug/chaos --bin-dir target/debug --duration 30 --rate 100 --scenarios kill-multiplexer,kill-gateway,poison-record --out target/chaos-short.md || { echo "chaos-short: anomalies found (see the table above)"; exit 1; }
 
 .PHONY: bench
-bench: stack ## Benchmark (not in make test): baselines, e2e max rate and latency (keep and delete-on-ack), idle connections, connect storm; ~30 min; writes bench/RESULTS.md.
+bench: stack ## Benchmark (not in make test): baselines, e2e max rate and latency (keep and delete-on-ack), idle connections, connect storm, what TLS costs (BENCH_STAGES=tls alone); ~40 min; writes bench/RESULTS.md.
 	@bench/bench.sh || { echo "bench: failed (see the messages above; outputs in target/bench/)"; exit 1; }
 
 .PHONY: test-infra

@@ -14,17 +14,23 @@
 #      connect to one gateway at once; time to syncDone, CPU per connect by process, memory per
 #      idle connection, with 4 and with 16 shards;
 #   7. optional (BENCH_PEER=1): a peer, Centrifugo v6, beside the gateway with the same client
-#      (bench/peer.sh says how).
+#      (bench/peer.sh says how);
+#   8. what TLS costs: plain and TLS alternated in one run, clients to the gateway (ws:// and
+#      wss://: CPU per message and per connect, latency, memory per connection) and the services'
+#      links to Kafka and Postgres (make stack's against the secured broker and Postgres, started
+#      for it if they are not running); bench/tls.sh says how (about 8 minutes; BENCH_STAGES=tls
+#      alone).
 #
 # Everything it starts is its own: gateways and a multiplexer from target/release with their own
-# topic prefix, consumer groups and shard databases, on the Kafka and Postgres of `make stack`.
-# All of it is stopped and deleted at the end (also on failure or Ctrl-C). The default stack
-# (topics without prefix, chat_shard_*) is never touched.
+# topic prefix, consumer groups and shard databases, on the Kafka and Postgres of `make stack`
+# (and, in stage 8, on the secured broker and Postgres). All of it is stopped and deleted at the
+# end (also on failure or Ctrl-C). The default stack (topics without prefix, chat_shard_*) is
+# never touched.
 #
 # Output: target/bench/<run id>/ (JSON reports, PNG charts, logs, results.md); a full run also
 # writes bench/RESULTS.md.
 #
-# Env: BENCH_STAGES  stages to run (default "baselines e2e connections storm")
+# Env: BENCH_STAGES  stages to run (default "baselines e2e connections storm tls"; also "peer")
 #      BENCH_QUICK=1 short durations (a smoke test, minutes less; figures are rough)
 #      BENCH_USERS   websocket users of the e2e load (default 1000)
 #      BENCH_CONNS   idle connections to hold (default 19500)
@@ -59,7 +65,8 @@ BIN=target/release
 BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 PG_ADMIN="${CHAT_TEST_PG:-postgres://chat@127.0.0.1:54320/postgres}"
 PG_BASE="${PG_ADMIN%/*}"
-STAGES="${BENCH_STAGES:-baselines e2e connections storm}"
+DEFAULT_STAGES="baselines e2e connections storm tls"
+STAGES="${BENCH_STAGES:-$DEFAULT_STAGES}"
 QUICK="${BENCH_QUICK:-0}"
 USERS="${BENCH_USERS:-1000}"
 CONNS="${BENCH_CONNS:-19500}"
@@ -103,7 +110,7 @@ cleanup() {
   log "cleaning up"
   for name in "${!PIDS[@]}"; do stop_bg "$name"; done
   if [[ -x "$BIN/loadgen" ]]; then
-    "$BIN/loadgen" cleanup --brokers "$BROKERS" --prefix "$PREFIX" \
+    "$BIN/loadgen" cleanup --kafka-brokers "$BROKERS" --topic-prefix "$PREFIX" \
       --group "${PREFIX}multiplexer" --group "${PREFIX}raw" \
       --group "${PREFIX}gateway-lgw1" --group "${PREFIX}gateway-lgw2" --group "${PREFIX}gateway-lgc1" \
       --group "${PREFIX}gateway-lgs1" \
@@ -114,6 +121,7 @@ cleanup() {
   for db in "${DBS[@]}"; do
     psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >>"$OUT/logs/cleanup.log" 2>&1 || true
   done
+  if declare -F tls_cleanup >/dev/null; then tls_cleanup; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -407,6 +415,12 @@ if has_stage storm; then
   done
 fi
 
+# ---------------------------------------------------------------- 8. what TLS costs
+# bench/tls.sh: its outputs in $OUT/tls/, section 8 of the results.
+if has_stage tls; then
+  source bench/tls.sh
+fi
+
 # ---------------------------------------------------------------- 7. a peer: Centrifugo
 # Optional (BENCH_PEER=1 or "peer" in BENCH_STAGES): bench/peer.sh writes $OUT/peer.md.
 if has_stage peer || [[ "${BENCH_PEER:-0}" == 1 ]]; then
@@ -421,7 +435,7 @@ echo
 cat "$OUT/results.md"
 echo
 echo "JSON reports, charts (trial-*.png) and logs: $OUT/"
-if [[ "$STAGES" == "baselines e2e connections storm" && "$QUICK" != 1 ]]; then
+if [[ "$STAGES" == "$DEFAULT_STAGES" && "$QUICK" != 1 ]]; then
   { echo "# Bench results"; echo; echo "Produced by \`$COMMAND\` (bench/bench.sh); charts and JSON of this run were in $OUT/."; echo;
     cat "$OUT/results.md"; } >bench/RESULTS.md
   echo "wrote bench/RESULTS.md"

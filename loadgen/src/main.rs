@@ -3,8 +3,9 @@
 //! Subcommands: `run` (one open-loop end-to-end trial), `search` (the highest sustainable rate,
 //! then latency points), `raw-kafka`, `raw-pg`, `echo-server` + `echo` (raw websocket),
 //! `tcp-server` + `hold` (connections held and memory per connection), `storm-seed` + `storm`
-//! (users with history connecting to one gateway at once), `cleanup` (topics and groups of a
-//! bench run), `report` (the Markdown table from the JSON reports).
+//! (users with history connecting to one gateway at once), `topics` and `cleanup` (topics and
+//! groups of a bench run, on a secured broker too), `report` (the Markdown table from the JSON
+//! reports).
 //! `make bench` (bench/bench.sh) runs all of it.
 
 mod chart;
@@ -336,14 +337,23 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Deletes the topics with a prefix and the named consumer groups.
+    /// Deletes the topics whose names start with the topic prefix (`--topic-prefix`, at least 4
+    /// characters) and the named consumer groups, on the brokers the Kafka settings name (a
+    /// secured broker included: `KAFKA_SECURITY_PROTOCOL` and the settings beside it).
     Cleanup {
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        brokers: String,
-        #[arg(long)]
-        prefix: String,
+        #[command(flatten)]
+        kafka: chat_common::kafka::KafkaArgs,
         #[arg(long = "group")]
         groups: Vec<String>,
+    },
+    /// Creates a deployment's topics under the topic prefix, as `chatctl topics` does, on the
+    /// brokers the Kafka settings name (a secured broker included, as its admin user).
+    Topics {
+        #[command(flatten)]
+        kafka: chat_common::kafka::KafkaArgs,
+        /// Gateway ids, comma separated: an outbound topic each.
+        #[arg(long, value_delimiter = ',', required = true)]
+        gateways: Vec<String>,
     },
     /// Measures the CPU the watched processes use while this one does nothing (idle load).
     Idle {
@@ -615,11 +625,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await?;
             write_json(&out, &r)?;
         }
-        Command::Cleanup {
-            brokers,
-            prefix,
-            groups,
-        } => cleanup(&brokers, &prefix, &groups).await?,
+        Command::Cleanup { kafka, groups } => cleanup(&kafka, &groups).await?,
+        Command::Topics { kafka, gateways } => {
+            use chat_common::topics::{ensure_topics, standard_topics, TopicNames};
+            let gateways = gateways
+                .iter()
+                .map(|g| chat_common::ids::GatewayId::parse(g.trim()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let topics = standard_topics(&TopicNames::new(&kafka.topic_prefix), &gateways);
+            ensure_topics(
+                &chat_common::kafka::KafkaConfig::from_args(&kafka),
+                &topics,
+                None,
+            )
+            .await
+            .with_context(|| format!("creating topics on {}", kafka.kafka_brokers))?;
+            for (name, spec) in topics {
+                println!("{name}: {} partitions", spec.partitions);
+            }
+        }
         Command::Idle {
             seconds,
             watches,
@@ -654,15 +678,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cleanup(brokers: &str, prefix: &str, groups: &[String]) -> anyhow::Result<()> {
+async fn cleanup(kafka: &chat_common::kafka::KafkaArgs, groups: &[String]) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::consumer::Consumer;
+    let prefix = kafka.topic_prefix.as_str();
     anyhow::ensure!(
         prefix.len() >= 4,
-        "refusing a prefix shorter than 4 characters"
+        "refusing a topic prefix shorter than 4 characters"
     );
-    let cfg = chat_common::kafka::KafkaConfig::new(brokers);
+    let cfg = chat_common::kafka::KafkaConfig::from_args(kafka);
     let reader = cfg.reader()?;
     let md = reader.fetch_metadata(None, Duration::from_secs(10))?;
     let topics: Vec<String> = md

@@ -3,7 +3,9 @@
 //! Reads `meta.json` (written by bench/bench.sh), `kafka.json`, `pg.json`, `echo.json`,
 //! `search.json` (and `delete-on-ack/search.json`, the same search in that retention mode),
 //! `hold-gateway.json`, `hold-tcp.json`, `hold-fleet-<n>.json`, `storm-<shards>.json` (and
-//! `storm-before-<shards>.json`, other code on the same data); a missing file shows as "not run".
+//! `storm-before-<shards>.json`, other code on the same data), `tls/` (the TLS stage: `setup.json`,
+//! `clients-<n>-<mode>/run.json`, `storm-<n>-<mode>.json`, `services-<n>-<mode>/run.json`); a
+//! missing file shows as "not run" (the TLS section only when the stage ran).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -392,6 +394,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     }
 
     storm_section(&mut o, dir, cores)?;
+    tls_section(&mut o, dir)?;
 
     if let Some(s) = &search {
         trials_table(&mut o, "Trials", s)?;
@@ -1186,6 +1189,326 @@ fn storm_section(o: &mut String, dir: &Path, cores: f64) -> anyhow::Result<()> {
                 )?;
             }
         }
+    }
+    Ok(())
+}
+
+/// One trial of the TLS stage: its place in the run (1-based), its mode (`plain` or `tls`), and
+/// what it measured.
+struct TlsTrial<T> {
+    order: usize,
+    mode: String,
+    report: T,
+}
+
+/// The trials of one part of the TLS stage, in run order: `<part>-<n>-<mode>.json`, or
+/// `<part>-<n>-<mode>/run.json` (a `loadgen run` output directory).
+fn tls_trials<T: serde::de::DeserializeOwned>(dir: &Path, part: &str) -> Vec<TlsTrial<T>> {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&format!("{part}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out: Vec<TlsTrial<T>> = names
+        .into_iter()
+        .filter_map(|name| {
+            let stem = name.strip_suffix(".json").unwrap_or(&name);
+            let (order, mode) = stem.strip_prefix(&format!("{part}-"))?.split_once('-')?;
+            let file = if name.ends_with(".json") {
+                name.clone()
+            } else {
+                format!("{name}/run.json")
+            };
+            Some(TlsTrial {
+                order: order.parse().ok()?,
+                mode: mode.to_owned(),
+                report: load(dir, &file)?,
+            })
+        })
+        .collect();
+    out.sort_by_key(|t| t.order);
+    out
+}
+
+/// A row of a plain / TLS table: each mode's values in run order and their mean, and the ratio
+/// of the means (TLS / plain).
+fn tls_row<T>(
+    o: &mut String,
+    label: &str,
+    trials: &[TlsTrial<T>],
+    value: impl Fn(&T) -> Option<f64>,
+    show: impl Fn(f64) -> String,
+) -> anyhow::Result<()> {
+    let mut means = Vec::new();
+    let mut cells = Vec::new();
+    for mode in ["plain", "tls"] {
+        let values: Vec<f64> = trials
+            .iter()
+            .filter(|t| t.mode == mode)
+            .filter_map(|t| value(&t.report))
+            .collect();
+        let mean = (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
+        let list: Vec<String> = values.iter().map(|v| show(*v)).collect();
+        cells.push(match (values.len(), mean) {
+            (0, _) | (_, None) => "-".to_owned(),
+            (1, _) => list.join(""),
+            (_, Some(m)) => format!("{} (mean **{}**)", list.join(", "), show(m)),
+        });
+        means.push(mean);
+    }
+    writeln!(
+        o,
+        "| {label} | {} | {} | {} |",
+        cells[0],
+        cells[1],
+        ratio(means[1], means[0])
+    )?;
+    Ok(())
+}
+
+/// CPU microseconds per message sent of a process of a trial (`all`: every watched process).
+fn cpu_us_per_message(r: &TrialReport, process: &str) -> Option<f64> {
+    let sent = r.sent.max(1) as f64;
+    if process == "all" {
+        return Some(r.cpu_seconds_per_message * 1e6);
+    }
+    r.cpu.seconds.get(process).map(|s| s / sent * 1e6)
+}
+
+/// The processes whose CPU a trial of the TLS stage reports.
+const TLS_PROCESSES: [&str; 5] = ["gateway", "multiplexer", "kafka", "postgres", "loadgen"];
+
+/// The rows of a fixed-rate part (clients to the gateway, or services to Kafka and Postgres).
+fn tls_rate_rows(o: &mut String, trials: &[TlsTrial<TrialReport>]) -> anyhow::Result<()> {
+    let us1 = |v: f64| format!("{v:.1}");
+    for p in TLS_PROCESSES {
+        tls_row(
+            o,
+            &format!("CPU per message (µs): {p}"),
+            trials,
+            |r| cpu_us_per_message(r, p),
+            us1,
+        )?;
+    }
+    tls_row(
+        o,
+        "CPU per message (µs): **all processes**",
+        trials,
+        |r| cpu_us_per_message(r, "all"),
+        us1,
+    )?;
+    tls_row(
+        o,
+        "delivered p50 (ms)",
+        trials,
+        |r| Some(r.deliver_latency.p50_ms),
+        ms,
+    )?;
+    tls_row(
+        o,
+        "delivered p99 (ms)",
+        trials,
+        |r| Some(r.deliver_latency.p99_ms),
+        ms,
+    )?;
+    tls_row(
+        o,
+        "receipt p50 (ms)",
+        trials,
+        |r| Some(r.receipt_latency.p50_ms),
+        ms,
+    )?;
+    tls_row(
+        o,
+        "receipt p99 (ms)",
+        trials,
+        |r| Some(r.receipt_latency.p99_ms),
+        ms,
+    )?;
+    tls_row(
+        o,
+        "messages lost (of sent)",
+        trials,
+        |r| Some(r.lost as f64),
+        |v| format!("{v:.0}"),
+    )?;
+    Ok(())
+}
+
+/// Notes under a table: trials that did not pass, and processes without a CPU figure.
+fn tls_notes(o: &mut String, part: &str, trials: &[TlsTrial<TrialReport>]) -> anyhow::Result<()> {
+    for t in trials {
+        let r = &t.report;
+        if !r.passed {
+            writeln!(
+                o,
+                "\n{part}, trial {} ({}): {} of {} sent receipted; {}",
+                t.order,
+                t.mode,
+                n(r.receipted as f64),
+                n(r.sent as f64),
+                r.verdict
+            )?;
+        }
+        let missing: Vec<&str> = TLS_PROCESSES
+            .into_iter()
+            .filter(|p| !r.cpu.seconds.contains_key(*p))
+            .collect();
+        if !missing.is_empty() {
+            writeln!(
+                o,
+                "\n{part}, trial {} ({}): no CPU figure for {}",
+                t.order,
+                t.mode,
+                missing.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Section 8: what TLS costs, from `tls/` of the run (bench/tls.sh): clients to the gateway
+/// (`ws://` against `wss://` served by the gateway), and the services' links to Kafka and
+/// Postgres (plain against the secured broker and Postgres), the modes alternated in one run.
+fn tls_section(o: &mut String, dir: &Path) -> anyhow::Result<()> {
+    let dir = dir.join("tls");
+    let Some(setup) = load::<serde_json::Value>(&dir, "setup.json") else {
+        return Ok(());
+    };
+    writeln!(
+        o,
+        "\n### 8. What TLS costs (plain and TLS side by side, alternated in one run)\n"
+    )?;
+    let order = |modes: Vec<String>| {
+        modes
+            .iter()
+            .map(|m| if m == "tls" { "TLS" } else { m.as_str() })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let clients: Vec<TlsTrial<TrialReport>> = tls_trials(&dir, "clients");
+    let storms: Vec<TlsTrial<StormReport>> = tls_trials(&dir, "storm");
+    let services: Vec<TlsTrial<TrialReport>> = tls_trials(&dir, "services");
+    let (users, rate, seconds) = (
+        setup["users"].as_u64().unwrap_or(0),
+        setup["rate"].as_f64().unwrap_or(0.0),
+        setup["seconds"].as_f64().unwrap_or(0.0),
+    );
+    writeln!(
+        o,
+        "**Clients to the gateway.** One gateway serving `ws://` and one serving `wss://` itself (`TLS_CERT_FILE`: {} certificate from a CA made for the run, which the load generator trusts with `--ca-file`), one multiplexer, the shared Kafka and Postgres. Trials in the order {}: {} users at {} msg/s for {} s each (a receipt round trip per message: the send, its ack, the push, the recipient's ack, the receipt); CPU from /proc over each trial, per message sent; TLS / plain is the ratio of the means.\n",
+        setup["key"].as_str().unwrap_or("?"),
+        order(clients.iter().map(|t| t.mode.clone()).collect()),
+        n(users as f64),
+        n(rate),
+        seconds,
+    )?;
+    if clients.is_empty() {
+        writeln!(o, "not run")?;
+    } else {
+        writeln!(o, "| figure | plain | TLS | TLS / plain |")?;
+        writeln!(o, "|---|---|---|---|")?;
+        tls_rate_rows(o, &clients)?;
+        tls_notes(o, "clients", &clients)?;
+    }
+    if let Some(first) = storms.first() {
+        let p = &first.report.plan;
+        writeln!(
+            o,
+            "\n**Connect storm**, a fresh gateway per trial (plain or TLS), in the order {}: {} users with history ({} conversations each, {} with {} messages pending) connect, {} at a time, through the handshake and the websocket upgrade to `syncDone`; CPU per connect from /proc over the storm; memory = the gateway's RSS growth per connection, all idle ({:.0} s after the last `syncDone`).\n",
+            order(storms.iter().map(|t| t.mode.clone()).collect()),
+            n(p.users as f64),
+            p.conversations,
+            p.pending_conversations,
+            p.pending_messages,
+            n(first.report.concurrency as f64),
+            setup["storm_idle_seconds"].as_f64().unwrap_or(15.0),
+        )?;
+        writeln!(o, "| figure | plain | TLS | TLS / plain |")?;
+        writeln!(o, "|---|---|---|---|")?;
+        let ms3 = |v: f64| format!("{v:.3}");
+        for p in STORM_PROCESSES {
+            tls_row(
+                o,
+                &format!("CPU per connect (ms): {p}"),
+                &storms,
+                |r| cpu_ms(r, p),
+                ms3,
+            )?;
+        }
+        tls_row(
+            o,
+            "CPU per connect (ms): **all processes**",
+            &storms,
+            total_ms,
+            ms3,
+        )?;
+        tls_row(
+            o,
+            "connects per second (to `syncDone`)",
+            &storms,
+            |r| Some(r.connects_per_sec),
+            n,
+        )?;
+        tls_row(
+            o,
+            "to `syncDone` p50 (ms)",
+            &storms,
+            |r| Some(r.to_sync_done.p50_ms),
+            ms,
+        )?;
+        tls_row(
+            o,
+            "to `syncDone` p99 (ms)",
+            &storms,
+            |r| Some(r.to_sync_done.p99_ms),
+            ms,
+        )?;
+        tls_row(
+            o,
+            "memory per idle connection (KiB)",
+            &storms,
+            |r| Some(r.rss_per_connection_idle_bytes / 1024.0),
+            |v| format!("{v:.2}"),
+        )?;
+        for t in &storms {
+            let r = &t.report;
+            let failed: u64 = r.failures.values().sum();
+            if failed > 0 || r.synced_as_planned < r.attempted {
+                writeln!(
+                    o,
+                    "\nstorm, trial {} ({}): {} of {} synced as planned, {failed} failed",
+                    t.order,
+                    t.mode,
+                    n(r.synced_as_planned as f64),
+                    n(r.attempted as f64)
+                )?;
+            }
+        }
+    }
+    writeln!(
+        o,
+        "\n**Services to Kafka and Postgres.** The same load ({} users at {} msg/s for {} s, clients over `ws://` in both) on a gateway and a multiplexer that reach the secured broker (SASL_SSL with SCRAM-SHA-512, each as its own user, ACLs) and the secured Postgres (`sslmode=verify-full`, scram-sha-256; the gateway as `chat_reader`, the multiplexer as `chat_writer`), against a pair on the plain broker and Postgres of `make stack`. They are other instances of the same versions: the plain ones also serve whatever else runs on the machine.\n",
+        n(users as f64),
+        n(rate),
+        seconds,
+    )?;
+    if let Some(skipped) = setup["services_skipped"].as_str() {
+        writeln!(o, "Not run: {skipped}.")?;
+    } else if services.is_empty() {
+        writeln!(o, "not run")?;
+    } else {
+        writeln!(
+            o,
+            "Trials in the order {}.\n",
+            order(services.iter().map(|t| t.mode.clone()).collect())
+        )?;
+        writeln!(o, "| figure | plain | TLS | TLS / plain |")?;
+        writeln!(o, "|---|---|---|---|")?;
+        tls_rate_rows(o, &services)?;
+        tls_notes(o, "services", &services)?;
     }
     Ok(())
 }
