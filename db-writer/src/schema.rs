@@ -49,25 +49,7 @@ impl Shards {
     pub async fn missing_migrations(&self) -> Result<Vec<(usize, Vec<i32>)>, DbError> {
         let mut behind = Vec::new();
         for shard in 0..self.pools.len() {
-            let client = self.client(shard).await?;
-            let pg = |source| DbError::Postgres { shard, source };
-            let applied: Vec<i32> = client
-                .query("SELECT version FROM schema_migrations", &[])
-                .await
-                .or_else(|e| match e.code() {
-                    // A shard never migrated has no table at all.
-                    Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(Vec::new()),
-                    _ => Err(e),
-                })
-                .map_err(pg)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            let missing: Vec<i32> = MIGRATIONS
-                .iter()
-                .map(|(v, _)| *v)
-                .filter(|v| !applied.contains(v))
-                .collect();
+            let missing = self.missing_migrations_on(shard).await?;
             if !missing.is_empty() {
                 behind.push((shard, missing));
             }
@@ -75,45 +57,78 @@ impl Shards {
         Ok(behind)
     }
 
+    /// [`Shards::missing_migrations`] of one shard.
+    pub async fn missing_migrations_on(&self, shard: usize) -> Result<Vec<i32>, DbError> {
+        let client = self.client(shard).await?;
+        let pg = |source| DbError::Postgres { shard, source };
+        let applied: Vec<i32> = client
+            .query("SELECT version FROM schema_migrations", &[])
+            .await
+            .or_else(|e| match e.code() {
+                // A shard never migrated has no table at all.
+                Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(Vec::new()),
+                _ => Err(e),
+            })
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(MIGRATIONS
+            .iter()
+            .map(|(v, _)| *v)
+            .filter(|v| !applied.contains(v))
+            .collect())
+    }
+
     /// Applies missing migrations up to and including `last` to every shard (tests of a
     /// migration start from the schema before it).
     pub async fn migrate_to(&self, last: i32) -> Result<(), DbError> {
         for shard in 0..self.pools.len() {
-            let mut client = self.client(shard).await?;
-            let pg = |source| DbError::Postgres { shard, source };
-            let tx = client.transaction().await.map_err(pg)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .await
-                .map_err(pg)?;
-            tx.batch_execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (
-                     version int PRIMARY KEY,
-                     applied_at timestamptz NOT NULL DEFAULT now())",
+            self.migrate_shard_to(shard, last).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies every migration to one shard (a multiplexer that started while it was down).
+    pub async fn migrate_shard(&self, shard: usize) -> Result<(), DbError> {
+        self.migrate_shard_to(shard, i32::MAX).await
+    }
+
+    async fn migrate_shard_to(&self, shard: usize, last: i32) -> Result<(), DbError> {
+        let mut client = self.client(shard).await?;
+        let pg = |source| DbError::Postgres { shard, source };
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version int PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(pg)?;
+        let applied: Vec<i32> = tx
+            .query("SELECT version FROM schema_migrations", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (version, sql) in MIGRATIONS {
+            if applied.contains(version) || *version > last {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(pg)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
             )
             .await
             .map_err(pg)?;
-            let applied: Vec<i32> = tx
-                .query("SELECT version FROM schema_migrations", &[])
-                .await
-                .map_err(pg)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            for (version, sql) in MIGRATIONS {
-                if applied.contains(version) || *version > last {
-                    continue;
-                }
-                tx.batch_execute(sql).await.map_err(pg)?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version) VALUES ($1)",
-                    &[version],
-                )
-                .await
-                .map_err(pg)?;
-                tracing::info!(shard, version, "applied migration");
-            }
-            tx.commit().await.map_err(pg)?;
+            tracing::info!(shard, version, "applied migration");
         }
+        tx.commit().await.map_err(pg)?;
         Ok(())
     }
 }

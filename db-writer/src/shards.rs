@@ -204,6 +204,14 @@ impl Shards {
         answers.into_iter().flatten().collect()
     }
 
+    /// Whether `shard` answers `SELECT 1` within `within`.
+    pub async fn answers(&self, shard: usize, within: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(within, self.ping_one(shard)).await,
+            Ok(Ok(()))
+        )
+    }
+
     async fn ping_one(&self, shard: usize) -> Result<(), DbError> {
         let client = self.client(shard).await?;
         client

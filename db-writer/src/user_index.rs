@@ -25,7 +25,7 @@
 //! before the index existed waits for [`Shards::rebuild_index`] (`db-writer rebuild-index`), and
 //! until every shard says built, syncs read every shard the way they did before the index.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use chat_common::ids::{ConversationKey, UserId};
@@ -87,6 +87,20 @@ impl IndexUpdates {
     /// Rows written (after merging).
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// The conversations with a row of a user that `user` selects.
+    pub fn conversations_of(&self, user: impl Fn(&UserId) -> bool) -> BTreeSet<ConversationKey> {
+        self.rows
+            .keys()
+            .filter(|(u, _)| user(u))
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    /// Keeps only the rows of the conversations `keep` selects.
+    pub fn retain_conversations(&mut self, keep: impl Fn(&ConversationKey) -> bool) {
+        self.rows.retain(|(_, c), _| keep(c));
     }
 
     fn add(&mut self, user: &UserId, conversation: &ConversationKey, row: IndexRow) {
