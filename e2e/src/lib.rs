@@ -193,6 +193,7 @@ impl TestEnv {
             shards: self.shard_config(),
             retention: self.retention,
             max_batch: 500,
+            max_held: 10_000,
             batch_wait: Duration::from_millis(2),
             outbound_batches: true,
             http_addr: "127.0.0.1:0".parse()?,
@@ -563,6 +564,49 @@ where
             "{what}: not within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Seeded randomness for randomized tests (splitmix64: small, and the same on every platform).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True `percent` times in 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+}
+
+/// The seed of a randomized test: the environment variable `var` when set (to replay a run),
+/// else a fresh one. The test prints it.
+pub fn seed(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} is a u64")),
+        Err(_) => {
+            let u = uuid::Uuid::new_v4();
+            u.as_u64_pair().0 ^ u.as_u64_pair().1
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use chat_client::Rest;
 use chat_common::ids::{ConversationKey, UserId};
-use chat_e2e::{http_url, ws_url, TestEnv};
+use chat_e2e::{http_url, ws_url, Rng, TestEnv};
 use chat_proto::v1::{
     client_frame, server_frame, Ack, ChatMessage, ClientFrame, Send, ServerFrame, Sync,
 };
@@ -40,31 +40,6 @@ const ANSWER_WAIT: Duration = Duration::from_secs(60);
 const DELIVERY_WAIT: Duration = Duration::from_secs(90);
 /// Reconnections one user may make that it did not choose (server closes) before giving up.
 const MAX_UNPLANNED_RECONNECTS: u32 = 12;
-
-// ---------------------------------------------------------------------------------------------
-// Seeded randomness (splitmix64: small, and the same on every platform)
-// ---------------------------------------------------------------------------------------------
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Bodies
@@ -104,7 +79,7 @@ fn body(rng: &mut Rng, json: bool, n: usize) -> Body {
         .map(char::from)
         .collect::<String>();
     match rng.below(100) {
-        0..=29 => plain(format!("m{n} hello {}", rng.next() % 1000), "ascii"),
+        0..=29 => plain(format!("m{n} hello {}", rng.next_u64() % 1000), "ascii"),
         30..=39 => {
             // Every control character, in a rotating order.
             let k = rng.below(all_controls.len());
@@ -191,7 +166,7 @@ fn body(rng: &mut Rng, json: bool, n: usize) -> Body {
             expect: Expect::Deliver,
             kind: "surrogate_pair",
         },
-        _ => plain(format!("m{n} plain {}", rng.next()), "ascii"),
+        _ => plain(format!("m{n} plain {}", rng.next_u64()), "ascii"),
     }
 }
 
@@ -856,16 +831,6 @@ impl User {
 // The test
 // ---------------------------------------------------------------------------------------------
 
-fn seed() -> u64 {
-    match std::env::var("CLIENT_MODEL_SEED") {
-        Ok(s) => s.trim().parse().expect("CLIENT_MODEL_SEED is a u64"),
-        Err(_) => {
-            let u = uuid::Uuid::new_v4();
-            u.as_u64_pair().0 ^ u.as_u64_pair().1
-        }
-    }
-}
-
 /// Every page of `GET /messages/{peer}` as `user`, oldest first.
 async fn history(
     rest: &Rest,
@@ -901,7 +866,7 @@ async fn history(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_users_get_every_message_once_in_order() -> anyhow::Result<()> {
-    let seed = seed();
+    let seed = chat_e2e::seed("CLIENT_MODEL_SEED");
     let scale: usize = std::env::var("CLIENT_MODEL_SCALE")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -951,7 +916,7 @@ async fn simulated_users_get_every_message_once_in_order() -> anyhow::Result<()>
             seed,
         };
         let peers: Vec<String> = names.iter().filter(|p| *p != name).cloned().collect();
-        let rng = Rng(master.next());
+        let rng = Rng(master.next_u64());
         tasks.push(tokio::spawn(user.run(rng, peers, bursts)));
     }
     let mut users = Vec::new();

@@ -11,36 +11,10 @@ use std::collections::{BTreeSet, HashMap};
 use anyhow::Context;
 use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
 use chat_common::message::{Ack, Message};
-use chat_e2e::TestEnv;
+use chat_e2e::{Rng, TestEnv};
 use db_writer::{IndexUpdates, Retention, ShardConfig, Shards, SyncRead};
 
-/// splitmix64: small, seeded, good enough to pick users and actions.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn seed() -> u64 {
-    match std::env::var("USER_INDEX_SEED") {
-        Ok(s) => s.trim().parse().expect("USER_INDEX_SEED is a u64"),
-        Err(_) => {
-            let u = uuid::Uuid::new_v4();
-            u.as_u64_pair().0 ^ u.as_u64_pair().1
-        }
-    }
-}
-
-fn user(i: u64) -> UserId {
+fn user(i: usize) -> UserId {
     UserId::parse(&format!("u{i}")).expect("valid")
 }
 
@@ -106,7 +80,7 @@ fn summary(read: &SyncRead) -> (Vec<String>, BTreeSet<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_index_agrees_with_the_shards_through_crashes_and_a_rebuild() -> anyhow::Result<()> {
-    let seed = seed();
+    let seed = chat_e2e::seed("USER_INDEX_SEED");
     println!("USER_INDEX_SEED={seed}");
     let mut rng = Rng(seed);
     let env = TestEnv::new(4, &["gw1"]).await?;
@@ -133,7 +107,7 @@ async fn the_index_agrees_with_the_shards_through_crashes_and_a_rebuild() -> any
                     user: b.clone(),
                     peer: a.clone(),
                     conversation,
-                    up_to_seq: known.unwrap_or(0) + rng.below(3),
+                    up_to_seq: known.unwrap_or(0) + rng.below(3) as u64,
                     acked_at_ms: at,
                 });
             } else {

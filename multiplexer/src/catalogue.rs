@@ -25,6 +25,10 @@ pub(crate) const FAMILIES: &[Family] = &[
         "Records of an inbound partition this multiplexer owns that its group has not committed yet: the partition's high watermark minus the group's committed offset (0 once the partition is revoked).",
     )
     .open("partition"),
+    Family::gauge(
+        "multiplexer_held_records",
+        "Inbound records held aside because a shard they need is down (their conversation's, or a user's home shard), tried again once it answers; the stored offsets stay below the oldest.",
+    ),
     Family::seconds(
         "multiplexer_inbound_wait_seconds",
         "Time from an inbound record's timestamp (the producing gateway's clock) to its consumption.",

@@ -21,6 +21,9 @@ pub struct Config {
     pub retention: Retention,
     /// Most records handled in one batch (one shard transaction per shard per batch).
     pub max_batch: usize,
+    /// Most records held aside while a shard they need is down (`holding`); at the bound the
+    /// multiplexer stops reading until the shard is back.
+    pub max_held: usize,
     /// How long to wait to fill a batch once its first record arrived.
     pub batch_wait: Duration,
     /// Write the pushes for a gateway as batch records (one per gateway per batch) rather than
@@ -89,6 +92,14 @@ pub struct Args {
         value_name = "N"
     )]
     pub multiplexer_max_batch: usize,
+    /// Records held aside at most while a shard they need is down.
+    #[arg(
+        long,
+        env = "MULTIPLEXER_MAX_HELD",
+        default_value_t = 200_000,
+        value_name = "N"
+    )]
+    pub multiplexer_max_held: usize,
     /// Milliseconds to fill a batch after its first record.
     #[arg(
         long,
@@ -161,6 +172,7 @@ impl Config {
             shards,
             retention: args.retention,
             max_batch: args.multiplexer_max_batch,
+            max_held: args.multiplexer_max_held,
             batch_wait: Duration::from_millis(args.multiplexer_batch_wait_ms),
             outbound_batches: args.multiplexer_outbound_batch,
             http_addr: args.multiplexer_http_addr,
@@ -198,6 +210,7 @@ mod tests {
         assert_eq!(c.shards.pool_size, 8);
         assert_eq!(c.retention, Retention::Keep);
         assert_eq!(c.max_batch, 2000);
+        assert_eq!(c.max_held, 200_000);
         assert_eq!(c.batch_wait, Duration::from_millis(2));
         assert!(c.outbound_batches);
         assert_eq!(c.http_addr, "127.0.0.1:9300".parse().expect("an address"));

@@ -11,6 +11,7 @@
 
 mod catalogue;
 pub mod config;
+mod holding;
 pub mod pipeline;
 
 use std::net::SocketAddr;
@@ -75,20 +76,29 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.topics.inbound_dlq()
     );
     let shards = db_writer::Shards::connect(&config.shards).context("shards")?;
-    if config.migrate {
-        shards.migrate().await.context("shard migrations")?;
-    } else {
-        let behind = shards.missing_migrations().await.context("shard schema")?;
-        anyhow::ensure!(
-            behind.is_empty(),
-            "shards lack migrations this multiplexer needs (shard: versions): {}; apply them \
-             first (db-writer migrate), or start with MULTIPLEXER_MIGRATE=true",
-            behind
-                .iter()
-                .map(|(shard, v)| format!("{shard}: {v:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+    // A shard down at start does not keep the multiplexer from starting (a restart during a
+    // shard outage would otherwise stop every shard): its records are held from the start, and
+    // it is migrated or checked once it answers. Every shard down is refused (a wrong setting
+    // looks the same).
+    let down: Vec<usize> = shards
+        .down_shards(Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|d| d.shard)
+        .collect();
+    anyhow::ensure!(
+        down.len() < shards.len(),
+        "no shard answers: {}",
+        db_writer::ShardDown::list(&shards.down_shards(Duration::from_secs(5)).await)
+    );
+    if !down.is_empty() {
+        tracing::warn!(
+            ?down,
+            "shards down at start: their records are held until they answer and are checked"
         );
+    }
+    for shard in (0..shards.len()).filter(|s| !down.contains(s)) {
+        pipeline::check_schema(&shards, shard, config.migrate).await?;
     }
 
     let presence = chat_common::presence::PresenceView::start(
@@ -110,12 +120,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     ));
 
-    // Ready only while every shard answers, unlike a gateway (which stays ready while one
-    // does): a batch holding a message or an ack for a shard that is down is retried in place,
-    // holding its partition's order, and the batches behind it wait, whatever their shards. So
-    // a multiplexer with a shard down makes no progress on any shard, and says so. Nothing
-    // routes traffic by a multiplexer's readiness (it only consumes), so this pulls nothing
-    // out of rotation; see docs/design.md ("One shard down").
+    // Ready while at least one shard answers, like a gateway: the records a shard that is down
+    // needs are held aside and the others pass (docs/design.md, "One shard down"), so the
+    // answer says which shards are down (`degraded`), and is not ready only when none answers.
+    // Nothing routes traffic by a multiplexer's readiness (it only consumes).
     let (ready_shards, ready_producer) = (shards.clone(), producer.clone());
     let ready: ReadyCheck = Arc::new(move || {
         let (shards, producer) = (ready_shards.clone(), ready_producer.clone());
@@ -126,14 +134,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 return Ok(Ready::default());
             }
             let named = db_writer::ShardDown::list(&down);
-            Err(NotReady::new(
-                "shards",
-                format!(
-                    "{} of {} down, every partition waits: {named}",
-                    down.len(),
-                    shards.len()
-                ),
-            ))
+            if down.len() == shards.len() {
+                return Err(NotReady::new(
+                    "shards",
+                    format!("every shard down: {named}"),
+                ));
+            }
+            Ok(Ready::degraded(format!(
+                "shards down ({} of {}), their records held: {named}",
+                down.len(),
+                shards.len()
+            )))
         })
     });
     let (http_addr, server) = warp::serve(ops_routes(ready))
@@ -159,6 +170,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         producer,
         shards,
         presence,
+        unchecked: down,
     };
     let task = tokio::spawn(async move {
         pipeline.run(shutdown).await;

@@ -15,19 +15,27 @@
 //! `inbound-dlq` (delivery awaited before the offsets are stored), and for a message with valid
 //! ids a `Failed` notice to its sender and a row for its next sync. A batch the store refuses is
 //! bisected until every message that can be stored is, in log order (so seqs stay dense and in
-//! order), and each that cannot is alone. Errors retrying can fix (a shard down) are retried in
-//! place, holding the partition's order, as is anything that is not the data's fault.
+//! order), and each that cannot is alone.
+//!
+//! A shard that does not answer stops only its own records: they are held aside with every later
+//! record of their conversations (`holding`), the other shards' records pass, and the held ones
+//! are tried again, in log order, once a ping says the shard is back. The stored offsets never
+//! pass a held record. Other errors retrying can fix (a serialisation failure, a full holding)
+//! are retried in place, holding the partition's order, as is anything that is not the data's
+//! fault.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chat_common::ids::UserId;
+use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::Ack;
 use chat_proto::v1::{
     outbound_record, DeadLetter, OutboundBatch, OutboundItem, OutboundRecord, Stored,
 };
-use db_writer::inbound::{self, Inbound, InvalidRecord};
+use db_writer::inbound::{self, Inbound};
 use db_writer::{Acked, DbError, FailedMessage, IndexUpdates, ReceiptFor, Shards};
 use futures_util::future::join_all;
 use prost::Message as _;
@@ -38,6 +46,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::holding::{Decoded, Holding};
 use chat_common::presence::PresenceView;
 
 /// Largest value of one outbound batch record (the topics accept 1 MiB); a larger batch is split.
@@ -46,6 +55,10 @@ const MAX_BATCH_RECORD_BYTES: usize = 256 * 1024;
 /// How long to wait for the presence view to catch up before routing with what it has.
 const PRESENCE_CATCH_UP: Duration = Duration::from_secs(2);
 
+/// How often the shards known down are pinged, and how long each ping may take.
+const PING_EVERY: Duration = Duration::from_secs(1);
+const PING_WITHIN: Duration = Duration::from_secs(2);
+
 /// The state the loop works with.
 pub struct Pipeline {
     pub(crate) config: Config,
@@ -53,6 +66,33 @@ pub struct Pipeline {
     pub(crate) producer: FutureProducer,
     pub(crate) shards: Shards,
     pub(crate) presence: PresenceView,
+    /// Shards down at start: held from the start, migrated (or checked) once they answer.
+    pub(crate) unchecked: Vec<usize>,
+}
+
+/// Migrates `shard` (with `migrate`) or checks that it has every migration this version needs.
+pub(crate) async fn check_schema(
+    shards: &Shards,
+    shard: usize,
+    migrate: bool,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if migrate {
+        return shards
+            .migrate_shard(shard)
+            .await
+            .with_context(|| format!("shard {shard}: migrations"));
+    }
+    let missing = shards
+        .missing_migrations_on(shard)
+        .await
+        .with_context(|| format!("shard {shard}: schema"))?;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "shard {shard} lacks migrations this multiplexer needs: {missing:?}; apply them first \
+         (db-writer migrate), or start with MULTIPLEXER_MIGRATE=true"
+    );
+    Ok(())
 }
 
 /// Records how long `m` waited in `inbound`: its timestamp (the producing gateway's clock) to now.
@@ -90,9 +130,107 @@ struct Batch {
     acks: Vec<Ack>,
     ack_records: Vec<usize>,
     /// Records that failed decoding or validation: (record index, why).
-    invalid: Vec<(usize, InvalidRecord)>,
+    invalid: Vec<(usize, inbound::InvalidRecord)>,
     /// Highest offset per (topic, partition), stored once the batch is done.
     offsets: BTreeMap<(String, i32), i64>,
+}
+
+impl Batch {
+    fn from_entries(entries: Vec<Decoded>) -> Batch {
+        let mut batch = Batch::default();
+        for (index, Decoded { record, item }) in entries.into_iter().enumerate() {
+            let key = (record.topic().to_owned(), record.partition());
+            let offset = batch.offsets.entry(key).or_insert(record.offset());
+            *offset = (*offset).max(record.offset());
+            match item {
+                Ok(Inbound::Message(msg)) => {
+                    batch.messages.push(msg);
+                    batch.message_records.push(index);
+                }
+                Ok(Inbound::Ack(ack)) => {
+                    batch.acks.push(ack);
+                    batch.ack_records.push(index);
+                }
+                Err(e) => batch.invalid.push((index, e)),
+            }
+            batch.records.push(record);
+        }
+        batch
+    }
+
+    /// The records back as they were read, in order (to hold them).
+    fn into_entries(self) -> Vec<Decoded> {
+        let mut items: Vec<Option<Result<Inbound, inbound::InvalidRecord>>> =
+            self.records.iter().map(|_| None).collect();
+        for (m, i) in self.messages.into_iter().zip(self.message_records) {
+            items[i] = Some(Ok(Inbound::Message(m)));
+        }
+        for (a, i) in self.acks.into_iter().zip(self.ack_records) {
+            items[i] = Some(Ok(Inbound::Ack(a)));
+        }
+        for (i, e) in self.invalid {
+            items[i] = Some(Err(e));
+        }
+        self.records
+            .into_iter()
+            .zip(items)
+            .map(|(record, item)| Decoded {
+                record,
+                item: item.unwrap_or(Err(inbound::InvalidRecord::Empty)),
+            })
+            .collect()
+    }
+}
+
+/// The holding and what wakes its retries, shared by the stages and the shard watch.
+struct Hold {
+    state: Mutex<Holding>,
+    /// Set when a shard known down answers again (or records are held that wait for none).
+    retry: AtomicBool,
+    /// Wakes the first stage while it waits for records.
+    wake: tokio::sync::Notify,
+    /// Batches handed to the second stage and not finished. Held records are tried again only
+    /// at 0, once every batch stored before is routed or has held its conversations back: a
+    /// retried record must not pass a later record of its conversation.
+    in_flight: tokio::sync::watch::Sender<usize>,
+}
+
+impl Hold {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Holding> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that the shard of `e` is down; logs it the first time.
+    fn mark_down(&self, e: &DbError) {
+        let Some(shard) = e.shard() else { return };
+        if self.lock().mark_down(shard) {
+            tracing::warn!(shard, error = %describe(e), "shard down: holding its records aside; the other shards' records pass");
+            metrics::counter!("multiplexer_errors_total", "kind" => "shard").increment(1);
+        }
+    }
+
+    /// Whether an error of a shard may be answered by holding its records.
+    fn may_hold(&self) -> bool {
+        !self.lock().is_full()
+    }
+}
+
+/// What the first stage waited for.
+enum Next {
+    Records(Vec<OwnedMessage>),
+    /// Held records are due for a retry.
+    Woken,
+    Stopped,
+}
+
+/// What the first stage made of a batch.
+enum Handled {
+    /// Stored: the second stage takes it.
+    Routing(Routing),
+    /// A shard it needs is down (now marked): split it again, and try what passes.
+    Redo(Batch),
+    /// Shutdown interrupted it.
+    Stopped,
 }
 
 /// A stored batch, as the second stage takes it.
@@ -107,6 +245,9 @@ struct Routing {
     started: Instant,
     /// Messages and acks in the batch.
     size: usize,
+    /// The batch's records, to hold again if a user's home shard is found down when the index
+    /// is written, and to release from the holding once routed.
+    entries: Vec<Decoded>,
 }
 
 /// What the batch sets aside: dead letters, and the failures to tell senders about.
@@ -147,9 +288,12 @@ impl SetAside {
 
 /// The result of [`retry`].
 enum Attempt<T> {
-    Done(T),
+    /// Done; true if an earlier attempt failed (it may have committed on some shards).
+    Done(T, bool),
     /// The store refused the data: retrying cannot help.
     Refused(DbError),
+    /// A shard did not answer, and the caller may hold its records aside.
+    Down(DbError),
     /// Shutdown interrupted the retries.
     Stopped,
 }
@@ -216,17 +360,48 @@ impl Pipeline {
     /// still commits before anything of it is routed. At most one stored batch waits for it.
     pub async fn run(self, shutdown: CancellationToken) {
         let (to_route, mut routing) = tokio::sync::mpsc::channel::<Routing>(1);
-        let this = &self;
-        let shutdown = &shutdown;
+        let mut holding = Holding::new(self.config.max_held);
+        for shard in &self.unchecked {
+            holding.mark_down(*shard);
+        }
+        let hold = Hold {
+            state: Mutex::new(holding),
+            retry: AtomicBool::new(false),
+            wake: tokio::sync::Notify::new(),
+            in_flight: tokio::sync::watch::Sender::new(0),
+        };
+        metrics::gauge!("multiplexer_held_records").set(0.0);
+        let (this, hold, shutdown) = (&self, &hold, &shutdown);
         let store_stage = async move {
-            while let Some(records) = this.next_records(shutdown).await {
-                let batch = decode(records);
-                let started = Instant::now();
-                let Some(r) = this.handle(batch, started, shutdown).await else {
+            loop {
+                if hold.retry.swap(false, Ordering::AcqRel)
+                    && !this.retry_held(hold, &to_route, shutdown).await
+                {
                     break;
+                }
+                if hold.lock().is_full() {
+                    // Back-pressure: nothing more is read until a shard is back.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = hold.wake.notified() => continue,
+                    }
+                }
+                let records = match this.next_records(shutdown, &hold.wake).await {
+                    Next::Records(records) => records,
+                    Next::Woken => continue,
+                    Next::Stopped => break,
                 };
-                // Fails once the second stage stopped.
-                if to_route.send(r).await.is_err() {
+                let entries = records
+                    .into_iter()
+                    .map(Decoded::new)
+                    .inspect(|e| {
+                        if e.item.is_err() {
+                            metrics::counter!("multiplexer_errors_total", "kind" => "invalid_record")
+                                .increment(1);
+                        }
+                    })
+                    .collect();
+                if !this.process(entries, hold, &to_route, shutdown).await {
                     break;
                 }
             }
@@ -235,12 +410,18 @@ impl Pipeline {
             while let Some(r) = routing.recv().await {
                 // False only when shutdown interrupted it: the first stage stops too, and what
                 // either holds is replayed from the stored offsets.
-                if !this.finish(r, shutdown).await {
+                let finished = this.finish(r, hold, shutdown).await;
+                hold.in_flight.send_modify(|n| *n -= 1);
+                if !finished {
                     break;
                 }
             }
         };
-        tokio::join!(store_stage, route_stage);
+        tokio::join!(
+            store_stage,
+            route_stage,
+            this.watch_down_shards(hold, shutdown)
+        );
         if let Err(e) = self
             .consumer
             .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
@@ -250,15 +431,126 @@ impl Pipeline {
         tracing::info!("multiplexer loop stopped");
     }
 
+    /// Holds what needs a shard down, stores the rest and hands it to the second stage. A
+    /// shard found down on the way is marked, and the batch split again. False if the pipeline
+    /// stops (shutdown, or the second stage ended).
+    async fn process(
+        &self,
+        mut entries: Vec<Decoded>,
+        hold: &Hold,
+        to_route: &tokio::sync::mpsc::Sender<Routing>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let started = Instant::now();
+        let mut retold = false;
+        loop {
+            let now = hold.lock().split(self.shards.locator(), entries);
+            if now.is_empty() {
+                return true;
+            }
+            match self
+                .handle(Batch::from_entries(now), started, retold, hold, shutdown)
+                .await
+            {
+                Handled::Routing(r) => {
+                    hold.in_flight.send_modify(|n| *n += 1);
+                    // Fails once the second stage stopped.
+                    return to_route.send(r).await.is_ok();
+                }
+                Handled::Redo(batch) => {
+                    entries = batch.into_entries();
+                    // Parts may have committed on the shards that answered.
+                    retold = true;
+                }
+                Handled::Stopped => return false,
+            }
+        }
+    }
+
+    /// Tries the held records again, in log order: those whose shards answer now pass.
+    async fn retry_held(
+        &self,
+        hold: &Hold,
+        to_route: &tokio::sync::mpsc::Sender<Routing>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let assigned: Option<HashSet<(String, i32)>> = self.consumer.assignment().ok().map(|a| {
+            a.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect()
+        });
+        let mut in_flight = hold.in_flight.subscribe();
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            done = in_flight.wait_for(|n| *n == 0) => {
+                if done.is_err() {
+                    return false;
+                }
+            }
+        }
+        let entries = hold.lock().take_all(assigned.as_ref());
+        if entries.is_empty() {
+            return true;
+        }
+        tracing::info!(records = entries.len(), "trying the held records again");
+        self.process(entries, hold, to_route, shutdown).await
+    }
+
+    /// Pings the shards known down every second; when one answers, the held records are tried
+    /// again. Records held that wait for no shard (after a rebalance) are tried again too.
+    async fn watch_down_shards(&self, hold: &Hold, shutdown: &CancellationToken) {
+        let mut unchecked = self.unchecked.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PING_EVERY) => {}
+            }
+            let (down, held) = {
+                let h = hold.lock();
+                (h.down(), h.len())
+            };
+            let mut back = down.is_empty() && held > 0;
+            for shard in down {
+                if !self.shards.answers(shard, PING_WITHIN).await {
+                    continue;
+                }
+                if unchecked.contains(&shard) {
+                    match check_schema(&self.shards, shard, self.config.migrate).await {
+                        Ok(()) => unchecked.retain(|s| *s != shard),
+                        Err(e) => {
+                            // Its records stay held; tried again at the next ping.
+                            tracing::error!(
+                                shard,
+                                error = format!("{e:#}"),
+                                "a shard down at start answers, but its schema is not ready"
+                            );
+                            metrics::counter!("multiplexer_errors_total", "kind" => "shard")
+                                .increment(1);
+                            continue;
+                        }
+                    }
+                }
+                tracing::info!(shard, "shard answers again: its held records go on");
+                hold.lock().mark_up(shard);
+                back = true;
+            }
+            if back {
+                hold.retry.store(true, Ordering::Release);
+                hold.wake.notify_one();
+            }
+        }
+    }
+
     /// The second stage of a batch: moves the index, catches up with presence, routes, and
     /// stores the batch's offsets. False if shutdown interrupted it.
-    async fn finish(&self, r: Routing, shutdown: &CancellationToken) -> bool {
+    async fn finish(&self, mut r: Routing, hold: &Hold, shutdown: &CancellationToken) -> bool {
         // The index moves before anything is routed: a message a sync may have to deliver is
         // in its recipient's index by then (the invariant of `db_writer::user_index`). It must
         // also be committed before the presence catch-up below reads the log's end: a session
         // announced after that read is not routed to, and its sync must find the index moved.
         // So the two waits do not overlap.
-        if !self.update_index(&r.index, shutdown).await {
+        if !self.update_index(&mut r, hold, shutdown).await {
             return false;
         }
         // Everything this batch changed is committed; make sure the routes we use are at least
@@ -271,7 +563,11 @@ impl Pipeline {
             return false;
         }
         metrics::histogram!("multiplexer_route_seconds").record(route_started.elapsed());
-        for ((topic, partition), offset) in &r.offsets {
+        // Never at or past a record still held.
+        let offsets = hold
+            .lock()
+            .finish(&r.offsets, r.entries.iter().map(Decoded::position));
+        for ((topic, partition), offset) in &offsets {
             // Fails only if the partition was revoked meanwhile; its new owner replays it.
             if let Err(e) = self.consumer.store_offset(topic, *partition, *offset) {
                 tracing::debug!(error = %e, topic, partition, "offset not stored");
@@ -282,12 +578,14 @@ impl Pipeline {
         true
     }
 
-    /// Waits for the first record, then gathers more for up to `batch_wait`.
-    async fn next_records(&self, shutdown: &CancellationToken) -> Option<Vec<OwnedMessage>> {
+    /// Waits for the first record, then gathers more for up to `batch_wait`. `wake` ends the
+    /// wait for the first record only, so that no record read is dropped.
+    async fn next_records(&self, shutdown: &CancellationToken, wake: &tokio::sync::Notify) -> Next {
         let mut records = Vec::new();
         loop {
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return Next::Stopped,
+                _ = wake.notified() => return Next::Woken,
                 m = self.consumer.recv() => m,
             };
             match first {
@@ -317,7 +615,7 @@ impl Pipeline {
                 Err(_) => break,
             }
         }
-        Some(records)
+        Next::Records(records)
     }
 
     /// The first stage of a batch: stores its messages and applies its acks, sets aside what
@@ -327,14 +625,14 @@ impl Pipeline {
         &self,
         mut batch: Batch,
         started: Instant,
+        retold: bool,
+        hold: &Hold,
         shutdown: &CancellationToken,
-    ) -> Option<Routing> {
-        let offsets = std::mem::take(&mut batch.offsets);
-        let batch = &batch;
+    ) -> Handled {
         let mut aside = SetAside::default();
         for (index, why) in &batch.invalid {
             let reason = why.to_string();
-            aside.record(batch, *index, why.code(), reason.clone(), &reason);
+            aside.record(&batch, *index, why.code(), reason.clone(), &reason);
         }
         // The messages and the acks go to the shards at once: they write different rows (an
         // ack only moves its direction's watermark up to the conversation's last seq as its
@@ -343,19 +641,32 @@ impl Pipeline {
         let store_started = Instant::now();
         let mut ack_aside = SetAside::default();
         let (stored, acked) = tokio::join!(
-            self.store(batch, &mut aside, shutdown),
-            self.ack(batch, &mut ack_aside, shutdown)
+            self.store(&batch, &mut aside, hold, shutdown),
+            self.ack(&batch, &mut ack_aside, retold, hold, shutdown)
         );
         let (
-            Some((stored, isolated)),
-            Some(Acked {
+            (stored, isolated),
+            Acked {
                 receipts,
                 watermarks,
-            }),
-        ) = (stored, acked)
-        else {
-            return None;
+            },
+        ) = match (stored, acked) {
+            (Ok(stored), Ok(acked)) => (stored, acked),
+            (stored, acked) => {
+                let mut stopped = false;
+                for halt in [stored.err(), acked.err()].into_iter().flatten() {
+                    match halt {
+                        Halt::Down(e) => hold.mark_down(&e),
+                        Halt::Stopped => stopped = true,
+                    }
+                }
+                if stopped {
+                    return Handled::Stopped;
+                }
+                return Handled::Redo(batch);
+            }
         };
+        let offsets = std::mem::take(&mut batch.offsets);
         aside.dead.extend(ack_aside.dead);
         aside.failures.extend(ack_aside.failures);
         let created = stored.iter().filter(|s| s.created).count();
@@ -363,18 +674,18 @@ impl Pipeline {
         metrics::counter!("multiplexer_messages_duplicate_total")
             .increment((stored.len() - created) as u64);
         metrics::histogram!("multiplexer_store_seconds").record(store_started.elapsed());
-        if !self.set_aside(batch, &aside, shutdown).await {
-            return None;
+        if !self.set_aside(&batch, &aside, shutdown).await {
+            return Handled::Stopped;
         }
         let mut index = IndexUpdates::new();
         index.stored(&stored);
         watermarks.iter().for_each(|w| index.watermark(w));
         aside.failures.iter().for_each(|f| index.failure(f));
         let mut out: Vec<(UserId, OutboundRecord)> = Vec::new();
-        // A batch that was bisected may have committed some messages on some shards in the
-        // attempt the store refused: those come back as not created, so their senders are told
-        // again (a repeated `Stored` changes nothing for a client).
-        for s in stored.iter().filter(|s| s.created || isolated) {
+        // A batch that was bisected, retried or split again may have committed some messages
+        // on some shards in an attempt that failed: those come back as not created, so their
+        // senders are told again (a repeated `Stored` changes nothing for a client).
+        for s in stored.iter().filter(|s| s.created || isolated || retold) {
             // Tell the sender where the message landed (its sequence).
             let m = &s.message;
             out.push((
@@ -414,27 +725,30 @@ impl Pipeline {
                 },
             ));
         }
-        Some(Routing {
+        let size = batch.messages.len() + batch.acks.len();
+        Handled::Routing(Routing {
             index,
             out,
             offsets,
             started,
-            size: batch.messages.len() + batch.acks.len(),
+            size,
+            entries: batch.into_entries(),
         })
     }
 
     /// Stores the batch's messages. When the store refuses the batch for its data, bisects it:
     /// each half is stored (the earlier first), and a refused half is split again, down to the
     /// single messages that are set aside. Returns the stored messages in log order and whether
-    /// the batch was bisected; `None` if shutdown interrupted.
+    /// the batch was bisected or retried; a `Halt` if shutdown interrupted or a shard is down.
     async fn store(
         &self,
         batch: &Batch,
         aside: &mut SetAside,
+        hold: &Hold,
         shutdown: &CancellationToken,
-    ) -> Option<(Vec<db_writer::Stored>, bool)> {
+    ) -> Result<(Vec<db_writer::Stored>, bool), Halt> {
         if batch.messages.is_empty() {
-            return Some((Vec::new(), false));
+            return Ok((Vec::new(), false));
         }
         let mut stored = Vec::with_capacity(batch.messages.len());
         let mut isolated = false;
@@ -442,9 +756,17 @@ impl Pipeline {
         let mut todo = vec![(0, batch.messages.len())];
         while let Some((lo, hi)) = todo.pop() {
             let part = &batch.messages[lo..hi];
-            match retry(shutdown, "store batch", || self.shards.store_batch(part)).await {
-                Attempt::Done(s) => stored.extend(s),
-                Attempt::Stopped => return None,
+            match retry(shutdown, "store batch", hold.may_hold(), || {
+                self.shards.store_batch(part)
+            })
+            .await
+            {
+                Attempt::Done(s, retried) => {
+                    isolated |= retried;
+                    stored.extend(s);
+                }
+                Attempt::Stopped => return Err(Halt::Stopped),
+                Attempt::Down(e) => return Err(Halt::Down(e)),
                 Attempt::Refused(e) if hi - lo == 1 => {
                     aside.record(
                         batch,
@@ -465,44 +787,52 @@ impl Pipeline {
                 }
             }
         }
-        Some((stored, isolated))
+        Ok((stored, isolated))
     }
 
     /// Applies the batch's acks; when the store refuses them for their data, applies them one
-    /// by one and sets aside each it refuses. `None` if shutdown interrupted.
+    /// by one and sets aside each it refuses. A `Halt` if shutdown interrupted or a shard is
+    /// down. When an attempt may have moved watermarks without their receipts reaching anyone
+    /// (`retold`, or retried here), every watermark is sent as a receipt (a repeated receipt
+    /// changes nothing for a client).
     async fn ack(
         &self,
         batch: &Batch,
         aside: &mut SetAside,
+        retold: bool,
+        hold: &Hold,
         shutdown: &CancellationToken,
-    ) -> Option<Acked> {
+    ) -> Result<Acked, Halt> {
         if batch.acks.is_empty() {
-            return Some(Acked::default());
+            return Ok(Acked::default());
         }
         let retention = self.config.retention;
-        match retry(shutdown, "acks", || {
+        match retry(shutdown, "acks", hold.may_hold(), || {
             self.shards.apply_acks(&batch.acks, retention)
         })
         .await
         {
-            Attempt::Done(r) => return Some(r),
-            Attempt::Stopped => return None,
+            Attempt::Done(r, retried) if retried || retold => return Ok(receipts_of_all(r)),
+            Attempt::Done(r, _) => return Ok(r),
+            Attempt::Stopped => return Err(Halt::Stopped),
+            Attempt::Down(e) => return Err(Halt::Down(e)),
             Attempt::Refused(e) => {
                 tracing::warn!(error = %describe(&e), "the store refused a batch of acks; applying them one by one");
             }
         }
         let mut all = Acked::default();
         for (i, ack) in batch.acks.iter().enumerate() {
-            match retry(shutdown, "ack", || {
+            match retry(shutdown, "ack", hold.may_hold(), || {
                 self.shards.apply_acks(std::slice::from_ref(ack), retention)
             })
             .await
             {
-                Attempt::Done(acked) => {
+                Attempt::Done(acked, _) => {
                     all.receipts.extend(acked.receipts);
                     all.watermarks.extend(acked.watermarks);
                 }
-                Attempt::Stopped => return None,
+                Attempt::Stopped => return Err(Halt::Stopped),
+                Attempt::Down(e) => return Err(Halt::Down(e)),
                 Attempt::Refused(e) => {
                     aside.record(
                         batch,
@@ -514,22 +844,56 @@ impl Pipeline {
                 }
             }
         }
-        Some(all)
+        // The batch attempt was refused and may have moved some watermarks.
+        Ok(receipts_of_all(all))
     }
 
     /// Moves the users' conversation index by what the batch did. False if shutdown
     /// interrupted it. Its rows hold validated ids and numbers only: the store has no reason to
     /// refuse them, and if it does, the batch waits (routing before the index moved would break
     /// the sync's invariant).
-    async fn update_index(&self, index: &IndexUpdates, shutdown: &CancellationToken) -> bool {
-        if index.is_empty() {
+    ///
+    /// A home shard found down here holds back the conversations of its users: their rows, their
+    /// pushes, and their records (held again, to be stored again, which changes nothing, and
+    /// routed once the shard is back); the rest goes on.
+    async fn update_index(
+        &self,
+        r: &mut Routing,
+        hold: &Hold,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if r.index.is_empty() {
             return true;
         }
         let started = Instant::now();
-        loop {
-            match retry(shutdown, "index", || self.shards.update_index(index)).await {
-                Attempt::Done(()) => break,
+        let rows = r.index.len();
+        // Conversations held since this batch was stored wait behind their held records.
+        let behind = hold.lock().held_among(&r.index);
+        if !behind.is_empty() {
+            self.hold_back(r, behind, hold);
+        }
+        while !r.index.is_empty() {
+            let index = &r.index;
+            let attempt = retry(shutdown, "index", hold.may_hold(), || {
+                self.shards.update_index(index)
+            })
+            .await;
+            match attempt {
+                Attempt::Done((), _) => break,
                 Attempt::Stopped => return false,
+                Attempt::Down(e) => {
+                    hold.mark_down(&e);
+                    if let Some(shard) = e.shard() {
+                        let locator = self.shards.locator();
+                        let back = r.index.conversations_of(|u| locator.home_of(u) == shard);
+                        tracing::warn!(
+                            shard,
+                            conversations = back.len(),
+                            "index rows for a shard down: holding those conversations back"
+                        );
+                        self.hold_back(r, back, hold);
+                    }
+                }
                 Attempt::Refused(e) => {
                     tracing::error!(error = %describe(&e), "the store refused index rows; retrying");
                     metrics::counter!("multiplexer_errors_total", "kind" => "index").increment(1);
@@ -541,8 +905,25 @@ impl Pipeline {
             }
         }
         metrics::histogram!("multiplexer_index_seconds").record(started.elapsed());
-        metrics::counter!("multiplexer_index_rows_total").increment(index.len() as u64);
+        metrics::counter!("multiplexer_index_rows_total").increment(rows as u64);
         true
+    }
+
+    /// Takes the conversations `back` out of `r` (index rows, pushes, records), and holds
+    /// their records again.
+    fn hold_back(&self, r: &mut Routing, back: BTreeSet<ConversationKey>, hold: &Hold) {
+        if back.is_empty() {
+            return;
+        }
+        r.index.retain_conversations(|c| !back.contains(c));
+        r.out.retain(|(user, record)| {
+            conversation_of(user, record).is_none_or(|c| !back.contains(&c))
+        });
+        let (held, kept): (Vec<Decoded>, Vec<Decoded>) = std::mem::take(&mut r.entries)
+            .into_iter()
+            .partition(|e| e.conversation().is_some_and(|(c, _, _)| back.contains(&c)));
+        r.entries = kept;
+        hold.lock().hold_again(held);
     }
 
     /// Writes the dead letters to `inbound-dlq` (waiting for every delivery report) and
@@ -581,13 +962,14 @@ impl Pipeline {
         if aside.failures.is_empty() {
             return true;
         }
-        match retry(shutdown, "failure rows", || {
+        // Their shards answered a moment ago (the records were not held): retried in place.
+        match retry(shutdown, "failure rows", false, || {
             self.shards.record_failures(&aside.failures)
         })
         .await
         {
-            Attempt::Done(()) => true,
-            Attempt::Stopped => false,
+            Attempt::Done((), _) => true,
+            Attempt::Stopped | Attempt::Down(_) => false,
             Attempt::Refused(e) => {
                 // Rows of validated ids only: should never happen. The dead letters and the
                 // live notices stand; only the next sync will not repeat them.
@@ -744,46 +1126,72 @@ fn split(items: Vec<OutboundItem>) -> Vec<OutboundBatch> {
     batches
 }
 
-fn decode(records: Vec<OwnedMessage>) -> Batch {
-    let mut batch = Batch::default();
-    for (index, m) in records.iter().enumerate() {
-        let key = (m.topic().to_owned(), m.partition());
-        let offset = batch.offsets.entry(key).or_insert(m.offset());
-        *offset = (*offset).max(m.offset());
-        match inbound::decode(m.payload()) {
-            Ok(Inbound::Message(msg)) => {
-                batch.messages.push(msg);
-                batch.message_records.push(index);
-            }
-            Ok(Inbound::Ack(ack)) => {
-                batch.acks.push(ack);
-                batch.ack_records.push(index);
-            }
-            Err(e) => {
-                metrics::counter!("multiplexer_errors_total", "kind" => "invalid_record")
-                    .increment(1);
-                batch.invalid.push((index, e));
-            }
+/// Why the first stage stopped a batch.
+enum Halt {
+    /// A shard did not answer (the error names it).
+    Down(DbError),
+    Stopped,
+}
+
+/// `acked` with a receipt for every watermark that ever moved, moved by this attempt or not.
+fn receipts_of_all(mut acked: Acked) -> Acked {
+    acked.receipts = acked
+        .watermarks
+        .iter()
+        .filter(|w| w.up_to_seq > 0)
+        .filter_map(|w| {
+            Some(ReceiptFor {
+                sender: w.writer.clone(),
+                receipt: chat_common::message::Receipt {
+                    conversation: w.conversation.clone(),
+                    peer: w.reader.clone(),
+                    up_to_seq: w.up_to_seq,
+                    acked_at_ms: w.acked_at_ms?,
+                },
+            })
+        })
+        .collect();
+    acked
+}
+
+/// The conversation a push to `user` belongs to.
+fn conversation_of(user: &UserId, record: &OutboundRecord) -> Option<ConversationKey> {
+    let conversation = match record.kind.as_ref()? {
+        outbound_record::Kind::Deliver(m) => &m.conversation,
+        outbound_record::Kind::Receipt(r) => &r.conversation,
+        outbound_record::Kind::Stored(s) => &s.conversation,
+        outbound_record::Kind::Failed(f) => {
+            return ConversationKey::of(user, &UserId::parse(&f.peer).ok()?)
         }
-    }
-    batch.records = records;
-    batch
+        outbound_record::Kind::Batch(_) => return None,
+    };
+    ConversationKey::parse(conversation).ok()
 }
 
 /// Runs `op` until it succeeds or the store refuses its data (returned at once: the caller sets
-/// the data aside). Any other error is retried with backoff, in place, so the partition's order
-/// holds: a retryable one (a shard down) quickly, anything else (a schema or configuration
+/// the data aside), or, with `may_hold`, a shard does not answer (returned at once: the caller
+/// holds that shard's records aside). Any other error is retried with backoff, in place, so the
+/// partition's order holds: a retryable one quickly, anything else (a schema or configuration
 /// problem, which an operator must fix) every 5 s, counted in the metric.
-async fn retry<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut op: F) -> Attempt<T>
+async fn retry<T, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    may_hold: bool,
+    mut op: F,
+) -> Attempt<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, DbError>>,
 {
     let mut backoff = Duration::from_millis(50);
+    let mut retried = false;
     loop {
         match op().await {
-            Ok(v) => return Attempt::Done(v),
+            Ok(v) => return Attempt::Done(v, retried),
             Err(e) if e.is_data_error() => return Attempt::Refused(e),
+            Err(e) if may_hold && e.is_unavailable() && e.shard().is_some() => {
+                return Attempt::Down(e)
+            }
             Err(e) => {
                 let retryable = e.is_retryable();
                 tracing::warn!(error = %describe(&e), retryable, "{what} failed; retrying");
@@ -793,6 +1201,7 @@ where
                 }
             }
         }
+        retried = true;
         tokio::select! {
             _ = shutdown.cancelled() => return Attempt::Stopped,
             _ = tokio::time::sleep(backoff) => {}
