@@ -200,13 +200,18 @@ impl Hold {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records that the shard of `e` is down; logs it the first time.
-    fn mark_down(&self, e: &DbError) {
-        let Some(shard) = e.shard() else { return };
-        if self.lock().mark_down(shard) {
+    /// Records that the shard of `e` is down; logs it the first time. False if it was known
+    /// down already (the caller then waits before trying again: nothing changed).
+    fn mark_down(&self, e: &DbError) -> bool {
+        let Some(shard) = e.shard() else {
+            return false;
+        };
+        let new = self.lock().mark_down(shard);
+        if new {
             tracing::warn!(shard, error = %describe(e), "shard down: holding its records aside; the other shards' records pass");
             metrics::counter!("multiplexer_errors_total", "kind" => "shard").increment(1);
         }
+        new
     }
 
     /// Whether an error of a shard may be answered by holding its records.
@@ -653,14 +658,16 @@ impl Pipeline {
         ) = match (stored, acked) {
             (Ok(stored), Ok(acked)) => (stored, acked),
             (stored, acked) => {
-                let mut stopped = false;
+                let (mut stopped, mut marked) = (false, false);
                 for halt in [stored.err(), acked.err()].into_iter().flatten() {
                     match halt {
-                        Halt::Down(e) => hold.mark_down(&e),
+                        Halt::Down(e) => marked |= hold.mark_down(&e),
                         Halt::Stopped => stopped = true,
                     }
                 }
-                if stopped {
+                // Never a busy loop: a shard failing again that was known down already (its
+                // records should have been held) is waited for like any other retry.
+                if stopped || (!marked && !pause(shutdown).await) {
                     return Handled::Stopped;
                 }
                 return Handled::Redo(batch);
@@ -883,16 +890,23 @@ impl Pipeline {
                 Attempt::Stopped => return false,
                 Attempt::Down(e) => {
                     hold.mark_down(&e);
-                    if let Some(shard) = e.shard() {
-                        let locator = self.shards.locator();
-                        let back = r.index.conversations_of(|u| locator.home_of(u) == shard);
-                        tracing::warn!(
-                            shard,
-                            conversations = back.len(),
-                            "index rows for a shard down: holding those conversations back"
-                        );
-                        self.hold_back(r, back, hold);
+                    let locator = self.shards.locator();
+                    let back = e.shard().map_or_else(BTreeSet::new, |shard| {
+                        r.index.conversations_of(|u| locator.home_of(u) == shard)
+                    });
+                    if back.is_empty() {
+                        // Nothing of this batch to hold back: never a busy loop.
+                        if !pause(shutdown).await {
+                            return false;
+                        }
+                        continue;
                     }
+                    tracing::warn!(
+                        shard = e.shard(),
+                        conversations = back.len(),
+                        "index rows for a shard down: holding those conversations back"
+                    );
+                    self.hold_back(r, back, hold);
                 }
                 Attempt::Refused(e) => {
                     tracing::error!(error = %describe(&e), "the store refused index rows; retrying");
@@ -1124,6 +1138,14 @@ fn split(items: Vec<OutboundItem>) -> Vec<OutboundBatch> {
         batches.push(current);
     }
     batches
+}
+
+/// Waits a second before trying again; false if shutdown came first.
+async fn pause(shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+    }
 }
 
 /// Why the first stage stopped a batch.
@@ -1381,6 +1403,65 @@ mod tests {
             [(0, 0), (3, 0)]
         );
         assert!(lag_updates(&mut reported, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn a_batch_gives_its_records_back_as_read() {
+        let record = |offset: i64, value: Option<Vec<u8>>| {
+            Decoded::new(OwnedMessage::new(
+                value,
+                None,
+                "inbound".into(),
+                rdkafka::Timestamp::NotAvailable,
+                1,
+                offset,
+                None,
+            ))
+        };
+        let ack = chat_proto::v1::InboundRecord {
+            kind: Some(chat_proto::v1::inbound_record::Kind::Ack(
+                chat_proto::v1::AckRecord {
+                    user: "bob".into(),
+                    peer: "alice".into(),
+                    conversation: "alice:bob".into(),
+                    up_to_seq: 3,
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let entries = vec![
+            record(7, Some(b"\xff".to_vec())),
+            record(8, Some(ack)),
+            record(9, None),
+        ];
+        let kinds = |entries: &[Decoded]| -> Vec<(i64, String)> {
+            entries
+                .iter()
+                .map(|e| {
+                    let kind = match &e.item {
+                        Ok(Inbound::Message(_)) => "message".to_owned(),
+                        Ok(Inbound::Ack(a)) => format!("ack {}", a.up_to_seq),
+                        Err(e) => e.code().to_owned(),
+                    };
+                    (e.record.offset(), kind)
+                })
+                .collect()
+        };
+        let before = kinds(&entries);
+        let batch = Batch::from_entries(entries);
+        assert_eq!(batch.offsets[&("inbound".to_owned(), 1)], 9);
+        assert_eq!((batch.acks.len(), batch.invalid.len()), (1, 2));
+        assert_eq!(kinds(&batch.into_entries()), before);
+        assert_eq!(
+            before,
+            [
+                (7, "undecodable".to_owned()),
+                (8, "ack 3".to_owned()),
+                (9, "empty".to_owned())
+            ]
+        );
     }
 
     #[test]
