@@ -10,6 +10,9 @@
 #      same fixed-rate load on each: CPU per message of every process, delivered and receipt
 #      latency. Then a connect storm on a fresh gateway per trial: CPU per connect, connects per
 #      second, memory per idle connection.
+#      Each pipeline is warmed up first (5 s at the rate, not reported). Kafka and Postgres may be
+#      busy with other work on the machine: their CPU over 3 s right before each trial is
+#      measured too, and the report gives their CPU net of that as well.
 #   2. Services to Kafka and Postgres: the same load on a gateway and a multiplexer that reach
 #      the secured broker (kafka.sh start --secure: SASL_SSL on 127.0.0.1:9094, each service as
 #      its own user, the deployment's ACLs) and the secured Postgres (postgres.sh start
@@ -55,14 +58,33 @@ tls_certs() { # dir rsa|ec
   openssl verify -CAfile "$dir/ca.crt" "$dir/server.crt" >/dev/null || die "tls: the certificate made does not verify"
 }
 
-# One fixed-rate trial (loadgen run): out_dir url gateway_pid multiplexer_pid user_prefix watches...
+# What the shared processes (Kafka, Postgres: the --watch arguments) use while the pipeline
+# idles, right before a trial: other work on the machine, which the report takes off.
+tls_idle() { # name watches...
+  local name="$1"
+  shift
+  "$BIN/loadgen" idle --seconds "$TLS_IDLE_SECONDS" "$@" --out "$TLS_DIR/idle-$name.json" >>"$OUT/logs/tls-idle.log" 2>&1 \
+    || echo "bench: tls: measuring the idle CPU before $name failed" >&2
+}
+
+# One fixed-rate trial (loadgen run): out_dir url gateway_pid multiplexer_pid user_prefix
+# kafka_and_postgres_watches...; the idle CPU of those right before it.
 tls_trial() {
   local dir="$1" url="$2" gw="$3" mx="$4" users="$5"
   shift 5
+  tls_idle "$(basename "$dir")" "$@"
   "$BIN/loadgen" --ca-file "$TLS_DIR/ca.crt" run --url "$url" --users "$TLS_USERS" --source-ips "$SOURCE_IPS" \
     --user-prefix "$users" --rate "$TLS_RATE" --seconds "$TLS_SECONDS" --out-dir "$dir" \
     --watch loadgen=self --watch "gateway=$gw" --watch "multiplexer=$mx" "$@" \
     || echo "bench: tls: the trial in $dir failed" >&2
+}
+
+# A short trial at the same rate on a pipeline just started, not reported: connection pools
+# filled, a broker's JIT warm, before the first measured trial.
+tls_warmup() { # name url user_prefix
+  "$BIN/loadgen" --ca-file "$TLS_DIR/ca.crt" run --url "$2" --users "$TLS_USERS" --source-ips "$SOURCE_IPS" \
+    --user-prefix "$3" --rate "$TLS_RATE" --seconds "$TLS_WARMUP_SECONDS" --out-dir "$TLS_DIR/warmup-$1" \
+    >>"$OUT/logs/tls-warmup.log" 2>&1 || echo "bench: tls: the warm-up $1 failed (see $OUT/logs/tls-warmup.log)" >&2
 }
 
 # The order of the trials: plain and TLS alternated, so that drift falls on both.
@@ -91,7 +113,9 @@ tls_clients() {
     SHARD_DSNS="$dsns" SHARD_POOL_SIZE=4 MULTIPLEXER_GROUP="${TLS_PREFIX}multiplexer" \
     MULTIPLEXER_HTTP_ADDR="127.0.0.1:$mx_port" RUST_LOG=warn ${BENCH_MULTIPLEXER_ENV:-} "$BIN/multiplexer"
   wait_ready "http://127.0.0.1:$mx_port/readyz" tls-mx
-  sleep 2
+  log "tls: clients: warming up ($TLS_WARMUP_SECONDS s on each gateway)"
+  tls_warmup clients-plain "ws://127.0.0.1:$plain_port" "${RUN_ID}tw1"
+  tls_warmup clients-tls "wss://127.0.0.1:$tls_port" "${RUN_ID}tw2"
   i=0
   for mode in "${TLS_ORDER[@]}"; do
     i=$((i + 1))
@@ -130,6 +154,7 @@ tls_clients() {
     wait_ready "$(gateway_ops "$port")/readyz" tls-storm
     sleep 2
     log "tls: connect storm, trial $i of ${#TLS_ORDER[@]}: $mode ($url)"
+    tls_idle "storm-$i-$mode" "${KAFKA_W[@]}" "${PG_W[@]}"
     "$BIN/loadgen" --ca-file "$TLS_DIR/ca.crt" storm --url "$url" "${plan[@]}" --source-ips "$SOURCE_IPS" \
       --concurrency "$TLS_CONCURRENCY" --target-pid "${PIDS[tls-storm]}" --dsns "$storm_dsns" --label "$mode" \
       --settle-seconds 3 --idle-seconds "$TLS_STORM_IDLE" \
@@ -246,7 +271,9 @@ tls_services() {
     SHARD_DSNS="$writer_dsns" SHARD_POOL_SIZE=4 MULTIPLEXER_MIGRATE=false MULTIPLEXER_GROUP="${SEC_PREFIX}multiplexer" \
     MULTIPLEXER_HTTP_ADDR="127.0.0.1:$smx" RUST_LOG=warn ${BENCH_MULTIPLEXER_ENV:-} "$BIN/multiplexer"
   wait_ready "http://127.0.0.1:$smx/readyz" svc-tls-mx
-  sleep 2
+  log "tls: services: warming up ($TLS_WARMUP_SECONDS s on each pipeline)"
+  tls_warmup services-plain "ws://127.0.0.1:$pp" "${RUN_ID}vw1"
+  tls_warmup services-tls "ws://127.0.0.1:$sp" "${RUN_ID}vw2"
   i=0
   for mode in "${TLS_ORDER[@]}"; do
     i=$((i + 1))
@@ -271,6 +298,8 @@ tls_stage() {
   TLS_CONNECTS="${BENCH_TLS_CONNECTS:-$([[ "$QUICK" == 1 ]] && echo 500 || echo 2000)}"
   TLS_CONCURRENCY="${BENCH_TLS_CONCURRENCY:-64}"
   TLS_STORM_IDLE="$([[ "$QUICK" == 1 ]] && echo 2 || echo 12)"
+  TLS_WARMUP_SECONDS="$([[ "$QUICK" == 1 ]] && echo 2 || echo 5)"
+  TLS_IDLE_SECONDS="$([[ "$QUICK" == 1 ]] && echo 1 || echo 3)"
   case "${BENCH_TLS_KEY:-rsa}" in
     rsa) TLS_KEY_LABEL="an RSA-2048" ;;
     ec) TLS_KEY_LABEL="an ECDSA P-256" ;;

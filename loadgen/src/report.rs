@@ -1199,6 +1199,10 @@ struct TlsTrial<T> {
     order: usize,
     mode: String,
     report: T,
+    /// CPU of the shared processes (Kafka, Postgres) over a few seconds right before the trial,
+    /// while the pipeline idled: what other work on the machine made them use
+    /// (`idle-<part>-<n>-<mode>.json`).
+    idle: Option<crate::cpu::CpuUse>,
 }
 
 /// The trials of one part of the TLS stage, in run order: `<part>-<n>-<mode>.json`, or
@@ -1225,6 +1229,7 @@ fn tls_trials<T: serde::de::DeserializeOwned>(dir: &Path, part: &str) -> Vec<Tls
                 order: order.parse().ok()?,
                 mode: mode.to_owned(),
                 report: load(dir, &file)?,
+                idle: load(dir, &format!("idle-{stem}.json")),
             })
         })
         .collect();
@@ -1241,13 +1246,24 @@ fn tls_row<T>(
     value: impl Fn(&T) -> Option<f64>,
     show: impl Fn(f64) -> String,
 ) -> anyhow::Result<()> {
+    tls_row_of(o, label, trials, |t| value(&t.report), show)
+}
+
+/// [`tls_row`] with a value of the whole trial (its idle measurement included).
+fn tls_row_of<T>(
+    o: &mut String,
+    label: &str,
+    trials: &[TlsTrial<T>],
+    value: impl Fn(&TlsTrial<T>) -> Option<f64>,
+    show: impl Fn(f64) -> String,
+) -> anyhow::Result<()> {
     let mut means = Vec::new();
     let mut cells = Vec::new();
     for mode in ["plain", "tls"] {
         let values: Vec<f64> = trials
             .iter()
             .filter(|t| t.mode == mode)
-            .filter_map(|t| value(&t.report))
+            .filter_map(&value)
             .collect();
         let mean = (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
         let list: Vec<String> = values.iter().map(|v| show(*v)).collect();
@@ -1277,6 +1293,68 @@ fn cpu_us_per_message(r: &TrialReport, process: &str) -> Option<f64> {
     r.cpu.seconds.get(process).map(|s| s / sent * 1e6)
 }
 
+/// The processes other work on the machine may use too: their CPU over a trial less what they
+/// used idle right before it is the trial's.
+const SHARED_PROCESSES: [&str; 2] = ["kafka", "postgres"];
+
+/// Cores `process` used idle right before a trial.
+fn background_cores(idle: Option<&crate::cpu::CpuUse>, process: &str) -> Option<f64> {
+    let idle = idle?;
+    Some(idle.seconds.get(process)? / idle.wall_seconds.max(1e-9))
+}
+
+/// CPU seconds `process` used over a trial less its idle rate for as long (`all`: every
+/// process, less the shared ones' idle rate).
+fn net_cpu_seconds(
+    cpu: &crate::cpu::CpuUse,
+    idle: Option<&crate::cpu::CpuUse>,
+    process: &str,
+) -> Option<f64> {
+    if process == "all" {
+        let background: Option<f64> = SHARED_PROCESSES
+            .iter()
+            .map(|p| background_cores(idle, p))
+            .sum();
+        return Some(cpu.total_seconds - background? * cpu.wall_seconds);
+    }
+    Some(cpu.seconds.get(process)? - background_cores(idle, process)? * cpu.wall_seconds)
+}
+
+/// Rows of the shared processes' background, and of CPU net of it, per `unit` of work
+/// (`per(trial, cpu seconds)` gives the figure).
+fn tls_background_rows<T>(
+    o: &mut String,
+    trials: &[TlsTrial<T>],
+    cpu: impl Fn(&T) -> &crate::cpu::CpuUse,
+    per: impl Fn(&T, f64) -> f64,
+    unit: &str,
+    show: impl Fn(f64) -> String + Copy,
+) -> anyhow::Result<()> {
+    if trials.iter().all(|t| t.idle.is_none()) {
+        return Ok(());
+    }
+    for p in SHARED_PROCESSES {
+        tls_row_of(
+            o,
+            &format!("… {p} busy with other work right before the trial (cores)"),
+            trials,
+            |t| background_cores(t.idle.as_ref(), p),
+            |v| format!("{v:.2}"),
+        )?;
+    }
+    for p in SHARED_PROCESSES.into_iter().chain(["all"]) {
+        let name = if p == "all" { "**all processes**" } else { p };
+        tls_row_of(
+            o,
+            &format!("CPU per {unit} net of that: {name}"),
+            trials,
+            |t| net_cpu_seconds(cpu(&t.report), t.idle.as_ref(), p).map(|s| per(&t.report, s)),
+            show,
+        )?;
+    }
+    Ok(())
+}
+
 /// The processes whose CPU a trial of the TLS stage reports.
 const TLS_PROCESSES: [&str; 5] = ["gateway", "multiplexer", "kafka", "postgres", "loadgen"];
 
@@ -1297,6 +1375,14 @@ fn tls_rate_rows(o: &mut String, trials: &[TlsTrial<TrialReport>]) -> anyhow::Re
         "CPU per message (µs): **all processes**",
         trials,
         |r| cpu_us_per_message(r, "all"),
+        us1,
+    )?;
+    tls_background_rows(
+        o,
+        trials,
+        |r| &r.cpu,
+        |r, s| s / r.sent.max(1) as f64 * 1e6,
+        "message (µs)",
         us1,
     )?;
     tls_row(
@@ -1443,6 +1529,14 @@ fn tls_section(o: &mut String, dir: &Path) -> anyhow::Result<()> {
             "CPU per connect (ms): **all processes**",
             &storms,
             total_ms,
+            ms3,
+        )?;
+        tls_background_rows(
+            o,
+            &storms,
+            |r| &r.cpu,
+            |r, s| s / r.synced.max(1) as f64 * 1e3,
+            "connect (ms)",
             ms3,
         )?;
         tls_row(
