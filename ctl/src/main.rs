@@ -28,7 +28,8 @@ struct Cli {
     command: Command,
 }
 
-/// Where the deployment's topics are.
+/// Where the deployment's topics are. How to reach the brokers securely is read from the
+/// services' variables (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_CA_FILE`, `KAFKA_SASL_*`).
 #[derive(Args)]
 struct Deployment {
     /// Kafka bootstrap servers.
@@ -37,6 +38,13 @@ struct Deployment {
     /// Prefix of every topic name.
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     prefix: String,
+}
+
+impl Deployment {
+    /// The brokers, with the security settings of the environment.
+    fn kafka(&self) -> anyhow::Result<KafkaConfig> {
+        Ok(KafkaConfig::new(&self.brokers).with_env_opts()?)
+    }
 }
 
 #[derive(Args)]
@@ -132,9 +140,9 @@ async fn main() -> anyhow::Result<()> {
                         .iter()
                         .map(|g| GatewayId::parse(g.trim()))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let names = TopicNames::new(at.prefix);
+                    let names = TopicNames::new(at.prefix.clone());
                     let topics = standard_topics(&names, &gateways);
-                    ensure_topics(&KafkaConfig::new(&at.brokers), &topics, None)
+                    ensure_topics(&at.kafka()?, &topics, None)
                         .await
                         .with_context(|| format!("creating topics on {}", at.brokers))?;
                     for (name, spec) in topics {
@@ -147,8 +155,8 @@ async fn main() -> anyhow::Result<()> {
                     at,
                 } => {
                     let gateway = GatewayId::parse(&gateway)?;
-                    let names = TopicNames::new(at.prefix);
-                    let kafka = KafkaConfig::new(&at.brokers);
+                    let names = TopicNames::new(at.prefix.clone());
+                    let kafka = at.kafka()?;
                     topics::delete_outbound(&kafka, &names, &gateway, clear_presence).await?;
                 }
             }
@@ -165,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let start = chat_common::kafka::parse_start(&from)
                 .map_err(|e| anyhow::anyhow!("--from: {e}"))?;
-            let names = TopicNames::new(at.prefix);
+            let names = TopicNames::new(at.prefix.clone());
             let topic = format!("{}{topic}", names.prefix());
             let role = match role.or_else(|| names.role(&topic)) {
                 Some(role) => role,
@@ -185,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
                 conversation,
                 max,
             };
-            tail::tail(&KafkaConfig::new(&at.brokers), options).await?;
+            tail::tail(&at.kafka()?, options).await?;
         }
         Command::Token { user, ttl } => {
             let user = UserId::parse(&user)?;

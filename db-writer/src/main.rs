@@ -384,7 +384,9 @@ async fn replay(config: &ShardConfig, args: ReplayArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let kafka = chat_common::kafka::KafkaConfig::new(brokers);
+    // The security settings (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_CA_FILE`, `KAFKA_SASL_*`) are the
+    // services' own variables.
+    let kafka = chat_common::kafka::KafkaConfig::new(brokers).with_env_opts()?;
     let summary = replay::replay(&shards, &kafka, &options, &mut |done, total| {
         bar.set_length(total);
         bar.set_position(done);

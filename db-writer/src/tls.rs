@@ -101,6 +101,20 @@ pub(crate) fn parse(dsn: &str) -> Result<Target, String> {
     Ok(Target { config, verify })
 }
 
+/// One connection to `dsn`, with libpq's TLS settings honoured as the shard pools honour them,
+/// its connection task spawned: for tools and tests that want a client of their own.
+pub async fn connect(dsn: &str) -> Result<tokio_postgres::Client, String> {
+    let Target { config, verify } = parse(dsn)?;
+    let tls = connector(&verify)?;
+    let (client, connection) = config.connect(tls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection ended");
+        }
+    });
+    Ok(client)
+}
+
 /// The TLS connector for `verify`.
 pub(crate) fn connector(verify: &Verify) -> Result<MakeTlsConnector, String> {
     let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(|e| e.to_string())?;

@@ -6,7 +6,11 @@
 //! leaves nothing behind. The stack itself is started by `make test` (see `infra/`).
 //!
 //! Environment: `CHAT_TEST_BROKERS` (default `127.0.0.1:9092`), `CHAT_TEST_PG` (an admin DSN,
-//! default `postgres://chat@127.0.0.1:54320/postgres`).
+//! default `postgres://chat@127.0.0.1:54320/postgres`; libpq's `sslmode` and `sslrootcert`
+//! are honoured, and the shard DSNs keep them), and the services' own Kafka security settings
+//! (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_CA_FILE`, `KAFKA_SASL_*`), which the processes a test
+//! spawns inherit: so the suite runs as well against a secured broker and Postgres
+//! (`make test-secure`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -72,7 +76,7 @@ impl TestEnv {
             .unwrap_or_else(|_| "postgres://chat@127.0.0.1:54320/postgres".into());
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("t{}-", &id[..10]);
-        let kafka = KafkaConfig::new(brokers);
+        let kafka = KafkaConfig::new(brokers).with_env_opts()?;
         let topics = TopicNames::new(prefix.clone());
         let gateway_ids: Vec<GatewayId> = gateways
             .iter()
@@ -82,22 +86,17 @@ impl TestEnv {
             .await
             .context("creating test topics (is Kafka running? `make up` or `make stack`)")?;
 
-        let (admin, conn) = tokio_postgres::connect(&admin_dsn, tokio_postgres::NoTls)
+        let admin = pg_connect(&admin_dsn)
             .await
             .context("connecting to Postgres (is it running? `make stack`)")?;
-        tokio::spawn(conn);
         let mut databases = Vec::new();
         let mut shard_dsns = Vec::new();
-        let base = admin_dsn
-            .rsplit_once('/')
-            .map(|(b, _)| b.to_owned())
-            .unwrap_or_else(|| admin_dsn.clone());
         for i in 0..shards {
             let db = format!("t{}_{i}", &id[..10]);
             admin
                 .batch_execute(&format!("CREATE DATABASE \"{db}\""))
                 .await?;
-            shard_dsns.push(format!("{base}/{db}"));
+            shard_dsns.push(with_database(&admin_dsn, &db));
             databases.push(db);
         }
         // Migrated as an operator would (`db-writer migrate`) before any process starts.
@@ -285,13 +284,7 @@ impl TestEnv {
 
     /// Creates `n` more empty databases, not migrated (dropped by teardown); returns their DSNs.
     pub async fn empty_databases(&mut self, n: usize) -> anyhow::Result<Vec<String>> {
-        let (admin, conn) = tokio_postgres::connect(&self.admin_dsn, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        let base = self
-            .admin_dsn
-            .rsplit_once('/')
-            .map(|(b, _)| b.to_owned())
-            .unwrap_or_else(|| self.admin_dsn.clone());
+        let admin = pg_connect(&self.admin_dsn).await?;
         let mut dsns = Vec::new();
         for _ in 0..n {
             let db = format!(
@@ -302,7 +295,7 @@ impl TestEnv {
             admin
                 .batch_execute(&format!("CREATE DATABASE \"{db}\""))
                 .await?;
-            dsns.push(format!("{base}/{db}"));
+            dsns.push(with_database(&self.admin_dsn, &db));
             self.databases.push(db);
         }
         Ok(dsns)
@@ -414,10 +407,7 @@ impl TestEnv {
 
     /// A direct connection to shard `i`.
     pub async fn shard(&self, i: usize) -> anyhow::Result<tokio_postgres::Client> {
-        let (client, conn) =
-            tokio_postgres::connect(&self.shard_dsns[i], tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(client)
+        pg_connect(&self.shard_dsns[i]).await
     }
 
     /// Every record of `topic` present now, read from the beginning.
@@ -459,14 +449,45 @@ impl TestEnv {
             .collect();
         names.sort();
         delete_topics(&self.kafka, &names).await?;
-        let (admin, conn) = tokio_postgres::connect(&self.admin_dsn, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
+        let admin = pg_connect(&self.admin_dsn).await?;
         for db in &self.databases {
             admin
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// A connection to `dsn` (URL form), with its TLS settings (`sslmode`, `sslrootcert`) honoured.
+pub async fn pg_connect(dsn: &str) -> anyhow::Result<tokio_postgres::Client> {
+    db_writer::connect(dsn)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", without_password(dsn)))
+}
+
+/// `dsn` (URL form) with its database replaced by `db`, its parameters kept.
+pub fn with_database(dsn: &str, db: &str) -> String {
+    let (url, query) = match dsn.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (dsn, None),
+    };
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// `dsn` without its password, for messages.
+fn without_password(dsn: &str) -> String {
+    match (dsn.find("://"), dsn.find('@')) {
+        (Some(scheme), Some(at)) if scheme < at => {
+            let user_info = &dsn[scheme + 3..at];
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{}{user}{}", &dsn[..scheme + 3], &dsn[at..])
+        }
+        _ => dsn.to_owned(),
     }
 }
 

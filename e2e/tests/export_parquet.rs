@@ -166,9 +166,7 @@ async fn parquet_export_is_typed_and_the_cursor_takes_each_message_once() -> any
     // multiplexer batch would be.
     let late = new_message("frank", "grace", "committed late", t0 + 5)?;
     let late_shard = shards.locator().shard_of(&late.conversation);
-    let (slow, conn) =
-        tokio_postgres::connect(&env.shard_dsns[late_shard], tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let slow = env.shard(late_shard).await?;
     slow.batch_execute("BEGIN").await?;
     slow.execute(
         "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,

@@ -135,7 +135,7 @@ async fn keyed_records_land_where_javas_default_partitioner_puts_them() -> anyho
     assert_eq!(java.len(), keys.len(), "one partition per key from java");
 
     let brokers = std::env::var("CHAT_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let kafka = KafkaConfig::new(brokers);
+    let kafka = KafkaConfig::new(brokers).with_env_opts()?;
     let topic = format!(
         "t{}-partitioner",
         &uuid::Uuid::new_v4().simple().to_string()[..10]

@@ -21,8 +21,7 @@ type Row = (
 );
 
 async fn rows_of(dsn: &str) -> anyhow::Result<Vec<Row>> {
-    let (c, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let c = chat_e2e::pg_connect(dsn).await?;
     let rows = c
         .query(
             "SELECT conversation, seq, message_id::text, sender, recipient, body, sent_at_ms,

@@ -312,8 +312,7 @@ async fn the_watermark_migration_keeps_every_state() -> anyhow::Result<()> {
     let dsns = env.empty_databases(1).await?;
     let shards = shards_of(&dsns)?;
     shards.migrate_to(2).await?;
-    let (c, conn) = tokio_postgres::connect(&dsns[0], tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let c = chat_e2e::pg_connect(&dsns[0]).await?;
     let ab = conversation("al", "bea")?;
     let ac = conversation("al", "cid")?;
     // al<->bea: bea acked 1 and 2 (al's messages), 4 is al's and unacked; bea's message 3 to al

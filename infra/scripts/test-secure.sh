@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Usage: test-secure.sh [cargo test arguments...]   (what `make test-secure` runs)
+#        test-secure.sh stop
+#
+# The integration tests (chat-e2e) against a secured broker and Postgres of their own: SASL_SSL
+# with SCRAM on 127.0.0.1:9194 (controller 9195, ACLs enforced) and a Postgres that takes only
+# TLS with scram-sha-256 over TCP on 127.0.0.1:54421, their state (a local CA, the users'
+# passwords) in <state>/test-secure/. Both are started here when not running and left running
+# (`test-secure.sh stop` stops them); they are separate from `make stack` (9092, 54320) and from
+# the secured instances `make up` and the security tests use (9094, 54321).
+#
+# The tests connect as the broker's admin user and as the shards' owner role, each verifying
+# the server's certificate against its CA (`sslmode=verify-full`); the processes they spawn
+# inherit the same settings (KAFKA_SECURITY_PROTOCOL, KAFKA_CA_FILE, KAFKA_SASL_*), and the
+# shard DSNs keep the TLS parameters. The roles' least privilege and the ACLs are what
+# e2e/tests/postgres_security.rs, postgres_roles.rs and kafka_security.rs check.
+#
+# Env: CHAT_STATE_DIR (default <repo>/.local), KAFKA_HOME (default <state>/kafka-dist).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+base="$STATE_DIR/test-secure"
+kafka_home="${KAFKA_HOME:-$STATE_DIR/kafka-dist}"
+kafka_port=9194 controller_port=9195 pg_port=54421
+
+instances() {
+  CHAT_STATE_DIR="$base" KAFKA_HOME="$kafka_home" KAFKA_SECURE_PORT=$kafka_port \
+    KAFKA_SECURE_CONTROLLER_PORT=$controller_port "$INFRA_SCRIPTS_DIR/kafka.sh" "$1" --secure
+  CHAT_STATE_DIR="$base" "$INFRA_SCRIPTS_DIR/postgres.sh" "$1" --secure --port $pg_port
+}
+
+if [[ "${1:-}" == stop ]]; then
+  instances stop
+  exit 0
+fi
+
+mkdir -p "$base"
+instances start
+
+kafka_ca="$base/kafka-secure/tls/ca.crt"
+pg_ca="$base/pg-secure-tls/ca.crt"
+[[ -s "$kafka_ca" && -s "$pg_ca" ]] || die "the secured instances left no CA in $base"
+export CHAT_TEST_BROKERS="127.0.0.1:$kafka_port"
+export KAFKA_SECURITY_PROTOCOL=sasl_ssl KAFKA_CA_FILE="$kafka_ca" KAFKA_SASL_USERNAME=admin
+KAFKA_SASL_PASSWORD="$(cat "$base/kafka-secure/users/admin")"
+export KAFKA_SASL_PASSWORD
+CHAT_TEST_PG="postgres://chat_owner:$(cat "$base/pg-secure-users/chat_owner")@127.0.0.1:$pg_port/postgres?sslmode=verify-full&sslrootcert=$pg_ca"
+export CHAT_TEST_PG
+echo "test-secure: chat-e2e against SASL_SSL 127.0.0.1:$kafka_port and TLS Postgres 127.0.0.1:$pg_port (verify-full)"
+cd "$REPO_ROOT"
+exec cargo test -p chat-e2e "$@"
