@@ -18,7 +18,7 @@
 #   8. what TLS costs: plain and TLS alternated in one run, clients to the gateway (ws:// and
 #      wss://: CPU per message and per connect, latency, memory per connection) and the services'
 #      links to Kafka and Postgres (make stack's against the secured broker and Postgres, started
-#      for it if they are not running); bench/tls.sh says how (about 7 minutes, 4 with
+#      for it if they are not running); bench/tls.sh says how (about 7 minutes, 3 with
 #      BENCH_QUICK=1; BENCH_STAGES=tls alone).
 #
 # Everything it starts is its own: gateways and a multiplexer from target/release with their own
