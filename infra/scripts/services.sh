@@ -8,8 +8,14 @@
 # sends SIGTERM (graceful drain) and waits. `status` prints one line each; exit 0 only when all
 # are ready. `logs` follows the logs there are (exit 1 at once when there are none).
 #
-# Env: PROFILE (release|debug), CHAT_STATE_DIR, RETENTION (keep|delete-on-ack), KAFKA_BROKERS,
-#      SHARD_DSNS, JWT_SECRET; see docs/configuration.md for every variable the processes read.
+# With CHAT_ENV_DIR set (`make up` sets it to <state>/secure, written by secure-stack.sh), each
+# process first loads its own env file there: gateway-<id>.env for a gateway, multiplexer.env for
+# the multiplexer (its Kafka user and password, its Postgres role's DSNs, the CAs), so that no
+# credential is on a command line. Without it the processes use the plaintext stack's defaults.
+#
+# Env: PROFILE (release|debug), CHAT_STATE_DIR, CHAT_ENV_DIR, RETENTION (keep|delete-on-ack),
+#      KAFKA_BROKERS, SHARD_DSNS, JWT_SECRET; see docs/configuration.md for every variable the
+#      processes read.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -27,6 +33,30 @@ SERVICES=(
 
 running() { local f="$RUN/$1.pid"; [[ -f "$f" ]] && pid_alive "$(cat "$f")"; }
 
+# env_file NAME BINARY: the env file of a service under CHAT_ENV_DIR, named after its user.
+env_file() { if [[ "$2" == gateway ]]; then echo "$CHAT_ENV_DIR/gateway-$1.env"; else echo "$CHAT_ENV_DIR/$1.env"; fi; }
+
+# launch NAME BINARY ENVS: the process in the background, its env file loaded first (if any);
+# prints its pid (the subshell execs, so the pid is the service's).
+launch() {
+  local name="$1" bin="$2" envs="$3" file=""
+  if [[ -n "${CHAT_ENV_DIR:-}" ]]; then
+    file="$(env_file "$name" "$bin")"
+    [[ -r "$file" ]] || die "$file is missing (infra/scripts/secure-stack.sh start writes it)"
+  fi
+  (
+    if [[ -n "$file" ]]; then
+      set -a
+      # shellcheck disable=SC1090
+      source "$file"
+      set +a
+    fi
+    # shellcheck disable=SC2086
+    exec env $envs nohup "$BIN/$bin"
+  ) >>"$LOGS/$name.log" 2>&1 &
+  echo $!
+}
+
 ready() { curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null; }
 
 start() {
@@ -36,9 +66,7 @@ start() {
     IFS='|' read -r name bin url envs <<<"$entry"
     [[ -x "$BIN/$bin" ]] || die "$BIN/$bin is missing: build first (make build)"
     if running "$name"; then continue; fi
-    # shellcheck disable=SC2086
-    env $envs nohup "$BIN/$bin" >>"$LOGS/$name.log" 2>&1 &
-    echo $! >"$RUN/$name.pid"
+    launch "$name" "$bin" "$envs" >"$RUN/$name.pid"
   done
   for entry in "${SERVICES[@]}"; do
     IFS='|' read -r name bin url envs <<<"$entry"
