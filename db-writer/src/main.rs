@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => replay(&config, args).await?,
         Command::RebuildIndex => {
             let shards = Shards::connect(&config)?;
-            shards.migrate().await.context("migrating shards")?;
+            migrate_if_behind(&shards).await?;
             let done = shards
                 .rebuild_index()
                 .await
@@ -352,6 +352,24 @@ fn write_atomically(path: &std::path::Path, content: &[u8]) -> std::io::Result<(
 }
 
 /// `db-writer replay`: the shards rebuilt from the `inbound` log, with a progress bar.
+/// Migrates the shards when some lack a migration (new shards to replay into), which needs the
+/// owner role; shards already migrated are only checked, so the writer role may replay into them.
+async fn migrate_if_behind(shards: &Shards) -> anyhow::Result<()> {
+    let behind = shards
+        .missing_migrations()
+        .await
+        .context("reading the shards' schema")?;
+    if behind.is_empty() {
+        return Ok(());
+    }
+    shards.migrate().await.with_context(|| {
+        format!(
+            "migrating shards that lack migrations (shard: versions) {behind:?}: this needs the \
+             owner role (db-writer migrate)"
+        )
+    })
+}
+
 async fn replay(config: &ShardConfig, args: ReplayArgs) -> anyhow::Result<()> {
     let ReplayArgs {
         from,
@@ -362,7 +380,7 @@ async fn replay(config: &ShardConfig, args: ReplayArgs) -> anyhow::Result<()> {
         quiet,
     } = args;
     let shards = Shards::connect(config)?;
-    shards.migrate().await.context("migrating shards")?;
+    migrate_if_behind(&shards).await?;
     let topics = chat_common::topics::TopicNames::new(topic_prefix);
     let group =
         group.unwrap_or_else(|| format!("{}replay-{}", topics.prefix(), chat_common::now_ms()));
