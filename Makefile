@@ -49,11 +49,12 @@ stack: deps ## Start Kafka (KRaft, single node) and Postgres (4 shard databases)
 	@$(SCRIPTS)/postgres.sh start
 
 .PHONY: stack-down
-stack-down: ## Stop Kafka and Postgres (data is kept under .local/), and the secured broker and Postgres the tests start.
+stack-down: ## Stop Kafka and Postgres (data is kept under .local/), and the secured brokers and Postgres servers the tests start.
 	@$(SCRIPTS)/kafka.sh stop
 	@$(SCRIPTS)/kafka.sh stop --secure
 	@$(SCRIPTS)/postgres.sh stop
 	@$(SCRIPTS)/postgres.sh stop --secure
+	@$(SCRIPTS)/test-secure.sh stop
 
 .PHONY: build
 build: ## Build the binaries (PROFILE=release by default; PROFILE=debug is faster to build).
@@ -149,9 +150,10 @@ lint: ## cargo fmt --check and clippy -D warnings.
 	@$(CARGO) clippy --workspace --all-targets --quiet -- -D warnings || { echo "lint: clippy found problems"; exit 1; }
 
 .PHONY: test
-test: stack lint test-infra ## fmt + clippy, unit tests, integration tests on real Kafka and Postgres (started if needed), infra checks.
+test: stack lint test-infra ## fmt + clippy, unit tests, integration tests on a real secured Kafka and Postgres (SASL_SSL, TLS verify-full; started if needed), infra checks.
 	@$(CARGO) build --bins --quiet || { echo "test: cargo build failed"; exit 1; }
-	@$(CARGO) test --workspace --quiet || { echo "test: tests failed"; exit 1; }
+	@$(CARGO) test --workspace --exclude chat-e2e --quiet || { echo "test: tests failed"; exit 1; }
+	@$(SCRIPTS)/test-secure.sh --quiet || { echo "test: integration tests failed"; exit 1; }
 
 .PHONY: test-web
 test-web: stack ## Web client: unit tests and a real-browser test (Chromium + Playwright) in both retention modes.
@@ -180,4 +182,5 @@ test-infra: ## Check Terraform, dashboards and alert rules offline (parses HCL; 
 .PHONY: clean
 clean: ## Stop everything and delete local state (.local/) and build output.
 	-@$(MAKE) --no-print-directory down
+	-@$(MAKE) --no-print-directory stack-down
 	@rm -rf .local target

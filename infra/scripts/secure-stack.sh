@@ -24,8 +24,8 @@
 #                     for a consumer group that the data user's ACLs, groups data-*, refuse)
 #   owner.env         Postgres chat_owner: migrations
 #   data.env          Kafka user data (reads every topic), Postgres chat_reader: export
-#   replay.env        Kafka user data, Postgres chat_owner: replay (db-writer replay first
-#                     applies the migrations, which takes the owner)
+#   replay.env        Kafka user data, Postgres chat_writer: replay (into migrated shards;
+#                     shards lacking a migration need owner.env)
 # and for the Java and Postgres command-line tools: admin.properties and data.properties
 # (kafka-cli.sh ... --command-config), pgpass (PGPASSFILE) with the three roles' passwords.
 # The CAs clients trust: <state>/kafka-secure/tls/ca.crt (Kafka), <state>/pg-secure-tls/ca.crt
@@ -98,7 +98,7 @@ write_env() {
   { echo "$header"; kafka_vars admin; } | write_private "$ENV_DIR/admin.env"
   { echo "$header"; pg_vars chat_owner; } | write_private "$ENV_DIR/owner.env"
   { echo "$header"; kafka_vars data; pg_vars chat_reader; } | write_private "$ENV_DIR/data.env"
-  { echo "$header"; kafka_vars data; pg_vars chat_owner; } | write_private "$ENV_DIR/replay.env"
+  { echo "$header"; kafka_vars data; pg_vars chat_writer; } | write_private "$ENV_DIR/replay.env"
   local user
   for user in admin data; do
     write_private "$ENV_DIR/$user.properties" <<EOF
