@@ -138,6 +138,23 @@ async fn malformed_frames_get_errors_and_close_codes_and_others_are_unaffected(
     env.teardown().await
 }
 
+/// Waits until `gw` counts a websocket it closed with `code` (`gateway_closed_by_server_total`,
+/// registered at 0 from the start: counted means above 0).
+async fn closed_by_server(gw: &chat_e2e::Component, code: u16) -> anyhow::Result<()> {
+    let ops = Rest::new(&http_url(gw.ops_addr));
+    let series = format!("gateway_closed_by_server_total{{code=\"{code}\"}} ");
+    chat_e2e::eventually(&format!("a {code} close counted"), || async {
+        let metrics = ops.request("GET", "/metrics", None, None).await?;
+        let text = metrics.body.as_str().unwrap_or_default().to_owned();
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&series))
+            .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v > 0.0))
+            .then_some(()))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;
@@ -186,7 +203,11 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
         }
     }
     assert!(limited > 0, "rate-limit errors came first");
-    assert_eq!(closed, Some(1008));
+    // The close frame, or the reset that may overtake it: the server closes while frames of the
+    // flood are still arriving, and a reset from the server's side discards what the client had
+    // not read yet. Either way the server counts the 1008 close.
+    assert!(matches!(closed, Some(1008) | None), "{closed:?}");
+    closed_by_server(&gw, 1008).await?;
 
     // A peer that never answers pings (never reads): closed with 4002.
     let mut silent = raw(gw.addr, &env.token("quiet")).await;
@@ -196,26 +217,7 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
     let code = close_code(&mut silent).await;
     assert!(matches!(code, Some(4002) | None), "{code:?}");
     let rest = Rest::new(&http_url(gw.addr));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let metrics = Rest::new(&http_url(gw.ops_addr))
-            .request("GET", "/metrics", None, None)
-            .await?;
-        let text = metrics.body.as_str().unwrap_or_default().to_owned();
-        if text.lines().any(|l| {
-            // Registered at 0 from start: counted means above 0.
-            l.strip_prefix("gateway_closed_by_server_total{code=\"4002\"} ")
-                .and_then(|v| v.parse::<f64>().ok())
-                .is_some_and(|v| v > 0.0)
-        }) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no 4002 close counted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    closed_by_server(&gw, 4002).await?;
 
     // Connections per address: the fourth is refused before the upgrade.
     // The earlier sockets give their slots back once their sessions are wound up (offline
