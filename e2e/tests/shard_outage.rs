@@ -137,15 +137,7 @@ async fn shard_up(ops: &Rest, shard: usize) -> anyhow::Result<Option<f64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_shard_down_degrades_only_what_it_holds() -> anyhow::Result<()> {
     let env = TestEnv::new(2, &["gw1"]).await?;
-    let mut proxies = Vec::new();
-    let mut dsns = Vec::new();
-    for dsn in &env.shard_dsns {
-        let (before, upstream, after) = dsn_parts(dsn)?;
-        let proxy = Proxy::start(upstream).await?;
-        dsns.push(format!("{before}{}{after}", proxy.addr));
-        proxies.push(proxy);
-    }
-    let shards = ShardConfig::from_list(&dsns.join(","), 4)?;
+    let (proxies, shards) = behind_proxies(&env).await?;
     let mux = env
         .start_multiplexer_with(|c| c.shards = shards.clone())
         .await?;
