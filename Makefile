@@ -75,7 +75,7 @@ up-stack: ## Start the broker and Postgres `make up` uses (secured; INSECURE=1: 
 .PHONY: up
 up: deps ## Install, build and run everything, secured (INSECURE=1: plaintext): Kafka, Postgres, gateways gw1+gw2, a multiplexer.
 	@mkdir -p '$(STATE_DIR)/run' && echo $(UP_MODE) >'$(UP_MODE_FILE)'
-	@$(MAKE) --no-print-directory up-stack build topics migrate INSECURE=$(if $(filter insecure,$(UP_MODE)),1,0)
+	@$(MAKE) --no-print-directory build up-stack topics migrate INSECURE=$(if $(filter insecure,$(UP_MODE)),1,0)
 	@$(if $(filter secure,$(UP_MODE)),CHAT_ENV_DIR='$(SECURE_ENV)' ,)$(SCRIPTS)/services.sh start
 	@$(SCRIPTS)/services.sh status
 	@echo
@@ -117,9 +117,9 @@ token: ## Print a dev token: make token USER=alice
 	@$(CARGO) run --quiet $(CARGO_PROFILE_FLAG) --bin chatctl -- token "$(USER)"
 
 .PHONY: tail
-tail: ## Print a topic as JSON lines (as the Kafka admin on the secured stack): make tail TOPIC=inbound [FROM=beginning|end|ms:N|<RFC 3339>] [ARGS="--user alice -f"]
+tail: ## Print a topic as JSON lines (as the data team's read-only Kafka user on the secured stack): make tail TOPIC=inbound [FROM=beginning|end|ms:N|<RFC 3339>] [ARGS="--user alice -f"]
 	@test -n "$(TOPIC)" || { echo "tail: say which topic: make tail TOPIC=inbound (or presence, outbound-gw1)"; exit 1; }
-	@$(call as,admin)target/$(PROFILE)/chatctl tail "$(TOPIC)" --from "$(or $(FROM),beginning)" $(ARGS) || { echo "tail: cannot read $(TOPIC) (is Kafka up and the binary built? make up)"; exit 1; }
+	@$(call as,data)target/$(PROFILE)/chatctl tail "$(TOPIC)" --from "$(or $(FROM),beginning)" $(ARGS) || { echo "tail: cannot read $(TOPIC) (is Kafka up and the binary built? make up)"; exit 1; }
 
 .PHONY: replay
 replay: ## Rebuild the shards in SHARD_DSNS from inbound (as the data user and chat_owner on the secured stack): make replay [FROM=beginning|offset:N|ms:N|<RFC 3339>]

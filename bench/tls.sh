@@ -228,7 +228,7 @@ tls_services() {
   # shellcheck disable=SC2046
   env $(sec_kafka_env admin) "$BIN/loadgen" topics --topic-prefix "$SEC_PREFIX" --gateways gw1 >>"$OUT/logs/topics.log" \
     || die "tls: creating topics on the secured broker failed"
-  infra/scripts/kafka-acls.sh --prefix "$SEC_PREFIX" --gateways gw1 >>"$OUT/logs/tls-acls.log" 2>&1 \
+  CHATCTL="$BIN/chatctl" infra/scripts/kafka-acls.sh --prefix "$SEC_PREFIX" --gateways gw1 >>"$OUT/logs/tls-acls.log" 2>&1 \
     || die "tls: creating ACLs failed (see $OUT/logs/tls-acls.log)"
   local grants owner_dsns="" writer_dsns="" reader_dsns=""
   grants="$(infra/scripts/postgres.sh grants-sql --secure)"

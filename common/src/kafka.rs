@@ -15,6 +15,28 @@ use clap::parser::ValueSource;
 
 use crate::config::{config_error, try_parse_matches_from, ConfigError, DEFAULT_BROKERS};
 
+/// The next record of a [`KafkaConfig::reader`], passing over the broker's refusals of the
+/// reader's nominal group. A reader never joins that group, commits or fetches offsets, so a
+/// user with no rights on it (a gateway's, or the data team's, whose groups are their own) reads
+/// what its topic ACLs allow all the same; a refusal on the topic itself still comes back as an
+/// error. Before, `chatctl tail` run as the data user stopped at its first record with "Group
+/// authorization failed".
+pub async fn read_next(
+    reader: &StreamConsumer,
+) -> Result<rdkafka::message::BorrowedMessage<'_>, rdkafka::error::KafkaError> {
+    loop {
+        match reader.recv().await {
+            Err(e) if is_group_refusal(&e) => tracing::debug!(error = %e, "reader: group refused"),
+            other => return other,
+        }
+    }
+}
+
+/// True for the broker's refusal of a consumer's group (see [`read_next`]).
+pub fn is_group_refusal(e: &rdkafka::error::KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::GroupAuthorizationFailed)
+}
+
 /// Errors at the Kafka boundary.
 #[derive(Debug, Error)]
 pub enum KafkaError {
@@ -382,6 +404,9 @@ impl KafkaConfig {
     }
 
     /// A consumer without a group, for reading whole topics with manual assignment (presence).
+    /// Read it with [`read_next`]: librdkafka wants a `group.id` for `assign()` and looks up
+    /// that group's coordinator, which a broker with ACLs refuses to a user without rights on
+    /// the group; the refusal arrives as a consumption error the reader has no use for.
     pub fn reader(&self) -> Result<StreamConsumer, KafkaError> {
         let mut c = self.client_config();
         c.set("group.id", "unused-manual-assignment")

@@ -86,7 +86,7 @@ impl PresenceView {
             loop {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    m = consumer.recv() => m,
+                    m = crate::kafka::read_next(&consumer) => m,
                 };
                 let msg = match msg {
                     Ok(m) => m,

@@ -9,7 +9,13 @@
 //! - `chatctl tail inbound --from beginning --user alice` prints records as JSON lines
 //!   (`chatctl tail inbound-dlq` prints dead letters with their original record decoded). The
 //!   decoder follows the topic's role in the deployment, read from its whole name, or `--role`.
+//! - `chatctl acls --gateways gw1,gw2` creates the deployment's Kafka ACLs (each service's user
+//!   may do what it needs, nothing more; `--print` shows them without creating, `acls list`
+//!   shows what the brokers hold); `chatctl kafka-users set gateway-gw3` creates a SCRAM user
+//!   or sets its password (read from standard input), `kafka-users delete` removes it. Both run
+//!   as a user the broker lets alter ACLs and credentials (its admin).
 
+mod kafka_admin;
 mod tail;
 mod topics;
 
@@ -84,6 +90,39 @@ enum TopicsAction {
 }
 
 #[derive(Subcommand)]
+enum AclsAction {
+    /// Print the ACLs the brokers hold (every user's, or one user's).
+    List {
+        /// Only this user's (for example gateway-gw1).
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        at: Deployment,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersAction {
+    /// Create a SCRAM-SHA-512 user or set its password. The password is the first line of
+    /// standard input (never an argument: it would show in `ps`).
+    Set {
+        user: String,
+        /// PBKDF2 iterations of the stored hash (Kafka accepts 4096 to 16384).
+        #[arg(long, default_value_t = 8192)]
+        iterations: i32,
+        #[command(flatten)]
+        at: Deployment,
+    },
+    /// Remove a user's SCRAM-SHA-512 credential: it can no longer log in (its ACLs stay until
+    /// deleted).
+    Delete {
+        user: String,
+        #[command(flatten)]
+        at: Deployment,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Create the topics (inbound, inbound-dlq, presence, outbound-<gateway> for each gateway),
     /// or delete a gateway's outbound topic (`topics delete`).
@@ -121,6 +160,34 @@ enum Command {
         #[command(flatten)]
         at: Deployment,
     },
+    /// Create the deployment's Kafka ACLs (gateway-<id>, multiplexer, data), or list them
+    /// (`acls list`). Existing ACLs are left as they are; prints each one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Acls {
+        #[command(subcommand)]
+        action: Option<AclsAction>,
+        /// Gateway ids, comma separated.
+        #[arg(
+            long,
+            env = "GATEWAY_IDS",
+            default_value = "gw1,gw2",
+            value_delimiter = ','
+        )]
+        gateways: Vec<String>,
+        /// The multiplexers' consumer group (default: <prefix>multiplexer).
+        #[arg(long)]
+        multiplexer_group: Option<String>,
+        /// Print the ACLs without creating them.
+        #[arg(long)]
+        print: bool,
+        #[command(flatten)]
+        at: Deployment,
+    },
+    /// Create, update or delete the brokers' SCRAM users (`kafka-users set NAME`).
+    KafkaUsers {
+        #[command(subcommand)]
+        action: UsersAction,
+    },
     /// Print a signed token for a user.
     Token {
         user: String,
@@ -136,10 +203,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Topics { action, create } => {
             match action.unwrap_or(TopicsAction::Create(create)) {
                 TopicsAction::Create(CreateTopics { gateways, at }) => {
-                    let gateways = gateways
-                        .iter()
-                        .map(|g| GatewayId::parse(g.trim()))
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let gateways = parse_gateways(&gateways)?;
                     let names = TopicNames::new(at.prefix.clone());
                     let topics = standard_topics(&names, &gateways);
                     ensure_topics(&at.kafka()?, &topics, None)
@@ -195,6 +259,89 @@ async fn main() -> anyhow::Result<()> {
             };
             tail::tail(&at.kafka()?, options).await?;
         }
+        Command::Acls {
+            action: Some(AclsAction::List { user, at }),
+            ..
+        } => {
+            let kafka = at.kafka()?;
+            let who = user.clone();
+            let lines =
+                tokio::task::spawn_blocking(move || kafka_admin::list_acls(&kafka, who.as_deref()))
+                    .await??;
+            if lines.is_empty() {
+                // librdkafka drops the broker's refusal of a DescribeAcls request (a user
+                // without DESCRIBE on the cluster), so an empty answer may be one.
+                eprintln!(
+                    "no ACLs{} (or none this user may see: only a user allowed to describe the \
+                     cluster, such as the admin, sees them)",
+                    user.as_deref()
+                        .map(|u| format!(" for {u}"))
+                        .unwrap_or_default()
+                );
+            }
+            for line in lines {
+                println!("{line}");
+            }
+        }
+        Command::Acls {
+            action: None,
+            gateways,
+            multiplexer_group,
+            print,
+            at,
+        } => {
+            let names = TopicNames::new(at.prefix.clone());
+            let gateways = parse_gateways(&gateways)?;
+            let group = multiplexer_group.unwrap_or_else(|| format!("{}multiplexer", at.prefix));
+            let acls = kafka_admin::deployment_acls(&names, &gateways, &group);
+            if !print {
+                let kafka = at.kafka()?;
+                let wanted = acls.clone();
+                tokio::task::spawn_blocking(move || kafka_admin::create_acls(&kafka, &wanted))
+                    .await?
+                    .with_context(|| format!("creating ACLs on {}", at.brokers))?;
+            }
+            for acl in acls {
+                println!("{acl}");
+            }
+        }
+        Command::KafkaUsers { action } => match action {
+            UsersAction::Set {
+                user,
+                iterations,
+                at,
+            } => {
+                let mut password = String::new();
+                std::io::stdin()
+                    .read_line(&mut password)
+                    .context("reading the password from standard input")?;
+                let password = password.trim_end_matches(['\r', '\n']).to_owned();
+                anyhow::ensure!(
+                    !password.is_empty(),
+                    "no password: give it as the first line of standard input"
+                );
+                let kafka = at.kafka()?;
+                let who = user.clone();
+                tokio::task::spawn_blocking(move || {
+                    let change = kafka_admin::UserChange::Set {
+                        password: &password,
+                        iterations,
+                    };
+                    kafka_admin::alter_user(&kafka, &who, change)
+                })
+                .await??;
+                println!("{user}: SCRAM-SHA-512 credential set");
+            }
+            UsersAction::Delete { user, at } => {
+                let kafka = at.kafka()?;
+                let who = user.clone();
+                tokio::task::spawn_blocking(move || {
+                    kafka_admin::alter_user(&kafka, &who, kafka_admin::UserChange::Delete)
+                })
+                .await??;
+                println!("{user}: SCRAM-SHA-512 credential deleted");
+            }
+        },
         Command::Token { user, ttl } => {
             let user = UserId::parse(&user)?;
             let secret = env_or("JWT_SECRET", DEV_JWT_SECRET);
@@ -207,4 +354,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Gateway ids as given on the command line (blanks around each trimmed, empty ones skipped).
+fn parse_gateways(ids: &[String]) -> anyhow::Result<Vec<GatewayId>> {
+    Ok(ids
+        .iter()
+        .map(|g| g.trim())
+        .filter(|g| !g.is_empty())
+        .map(GatewayId::parse)
+        .collect::<Result<Vec<_>, _>>()?)
 }

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_common::kafka::{start_offset, KafkaConfig, Start};
+use chat_common::kafka::{read_next, start_offset, KafkaConfig, Start};
 use chat_common::topics::TopicRole;
 use chat_proto::v1::{DeadLetter, InboundRecord, OutboundRecord, PresenceRecord};
 use prost::Message as _;
@@ -146,7 +146,7 @@ pub async fn tail(kafka: &KafkaConfig, options: TailOptions) -> anyhow::Result<u
         }
         let m = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
-            m = consumer.recv() => m?,
+            m = read_next(&consumer) => m?,
         };
         let (p, offset) = (m.partition(), m.offset());
         if !options.follow {

@@ -2,11 +2,13 @@
 # Usage: kafka-acls.sh [--prefix P] [--gateways gw1,gw2] [--bootstrap HOST:PORT]
 #
 # Creates the Kafka ACLs of one deployment on the secured local broker (kafka.sh start
-# --secure): each service's user may do what the service needs and nothing more (the list is
-# in infra/kafka/Acls.java). Runs as the broker's admin user, with its CA. Creating them again
-# is harmless. Prints each ACL.
+# --secure) with `chatctl acls`: each service's user may do what the service needs and nothing
+# more (the list: `chatctl acls --print`, from ctl/src/kafka_admin.rs). Runs as the broker's
+# admin user, with its CA; the password goes through the environment, never a command line.
+# Creating them again is harmless. Prints each ACL.
 #
-# Env: CHAT_STATE_DIR (default <repo>/.local), KAFKA_HOME (as kafka.sh).
+# Env: CHAT_STATE_DIR (default <repo>/.local); CHATCTL, the chatctl binary (default: the newer
+#      of target/release/chatctl and target/debug/chatctl; `make build` makes it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -24,20 +26,16 @@ done
 base="$STATE_DIR/kafka-secure"
 [[ -s "$base/users/admin" && -s "$base/tls/ca.crt" ]] \
   || die "no secured broker state in $base: start it first (kafka.sh start --secure)"
-if [[ -n "${KAFKA_HOME:-}" && -d "${KAFKA_HOME}/libs" ]]; then libs="$KAFKA_HOME/libs"; else libs="$STATE_DIR/kafka-dist/libs"; fi
-JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
 
-props="$(mktemp)"
-trap 'rm -f "$props"' EXIT
-chmod 600 "$props"
-cat >"$props" <<PROPS
-security.protocol=SASL_SSL
-sasl.mechanism=SCRAM-SHA-512
-sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(cat "$base/users/admin")";
-ssl.truststore.type=PEM
-ssl.truststore.location=$base/tls/ca.crt
-PROPS
+chatctl="${CHATCTL:-}"
+if [[ -z "$chatctl" ]]; then
+  for c in "$REPO_ROOT/target/release/chatctl" "$REPO_ROOT/target/debug/chatctl"; do
+    [[ -x "$c" && ( -z "$chatctl" || "$c" -nt "$chatctl" ) ]] && chatctl="$c"
+  done
+fi
+[[ -n "$chatctl" && -x "$chatctl" ]] || die "no chatctl binary: build it first (make build), or say where with CHATCTL"
 
-"$JAVA" -Xmx256m -XX:TieredStopAtLevel=1 \
-  -Dlog4j2.configurationFile="$INFRA_DIR/kafka/tools-log4j2.properties" \
-  -cp "$libs/*" "$INFRA_DIR/kafka/Acls.java" "$bootstrap" "$props" "$prefix" "$gateways"
+KAFKA_SASL_PASSWORD="$(cat "$base/users/admin")" \
+KAFKA_SECURITY_PROTOCOL=sasl_ssl KAFKA_SASL_MECHANISM=SCRAM-SHA-512 KAFKA_SASL_USERNAME=admin \
+KAFKA_CA_FILE="$base/tls/ca.crt" KAFKA_BROKERS="$bootstrap" TOPIC_PREFIX="$prefix" \
+  exec "$chatctl" acls --gateways "$gateways"

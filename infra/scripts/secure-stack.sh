@@ -4,9 +4,9 @@
 #
 # The secured local stack `make up` runs: the SASL_SSL broker (kafka.sh --secure, 127.0.0.1:9094)
 # and the TLS-only Postgres (postgres.sh --secure, 127.0.0.1:54321), each service's Kafka ACLs
-# (kafka-acls.sh) and Postgres roles, and one environment file per role, so that every process
-# connects as its own user over TLS with the server's certificate verified, and no password is
-# ever on a command line.
+# (kafka-acls.sh: `chatctl acls`, so chatctl must be built: `make up` builds first) and Postgres
+# roles, and one environment file per role, so that every process connects as its own user over
+# TLS with the server's certificate verified, and no password is ever on a command line.
 #
 #   start   start the broker and Postgres (each makes its CA, certificates, users and roles on
 #           first start), create the ACLs of gateways GATEWAY_IDS, write the env files
@@ -20,10 +20,9 @@
 # CHAT_STATE_DIR is set), written from the passwords the broker and Postgres made:
 #   gateway-<id>.env  Kafka user gateway-<id>, Postgres chat_reader     (gateways)
 #   multiplexer.env   Kafka user multiplexer, Postgres chat_writer, MULTIPLEXER_MIGRATE=false
-#   admin.env         Kafka user admin (super user): topics, tail (chatctl tail's reader asks
-#                     for a consumer group that the data user's ACLs, groups data-*, refuse)
+#   admin.env         Kafka user admin (super user): topics, ACLs and users (chatctl)
 #   owner.env         Postgres chat_owner: migrations
-#   data.env          Kafka user data (reads every topic), Postgres chat_reader: export
+#   data.env          Kafka user data (reads every topic), Postgres chat_reader: tail, export
 #   replay.env        Kafka user data, Postgres chat_writer: replay (into migrated shards;
 #                     shards lacking a migration need owner.env)
 # and for the Java and Postgres command-line tools: admin.properties and data.properties

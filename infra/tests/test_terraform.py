@@ -1322,8 +1322,9 @@ def test_kafka_and_postgres_take_only_tls_and_each_service_signs_in_as_itself() 
     assert 'user = "gateway-${id}", type = "Topic", name = "${local.p}outbound-${id}", pattern = "Literal", ops = ["Read", "Describe"]' in acls
     assert 'user = "multiplexer", type = "Topic", name = "${local.p}outbound-", pattern = "Prefixed", ops = ["Write", "Describe"]' in acls
     # The same list as the local stack's.
-    java = (ROOT / "infra" / "kafka" / "Acls.java").read_text()
-    assert 'a.topic(user, prefix + "outbound-" + id.trim(), READ, DESCRIBE);' in java
+    rust = "".join((ROOT / "ctl" / "src" / "kafka_admin.rs").read_text().split())
+    assert 'a.allow(&user,Topic,Literal,format!("{prefix}outbound-{id}"),&[Read,Describe],);' in rust
+    assert 'a.allow(mux,Topic,Prefixed,format!("{prefix}outbound-"),&[Write,Describe],);' in rust
     assert ("kafka_acl", "this") in m.resources
 
 

@@ -1,6 +1,7 @@
-# What each Kafka user may do: the same list as the local stack's infra/kafka/Acls.java
-# (docs/security.md). The admin user holds every right, so that Terraform and operators keep
-# administering the cluster once MSK refuses everyone without an ACL (kafka_acls_enforced).
+# What each Kafka user may do: the same list as `chatctl acls` creates on the local stack
+# (ctl/src/kafka_admin.rs, docs/security.md). The admin user holds every right, so that
+# Terraform and operators keep administering the cluster once MSK refuses everyone without an
+# ACL (kafka_acls_enforced).
 
 locals {
   p = var.topic_prefix
