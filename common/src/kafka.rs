@@ -22,7 +22,7 @@ use crate::config::{config_error, try_parse_matches_from, ConfigError, DEFAULT_B
 /// error. Before, `chatctl tail` run as the data user stopped at its first record with "Group
 /// authorization failed".
 pub async fn read_next(
-    reader: &StreamConsumer,
+    reader: &Reader,
 ) -> Result<rdkafka::message::BorrowedMessage<'_>, rdkafka::error::KafkaError> {
     loop {
         match reader.recv().await {
@@ -31,6 +31,27 @@ pub async fn read_next(
         }
     }
 }
+
+/// A consumer that assigns itself partitions and never joins its group: [`KafkaConfig::reader`].
+pub type Reader = StreamConsumer<ReaderContext>;
+
+/// The context of a [`Reader`]: rdkafka's default, except that the broker's refusal of the
+/// reader's nominal group is no error (see [`read_next`]). librdkafka reports it as a global
+/// error too, which rdkafka's default logs as an ERROR line: on a broker with ACLs, every
+/// gateway's presence view logged one at start and more now and then.
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if is_group_refusal(&error) {
+            tracing::debug!(%error, reason, "reader: group refused (it is never joined)");
+        } else {
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
 /// True for the broker's refusal of a consumer's group (see [`read_next`]).
 pub fn is_group_refusal(e: &rdkafka::error::KafkaError) -> bool {
@@ -407,14 +428,14 @@ impl KafkaConfig {
     /// Read it with [`read_next`]: librdkafka wants a `group.id` for `assign()` and looks up
     /// that group's coordinator, which a broker with ACLs refuses to a user without rights on
     /// the group; the refusal arrives as a consumption error the reader has no use for.
-    pub fn reader(&self) -> Result<StreamConsumer, KafkaError> {
+    pub fn reader(&self) -> Result<Reader, KafkaError> {
         let mut c = self.client_config();
         c.set("group.id", "unused-manual-assignment")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
-        Ok(c.create()?)
+        Ok(c.create_with_context(ReaderContext)?)
     }
 
     /// Checks that the brokers answer, so a misconfigured process fails at start, not at first use.
@@ -602,8 +623,8 @@ pub fn parse_start(s: &str) -> Result<Start, BadStart> {
 
 /// The offset to start reading partition `partition` of `topic` at, for `start`, given the
 /// partition's watermarks; `None` when there is nothing to read (for a bounded read).
-pub fn start_offset(
-    consumer: &StreamConsumer,
+pub fn start_offset<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
     topic: &str,
     partition: i32,
     start: Start,

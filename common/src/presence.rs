@@ -22,7 +22,7 @@ use crate::ids::GatewayId;
 use crate::kafka::{KafkaConfig, KafkaError};
 use chat_proto::v1::PresenceRecord;
 use prost::Message as _;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -48,7 +48,7 @@ pub struct PresenceView {
     positions: watch::Receiver<HashMap<i32, i64>>,
     /// A client of its own for end-offset queries: on the reader's client they would queue
     /// behind its long-poll fetches (about 10 ms each).
-    offsets: Arc<StreamConsumer>,
+    offsets: Arc<crate::kafka::Reader>,
     topic: String,
     partitions: Vec<i32>,
 }

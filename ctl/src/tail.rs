@@ -14,7 +14,7 @@ use chat_common::kafka::{read_next, start_offset, KafkaConfig, Start};
 use chat_common::topics::TopicRole;
 use chat_proto::v1::{DeadLetter, InboundRecord, OutboundRecord, PresenceRecord};
 use prost::Message as _;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -112,7 +112,7 @@ fn mentions_conversation(key: Option<&str>, value: &Value, conversation: &str) -
 
 /// Runs the tail, writing JSON lines to stdout.
 pub async fn tail(kafka: &KafkaConfig, options: TailOptions) -> anyhow::Result<u64> {
-    let consumer: StreamConsumer = kafka.reader()?;
+    let consumer = kafka.reader()?;
     let timeout = Duration::from_secs(10);
     let topic = options.topic.as_str();
     let md = consumer

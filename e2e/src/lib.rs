@@ -11,15 +11,23 @@
 //! (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_CA_FILE`, `KAFKA_SASL_*`), which the processes a test
 //! spawns inherit: so the suite runs as well against a secured broker and Postgres
 //! (`make test-secure`).
+//!
+//! On the secured test stack, `infra/scripts/test-secure.sh` also says where the services'
+//! passwords are (`CHAT_TEST_KAFKA_USERS`, `CHAT_TEST_PG_ROLES`), and every gateway and
+//! multiplexer a test starts then signs in as its own Kafka user and Postgres role, under the
+//! deployment's ACLs and grants, as `make up` runs them (see [`Identities`]); the test itself
+//! keeps the admin user and the owner role for what it sets up and inspects.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
 use chat_common::auth::{TokenIssuer, TokenVerifier};
 use chat_common::ids::{ClientMessageId, ConversationKey, GatewayId, UserId};
-use chat_common::kafka::KafkaConfig;
+use chat_common::kafka::{KafkaConfig, KafkaSecurity};
 use chat_common::topics::{delete_topics, ensure_topics, standard_topics, TopicNames};
 use db_writer::{Retention, ShardConfig};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -64,6 +72,145 @@ pub struct TestEnv {
     /// Delete-on-ack expiry of unacked messages, for multiplexers this env starts.
     pub unacked_ttl: Duration,
     pub expiry_interval: Duration,
+    /// Who the processes this env starts sign in as (`None`: the stack's one user).
+    identities: Option<Identities>,
+    /// Gateways whose Kafka user and ACLs exist for this env's topics.
+    allowed_gateways: Mutex<Vec<String>>,
+}
+
+/// The services' own users and roles on the secured test stack, where their passwords are:
+/// `CHAT_TEST_KAFKA_USERS` (a directory with one file per Kafka user, as `kafka.sh --secure`
+/// keeps them) and `CHAT_TEST_PG_ROLES` (one file per Postgres role, as `postgres.sh --secure`
+/// keeps them). With them, an env's gateways sign in as `gateway-<id>` and `chat_reader`, its
+/// multiplexers as `multiplexer` and `chat_writer` and do not migrate (the env migrated its
+/// shards as `chat_owner`, in delete-on-ack mode when its multiplexers run in it), each under
+/// the ACLs `chatctl acls` creates for the env's prefix and the grants of `db-writer roles`.
+#[derive(Clone, Debug)]
+pub struct Identities {
+    kafka_users: PathBuf,
+    pg_roles: PathBuf,
+}
+
+impl Identities {
+    /// The directories from the environment, when both are set.
+    pub fn from_env() -> Option<Self> {
+        Some(Self {
+            kafka_users: std::env::var_os("CHAT_TEST_KAFKA_USERS")?.into(),
+            pg_roles: std::env::var_os("CHAT_TEST_PG_ROLES")?.into(),
+        })
+    }
+
+    fn password(dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
+        let path = dir.join(name);
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the password of {name} ({})", path.display()))?
+            .trim()
+            .to_owned())
+    }
+
+    /// `kafka` signing in as `user` instead (same brokers, CA and mechanism).
+    fn kafka_as(&self, kafka: &KafkaConfig, user: &str) -> anyhow::Result<KafkaConfig> {
+        let (ca_file, mechanism) = match &kafka.security {
+            KafkaSecurity::SaslSsl {
+                ca_file, mechanism, ..
+            } => (ca_file.clone(), mechanism.clone()),
+            other => anyhow::bail!("per-service Kafka users need SASL_SSL, not {other:?}"),
+        };
+        Ok(KafkaConfig {
+            security: KafkaSecurity::SaslSsl {
+                ca_file,
+                mechanism,
+                username: user.to_owned(),
+                password: Self::password(&self.kafka_users, user)?,
+            },
+            ..kafka.clone()
+        })
+    }
+
+    /// `dsns` (URL form) signing in as `role` instead.
+    fn dsns_as(&self, dsns: &[String], role: &str) -> anyhow::Result<Vec<String>> {
+        let password = Self::password(&self.pg_roles, role)?;
+        dsns.iter()
+            .map(|dsn| {
+                let (scheme, rest) = dsn.split_once("://").context("a DSN in URL form")?;
+                let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+                Ok(format!("{scheme}://{role}:{password}@{host}"))
+            })
+            .collect()
+    }
+
+    /// Makes Kafka user `user` when this stack has no password for it (the broker's own users
+    /// are made when it is formatted: `gateway-gw1`, `gateway-gw2`, `multiplexer`, `data`), and
+    /// sets that password on the broker once per test binary.
+    async fn ensure_kafka_user(&self, kafka: &KafkaConfig, user: &str) -> anyhow::Result<()> {
+        static SET: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let path = self.kafka_users.join(user);
+        // Written whole, then linked into place: a concurrent test sees no file or all of it.
+        let tmp = self
+            .kafka_users
+            .join(format!(".{user}.{}", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&tmp, format!("{}\n", uuid::Uuid::new_v4().simple()))?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        std::fs::remove_file(&tmp)?;
+        let made = match linked {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        };
+        let known = SET
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&user.to_owned());
+        if !made && (known || !self.is_made_by_tests(user)) {
+            return Ok(());
+        }
+        let password = Self::password(&self.kafka_users, user)?;
+        chatctl(kafka, &["kafka-users", "set", user], Some(&password)).await?;
+        SET.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(user.to_owned());
+        Ok(())
+    }
+
+    /// True for a user the broker was not formatted with (its password was made here).
+    fn is_made_by_tests(&self, user: &str) -> bool {
+        !matches!(
+            user,
+            "admin" | "gateway-gw1" | "gateway-gw2" | "multiplexer" | "data"
+        )
+    }
+}
+
+/// Runs `chatctl` against `kafka`'s brokers as the test's own Kafka user (the environment's),
+/// with `stdin` as its standard input; fails with its stderr unless it succeeds.
+async fn chatctl(kafka: &KafkaConfig, args: &[&str], stdin: Option<&str>) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let path = binary("chatctl");
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        path.display()
+    );
+    let mut child = tokio::process::Command::new(&path)
+        .args(args)
+        .env("KAFKA_BROKERS", &kafka.brokers)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    if let (Some(mut input), Some(text)) = (child.stdin.take(), stdin) {
+        input.write_all(format!("{text}\n").as_bytes()).await?;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "chatctl {}: {}",
+        args.first().copied().unwrap_or_default(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 impl TestEnv {
@@ -77,6 +224,7 @@ impl TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("t{}-", &id[..10]);
         let kafka = KafkaConfig::new(brokers).with_env_opts()?;
+        let identities = Identities::from_env();
         let topics = TopicNames::new(prefix.clone());
         let gateway_ids: Vec<GatewayId> = gateways
             .iter()
@@ -96,13 +244,17 @@ impl TestEnv {
             admin
                 .batch_execute(&format!("CREATE DATABASE \"{db}\""))
                 .await?;
-            shard_dsns.push(with_database(&admin_dsn, &db));
+            let dsn = with_database(&admin_dsn, &db);
+            if identities.is_some() {
+                grant(&dsn).await?;
+            }
+            shard_dsns.push(dsn);
             databases.push(db);
         }
         // Migrated as an operator would (`db-writer migrate`) before any process starts.
         let shards = ShardConfig::from_list(&shard_dsns.join(","), 1)?;
         db_writer::Shards::connect(&shards)?.migrate().await?;
-        Ok(Self {
+        let env = Self {
             kafka,
             topics,
             gateway_ids,
@@ -113,11 +265,99 @@ impl TestEnv {
             retention: Retention::Keep,
             unacked_ttl: Duration::from_secs(30 * 24 * 3600),
             expiry_interval: Duration::from_secs(60),
-        })
+            identities,
+            allowed_gateways: Mutex::new(Vec::new()),
+        };
+        let ids: Vec<&str> = env.gateway_ids.iter().map(|g| g.as_str()).collect();
+        env.allow_gateways(&ids).await?;
+        Ok(env)
     }
 
-    fn shard_config(&self) -> ShardConfig {
-        ShardConfig::from_list(&self.shard_dsns.join(","), 4).expect("test DSNs are valid")
+    /// Creates the Kafka users and ACLs of `ids` (with the multiplexer's and the data team's)
+    /// for this env's topics, unless done already or there are no per-service users.
+    async fn allow_gateways(&self, ids: &[&str]) -> anyhow::Result<()> {
+        let Some(identities) = &self.identities else {
+            return Ok(());
+        };
+        let new: Vec<&str> = {
+            let done = self
+                .allowed_gateways
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            ids.iter()
+                .copied()
+                .filter(|id| !done.iter().any(|d| d == id))
+                .collect()
+        };
+        if !new.is_empty() || ids.is_empty() {
+            for id in &new {
+                identities
+                    .ensure_kafka_user(&self.kafka, &format!("gateway-{id}"))
+                    .await?;
+            }
+            let group = format!("{}multiplexer", self.topics.prefix());
+            self.acls(&self.topics, &new, &group).await?;
+            self.allowed_gateways
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(new.iter().map(|id| id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The shards as `role` signs in to them (the owner's DSNs without per-service roles).
+    /// Also grants the multiplexer user consumer group `group` (a second multiplexer in a group
+    /// of its own: a replay), when the processes sign in as their own users.
+    pub async fn allow_multiplexer_group(&self, group: &str) -> anyhow::Result<()> {
+        if self.least_privilege() {
+            self.acls(&self.topics, &[], group).await?;
+        }
+        Ok(())
+    }
+
+    /// Also creates the deployment's ACLs for topics named by `names` (another prefix than the
+    /// env's) and `gateways`, when the processes sign in as their own users.
+    pub async fn allow_topics(&self, names: &TopicNames, gateways: &[&str]) -> anyhow::Result<()> {
+        if self.least_privilege() {
+            let group = format!("{}multiplexer", names.prefix());
+            self.acls(names, gateways, &group).await?;
+        }
+        Ok(())
+    }
+
+    /// `chatctl acls` for `names`' prefix, `gateways` and the multiplexers' `group`.
+    async fn acls(&self, names: &TopicNames, gateways: &[&str], group: &str) -> anyhow::Result<()> {
+        let gateways = gateways.join(",");
+        let args = [
+            "acls",
+            "--prefix",
+            names.prefix(),
+            "--gateways",
+            &gateways,
+            "--multiplexer-group",
+            group,
+        ];
+        chatctl(&self.kafka, &args, None).await
+    }
+
+    fn shard_dsns_as(&self, role: &str) -> anyhow::Result<Vec<String>> {
+        match &self.identities {
+            Some(i) => i.dsns_as(&self.shard_dsns, role),
+            None => Ok(self.shard_dsns.clone()),
+        }
+    }
+
+    /// This env's Kafka settings as `user` signs in (the test's own without per-service users).
+    fn kafka_as(&self, user: &str) -> anyhow::Result<KafkaConfig> {
+        match &self.identities {
+            Some(i) => i.kafka_as(&self.kafka, user),
+            None => Ok(self.kafka.clone()),
+        }
+    }
+
+    /// True when the processes this env starts sign in as their own users and roles.
+    pub fn least_privilege(&self) -> bool {
+        self.identities.is_some()
     }
 
     /// A token for `user`.
@@ -138,14 +378,17 @@ impl TestEnv {
         id: &str,
         adjust: impl FnOnce(&mut gateway::Config),
     ) -> anyhow::Result<Component> {
+        self.allow_gateways(&[id]).await?;
+        let reader = self.shard_dsns_as(db_writer::roles::READER)?;
         let mut config = gateway::Config {
             gateway_id: GatewayId::parse(id)?,
             addr: "127.0.0.1:0".parse()?,
             metrics_addr: "127.0.0.1:0".parse()?,
             tls: None,
-            kafka: self.kafka.clone(),
+            kafka: self.kafka_as(&format!("gateway-{id}"))?,
             topics: self.topics.clone(),
-            shards: self.shard_config().with_plans(db_writer::Plans::Auto),
+            shards: ShardConfig::from_list(&reader.join(","), 4)?
+                .with_plans(db_writer::Plans::Auto),
             verifier: TokenVerifier::hs256(SECRET, ISSUER, AUDIENCE),
             dev_issuer: None,
             max_body_bytes: 4096,
@@ -185,11 +428,13 @@ impl TestEnv {
         &self,
         adjust: impl FnOnce(&mut multiplexer::Config),
     ) -> anyhow::Result<Component> {
+        self.prepare_multiplexer().await?;
+        let writer = self.shard_dsns_as(db_writer::roles::WRITER)?;
         let mut config = multiplexer::Config {
-            kafka: self.kafka.clone(),
+            kafka: self.kafka_as("multiplexer")?,
             topics: self.topics.clone(),
             group: format!("{}multiplexer", self.topics.prefix()),
-            shards: self.shard_config(),
+            shards: ShardConfig::from_list(&writer.join(","), 4)?,
             retention: self.retention,
             max_batch: 500,
             max_held: 10_000,
@@ -198,7 +443,7 @@ impl TestEnv {
             http_addr: "127.0.0.1:0".parse()?,
             unacked_ttl: self.unacked_ttl,
             expiry_interval: self.expiry_interval,
-            migrate: true,
+            migrate: !self.least_privilege(),
         };
         adjust(&mut config);
         let shutdown = CancellationToken::new();
@@ -211,12 +456,44 @@ impl TestEnv {
         })
     }
 
-    /// The environment of a gateway or multiplexer process for this test's slice of the stack.
-    fn process_env(&self) -> Vec<(String, String)> {
-        vec![
+    /// What a multiplexer that does not migrate needs first: in delete-on-ack mode, the expiry
+    /// sweep's index, which only the owner may build (`db-writer migrate --retention
+    /// delete-on-ack`).
+    async fn prepare_multiplexer(&self) -> anyhow::Result<()> {
+        if self.least_privilege() && self.retention == Retention::DeleteOnAck {
+            let shards = ShardConfig::from_list(&self.shard_dsns.join(","), 1)?;
+            db_writer::Shards::connect(&shards)?
+                .migrate_for(Retention::DeleteOnAck)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The environment of a gateway or multiplexer process for this test's slice of the stack,
+    /// signing in as `kafka_user` and `pg_role` (when the stack has per-service users).
+    fn process_env(
+        &self,
+        kafka_user: &str,
+        pg_role: &str,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let mut env = self.process_env_common(pg_role)?;
+        if self.least_privilege() {
+            if let KafkaSecurity::SaslSsl {
+                username, password, ..
+            } = self.kafka_as(kafka_user)?.security
+            {
+                env.push(("KAFKA_SASL_USERNAME".into(), username));
+                env.push(("KAFKA_SASL_PASSWORD".into(), password));
+            }
+        }
+        Ok(env)
+    }
+
+    fn process_env_common(&self, pg_role: &str) -> anyhow::Result<Vec<(String, String)>> {
+        Ok(vec![
             ("KAFKA_BROKERS".into(), self.kafka.brokers.clone()),
             ("TOPIC_PREFIX".into(), self.topics.prefix().to_owned()),
-            ("SHARD_DSNS".into(), self.shard_dsns.join(",")),
+            ("SHARD_DSNS".into(), self.shard_dsns_as(pg_role)?.join(",")),
             ("SHARD_POOL_SIZE".into(), "4".into()),
             (
                 "JWT_SECRET".into(),
@@ -235,14 +512,19 @@ impl TestEnv {
                 "MULTIPLEXER_GROUP".into(),
                 format!("{}multiplexer", self.topics.prefix()),
             ),
+            (
+                "MULTIPLEXER_MIGRATE".into(),
+                (!self.least_privilege()).to_string(),
+            ),
             ("RUST_LOG".into(), "warn".into()),
-        ]
+        ])
     }
 
     /// Starts the multiplexer binary as a child process (so a test can SIGKILL it).
     pub async fn spawn_multiplexer_process(&self) -> anyhow::Result<Process> {
+        self.prepare_multiplexer().await?;
         let port = free_port()?;
-        let mut env = self.process_env();
+        let mut env = self.process_env("multiplexer", db_writer::roles::WRITER)?;
         env.push(("MULTIPLEXER_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
         Process::spawn("multiplexer", env, port, port).await
     }
@@ -263,7 +545,8 @@ impl TestEnv {
         while ops_port == port {
             ops_port = free_port()?;
         }
-        let mut env = self.process_env();
+        self.allow_gateways(&[id]).await?;
+        let mut env = self.process_env(&format!("gateway-{id}"), db_writer::roles::READER)?;
         env.push(("GATEWAY_ID".into(), id.into()));
         env.push(("GATEWAY_ADDR".into(), format!("127.0.0.1:{port}")));
         env.push((
@@ -295,7 +578,11 @@ impl TestEnv {
             admin
                 .batch_execute(&format!("CREATE DATABASE \"{db}\""))
                 .await?;
-            dsns.push(with_database(&self.admin_dsn, &db));
+            let dsn = with_database(&self.admin_dsn, &db);
+            if self.least_privilege() {
+                grant(&dsn).await?;
+            }
+            dsns.push(dsn);
             self.databases.push(db);
         }
         Ok(dsns)
@@ -412,7 +699,7 @@ impl TestEnv {
 
     /// Every record of `topic` present now, read from the beginning.
     pub async fn read_topic(&self, topic: &str) -> anyhow::Result<Vec<OwnedMessage>> {
-        let consumer: StreamConsumer = self.kafka.reader()?;
+        let consumer = self.kafka.reader()?;
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let mut highs = HashMap::new();
         let mut tpl = TopicPartitionList::new();
@@ -473,6 +760,16 @@ impl TestEnv {
         }
         Ok(())
     }
+}
+
+/// The grants of `db-writer roles` in the database of `dsn` (the owner's): the writer's and
+/// the reader's part of every table, now and as migrations create them.
+async fn grant(dsn: &str) -> anyhow::Result<()> {
+    pg_connect(dsn)
+        .await?
+        .batch_execute(db_writer::roles::GRANTS_SQL)
+        .await
+        .context("granting the writer and the reader their part")
 }
 
 /// A connection to `dsn` (URL form), with its TLS settings (`sslmode`, `sslrootcert`) honoured.

@@ -502,6 +502,7 @@ async fn a_failed_produce_is_answered_with_an_error_frame() -> anyhow::Result<()
         None,
     )
     .await?;
+    env.allow_topics(&broken, &["gw1"]).await?;
     let gw = env
         .start_gateway_with("gw1", |c| {
             c.topics = broken.clone();

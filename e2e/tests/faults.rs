@@ -131,6 +131,7 @@ async fn replay(env: &TestEnv) -> anyhow::Result<()> {
         env.topics.prefix(),
         uuid::Uuid::new_v4().simple()
     );
+    env.allow_multiplexer_group(&group).await?;
     let mux = env
         .start_multiplexer_with(|c| {
             c.group = group.clone();

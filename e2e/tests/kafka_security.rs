@@ -14,7 +14,7 @@ use std::time::Duration;
 use chat_common::kafka::{read_next, KafkaConfig, KafkaSecurity};
 use chat_common::topics::{delete_topics, ensure_topics, standard_topics, TopicSpec};
 use chat_e2e::{binary, connect, ws_url, TestEnv, WAIT};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
@@ -76,7 +76,10 @@ fn ca() -> Option<PathBuf> {
 /// record. The reader's nominal group is refused too (it is nobody's), which proves nothing
 /// about the topic: `read_next` passes over it, as the project's readers do. (Before, these
 /// checks took that group refusal for the topic's.)
-async fn read_refused(reader: StreamConsumer, tpl: &TopicPartitionList) -> anyhow::Result<()> {
+async fn read_refused(
+    reader: chat_common::kafka::Reader,
+    tpl: &TopicPartitionList,
+) -> anyhow::Result<()> {
     use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
     let elements = tpl.elements();
     let (topic, partition) = (elements[0].topic(), elements[0].partition());

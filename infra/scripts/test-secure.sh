@@ -9,11 +9,13 @@
 # (`test-secure.sh stop` stops them); they are separate from `make stack` (9092, 54320) and from
 # the secured instances `make up` and the security tests use (9094, 54321).
 #
-# The tests connect as the broker's admin user and as the shards' owner role, each verifying
-# the server's certificate against its CA (`sslmode=verify-full`); the processes they spawn
-# inherit the same settings (KAFKA_SECURITY_PROTOCOL, KAFKA_CA_FILE, KAFKA_SASL_*), and the
-# shard DSNs keep the TLS parameters. The roles' least privilege and the ACLs are what
-# e2e/tests/postgres_security.rs, postgres_roles.rs and kafka_security.rs check.
+# The tests set up and inspect as the broker's admin user and the shards' owner role; the
+# gateways and multiplexers they start sign in as their own: `gateway-<id>` and `chat_reader`,
+# `multiplexer` and `chat_writer` (not migrating), under the ACLs `chatctl acls` creates for each
+# test's topic prefix and the grants of `db-writer roles`, as `make up` runs them. Every
+# connection verifies the server's certificate against its CA (`sslmode=verify-full`). What the
+# roles and the ACLs refuse is what e2e/tests/postgres_security.rs, postgres_roles.rs and
+# kafka_security.rs check.
 #
 # Env: CHAT_STATE_DIR (default <repo>/.local), KAFKA_HOME (default <state>/kafka-dist).
 set -euo pipefail
@@ -46,6 +48,9 @@ KAFKA_SASL_PASSWORD="$(cat "$base/kafka-secure/users/admin")"
 export KAFKA_SASL_PASSWORD
 CHAT_TEST_PG="postgres://chat_owner:$(cat "$base/pg-secure-users/chat_owner")@127.0.0.1:$pg_port/postgres?sslmode=verify-full&sslrootcert=$pg_ca"
 export CHAT_TEST_PG
+# Where the services' own passwords are: the gateways and multiplexers the tests start sign in
+# with them, each as its own Kafka user and Postgres role (e2e/src/lib.rs, `Identities`).
+export CHAT_TEST_KAFKA_USERS="$base/kafka-secure/users" CHAT_TEST_PG_ROLES="$base/pg-secure-users"
 echo "test-secure: chat-e2e against SASL_SSL 127.0.0.1:$kafka_port and TLS Postgres 127.0.0.1:$pg_port (verify-full)"
 cd "$REPO_ROOT"
 exec cargo test -p chat-e2e "$@"

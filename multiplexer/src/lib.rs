@@ -22,6 +22,7 @@ use anyhow::Context;
 use chat_common::http::{ops_routes, NotReady, Ready, ReadyCheck};
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::Producer as _;
+use rdkafka::types::RDKafkaRespErr;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -56,20 +57,32 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // rather than find out then, with the partition held until it does.
     let dlq = config.topics.inbound_dlq();
     let client = producer.clone();
-    let dlq_partitions = tokio::task::spawn_blocking(move || {
+    let (dlq_partitions, refused) = tokio::task::spawn_blocking(move || {
         client
             .client()
             .fetch_metadata(Some(&dlq), Duration::from_secs(10))
             .map(|md| {
-                md.topics()
+                let refused = md.topics().iter().any(|t| {
+                    t.error() == Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED)
+                });
+                let partitions = md
+                    .topics()
                     .iter()
                     .filter(|t| t.error().is_none())
                     .map(|t| t.partitions().len())
-                    .sum::<usize>()
+                    .sum::<usize>();
+                (partitions, refused)
             })
     })
     .await?
     .context("reading the dead-letter topic's metadata")?;
+    // Without DESCRIBE on it the broker says no more than that: not "it does not exist".
+    anyhow::ensure!(
+        !refused,
+        "the broker refuses this multiplexer's Kafka user topic {}: grant it the deployment's \
+         ACLs (`chatctl acls`, or the Terraform module)",
+        config.topics.inbound_dlq()
+    );
     anyhow::ensure!(
         dlq_partitions > 0,
         "topic {} does not exist: create it (`chatctl topics`, or the Terraform module)",
