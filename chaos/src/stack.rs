@@ -13,8 +13,10 @@ use chat_common::topics::{delete_topics, ensure_topics, standard_topics, TopicNa
 
 /// Bootstrap servers of the 3-node cluster started by `infra/scripts/kafka.sh --cluster`.
 pub const CLUSTER: &str = "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094";
-/// The two Postgres servers: (name for postgres.sh, port).
-pub const PG: [(&str, u16); 2] = [("chaos-pg1", 55431), ("chaos-pg2", 55432)];
+/// The two Postgres servers: (name for postgres.sh, port). Below Linux's ephemeral range
+/// (32768-60999): a server stopped by a scenario could otherwise find its port taken by an
+/// outgoing connection when it starts again (the proxy's 55442 once was, on a busy machine).
+pub const PG: [(&str, u16); 2] = [("chaos-pg1", 25431), ("chaos-pg2", 25432)];
 pub const GATEWAYS: [(&str, u16); 2] = [("cg1", 18080), ("cg2", 18081)];
 
 /// The operations listener (`/metrics`, `/readyz`) of the gateway whose public port is `port`.
@@ -23,7 +25,7 @@ pub fn gateway_metrics_addr(port: u16) -> String {
 }
 pub const MULTIPLEXER_PORTS: [u16; 2] = [19300, 19301];
 /// The proxy in front of the second Postgres server (for the cut-link scenario).
-pub const PG2_PROXY_PORT: u16 = 55442;
+pub const PG2_PROXY_PORT: u16 = 25442;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

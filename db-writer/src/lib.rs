@@ -53,5 +53,5 @@ pub use locator::Locator;
 pub use messages::Stored;
 pub use retention::{Retention, SweepIndexError, UnknownRetention};
 pub use shards::{Plans, ShardConfig, ShardDown, Shards};
-pub use tls::connect;
+pub use tls::{connect, redacted};
 pub use user_index::{ConversationSummary, IndexUpdates, ListCursor, Preview, SyncRead};

@@ -173,7 +173,9 @@ async fn main() -> anyhow::Result<()> {
             let key = ConversationKey::of(&UserId::parse(&a)?, &UserId::parse(&b)?)
                 .context("a conversation needs two different users")?;
             let shard = Shards::connect(&config)?.locator().shard_of(&key);
-            println!("{key} -> shard {shard} ({})", config.dsns[shard]);
+            // The DSN without its password: this is printed, and terminals are logged.
+            let dsn = db_writer::redacted(&config.dsns[shard]);
+            println!("{key} -> shard {shard} ({dsn})");
         }
         Command::Export(args) => export(&config, args).await?,
         Command::Replay(args) => replay(&config, args).await?,

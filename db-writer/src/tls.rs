@@ -33,6 +33,27 @@ pub(crate) struct Target {
     pub(crate) verify: Verify,
 }
 
+/// `dsn` fit to print: its password (URL or `key=value` form) replaced by `***`.
+pub fn redacted(dsn: &str) -> String {
+    if dsn.starts_with("postgres://") || dsn.starts_with("postgresql://") {
+        return match url::Url::parse(dsn) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("***"));
+                url.to_string()
+            }
+            Ok(url) => url.to_string(),
+            Err(_) => "(an invalid DSN)".to_owned(),
+        };
+    }
+    dsn.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Parses a DSN (URL or `key=value` form) with libpq's `sslmode` and `sslrootcert`.
 pub(crate) fn parse(dsn: &str) -> Result<Target, String> {
     let mut mode: Option<String> = None;
@@ -144,6 +165,23 @@ pub(crate) fn connector(verify: &Verify) -> Result<MakeTlsConnector, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_printed_dsn_shows_no_password() {
+        let url = "postgres://chat_writer:s3cret@db:5432/chat_shard_0?sslmode=verify-full";
+        let shown = redacted(url);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(
+            shown,
+            "postgres://chat_writer:***@db:5432/chat_shard_0?sslmode=verify-full"
+        );
+        let kv = "host=db user=chat_writer password=s3cret dbname=chat_shard_0";
+        assert_eq!(
+            redacted(kv),
+            "host=db user=chat_writer password=*** dbname=chat_shard_0"
+        );
+        assert_eq!(redacted("postgres://chat@db/x"), "postgres://chat@db/x");
+    }
 
     #[test]
     fn libpq_modes_and_root_certificates_are_taken_out_of_the_dsn() {
