@@ -53,8 +53,9 @@ impl Deployment {
     }
 }
 
+/// The deployment's gateways.
 #[derive(Args)]
-struct CreateTopics {
+struct Gateways {
     /// Gateway ids, comma separated.
     #[arg(
         long,
@@ -63,6 +64,25 @@ struct CreateTopics {
         value_delimiter = ','
     )]
     gateways: Vec<String>,
+}
+
+impl Gateways {
+    /// The ids as given (blanks around each trimmed, empty ones skipped).
+    fn parse(&self) -> anyhow::Result<Vec<GatewayId>> {
+        Ok(self
+            .gateways
+            .iter()
+            .map(|g| g.trim())
+            .filter(|g| !g.is_empty())
+            .map(GatewayId::parse)
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+#[derive(Args)]
+struct CreateTopics {
+    #[command(flatten)]
+    gateways: Gateways,
     #[command(flatten)]
     at: Deployment,
 }
@@ -166,14 +186,8 @@ enum Command {
     Acls {
         #[command(subcommand)]
         action: Option<AclsAction>,
-        /// Gateway ids, comma separated.
-        #[arg(
-            long,
-            env = "GATEWAY_IDS",
-            default_value = "gw1,gw2",
-            value_delimiter = ','
-        )]
-        gateways: Vec<String>,
+        #[command(flatten)]
+        gateways: Gateways,
         /// The multiplexers' consumer group (default: <prefix>multiplexer).
         #[arg(long)]
         multiplexer_group: Option<String>,
@@ -203,7 +217,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Topics { action, create } => {
             match action.unwrap_or(TopicsAction::Create(create)) {
                 TopicsAction::Create(CreateTopics { gateways, at }) => {
-                    let gateways = parse_gateways(&gateways)?;
+                    let gateways = gateways.parse()?;
                     let names = TopicNames::new(at.prefix.clone());
                     let topics = standard_topics(&names, &gateways);
                     ensure_topics(&at.kafka()?, &topics, None)
@@ -291,7 +305,7 @@ async fn main() -> anyhow::Result<()> {
             at,
         } => {
             let names = TopicNames::new(at.prefix.clone());
-            let gateways = parse_gateways(&gateways)?;
+            let gateways = gateways.parse()?;
             let group = multiplexer_group.unwrap_or_else(|| format!("{}multiplexer", at.prefix));
             let acls = kafka_admin::deployment_acls(&names, &gateways, &group);
             if !print {
@@ -354,14 +368,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Gateway ids as given on the command line (blanks around each trimmed, empty ones skipped).
-fn parse_gateways(ids: &[String]) -> anyhow::Result<Vec<GatewayId>> {
-    Ok(ids
-        .iter()
-        .map(|g| g.trim())
-        .filter(|g| !g.is_empty())
-        .map(GatewayId::parse)
-        .collect::<Result<Vec<_>, _>>()?)
 }
