@@ -52,6 +52,18 @@ pub struct Acl {
     pub operation: Operation,
 }
 
+impl Acl {
+    /// As [`list_acls`] prints it.
+    fn listed(&self) -> String {
+        let shown = self.to_string();
+        // "User:u OP RES PAT name" -> "User:u ALLOW OP RES PAT name"
+        match shown.split_once(' ') {
+            Some((principal, rest)) => format!("{principal} ALLOW {rest}"),
+            None => shown,
+        }
+    }
+}
+
 impl fmt::Display for Acl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let op = match self.operation {
@@ -205,12 +217,35 @@ pub fn create_acls(kafka: &KafkaConfig, acls: &[Acl]) -> anyhow::Result<()> {
             .filter_map(|(e, acl)| Some((acl.to_string(), e?)))
             .collect()
     };
-    refused("ACLs", acls.len(), errors)
+    refused("ACLs", acls.len(), errors)?;
+    // The controller has them; a broker enforces them once it has applied the metadata log up
+    // to them, a moment later. Return only then, so that a service started right after finds
+    // its rights (a multiplexer started at once was refused its dead-letter topic).
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let held: std::collections::HashSet<String> =
+            describe(&client, None)?.into_iter().collect();
+        let missing = acls.iter().filter(|a| !held.contains(&a.listed())).count();
+        if missing == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{missing} of the ACLs created are not in force on the broker after {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The ACLs the brokers hold for `user` (every user when `None`), as the broker describes them.
 pub fn list_acls(kafka: &KafkaConfig, user: Option<&str>) -> anyhow::Result<Vec<String>> {
-    let client = admin(kafka)?;
+    describe(&admin(kafka)?, user)
+}
+
+/// [`list_acls`] on a client already connected.
+fn describe(
+    client: &AdminClient<DefaultClientContext>,
+    user: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
     let rk = client.inner().native_ptr();
     let principal = user.map(|u| cstring(&format!("User:{u}"))).transpose()?;
     let mut errstr = [0 as c_char; 512];
@@ -600,6 +635,12 @@ mod tests {
                 .map(ToString::to_string)
                 .as_deref(),
             Some("User:gateway-gw1 READ GROUP LITERAL gateway-gw1")
+        );
+        // As the broker lists it: what creating them waits for.
+        let group = acls.iter().find(|a| a.resource == Resource::Group);
+        assert_eq!(
+            group.map(Acl::listed).as_deref(),
+            Some("User:gateway-gw1 ALLOW READ GROUP LITERAL gateway-gw1")
         );
     }
 }
