@@ -31,6 +31,9 @@ pub struct Report {
     pub seq_violations: usize,
     /// Delete-on-ack: acked messages whose body is stored again.
     pub resurrected: usize,
+    /// Delete-on-ack: bodies found as text on the brokers' or the shards' disks (the canary
+    /// scan; every copy should be sealed).
+    pub plaintext_on_disk: usize,
     /// User index rows that break its invariant (a message pending for a user whose index does
     /// not show it) or run ahead of the shards.
     pub index_violations: usize,
@@ -57,6 +60,7 @@ impl Report {
             && self.phantoms == 0
             && self.seq_violations == 0
             && self.resurrected == 0
+            && self.plaintext_on_disk == 0
             && self.index_violations == 0
             && self.recovery_secs <= 30.0
             && self
@@ -80,7 +84,7 @@ impl Report {
         format!(
             "messages {}, unanswered {}, lost {}, duplicates shown {}, order violations {}, \
              sender-order violations {}, phantoms {}, seq gaps {}, resurrected {}, \
-             index violations {}, recovery {:.1} s; {} {}",
+             bodies on disk {}, index violations {}, recovery {:.1} s; {} {}",
             self.messages,
             self.unanswered,
             self.lost_text(),
@@ -90,6 +94,7 @@ impl Report {
             self.phantoms,
             self.seq_violations,
             self.resurrected,
+            self.plaintext_on_disk,
             self.index_violations,
             self.recovery_secs,
             self.note,

@@ -7,6 +7,7 @@
 //! for each on the dead-letter topic. Prints a Markdown table and writes it to `--out`. Exits
 //! non-zero if any scenario has an anomaly.
 
+mod canary;
 mod check;
 mod degraded;
 mod poison;
@@ -464,6 +465,12 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
         counts.metric = poison::dead_letter_metric(texts.iter().map(String::as_str));
         note = format!("{note}; {}", counts.note());
         report.poison = Some(counts);
+    }
+    if retention == "delete-on-ack" {
+        // No body as text on any disk of the stack: every copy was sealed.
+        let scan = canary::scan(&canary::marker(&run_id)).await?;
+        note = format!("{note}; {}", scan.note());
+        report.plaintext_on_disk = scan.hits;
     }
     let (gaps, resurrected) = check::check_shards(&slice.dsns(false)).await?;
     report.seq_violations = gaps;

@@ -77,6 +77,7 @@ pub fn bad_record(kind: Kind, k: usize, sender: &UserId, recipient: &UserId) -> 
     let message = |client_message_id: String, body: &str, conversation: String| {
         let record = InboundRecord {
             kind: Some(inbound_record::Kind::Message(ChatMessage {
+                sealed_body: Vec::new(),
                 message_id: uuid::Uuid::new_v4().to_string(),
                 client_message_id,
                 sender: sender.as_str().to_owned(),

@@ -291,7 +291,9 @@ async fn attempt(client: &Client, issued: &AtomicU64, to: &str, mut pending: Pen
         tokio::time::sleep(RETRY_PAUSE).await;
     }
     let cid = pending.client_message_id();
-    let body = format!("m {cid}");
+    // Every user's name starts with the run's id: every body starts with the run's canary
+    // marker (`canary::marker`), which the delete-on-ack scan looks for on disk.
+    let body = format!("chaos-canary {to} {cid}");
     let send = issued.fetch_add(1, Ordering::Relaxed);
     pending.first_send.get_or_insert(send);
     pending.tries += 1;

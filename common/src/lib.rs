@@ -20,6 +20,7 @@ pub mod ids;
 pub mod kafka;
 pub mod message;
 pub mod presence;
+pub mod seal;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;

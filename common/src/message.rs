@@ -42,8 +42,11 @@ pub struct Message {
     pub conversation: ConversationKey,
     pub sender: UserId,
     pub recipient: UserId,
-    /// The text; empty once erased (delete-on-ack) or expired.
+    /// The text; empty once erased (delete-on-ack) or expired, and empty while sealed.
     pub body: String,
+    /// Delete-on-ack mode: the body sealed under the message's key ([`crate::seal`]), which only
+    /// the gateways open; `body` is empty meanwhile.
+    pub sealed: Option<Vec<u8>>,
     /// When the gateway accepted it, ms since the Unix epoch.
     pub sent_at_ms: i64,
     /// Its place in the conversation (1, 2, 3, ...); 0 until stored.
@@ -70,6 +73,7 @@ impl TryFrom<ChatMessage> for Message {
             sender,
             recipient,
             body: m.body,
+            sealed: (!m.sealed_body.is_empty()).then_some(m.sealed_body),
             sent_at_ms: m.sent_at_ms,
             seq: m.seq,
         })
@@ -88,6 +92,7 @@ impl From<Message> for ChatMessage {
             sent_at_ms: m.sent_at_ms,
             seq: m.seq,
             conversation: m.conversation.as_str().to_owned(),
+            sealed_body: m.sealed.unwrap_or_default(),
         }
     }
 }
@@ -177,6 +182,7 @@ mod tests {
             sent_at_ms: 7,
             seq: 3,
             conversation: "alice:bob".into(),
+            sealed_body: Vec::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! record in the proto3 JSON mapping (or `null` for a tombstone, or `{"undecodable": <hex>}`).
 //! On `inbound-dlq` the value is the `DeadLetter` with, next to its `original` bytes (base64),
 //! `originalRecord`: the original decoded as an `InboundRecord`, or `null` when it does not decode.
+//! A sealed body (delete-on-ack mode) shows as `"sealed": {"bytes": N}`, never as text.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -62,10 +63,35 @@ pub fn decode(role: &TopicRole, payload: Option<&[u8]>) -> Value {
             .ok()
             .and_then(|r| serde_json::to_value(r).ok()),
     };
-    decoded.unwrap_or_else(|| {
-        let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
-        json!({ "undecodable": hex, "as": role_name(role) })
-    })
+    match decoded {
+        Some(mut v) => {
+            mark_sealed(&mut v);
+            v
+        }
+        None => {
+            let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+            json!({ "undecodable": hex, "as": role_name(role) })
+        }
+    }
+}
+
+/// Delete-on-ack mode: a message's sealed body is shown as such, `"sealed": {"bytes": N}` in
+/// place of its ciphertext (`sealedBody`). Only a gateway, with the key from the shard, opens
+/// it, and the recipient's ack destroys the key: a tail never shows the text.
+fn mark_sealed(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(b64)) = o.remove("sealedBody") {
+                // base64 of n bytes is 4 * ceil(n / 3) characters, less its padding.
+                let pad = b64.bytes().rev().take_while(|&b| b == b'=').count();
+                let bytes = b64.len() / 4 * 3 - pad;
+                o.insert("sealed".into(), json!({ "bytes": bytes }));
+            }
+            o.values_mut().for_each(mark_sealed);
+        }
+        Value::Array(a) => a.iter_mut().for_each(mark_sealed),
+        _ => {}
+    }
 }
 
 /// The role as `--role` spells it.
@@ -222,6 +248,37 @@ mod tests {
 
     fn outbound() -> TopicRole {
         TopicRole::Outbound(chat_common::ids::GatewayId::parse("gw1").expect("valid"))
+    }
+
+    #[test]
+    fn a_sealed_body_shows_as_sealed_with_its_size() {
+        let rec = InboundRecord {
+            kind: Some(inbound_record::Kind::Message(ChatMessage {
+                message_id: "6c1f3a52-9d0e-4b7a-8e21-5f4c0b9d7a13".into(),
+                sealed_body: vec![1; 33],
+                ..Default::default()
+            })),
+            gateway_id: "gw1".into(),
+        };
+        let v = decode(&TopicRole::Inbound, Some(&rec.encode_to_vec()));
+        assert_eq!(v["message"]["sealed"]["bytes"], 33, "{v}");
+        assert!(v["message"].get("sealedBody").is_none(), "{v}");
+        for n in [29, 30, 31, 32] {
+            let mut v = json!({ "sealedBody": base64_of(n) });
+            mark_sealed(&mut v);
+            assert_eq!(v["sealed"]["bytes"], n);
+        }
+    }
+
+    fn base64_of(n: usize) -> String {
+        let rec = ChatMessage {
+            sealed_body: vec![7; n],
+            ..Default::default()
+        };
+        serde_json::to_value(rec).expect("json")["sealedBody"]
+            .as_str()
+            .expect("base64")
+            .to_owned()
     }
 
     #[test]

@@ -61,18 +61,25 @@ macro_rules! ack_result {
 const ACK_KEEP: &str = concat!(ack_moved!(), ack_result!());
 
 /// The ack statement of delete-on-ack mode: the bodies the watermark passed (above `before`)
-/// are erased in the same statement.
+/// are erased in the same statement, and their keys destroyed (`crate::keys`), which leaves
+/// every copy of them in Kafka unreadable. The rows are marked erased (`expired_at_ms`, the
+/// ack's time): the metadata window counts from it ([`Shards::purge_erased`]).
 const ACK_ERASE: &str = concat!(
     ack_moved!(),
     ",
      erased AS (
-         UPDATE messages m SET body = NULL
+         UPDATE messages m SET body = NULL, sealed = NULL, expired_at_ms = a.acked_at
          FROM moved JOIN a ON a.conversation = moved.conversation
                           AND a.recipient = moved.recipient
          WHERE m.conversation = moved.conversation
            AND m.recipient = moved.recipient
            AND m.seq > a.before AND m.seq <= moved.up_to_seq
-           AND m.expired_at_ms IS NULL AND m.body IS NOT NULL)",
+           AND m.expired_at_ms IS NULL
+         RETURNING m.conversation, m.sender, m.client_message_id),
+     shredded AS (
+         DELETE FROM body_keys k USING erased e
+         WHERE k.conversation = e.conversation AND k.sender = e.sender
+           AND k.client_message_id = e.client_message_id)",
     ack_result!()
 );
 

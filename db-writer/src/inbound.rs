@@ -41,6 +41,10 @@ pub enum InvalidRecord {
     BodyTooLarge { size: usize },
     #[error("ack has an invalid user, peer or conversation")]
     BadAck,
+    #[error(
+        "message has a sealed body that is not one (wrong version or size, or a body beside it)"
+    )]
+    BadSealed,
 }
 
 impl InvalidRecord {
@@ -53,6 +57,7 @@ impl InvalidRecord {
             InvalidRecord::NulBody => "invalid_body",
             InvalidRecord::BodyTooLarge { .. } => "body_too_large",
             InvalidRecord::BadAck => "bad_ack",
+            InvalidRecord::BadSealed => "invalid_sealed_body",
         }
     }
 }
@@ -92,7 +97,18 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Inbound, InvalidRecord> {
             // rather than the gateway's configured limit. An empty body is stored as it is
             // (records of earlier gateways may hold one).
             let body = chat_common::body::check(&m.body, MAX_BODY_BYTES);
+            let sealed = (!m.sealed_body.is_empty()).then(|| {
+                chat_common::seal::check_form(&m.sealed_body, MAX_BODY_BYTES).is_ok()
+                    && m.body.is_empty()
+            });
             let message = Message::try_from(m).map_err(|_| InvalidRecord::BadMessage)?;
+            // A sealed body (delete-on-ack mode) is checked for its form only: nothing past the
+            // gateway opens it.
+            match sealed {
+                Some(true) => return Ok(Inbound::Message(message)),
+                Some(false) => return Err(InvalidRecord::BadSealed),
+                None => {}
+            }
             match body {
                 Err(BodyError::Nul { .. }) => Err(InvalidRecord::NulBody),
                 Err(BodyError::TooLarge { size, .. }) => Err(InvalidRecord::BodyTooLarge { size }),

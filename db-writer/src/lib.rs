@@ -11,6 +11,7 @@
 //! - [`roles`]: the roles the processes sign in as (owner, writer, reader), and their grants.
 //! - [`messages`]: idempotent batched writes with gap-free per-conversation sequences.
 //! - [`acks`]: acks as watermarks (with erasure in delete-on-ack mode), and receipts.
+//! - [`keys`]: the body keys of delete-on-ack mode (crypto-shredding).
 //! - [`queries`]: history pages, and the sync query of the time before the user index.
 //! - [`user_index`]: each user's conversations in their home shard: what a connect reads first,
 //!   and the conversation list; [`index_build`]: building it from the shards, and checking it.
@@ -32,6 +33,7 @@ pub mod export;
 pub mod failures;
 pub mod inbound;
 pub mod index_build;
+pub mod keys;
 pub mod locator;
 pub mod messages;
 pub mod queries;

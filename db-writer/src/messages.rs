@@ -66,12 +66,24 @@ mod sql {
          LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient"
     );
 
-    /// A message already stored is skipped and counted out: see `write_on_shard`.
+    /// A message already stored is skipped and counted out: see `write_on_shard`. A sealed
+    /// body (delete-on-ack mode) is kept only while its key exists: a record whose key an ack or
+    /// the expiry destroyed (a replay of the log) rebuilds the row without content.
     pub(super) const INSERT_MESSAGES: &str =
         "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
-                               recipient, body, sent_at_ms)
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[],
-                              $5::text[], $6::text[], $7::text[], $8::bigint[])
+                               recipient, body, sent_at_ms, sealed)
+         SELECT u.conversation, u.seq, u.message_id, u.client_id, u.sender, u.recipient, u.body,
+                u.sent_at_ms,
+                CASE WHEN u.sealed IS NULL THEN NULL
+                     WHEN EXISTS (SELECT 1 FROM body_keys k
+                                  WHERE k.conversation = u.conversation
+                                    AND k.sender = u.sender
+                                    AND k.client_message_id = u.client_id)
+                     THEN u.sealed END
+         FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::bigint[], $9::bytea[])
+             AS u(conversation, seq, message_id, client_id, sender, recipient, body, sent_at_ms,
+                  sealed)
          ON CONFLICT ((md5(conversation || E'\\n' || sender || E'\\n' || client_message_id)::uuid))
          DO NOTHING";
 
@@ -388,8 +400,10 @@ struct NewRows<'a> {
     client_id: Vec<&'a str>,
     sender: Vec<&'a str>,
     recipient: Vec<&'a str>,
-    body: Vec<&'a str>,
+    /// NULL while sealed.
+    body: Vec<Option<&'a str>>,
     sent_at_ms: Vec<i64>,
+    sealed: Vec<Option<&'a [u8]>>,
 }
 
 impl<'a> NewRows<'a> {
@@ -400,8 +414,10 @@ impl<'a> NewRows<'a> {
         self.client_id.push(m.client_id.as_str());
         self.sender.push(m.sender.as_str());
         self.recipient.push(m.recipient.as_str());
-        self.body.push(&m.body);
+        self.body
+            .push(m.sealed.is_none().then_some(m.body.as_str()));
         self.sent_at_ms.push(m.sent_at_ms);
+        self.sealed.push(m.sealed.as_deref());
     }
 
     fn len(&self) -> usize {
@@ -493,7 +509,7 @@ async fn insert(
     pass: Pass,
 ) -> Result<u64, tokio_postgres::Error> {
     let r = &plan.rows;
-    let messages: [&(dyn ToSql + Sync); 8] = [
+    let messages: [&(dyn ToSql + Sync); 9] = [
         &r.conversation,
         &r.seq,
         &r.message_id,
@@ -502,6 +518,7 @@ async fn insert(
         &r.recipient,
         &r.body,
         &r.sent_at_ms,
+        &r.sealed,
     ];
     let [conversation, recipient, sender] = r.directions();
     let watermarks: [&(dyn ToSql + Sync); 3] = [&conversation, &recipient, &sender];
@@ -534,6 +551,7 @@ mod tests {
         let recipient = UserId::parse(to).expect("valid id");
         let client_id = ClientMessageId::parse(cid).expect("valid id");
         Message {
+            sealed: None,
             id: chat_common::ids::message_id(&sender, &recipient, &client_id),
             conversation: ConversationKey::of(&sender, &recipient).expect("two users"),
             client_id,

@@ -42,7 +42,8 @@ pub enum SweepIndexError {
     /// shards were not migrated in delete-on-ack mode; the fix is an operator's, so a caller
     /// reports it and tries again later.
     #[error(
-        "shard {shard}: the expiry sweep's index (messages_unexpired_age) is missing and this role \
+        "shard {shard}: the expiry sweep's indexes (messages_unexpired_age, messages_erased_age) are \
+         missing and this role \
          may not build it (only the owner of the messages table may): run `db-writer migrate \
          --retention delete-on-ack` as the shards' owner (chat_owner)"
     )]
@@ -89,8 +90,8 @@ impl Shards {
         Ok(())
     }
 
-    /// Delete-on-ack retention: erases the bodies of messages sent before `cutoff_ms` and marks
-    /// them expired, which takes the unacked ones out of the pending set. Acked messages (their
+    /// Delete-on-ack retention: erases the bodies of messages sent before `cutoff_ms`, destroys
+    /// their keys (and every other key issued before it), and marks them expired, which takes the unacked ones out of the pending set. Acked messages (their
     /// bodies already erased) are marked too, so the sweep's index holds only the retention
     /// window. Returns how many unacked messages expired. Works in bounded chunks.
     pub async fn expire_unacked(&self, cutoff_ms: i64, now_ms: i64) -> Result<u64, DbError> {
@@ -102,12 +103,17 @@ impl Shards {
                 let row = client
                     .query_one(
                         "WITH swept AS (
-                             UPDATE messages m SET body = NULL, expired_at_ms = $2
+                             UPDATE messages m SET body = NULL, sealed = NULL, expired_at_ms = $2
                              WHERE (m.conversation, m.seq) IN (
                                  SELECT conversation, seq FROM messages
                                  WHERE expired_at_ms IS NULL AND sent_at_ms < $1
                                  LIMIT $3)
-                             RETURNING m.conversation, m.recipient, m.seq)
+                             RETURNING m.conversation, m.recipient, m.seq, m.sender,
+                                       m.client_message_id),
+                         shredded AS (
+                             DELETE FROM body_keys k USING swept s
+                             WHERE k.conversation = s.conversation AND k.sender = s.sender
+                               AND k.client_message_id = s.client_message_id)
                          SELECT count(*),
                                 count(*) FILTER (WHERE s.seq > coalesce(k.up_to_seq, 0))
                          FROM swept s
@@ -123,6 +129,72 @@ impl Shards {
                     break;
                 }
             }
+            // Keys as old as the expired messages whose message never reached the shard (the
+            // gateway's produce failed after it issued the key) or reached it after its expiry.
+            loop {
+                let destroyed = client
+                    .execute(
+                        "DELETE FROM body_keys
+                         WHERE (conversation, sender, client_message_id) IN (
+                             SELECT conversation, sender, client_message_id FROM body_keys
+                             WHERE created_at_ms < $1 LIMIT $2)",
+                        &[&cutoff_ms, &CHUNK],
+                    )
+                    .await
+                    .map_err(DbError::pg(shard))?;
+                if destroyed < CHUNK as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The indexes of delete-on-ack mode, built on demand (keep mode would pay for them on every
+/// insert and never read them): name, and what it indexes.
+const SWEEP_INDEXES: &[(&str, &str)] = &[
+    // The expiry sweep: messages not yet erased, by age.
+    (
+        "messages_unexpired_age",
+        "ON messages (sent_at_ms) WHERE expired_at_ms IS NULL",
+    ),
+    // The metadata window: erased rows (acked, or expired), by when.
+    (
+        "messages_erased_age",
+        "ON messages (expired_at_ms) WHERE expired_at_ms IS NOT NULL",
+    ),
+];
+
+impl Shards {
+    /// Delete-on-ack retention, the metadata window: deletes the rows erased (acknowledged or
+    /// expired) before `before_ms` outright. What is left of such a conversation is its
+    /// counters: the last seq, and each direction's ack watermark. Works in bounded chunks;
+    /// returns how many rows went.
+    ///
+    /// The window must outlast the `inbound` topic's retention: a record replayed after its row
+    /// is gone would be stored again, without content (its key is destroyed), under a new seq.
+    pub async fn purge_erased(&self, before_ms: i64) -> Result<u64, DbError> {
+        const CHUNK: i64 = 1000;
+        let mut total = 0;
+        for shard in 0..self.len() {
+            let client = self.client(shard).await?;
+            loop {
+                let purged = client
+                    .execute(
+                        "DELETE FROM messages
+                         WHERE (conversation, seq) IN (
+                             SELECT conversation, seq FROM messages
+                             WHERE expired_at_ms < $1 LIMIT $2)",
+                        &[&before_ms, &CHUNK],
+                    )
+                    .await
+                    .map_err(DbError::pg(shard))?;
+                total += purged;
+                if purged < CHUNK as u64 {
+                    break;
+                }
+            }
         }
         Ok(total)
     }
@@ -133,12 +205,24 @@ async fn ensure_sweep_index_on(
     client: &tokio_postgres::Client,
     shard: usize,
 ) -> Result<(), DbError> {
+    for (name, definition) in SWEEP_INDEXES {
+        ensure_index_on(client, shard, name, definition).await?;
+    }
+    Ok(())
+}
+
+/// Builds one of [`SWEEP_INDEXES`] where it is missing or left invalid.
+async fn ensure_index_on(
+    client: &tokio_postgres::Client,
+    shard: usize,
+    name: &str,
+    definition: &str,
+) -> Result<(), DbError> {
     let pg = |source| DbError::Postgres { shard, source };
     let valid: Option<bool> = client
         .query_opt(
-            "SELECT indisvalid FROM pg_index
-             WHERE indexrelid = to_regclass('messages_unexpired_age')",
-            &[],
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+            &[&name],
         )
         .await
         .map_err(pg)?
@@ -148,23 +232,23 @@ async fn ensure_sweep_index_on(
         Some(false) => {
             tracing::warn!(
                 shard,
+                index = name,
                 "sweep index left invalid by an earlier build: rebuilding"
             );
             client
-                .batch_execute("DROP INDEX CONCURRENTLY IF EXISTS messages_unexpired_age")
+                .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
                 .await
                 .map_err(pg)?;
         }
         None => {}
     }
-    tracing::info!(shard, "building the sweep index (messages_unexpired_age)");
+    tracing::info!(shard, index = name, "building a sweep index");
     client
-        .batch_execute(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS messages_unexpired_age
-             ON messages (sent_at_ms) WHERE expired_at_ms IS NULL",
-        )
+        .batch_execute(&format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} {definition}"
+        ))
         .await
         .map_err(pg)?;
-    tracing::info!(shard, "sweep index built");
+    tracing::info!(shard, index = name, "sweep index built");
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::error::DbError;
 macro_rules! message_columns {
     () => {
         "m.message_id, m.client_message_id, m.sender, m.recipient, m.body, m.sent_at_ms, m.seq, \
-         m.conversation"
+         m.conversation, m.sealed"
     };
 }
 pub(crate) use message_columns;
@@ -33,10 +33,12 @@ impl MessageRow {
     pub(crate) const SENT_AT_MS: usize = 5;
     const SEQ: usize = 6;
     const CONVERSATION: usize = 7;
+    const SEALED: usize = 8;
     /// The first column after the message's own.
-    pub(crate) const EXTRA: usize = 8;
+    pub(crate) const EXTRA: usize = 9;
 
-    /// The message of a row of `shard`. An erased body (NULL) comes back empty.
+    /// The message of a row of `shard`. An erased body (NULL) comes back empty; a sealed one
+    /// (delete-on-ack mode) comes back sealed, for a gateway to open.
     pub(crate) fn decode(row: &Row, shard: usize) -> Result<Message, DbError> {
         let bad = |what: &str, e: &dyn std::fmt::Display| DbError::BadRow {
             shard,
@@ -58,6 +60,7 @@ impl MessageRow {
             sender,
             recipient,
             body: body.unwrap_or_default(),
+            sealed: row.get(Self::SEALED),
             sent_at_ms: row.get(Self::SENT_AT_MS),
             seq: u64::try_from(seq).map_err(|e| bad("seq", &e))?,
         })

@@ -40,6 +40,7 @@ fn message() -> impl Strategy<Value = ChatMessage> {
                 _ => format!("{sender}:{recipient}"),
             };
             ChatMessage {
+                sealed_body: Vec::new(),
                 message_id: if good_id {
                     uuid::Uuid::new_v4().to_string()
                 } else {

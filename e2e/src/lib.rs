@@ -72,6 +72,8 @@ pub struct TestEnv {
     /// Delete-on-ack expiry of unacked messages, for multiplexers this env starts.
     pub unacked_ttl: Duration,
     pub expiry_interval: Duration,
+    /// Delete-on-ack: how long an erased row is kept (the metadata window).
+    pub erased_row_ttl: Duration,
     /// Who the processes this env starts sign in as (`None`: the stack's one user).
     identities: Option<Identities>,
     /// Gateways whose Kafka user and ACLs exist for this env's topics.
@@ -265,6 +267,7 @@ impl TestEnv {
             retention: Retention::Keep,
             unacked_ttl: Duration::from_secs(30 * 24 * 3600),
             expiry_interval: Duration::from_secs(60),
+            erased_row_ttl: Duration::from_secs(8 * 24 * 3600),
             identities,
             allowed_gateways: Mutex::new(Vec::new()),
         };
@@ -443,6 +446,7 @@ impl TestEnv {
             http_addr: "127.0.0.1:0".parse()?,
             unacked_ttl: self.unacked_ttl,
             expiry_interval: self.expiry_interval,
+            erased_row_ttl: self.erased_row_ttl,
             migrate: !self.least_privilege(),
         };
         adjust(&mut config);
@@ -954,6 +958,7 @@ pub fn new_message(
 ) -> anyhow::Result<chat_common::message::Message> {
     let (sender, recipient) = (UserId::parse(from)?, UserId::parse(to)?);
     Ok(chat_common::message::Message {
+        sealed: None,
         id: uuid::Uuid::new_v4(),
         client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string())?,
         conversation: ConversationKey::of(&sender, &recipient).context("same user")?,

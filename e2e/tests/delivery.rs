@@ -257,6 +257,7 @@ async fn pushes_to_a_gateway_the_user_left_are_not_lost_and_reach_no_one_else() 
     }
     // A stale push for bob lands on gw1, where bob is not; and a corrupt one keyed to carol.
     let stored = ChatMessage {
+        sealed_body: Vec::new(),
         message_id: a.message_id.clone(),
         client_message_id: "x".into(),
         sender: "alice".into(),
@@ -337,6 +338,7 @@ async fn a_socket_that_does_not_drain_is_closed_and_its_messages_stay_pending() 
     for seq in 1..=40u64 {
         let rec = OutboundRecord {
             kind: Some(outbound_record::Kind::Deliver(ChatMessage {
+                sealed_body: Vec::new(),
                 message_id: format!("00000000-0000-0000-0000-{seq:012}"),
                 client_message_id: format!("c{seq}"),
                 sender: "alice".into(),

@@ -225,15 +225,17 @@ async fn delete_on_ack_erases_content_and_a_replay_never_brings_it_back() -> any
         assert!(tokio::time::Instant::now() < deadline, "acks not applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The acked rows hold nothing, and their keys are gone; the unacked ones hold their bodies
+    // sealed under keys the shard still has. No row holds a body as text.
     let bodies = bodies_of(&env).await?;
     assert_eq!(
         bodies,
         vec![
-            (1, None),
-            (2, None),
-            (3, None),
-            (4, Some("secret 3".into())),
-            (5, Some("secret 4".into()))
+            (1, None, false, false),
+            (2, None, false, false),
+            (3, None, false, false),
+            (4, None, true, true),
+            (5, None, true, true)
         ]
     );
     let before = env.snapshot().await?;
@@ -248,15 +250,26 @@ async fn delete_on_ack_erases_content_and_a_replay_never_brings_it_back() -> any
     env.teardown().await
 }
 
-async fn bodies_of(env: &TestEnv) -> anyhow::Result<Vec<(i64, Option<String>)>> {
+/// Each row's seq, body, whether it holds a sealed body, and whether its key exists.
+async fn bodies_of(env: &TestEnv) -> anyhow::Result<Vec<(i64, Option<String>, bool, bool)>> {
     let mut out = Vec::new();
     for i in 0..env.shard_dsns.len() {
         let rows = env
             .shard(i)
             .await?
-            .query("SELECT seq, body FROM messages ORDER BY seq", &[])
+            .query(
+                "SELECT m.seq, m.body, m.sealed IS NOT NULL,
+                        EXISTS (SELECT 1 FROM body_keys k WHERE k.conversation = m.conversation
+                                  AND k.sender = m.sender
+                                  AND k.client_message_id = m.client_message_id)
+                 FROM messages m ORDER BY seq",
+                &[],
+            )
             .await?;
-        out.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
+        out.extend(
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))),
+        );
     }
     out.sort();
     Ok(out)

@@ -321,6 +321,7 @@ fn record(n: usize) -> anyhow::Result<Vec<u8>> {
     let (from, to) = (user("alice"), user("bob"));
     let cid = ClientMessageId::parse(&format!("lag{n}"))?;
     let message = ChatMessage {
+        sealed_body: Vec::new(),
         message_id: chat_common::ids::message_id(&from, &to, &cid).to_string(),
         client_message_id: cid.as_str().to_owned(),
         conversation: ConversationKey::of(&from, &to)

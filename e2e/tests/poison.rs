@@ -38,6 +38,7 @@ fn conversation(a: &str, b: &str) -> String {
 fn message(from: &str, to: &str, client_id: &str, body: &str) -> ChatMessage {
     let cid = ClientMessageId::parse(client_id).expect("valid client id");
     ChatMessage {
+        sealed_body: Vec::new(),
         message_id: message_id(&user(from), &user(to), &cid).to_string(),
         client_message_id: client_id.into(),
         conversation: conversation(from, to),

@@ -183,8 +183,14 @@ async fn delete_on_ack_erases_what_the_watermark_passes_and_expiry_counts_the_un
         ]
     );
 
-    // The sweep at 3,000 takes seqs 1-3: only seq 2 was unacked. It erases it and marks all
-    // three expired; seq 4 is younger and stays pending.
+    // The ack marked what it erased (at the ack's time): the metadata window counts from it.
+    assert_eq!(
+        erased_at(&env).await?,
+        [(1, Some(2_000)), (2, None), (3, Some(2_000)), (4, None)]
+    );
+
+    // The sweep at 3,000 takes seqs 1-3: only seq 2 was unacked and unmarked. It erases and
+    // marks it; seq 4 is younger and stays pending.
     assert_eq!(shards.expire_unacked(3_000, 9_999).await?, 1);
     assert!(pending(&shards, "cy").await?.is_empty());
     assert_eq!(pending(&shards, "di").await?, [(4, "four".into())]);
@@ -192,14 +198,36 @@ async fn delete_on_ack_erases_what_the_watermark_passes_and_expiry_counts_the_un
         .shard(0)
         .await?
         .query_one(
-            "SELECT count(*) FROM messages WHERE expired_at_ms = 9999 AND body IS NULL",
+            "SELECT count(*) FROM messages WHERE expired_at_ms IS NOT NULL AND body IS NULL",
             &[],
         )
         .await?
         .get(0);
     assert_eq!(expired, 3);
+    assert_eq!(
+        erased_at(&env).await?,
+        [
+            (1, Some(2_000)),
+            (2, Some(9_999)),
+            (3, Some(2_000)),
+            (4, None)
+        ]
+    );
     // A second sweep finds nothing left.
     assert_eq!(shards.expire_unacked(3_000, 10_000).await?, 0);
+    // The metadata window: rows erased before 5,000 go, the conversation keeps its counter,
+    // and seq 4 (pending) stays.
+    assert_eq!(shards.purge_erased(5_000).await?, 2);
+    assert_eq!(erased_at(&env).await?, [(2, Some(9_999)), (4, None)]);
+    assert_eq!(shards.purge_erased(10_000).await?, 1);
+    assert_eq!(pending(&shards, "di").await?, [(4, "four".into())]);
+    let last_seq: i64 = env
+        .shard(0)
+        .await?
+        .query_one("SELECT last_seq FROM conversations", &[])
+        .await?
+        .get(0);
+    assert_eq!(last_seq, 4);
     env.teardown().await
 }
 
@@ -401,4 +429,14 @@ async fn a_multiplexer_that_does_not_migrate_refuses_a_shard_behind() -> anyhow:
     let mux = env.start_multiplexer_with(with(false)).await?;
     mux.stop().await;
     env.teardown().await
+}
+
+/// Each row's seq and when its body was erased (`expired_at_ms`: the ack's or the sweep's time).
+async fn erased_at(env: &TestEnv) -> anyhow::Result<Vec<(i64, Option<i64>)>> {
+    let rows = env
+        .shard(0)
+        .await?
+        .query("SELECT seq, expired_at_ms FROM messages ORDER BY seq", &[])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

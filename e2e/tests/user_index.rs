@@ -20,6 +20,7 @@ fn user(i: usize) -> UserId {
 
 fn message(sender: &UserId, recipient: &UserId, body: String, at: i64) -> Message {
     Message {
+        sealed: None,
         id: uuid::Uuid::new_v4(),
         client_id: ClientMessageId::parse(&uuid::Uuid::new_v4().to_string()).expect("valid"),
         conversation: ConversationKey::of(sender, recipient).expect("distinct"),
@@ -272,6 +273,21 @@ async fn an_upgraded_deployment_syncs_every_shard_until_the_index_is_rebuilt() -
     let dsns = env.empty_databases(3).await?;
     let shards = shards_of(&dsns)?;
     shards.migrate_to(5).await?;
+    // Today's store writes the sealed-body column and reads the key table of migration 8
+    // (delete-on-ack mode); the release before the index wrote neither. Both are added empty,
+    // as migration 8 would, so that today's store can write that release's rows.
+    for dsn in &dsns {
+        chat_e2e::pg_connect(dsn)
+            .await?
+            .batch_execute(
+                "ALTER TABLE messages ADD COLUMN sealed bytea;
+                 CREATE TABLE body_keys (conversation text, sender text,
+                                         client_message_id text, key bytea,
+                                         created_at_ms bigint,
+                                         PRIMARY KEY (conversation, sender, client_message_id))",
+            )
+            .await?;
+    }
     let (ann, bob, cy) = (user(1), user(2), user(3));
     let old = [
         message(&ann, &bob, "one".into(), 10),

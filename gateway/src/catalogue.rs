@@ -12,7 +12,9 @@ const ERROR_KINDS: &[&str] = &[
     "consume",
     "invalid_record",
     "misrouted_record",
+    "open",
     "produce",
+    "seal",
     "sync",
 ];
 
@@ -75,7 +77,7 @@ pub(crate) const FAMILIES: &[Family] = &[
     .known("scope", &["connection", "user"]),
     Family::counter(
         "gateway_errors_total",
-        "Errors by kind (produce: a send Kafka did not acknowledge; consume, invalid_record, misrouted_record: the outbound topic; bad_frame: a client frame; sync: a sync query; accept: the listener).",
+        "Errors by kind (produce: a send Kafka did not acknowledge; consume, invalid_record, misrouted_record: the outbound topic; bad_frame: a client frame; sync: a sync query; accept: the listener; seal, open: the body keys of delete-on-ack mode, not issued or not read).",
     )
     .known("kind", ERROR_KINDS),
     Family::counter(
@@ -90,11 +92,23 @@ pub(crate) const FAMILIES: &[Family] = &[
         "gateway_produce_seconds",
         "Time from producing a message to inbound until Kafka's delivery report.",
     ),
+    Family::seconds(
+        "gateway_seal_seconds",
+        "Delete-on-ack mode: time to seal a send's body, its key issued by the conversation's shard.",
+    ),
+    Family::seconds(
+        "gateway_key_issue_seconds",
+        "Delete-on-ack mode: time of one statement issuing body keys.",
+    ),
+    Family::histogram(
+        "gateway_key_issue_batch",
+        "Delete-on-ack mode: body keys issued by one statement.",
+    ),
     Family::counter(
         "gateway_outbound_total",
-        "Records of the outbound topic handled, by outcome (pushed to a socket, or its user not connected here).",
+        "Records of the outbound topic handled, by outcome (pushed to a socket, its user not connected here, or in delete-on-ack mode a deliver whose key an ack or the expiry destroyed meanwhile).",
     )
-    .known("outcome", &["not_connected", "pushed"]),
+    .known("outcome", &["not_connected", "pushed", "shredded"]),
     Family::seconds(
         "gateway_outbound_wait_seconds",
         "Time from an outbound record's timestamp (the multiplexer's clock) to its consumption here.",

@@ -25,6 +25,10 @@ pub(crate) enum SendError {
     RateLimited,
     #[error("kafka did not accept the record: {0}")]
     ProduceFailed(String),
+    /// Delete-on-ack mode: the conversation's shard, which must hold the body's key before the
+    /// message is sent on, does not answer. Nothing was sent; the send may be retried.
+    #[error("the body could not be sealed (shard {shard}, which holds the conversation, is unavailable); retry later")]
+    SealFailed { shard: usize },
 }
 
 impl SendError {
@@ -37,6 +41,7 @@ impl SendError {
             SendError::TooManyInFlight => "too_many_in_flight",
             SendError::RateLimited => "rate_limited",
             SendError::ProduceFailed(_) => "produce_failed",
+            SendError::SealFailed { .. } => "store_unavailable",
         }
     }
 }
@@ -95,7 +100,9 @@ impl From<SendError> for ApiError {
         let status = match &e {
             SendError::Body(BodyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             SendError::TooManyInFlight | SendError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            SendError::ProduceFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SendError::ProduceFailed(_) | SendError::SealFailed { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.code(), e.to_string())

@@ -44,12 +44,22 @@ pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cance
                 })),
                 _,
             ) => {
-                for item in batch.items {
-                    push(&app, &item.user, item.record.and_then(|r| r.kind));
+                let mut items: Vec<(String, Option<outbound_record::Kind>)> = batch
+                    .items
+                    .into_iter()
+                    .map(|item| (item.user, item.record.and_then(|r| r.kind)))
+                    .collect();
+                open_sealed(&app, &mut items).await;
+                for (user, kind) in items {
+                    push(&app, &user, kind);
                 }
             }
             (Some(Ok(OutboundRecord { kind: Some(kind) })), Some(user)) => {
-                push(&app, user, Some(kind));
+                let mut items = vec![(user.to_owned(), Some(kind))];
+                open_sealed(&app, &mut items).await;
+                for (user, kind) in items {
+                    push(&app, &user, kind);
+                }
             }
             _ => {
                 tracing::warn!(
@@ -67,10 +77,56 @@ pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cance
     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
 }
 
+/// Delete-on-ack mode: opens the sealed bodies of the delivers for users connected here (one
+/// read of keys per shard for the whole record), and drops those with nothing left to deliver:
+/// acknowledged or expired since (their key is gone), or whose key could not be read (the
+/// shard did not answer: the message stays pending for the client's next sync). A deliver for a
+/// user not connected here is left sealed: it is skipped anyway.
+async fn open_sealed(app: &App, items: &mut Vec<(String, Option<outbound_record::Kind>)>) {
+    if !app.seals() {
+        return;
+    }
+    let mut positions = Vec::new();
+    let mut messages = Vec::new();
+    for (i, (user, kind)) in items.iter_mut().enumerate() {
+        if let Some(outbound_record::Kind::Deliver(m)) = kind {
+            if !m.sealed_body.is_empty() && app.holds(user) {
+                positions.push(i);
+                messages.push(std::mem::take(m));
+            }
+        }
+    }
+    if messages.is_empty() {
+        return;
+    }
+    let opened = app.open_bodies(&mut messages).await;
+    let gone: std::collections::HashSet<usize> =
+        opened.gone.iter().map(|&j| positions[j]).collect();
+    for (m, &i) in messages.into_iter().zip(&positions) {
+        items[i].1 = Some(outbound_record::Kind::Deliver(m));
+    }
+    if !gone.is_empty() {
+        metrics::counter!("gateway_outbound_total", "outcome" => "shredded")
+            .increment(gone.len() as u64);
+        let mut i = 0;
+        items.retain(|_| {
+            let keep = !gone.contains(&i);
+            i += 1;
+            keep
+        });
+    }
+}
+
 /// Pushes one record to `user`'s socket, if `user` is connected here. A deliver for anyone but
 /// its recipient, or a batch inside a batch, is refused and counted.
 fn push(app: &App, user: &str, kind: Option<outbound_record::Kind>) {
     let item = match kind {
+        // A body still sealed never reaches a client: its user was not connected when the
+        // record's bodies were opened (`open_sealed`), so it is skipped like any such push.
+        Some(outbound_record::Kind::Deliver(m)) if !m.sealed_body.is_empty() => {
+            metrics::counter!("gateway_outbound_total", "outcome" => "not_connected").increment(1);
+            return;
+        }
         // A message only ever goes to its own recipient, whatever the key says.
         Some(outbound_record::Kind::Deliver(m)) if m.recipient == user => {
             Some(Outgoing::Live(Box::new(m)))

@@ -287,6 +287,15 @@ impl Sessions {
         handle.mailbox.push_or_kick(item)
     }
 
+    /// Whether `user` has a session here.
+    pub(crate) fn holds(&self, user: &str) -> bool {
+        let Ok(user) = UserId::parse(user) else {
+            return false;
+        };
+        let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());
+        map.contains_key(&user)
+    }
+
     /// Asks every session to ping its peer: one timer for the gateway, not one per socket.
     pub(crate) fn ping_all(&self) {
         let map = self.by_user.read().unwrap_or_else(|p| p.into_inner());

@@ -525,6 +525,17 @@ impl Conn {
                 return Step::Continue;
             }
         };
+        if prepared.needs_seal() {
+            // Delete-on-ack mode: the body's key comes from its shard first. The connection
+            // reads no further frame meanwhile, so the sends behind it stay behind it.
+            return Step::Block(Box::new(BlockedSend {
+                app: self.app.clone(),
+                prepared,
+                client_message_id: cid,
+                mailbox: mailbox.clone(),
+                permit,
+            }));
+        }
         match self.app.enqueue_send(prepared) {
             Ok(pending) => answer_when_durable(&self.app, pending, cid, mailbox.clone(), permit),
             Err(Enqueue::Failed(e)) => self.answer(refusal(&e, cid)),
@@ -605,8 +616,9 @@ fn refusal(e: &SendError, client_message_id: String) -> ServerFrame {
     error_frame(e.code(), e.to_string(), client_message_id)
 }
 
-/// A send that found the producer's queue full: the connection reads no further frame until it
-/// is handed over (or refused), so the sends behind it stay behind it.
+/// A send that found the producer's queue full, or whose body must be sealed first
+/// (delete-on-ack mode): the connection reads no further frame until it is handed over (or
+/// refused), so the sends behind it stay behind it.
 struct BlockedSend {
     app: Arc<App>,
     prepared: PreparedSend,
@@ -624,6 +636,12 @@ impl BlockedSend {
             mailbox,
             permit,
         } = self;
+        let mut prepared = prepared;
+        if let Err(e) = app.seal(&mut prepared).await {
+            let refused = refusal(&e, client_message_id);
+            mailbox.push_or_kick(Outgoing::Frame(Box::new(refused)));
+            return;
+        }
         match app.enqueue_waiting(prepared).await {
             Ok(pending) => answer_when_durable(&app, pending, client_message_id, mailbox, permit),
             Err(e) => {

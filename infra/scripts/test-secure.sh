@@ -51,6 +51,13 @@ export CHAT_TEST_PG
 # Where the services' own passwords are: the gateways and multiplexers the tests start sign in
 # with them, each as its own Kafka user and Postgres role (e2e/src/lib.rs, `Identities`).
 export CHAT_TEST_KAFKA_USERS="$base/kafka-secure/users" CHAT_TEST_PG_ROLES="$base/pg-secure-users"
+# Where the broker and Postgres keep their data: the delete-on-ack canary test
+# (e2e/tests/shredding.rs) scans both byte for byte.
+export CHAT_TEST_KAFKA_DATA="$base/kafka-secure/data"
+CHAT_TEST_PG_DATA="$(CHAT_STATE_DIR="$base" "$INFRA_SCRIPTS_DIR/postgres.sh" status --secure --port $pg_port \
+  | sed -n 's/.*, data \(.*\)$/\1/p')"
+[[ -d "$CHAT_TEST_PG_DATA" ]] || die "cannot tell where the test Postgres keeps its data"
+export CHAT_TEST_PG_DATA
 echo "test-secure: chat-e2e against SASL_SSL 127.0.0.1:$kafka_port and TLS Postgres 127.0.0.1:$pg_port (verify-full)"
 cd "$REPO_ROOT"
 exec cargo test -p chat-e2e "$@"

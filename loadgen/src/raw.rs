@@ -98,6 +98,7 @@ pub fn inbound_record(
     let conversation = conv_key(&from, &to);
     let rec = InboundRecord {
         kind: Some(inbound_record::Kind::Message(ChatMessage {
+            sealed_body: Vec::new(),
             message_id: uuid::Uuid::new_v4().to_string(),
             client_message_id: cid,
             sender: from,
@@ -479,6 +480,7 @@ pub async fn raw_pg(a: PgArgs) -> anyhow::Result<PgReport> {
         .map(|i| {
             let (from, to) = conversation_users(prefix, a.pairs, i);
             Ok(chat_common::message::Message::try_from(ChatMessage {
+                sealed_body: Vec::new(),
                 message_id: uuid::Uuid::new_v4().to_string(),
                 client_message_id: format!("p{i}"),
                 conversation: conv_key(&from, &to),

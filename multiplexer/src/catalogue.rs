@@ -88,4 +88,8 @@ pub(crate) const FAMILIES: &[Family] = &[
         "multiplexer_messages_expired_total",
         "Unacknowledged messages erased by the delete-on-ack expiry sweep.",
     ),
+    Family::counter(
+        "multiplexer_rows_purged_total",
+        "Delete-on-ack mode: rows of erased messages (acked or expired) deleted once the metadata window (ERASED_ROW_TTL_SECS) passed.",
+    ),
 ];

@@ -36,6 +36,10 @@ pub struct Config {
     pub unacked_ttl: Duration,
     /// How often the expiry sweep runs (delete-on-ack mode).
     pub expiry_interval: Duration,
+    /// In delete-on-ack mode, how long the row of a message erased (acked or expired) is kept
+    /// before it is deleted outright; longer than `inbound`'s retention, so that a replay of the
+    /// log finds every row it could repeat.
+    pub erased_row_ttl: Duration,
     /// Apply missing shard migrations at start. Off where migrations run as their own step
     /// before a rollout (the Terraform deployment): the multiplexer then refuses to start on a
     /// shard that lacks one, naming it.
@@ -123,6 +127,11 @@ pub struct Args {
     /// Delete-on-ack: seconds after which an unacked message is erased (default 30 days).
     #[arg(long, env = "UNACKED_TTL_SECS", default_value_t = 30 * 24 * 3600, value_name = "SECS")]
     pub unacked_ttl_secs: u64,
+    /// Delete-on-ack: seconds after which the row of an erased message (acked or expired) is
+    /// deleted, leaving the conversation's counters (default 8 days: longer than inbound's 7-day
+    /// retention, so a replay of the log never stores an erased message again).
+    #[arg(long, env = "ERASED_ROW_TTL_SECS", default_value_t = 8 * 24 * 3600, value_name = "SECS")]
+    pub erased_row_ttl_secs: u64,
     /// Apply missing shard migrations at start; false: refuse to start while a shard lacks one
     /// (where migrations run as their own step before a rollout).
     #[arg(long, env = "MULTIPLEXER_MIGRATE", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
@@ -178,6 +187,7 @@ impl Config {
             http_addr: args.multiplexer_http_addr,
             unacked_ttl: Duration::from_secs(args.unacked_ttl_secs),
             expiry_interval: Duration::from_secs(args.expiry_interval_secs),
+            erased_row_ttl: Duration::from_secs(args.erased_row_ttl_secs),
             migrate: args.multiplexer_migrate,
         })
     }
@@ -216,6 +226,7 @@ mod tests {
         assert_eq!(c.http_addr, "127.0.0.1:9300".parse().expect("an address"));
         assert_eq!(c.unacked_ttl, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(c.expiry_interval, Duration::from_secs(60));
+        assert_eq!(c.erased_row_ttl, Duration::from_secs(8 * 24 * 3600));
         assert!(c.migrate);
     }
 

@@ -257,6 +257,7 @@ mod tests {
         let client_id =
             chat_common::ids::ClientMessageId::parse(&format!("c{n}")).expect("a valid id");
         Message {
+            sealed: None,
             id: chat_common::ids::message_id(a, b, &client_id),
             client_id,
             conversation: ConversationKey::of(a, b).expect("two users"),

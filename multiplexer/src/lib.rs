@@ -172,6 +172,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         tokio::spawn(expiry_sweep(
             shards.clone(),
             config.unacked_ttl,
+            config.erased_row_ttl,
             config.expiry_interval,
             shutdown.clone(),
         ));
@@ -192,11 +193,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(Running { http_addr, task })
 }
 
-/// Delete-on-ack retention: erases unacked messages older than `ttl`, every `interval`.
-/// Idempotent, so several multiplexers running it at once only repeat work.
+/// Delete-on-ack retention, every `interval`: erases unacked messages older than `ttl` (and
+/// destroys their keys), and deletes the rows erased more than `erased_ttl` ago. Idempotent, so
+/// several multiplexers running it at once only repeat work.
 async fn expiry_sweep(
     shards: db_writer::Shards,
     ttl: Duration,
+    erased_ttl: Duration,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -244,6 +247,15 @@ async fn expiry_sweep(
                 metrics::counter!("multiplexer_messages_expired_total").increment(n);
             }
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+        }
+        let before = now - i64::try_from(erased_ttl.as_millis()).unwrap_or(i64::MAX);
+        match shards.purge_erased(before).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(purged = n, "rows of erased messages deleted");
+                metrics::counter!("multiplexer_rows_purged_total").increment(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "purge of erased rows failed"),
         }
     }
 }

@@ -8,6 +8,7 @@
 //!   protocol's messages there, so the transports never see a store type.
 
 mod read;
+mod seal;
 mod send;
 
 use std::collections::HashMap;
@@ -52,6 +53,8 @@ pub(crate) struct App {
     per_addr: Mutex<HashMap<IpAddr, usize>>,
     /// One permit per sync allowed to run at once (`MAX_CONCURRENT_SYNCS`).
     sync_slots: tokio::sync::Semaphore,
+    /// Delete-on-ack mode: issues the keys bodies are sealed under (`seal`).
+    keys: Option<seal::KeyIssuer>,
 }
 
 /// How long `/readyz` waits for each shard's answer (they are asked at once): a server
@@ -72,7 +75,10 @@ impl App {
         let shards = Shards::connect(&config.shards).context("shards")?;
         let producer = config.kafka.lanes()?;
         let sync_slots = tokio::sync::Semaphore::new(config.max_concurrent_syncs.max(1));
+        let keys = (config.retention == db_writer::Retention::DeleteOnAck)
+            .then(|| seal::KeyIssuer::start(&shards));
         Ok(Self {
+            keys,
             user_limiter: governor::RateLimiter::keyed(quota(config.user_rate)),
             config,
             producer,
@@ -243,6 +249,11 @@ impl App {
     /// Pushes `item` to `user`'s session without waiting; false if they have no session here.
     pub(crate) fn push_to(&self, user: &str, item: Outgoing) -> bool {
         self.sessions.push(user, item)
+    }
+
+    /// Whether `user` has a session here.
+    pub(crate) fn holds(&self, user: &str) -> bool {
+        self.sessions.holds(user)
     }
 
     /// Asks every session to ping its peer.

@@ -70,8 +70,28 @@ impl App {
             .sync_read(user, &cursor.after, since, SYNC_LIMIT, SYNC_NOTICES_LIMIT)
             .await;
         let answer = match read {
-            Ok(read) => {
+            Ok(mut read) => {
                 metrics::histogram!("gateway_sync_shard_queries").record(read.shard_queries as f64);
+                let mut messages: Vec<ChatMessage> =
+                    read.messages.into_iter().map(ChatMessage::from).collect();
+                // Delete-on-ack mode: a message acknowledged meanwhile has nothing left to
+                // send; the conversations whose keys could not be read are left out, as if
+                // their shard had not answered (the client syncs them again).
+                let opened = self.open_bodies(&mut messages).await;
+                if opened.unavailable {
+                    for &i in &opened.gone {
+                        if let Ok(c) = ConversationKey::parse(&messages[i].conversation) {
+                            if !read.unavailable.contains(&c) {
+                                read.unavailable.push(c);
+                            }
+                        }
+                    }
+                }
+                drop_positions(&mut messages, &opened.gone);
+                if opened.unavailable {
+                    let left_out: Vec<&str> = read.unavailable.iter().map(|c| c.as_str()).collect();
+                    messages.retain(|m| !left_out.contains(&m.conversation.as_str()));
+                }
                 let incomplete = (!read.unavailable.is_empty()).then(|| {
                     tracing::warn!(user = %user, conversations = read.unavailable.len(), "sync left out conversations of a shard that does not answer");
                     metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
@@ -91,7 +111,7 @@ impl App {
                 });
                 SyncAnswer {
                     incomplete,
-                    messages: read.messages.into_iter().map(ChatMessage::from).collect(),
+                    messages,
                     receipts: read.receipts.iter().map(Receipt::from).collect(),
                     failures: read
                         .failures
@@ -169,7 +189,14 @@ impl App {
                 tracing::warn!(conversation = %conversation, error = %e, "history query failed");
                 HistoryError::from_store(&e)
             })?;
-        let messages: Vec<ChatMessage> = messages.into_iter().map(ChatMessage::from).collect();
+        let mut messages: Vec<ChatMessage> = messages.into_iter().map(ChatMessage::from).collect();
+        // Delete-on-ack mode: a body whose key is gone shows as erased (empty), as an
+        // acknowledged message does; a shard that did not give the keys fails the page.
+        if self.open_bodies(&mut messages).await.unavailable {
+            return Err(HistoryError::ShardUnavailable {
+                shard: self.shards.locator().shard_of(&conversation),
+            });
+        }
         let next_before = messages
             .first()
             .filter(|m| m.seq > 1 && messages.len() as u32 == limit)
@@ -179,4 +206,17 @@ impl App {
             next_before,
         })
     }
+}
+
+/// Removes the messages at `positions` (ascending).
+fn drop_positions(messages: &mut Vec<ChatMessage>, positions: &[usize]) {
+    if positions.is_empty() {
+        return;
+    }
+    let mut i = 0;
+    messages.retain(|_| {
+        let keep = positions.binary_search(&i).is_err();
+        i += 1;
+        keep
+    });
 }

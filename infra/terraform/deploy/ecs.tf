@@ -205,6 +205,7 @@ resource "aws_ecs_task_definition" "multiplexer" {
       { name = "MULTIPLEXER_HTTP_ADDR", value = "0.0.0.0:9300" },
       { name = "RETENTION", value = var.retention },
       { name = "UNACKED_TTL_SECS", value = tostring(var.unacked_ttl_seconds) },
+      { name = "ERASED_ROW_TTL_SECS", value = tostring(var.erased_row_ttl_seconds) },
       # Migrations run once, before the services update, as their own task and as the owner
       # (migrate.tf): not from a new task while old ones still run, and chat_writer may not.
       { name = "MULTIPLEXER_MIGRATE", value = "false" },

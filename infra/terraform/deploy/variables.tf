@@ -332,6 +332,17 @@ variable "unacked_ttl_seconds" {
   }
 }
 
+variable "erased_row_ttl_seconds" {
+  description = "With retention = delete-on-ack: how long the row of an erased message (acked or expired) is kept before it is deleted, leaving the conversation's counters (ERASED_ROW_TTL_SECS). Longer than inbound's retention, so a replay of the log never stores an erased message again."
+  type        = number
+  default     = 691200
+
+  validation {
+    condition     = var.erased_row_ttl_seconds > 7 * 24 * 3600
+    error_message = "erased_row_ttl_seconds must be longer than inbound's retention (7 days)."
+  }
+}
+
 variable "rust_log" {
   description = "RUST_LOG filter of every process."
   type        = string

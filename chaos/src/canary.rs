@@ -1,0 +1,109 @@
+//! The delete-on-ack canary scan: every body the workload sends carries the run's marker
+//! ([`marker`]), and after the scenario the brokers' log directories and the Postgres servers'
+//! data directories are read byte for byte for it. In delete-on-ack mode a body is sealed before
+//! it leaves the gateway (docs/design.md, "Crypto-shredding"), so the marker is found nowhere:
+//! not in `inbound`, not in the outbound topics, not in the shards' tables or WAL.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::stack::{repo_root, PG};
+
+/// What every body of run `run` begins with (`workload`), and what the scan looks for.
+pub fn marker(run: &str) -> String {
+    format!("chaos-canary {run}")
+}
+
+/// What a scan read and found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub files: u64,
+    pub bytes: u64,
+    /// Occurrences of the marker.
+    pub hits: usize,
+}
+
+impl Scan {
+    pub fn note(&self) -> String {
+        format!(
+            "canary scan: {} bodies as text in {} files ({} MiB) of the brokers and the shards",
+            self.hits,
+            self.files,
+            self.bytes >> 20
+        )
+    }
+}
+
+/// The three brokers' log directories and both Postgres servers' data directories.
+async fn data_dirs() -> anyhow::Result<Vec<PathBuf>> {
+    let state = std::env::var_os("CHAT_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".local"));
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(state.join("kafka-cluster"))
+        .context("the cluster's state directory")?
+        .flatten()
+        .map(|e| e.path().join("data"))
+        .filter(|d| d.is_dir())
+        .collect();
+    anyhow::ensure!(
+        dirs.len() == 3,
+        "found {} broker log directories",
+        dirs.len()
+    );
+    for (name, port) in PG {
+        let out = tokio::process::Command::new(repo_root().join("infra/scripts/postgres.sh"))
+            .args(["status", "--name", name, "--port", &port.to_string()])
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let dir = text
+            .rsplit_once(", data ")
+            .map(|(_, d)| PathBuf::from(d.trim()))
+            .with_context(|| format!("the data directory of {name}: {text}"))?;
+        dirs.push(dir);
+    }
+    Ok(dirs)
+}
+
+/// Reads every file under the stack's data directories for `marker`.
+pub async fn scan(marker: &str) -> anyhow::Result<Scan> {
+    let dirs = data_dirs().await?;
+    let marker = marker.as_bytes().to_vec();
+    tokio::task::spawn_blocking(move || {
+        let finder = memchr::memmem::Finder::new(&marker);
+        let mut scan = Scan::default();
+        let mut pending = dirs;
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                if kind.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                // Kafka's offset and time indexes (preallocated, sparse) hold no record bytes.
+                let index = path
+                    .extension()
+                    .is_some_and(|e| e == "index" || e == "timeindex");
+                if !kind.is_file() || index {
+                    continue;
+                }
+                let Ok(content) = std::fs::read(&path) else {
+                    continue;
+                };
+                scan.files += 1;
+                scan.bytes += content.len() as u64;
+                scan.hits += finder.find_iter(&content).count();
+            }
+        }
+        scan
+    })
+    .await
+    .context("the scan")
+}
