@@ -2,7 +2,8 @@
 //! ([`marker`]), and after the scenario the brokers' log directories and the Postgres servers'
 //! data directories are read byte for byte for it. In delete-on-ack mode a body is sealed before
 //! it leaves the gateway (docs/design.md, "Crypto-shredding"), so the marker is found nowhere:
-//! not in `inbound`, not in the outbound topics, not in the shards' tables or WAL.
+//! not in `inbound`, not in the outbound topics, not in the shards' tables or WAL. In keep mode
+//! the same scan is the control: the bodies are there as text, and it must find them.
 
 use std::path::PathBuf;
 

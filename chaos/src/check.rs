@@ -34,6 +34,9 @@ pub struct Report {
     /// Delete-on-ack: bodies found as text on the brokers' or the shards' disks (the canary
     /// scan; every copy should be sealed).
     pub plaintext_on_disk: usize,
+    /// Keep mode: the canary scan found no body on disk, where every body is as text: it
+    /// cannot see the disks, and a delete-on-ack scan's zero would prove nothing.
+    pub scan_blind: bool,
     /// User index rows that break its invariant (a message pending for a user whose index does
     /// not show it) or run ahead of the shards.
     pub index_violations: usize,
@@ -61,6 +64,7 @@ impl Report {
             && self.seq_violations == 0
             && self.resurrected == 0
             && self.plaintext_on_disk == 0
+            && !self.scan_blind
             && self.index_violations == 0
             && self.recovery_secs <= 30.0
             && self

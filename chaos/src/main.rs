@@ -466,11 +466,15 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
         note = format!("{note}; {}", counts.note());
         report.poison = Some(counts);
     }
+    // Delete-on-ack: no body as text on any disk of the stack, every copy was sealed. Keep
+    // mode is the scan's control: its bodies are on disk as text, and a scan that finds none
+    // cannot see the disks.
+    let scan = canary::scan(&canary::marker(&run_id)).await?;
+    note = format!("{note}; {}", scan.note());
     if retention == "delete-on-ack" {
-        // No body as text on any disk of the stack: every copy was sealed.
-        let scan = canary::scan(&canary::marker(&run_id)).await?;
-        note = format!("{note}; {}", scan.note());
         report.plaintext_on_disk = scan.hits;
+    } else if scan.hits == 0 {
+        report.scan_blind = true;
     }
     let (gaps, resurrected) = check::check_shards(&slice.dsns(false)).await?;
     report.seq_violations = gaps;

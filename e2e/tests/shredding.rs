@@ -252,6 +252,19 @@ async fn no_canary_is_found_on_disk_once_acked_and_unacked_ones_only_sealed() ->
         .get(0);
     assert_eq!(last_seq, to_bob as i64);
 
+    // The services' metrics never carry a body.
+    for addr in [gw1.ops_addr, gw2.ops_addr, mux.ops_addr] {
+        let r = chat_client::Rest::new(&chat_e2e::http_url(addr))
+            .request("GET", "/metrics", None, None)
+            .await?;
+        let text = r.body.as_str().unwrap_or_default();
+        assert!(
+            text.contains("gateway_") || text.contains("multiplexer_"),
+            "{addr}: a scrape"
+        );
+        assert!(!text.contains(&doa), "{addr}: a body in the metrics");
+    }
+
     vacuum(&env).await?;
     let found = scan(&dirs, &doa)?;
     assert!(
