@@ -3,7 +3,8 @@
 //! data directories are read byte for byte for it. In delete-on-ack mode a body is sealed before
 //! it leaves the gateway (docs/design.md, "Crypto-shredding"), so the marker is found nowhere:
 //! not in `inbound`, not in the outbound topics, not in the shards' tables or WAL. In keep mode
-//! the same scan is the control: the bodies are there as text, and it must find them.
+//! the same scan is the control: the bodies are there as text, and it must find them. In every
+//! mode the services' logs hold no body.
 
 use std::path::PathBuf;
 
@@ -69,7 +70,11 @@ async fn data_dirs() -> anyhow::Result<Vec<PathBuf>> {
 
 /// Reads every file under the stack's data directories for `marker`.
 pub async fn scan(marker: &str) -> anyhow::Result<Scan> {
-    let dirs = data_dirs().await?;
+    scan_dirs(data_dirs().await?, marker).await
+}
+
+/// Reads every file under `dirs` for `marker` (the services' logs: no body in either mode).
+pub async fn scan_dirs(dirs: Vec<PathBuf>, marker: &str) -> anyhow::Result<Scan> {
     let marker = marker.as_bytes().to_vec();
     tokio::task::spawn_blocking(move || {
         let finder = memchr::memmem::Finder::new(&marker);

@@ -37,6 +37,8 @@ pub struct Report {
     /// Keep mode: the canary scan found no body on disk, where every body is as text: it
     /// cannot see the disks, and a delete-on-ack scan's zero would prove nothing.
     pub scan_blind: bool,
+    /// Bodies found in the services' logs (none, in either mode).
+    pub bodies_in_logs: usize,
     /// User index rows that break its invariant (a message pending for a user whose index does
     /// not show it) or run ahead of the shards.
     pub index_violations: usize,
@@ -65,6 +67,7 @@ impl Report {
             && self.resurrected == 0
             && self.plaintext_on_disk == 0
             && !self.scan_blind
+            && self.bodies_in_logs == 0
             && self.index_violations == 0
             && self.recovery_secs <= 30.0
             && self

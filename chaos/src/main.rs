@@ -469,8 +469,15 @@ async fn run(scenario: &str, args: &Args) -> anyhow::Result<Report> {
     // Delete-on-ack: no body as text on any disk of the stack, every copy was sealed. Keep
     // mode is the scan's control: its bodies are on disk as text, and a scan that finds none
     // cannot see the disks.
-    let scan = canary::scan(&canary::marker(&run_id)).await?;
+    let marker = canary::marker(&run_id);
+    let scan = canary::scan(&marker).await?;
     note = format!("{note}; {}", scan.note());
+    let logs = canary::scan_dirs(vec![args.log_dir.clone()], &marker).await?;
+    note = format!(
+        "{note}; {} in the services' logs ({} files)",
+        logs.hits, logs.files
+    );
+    report.bodies_in_logs = logs.hits;
     if retention == "delete-on-ack" {
         report.plaintext_on_disk = scan.hits;
     } else if scan.hits == 0 {
