@@ -86,35 +86,57 @@ impl Shards {
     }
 
     /// The body keys of `ids` that still exist (the others were destroyed by an ack or the
-    /// expiry), read from each shard at once.
-    pub async fn body_keys<'a>(
-        &self,
-        ids: impl IntoIterator<Item = &'a KeyId>,
-    ) -> Result<HashMap<KeyId, BodyKey>, DbError> {
+    /// expiry), read from each shard at once. A shard that does not answer costs only its own
+    /// keys: it is listed in [`BodyKeys::failed`] and the others' keys come back.
+    pub async fn body_keys<'a>(&self, ids: impl IntoIterator<Item = &'a KeyId>) -> BodyKeys {
         let per_shard = self.group_by_shard(ids, |id| &id.conversation);
-        let found = futures_util::future::try_join_all(per_shard.into_iter().map(
-            |(shard, ids)| async move {
-                let client = self.client(shard).await?;
-                let (mut conversations, mut senders, mut client_ids) = (vec![], vec![], vec![]);
-                for id in ids {
-                    conversations.push(id.conversation.as_str());
-                    senders.push(id.sender.as_str());
-                    client_ids.push(id.client_id.as_str());
-                }
-                let statement = client
-                    .prepare_cached(FIND)
-                    .await
-                    .map_err(DbError::pg(shard))?;
-                let rows = client
-                    .query(&statement, &[&conversations, &senders, &client_ids])
-                    .await
-                    .map_err(DbError::pg(shard))?;
-                decode_keys(&rows, shard)
-            },
-        ))
-        .await?;
-        Ok(found.into_iter().flatten().collect())
+        let answers = futures_util::future::join_all(
+            per_shard
+                .into_iter()
+                .map(|(shard, ids)| async move { (shard, self.body_keys_on(shard, ids).await) }),
+        )
+        .await;
+        let mut found = BodyKeys::default();
+        for (shard, answer) in answers {
+            match answer {
+                Ok(keys) => found.keys.extend(keys),
+                Err(e) => found.failed.push((shard, e)),
+            }
+        }
+        found
     }
+
+    /// [`Shards::body_keys`] of one shard.
+    async fn body_keys_on(
+        &self,
+        shard: usize,
+        ids: Vec<&KeyId>,
+    ) -> Result<HashMap<KeyId, BodyKey>, DbError> {
+        let client = self.client(shard).await?;
+        let (mut conversations, mut senders, mut client_ids) = (vec![], vec![], vec![]);
+        for id in ids {
+            conversations.push(id.conversation.as_str());
+            senders.push(id.sender.as_str());
+            client_ids.push(id.client_id.as_str());
+        }
+        let statement = client
+            .prepare_cached(FIND)
+            .await
+            .map_err(DbError::pg(shard))?;
+        let rows = client
+            .query(&statement, &[&conversations, &senders, &client_ids])
+            .await
+            .map_err(DbError::pg(shard))?;
+        decode_keys(&rows, shard)
+    }
+}
+
+/// What [`Shards::body_keys`] found: the keys that exist on the shards that answered, and the
+/// shards that did not.
+#[derive(Debug, Default)]
+pub struct BodyKeys {
+    pub keys: HashMap<KeyId, BodyKey>,
+    pub failed: Vec<(usize, DbError)>,
 }
 
 /// Rows of (conversation, sender, client message id, key).

@@ -359,6 +359,76 @@ async fn one_shard_down_degrades_only_what_it_holds() -> anyhow::Result<()> {
     env.teardown().await
 }
 
+/// Delete-on-ack mode with shard 1 cut: a body's key comes from its conversation's shard, so a
+/// send in a conversation on shard 1 is refused at once (`store_unavailable`, nothing sent),
+/// while one on shard 0 is accepted, sealed and delivered intact, live and by sync, and its
+/// history page opens. Once shard 1 is back, sends there are accepted and delivered intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_on_ack_with_a_shard_down_refuses_only_its_sends() -> anyhow::Result<()> {
+    let mut env = TestEnv::new(2, &["gw1"]).await?;
+    env.retention = db_writer::Retention::DeleteOnAck;
+    let (proxies, shards) = behind_proxies(&env).await?;
+    let mux = env
+        .start_multiplexer_with(|c| c.shards = shards.clone())
+        .await?;
+    let gw = env
+        .start_gateway_with("gw1", |c| c.shards = shards.clone().with_plans(Plans::Auto))
+        .await?;
+    let (url, rest) = (ws_url(gw.addr), Rest::new(&http_url(gw.addr)));
+    let locator = Locator::new(2);
+    let alice = user("alice", |u| locator.home_of(u) == 0);
+    let b0 = user("bee", |u| {
+        locator.home_of(u) == 0 && locator.shard_of(&key(&alice, u)) == 0
+    });
+    let b1 = user("bee", |u| locator.shard_of(&key(&alice, u)) == 1);
+    let token = |u: &UserId| env.token(u.as_str());
+    let mut from_b0 = connect(&url, &token(&b0)).await;
+    let from_b1 = connect(&url, &token(&b1)).await;
+
+    proxies[1].cut();
+    let started = Instant::now();
+    match from_b1.send(alice.as_str(), "m1 during").await {
+        Err(chat_client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, "store_unavailable")
+        }
+        other => panic!("a send on the cut shard: {other:?}"),
+    }
+    assert!(
+        started.elapsed() < WAIT,
+        "refused within the pool's wait, not hung"
+    );
+    from_b0.send(alice.as_str(), "m0 during").await?;
+    while !matches!(from_b0.next_event_within(WAIT).await?, Event::Stored(_)) {}
+    let mut to_alice = Client::connect(&url, &token(&alice)).await?;
+    let (bodies, _) = sync_events(&mut to_alice).await?;
+    assert_eq!(bodies, vec!["m0 during".to_owned()], "shard 0's, opened");
+    let r = rest
+        .request(
+            "GET",
+            &format!("/messages/{b0}"),
+            Some(&token(&alice)),
+            None,
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["messages"][0]["body"], "m0 during");
+
+    proxies[1].restore();
+    let accepted = eventually("a send on shard 1 once it is back", || async {
+        Ok(from_b1.send(alice.as_str(), "m1 after").await.ok())
+    })
+    .await?;
+    assert!(!accepted.message_id.is_empty());
+    assert_eq!(next_body(&mut to_alice, WAIT).await?, "m1 after");
+
+    from_b0.close();
+    from_b1.close();
+    to_alice.close();
+    gw.stop().await;
+    mux.stop().await;
+    env.teardown().await
+}
+
 /// The proxies in front of `env`'s shards, and the shard settings that go through them.
 async fn behind_proxies(env: &TestEnv) -> anyhow::Result<(Vec<Proxy>, ShardConfig)> {
     let mut proxies = Vec::new();

@@ -100,14 +100,18 @@ async fn open_sealed(app: &App, items: &mut Vec<(String, Option<outbound_record:
         return;
     }
     let opened = app.open_bodies(&mut messages).await;
-    let gone: std::collections::HashSet<usize> =
-        opened.gone.iter().map(|&j| positions[j]).collect();
+    let gone: std::collections::HashSet<usize> = opened
+        .gone
+        .iter()
+        .chain(&opened.unavailable)
+        .map(|&j| positions[j])
+        .collect();
     for (m, &i) in messages.into_iter().zip(&positions) {
         items[i].1 = Some(outbound_record::Kind::Deliver(m));
     }
     if !gone.is_empty() {
         metrics::counter!("gateway_outbound_total", "outcome" => "shredded")
-            .increment(gone.len() as u64);
+            .increment(opened.gone.len() as u64);
         let mut i = 0;
         items.retain(|_| {
             let keep = !gone.contains(&i);

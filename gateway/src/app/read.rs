@@ -78,20 +78,17 @@ impl App {
                 // send; the conversations whose keys could not be read are left out, as if
                 // their shard had not answered (the client syncs them again).
                 let opened = self.open_bodies(&mut messages).await;
-                if opened.unavailable {
-                    for &i in &opened.gone {
-                        if let Ok(c) = ConversationKey::parse(&messages[i].conversation) {
-                            if !read.unavailable.contains(&c) {
-                                read.unavailable.push(c);
-                            }
+                let mut left_out = Vec::new();
+                for &i in &opened.unavailable {
+                    if let Ok(c) = ConversationKey::parse(&messages[i].conversation) {
+                        if !read.unavailable.contains(&c) {
+                            read.unavailable.push(c.clone());
                         }
+                        left_out.push(c);
                     }
                 }
                 drop_positions(&mut messages, &opened.gone);
-                if opened.unavailable {
-                    let left_out: Vec<&str> = read.unavailable.iter().map(|c| c.as_str()).collect();
-                    messages.retain(|m| !left_out.contains(&m.conversation.as_str()));
-                }
+                messages.retain(|m| !left_out.iter().any(|c| c.as_str() == m.conversation));
                 let incomplete = (!read.unavailable.is_empty()).then(|| {
                     tracing::warn!(user = %user, conversations = read.unavailable.len(), "sync left out conversations of a shard that does not answer");
                     metrics::counter!("gateway_errors_total", "kind" => "sync").increment(1);
@@ -192,7 +189,7 @@ impl App {
         let mut messages: Vec<ChatMessage> = messages.into_iter().map(ChatMessage::from).collect();
         // Delete-on-ack mode: a body whose key is gone shows as erased (empty), as an
         // acknowledged message does; a shard that did not give the keys fails the page.
-        if self.open_bodies(&mut messages).await.unavailable {
+        if !self.open_bodies(&mut messages).await.unavailable.is_empty() {
             return Err(HistoryError::ShardUnavailable {
                 shard: self.shards.locator().shard_of(&conversation),
             });

@@ -8,7 +8,6 @@
 //! statement, which carries every send that arrived meanwhile, so the store's cost per key falls
 //! as the rate rises, and a shard down delays only the sends of its conversations.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use chat_common::seal::BodyKey;
@@ -126,41 +125,40 @@ impl App {
     }
 
     /// Opens the sealed bodies of `messages` (delete-on-ack mode), reading their keys from their
-    /// shards at once. A message whose key is gone (acknowledged or expired meanwhile) keeps an
-    /// empty body and is reported in the result, so that a push can drop it: there is nothing
-    /// left to deliver. `Err` when a shard did not answer: its messages stay sealed and are
-    /// reported too.
+    /// shards at once. A message whose key is gone (acknowledged or expired meanwhile) is left
+    /// with an empty body and reported in [`Opened::gone`]: there is nothing left to deliver. A
+    /// message whose shard did not give its key is left with an empty body too and reported in
+    /// [`Opened::unavailable`]; the other shards' messages are opened.
     pub(crate) async fn open_bodies(&self, messages: &mut [ChatMessage]) -> Opened {
-        let sealed: Vec<(usize, KeyId)> = messages
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| !m.sealed_body.is_empty())
-            .filter_map(|(i, m)| Some((i, key_id(m)?)))
-            .collect();
         let mut opened = Opened::default();
         if messages.iter().all(|m| m.sealed_body.is_empty()) {
             return opened;
         }
-        let keys: HashMap<KeyId, BodyKey> = match self
-            .shards
-            .body_keys(sealed.iter().map(|(_, id)| id))
-            .await
-        {
-            Ok(keys) => keys,
-            Err(e) => {
-                tracing::warn!(error = %e.summary(), messages = sealed.len(), "body keys not read: the messages are not shown");
-                metrics::counter!("gateway_errors_total", "kind" => "open").increment(1);
-                opened.unavailable = true;
-                HashMap::new()
-            }
-        };
+        let ids: Vec<KeyId> = messages
+            .iter()
+            .filter(|m| !m.sealed_body.is_empty())
+            .filter_map(key_id)
+            .collect();
+        let found = self.shards.body_keys(&ids).await;
+        for (shard, e) in &found.failed {
+            tracing::warn!(shard, error = %e.summary(), "body keys not read: that shard's messages are not shown");
+            metrics::counter!("gateway_errors_total", "kind" => "open").increment(1);
+        }
+        let down: Vec<usize> = found.failed.iter().map(|(shard, _)| *shard).collect();
         for (i, m) in messages.iter_mut().enumerate() {
             if m.sealed_body.is_empty() {
                 continue;
             }
             let sealed = std::mem::take(&mut m.sealed_body);
-            let body = sealed_key(&sealed, m, &keys);
-            match body {
+            let Some(id) = key_id(m) else {
+                opened.gone.push(i);
+                continue;
+            };
+            if down.contains(&self.shards.locator().shard_of(&id.conversation)) {
+                opened.unavailable.push(i);
+                continue;
+            }
+            match open_one(&sealed, m, found.keys.get(&id)) {
                 Some(body) => m.body = body,
                 None => opened.gone.push(i),
             }
@@ -169,9 +167,9 @@ impl App {
     }
 }
 
-/// Opens one sealed body with its key from `keys`, if the key still exists and opens it.
-fn sealed_key(sealed: &[u8], m: &ChatMessage, keys: &HashMap<KeyId, BodyKey>) -> Option<String> {
-    let key = keys.get(&key_id(m)?)?;
+/// Opens one sealed body with its key, if the key still exists and opens it.
+fn open_one(sealed: &[u8], m: &ChatMessage, key: Option<&BodyKey>) -> Option<String> {
+    let key = key?;
     let id = Uuid::parse_str(&m.message_id).ok()?;
     match key.open(&id, sealed) {
         Ok(body) => Some(body),
@@ -183,13 +181,13 @@ fn sealed_key(sealed: &[u8], m: &ChatMessage, keys: &HashMap<KeyId, BodyKey>) ->
     }
 }
 
-/// What [`App::open_bodies`] could not open.
+/// What [`App::open_bodies`] could not open, by position.
 #[derive(Debug, Default)]
 pub(crate) struct Opened {
-    /// Positions of the messages whose body is gone (key destroyed) or did not open.
+    /// The body is gone (its key destroyed), or did not open.
     pub(crate) gone: Vec<usize>,
-    /// A shard did not answer.
-    pub(crate) unavailable: bool,
+    /// The shard of the message did not give its key.
+    pub(crate) unavailable: Vec<usize>,
 }
 
 /// A wire message's send key, if its ids are valid.
