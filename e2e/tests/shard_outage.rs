@@ -138,12 +138,7 @@ async fn shard_up(ops: &Rest, shard: usize) -> anyhow::Result<Option<f64>> {
 async fn one_shard_down_degrades_only_what_it_holds() -> anyhow::Result<()> {
     let env = TestEnv::new(2, &["gw1"]).await?;
     let (proxies, shards) = behind_proxies(&env).await?;
-    let mux = env
-        .start_multiplexer_with(|c| c.shards = shards.clone())
-        .await?;
-    let gw = env
-        .start_gateway_with("gw1", |c| c.shards = shards.clone().with_plans(Plans::Auto))
-        .await?;
+    let (mux, gw) = start_behind(&env, &shards).await?;
     let (url, rest, ops) = (
         ws_url(gw.addr),
         Rest::new(&http_url(gw.addr)),
@@ -368,12 +363,7 @@ async fn delete_on_ack_with_a_shard_down_refuses_only_its_sends() -> anyhow::Res
     let mut env = TestEnv::new(2, &["gw1"]).await?;
     env.retention = db_writer::Retention::DeleteOnAck;
     let (proxies, shards) = behind_proxies(&env).await?;
-    let mux = env
-        .start_multiplexer_with(|c| c.shards = shards.clone())
-        .await?;
-    let gw = env
-        .start_gateway_with("gw1", |c| c.shards = shards.clone().with_plans(Plans::Auto))
-        .await?;
+    let (mux, gw) = start_behind(&env, &shards).await?;
     let (url, rest) = (ws_url(gw.addr), Rest::new(&http_url(gw.addr)));
     let locator = Locator::new(2);
     let alice = user("alice", |u| locator.home_of(u) == 0);
@@ -427,6 +417,20 @@ async fn delete_on_ack_with_a_shard_down_refuses_only_its_sends() -> anyhow::Res
     gw.stop().await;
     mux.stop().await;
     env.teardown().await
+}
+
+/// A multiplexer and gateway gw1 whose shards are `shards` (behind the proxies).
+async fn start_behind(
+    env: &TestEnv,
+    shards: &ShardConfig,
+) -> anyhow::Result<(chat_e2e::Component, chat_e2e::Component)> {
+    let mux = env
+        .start_multiplexer_with(|c| c.shards = shards.clone())
+        .await?;
+    let gw = env
+        .start_gateway_with("gw1", |c| c.shards = shards.clone().with_plans(Plans::Auto))
+        .await?;
+    Ok((mux, gw))
 }
 
 /// The proxies in front of `env`'s shards, and the shard settings that go through them.
@@ -527,12 +531,7 @@ async fn the_other_shards_pass_a_down_shard_in_order_through_a_restart() -> anyh
     let mut rng = Rng(seed);
     let env = TestEnv::new(3, &["gw1"]).await?;
     let (proxies, shards) = behind_proxies(&env).await?;
-    let mux = env
-        .start_multiplexer_with(|c| c.shards = shards.clone())
-        .await?;
-    let gw = env
-        .start_gateway_with("gw1", |c| c.shards = shards.clone().with_plans(Plans::Auto))
-        .await?;
+    let (mux, gw) = start_behind(&env, &shards).await?;
     let url = ws_url(gw.addr);
     let locator = Locator::new(3);
     // Eight users at home on shards 0 and 2, four on shard 1.

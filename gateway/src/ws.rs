@@ -526,30 +526,31 @@ impl Conn {
             }
         };
         if prepared.needs_seal() {
-            // Delete-on-ack mode: the body's key comes from its shard first. The connection
-            // reads no further frame meanwhile, so the sends behind it stay behind it.
-            return Step::Block(Box::new(BlockedSend {
-                app: self.app.clone(),
-                prepared,
-                client_message_id: cid,
-                mailbox: mailbox.clone(),
-                permit,
-            }));
+            // Delete-on-ack mode: the body's key comes from its shard first.
+            return self.blocked(prepared, cid, permit);
         }
         match self.app.enqueue_send(prepared) {
             Ok(pending) => answer_when_durable(&self.app, pending, cid, mailbox.clone(), permit),
             Err(Enqueue::Failed(e)) => self.answer(refusal(&e, cid)),
-            Err(Enqueue::QueueFull(prepared)) => {
-                return Step::Block(Box::new(BlockedSend {
-                    app: self.app.clone(),
-                    prepared,
-                    client_message_id: cid,
-                    mailbox: mailbox.clone(),
-                    permit,
-                }));
-            }
+            Err(Enqueue::QueueFull(prepared)) => return self.blocked(prepared, cid, permit),
         }
         Step::Continue
+    }
+
+    /// A send the connection waits for before it reads another frame (see [`BlockedSend`]).
+    fn blocked(
+        &self,
+        prepared: PreparedSend,
+        client_message_id: String,
+        permit: crate::sessions::InFlight,
+    ) -> Step {
+        Step::Block(Box::new(BlockedSend {
+            app: self.app.clone(),
+            prepared,
+            client_message_id,
+            mailbox: self.session.mailbox.clone(),
+            permit,
+        }))
     }
 
     /// Produces the ack in a task of its own; only a refusal is answered.
