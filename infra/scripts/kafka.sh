@@ -270,9 +270,16 @@ EOF
 
 cluster_id() {
   local f="$BASE/cluster.id"
-  if [[ ! -s "$f" ]]; then
+  # An id that starts with '-' (1 in 64 of them) reads as an option to kafka-storage, whose
+  # format then fails ("--cluster-id: expected one argument"); Kafka's own random ids never
+  # start with one. Such a file can only be left by a format that failed: made again.
+  if [[ ! -s "$f" || "$(head -c 1 "$f")" == "-" ]]; then
     # Kafka cluster ids are 16 random bytes, base64url without padding.
-    head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$f.tmp"
+    local id="-"
+    while [[ "$id" == -* ]]; do
+      id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    done
+    printf '%s' "$id" >"$f.tmp"
     mv "$f.tmp" "$f"
   fi
   cat "$f"
