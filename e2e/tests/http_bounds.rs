@@ -247,6 +247,30 @@ async fn keep_alive_serves_a_sequence_then_closes_when_idle() -> anyhow::Result<
     env.teardown().await
 }
 
+/// The header timeout bounds a request's headers once they start, not the wait for the next
+/// request: a keep-alive connection is kept for the idle bound even when that is longer. (A
+/// client reusing its pooled connection must not meet a close it could not expect: a request
+/// written into a socket the server has just closed is lost to a reset.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_outlives_the_header_timeout() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let header = Duration::from_secs(1);
+    let gw = start(&env, relaxed(), |config| config.handshake_timeout = header).await?;
+
+    let mut c = Conn::open(gw.addr).await;
+    assert_eq!(c.exchange(&get("/healthz")).await.status, 200);
+    assert!(
+        !c.closed_within(header * 3).await,
+        "an idle keep-alive connection was closed by the header timeout"
+    );
+    let r = c.exchange(&get("/healthz")).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.closes(), "keep-alive");
+
+    gw.stop().await;
+    env.teardown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_request_whose_headers_never_end_is_cut_off() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;

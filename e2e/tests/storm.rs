@@ -13,7 +13,9 @@ use serde_json::json;
 const USERS: usize = 300;
 const SENDERS: usize = 10;
 
-/// Sends `body` from `from` to `to` over REST.
+/// Sends `body` from `from` to `to` over REST, as a real client does: with a client message id,
+/// so that a request lost to the network (a reset connection, during the storm) is sent again
+/// without the risk of a second copy. Exactly once is then the server's to keep.
 async fn send(
     env: &TestEnv,
     rest: &Rest,
@@ -21,14 +23,26 @@ async fn send(
     to: &str,
     body: String,
 ) -> anyhow::Result<()> {
-    let r = rest
-        .request(
-            "PUT",
-            &format!("/messages/{to}"),
-            Some(&env.token(from)),
-            Some(json!({ "body": body })),
-        )
-        .await?;
+    let request = json!({ "body": body, "client_message_id": format!("{from}->{to}:{body}") });
+    let mut attempt = 1;
+    let r = loop {
+        match rest
+            .request(
+                "PUT",
+                &format!("/messages/{to}"),
+                Some(&env.token(from)),
+                Some(request.clone()),
+            )
+            .await
+        {
+            Ok(r) => break r,
+            Err(e @ chat_client::ClientError::Http(_)) if attempt < 5 => {
+                eprintln!("send {body:?} (attempt {attempt}): {e}; sending it again");
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     anyhow::ensure!(r.status == 202, "send: {} {}", r.status, r.body);
     Ok(())
 }
