@@ -29,7 +29,7 @@ pub struct Report {
     pub phantoms: usize,
     /// Gaps or repeats in the stored per-conversation sequences.
     pub seq_violations: usize,
-    /// Delete-on-ack: acked messages whose body is stored again.
+    /// Delete-on-ack: acked messages whose body can be read again (as text, or its key back).
     pub resurrected: usize,
     /// Delete-on-ack: bodies found as text on the brokers' or the shards' disks (the canary
     /// scan; every copy should be sealed).
@@ -245,7 +245,8 @@ fn sender_order(log: &Log) -> SenderOrder {
 }
 
 /// Stored sequences must be 1..=n in every conversation; returns the number of gaps or repeats,
-/// and (delete-on-ack) how many acked messages have a body again.
+/// and (delete-on-ack) how many acked messages have a body again: as text, or sealed under a
+/// key that still exists.
 pub async fn check_shards(dsns: &[String]) -> anyhow::Result<(usize, usize)> {
     let (mut violations, mut resurrected) = (0, 0);
     for dsn in dsns {
@@ -267,7 +268,13 @@ pub async fn check_shards(dsns: &[String]) -> anyhow::Result<(usize, usize)> {
         }
         let r: i64 = c
             .query_one(
-                "SELECT count(*) FROM message_status WHERE acked AND body IS NOT NULL",
+                "SELECT count(*) FROM message_status s
+                 WHERE s.acked
+                   AND (s.body IS NOT NULL
+                        OR EXISTS (SELECT 1 FROM body_keys k
+                                   WHERE k.conversation = s.conversation
+                                     AND k.sender = s.sender
+                                     AND k.client_message_id = s.client_message_id))",
                 &[],
             )
             .await?

@@ -1,7 +1,7 @@
 //! Acks and receipts: a watermark per direction of a conversation.
 //!
 //! An ack moves the watermark of its direction (never past the conversation's last seq, never
-//! back); in delete-on-ack mode the same statement erases the bodies it passed. Each watermark
+//! back); in delete-on-ack mode the same statement destroys the keys of the bodies it passed. Each watermark
 //! that moved becomes a receipt for the sender of the acknowledged messages, and the sender's
 //! next sync reads the receipts it may have missed ([`Shards::receipts_since`]).
 
@@ -60,26 +60,34 @@ macro_rules! ack_result {
 /// The ack statement of keep mode.
 const ACK_KEEP: &str = concat!(ack_moved!(), ack_result!());
 
-/// The ack statement of delete-on-ack mode: the bodies the watermark passed (above `before`)
-/// are erased in the same statement, and their keys destroyed (`crate::keys`), which leaves
-/// every copy of them in Kafka unreadable. The rows are marked erased (`expired_at_ms`, the
-/// ack's time): the metadata window counts from it ([`Shards::purge_erased`]).
+/// The ack statement of delete-on-ack mode: the keys of the messages the watermark passed
+/// (above `before`) are destroyed in the same statement (`crate::keys`), which leaves every copy
+/// of their bodies unreadable at once: the sealed bytes in the row, and every record in Kafka.
+/// Sealed rows are not rewritten: a row without its key holds nothing a reader can open, and
+/// rewriting it (a new row version, four index entries, and later its vacuum) cost more than
+/// the whole ack of keep mode. The metadata window deletes the row later
+/// ([`Shards::purge_erased`]). A row that holds its body as text (a record from an older gateway,
+/// or from `loadgen raw`) is erased here and marked (`expired_at_ms`, the ack's time).
 const ACK_ERASE: &str = concat!(
     ack_moved!(),
     ",
-     erased AS (
-         UPDATE messages m SET body = NULL, sealed = NULL, expired_at_ms = a.acked_at
-         FROM moved JOIN a ON a.conversation = moved.conversation
-                          AND a.recipient = moved.recipient
-         WHERE m.conversation = moved.conversation
-           AND m.recipient = moved.recipient
-           AND m.seq > a.before AND m.seq <= moved.up_to_seq
-           AND m.expired_at_ms IS NULL
-         RETURNING m.conversation, m.sender, m.client_message_id),
+     passed AS (
+         SELECT m.conversation, m.seq, m.sender, m.client_message_id,
+                m.body IS NOT NULL AS plain, a.acked_at
+         FROM moved
+         JOIN a ON a.conversation = moved.conversation AND a.recipient = moved.recipient
+         JOIN messages m ON m.conversation = moved.conversation
+                        AND m.recipient = moved.recipient
+                        AND m.seq > a.before AND m.seq <= moved.up_to_seq
+                        AND m.expired_at_ms IS NULL),
      shredded AS (
-         DELETE FROM body_keys k USING erased e
-         WHERE k.conversation = e.conversation AND k.sender = e.sender
-           AND k.client_message_id = e.client_message_id)",
+         DELETE FROM body_keys k USING passed p
+         WHERE k.conversation = p.conversation AND k.sender = p.sender
+           AND k.client_message_id = p.client_message_id),
+     erased AS (
+         UPDATE messages m SET body = NULL, sealed = NULL, expired_at_ms = p.acked_at
+         FROM passed p
+         WHERE p.plain AND m.conversation = p.conversation AND m.seq = p.seq)",
     ack_result!()
 );
 
@@ -143,7 +151,8 @@ impl Shards {
 
     /// Records acks on one shard in one statement: each acknowledges every message sent to its
     /// user in its conversation up to its seq by moving the watermark of that direction. In
-    /// delete-on-ack mode the same statement erases the bodies the watermark passed.
+    /// delete-on-ack mode the same statement destroys the keys of the bodies the watermark
+    /// passed.
     /// Idempotent: acking again (or out of order) changes nothing. Expects at most one ack per
     /// conversation and user (`apply_acks` keeps the highest).
     async fn ack_on_shard(

@@ -14,7 +14,8 @@ use crate::shards::Shards;
 pub enum Retention {
     /// Keep forever (history can be paged).
     Keep,
-    /// Erase the body when the recipient acks (the row, without content, stays as a tombstone).
+    /// Destroy the body's key when the recipient acks (the row, whose sealed bytes nothing can
+    /// open any more, stays for the metadata window).
     DeleteOnAck,
 }
 
@@ -91,9 +92,11 @@ impl Shards {
     }
 
     /// Delete-on-ack retention: erases the bodies of messages sent before `cutoff_ms`, destroys
-    /// their keys (and every other key issued before it), and marks them expired, which takes the unacked ones out of the pending set. Acked messages (their
-    /// bodies already erased) are marked too, so the sweep's index holds only the retention
-    /// window. Returns how many unacked messages expired. Works in bounded chunks.
+    /// their keys (and every other key issued before it), and marks them expired, which takes
+    /// the unacked ones out of the pending set. Acknowledged rows still there (their keys are
+    /// destroyed already; the metadata window normally deletes them first) are marked too, so
+    /// the sweep's index holds only the retention window. Returns how many unacked messages
+    /// expired. Works in bounded chunks.
     pub async fn expire_unacked(&self, cutoff_ms: i64, now_ms: i64) -> Result<u64, DbError> {
         const CHUNK: i64 = 1000;
         let mut total = 0;
@@ -167,18 +170,22 @@ const SWEEP_INDEXES: &[(&str, &str)] = &[
 ];
 
 impl Shards {
-    /// Delete-on-ack retention, the metadata window: deletes the rows erased (acknowledged or
-    /// expired) before `before_ms` outright. What is left of such a conversation is its
-    /// counters: the last seq, and each direction's ack watermark. Works in bounded chunks;
-    /// returns how many rows went.
+    /// Delete-on-ack retention, the metadata window: deletes outright the rows of messages
+    /// erased (expired, or held as text and acknowledged) before `before_ms`, and of messages
+    /// acknowledged and sent before it (their keys are gone; the rows hold sealed bytes nothing
+    /// can open). What is left of such a conversation is its counters: the last seq, and each
+    /// direction's ack watermark. Works in bounded chunks; returns how many rows went.
     ///
     /// The window must outlast the `inbound` topic's retention: a record replayed after its row
     /// is gone would be stored again, without content (its key is destroyed), under a new seq.
+    /// An acknowledged row's window counts from its send, which is when its record entered the
+    /// log.
     pub async fn purge_erased(&self, before_ms: i64) -> Result<u64, DbError> {
         const CHUNK: i64 = 1000;
         let mut total = 0;
         for shard in 0..self.len() {
             let client = self.client(shard).await?;
+            let pg = DbError::pg(shard);
             loop {
                 let purged = client
                     .execute(
@@ -189,10 +196,41 @@ impl Shards {
                         &[&before_ms, &CHUNK],
                     )
                     .await
-                    .map_err(DbError::pg(shard))?;
+                    .map_err(pg)?;
                 total += purged;
                 if purged < CHUNK as u64 {
                     break;
+                }
+            }
+            // Acknowledged rows, oldest first (the sweep's index). Each chunk goes on from the
+            // send time the last one reached, so that messages still pending at that age (not
+            // yet expired) are passed over once per sweep, not once per chunk.
+            let mut from = i64::MIN;
+            loop {
+                let row = client
+                    .query_one(
+                        "WITH gone AS (
+                             DELETE FROM messages
+                             WHERE (conversation, seq) IN (
+                                 SELECT m.conversation, m.seq FROM messages m
+                                 JOIN acks k ON k.conversation = m.conversation
+                                            AND k.recipient = m.recipient
+                                 WHERE m.expired_at_ms IS NULL
+                                   AND m.sent_at_ms >= $2 AND m.sent_at_ms < $1
+                                   AND m.seq <= k.up_to_seq
+                                 ORDER BY m.sent_at_ms
+                                 LIMIT $3)
+                             RETURNING sent_at_ms)
+                         SELECT count(*), max(sent_at_ms) FROM gone",
+                        &[&before_ms, &from, &CHUNK],
+                    )
+                    .await
+                    .map_err(pg)?;
+                let (purged, reached): (i64, Option<i64>) = (row.get(0), row.get(1));
+                total += purged as u64;
+                match reached {
+                    Some(reached) if purged == CHUNK => from = reached,
+                    _ => break,
                 }
             }
         }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::Ack;
 use chat_e2e::{new_message, TestEnv};
+use db_writer::keys::KeyId;
 use db_writer::{Retention, ShardConfig, Shards};
 
 fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
@@ -228,6 +229,173 @@ async fn delete_on_ack_erases_what_the_watermark_passes_and_expiry_counts_the_un
         .await?
         .get(0);
     assert_eq!(last_seq, 4);
+    env.teardown().await
+}
+
+/// Delete-on-ack with sealed bodies, seeded (`STORE_SHRED_SEED` replays a run): messages in a
+/// few conversations, sent at random times, acked to a random seq per direction. The ack
+/// destroys exactly the keys of what its watermark passed and rewrites no row; the metadata
+/// window then deletes exactly the acknowledged rows sent before its cutoff, over more than one
+/// chunk and past pending rows of that age, and leaves the pending ones readable by sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyhow::Result<()> {
+    let seed = chat_e2e::seed("STORE_SHRED_SEED");
+    println!("STORE_SHRED_SEED={seed}");
+    let mut rng = chat_e2e::Rng(seed);
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let users = ["ev", "fa", "gi", "ho"];
+    let mut messages = Vec::new();
+    for _ in 0..rng.range(4_000, 4_400) {
+        let from = rng.below(users.len());
+        let to = (from + 1 + rng.below(users.len() - 1)) % users.len();
+        let mut m = new_message(users[from], users[to], "", rng.range(0, 9_999) as i64)?;
+        m.sealed = Some(format!("sealed {}", m.client_id.as_str()).into_bytes());
+        messages.push(m);
+    }
+    let ids: Vec<KeyId> = messages
+        .iter()
+        .map(|m| KeyId {
+            conversation: m.conversation.clone(),
+            sender: m.sender.clone(),
+            client_id: m.client_id.clone(),
+        })
+        .collect();
+    shards.issue_body_keys(0, &ids, 0).await?;
+    let stored = shards.store_batch(&messages).await?;
+    let seq_of: HashMap<String, u64> = stored
+        .iter()
+        .map(|s| (s.message.client_id.as_str().to_owned(), s.message.seq))
+        .collect();
+
+    // Each direction acked up to a random seq of its own (or not at all).
+    let mut watermark: HashMap<(String, String), u64> = HashMap::new();
+    let mut acks = Vec::new();
+    for m in &messages {
+        let direction = (m.conversation.to_string(), m.recipient.to_string());
+        if watermark.contains_key(&direction) {
+            continue;
+        }
+        let last = messages
+            .iter()
+            .filter(|o| o.conversation == m.conversation && o.recipient == m.recipient)
+            .map(|o| seq_of[o.client_id.as_str()])
+            .max()
+            .unwrap_or(0);
+        let up_to = if rng.chance(10) {
+            0
+        } else {
+            rng.range(last as usize / 2, last as usize) as u64
+        };
+        watermark.insert(direction, up_to);
+        if up_to > 0 {
+            acks.push(Ack {
+                conversation: m.conversation.clone(),
+                user: m.recipient.clone(),
+                peer: m.sender.clone(),
+                up_to_seq: up_to,
+                acked_at_ms: 20_000,
+            });
+        }
+    }
+    shards.apply_acks(&acks, Retention::DeleteOnAck).await?;
+    let acked = |m: &chat_common::message::Message| {
+        seq_of[m.client_id.as_str()]
+            <= watermark[&(m.conversation.to_string(), m.recipient.to_string())]
+    };
+
+    // The keys are those of the unacknowledged messages, exactly; no row was rewritten.
+    let shard = env.shard(0).await?;
+    let mut keys: Vec<String> = shard
+        .query("SELECT client_message_id FROM body_keys", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    keys.sort();
+    let mut unacked: Vec<String> = messages
+        .iter()
+        .filter(|m| !acked(m))
+        .map(|m| m.client_id.as_str().to_owned())
+        .collect();
+    unacked.sort();
+    assert_eq!(keys, unacked, "keys left = the unacknowledged messages'");
+    let row = shard
+        .query_one(
+            "SELECT count(*) FILTER (WHERE sealed IS NULL OR body IS NOT NULL
+                                        OR expired_at_ms IS NOT NULL),
+                    count(*)
+             FROM messages",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (0, messages.len() as i64),
+        "every row as stored: sealed, not marked"
+    );
+
+    // The window: exactly the acknowledged rows sent before the cutoff go.
+    // A cutoff past more than a chunk's worth (1,000) of acknowledged rows, with pending rows
+    // of the same age among them.
+    let mut acked_sent: Vec<i64> = messages
+        .iter()
+        .filter(|m| acked(m))
+        .map(|m| m.sent_at_ms)
+        .collect();
+    acked_sent.sort();
+    assert!(acked_sent.len() > 1_200, "{} acked", acked_sent.len());
+    let before = acked_sent[rng.range(1_050, acked_sent.len() - 1)] + 1;
+    let gone = messages
+        .iter()
+        .filter(|m| acked(m) && m.sent_at_ms < before)
+        .count();
+    let pending_as_old = messages
+        .iter()
+        .filter(|m| !acked(m) && m.sent_at_ms < before)
+        .count();
+    assert!(
+        gone > 1_000 && pending_as_old > 0,
+        "{gone} rows to go, {pending_as_old} pending as old"
+    );
+    assert_eq!(shards.purge_erased(before).await?, gone as u64);
+    let mut left: Vec<String> = shard
+        .query("SELECT client_message_id FROM messages", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    left.sort();
+    let mut kept: Vec<String> = messages
+        .iter()
+        .filter(|m| !(acked(m) && m.sent_at_ms < before))
+        .map(|m| m.client_id.as_str().to_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(left, kept, "rows left after the window");
+    assert_eq!(
+        shards.purge_erased(before).await?,
+        0,
+        "a second pass finds none"
+    );
+
+    // What is pending is still there for sync, whatever its age.
+    for user in users {
+        let mut want: Vec<u64> = messages
+            .iter()
+            .filter(|m| m.recipient.as_str() == user && !acked(m))
+            .map(|m| seq_of[m.client_id.as_str()])
+            .collect();
+        want.sort();
+        let mut got: Vec<u64> = shards
+            .pending(&UserId::parse(user)?, &HashMap::new(), 10_000)
+            .await?
+            .into_iter()
+            .map(|m| m.seq)
+            .collect();
+        got.sort();
+        assert_eq!(got, want, "{user}'s pending");
+    }
     env.teardown().await
 }
 
