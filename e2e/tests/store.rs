@@ -399,6 +399,64 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
     env.teardown().await
 }
 
+/// Delete-on-ack's metadata window also deletes the records of messages set aside (who sent
+/// whom what could not be stored, and when), seeded (`STORE_FAILURES_SEED` replays a run):
+/// failures at random times over two shards; the window takes exactly those before its cutoff,
+/// each sender's sync still finds every later one, and a second pass finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_deletes_old_failure_records_and_keeps_the_recent_ones() -> anyhow::Result<()> {
+    let seed = chat_e2e::seed("STORE_FAILURES_SEED");
+    println!("STORE_FAILURES_SEED={seed}");
+    let mut rng = chat_e2e::Rng(seed);
+    let env = TestEnv::new(2, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let users = ["ia", "jo", "ku", "lu", "mo"];
+    let mut failures = Vec::new();
+    for _ in 0..rng.range(200, 300) {
+        let from = rng.below(users.len());
+        let to = (from + 1 + rng.below(users.len() - 1)) % users.len();
+        let at = rng.range(0, 9_999) as i64;
+        let m = new_message(users[from], users[to], "never stored", at)?;
+        failures.push(db_writer::failures::FailedMessage::of(
+            &m,
+            "invalid_body",
+            "the body is not valid",
+            at,
+        ));
+    }
+    shards.record_failures(&failures).await?;
+    let before = rng.range(2_000, 8_000) as i64;
+    let old = failures.iter().filter(|f| f.failed_at_ms < before).count();
+    assert!(
+        old > 0 && old < failures.len(),
+        "seed {seed}: both sides of the cutoff"
+    );
+
+    assert_eq!(
+        shards.purge_erased(before).await?,
+        old as u64,
+        "seed {seed}"
+    );
+    for user in users {
+        let mut want: Vec<String> = failures
+            .iter()
+            .filter(|f| f.sender.as_str() == user && f.failed_at_ms >= before)
+            .map(|f| f.client_message_id.as_str().to_owned())
+            .collect();
+        want.sort();
+        let mut got: Vec<String> = shards
+            .failures_since(&UserId::parse(user)?, -1, 1_000)
+            .await?
+            .iter()
+            .map(|f| f.client_message_id.as_str().to_owned())
+            .collect();
+        got.sort();
+        assert_eq!(got, want, "seed {seed}: {user}'s failures after the window");
+    }
+    assert_eq!(shards.purge_erased(before).await?, 0, "seed {seed}");
+    env.teardown().await
+}
+
 /// A batch that mixes messages already stored (a replay after a crash, a client retry) with new
 /// ones: the stored ones come back as they were, the new ones get the next seqs, with no gap
 /// left by the attempt that found the stored ones, and nothing is written twice.

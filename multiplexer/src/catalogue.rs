@@ -90,6 +90,6 @@ pub(crate) const FAMILIES: &[Family] = &[
     ),
     Family::counter(
         "multiplexer_rows_purged_total",
-        "Delete-on-ack mode: rows of erased messages (acked or expired) deleted once the metadata window (ERASED_ROW_TTL_SECS) passed.",
+        "Delete-on-ack mode: rows of erased messages (acked or expired) and records of messages set aside, deleted once the metadata window (ERASED_ROW_TTL_SECS) passed.",
     ),
 ];

@@ -333,7 +333,7 @@ variable "unacked_ttl_seconds" {
 }
 
 variable "erased_row_ttl_seconds" {
-  description = "With retention = delete-on-ack: how long the row of an acknowledged message (from its send) or an expired one (from its expiry) is kept before it is deleted, leaving the conversation's counters (ERASED_ROW_TTL_SECS). Longer than inbound's retention, so a replay of the log never stores an erased message again."
+  description = "With retention = delete-on-ack: how long the row of an acknowledged message (from its send) or an expired one (from its expiry), and the record of a message set aside (from its failure), is kept before it is deleted, leaving the conversation's counters (ERASED_ROW_TTL_SECS). Longer than inbound's retention, so a replay of the log never stores an erased message again."
   type        = number
   default     = 691200
 
