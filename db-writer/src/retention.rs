@@ -175,8 +175,9 @@ impl Shards {
     /// acknowledged and sent before it (their keys are gone; the rows hold sealed bytes nothing
     /// can open), and the records of messages set aside before it (`failed_messages`: who sent
     /// whom what could not be stored, and when). What is left of such a conversation is its
-    /// counters: the last seq, and each direction's ack watermark. Works in bounded chunks;
-    /// returns how many rows went, of both tables.
+    /// counters: the last seq, and each direction's ack watermark. Messages go in bounded
+    /// chunks, failure records in one statement per shard; returns how many rows went, of both
+    /// tables.
     ///
     /// The window must outlast the `inbound` topic's retention: a record replayed after its row
     /// is gone would be stored again, without content (its key is destroyed), under a new seq.
@@ -235,9 +236,9 @@ impl Shards {
                     _ => break,
                 }
             }
-            // The failure records, in one statement: the table holds only messages set aside
-            // (rare), and a sender offline longer than the window no longer has these messages
-            // anywhere to be told about at sync either.
+            // The failure records, in one statement: the table holds only messages set aside,
+            // which are rare. A sender offline for longer than the window is no longer told of
+            // them at sync.
             total += client
                 .execute(
                     "DELETE FROM failed_messages WHERE failed_at_ms < $1",

@@ -252,7 +252,10 @@ async fn expiry_sweep(
         match shards.purge_erased(before).await {
             Ok(0) => {}
             Ok(n) => {
-                tracing::info!(purged = n, "rows of erased messages deleted");
+                tracing::info!(
+                    purged = n,
+                    "rows past the metadata window deleted (erased messages, failure records)"
+                );
                 metrics::counter!("multiplexer_rows_purged_total").increment(n);
             }
             Err(e) => tracing::warn!(error = %e, "purge of erased rows failed"),
