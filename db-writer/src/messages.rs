@@ -38,17 +38,15 @@ pub struct Stored {
 mod sql {
     use crate::rows::message_columns;
 
-    /// Counters of conversations seen for the first time.
-    pub(super) const CREATE_COUNTERS: &str = "INSERT INTO conversations (conversation)
+    /// Creates the batch's missing counters and locks them all, in key order, returning each
+    /// one's last seq. The update changes nothing but takes the row lock, as `FOR UPDATE` would.
+    /// One statement in key order: a first attempt's upsert takes the same locks in the same
+    /// order, where creating the missing counters first and then locking the others could
+    /// deadlock with it (a new counter held, an older one wanted).
+    pub(super) const LOCK_COUNTERS: &str = "INSERT INTO conversations AS c (conversation)
          SELECT unnest($1::text[]) ORDER BY 1
-         ON CONFLICT DO NOTHING";
-
-    /// Locks the batch's counters in key order. Lookups join the unnested array rather than
-    /// test `= ANY($1)`: planning `= ANY` with the array's values estimates each element, which
-    /// cost more than running the statement.
-    pub(super) const LOCK_COUNTERS: &str = "SELECT c.conversation, c.last_seq
-         FROM unnest($1::text[]) AS i(conversation) JOIN conversations c USING (conversation)
-         ORDER BY c.conversation FOR UPDATE OF c";
+         ON CONFLICT (conversation) DO UPDATE SET last_seq = c.last_seq
+         RETURNING c.conversation, c.last_seq";
 
     /// The messages of the batch already stored, found by send key (through the fingerprint
     /// index of migration 5), with whether their recipient has acked them or they expired.
@@ -108,7 +106,6 @@ mod sql {
 
 /// The store transaction's statements, prepared once per connection.
 struct Statements {
-    create_counters: Statement,
     lock_counters: Statement,
     find_stored: Statement,
     insert_messages: Statement,
@@ -121,7 +118,6 @@ impl Statements {
     /// Prepares (or takes from the connection's cache) every statement, in one round trip.
     async fn prepare(client: &deadpool_postgres::Object) -> Result<Self, tokio_postgres::Error> {
         let (
-            create_counters,
             lock_counters,
             find_stored,
             insert_messages,
@@ -129,7 +125,6 @@ impl Statements {
             move_counters,
             take_seqs,
         ) = futures_util::try_join!(
-            client.prepare_cached(sql::CREATE_COUNTERS),
             client.prepare_cached(sql::LOCK_COUNTERS),
             client.prepare_cached(sql::FIND_STORED),
             client.prepare_cached(sql::INSERT_MESSAGES),
@@ -138,7 +133,6 @@ impl Statements {
             client.prepare_cached(sql::TAKE_SEQS),
         )?;
         Ok(Self {
-            create_counters,
             lock_counters,
             find_stored,
             insert_messages,
@@ -341,11 +335,11 @@ async fn take_seqs<'a>(
     Ok(counts)
 }
 
-/// Second pass: locks the counters of every conversation in the batch, in key order (no
-/// deadlock between two writers of overlapping batches), then reads which messages are already
-/// stored. The server runs the statements in this order, so the read sees every write of
-/// another writer that held these locks before us. The counters move once the new messages
-/// are known ([`insert`]).
+/// Second pass: creates and locks the counters of every conversation in the batch, in key
+/// order (no deadlock between two writers of overlapping batches), then reads which messages
+/// are already stored. The server runs the statements in this order, so the read sees every
+/// write of another writer that held these locks before us. The counters move once the new
+/// messages are known ([`insert`]).
 async fn lock_and_find_stored<'a>(
     tx: &Transaction<'_>,
     statements: &Statements,
@@ -360,8 +354,7 @@ async fn lock_and_find_stored<'a>(
     }
     let by_conversation: [&(dyn ToSql + Sync); 1] = [&batch.conversations];
     let by_key: [&(dyn ToSql + Sync); 3] = [&conversations, &senders, &client_ids];
-    let (_, locked, found) = futures_util::try_join!(
-        tx.execute(&statements.create_counters, &by_conversation),
+    let (locked, found) = futures_util::try_join!(
         tx.query(&statements.lock_counters, &by_conversation),
         tx.query(&statements.find_stored, &by_key),
     )

@@ -931,6 +931,14 @@ impl Rng {
     pub fn chance(&mut self, percent: u64) -> bool {
         self.next_u64() % 100 < percent
     }
+
+    /// A randomized test's seed (from `var`, see [`seed`]) and its generator. Prints
+    /// `var=<seed>`, what replays the run.
+    pub fn seeded(var: &str) -> (u64, Rng) {
+        let seed = seed(var);
+        println!("{var}={seed}");
+        (seed, Rng(seed))
+    }
 }
 
 /// The seed of a randomized test: the environment variable `var` when set (to replay a run),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 use chat_common::ids::{ConversationKey, UserId};
-use chat_common::message::Ack;
+use chat_common::message::{Ack, Message};
 use chat_e2e::{new_message, TestEnv};
 use db_writer::keys::KeyId;
 use db_writer::{Retention, ShardConfig, Shards};
@@ -239,9 +239,7 @@ async fn delete_on_ack_erases_what_the_watermark_passes_and_expiry_counts_the_un
 /// chunk and past pending rows of that age, and leaves the pending ones readable by sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyhow::Result<()> {
-    let seed = chat_e2e::seed("STORE_SHRED_SEED");
-    println!("STORE_SHRED_SEED={seed}");
-    let mut rng = chat_e2e::Rng(seed);
+    let (_, mut rng) = chat_e2e::Rng::seeded("STORE_SHRED_SEED");
     let env = TestEnv::new(1, &[]).await?;
     let shards = shards_of(&env.shard_dsns)?;
     let users = ["ev", "fa", "gi", "ho"];
@@ -405,9 +403,7 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
 /// each sender's sync still finds every later one, and a second pass finds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_window_deletes_old_failure_records_and_keeps_the_recent_ones() -> anyhow::Result<()> {
-    let seed = chat_e2e::seed("STORE_FAILURES_SEED");
-    println!("STORE_FAILURES_SEED={seed}");
-    let mut rng = chat_e2e::Rng(seed);
+    let (seed, mut rng) = chat_e2e::Rng::seeded("STORE_FAILURES_SEED");
     let env = TestEnv::new(2, &[]).await?;
     let shards = shards_of(&env.shard_dsns)?;
     let users = ["ia", "jo", "ku", "lu", "mo"];
@@ -509,6 +505,137 @@ async fn a_batch_mixing_stored_and_new_messages_keeps_seqs_dense() -> anyhow::Re
         .collect();
     assert_eq!(bodies, expected);
     assert_eq!(env.stored(&cd).await?, [(1, Some("uno".to_owned()))]);
+    env.teardown().await
+}
+
+/// Writers storing one log at once, the way a zombie multiplexer and the one that took over its
+/// partitions do, each in batches of its own random sizes; seeded (`STORE_WRITERS_SEED` replays
+/// a run). The log holds client retries (the same send with another message id) and client ids
+/// reused toward another peer. Every send key is stored once, with the body it was first sent
+/// with; seqs are dense in every conversation; every writer gets back each message's stored
+/// seq; exactly one store reports creating each message; and the messages a writer creates take
+/// seqs in its log order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_storing_one_log_at_once_store_each_send_once_with_dense_seqs() -> anyhow::Result<()>
+{
+    let (_, mut rng) = chat_e2e::Rng::seeded("STORE_WRITERS_SEED");
+    let env = TestEnv::new(2, &[]).await?;
+    let users = ["na", "ob", "pi", "qu", "ro", "su"];
+    let mut log: Vec<Message> = Vec::new();
+    for i in 0..rng.range(300, 500) {
+        if !log.is_empty() && rng.chance(10) {
+            let mut retry = log[rng.below(log.len())].clone();
+            retry.id = uuid::Uuid::new_v4();
+            log.push(retry);
+            continue;
+        }
+        let from = rng.below(users.len());
+        let to = (from + 1 + rng.below(users.len() - 1)) % users.len();
+        let mut m = new_message(users[from], users[to], &format!("body {i}"), i as i64)?;
+        if rng.chance(10) {
+            if let Some(p) = log
+                .iter()
+                .find(|p| p.sender == m.sender && p.recipient != m.recipient)
+            {
+                m.client_id = p.client_id.clone();
+            }
+        }
+        log.push(m);
+    }
+    let writers = rng.range(2, 4);
+    let mut plans = Vec::new();
+    for _ in 0..writers {
+        let mut sizes = Vec::new();
+        let mut left = log.len();
+        while left > 0 {
+            let size = rng.range(1, 60).min(left);
+            sizes.push(size);
+            left -= size;
+        }
+        plans.push(sizes);
+    }
+    println!("{} messages, {writers} writers", log.len());
+    let outs = futures_util::future::try_join_all(plans.iter().map(|sizes| {
+        let (log, dsns) = (&log, &env.shard_dsns);
+        async move {
+            let shards = shards_of(dsns)?;
+            let mut out = Vec::new();
+            let mut at = 0;
+            for size in sizes {
+                out.extend(shards.store_batch(&log[at..at + size]).await?);
+                at += size;
+            }
+            anyhow::Ok(out)
+        }
+    }))
+    .await?;
+
+    // What the shards hold: each send key once, with the body of its first send.
+    type Key = (String, String, String);
+    let key = |m: &Message| -> Key {
+        let (c, s, id) = (&m.conversation, &m.sender, &m.client_id);
+        (c.as_str().into(), s.as_str().into(), id.as_str().into())
+    };
+    let mut first_body: HashMap<Key, &str> = HashMap::new();
+    for m in &log {
+        first_body.entry(key(m)).or_insert(m.body.as_str());
+    }
+    let mut seq_of: HashMap<(String, String), i64> = HashMap::new();
+    let conversations: std::collections::BTreeSet<String> =
+        first_body.keys().map(|k| k.0.clone()).collect();
+    for c in &conversations {
+        let stored = env.stored(c).await?;
+        let seqs: Vec<i64> = stored.iter().map(|(seq, _)| *seq).collect();
+        let dense: Vec<i64> = (1..=stored.len() as i64).collect();
+        assert_eq!(seqs, dense, "{c}: seqs dense from 1");
+        let mut bodies: Vec<&str> = stored.iter().filter_map(|(_, b)| b.as_deref()).collect();
+        let mut expected: Vec<&str> = first_body
+            .iter()
+            .filter(|(k, _)| &k.0 == c)
+            .map(|(_, b)| *b)
+            .collect();
+        bodies.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(bodies, expected, "{c}: each send key once, first body");
+        for (seq, body) in stored {
+            seq_of.insert((c.clone(), body.context("keep mode keeps bodies")?), seq);
+        }
+    }
+    // What each writer was told, against it.
+    let mut created: HashMap<Key, usize> = HashMap::new();
+    for out in &outs {
+        assert_eq!(out.len(), log.len(), "one stored form per record");
+        let mut last_created: HashMap<&str, u64> = HashMap::new();
+        for (m, s) in log.iter().zip(out) {
+            let k = key(m);
+            assert_eq!(key(&s.message), k);
+            assert_eq!(s.message.body, first_body[&k]);
+            let c = k.0.clone();
+            assert_eq!(
+                s.message.seq as i64,
+                seq_of[&(c, s.message.body.clone())],
+                "the stored seq"
+            );
+            if s.created {
+                *created.entry(k).or_default() += 1;
+                let last = last_created.entry(m.conversation.as_str()).or_default();
+                assert!(s.message.seq > *last, "created in log order");
+                *last = s.message.seq;
+            }
+        }
+    }
+    for k in first_body.keys() {
+        assert_eq!(
+            created.get(k),
+            Some(&1),
+            "{k:?} created by exactly one store"
+        );
+    }
+    let by_writer: Vec<usize> = outs
+        .iter()
+        .map(|out| out.iter().filter(|s| s.created).count())
+        .collect();
+    println!("messages created by each writer: {by_writer:?}");
     env.teardown().await
 }
 

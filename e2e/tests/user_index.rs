@@ -81,9 +81,7 @@ fn summary(read: &SyncRead) -> (Vec<String>, BTreeSet<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_index_agrees_with_the_shards_through_crashes_and_a_rebuild() -> anyhow::Result<()> {
-    let seed = chat_e2e::seed("USER_INDEX_SEED");
-    println!("USER_INDEX_SEED={seed}");
-    let mut rng = Rng(seed);
+    let (seed, mut rng) = Rng::seeded("USER_INDEX_SEED");
     let env = TestEnv::new(4, &["gw1"]).await?;
     let shards = shards_of(&env.shard_dsns)?;
     let users = 40;
