@@ -14,7 +14,7 @@ pub const POOL_FAMILIES: &[Family] = &[Family::seconds(
 pub const WRITE_FAMILIES: &[Family] = &[
     Family::seconds(
         "db_commit_seconds",
-        "Time to commit one shard transaction of a message batch.",
+        "Time of one shard's store transaction of a message batch, from its first statement to its commit.",
     ),
     Family::counter(
         "db_messages_written_total",

@@ -7,9 +7,11 @@
 //! conversation's counter row is locked, so they are dense and never given twice, even with a
 //! zombie writer.
 //!
-//! One transaction reads top to bottom in three steps ([`write_on_shard`]): take the counters
-//! (and, on the second pass, find the messages already stored), assign each new message its seq
-//! ([`assign`], pure), insert.
+//! The first attempt takes every message to be new and is one statement ([`store_new`]): it
+//! takes the counters and inserts. If a message was already stored, it fails and writes nothing,
+//! and the second attempt is one transaction that reads top to bottom in three steps
+//! ([`write_on_shard`]): lock the counters and find the messages already stored, assign each new
+//! message its seq ([`assign`], pure), insert.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -95,13 +97,43 @@ mod sql {
          FROM unnest($1::text[], $2::bigint[]) AS u(conversation, seq)
          WHERE c.conversation = u.conversation AND c.last_seq < u.seq";
 
-    /// The first pass's counters in one statement: creates the missing ones, locks them all in
-    /// key order and moves each past the batch's messages of its conversation ($2 of them),
-    /// returning the new last seq.
-    pub(super) const TAKE_SEQS: &str = "INSERT INTO conversations AS c (conversation, last_seq)
-         SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
-         ON CONFLICT (conversation) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq
-         RETURNING c.conversation, c.last_seq";
+    /// The first attempt in one statement (its own transaction): creates the missing counters,
+    /// locks them all in key order and moves each past the batch's messages of its conversation
+    /// ($2 of them); inserts the messages, each at its conversation's new last seq plus its
+    /// relative seq ($4: 0 for the conversation's last message of the batch, -1 for the one
+    /// before, ...), and the watermarks of their directions. Returns each conversation's new
+    /// last seq. Without `ON CONFLICT`, a message already stored (a replay, a client retry)
+    /// fails the statement on `messages_send_key`, and nothing of it is written.
+    pub(super) const STORE_NEW: &str = "WITH taken AS (
+             INSERT INTO conversations AS c (conversation, last_seq)
+             SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
+             ON CONFLICT (conversation) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq
+             RETURNING c.conversation, c.last_seq
+         ), new_messages AS (
+             INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
+                                   recipient, body, sent_at_ms, sealed)
+             SELECT u.conversation, t.last_seq + u.seq, u.message_id, u.client_id, u.sender,
+                    u.recipient, u.body, u.sent_at_ms,
+                    CASE WHEN u.sealed IS NULL THEN NULL
+                         WHEN EXISTS (SELECT 1 FROM body_keys k
+                                      WHERE k.conversation = u.conversation
+                                        AND k.sender = u.sender
+                                        AND k.client_message_id = u.client_id)
+                         THEN u.sealed END
+             FROM unnest($3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::bigint[], $11::bytea[])
+                 AS u(conversation, seq, message_id, client_id, sender, recipient, body,
+                      sent_at_ms, sealed)
+             JOIN taken t ON t.conversation = u.conversation
+         ), directions AS (
+             INSERT INTO acks (conversation, recipient, sender)
+             SELECT * FROM unnest($12::text[], $13::text[], $14::text[])
+             ON CONFLICT DO NOTHING
+         )
+         SELECT conversation, last_seq FROM taken";
+
+    /// The index whose conflict fails [`STORE_NEW`] when the batch holds a stored message.
+    pub(super) const SEND_KEY: &str = "messages_send_key";
 }
 
 /// The store transaction's statements, prepared once per connection.
@@ -111,7 +143,7 @@ struct Statements {
     insert_messages: Statement,
     insert_watermarks: Statement,
     move_counters: Statement,
-    take_seqs: Statement,
+    store_new: Statement,
 }
 
 impl Statements {
@@ -123,14 +155,14 @@ impl Statements {
             insert_messages,
             insert_watermarks,
             move_counters,
-            take_seqs,
+            store_new,
         ) = futures_util::try_join!(
             client.prepare_cached(sql::LOCK_COUNTERS),
             client.prepare_cached(sql::FIND_STORED),
             client.prepare_cached(sql::INSERT_MESSAGES),
             client.prepare_cached(sql::INSERT_WATERMARKS),
             client.prepare_cached(sql::MOVE_COUNTERS),
-            client.prepare_cached(sql::TAKE_SEQS),
+            client.prepare_cached(sql::STORE_NEW),
         )?;
         Ok(Self {
             lock_counters,
@@ -138,7 +170,7 @@ impl Statements {
             insert_messages,
             insert_watermarks,
             move_counters,
-            take_seqs,
+            store_new,
         })
     }
 }
@@ -202,22 +234,22 @@ impl Shards {
     ) -> Result<Vec<(usize, Stored)>, DbError> {
         let batch = ShardBatch::new(shard, msgs);
         let mut client = self.client(shard).await?;
-        // Each group of statements below goes out in one write (tokio-postgres pipelines the
-        // queries of one client that are awaited together), so a batch costs four round trips:
-        // BEGIN, counters (and the lookup), write, COMMIT.
         let statements = Statements::prepare(&client)
             .await
             .map_err(DbError::pg(shard))?;
-        // Almost every batch holds only new messages, so the first pass does not look for
-        // stored copies: the insert skips a message whose send key is taken, and if it skipped
-        // any (a replay, a client retry), that pass is rolled back and the batch is written
-        // again after the lookup. Looking up every batch's keys cost a third of Postgres's
-        // planning.
-        if let Some(out) = write_on_shard(&mut client, &statements, &batch, Pass::AllNew).await? {
+        // Almost every batch holds only new messages, so the first attempt does not look for
+        // stored copies: it is one statement, one round trip, that fails on the send key's
+        // index if a message is already stored (a replay, a client retry). Then nothing of it
+        // was written, and the second attempt looks them up first. Looking up every batch's
+        // keys cost a third of Postgres's planning.
+        let started = std::time::Instant::now();
+        if let Some(out) = store_new(&client, &statements, &batch).await? {
+            metrics::histogram!("db_commit_seconds").record(started.elapsed());
+            metrics::counter!("db_messages_written_total").increment(out.len() as u64);
             return Ok(batch.positions.into_iter().zip(out).collect());
         }
         metrics::counter!("db_store_lookups_total").increment(1);
-        let out = write_on_shard(&mut client, &statements, &batch, Pass::LookUpStored)
+        let out = write_on_shard(&mut client, &statements, &batch)
             .await?
             .ok_or_else(|| DbError::BadRow {
                 // Under the locks, the lookup found every stored message of the batch, so the
@@ -269,70 +301,99 @@ impl<'a> ShardBatch<'a> {
     }
 }
 
-/// The two passes of the store transaction (see `Shards::store_on_shard`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pass {
-    /// Every message taken to be new: rolled back if the insert skips any.
-    AllNew,
-    /// Messages already stored are found first and returned as they are.
-    LookUpStored,
-}
-
 /// Per conversation of the batch, the last seq given before its new messages.
 type Counters<'a> = HashMap<&'a str, i64>;
 
-/// One pass of the store transaction: counters, seqs, insert, commit. `None` when the first
-/// pass found a message already stored (rolled back; the caller looks them up).
+/// The first attempt: every message taken to be new, in one statement ([`sql::STORE_NEW`]).
+/// `None` when a message of the batch is already stored: the statement failed on the send
+/// key, and wrote nothing.
+async fn store_new(
+    client: &deadpool_postgres::Object,
+    statements: &Statements,
+    batch: &ShardBatch<'_>,
+) -> Result<Option<Vec<Stored>>, DbError> {
+    let (mut counts, rows) = relative_rows(batch);
+    let n: Vec<i64> = batch.conversations.iter().map(|c| counts[c]).collect();
+    let [conversation, recipient, sender] = rows.directions();
+    let params: [&(dyn ToSql + Sync); 14] = [
+        &batch.conversations,
+        &n,
+        &rows.conversation,
+        &rows.seq,
+        &rows.message_id,
+        &rows.client_id,
+        &rows.sender,
+        &rows.recipient,
+        &rows.body,
+        &rows.sent_at_ms,
+        &rows.sealed,
+        &conversation,
+        &recipient,
+        &sender,
+    ];
+    let taken = match client.query(&statements.store_new, &params).await {
+        Ok(taken) => taken,
+        Err(e) if conflicts_on_send_key(&e) => return Ok(None),
+        Err(e) => return Err(DbError::pg(batch.shard)(e)),
+    };
+    for row in &taken {
+        let (conversation, last): (&str, i64) = (row.get(0), row.get(1));
+        if let Some(count) = counts.get_mut(conversation) {
+            *count = last - *count;
+        }
+    }
+    Ok(Some(assign(batch, counts, Vec::new())?.out))
+}
+
+/// The first attempt's rows: the number of messages per conversation, and every message with
+/// its seq relative to its conversation's last seq after the batch (how many of the
+/// conversation's messages follow it in the batch, negated).
+fn relative_rows<'a>(batch: &ShardBatch<'a>) -> (Counters<'a>, NewRows<'a>) {
+    let mut counts: Counters<'a> = HashMap::with_capacity(batch.conversations.len());
+    for m in &batch.messages {
+        *counts.entry(m.conversation.as_str()).or_default() += 1;
+    }
+    let mut following = counts.clone();
+    let mut rows = NewRows::default();
+    for &m in &batch.messages {
+        let after = following.entry(m.conversation.as_str()).or_default();
+        *after -= 1;
+        rows.push(m, -*after);
+    }
+    (counts, rows)
+}
+
+/// Whether a statement failed because a message's send key is taken.
+fn conflicts_on_send_key(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && db.constraint() == Some(sql::SEND_KEY)
+    })
+}
+
+/// The second attempt, in one transaction: lock the counters and find the messages already
+/// stored, assign seqs to the rest, insert them, commit.
 async fn write_on_shard(
     client: &mut deadpool_postgres::Object,
     statements: &Statements,
     batch: &ShardBatch<'_>,
-    pass: Pass,
 ) -> Result<Option<Vec<Stored>>, DbError> {
     let pg = DbError::pg(batch.shard);
+    let started = std::time::Instant::now();
     let tx = client.transaction().await.map_err(pg)?;
-    let (counters, stored) = match pass {
-        Pass::AllNew => (take_seqs(&tx, statements, batch).await?, Vec::new()),
-        Pass::LookUpStored => lock_and_find_stored(&tx, statements, batch).await?,
-    };
+    let (counters, stored) = lock_and_find_stored(&tx, statements, batch).await?;
     let plan = assign(batch, counters, stored)?;
     if !plan.rows.is_empty() {
-        let inserted = insert(&tx, statements, &plan, pass).await.map_err(pg)?;
+        let inserted = insert(&tx, statements, &plan).await.map_err(pg)?;
         if inserted != plan.rows.len() as u64 {
             tx.rollback().await.map_err(pg)?;
             return Ok(None);
         }
     }
-    let commit = std::time::Instant::now();
     tx.commit().await.map_err(pg)?;
-    metrics::histogram!("db_commit_seconds").record(commit.elapsed());
+    metrics::histogram!("db_commit_seconds").record(started.elapsed());
     metrics::counter!("db_messages_written_total").increment(plan.rows.len() as u64);
     Ok(Some(plan.out))
-}
-
-/// First pass: every message is taken to be new, so the counters are created, locked in key
-/// order and moved past all of them in one statement. Returns each counter as it was before.
-async fn take_seqs<'a>(
-    tx: &Transaction<'_>,
-    statements: &Statements,
-    batch: &ShardBatch<'a>,
-) -> Result<Counters<'a>, DbError> {
-    let mut counts: Counters<'a> = HashMap::with_capacity(batch.conversations.len());
-    for m in &batch.messages {
-        *counts.entry(m.conversation.as_str()).or_default() += 1;
-    }
-    let n: Vec<i64> = batch.conversations.iter().map(|c| counts[c]).collect();
-    let moved = tx
-        .query(&statements.take_seqs, &[&batch.conversations, &n])
-        .await
-        .map_err(DbError::pg(batch.shard))?;
-    for row in &moved {
-        let (conversation, last): (&str, i64) = (row.get(0), row.get(1));
-        if let Some(taken) = counts.get_mut(conversation) {
-            *taken = last - *taken;
-        }
-    }
-    Ok(counts)
 }
 
 /// Second pass: creates and locks the counters of every conversation in the batch, in key
@@ -493,13 +554,12 @@ fn assign<'a>(
     })
 }
 
-/// Inserts the new messages and their directions' watermarks, and on the second pass moves
-/// the counters, in one round trip. Returns how many messages the insert wrote.
+/// Inserts the new messages and their directions' watermarks and moves the counters, in one
+/// round trip. Returns how many messages the insert wrote.
 async fn insert(
     tx: &Transaction<'_>,
     statements: &Statements,
     plan: &Plan<'_>,
-    pass: Pass,
 ) -> Result<u64, tokio_postgres::Error> {
     let r = &plan.rows;
     let messages: [&(dyn ToSql + Sync); 9] = [
@@ -515,22 +575,13 @@ async fn insert(
     ];
     let [conversation, recipient, sender] = r.directions();
     let watermarks: [&(dyn ToSql + Sync); 3] = [&conversation, &recipient, &sender];
-    // The first pass moved its counters already.
-    let move_counters = async {
-        match pass {
-            Pass::AllNew => Ok(0),
-            Pass::LookUpStored => {
-                let (conversations, seqs): (Vec<&str>, Vec<i64>) =
-                    plan.counters.iter().map(|(c, s)| (*c, *s)).unzip();
-                tx.execute(&statements.move_counters, &[&conversations, &seqs])
-                    .await
-            }
-        }
-    };
+    let (conversations, seqs): (Vec<&str>, Vec<i64>) =
+        plan.counters.iter().map(|(c, s)| (*c, *s)).unzip();
+    let counters: [&(dyn ToSql + Sync); 2] = [&conversations, &seqs];
     let (inserted, _, _) = futures_util::try_join!(
         tx.execute(&statements.insert_messages, &messages),
         tx.execute(&statements.insert_watermarks, &watermarks),
-        move_counters,
+        tx.execute(&statements.move_counters, &counters),
     )?;
     Ok(inserted)
 }
@@ -594,6 +645,28 @@ mod tests {
                 vec!["alice", "carol"]
             ]
         );
+        // The first attempt: the conversation's last message of the batch at 0, the ones
+        // before it below, so that adding the counter after the batch gives the same seqs.
+        let (counts, rows) = relative_rows(&shard);
+        assert_eq!(counts, HashMap::from([("alice:bob", 3), ("carol:dave", 1)]));
+        assert_eq!(rows.seq, vec![-2, 0, -1, 0]);
+        assert_eq!(
+            rows.conversation,
+            vec!["alice:bob", "carol:dave", "alice:bob", "alice:bob"]
+        );
+        let after = HashMap::from([("alice:bob", 10), ("carol:dave", 1)]);
+        let before = counts.iter().map(|(c, n)| (*c, after[c] - n)).collect();
+        let seqs: Vec<u64> = assign(&shard, before, vec![])
+            .expect("assigned")
+            .out
+            .iter()
+            .map(|s| s.message.seq)
+            .collect();
+        let added: Vec<u64> = (0..rows.len())
+            .map(|i| (after[rows.conversation[i]] + rows.seq[i]) as u64)
+            .collect();
+        assert_eq!(seqs, added);
+        assert_eq!(seqs, vec![8, 1, 9, 10]);
         // A conversation without a counter is a broken invariant, not the data's fault.
         let e = assign(&shard, HashMap::new(), vec![])
             .err()
