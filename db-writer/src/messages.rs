@@ -40,6 +40,28 @@ pub struct Stored {
 mod sql {
     use crate::rows::message_columns;
 
+    /// The start of both message inserts: the columns they fill, in the order of their
+    /// `unnest` (aliased `u`), and the sealed body kept only while its key exists (delete-on-ack
+    /// mode): a record whose key an ack or the expiry destroyed (a replay of the log) rebuilds
+    /// the row without content. Followed by the seq's expression and the `FROM`.
+    macro_rules! insert_messages {
+        ($seq:literal) => {
+            concat!(
+                "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
+                                       recipient, body, sent_at_ms, sealed)
+                 SELECT u.conversation, ",
+                $seq,
+                ", u.message_id, u.client_id, u.sender, u.recipient, u.body, u.sent_at_ms,
+                        CASE WHEN u.sealed IS NULL THEN NULL
+                             WHEN EXISTS (SELECT 1 FROM body_keys k
+                                          WHERE k.conversation = u.conversation
+                                            AND k.sender = u.sender
+                                            AND k.client_message_id = u.client_id)
+                             THEN u.sealed END"
+            )
+        };
+    }
+
     /// Creates the batch's missing counters and locks them all, in key order, returning each
     /// one's last seq. The update changes nothing but takes the row lock, as `FOR UPDATE` would.
     /// One statement in key order: a first attempt's upsert takes the same locks in the same
@@ -66,26 +88,17 @@ mod sql {
          LEFT JOIN acks k ON k.conversation = m.conversation AND k.recipient = m.recipient"
     );
 
-    /// A message already stored is skipped and counted out: see `write_on_shard`. A sealed
-    /// body (delete-on-ack mode) is kept only while its key exists: a record whose key an ack or
-    /// the expiry destroyed (a replay of the log) rebuilds the row without content.
-    pub(super) const INSERT_MESSAGES: &str =
-        "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
-                               recipient, body, sent_at_ms, sealed)
-         SELECT u.conversation, u.seq, u.message_id, u.client_id, u.sender, u.recipient, u.body,
-                u.sent_at_ms,
-                CASE WHEN u.sealed IS NULL THEN NULL
-                     WHEN EXISTS (SELECT 1 FROM body_keys k
-                                  WHERE k.conversation = u.conversation
-                                    AND k.sender = u.sender
-                                    AND k.client_message_id = u.client_id)
-                     THEN u.sealed END
+    /// A message already stored is skipped and counted out: see `write_on_shard`.
+    pub(super) const INSERT_MESSAGES: &str = concat!(
+        insert_messages!("u.seq"),
+        "
          FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::bigint[], $9::bytea[])
              AS u(conversation, seq, message_id, client_id, sender, recipient, body, sent_at_ms,
                   sealed)
          ON CONFLICT ((md5(conversation || E'\\n' || sender || E'\\n' || client_message_id)::uuid))
-         DO NOTHING";
+         DO NOTHING"
+    );
 
     /// The ack watermark of each direction that received a message, created at 0.
     pub(super) const INSERT_WATERMARKS: &str = "INSERT INTO acks (conversation, recipient, sender)
@@ -104,22 +117,15 @@ mod sql {
     /// before, ...), and the watermarks of their directions. Returns each conversation's new
     /// last seq. Without `ON CONFLICT`, a message already stored (a replay, a client retry)
     /// fails the statement on `messages_send_key`, and nothing of it is written.
-    pub(super) const STORE_NEW: &str = "WITH taken AS (
+    pub(super) const STORE_NEW: &str = concat!(
+        "WITH taken AS (
              INSERT INTO conversations AS c (conversation, last_seq)
              SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
              ON CONFLICT (conversation) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq
              RETURNING c.conversation, c.last_seq
-         ), new_messages AS (
-             INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
-                                   recipient, body, sent_at_ms, sealed)
-             SELECT u.conversation, t.last_seq + u.seq, u.message_id, u.client_id, u.sender,
-                    u.recipient, u.body, u.sent_at_ms,
-                    CASE WHEN u.sealed IS NULL THEN NULL
-                         WHEN EXISTS (SELECT 1 FROM body_keys k
-                                      WHERE k.conversation = u.conversation
-                                        AND k.sender = u.sender
-                                        AND k.client_message_id = u.client_id)
-                         THEN u.sealed END
+         ), new_messages AS (",
+        insert_messages!("t.last_seq + u.seq"),
+        "
              FROM unnest($3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::text[],
                          $8::text[], $9::text[], $10::bigint[], $11::bytea[])
                  AS u(conversation, seq, message_id, client_id, sender, recipient, body,
@@ -130,7 +136,8 @@ mod sql {
              SELECT * FROM unnest($12::text[], $13::text[], $14::text[])
              ON CONFLICT DO NOTHING
          )
-         SELECT conversation, last_seq FROM taken";
+         SELECT conversation, last_seq FROM taken"
+    );
 
     /// The index whose conflict fails [`STORE_NEW`] when the batch holds a stored message.
     pub(super) const SEND_KEY: &str = "messages_send_key";
