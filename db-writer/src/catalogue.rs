@@ -14,7 +14,7 @@ pub const POOL_FAMILIES: &[Family] = &[Family::seconds(
 pub const WRITE_FAMILIES: &[Family] = &[
     Family::seconds(
         "db_commit_seconds",
-        "Time of one shard's store transaction of a message batch, from its first statement to its commit.",
+        "Time to store one shard's part of a message batch: its first attempt, and its second when the first found a message already stored.",
     ),
     Family::counter(
         "db_messages_written_total",

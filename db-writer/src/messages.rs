@@ -250,22 +250,26 @@ impl Shards {
         // was written, and the second attempt looks them up first. Looking up every batch's
         // keys cost a third of Postgres's planning.
         let started = std::time::Instant::now();
-        if let Some(out) = store_new(&client, &statements, &batch).await? {
-            metrics::histogram!("db_commit_seconds").record(started.elapsed());
-            metrics::counter!("db_messages_written_total").increment(out.len() as u64);
-            return Ok(batch.positions.into_iter().zip(out).collect());
-        }
-        metrics::counter!("db_store_lookups_total").increment(1);
-        let out = write_on_shard(&mut client, &statements, &batch)
-            .await?
-            .ok_or_else(|| DbError::BadRow {
-                // Under the locks, the lookup found every stored message of the batch, so the
-                // insert skipped one whose send key another message holds: a fingerprint
-                // collision (see migration 5), never resolved by retrying. Refused as data, so
-                // the batch is bisected and only that message is set aside.
-                shard,
-                reason: "the message's send key is taken by another message".into(),
-            })?;
+        let out = match store_new(&client, &statements, &batch).await? {
+            Some(out) => out,
+            None => {
+                metrics::counter!("db_store_lookups_total").increment(1);
+                write_on_shard(&mut client, &statements, &batch)
+                    .await?
+                    .ok_or_else(|| DbError::BadRow {
+                        // Under the locks, the lookup found every stored message of the batch,
+                        // so the insert skipped one whose send key another message holds: a
+                        // fingerprint collision (see migration 5), never resolved by retrying.
+                        // Refused as data, so the batch is bisected and only that message is
+                        // set aside.
+                        shard,
+                        reason: "the message's send key is taken by another message".into(),
+                    })?
+            }
+        };
+        metrics::histogram!("db_commit_seconds").record(started.elapsed());
+        let created = out.iter().filter(|s| s.created).count();
+        metrics::counter!("db_messages_written_total").increment(created as u64);
         Ok(batch.positions.into_iter().zip(out).collect())
     }
 }
@@ -386,7 +390,6 @@ async fn write_on_shard(
     batch: &ShardBatch<'_>,
 ) -> Result<Option<Vec<Stored>>, DbError> {
     let pg = DbError::pg(batch.shard);
-    let started = std::time::Instant::now();
     let tx = client.transaction().await.map_err(pg)?;
     let (counters, stored) = lock_and_find_stored(&tx, statements, batch).await?;
     let plan = assign(batch, counters, stored)?;
@@ -398,8 +401,6 @@ async fn write_on_shard(
         }
     }
     tx.commit().await.map_err(pg)?;
-    metrics::histogram!("db_commit_seconds").record(started.elapsed());
-    metrics::counter!("db_messages_written_total").increment(plan.rows.len() as u64);
     Ok(Some(plan.out))
 }
 
