@@ -22,6 +22,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("../migrations/0006_user_conversations.sql")),
     (7, include_str!("../migrations/0007_export_cursor.sql")),
     (8, include_str!("../migrations/0008_body_keys.sql")),
+    (
+        9,
+        include_str!("../migrations/0009_user_conversations_hot_updates.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrations (any constant shared by all processes).

@@ -2,7 +2,9 @@
 //! workload written the way the multiplexer writes it (with batches whose index write "crashed"
 //! and were replayed), then checked three ways: the invariant (`check_index`), every user's
 //! index sync against the sync that reads every shard, and a rebuild from the shards alone.
-//! Also the cost: a user with 500 conversations and nothing pending syncs with one query.
+//! Also the cost: a user with 500 conversations and nothing pending syncs with one query. And
+//! the conversation list's pages, the same before and after migration 9 dropped the index they
+//! were read by.
 //!
 //! `USER_INDEX_SEED=<n>` replays a run (the seed is printed at the start).
 
@@ -12,7 +14,7 @@ use anyhow::Context;
 use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
 use chat_common::message::{Ack, Message};
 use chat_e2e::{Rng, TestEnv};
-use db_writer::{IndexUpdates, Retention, ShardConfig, Shards, SyncRead};
+use db_writer::{IndexUpdates, ListCursor, Retention, ShardConfig, Shards, SyncRead};
 
 fn user(i: usize) -> UserId {
     UserId::parse(&format!("u{i}")).expect("valid")
@@ -344,5 +346,112 @@ async fn an_upgraded_deployment_syncs_every_shard_until_the_index_is_rebuilt() -
         list[0].preview.as_ref().map(|p| p.body.as_str()),
         Some("back")
     );
+    env.teardown().await
+}
+
+/// Every page of `user`'s list, `limit` at a time, each page starting after the last one's last.
+async fn list_pages(
+    shards: &Shards,
+    user: &UserId,
+    limit: u32,
+) -> anyhow::Result<Vec<Vec<(i64, ConversationKey)>>> {
+    let mut pages = Vec::new();
+    let mut before: Option<ListCursor> = None;
+    loop {
+        let page: Vec<(i64, ConversationKey)> = shards
+            .conversations(user, before.as_ref(), limit, false)
+            .await?
+            .into_iter()
+            .map(|c| (c.last_activity_ms, c.conversation))
+            .collect();
+        anyhow::ensure!(page.len() <= limit as usize, "a page of {}", page.len());
+        let Some((last_activity_ms, conversation)) = page.last().cloned() else {
+            return Ok(pages);
+        };
+        before = Some(ListCursor {
+            last_activity_ms,
+            conversation,
+        });
+        pages.push(page);
+        anyhow::ensure!(pages.len() <= 1_000, "the pages never end");
+    }
+}
+
+/// Migration 9 drops the index the list walked by last activity; the list then reads the user's
+/// rows by the primary key and sorts them. Its pages must not change: newest activity first,
+/// ties (many here) by conversation, each conversation once, every page after the last one's
+/// last. And a message after the migration brings its conversation to the front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_pages_the_same_after_its_activity_index_is_dropped() -> anyhow::Result<()> {
+    let (_seed, mut rng) = Rng::seeded("USER_INDEX_LIST_SEED");
+    let mut env = TestEnv::new(1, &["gw1"]).await?;
+    let dsns = env.empty_databases(2).await?;
+    let shards = shards_of(&dsns)?;
+    shards.migrate_to(8).await?;
+    let me = user(0);
+    let peers = 30 + rng.below(90);
+    let mut messages = Vec::new();
+    for p in 1..=peers {
+        // Ten distinct times among up to 120 conversations: most of them tie on activity.
+        let at = 1_000 + rng.below(10) as i64;
+        for _ in 0..(1 + rng.below(3)) {
+            messages.push(if rng.below(2) == 0 {
+                message(&me, &user(p), format!("to {p}"), at)
+            } else {
+                message(&user(p), &me, format!("from {p}"), at)
+            });
+        }
+    }
+    handle(&shards, &messages, &[], false).await?;
+    let mut expected: Vec<(i64, ConversationKey)> = messages
+        .iter()
+        .map(|m| (m.sent_at_ms, m.conversation.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    expected.reverse();
+    assert_eq!(expected.len(), peers, "one conversation per peer");
+
+    let limit = 1 + rng.below(15) as u32;
+    let before = list_pages(&shards, &me, limit).await?;
+    assert_eq!(
+        before.concat(),
+        expected,
+        "pages of {limit}, with the index"
+    );
+
+    shards.migrate().await?;
+    for dsn in &dsns {
+        let left = chat_e2e::pg_connect(dsn)
+            .await?
+            .query(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'user_conversations'",
+                &[],
+            )
+            .await?;
+        let names: Vec<String> = left.iter().map(|r| r.get(0)).collect();
+        assert_eq!(names, ["user_conversations_pkey"], "{dsn}");
+    }
+    let after = list_pages(&shards, &me, limit).await?;
+    assert_eq!(after, before, "pages of {limit}, without the index");
+
+    let p = 1 + rng.below(peers);
+    handle(
+        &shards,
+        &[message(&user(p), &me, "late".into(), 5_000)],
+        &[],
+        false,
+    )
+    .await?;
+    let first = list_pages(&shards, &me, limit).await?;
+    let late = ConversationKey::of(&me, &user(p)).expect("distinct");
+    assert_eq!(
+        first[0][0],
+        (5_000, late.clone()),
+        "the late message's first"
+    );
+    let rest: Vec<_> = first.concat().into_iter().skip(1).collect();
+    let others: Vec<_> = expected.into_iter().filter(|(_, c)| *c != late).collect();
+    assert_eq!(rest, others, "the others in their order");
     env.teardown().await
 }

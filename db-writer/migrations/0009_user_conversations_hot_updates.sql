@@ -1,0 +1,21 @@
+-- The conversation list reads a user's index rows by the primary key and sorts them, instead of
+-- walking an index on the last activity.
+--
+-- Every message moves `last_activity_ms` in two rows of `user_conversations` (its sender's and
+-- its recipient's). While that column was indexed (`user_conversations_by_activity`), each of
+-- those updates was a new row version with an entry in both indexes, never a heap-only (HOT)
+-- update, and the table and its indexes bloated until vacuum caught up. Without it no column
+-- of the upsert is indexed, so an update stays on its page (the table's fillfactor leaves
+-- room for that) and writes no index entry. The upsert alone, 50 rows per statement, 4 clients:
+-- 1.6 to 1.75 times the statements per second, all updates HOT against none, and the table with
+-- its indexes 11 MB against 113 MB after the same run. In the pipeline (`make bench`'s e2e
+-- stage at a fixed 1,500 msg/s, 90 s): 99.5% of the index's updates HOT against 50%, the table
+-- with its indexes 3.3–4.5 MB against 29–31 MB, and 24% less WAL (docs/performance-log.md,
+-- 2026-12-02).
+--
+-- What the list pays instead: a page reads all of the user's rows (as a connect's sync already
+-- does) and keeps the newest in a top-N sort: 0.2 ms for 100 conversations, 1.0 ms for 1,000,
+-- 10 ms for 10,000 on the machine that measured it (0.13 to 0.15 ms with the index; the
+-- connect's query 0.6 and 5.9 ms for the last two). The list is read when a user opens
+-- it; the index was written for every message.
+DROP INDEX IF EXISTS user_conversations_by_activity;
