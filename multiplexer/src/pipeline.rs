@@ -249,7 +249,7 @@ struct Routing {
     offsets: BTreeMap<(String, i32), i64>,
     /// When the first stage took the batch.
     started: Instant,
-    /// When the first stage had stored it: from then on it waits for the second.
+    /// When the first stage handed it to the second.
     stored: Instant,
     /// Messages and acks in the batch.
     size: usize,
@@ -418,7 +418,6 @@ impl Pipeline {
         };
         let index_stage = async move {
             while let Some(mut r) = routing.recv().await {
-                metrics::histogram!("multiplexer_stage_wait_seconds").record(r.stored.elapsed());
                 // False only when shutdown interrupted it: the other stages stop too, and what
                 // any of them holds is replayed from the stored offsets.
                 if !this.update_index(&mut r, hold, shutdown).await {
@@ -887,6 +886,7 @@ impl Pipeline {
         hold: &Hold,
         shutdown: &CancellationToken,
     ) -> bool {
+        metrics::histogram!("multiplexer_stage_wait_seconds").record(r.stored.elapsed());
         if r.index.is_empty() {
             return true;
         }
