@@ -595,18 +595,45 @@ async fn the_other_shards_pass_a_down_shard_in_order_through_a_restart() -> anyh
     })
     .await
     .map_err(|e| anyhow::anyhow!("seed {seed}: {e}"))?;
+    // What the shards may hold of a conversation that needs shard 1 while it is cut:
+    // - its own shard is 1: nothing (no message reaches a shard that refuses connections);
+    // - it has a message of the second round: not everything, since the second multiplexer
+    //   found shard 1 down at its start and holds every record that needs it from the first;
+    // - it has messages of the first round only: possibly all of them. The first multiplexer
+    //   stores a batch before it writes the index of its users' home shards, so what it stored
+    //   before it learnt that shard 1 was down stays stored (held back from routing, and stored
+    //   again, idempotently, once the shard is back); how many batches that is depends on
+    //   timing. The final check below covers them like the others.
+    let mut bounded = 0;
     for c in &held {
         let stored = env.stored(c.as_str()).await?;
-        let before: usize = sent[*c]
-            .values()
-            .flatten()
-            .filter(|b| b.starts_with("r0") || b.starts_with("r1"))
-            .count();
+        if locator.shard_of(c) == 1 {
+            anyhow::ensure!(
+                stored.is_empty(),
+                "seed {seed}: {c} lives on shard 1 and was stored while it was cut: {stored:?}"
+            );
+            bounded += 1;
+            continue;
+        }
+        let bodies = || sent[*c].values().flatten();
+        if !bodies().any(|b| b.starts_with("r1")) {
+            eprintln!(
+                "shard_outage: {c} (first round only): {} of {} stored while shard 1 was cut",
+                stored.len(),
+                bodies().count()
+            );
+            continue;
+        }
         anyhow::ensure!(
-            stored.len() < before,
+            stored.len() < bodies().count(),
             "seed {seed}: {c} needs shard 1 and was stored whole while it was cut: {stored:?}"
         );
+        bounded += 1;
     }
+    anyhow::ensure!(
+        bounded > 0,
+        "seed {seed}: no conversation that needs shard 1 had a bound to check"
+    );
 
     proxies[1].restore();
     let all: Vec<&ConversationKey> = sent.keys().collect();
