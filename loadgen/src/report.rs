@@ -452,7 +452,7 @@ const DELETE_ON_ACK_RATIO_MIN: f64 = 0.85;
 
 /// The pipeline's histograms of a message's hops, in the order a message meets them: a label
 /// (what one observation is) and the histogram's name.
-const HOPS: [(&str, &str); 8] = [
+const HOPS: [(&str, &str); 10] = [
     (
         "gateway produce ack (produce to `inbound` until acknowledged; per message)",
         "gateway_produce_seconds",
@@ -466,8 +466,16 @@ const HOPS: [(&str, &str); 8] = [
         "multiplexer_store_seconds",
     ),
     (
+        "wait for the index stage (stored until its index write starts; per batch)",
+        "multiplexer_stage_wait_seconds",
+    ),
+    (
         "index (the conversation index write; per batch)",
         "multiplexer_index_seconds",
+    ),
+    (
+        "presence catch-up (the presence log's end read and reached; per batch with pushes)",
+        "multiplexer_presence_catch_up_seconds",
     ),
     (
         "outbound produce (until every delivery report; per batch)",

@@ -46,12 +46,20 @@ pub(crate) const FAMILIES: &[Family] = &[
         "Time to store a batch's messages and apply its acks in the shards.",
     ),
     Family::seconds(
+        "multiplexer_stage_wait_seconds",
+        "Time a stored batch waits for the second stage (its index write) to take it.",
+    ),
+    Family::seconds(
         "multiplexer_index_seconds",
         "Time to write a batch's moves of the users' conversation index.",
     ),
     Family::counter(
         "multiplexer_index_rows_total",
         "Rows of the users' conversation index written.",
+    ),
+    Family::seconds(
+        "multiplexer_presence_catch_up_seconds",
+        "Time to read the presence log's end and catch up with it, after a batch's index write and before its routing.",
     ),
     Family::seconds(
         "multiplexer_route_seconds",

@@ -1,14 +1,15 @@
 //! The consume -> store -> route loop.
 //!
-//! A batch goes through two stages. The first reads up to `max_batch` records from `inbound`,
-//! stores their messages in the shards (one transaction per shard) while it applies their acks,
-//! and sets aside what cannot be processed. The second moves the users' conversation index (one
-//! statement per home shard; before anything is routed, see `db_writer::user_index`), produces
-//! each stored message to the recipient's gateway topic and each receipt to the sender's, waits
-//! for every delivery report, and only then stores the batch's offsets. The stages overlap (the
-//! next batch is stored while this one is routed) and the second takes batches in log order. A
-//! crash anywhere before the offsets are stored replays the batch, and every step is idempotent,
-//! so the replay changes nothing but re-sends pushes that clients drop by message id.
+//! A batch goes through three stages. The first reads up to `max_batch` records from
+//! `inbound`, stores their messages in the shards (one transaction per shard) while it applies
+//! their acks, and sets aside what cannot be processed. The second moves the users' conversation
+//! index (one statement per home shard; before anything is routed, see `db_writer::user_index`).
+//! The third catches up with presence, produces each stored message to the recipient's gateway
+//! topic and each receipt to the sender's, waits for every delivery report, and only then stores
+//! the batch's offsets. The stages overlap (while one batch is routed, the next one's index is
+//! written and the one after it is stored), and the second and third take batches in log order.
+//! A crash anywhere before the offsets are stored replays the batch, and every step is
+//! idempotent, so the replay changes nothing but re-sends pushes that clients drop by message id.
 //!
 //! No record can stop a partition. A record that does not decode, or fails validation, or that
 //! the store refuses for its data (`DbError::is_data_error`) is set aside: a `DeadLetter` on
@@ -189,7 +190,7 @@ struct Hold {
     retry: AtomicBool,
     /// Wakes the first stage while it waits for records.
     wake: tokio::sync::Notify,
-    /// Batches handed to the second stage and not finished. Held records are tried again only
+    /// Batches handed to the second stage and not routed. Held records are tried again only
     /// at 0, once every batch stored before is routed or has held its conversations back: a
     /// retried record must not pass a later record of its conversation.
     in_flight: tokio::sync::watch::Sender<usize>,
@@ -238,7 +239,7 @@ enum Handled {
     Stopped,
 }
 
-/// A stored batch, as the second stage takes it.
+/// A stored batch, as the second and third stages take it.
 struct Routing {
     /// What the batch moves in the users' conversation index.
     index: IndexUpdates,
@@ -248,6 +249,8 @@ struct Routing {
     offsets: BTreeMap<(String, i32), i64>,
     /// When the first stage took the batch.
     started: Instant,
+    /// When the first stage had stored it: from then on it waits for the second.
+    stored: Instant,
     /// Messages and acks in the batch.
     size: usize,
     /// The batch's records, to hold again if a user's home shard is found down when the index
@@ -359,12 +362,14 @@ impl Pipeline {
     /// Runs until `shutdown`; the batches in flight are finished (or abandoned, to be replayed
     /// by the next owner of their partitions) and stored offsets are committed before returning.
     ///
-    /// Two stages overlap: while one batch's index is written and its records are routed, the
-    /// next batch is read and stored. The second stage takes the batches one at a time and in
-    /// order, so pushes, receipts and stored offsets keep the log's order, and a batch's index
-    /// still commits before anything of it is routed. At most one stored batch waits for it.
+    /// Three stages overlap: while one batch's records are routed, the next batch's index is
+    /// written and the one after it is read and stored. The second and third stages take the
+    /// batches one at a time and in order, so pushes, receipts and stored offsets keep the log's
+    /// order, and a batch's index still commits before anything of it is routed. At most one
+    /// batch waits for each of them.
     pub async fn run(self, shutdown: CancellationToken) {
         let (to_route, mut routing) = tokio::sync::mpsc::channel::<Routing>(1);
+        let (to_send, mut sending) = tokio::sync::mpsc::channel::<Routing>(1);
         let mut holding = Holding::new(self.config.max_held);
         for shard in &self.unchecked {
             holding.mark_down(*shard);
@@ -411,10 +416,21 @@ impl Pipeline {
                 }
             }
         };
+        let index_stage = async move {
+            while let Some(mut r) = routing.recv().await {
+                metrics::histogram!("multiplexer_stage_wait_seconds").record(r.stored.elapsed());
+                // False only when shutdown interrupted it: the other stages stop too, and what
+                // any of them holds is replayed from the stored offsets.
+                if !this.update_index(&mut r, hold, shutdown).await {
+                    break;
+                }
+                if to_send.send(r).await.is_err() {
+                    break;
+                }
+            }
+        };
         let route_stage = async move {
-            while let Some(r) = routing.recv().await {
-                // False only when shutdown interrupted it: the first stage stops too, and what
-                // either holds is replayed from the stored offsets.
+            while let Some(r) = sending.recv().await {
                 let finished = this.finish(r, hold, shutdown).await;
                 hold.in_flight.send_modify(|n| *n -= 1);
                 if !finished {
@@ -424,6 +440,7 @@ impl Pipeline {
         };
         tokio::join!(
             store_stage,
+            index_stage,
             route_stage,
             this.watch_down_shards(hold, shutdown)
         );
@@ -547,21 +564,21 @@ impl Pipeline {
         }
     }
 
-    /// The second stage of a batch: moves the index, catches up with presence, routes, and
-    /// stores the batch's offsets. False if shutdown interrupted it.
-    async fn finish(&self, mut r: Routing, hold: &Hold, shutdown: &CancellationToken) -> bool {
-        // The index moves before anything is routed: a message a sync may have to deliver is
-        // in its recipient's index by then (the invariant of `db_writer::user_index`). It must
-        // also be committed before the presence catch-up below reads the log's end: a session
-        // announced after that read is not routed to, and its sync must find the index moved.
-        // So the two waits do not overlap.
-        if !self.update_index(&mut r, hold, shutdown).await {
-            return false;
-        }
+    /// The third stage of a batch, once the second moved its index: catches up with presence,
+    /// routes, and stores the batch's offsets. False if shutdown interrupted it.
+    ///
+    /// The index moved before anything is routed: a message a sync may have to deliver is in its
+    /// recipient's index by then (the invariant of `db_writer::user_index`). It was also
+    /// committed before the presence catch-up below reads the log's end: a session announced
+    /// after that read is not routed to, and its sync must find the index moved. So the two
+    /// waits do not overlap for one batch; the next batch's index write overlaps this one's.
+    async fn finish(&self, r: Routing, hold: &Hold, shutdown: &CancellationToken) -> bool {
         // Everything this batch changed is committed; make sure the routes we use are at least
         // as new as any session that synced before the commit (see `presence`).
         if !r.out.is_empty() {
+            let catch_up = Instant::now();
             self.presence.catch_up(PRESENCE_CATCH_UP).await;
+            metrics::histogram!("multiplexer_presence_catch_up_seconds").record(catch_up.elapsed());
         }
         let route_started = Instant::now();
         if !self.route(r.out, shutdown).await {
@@ -624,7 +641,7 @@ impl Pipeline {
     }
 
     /// The first stage of a batch: stores its messages and applies its acks, sets aside what
-    /// can never be processed, and returns what the second stage writes and routes. `None` if
+    /// can never be processed, and returns what the later stages write and route. `None` if
     /// shutdown interrupted it.
     async fn handle(
         &self,
@@ -738,6 +755,7 @@ impl Pipeline {
             out,
             offsets,
             started,
+            stored: Instant::now(),
             size,
             entries: batch.into_entries(),
         })
