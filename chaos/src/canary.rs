@@ -78,37 +78,15 @@ pub async fn scan_dirs(dirs: Vec<PathBuf>, marker: &str) -> anyhow::Result<Scan>
     let marker = marker.as_bytes().to_vec();
     tokio::task::spawn_blocking(move || {
         let finder = memchr::memmem::Finder::new(&marker);
-        let mut scan = Scan::default();
-        let mut pending = dirs;
-        while let Some(dir) = pending.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let Ok(kind) = entry.file_type() else {
-                    continue;
-                };
-                if kind.is_dir() {
-                    pending.push(path);
-                    continue;
-                }
-                // Kafka's offset and time indexes (preallocated, sparse) hold no record bytes.
-                let index = path
-                    .extension()
-                    .is_some_and(|e| e == "index" || e == "timeindex");
-                if !kind.is_file() || index {
-                    continue;
-                }
-                let Ok(content) = std::fs::read(&path) else {
-                    continue;
-                };
-                scan.files += 1;
-                scan.bytes += content.len() as u64;
-                scan.hits += finder.find_iter(&content).count();
-            }
+        let mut hits = 0;
+        let read = chaos::data_files::read_each(&dirs, |_, content| {
+            hits += finder.find_iter(content).count();
+        });
+        Scan {
+            files: read.files,
+            bytes: read.bytes,
+            hits,
         }
-        scan
     })
     .await
     .context("the scan")

@@ -47,41 +47,15 @@ fn data_dirs() -> anyhow::Result<Vec<PathBuf>> {
 fn scan(dirs: &[PathBuf], prefix: &str) -> anyhow::Result<BTreeMap<String, BTreeSet<PathBuf>>> {
     let finder = memchr::memmem::Finder::new(prefix.as_bytes());
     let mut found: BTreeMap<String, BTreeSet<PathBuf>> = BTreeMap::new();
-    let (mut files, mut bytes) = (0u64, 0u64);
-    let mut pending: Vec<PathBuf> = dirs.to_vec();
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue; // removed meanwhile (a segment deleted, a temporary file)
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                pending.push(path);
-                continue;
-            }
-            // Kafka's offset and time indexes (preallocated, sparse) hold no record bytes.
-            let index = path
-                .extension()
-                .is_some_and(|e| e == "index" || e == "timeindex");
-            if !kind.is_file() || index {
-                continue;
-            }
-            let Ok(content) = std::fs::read(&path) else {
-                continue;
-            };
-            files += 1;
-            bytes += content.len() as u64;
-            for at in finder.find_iter(&content) {
+    let chaos::data_files::Read { files, bytes } =
+        chaos::data_files::read_each(dirs, |path, content| {
+            for at in finder.find_iter(content) {
                 let start = at + prefix.len();
                 let end = (start + TAIL).min(content.len());
                 let id = String::from_utf8_lossy(&content[start..end]).into_owned();
-                found.entry(id).or_default().insert(path.clone());
+                found.entry(id).or_default().insert(path.to_owned());
             }
-        }
-    }
+        });
     println!(
         "scanned {files} files, {} MiB, for {prefix}: {} canaries found",
         bytes >> 20,
