@@ -142,8 +142,8 @@ impl Identities {
     }
 
     /// Makes Kafka user `user` when this stack has no password for it (the broker's own users
-    /// are made when it is formatted: `gateway-gw1`, `gateway-gw2`, `multiplexer`, `data`), and
-    /// sets that password on the broker once per test binary.
+    /// are made when it is formatted, see [`Identities::is_made_by_tests`]), and sets that
+    /// password on the broker once per test binary.
     async fn ensure_kafka_user(&self, kafka: &KafkaConfig, user: &str) -> anyhow::Result<()> {
         static SET: Mutex<Vec<String>> = Mutex::new(Vec::new());
         let path = self.kafka_users.join(user);
@@ -163,7 +163,7 @@ impl Identities {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&user.to_owned());
-        if !made && (known || !self.is_made_by_tests(user)) {
+        if !made && (known || !self.is_made_by_tests(user)?) {
             return Ok(());
         }
         let password = Self::password(&self.kafka_users, user)?;
@@ -174,12 +174,14 @@ impl Identities {
         Ok(())
     }
 
-    /// True for a user the broker was not formatted with (its password was made here).
-    fn is_made_by_tests(&self, user: &str) -> bool {
-        !matches!(
-            user,
-            "admin" | "gateway-gw1" | "gateway-gw2" | "multiplexer" | "data"
-        )
+    /// True for a user the broker was not formatted with (its password was made here):
+    /// `kafka.sh --secure` lists the users it formats the broker with in `users.list`, beside
+    /// the directory of their passwords.
+    fn is_made_by_tests(&self, user: &str) -> anyhow::Result<bool> {
+        let list = self.kafka_users.with_file_name("users.list");
+        let formatted = std::fs::read_to_string(&list)
+            .with_context(|| format!("the broker's users ({})", list.display()))?;
+        Ok(!formatted.split_whitespace().any(|u| u == user))
     }
 }
 
