@@ -55,6 +55,9 @@
 #      BENCH_PROFILE=1 record CPU profiles (perf, cpu-clock) of the gateway and multiplexer
 #                    during the e2e search, and of the whole machine during each connect storm:
 #                    target/bench/<run>/profile-*.txt
+#      BENCH_SERVICES_BIN a directory with the gateway, multiplexer and db-writer binaries to
+#                    measure (default target/release, built here); the load generator and
+#                    chatctl stay this tree's. bench/ab.sh uses it to compare builds
 #      KAFKA_BROKERS (default 127.0.0.1:9092), CHAT_TEST_PG (admin DSN, default
 #      postgres://chat@127.0.0.1:54320/postgres)
 set -euo pipefail
@@ -62,6 +65,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source infra/scripts/lib.sh
 
 BIN=target/release
+# What is measured: the gateway, multiplexer and db-writer (the load generator and chatctl, the
+# measuring side, are always this tree's).
+SERVICES_BIN="${BENCH_SERVICES_BIN:-$BIN}"
 BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 PG_ADMIN="${CHAT_TEST_PG:-postgres://chat@127.0.0.1:54320/postgres}"
 PG_BASE="${PG_ADMIN%/*}"
@@ -186,7 +192,7 @@ create_dbs() { # name_prefix [shards, default 4] -> sets DSNS to the DSN list
     DBS+=("$db")
     dsns+="${dsns:+,}$PG_BASE/$db"
   done
-  SHARD_DSNS="$dsns" "$BIN/db-writer" migrate >>"$OUT/logs/migrate.log" 2>&1 || die "migrate failed"
+  SHARD_DSNS="$dsns" "$SERVICES_BIN/db-writer" migrate >>"$OUT/logs/migrate.log" 2>&1 || die "migrate failed"
   DSNS="$dsns"
 }
 
@@ -244,7 +250,7 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
     # shellcheck disable=SC2046
     start_bg "${tag}lgw$g" "$OUT/logs/${tag}lgw$g.log" \
       env $(GW_DSNS="$dsns" GW_TOPIC_PREFIX="$prefix" GW_RETENTION="$retention" gateway_env "lgw$g" "$port") \
-      "$BIN/gateway"
+      "$SERVICES_BIN/gateway"
     wait_ready "$(gateway_ops "$port")/readyz" "${tag}lgw$g"
     urls+=(--url "ws://127.0.0.1:$port"); watch_gw+=(--watch "gateway=${PIDS[${tag}lgw$g]}")
     metrics+=(--metrics "gateway=$(gateway_ops "$port")/metrics")
@@ -254,7 +260,7 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
   # shellcheck disable=SC2086
   start_bg "${tag}multiplexer" "$OUT/logs/${tag}multiplexer.log" env TOPIC_PREFIX="$prefix" KAFKA_BROKERS="$BROKERS" \
     SHARD_DSNS="$dsns" SHARD_POOL_SIZE=4 MULTIPLEXER_GROUP="${prefix}multiplexer" RETENTION="$retention" \
-    MULTIPLEXER_HTTP_ADDR="127.0.0.1:$mx_port" RUST_LOG=warn ${BENCH_MULTIPLEXER_ENV:-} "$BIN/multiplexer"
+    MULTIPLEXER_HTTP_ADDR="127.0.0.1:$mx_port" RUST_LOG=warn ${BENCH_MULTIPLEXER_ENV:-} "$SERVICES_BIN/multiplexer"
   wait_ready "http://127.0.0.1:$mx_port/readyz" "${tag}multiplexer"
   metrics+=(--metrics "multiplexer=http://127.0.0.1:$mx_port/metrics")
   if [[ "${BENCH_PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
@@ -304,7 +310,7 @@ if has_stage connections; then
   log "connections: $CONNS idle websockets on one gateway (fd limit $(ulimit -Sn))"
   port="$(free_port 18486)"
   # shellcheck disable=SC2046
-  start_bg lgc1 "$OUT/logs/lgc1.log" env $(gateway_env lgc1 "$port") "$BIN/gateway"
+  start_bg lgc1 "$OUT/logs/lgc1.log" env $(gateway_env lgc1 "$port") "$SERVICES_BIN/gateway"
   wait_ready "$(gateway_ops "$port")/readyz" lgc1
   sleep 2
   "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode ws --conns "$CONNS" --source-ips "$SOURCE_IPS" \
@@ -336,7 +342,7 @@ if has_stage connections; then
   for g in $(seq 1 "$FLEET_GWS"); do
     port="$(free_port $((18500 + g)))"
     # shellcheck disable=SC2046
-    start_bg "lgf$g" "$OUT/logs/lgf$g.log" env $(gateway_env "lgf$g" "$port") "$BIN/gateway"
+    start_bg "lgf$g" "$OUT/logs/lgf$g.log" env $(gateway_env "lgf$g" "$port") "$SERVICES_BIN/gateway"
     wait_ready "$(gateway_ops "$port")/readyz" "lgf$g"
     # Each holder its own source addresses: every bound source address has its own port range.
     start_bg "holder$g" "$OUT/logs/holder$g.log" "$BIN/loadgen" hold --url "ws://127.0.0.1:$port" --mode ws \
@@ -392,10 +398,10 @@ if has_stage storm; then
     create_dbs "st${shards}_" "$shards"; STORM_DSNS="$DSNS"
     "$BIN/loadgen" storm-seed --dsns "$STORM_DSNS" "${STORM_PLAN[@]}" --out "$OUT/storm-seed-$shards.json" \
       || die "seeding the storm's shards failed"
-    if "$BIN/db-writer" rebuild-index --help >/dev/null 2>&1; then
+    if "$SERVICES_BIN/db-writer" rebuild-index --help >/dev/null 2>&1; then
       log "connect storm: db-writer rebuild-index ($shards shards)"
       t0=$SECONDS
-      SHARD_DSNS="$STORM_DSNS" "$BIN/db-writer" rebuild-index >>"$OUT/logs/rebuild-index-$shards.log" 2>&1 \
+      SHARD_DSNS="$STORM_DSNS" "$SERVICES_BIN/db-writer" rebuild-index >>"$OUT/logs/rebuild-index-$shards.log" 2>&1 \
         || die "db-writer rebuild-index failed (see $OUT/logs/rebuild-index-$shards.log)"
       echo "rebuild-index on $shards shards: $((SECONDS - t0)) s" >>"$OUT/logs/rebuild-index-$shards.log"
     else
@@ -408,7 +414,7 @@ if has_stage storm; then
       built+="$(psql -q "$dsn" -Atc 'SELECT built FROM index_state' 2>/dev/null || echo none)"
     done
     log "connect storm: index built per shard: $built"
-    storm_once "$shards" "storm-$shards" "this code" "$BIN/gateway"
+    storm_once "$shards" "storm-$shards" "this code" "$SERVICES_BIN/gateway"
     if [[ -n "${BENCH_STORM_BEFORE_GATEWAY:-}" ]]; then
       storm_once "$shards" "storm-before-$shards" "${BENCH_STORM_BEFORE_LABEL:-before}" "$BENCH_STORM_BEFORE_GATEWAY"
     fi

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Usage: bench/ab.sh [--rate R] [--seconds S] [--rounds N] [--warmup W]
+#                    [--retention keep|delete-on-ack] NAME=DIR[,VAR=value...] ...
+#
+# An A/B at one fixed rate, the way docs/performance-log.md compares changes: the variants run
+# one after another, round after round (A B A B ...), on the Kafka and Postgres of `make stack`,
+# and a Markdown report puts their figures side by side: per run, then per variant the median and
+# its ratio to the first variant's (bench/ab_report.py).
+#
+# A variant is a name, a directory with the gateway, multiplexer and db-writer binaries to measure
+# (this tree's target/release, or another commit's, built and copied aside: docs/operations.md,
+# "Benchmarks", shows how), and optional settings for its gateways and multiplexer (each
+# VAR=value goes to both). For example, this build against itself with a longer batch wait:
+#
+#   bench/ab.sh --rate 500 now=target/release wait5=target/release,MULTIPLEXER_BATCH_WAIT_MS=5
+#
+# Each run is bench/bench.sh's e2e stage held at the rate (BENCH_STAGES=e2e): a warm-up at half
+# the rate and a 5 s probe, then a confirm trial and a latency trial of S seconds each at the rate,
+# and two short trials the search always ends with. The report reads the confirm and latency
+# trials: delivered and receipt p50 / p99 as the load generator saw them, the hops' p50 / p99 from
+# the pipeline's histograms, and CPU per message by process. The load generator and chatctl are
+# this tree's in every run (bench.sh's BENCH_SERVICES_BIN), so the measuring side stays the same.
+#
+# A broker just started runs slower until its JIT has warmed up, so a run of the first variant
+# with W-second trials goes first and is not reported (--warmup 0: none).
+#
+# Defaults: --rate 500, --seconds 30, --rounds 2, --warmup 10, --retention keep; about 2 minutes a
+# run at 30 s. Run-to-run noise on a shared 2-core machine is large: compare variants within one
+# report, over at least two rounds. Output: target/bench/ab-<time>.md (also printed), and each
+# run's outputs in target/bench/<run id>/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source infra/scripts/lib.sh
+
+rate=500 seconds=30 rounds=2 warmup=10 retention=keep
+variants=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --rate) rate="$2"; shift 2 ;;
+    --seconds) seconds="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    --warmup) warmup="$2"; shift 2 ;;
+    --retention) retention="$2"; shift 2 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) variants+=("$1"); shift ;;
+  esac
+done
+[[ ${#variants[@]} -ge 1 ]] || die "no variant given (see --help)"
+[[ "$rate" =~ ^[0-9]+$ && "$seconds" =~ ^[0-9]+$ && "$rounds" =~ ^[0-9]+$ && "$warmup" =~ ^[0-9]+$ ]] \
+  || die "--rate, --seconds, --rounds and --warmup take whole numbers"
+[[ "$retention" == keep || "$retention" == delete-on-ack ]] \
+  || die "--retention: keep or delete-on-ack, not '$retention'"
+
+names=() dirs=() envs=()
+for v in "${variants[@]}"; do
+  [[ "$v" == *=* ]] || die "variant '$v': NAME=DIR[,VAR=value...]"
+  name="${v%%=*}" rest="${v#*=}"
+  dir="${rest%%,*}" settings=""
+  [[ "$rest" == *,* ]] && settings="${rest#*,}"
+  [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]] || die "variant name '$name': letters, digits, . _ - only"
+  for b in gateway multiplexer db-writer; do
+    [[ -x "$dir/$b" ]] || die "variant $name: $dir/$b is missing (cargo build --release --bins)"
+  done
+  names+=("$name") dirs+=("$(cd "$dir" && pwd)") envs+=("${settings//,/ }")
+done
+
+out="target/bench/ab-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$out"
+runs="$out/runs.tsv"
+: >"$runs"
+
+# One run of variant $1 with $2-second trials (its outputs labelled $3); prints its run
+# directory. bench.sh builds this tree's load generator and chatctl, the measuring side.
+run_variant() {
+  local i="$1" trial_seconds="$2" label="$3" log="$out/$3.log" run
+  local search="--max-rate $rate --probe-seconds 5 --confirm-seconds $trial_seconds"
+  search+=" --low-rate $rate --low-seconds $trial_seconds --latency-rate $rate"
+  search+=" --latency-seconds 5 --budget-seconds 10"
+  BENCH_STAGES=e2e BENCH_RETENTIONS="$retention" BENCH_START_RATE="$rate" \
+    BENCH_SEARCH_ARGS="$search" BENCH_SERVICES_BIN="${dirs[$i]}" \
+    BENCH_GATEWAY_ENV="${envs[$i]}" BENCH_MULTIPLEXER_ENV="${envs[$i]}" \
+    BENCH_COMMAND="bench/ab.sh ($label)" \
+    bench/bench.sh >"$log" 2>&1 || die "the run failed: see $log"
+  run="$(grep -o 'target/bench/bench[0-9]*' "$log" | tail -1)"
+  [[ -n "$run" ]] || die "no run directory in $log"
+  [[ "$retention" == keep ]] || run="$run/delete-on-ack"
+  printf '%s\n' "$run"
+}
+
+if [[ "$warmup" -gt 0 ]]; then
+  printf 'warm-up, %s: ' "${names[0]}" >&2
+  run_variant 0 "$warmup" warmup >&2
+fi
+for round in $(seq 1 "$rounds"); do
+  for i in "${!names[@]}"; do
+    printf 'round %s, %s: ' "$round" "${names[$i]}" >&2
+    run="$(run_variant "$i" "$seconds" "$round-${names[$i]}")"
+    printf '%s\n' "$run" >&2
+    printf '%s\t%s\t%s\n' "$round" "${names[$i]}" "$run" >>"$runs"
+  done
+done
+
+{
+  echo "# A/B at $rate msg/s ($retention mode; ${seconds} s trials, $rounds rounds)"
+  echo
+  for i in "${!names[@]}"; do
+    echo "- ${names[$i]}: ${dirs[$i]}${envs[$i]:+ with ${envs[$i]}}"
+  done
+  echo
+  python3 bench/ab_report.py "$rate" "$runs"
+} | tee "$out.md"
+echo "report: $out.md" >&2

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""The report of bench/ab.sh: usage `ab_report.py RATE RUNS_TSV`.
+
+RUNS_TSV lists the runs in the order they ran: round, variant, run directory (each holding the
+search.json of bench/bench.sh's e2e stage). Prints Markdown: per run, the confirm and the latency
+trial at RATE (latency as the load generator saw it, the hops' p50 / p99 from the pipeline's own
+histograms, CPU per message by process); then per variant the median over its trials (one slow
+run, such as the first after a broker restart, moves it less than a mean), and each figure as a
+ratio to the first variant's median.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+TRIALS = ("confirm", "latency-low")
+PROCESSES = ("gateway", "kafka", "loadgen", "multiplexer", "postgres")
+HOPS = (
+    ("produce", "gateway_produce_seconds"),
+    ("inbound wait", "multiplexer_inbound_wait_seconds"),
+    ("store", "multiplexer_store_seconds"),
+    ("index", "multiplexer_index_seconds"),
+    ("catch-up", "multiplexer_presence_catch_up_seconds"),
+    ("route", "multiplexer_route_seconds"),
+    ("outbound wait", "gateway_outbound_wait_seconds"),
+)
+
+
+def figures(trial):
+    """A trial's figures, by column name (None where the trial has none)."""
+    f = {}
+    for what, key in (("delivered", "deliver_latency"), ("receipt", "receipt_latency")):
+        latency = trial.get(key) or {}
+        f[f"{what} p50"] = latency.get("p50_ms")
+        f[f"{what} p99"] = latency.get("p99_ms")
+    histograms = (trial.get("pipeline") or {}).get("histograms") or {}
+    for name, metric in HOPS:
+        h = histograms.get(metric) or {}
+        for q in ("p50", "p99"):
+            v = h.get(q)
+            f[f"{name} {q}"] = None if v is None else v * 1000.0
+    delivered = trial.get("delivered") or 0
+    cpu = trial.get("cpu") or {}
+    for p in PROCESSES:
+        s = (cpu.get("seconds") or {}).get(p)
+        f[p] = s / delivered * 1e6 if s is not None and delivered else None
+    total = cpu.get("total_seconds")
+    f["all"] = total / delivered * 1e6 if total is not None and delivered else None
+    return f
+
+
+LATENCY = ["delivered p50", "delivered p99", "receipt p50", "receipt p99"] + [
+    f"{name} {q}" for name, _ in HOPS for q in ("p50", "p99")
+]
+CPU = list(PROCESSES) + ["all"]
+
+
+def cell(v, digits):
+    return "" if v is None else f"{v:,.{digits}f}"
+
+
+def table(title, columns, rows, digits):
+    """rows: (label cells, {column: value}[, digits of that row])."""
+    out = [f"{title}", ""]
+    head = ["round", "variant", "trial"]
+    out.append("| " + " | ".join(head + columns) + " |")
+    out.append("|" + "---|" * len(head) + "---:|" * len(columns))
+    for labels, f, *row_digits in rows:
+        d = row_digits[0] if row_digits else digits
+        out.append("| " + " | ".join(labels + [cell(f.get(c), d) for c in columns]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def main():
+    rate, runs_tsv = float(sys.argv[1]), Path(sys.argv[2])
+    rows, missing = [], []
+    order = []
+    for line in runs_tsv.read_text().splitlines():
+        round_, variant, run = line.split("\t")
+        if variant not in order:
+            order.append(variant)
+        report = json.loads((Path(run) / "search.json").read_text())
+        found = set()
+        for t in report.get("trials", []):
+            spec = t.get("spec", {})
+            if spec.get("label") in TRIALS and round(spec.get("rate", 0)) == round(rate):
+                verdict = "" if t.get("passed") else " (failed)"
+                rows.append(([round_, variant, spec["label"] + verdict], figures(t), variant))
+                found.add(spec["label"])
+        missing += [f"round {round_}, {variant}: no {label} trial at {rate:g} msg/s (see {run})"
+                    for label in TRIALS if label not in found]
+
+    per_run = [(labels, f) for labels, f, _ in rows]
+    print(table("Latency (ms): the load generator's, then each hop's", LATENCY, per_run, 1))
+    print(table("CPU per message (µs), by process", CPU, per_run, 0))
+
+    medians = {v: {c: median([f.get(c) for _, f, w in rows if w == v]) for c in LATENCY + CPU}
+               for v in order}
+    base = medians[order[0]] if order else {}
+    summary = []
+    for v in order:
+        trials = sum(1 for *_, w in rows if w == v)
+        summary.append(([f"median of {trials}", v, ""], medians[v], 1))
+    for v in order[1:]:
+        ratio = {c: (medians[v][c] / base[c] if medians[v][c] is not None and base.get(c) else None)
+                 for c in LATENCY + CPU}
+        summary.append((["ratio", f"{v} / {order[0]}", ""], ratio, 2))
+    print(table("Per variant (medians over its trials; ratios to the first variant's)", LATENCY,
+                summary, 1))
+    print(table("", CPU, summary, 1).lstrip("\n"))
+    for m in missing:
+        print(f"- {m}")
+
+
+if __name__ == "__main__":
+    main()
