@@ -9,8 +9,9 @@
 #
 # A variant is a name, a directory with the gateway, multiplexer and db-writer binaries to measure
 # (this tree's target/release, or another commit's, built and copied aside: docs/operations.md,
-# "Benchmarks", shows how), and optional settings for its gateways and multiplexer (each
-# VAR=value goes to both). For example, this build against itself with a longer batch wait:
+# "Benchmarks", shows how), and optional settings: VAR=value goes to its gateways and its
+# multiplexer, gateway:VAR=value to the gateways only, multiplexer:VAR=value to the multiplexer
+# only. For example, this build against itself with a longer batch wait:
 #
 #   bench/ab.sh --rate 500 now=target/release wait5=target/release,MULTIPLEXER_BATCH_WAIT_MS=5
 #
@@ -52,7 +53,7 @@ done
 [[ "$retention" == keep || "$retention" == delete-on-ack ]] \
   || die "--retention: keep or delete-on-ack, not '$retention'"
 
-names=() dirs=() envs=()
+names=() dirs=() envs=() gw_envs=() mx_envs=()
 for v in "${variants[@]}"; do
   [[ "$v" == *=* ]] || die "variant '$v': NAME=DIR[,VAR=value...]"
   name="${v%%=*}" rest="${v#*=}"
@@ -62,7 +63,17 @@ for v in "${variants[@]}"; do
   for b in gateway multiplexer db-writer; do
     [[ -x "$dir/$b" ]] || die "variant $name: $dir/$b is missing (cargo build --release --bins)"
   done
+  gw="" mx=""
+  for setting in ${settings//,/ }; do
+    case "$setting" in
+      gateway:*=*) gw+=" ${setting#gateway:}" ;;
+      multiplexer:*=*) mx+=" ${setting#multiplexer:}" ;;
+      *=*) gw+=" $setting" mx+=" $setting" ;;
+      *) die "variant $name: setting '$setting' is not [gateway:|multiplexer:]VAR=value" ;;
+    esac
+  done
   names+=("$name") dirs+=("$(cd "$dir" && pwd)") envs+=("${settings//,/ }")
+  gw_envs+=("${gw# }") mx_envs+=("${mx# }")
 done
 
 out="target/bench/ab-$(date +%Y%m%d-%H%M%S)"
@@ -79,7 +90,7 @@ run_variant() {
   search+=" --latency-seconds 5 --budget-seconds 10"
   BENCH_STAGES=e2e BENCH_RETENTIONS="$retention" BENCH_START_RATE="$rate" \
     BENCH_SEARCH_ARGS="$search" BENCH_SERVICES_BIN="${dirs[$i]}" \
-    BENCH_GATEWAY_ENV="${envs[$i]}" BENCH_MULTIPLEXER_ENV="${envs[$i]}" \
+    BENCH_GATEWAY_ENV="${gw_envs[$i]}" BENCH_MULTIPLEXER_ENV="${mx_envs[$i]}" \
     BENCH_COMMAND="bench/ab.sh ($label)" \
     bench/bench.sh >"$log" 2>&1 || die "the run failed: see $log"
   run="$(grep -o 'target/bench/bench[0-9]*' "$log" | tail -1)"
