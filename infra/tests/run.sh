@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Offline checks of infra/terraform and infra/observability: no terraform binary, no cloud.
+# Offline checks of infra/terraform and infra/observability (no terraform binary, no cloud), and
+# of the bench's report scripts (bench/test_*.py).
 # Creates the venv .local/venv-infra on first use, installs requirements.txt (again whenever
 # it changes), then runs pytest. Extra arguments go to pytest.
 set -euo pipefail
@@ -21,4 +22,4 @@ fi
 
 cd "$root"
 export PYTHONDONTWRITEBYTECODE=1
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$here" "$@"
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$here" "$root/bench" "$@"

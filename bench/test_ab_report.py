@@ -1,0 +1,105 @@
+"""bench/ab_report.py, the report of bench/ab.sh, on runs made up here (make test-infra runs it).
+
+- Only the confirm and latency trials at the A/B's rate count: a probe, a trial at another rate
+  (the search stepping down) and the short trials the search ends with are left out, and a run
+  without its trials is named at the end.
+- Per variant, the median over its trials (not the mean: one slow run moves it less), and each
+  figure's ratio to the first variant's median; CPU per message is seconds over messages
+  delivered; a failed trial says so.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPORT = Path(__file__).resolve().parent / "ab_report.py"
+
+
+def trial(label, rate, delivered_p50, postgres_seconds, passed=True, delivered=1000):
+    return {
+        "spec": {"label": label, "rate": rate},
+        "passed": passed,
+        "delivered": delivered,
+        "deliver_latency": {"p50_ms": delivered_p50, "p99_ms": delivered_p50 * 3},
+        "receipt_latency": {"p50_ms": delivered_p50 * 2, "p99_ms": delivered_p50 * 6},
+        "cpu": {
+            "seconds": {"gateway": 0.4, "kafka": 0.8, "loadgen": 0.2, "multiplexer": 0.5,
+                        "postgres": postgres_seconds},
+            "total_seconds": 1.9 + postgres_seconds,
+        },
+        "pipeline": {"histograms": {"multiplexer_store_seconds": {"p50": 0.002, "p99": None}}},
+    }
+
+
+def write_run(root: Path, name: str, trials) -> Path:
+    run = root / name
+    run.mkdir()
+    (run / "search.json").write_text(json.dumps({"trials": trials}))
+    return run
+
+
+def report(tmp_path: Path, rate: int, runs) -> str:
+    tsv = tmp_path / "runs.tsv"
+    tsv.write_text("".join(f"{r}\t{v}\t{d}\n" for r, v, d in runs))
+    out = subprocess.run([sys.executable, str(REPORT), str(rate), str(tsv)],
+                         check=True, capture_output=True, text=True)
+    return out.stdout
+
+
+def rows(text: str, first: str):
+    """The cells of the table rows whose first cell begins with `first`, in order."""
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines()
+            if line.startswith("|") and line.strip("|").split("|")[0].strip().startswith(first)]
+
+
+def test_medians_and_ratios_of_the_trials_at_the_rate(tmp_path):
+    a1 = write_run(tmp_path, "a1", [
+        trial("warmup", 250, 99.0, 9.0),
+        trial("probe", 500, 99.0, 9.0),
+        trial("confirm", 500, 10.0, 1.0),
+        trial("latency-low", 500, 12.0, 1.2),
+        trial("latency-at-80pct", 400, 99.0, 9.0),
+    ])
+    b1 = write_run(tmp_path, "b1", [
+        trial("confirm", 500, 8.0, 0.8), trial("latency-low", 500, 9.0, 0.9)])
+    a2 = write_run(tmp_path, "a2", [
+        # A slow run: the median of a's four trials is the mean of the middle two, 11 and 12.
+        trial("confirm", 500, 50.0, 5.0), trial("latency-low", 500, 11.0, 1.1)])
+    b2 = write_run(tmp_path, "b2", [
+        # The confirm at the rate failed and the search stepped down: only the failed one counts.
+        trial("confirm", 500, 7.0, 0.7, passed=False), trial("confirm", 425, 1.0, 0.1)])
+    text = report(tmp_path, 500, [("1", "a", a1), ("1", "b", b1), ("2", "a", a2), ("2", "b", b2)])
+
+    per_run = rows(text, "1") + rows(text, "2")
+    latency_rows = [r for r in per_run if len(r) > 12]
+    assert [r[:3] for r in latency_rows] == [
+        ["1", "a", "confirm"], ["1", "a", "latency-low"], ["1", "b", "confirm"],
+        ["1", "b", "latency-low"], ["2", "a", "confirm"], ["2", "a", "latency-low"],
+        ["2", "b", "confirm (failed)"]]
+    assert latency_rows[0][3:7] == ["10.0", "30.0", "20.0", "60.0"]
+
+    medians = rows(text, "median of")
+    latency, cpu = medians[:2], medians[2:]
+    assert latency[0][:4] == ["median of 4", "a", "", "11.5"]  # (11 + 12) / 2
+    assert latency[1][:4] == ["median of 3", "b", "", "8.0"]  # 7, 8, 9
+    # Postgres: 1,150 µs a message for a ((1.1 + 1.2) / 2 s over 1,000), 800 for b.
+    assert cpu[0][7] == "1,150.0" and cpu[1][7] == "800.0"
+    ratio_latency, ratio_cpu = rows(text, "ratio")
+    assert ratio_latency[1] == "b / a" and ratio_latency[3] == "0.70"  # 8.0 / 11.5
+    assert ratio_cpu[7] == "0.70"  # 800 / 1,150
+    # A histogram without a p99 leaves its cell empty.
+    store_p99 = ["store p50", "store p99"]
+    header = next(line for line in text.splitlines() if line.startswith("| round"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    at = columns.index(store_p99[1])
+    assert latency_rows[0][columns.index(store_p99[0])] == "2.0" and latency_rows[0][at] == ""
+
+
+def test_a_run_without_its_trials_is_named(tmp_path):
+    a1 = write_run(tmp_path, "a1", [trial("confirm", 500, 10.0, 1.0)])
+    text = report(tmp_path, 500, [("1", "a", a1)])
+    assert f"- round 1, a: no latency-low trial at 500 msg/s (see {a1})" in text
