@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Usage: bench/ab.sh [--rate R] [--seconds S] [--rounds N] [--warmup W]
-#                    [--retention keep|delete-on-ack] NAME=DIR[,VAR=value...] ...
+#                    [--retention keep|delete-on-ack] [--statements] NAME=DIR[,VAR=value...] ...
 #
 # An A/B at one fixed rate, the way docs/performance-log.md compares changes: the variants run
 # one after another, round after round (A B A B ...), on the Kafka and Postgres of `make stack`,
@@ -25,6 +25,13 @@
 # A broker just started runs slower until its JIT has warmed up, so a run of the first variant
 # with W-second trials goes first and is not reported (--warmup 0: none).
 #
+# --statements adds what each run cost Postgres statement by statement (pg_stat_statements,
+# reset before each run and read after it, over all its trials): per message of the run, calls,
+# time executing and planning, WAL, for the store, the user index write, the ack, the body keys'
+# issue and read, and the rest. It needs the stack's Postgres started with the extension loaded:
+#   infra/scripts/postgres.sh stop && PG_STAT_STATEMENTS=1 infra/scripts/postgres.sh start
+# (a plain start afterwards unloads it).
+#
 # Defaults: --rate 500, --seconds 30, --rounds 2, --warmup 10, --retention keep; about 2 minutes a
 # run at 30 s. Run-to-run noise on a shared 2-core machine is large: compare variants within one
 # report, over at least two rounds. Output: target/bench/ab-<time>.md (also printed), and each
@@ -33,7 +40,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source infra/scripts/lib.sh
 
-rate=500 seconds=30 rounds=2 warmup=10 retention=keep
+rate=500 seconds=30 rounds=2 warmup=10 retention=keep statements=0
 variants=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -42,6 +49,7 @@ while [[ $# -gt 0 ]]; do
     --rounds) rounds="$2"; shift 2 ;;
     --warmup) warmup="$2"; shift 2 ;;
     --retention) retention="$2"; shift 2 ;;
+    --statements) statements=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) variants+=("$1"); shift ;;
@@ -76,6 +84,18 @@ for v in "${variants[@]}"; do
   gw_envs+=("${gw# }") mx_envs+=("${mx# }")
 done
 
+# The statements' counters of the whole Postgres server, read through the first shard database
+# of the stack (the runs' own databases are dropped when a run ends).
+pg_admin="postgres://chat@127.0.0.1:54320/chat_shard_0"
+if [[ "$statements" == 1 ]]; then
+  loaded="$(psql -Atq "$pg_admin" -c "SHOW shared_preload_libraries" 2>/dev/null)" \
+    || die "--statements: the stack's Postgres does not answer at $pg_admin (make stack)"
+  [[ ",${loaded// /}," == *,pg_stat_statements,* ]] \
+    || die "--statements: the stack's Postgres has not loaded pg_stat_statements; restart it with" \
+      "'infra/scripts/postgres.sh stop && PG_STAT_STATEMENTS=1 infra/scripts/postgres.sh start'"
+  psql -Atq "$pg_admin" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null
+fi
+
 out="target/bench/ab-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"
 runs="$out/runs.tsv"
@@ -86,6 +106,8 @@ runs="$out/runs.tsv"
 run_variant() {
   local i="$1" trial_seconds="$2" label="$3" log="$out/$3.log" run
   local search="--max-rate $rate --probe-seconds 5 --confirm-seconds $trial_seconds"
+  [[ "$statements" == 1 ]] \
+    && psql -Atq "$pg_admin" -c "SELECT pg_stat_statements_reset()" >/dev/null
   search+=" --low-rate $rate --low-seconds $trial_seconds --latency-rate $rate"
   search+=" --latency-seconds 5 --budget-seconds 10"
   BENCH_STAGES=e2e BENCH_RETENTIONS="$retention" BENCH_START_RATE="$rate" \
@@ -96,6 +118,12 @@ run_variant() {
   run="$(grep -o 'target/bench/bench[0-9]*' "$log" | tail -1)"
   [[ -n "$run" ]] || die "no run directory in $log"
   [[ "$retention" == keep ]] || run="$run/delete-on-ack"
+  if [[ "$statements" == 1 ]]; then
+    # One line a statement: calls, rows, ms executing, ms planning, WAL bytes, its text on one line.
+    psql -Atq -F $'\t' "$pg_admin" -c "SELECT calls, rows, total_exec_time, total_plan_time,
+        wal_bytes, regexp_replace(query, '\s+', ' ', 'g') FROM pg_stat_statements" \
+      >"$run/statements.tsv" || die "reading pg_stat_statements failed"
+  fi
   printf '%s\n' "$run"
 }
 

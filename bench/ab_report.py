@@ -7,9 +7,15 @@ trial at RATE (latency as the load generator saw it, the hops' p50 / p99 from th
 histograms, CPU per message by process); then per variant the median over its trials (one slow
 run, such as the first after a broker restart, moves it less than a mean), and each figure as a
 ratio to the first variant's median.
+
+With --statements, each run directory also holds statements.tsv (pg_stat_statements over the
+whole run, one line a statement: calls, rows, ms executing, ms planning, WAL bytes, text). The
+report then adds what Postgres's statements cost per message of the run (every message its
+trials sent), grouped by what they do, as each variant's median over its runs.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +30,58 @@ HOPS = (
     ("route", "multiplexer_route_seconds"),
     ("outbound wait", "gateway_outbound_wait_seconds"),
 )
+
+
+# What a statement does, by its text (the first pattern that matches): the writers' statements
+# (db-writer), then the bench's own setup (its databases, and the migrations, which begin with
+# their comments), then the rest.
+STATEMENT_GROUPS = (
+    ("store", r"^WITH taken AS"),
+    ("store, second attempt", r"INSERT INTO conversations AS c \(conversation\) |JOIN messages m "
+                              r"ON md5|^INSERT INTO messages |^INSERT INTO acks |"
+                              r"^UPDATE conversations c SET last_seq"),
+    ("user index", r"INSERT INTO user_conversations"),
+    ("ack", r"^WITH a AS"),
+    ("body key issue", r"^INSERT INTO body_keys"),
+    ("body key read", r"JOIN body_keys k ON"),
+    ("plan mode", r"^(SET|RESET) plan_cache_mode"),
+    ("transaction control", r"^(BEGIN|COMMIT|ROLLBACK)\b"),
+    ("bench setup", r"^(--|DO |CREATE|DROP|ALTER|GRANT|REVOKE|COMMENT|"
+                    r"SELECT pg_stat_statements_reset)"),
+)
+STATEMENT_COLUMNS = ("calls a message", "rows a call", "executing µs", "planning µs", "WAL bytes")
+
+
+def statement_group(text):
+    for name, pattern in STATEMENT_GROUPS:
+        if re.search(pattern, text):
+            return name
+    return "other"
+
+
+def statements(path, messages):
+    """Per group of statements, its cost per message of the run; None without the file."""
+    if not path.exists():
+        return None
+    totals = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        calls, rows, executing, planning, wal, text = line.split("\t", 5)
+        t = totals.setdefault(statement_group(text), [0, 0, 0.0, 0.0, 0])
+        t[0] += int(calls)
+        t[1] += int(rows)
+        t[2] += float(executing)
+        t[3] += float(planning)
+        t[4] += int(float(wal or 0))
+    if not messages:
+        return {}
+    return {group: {"calls a message": calls / messages,
+                    "rows a call": rows / calls if calls else None,
+                    "executing µs": executing * 1000.0 / messages,
+                    "planning µs": planning * 1000.0 / messages,
+                    "WAL bytes": wal / messages}
+            for group, (calls, rows, executing, planning, wal) in totals.items()}
 
 
 def figures(trial):
@@ -81,13 +139,17 @@ def median(values):
 
 def main():
     rate, runs_tsv = float(sys.argv[1]), Path(sys.argv[2])
-    rows, missing = [], []
+    rows, missing, statement_runs = [], [], []
     order = []
     for line in runs_tsv.read_text().splitlines():
         round_, variant, run = line.split("\t")
         if variant not in order:
             order.append(variant)
         report = json.loads((Path(run) / "search.json").read_text())
+        sent = sum(t.get("sent") or 0 for t in report.get("trials", []))
+        costs = statements(Path(run) / "statements.tsv", sent)
+        if costs is not None:
+            statement_runs.append((variant, costs))
         found = set()
         for t in report.get("trials", []):
             spec = t.get("spec", {})
@@ -116,8 +178,40 @@ def main():
     print(table("Per variant (medians over its trials; ratios to the first variant's)", LATENCY,
                 summary, 1))
     print(table("", CPU, summary, 1).lstrip("\n"))
+    if statement_runs:
+        print(statement_table(order, statement_runs))
     for m in missing:
         print(f"- {m}")
+
+
+def statement_table(order, statement_runs):
+    """Each variant's median over its runs, per group of statements, then the sums."""
+    names = [n for n, _ in STATEMENT_GROUPS] + ["other"]
+    present = [n for n in names if any(n in costs for _, costs in statement_runs)]
+    out = ["Postgres's statements per message of the run (pg_stat_statements; each variant's "
+           "median over its runs)", ""]
+    out.append("| variant | statements | " + " | ".join(STATEMENT_COLUMNS) + " |")
+    out.append("|---|---|" + "---:|" * len(STATEMENT_COLUMNS))
+    for v in order:
+        runs = [costs for w, costs in statement_runs if w == v]
+        if not runs:
+            continue
+        label = f"{v} ({len(runs)} run{'' if len(runs) == 1 else 's'})"
+        sums = {"executing µs": 0.0, "planning µs": 0.0, "calls a message": 0.0, "WAL bytes": 0.0}
+        for group in present:
+            # A run without the group did not run it: it counts as 0, not as missing.
+            per_run = {c: median([(r.get(group) or {}).get(c, 0.0 if c != "rows a call" else None)
+                                  for r in runs]) for c in STATEMENT_COLUMNS}
+            if group != "bench setup":
+                for c in sums:
+                    sums[c] += per_run[c] or 0.0
+            digits = {"calls a message": 2, "rows a call": 1, "WAL bytes": 0}
+            out.append(f"| {label} | {group} | " + " | ".join(
+                cell(per_run[c], digits.get(c, 1)) for c in STATEMENT_COLUMNS) + " |")
+        out.append(f"| {label} | all but the bench's setup | "
+                   + " | ".join(cell(sums.get(c), {"calls a message": 2, "WAL bytes": 0}.get(c, 1))
+                                if c in sums else "" for c in STATEMENT_COLUMNS) + " |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

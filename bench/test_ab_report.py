@@ -6,6 +6,9 @@
 - Per variant, the median over its trials (not the mean: one slow run moves it less), and each
   figure's ratio to the first variant's median; CPU per message is seconds over messages
   delivered; a failed trial says so.
+- With statements.tsv in the runs (--statements): Postgres's statements grouped by what they do,
+  per message of the whole run (every trial's sends), each variant's median over its runs; a
+  group a run did not run counts as 0 there; the bench's own setup is shown but not summed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def trial(label, rate, delivered_p50, postgres_seconds, passed=True, delivered=1
     return {
         "spec": {"label": label, "rate": rate},
         "passed": passed,
+        "sent": delivered,
         "delivered": delivered,
         "deliver_latency": {"p50_ms": delivered_p50, "p99_ms": delivered_p50 * 3},
         "receipt_latency": {"p50_ms": delivered_p50 * 2, "p99_ms": delivered_p50 * 6},
@@ -103,3 +107,53 @@ def test_a_run_without_its_trials_is_named(tmp_path):
     a1 = write_run(tmp_path, "a1", [trial("confirm", 500, 10.0, 1.0)])
     text = report(tmp_path, 500, [("1", "a", a1)])
     assert f"- round 1, a: no latency-low trial at 500 msg/s (see {a1})" in text
+
+
+STORE = "WITH taken AS ( INSERT INTO conversations AS c (conversation, last_seq) SELECT 1"
+INDEX = "INSERT INTO user_conversations AS u (user_id, conversation) SELECT 1"
+KEY_ISSUE = "INSERT INTO body_keys AS k (conversation, sender) SELECT 1"
+SETUP = 'CREATE DATABASE "bench1_s0"'
+MIGRATION = "-- Per-conversation sequence counters. CREATE TABLE conversations (conversation text)"
+
+
+def write_statements(run: Path, lines):
+    """lines: (calls, rows, ms executing, ms planning, WAL bytes, text)."""
+    (run / "statements.tsv").write_text(
+        "".join("\t".join(str(x) for x in line) + "\n" for line in lines))
+
+
+def test_statements_per_message_of_the_run(tmp_path):
+    # 1,000 messages in a1 (two trials of 500 sent), 2,000 in a2 and in b1.
+    a1 = write_run(tmp_path, "a1", [trial("confirm", 500, 10.0, 1.0, delivered=500),
+                                    trial("latency-low", 500, 10.0, 1.0, delivered=500)])
+    write_statements(a1, [(100, 1000, 50.0, 20.0, 1000000, STORE),
+                          (40, 4000, 30.0, 5.0, 600000, INDEX),
+                          (1, 0, 600.0, 0.0, 0, SETUP),
+                          (1, 0, 300.0, 0.0, 0, MIGRATION)])
+    a2 = write_run(tmp_path, "a2", [trial("confirm", 500, 10.0, 1.0, delivered=2000)])
+    # Two lines of one group (two shards) add up; a2 issued body keys, a1 did not.
+    write_statements(a2, [(150, 1000, 60.0, 20.0, 1000000, STORE),
+                          (150, 1000, 60.0, 20.0, 1000000, STORE),
+                          (80, 8000, 50.0, 10.0, 1200000, INDEX),
+                          (1000, 2000, 120.0, 0.0, 400000, KEY_ISSUE)])
+    b1 = write_run(tmp_path, "b1", [trial("confirm", 500, 10.0, 1.0, delivered=2000)])
+    write_statements(b1, [(100, 2000, 40.0, 0.0, 2000000, STORE)])
+    text = report(tmp_path, 500, [("1", "a", a1), ("1", "b", b1), ("2", "a", a2)])
+
+    lines = {tuple(r[:2]): r[2:] for r in rows(text, "a (2 runs)") + rows(text, "b (1 run)")}
+    # a's store: a1 0.10 calls, 50 µs executing, 20 planning, 1,000 B a message; a2 0.15, 60,
+    # 20, 1,000 (two shards over 2,000 messages): medians 0.125 and 55; rows a call 10 and 6.7.
+    assert lines[("a (2 runs)", "store")] == ["0.12", "8.3", "55.0", "20.0", "1,000"]
+    # The key issue: 0 in a1, 60 µs in a2 (120 ms over 2,000): median 30.
+    assert lines[("a (2 runs)", "body key issue")][2] == "30.0"
+    assert lines[("a (2 runs)", "bench setup")][2] == "450.0"  # 600 + 300 (a migration) in a1, none in a2
+    # All but the setup: 55 + 27.5 (index: 30 and 25) + 30 executing, not the setup's 900.
+    assert lines[("a (2 runs)", "all but the bench's setup")][2] == "112.5"
+    assert lines[("b (1 run)", "store")][2:4] == ["20.0", "0.0"]
+    assert ("b (1 run)", "user index") in lines  # a group another variant ran shows as 0
+    assert lines[("b (1 run)", "user index")][2] == "0.0"
+
+
+def test_no_statements_table_without_the_files(tmp_path):
+    a1 = write_run(tmp_path, "a1", [trial("confirm", 500, 10.0, 1.0)])
+    assert "statements per message" not in report(tmp_path, 500, [("1", "a", a1)])

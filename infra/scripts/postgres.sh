@@ -38,6 +38,8 @@
 #                   /usr/lib/postgresql/*/bin)
 #   CHAT_STATE_DIR  state dir (default <repo>/.local)
 #   PG_START_TIMEOUT seconds (default 60)
+#   PG_STAT_STATEMENTS  1: load pg_stat_statements, planning time included (what
+#                   bench/ab.sh --statements reads); read at each start
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -194,6 +196,12 @@ full_page_writes = on
 logging_collector = off
 log_line_prefix = '%m [%p] %q%u@%d '
 EOF
+  if [[ "${PG_STAT_STATEMENTS:-0}" == 1 ]]; then
+    as_pg tee -a "$DATA/chat.conf" >/dev/null <<'EOF'
+shared_preload_libraries = 'pg_stat_statements'
+pg_stat_statements.track_planning = on
+EOF
+  fi
   if [[ $secure -eq 1 ]]; then
     as_pg tee -a "$DATA/chat.conf" >/dev/null <<'EOF'
 ssl = on
