@@ -106,10 +106,12 @@ runs="$out/runs.tsv"
 run_variant() {
   local i="$1" trial_seconds="$2" label="$3" log="$out/$3.log" run
   local search="--max-rate $rate --probe-seconds 5 --confirm-seconds $trial_seconds"
-  [[ "$statements" == 1 ]] \
-    && psql -Atq "$pg_admin" -c "SELECT pg_stat_statements_reset()" >/dev/null
   search+=" --low-rate $rate --low-seconds $trial_seconds --latency-rate $rate"
   search+=" --latency-seconds 5 --budget-seconds 10"
+  if [[ "$statements" == 1 ]]; then
+    psql -Atq "$pg_admin" -c "SELECT pg_stat_statements_reset()" >/dev/null \
+      || die "resetting pg_stat_statements failed"
+  fi
   BENCH_STAGES=e2e BENCH_RETENTIONS="$retention" BENCH_START_RATE="$rate" \
     BENCH_SEARCH_ARGS="$search" BENCH_SERVICES_BIN="${dirs[$i]}" \
     BENCH_GATEWAY_ENV="${gw_envs[$i]}" BENCH_MULTIPLEXER_ENV="${mx_envs[$i]}" \
