@@ -50,6 +50,8 @@ STATEMENT_GROUPS = (
                     r"SELECT pg_stat_statements_reset)"),
 )
 STATEMENT_COLUMNS = ("calls a message", "rows a call", "executing µs", "planning µs", "WAL bytes")
+STATEMENT_DIGITS = {"calls a message": 2, "rows a call": 1, "executing µs": 1, "planning µs": 1,
+                    "WAL bytes": 0}
 
 
 def statement_group(text):
@@ -205,12 +207,11 @@ def statement_table(order, statement_runs):
             if group != "bench setup":
                 for c in sums:
                     sums[c] += per_run[c] or 0.0
-            digits = {"calls a message": 2, "rows a call": 1, "WAL bytes": 0}
             out.append(f"| {label} | {group} | " + " | ".join(
-                cell(per_run[c], digits.get(c, 1)) for c in STATEMENT_COLUMNS) + " |")
-        out.append(f"| {label} | all but the bench's setup | "
-                   + " | ".join(cell(sums.get(c), {"calls a message": 2, "WAL bytes": 0}.get(c, 1))
-                                if c in sums else "" for c in STATEMENT_COLUMNS) + " |")
+                cell(per_run[c], STATEMENT_DIGITS[c]) for c in STATEMENT_COLUMNS) + " |")
+        # Rows a call do not add up across statements: that cell stays empty.
+        out.append(f"| {label} | all but the bench's setup | " + " | ".join(
+            cell(sums.get(c), STATEMENT_DIGITS[c]) for c in STATEMENT_COLUMNS) + " |")
     return "\n".join(out) + "\n"
 
 
