@@ -86,7 +86,7 @@ done
 
 # The statements' counters of the whole Postgres server, read through the first shard database
 # of the stack (the runs' own databases are dropped when a run ends).
-pg_admin="postgres://chat@127.0.0.1:54320/chat_shard_0"
+pg_admin="$(infra/scripts/postgres.sh url)"
 if [[ "$statements" == 1 ]]; then
   loaded="$(psql -Atq "$pg_admin" -c "SHOW shared_preload_libraries" 2>/dev/null)" \
     || die "--statements: the stack's Postgres does not answer at $pg_admin (make stack)"
