@@ -288,6 +288,8 @@ test('a refused send goes again by itself with the same client message id; keybo
   let lost = '';
   const clientIds = [];
   const sockets = []; // page-side ends of carol's sockets, newest last
+  let syncDone;
+  const synced = new Promise((resolve) => { syncDone = resolve; });
   const carol = await newUser(GW1, 'carol', {
     setup: (page) =>
       page.routeWebSocket(/\/ws/, (ws) => {
@@ -300,6 +302,7 @@ test('a refused send goes again by itself with the same client message id; keybo
         });
         server.onMessage((m) => {
           const f = JSON.parse(m);
+          if (f.syncDone) syncDone();
           if (f.stored && f.stored.clientMessageId === lost) return;
           if (f.accepted && injected === 0) {
             injected += 1;
@@ -312,7 +315,13 @@ test('a refused send goes again by itself with the same client message id; keybo
         });
       }),
   });
+  // The send goes once the first sync and the conversation's history are in: a history answered
+  // after the server stored the message would show it accepted before the retry goes (which is
+  // right, but then there is no retry to check).
+  await synced;
+  const history = carol.page.waitForResponse((r) => new URL(r.url()).pathname === '/messages/dave');
   await openConversation(carol.page, 'dave');
+  await history;
   await send(carol.page, 'flaky');
   // produce_failed is a passing refusal: the outbox sends the message again by itself, under the
   // same id, and the server answers the repeat with the original message.
