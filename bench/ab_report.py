@@ -42,8 +42,9 @@ STATEMENT_GROUPS = (
                               r"^UPDATE conversations c SET last_seq"),
     ("user index", r"INSERT INTO user_conversations"),
     ("ack", r"^WITH a AS"),
-    ("body key issue", r"^INSERT INTO body_keys"),
-    ("body key read", r"JOIN body_keys k ON"),
+    ("body key issue", r"^INSERT INTO (body_keys|sealing_keys)"),
+    ("body key read", r"JOIN body_keys k ON|^SELECT id, key FROM sealing_keys"),
+    ("skipped copies' keys", r"^DELETE FROM sealing_keys WHERE id = ANY"),
     ("plan mode", r"^(SET|RESET) plan_cache_mode"),
     ("transaction control", r"^(BEGIN|COMMIT|ROLLBACK)\b"),
     ("bench setup", r"^(--|DO |CREATE|DROP|ALTER|GRANT|REVOKE|COMMENT|"

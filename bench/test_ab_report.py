@@ -157,3 +157,23 @@ def test_statements_per_message_of_the_run(tmp_path):
 def test_no_statements_table_without_the_files(tmp_path):
     a1 = write_run(tmp_path, "a1", [trial("confirm", 500, 10.0, 1.0)])
     assert "statements per message" not in report(tmp_path, 500, [("1", "a", a1)])
+
+
+def test_the_key_statements_of_both_designs_are_grouped():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ab_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    group = module.statement_group
+    # Keys issued ahead (sealing_keys, by id) and, before them, per send (body_keys).
+    assert group("INSERT INTO sealing_keys (id, key, created_at_ms) SELECT id, key, $3 "
+                 "FROM unnest($1::bytea[], $2::bytea[]) AS u(id, key)") == "body key issue"
+    assert group(KEY_ISSUE) == "body key issue"
+    assert group("SELECT id, key FROM sealing_keys WHERE id = ANY($1::bytea[])") == "body key read"
+    assert group("SELECT k.conversation, k.sender, k.client_message_id, k.key FROM unnest($1) "
+                 "AS i(conversation) JOIN body_keys k ON k.conversation = i.conversation") \
+        == "body key read"
+    assert group("DELETE FROM sealing_keys WHERE id = ANY($1::bytea[])") == "skipped copies' keys"
+    # The expiry's sweep of unused keys is not the store's.
+    assert group("DELETE FROM sealing_keys WHERE id IN (SELECT id FROM sealing_keys "
+                 "WHERE created_at_ms < $1 LIMIT $2)") == "other"
