@@ -268,13 +268,12 @@ pub async fn check_shards(dsns: &[String]) -> anyhow::Result<(usize, usize)> {
         }
         let r: i64 = c
             .query_one(
-                "SELECT count(*) FROM message_status s
-                 WHERE s.acked
-                   AND (s.body IS NOT NULL
-                        OR EXISTS (SELECT 1 FROM body_keys k
-                                   WHERE k.conversation = s.conversation
-                                     AND k.sender = s.sender
-                                     AND k.client_message_id = s.client_message_id))",
+                &format!(
+                    "SELECT count(*) FROM message_status s
+                     JOIN messages m ON m.conversation = s.conversation AND m.seq = s.seq
+                     WHERE s.acked AND (s.body IS NOT NULL OR {})",
+                    db_writer::keys::MESSAGE_KEY_EXISTS
+                ),
                 &[],
             )
             .await?

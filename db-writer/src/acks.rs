@@ -12,6 +12,7 @@ use chat_common::message::{Ack, Receipt};
 use futures_util::future::try_join_all;
 
 use crate::error::DbError;
+use crate::keys::sealed_key_id;
 use crate::retention::Retention;
 use crate::rows::bigint;
 use crate::shards::Shards;
@@ -61,7 +62,9 @@ macro_rules! ack_result {
 const ACK_KEEP: &str = concat!(ack_moved!(), ack_result!());
 
 /// The ack statement of delete-on-ack mode: the keys of the messages the watermark passed
-/// (above `before`) are destroyed in the same statement (`crate::keys`), which leaves every copy
+/// (above `before`) are destroyed in the same statement (`crate::keys`: by the id each sealed
+/// body carries, or under the send key for a body sealed before keys were issued ahead, which
+/// has none), which leaves every copy
 /// of their bodies unreadable at once: the sealed bytes in the row, and every record in Kafka.
 /// Sealed rows are not rewritten: a row without its key holds nothing a reader can open, and
 /// rewriting it (a new row version, four index entries, and later its vacuum) cost more than
@@ -73,7 +76,9 @@ const ACK_ERASE: &str = concat!(
     ",
      passed AS (
          SELECT m.conversation, m.seq, m.sender, m.client_message_id,
-                m.body IS NOT NULL AS plain, a.acked_at
+                m.body IS NOT NULL AS plain, a.acked_at, ",
+    sealed_key_id!("m.sealed"),
+    " AS key_id
          FROM moved
          JOIN a ON a.conversation = moved.conversation AND a.recipient = moved.recipient
          JOIN messages m ON m.conversation = moved.conversation
@@ -81,8 +86,11 @@ const ACK_ERASE: &str = concat!(
                         AND m.seq > a.before AND m.seq <= moved.up_to_seq
                         AND m.expired_at_ms IS NULL),
      shredded AS (
+         DELETE FROM sealing_keys k USING passed p WHERE k.id = p.key_id),
+     shredded_v1 AS (
          DELETE FROM body_keys k USING passed p
-         WHERE k.conversation = p.conversation AND k.sender = p.sender
+         WHERE p.key_id IS NULL
+           AND k.conversation = p.conversation AND k.sender = p.sender
            AND k.client_message_id = p.client_message_id),
      erased AS (
          UPDATE messages m SET body = NULL, sealed = NULL, expired_at_ms = p.acked_at

@@ -24,6 +24,10 @@ pub const WRITE_FAMILIES: &[Family] = &[
         "db_store_lookups_total",
         "Batches written again after looking up stored copies (the batch held a replay or a retry).",
     ),
+    Family::counter(
+        "db_skipped_copy_keys_destroyed_total",
+        "Delete-on-ack mode: body keys destroyed by the store because their copy was not stored (a client's retry, sealed under a key of its own, of a message stored already).",
+    ),
     Family::seconds(
         "db_ack_seconds",
         "Time of one shard's ack statement for a batch.",

@@ -17,6 +17,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chat_common::ids::{ClientMessageId, ConversationKey, UserId};
 use chat_common::message::Message;
+use chat_common::seal::BodyKeyId;
 use futures_util::future::try_join_all;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Statement, Transaction};
@@ -38,26 +39,64 @@ pub struct Stored {
 
 /// The statements of the store transaction.
 mod sql {
+    use crate::keys::sealed_key_id;
     use crate::rows::message_columns;
 
     /// The start of both message inserts: the columns they fill, in the order of their
-    /// `unnest` (aliased `u`), and the sealed body kept only while its key exists (delete-on-ack
-    /// mode): a record whose key an ack or the expiry destroyed (a replay of the log) rebuilds
-    /// the row without content. Followed by the seq's expression and the `FROM`.
+    /// `unnest` (aliased `u`), with the seq's expression and the sealed body's (one of the three
+    /// below); followed by the `FROM`.
     macro_rules! insert_messages {
-        ($seq:literal) => {
+        ($seq:literal, $sealed:expr) => {
             concat!(
                 "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
                                        recipient, body, sent_at_ms, sealed)
                  SELECT u.conversation, ",
                 $seq,
-                ", u.message_id, u.client_id, u.sender, u.recipient, u.body, u.sent_at_ms,
-                        CASE WHEN u.sealed IS NULL THEN NULL
-                             WHEN EXISTS (SELECT 1 FROM body_keys k
-                                          WHERE k.conversation = u.conversation
-                                            AND k.sender = u.sender
-                                            AND k.client_message_id = u.client_id)
-                             THEN u.sealed END"
+                ", u.message_id, u.client_id, u.sender, u.recipient, u.body, u.sent_at_ms, ",
+                $sealed
+            )
+        };
+    }
+
+    /// The sealed body of a batch that holds none (keep mode): NULL, as given.
+    macro_rules! sealed_none {
+        () => {
+            "u.sealed"
+        };
+    }
+
+    /// The sealed body kept only while its key exists (delete-on-ack mode): a record whose key
+    /// an ack or the expiry destroyed (a replay of the log), or the store as a skipped copy's,
+    /// rebuilds the row without content. For a batch whose sealed bodies all carry their key's
+    /// id.
+    macro_rules! sealed_by_id {
+        () => {
+            concat!(
+                "CASE WHEN EXISTS (SELECT 1 FROM sealing_keys k WHERE k.id = ",
+                sealed_key_id!("u.sealed"),
+                ") THEN u.sealed END"
+            )
+        };
+    }
+
+    /// The same for a batch that also holds bodies sealed before keys were issued ahead (no
+    /// id): their keys are held under the send key.
+    macro_rules! sealed_any {
+        () => {
+            concat!(
+                "CASE WHEN u.sealed IS NULL THEN NULL
+                      WHEN ",
+                sealed_key_id!("u.sealed"),
+                " IS NOT NULL
+                      THEN CASE WHEN EXISTS (SELECT 1 FROM sealing_keys k
+                                             WHERE k.id = ",
+                sealed_key_id!("u.sealed"),
+                ") THEN u.sealed END
+                      WHEN EXISTS (SELECT 1 FROM body_keys k
+                                   WHERE k.conversation = u.conversation
+                                     AND k.sender = u.sender
+                                     AND k.client_message_id = u.client_id)
+                      THEN u.sealed END"
             )
         };
     }
@@ -89,16 +128,27 @@ mod sql {
     );
 
     /// A message already stored is skipped and counted out: see `write_on_shard`.
-    pub(super) const INSERT_MESSAGES: &str = concat!(
-        insert_messages!("u.seq"),
-        "
+    macro_rules! insert_new_messages {
+        ($sealed:expr) => {
+            concat!(
+                insert_messages!("u.seq", $sealed),
+                "
          FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::bigint[], $9::bytea[])
              AS u(conversation, seq, message_id, client_id, sender, recipient, body, sent_at_ms,
                   sealed)
          ON CONFLICT ((md5(conversation || E'\\n' || sender || E'\\n' || client_message_id)::uuid))
          DO NOTHING"
-    );
+            )
+        };
+    }
+
+    /// [`insert_new_messages!`] for each form of the batch's bodies ([`super::Sealed`]).
+    pub(super) const INSERT_MESSAGES: [&str; 3] = [
+        insert_new_messages!(sealed_none!()),
+        insert_new_messages!(sealed_by_id!()),
+        insert_new_messages!(sealed_any!()),
+    ];
 
     /// The ack watermark of each direction that received a message, created at 0.
     pub(super) const INSERT_WATERMARKS: &str = "INSERT INTO acks (conversation, recipient, sender)
@@ -117,14 +167,16 @@ mod sql {
     /// before, ...), and the watermarks of their directions. Returns each conversation's new
     /// last seq. Without `ON CONFLICT`, a message already stored (a replay, a client retry)
     /// fails the statement on `messages_send_key`, and nothing of it is written.
-    pub(super) const STORE_NEW: &str = concat!(
+    macro_rules! store_new {
+        ($sealed:expr) => {
+            concat!(
         "WITH taken AS (
              INSERT INTO conversations AS c (conversation, last_seq)
              SELECT * FROM unnest($1::text[], $2::bigint[]) ORDER BY 1
              ON CONFLICT (conversation) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq
              RETURNING c.conversation, c.last_seq
          ), new_messages AS (",
-        insert_messages!("t.last_seq + u.seq"),
+        insert_messages!("t.last_seq + u.seq", $sealed),
         "
              FROM unnest($3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::text[],
                          $8::text[], $9::text[], $10::bigint[], $11::bytea[])
@@ -137,10 +189,46 @@ mod sql {
              ON CONFLICT DO NOTHING
          )
          SELECT conversation, last_seq FROM taken"
-    );
+            )
+        };
+    }
+
+    /// [`store_new!`] for each form of the batch's bodies ([`super::Sealed`]).
+    pub(super) const STORE_NEW: [&str; 3] = [
+        store_new!(sealed_none!()),
+        store_new!(sealed_by_id!()),
+        store_new!(sealed_any!()),
+    ];
 
     /// The index whose conflict fails [`STORE_NEW`] when the batch holds a stored message.
     pub(super) const SEND_KEY: &str = "messages_send_key";
+}
+
+/// What the sealed bodies of a batch are, which picks the form of its insert: the check that a
+/// body's key exists costs its planning in every statement, so a batch plans only the check its
+/// bodies need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sealed {
+    /// No sealed body (keep mode).
+    None = 0,
+    /// Every sealed body carries its key's id (delete-on-ack mode).
+    ById = 1,
+    /// Some sealed body carries no key id (sealed before keys were issued ahead).
+    Any = 2,
+}
+
+impl Sealed {
+    fn of<'a>(messages: impl IntoIterator<Item = &'a &'a Message>) -> Self {
+        let mut form = Sealed::None;
+        for m in messages {
+            match m.sealed.as_deref().map(BodyKeyId::of) {
+                None => {}
+                Some(Some(_)) => form = Sealed::ById,
+                Some(None) => return Sealed::Any,
+            }
+        }
+        form
+    }
 }
 
 /// The store transaction's statements, prepared once per connection.
@@ -154,8 +242,12 @@ struct Statements {
 }
 
 impl Statements {
-    /// Prepares (or takes from the connection's cache) every statement, in one round trip.
-    async fn prepare(client: &deadpool_postgres::Object) -> Result<Self, tokio_postgres::Error> {
+    /// Prepares (or takes from the connection's cache) every statement, in one round trip, with
+    /// the inserts of the form `sealed`.
+    async fn prepare(
+        client: &deadpool_postgres::Object,
+        sealed: Sealed,
+    ) -> Result<Self, tokio_postgres::Error> {
         let (
             lock_counters,
             find_stored,
@@ -166,10 +258,10 @@ impl Statements {
         ) = futures_util::try_join!(
             client.prepare_cached(sql::LOCK_COUNTERS),
             client.prepare_cached(sql::FIND_STORED),
-            client.prepare_cached(sql::INSERT_MESSAGES),
+            client.prepare_cached(sql::INSERT_MESSAGES[sealed as usize]),
             client.prepare_cached(sql::INSERT_WATERMARKS),
             client.prepare_cached(sql::MOVE_COUNTERS),
-            client.prepare_cached(sql::STORE_NEW),
+            client.prepare_cached(sql::STORE_NEW[sealed as usize]),
         )?;
         Ok(Self {
             lock_counters,
@@ -241,7 +333,7 @@ impl Shards {
     ) -> Result<Vec<(usize, Stored)>, DbError> {
         let batch = ShardBatch::new(shard, msgs);
         let mut client = self.client(shard).await?;
-        let statements = Statements::prepare(&client)
+        let statements = Statements::prepare(&client, Sealed::of(&batch.messages))
             .await
             .map_err(DbError::pg(shard))?;
         // Almost every batch holds only new messages, so the first attempt does not look for
@@ -249,8 +341,14 @@ impl Shards {
         // index if a message is already stored (a replay, a client retry). Then nothing of it
         // was written, and the second attempt looks them up first. Looking up every batch's
         // keys cost a third of Postgres's planning.
+        // A batch that repeats a message takes the second attempt at once: the repeat's key, if
+        // it has one of its own, is destroyed there.
         let started = std::time::Instant::now();
-        let out = match store_new(&client, &statements, &batch).await? {
+        let first = match batch.repeats.is_empty() {
+            true => store_new(&client, &statements, &batch).await?,
+            false => None,
+        };
+        let out = match first {
             Some(out) => out,
             None => {
                 metrics::counter!("db_store_lookups_total").increment(1);
@@ -282,6 +380,9 @@ struct ShardBatch<'a> {
     positions: Vec<usize>,
     /// The batch's conversations, sorted and distinct (the lock order).
     conversations: Vec<&'a str>,
+    /// Messages repeated in the batch after their first occurrence (a client's retry in the
+    /// same batch): not stored, but each may be sealed under a key of its own to destroy.
+    repeats: Vec<&'a Message>,
 }
 
 impl<'a> ShardBatch<'a> {
@@ -289,9 +390,16 @@ impl<'a> ShardBatch<'a> {
     /// whatever its message id).
     fn new(shard: usize, msgs: Vec<(usize, &'a Message)>) -> Self {
         let mut seen = HashSet::new();
+        let mut repeats = Vec::new();
         let (positions, messages): (Vec<usize>, Vec<&Message>) = msgs
             .into_iter()
-            .filter(|(_, m)| seen.insert(SendKey::of(m)))
+            .filter(|(_, m)| {
+                let first = seen.insert(SendKey::of(m));
+                if !first {
+                    repeats.push(*m);
+                }
+                first
+            })
             .unzip();
         let conversations: BTreeSet<&str> =
             messages.iter().map(|m| m.conversation.as_str()).collect();
@@ -300,6 +408,7 @@ impl<'a> ShardBatch<'a> {
             messages,
             positions,
             conversations: conversations.into_iter().collect(),
+            repeats,
         }
     }
 
@@ -400,8 +509,38 @@ async fn write_on_shard(
             return Ok(None);
         }
     }
+    let skipped = skipped_keys(batch, &plan.out);
+    if !skipped.is_empty() {
+        let ids: Vec<&[u8]> = skipped.iter().map(BodyKeyId::as_bytes).collect();
+        let destroy = tx.prepare_cached(crate::keys::DESTROY).await.map_err(pg)?;
+        tx.execute(&destroy, &[&ids]).await.map_err(pg)?;
+        metrics::counter!("db_skipped_copy_keys_destroyed_total").increment(ids.len() as u64);
+    }
     tx.commit().await.map_err(pg)?;
     Ok(Some(plan.out))
+}
+
+/// The keys of the batch's copies that were not stored (a message found stored already, a
+/// repeat in the batch) and are not the stored message's own key: a client's retry is sealed
+/// under a key of its own, and its copy in Kafka would open while that key exists, after the
+/// stored message's ack or expiry. `out` is [`assign`]'s, in the order of `batch.messages`.
+fn skipped_keys(batch: &ShardBatch<'_>, out: &[Stored]) -> BTreeSet<BodyKeyId> {
+    let key_of = |m: &Message| m.sealed.as_deref().and_then(BodyKeyId::of);
+    let kept: HashMap<SendKey<'_>, Option<BodyKeyId>> = batch
+        .messages
+        .iter()
+        .zip(out)
+        .map(|(m, s)| (SendKey::of(m), key_of(&s.message)))
+        .collect();
+    batch
+        .messages
+        .iter()
+        .chain(&batch.repeats)
+        .filter_map(|m| {
+            let key = key_of(m)?;
+            (kept.get(&SendKey::of(m)) != Some(&Some(key))).then_some(key)
+        })
+        .collect()
 }
 
 /// Second pass: creates and locks the counters of every conversation in the batch, in key
@@ -613,6 +752,79 @@ mod tests {
             sent_at_ms: 1,
             seq: 0,
         }
+    }
+
+    /// `m` sealed under a new key of its own, and that key's id.
+    fn sealed(mut m: Message) -> (Message, BodyKeyId) {
+        let key = chat_common::seal::BodyKey::generate().expect("key");
+        let id = BodyKeyId::generate().expect("key id");
+        m.sealed = Some(key.seal(&id, &m.id, "hi").expect("seal"));
+        (m, id)
+    }
+
+    #[test]
+    fn a_batch_plans_only_the_key_check_its_bodies_need() {
+        let plain = message("alice", "bob", "1");
+        let (by_id, _) = sealed(message("alice", "bob", "2"));
+        let mut older = message("alice", "bob", "3");
+        older.sealed = Some(b"sealed before ids".to_vec());
+        assert_eq!(Sealed::of(&[&plain, &plain]), Sealed::None);
+        assert_eq!(Sealed::of(&[&plain, &by_id]), Sealed::ById);
+        assert_eq!(Sealed::of(&[&by_id, &older, &plain]), Sealed::Any);
+        for statements in [sql::STORE_NEW, sql::INSERT_MESSAGES] {
+            let [none, by_id, any] = statements;
+            assert!(!none.contains("_keys"), "{none}");
+            assert!(by_id.contains("sealing_keys") && !by_id.contains("body_keys"));
+            assert!(any.contains("sealing_keys") && any.contains("body_keys"));
+        }
+    }
+
+    #[test]
+    fn the_keys_of_skipped_copies_go_and_the_stored_ones_stay() {
+        let (first, k1) = sealed(message("alice", "bob", "1"));
+        let (retry_in_batch, k2) = sealed(message("alice", "bob", "1"));
+        let (stored_before, k3) = sealed(message("carol", "dave", "7"));
+        let (new_one, _) = sealed(message("bob", "alice", "2"));
+        let replayed = first.clone(); // the same record again: the same key
+        let mut older = message("erin", "fay", "3"); // version 1: no key id, nothing to do
+        older.sealed = Some(
+            chat_common::seal::BodyKey::generate()
+                .expect("key")
+                .seal_v1(&older.id, "hi")
+                .expect("seal"),
+        );
+        let batch = [
+            first.clone(),
+            stored_before.clone(),
+            retry_in_batch,
+            new_one.clone(),
+            replayed,
+            older.clone(),
+        ];
+        let shard = ShardBatch::new(0, batch.iter().enumerate().collect());
+        assert_eq!(shard.repeats.len(), 2);
+        // carol -> dave "7" was stored before, sealed under another key (k0); the others are
+        // new.
+        let (mut kept, _k0) = sealed(message("carol", "dave", "7"));
+        kept.seq = 4;
+        let out: Vec<Stored> = [first, kept, new_one, older]
+            .into_iter()
+            .map(|message| Stored {
+                created: message.seq == 0,
+                message,
+                acked: false,
+            })
+            .collect();
+        assert_eq!(
+            skipped_keys(&shard, &out),
+            BTreeSet::from([k2, k3]),
+            "the retry's key and the copy found stored; never k1, the stored message's"
+        );
+        // A stored row without its sealed body (its key gone): every copy's key goes.
+        let mut gone = out.clone();
+        gone[0].message.sealed = None;
+        gone[0].created = false;
+        assert_eq!(skipped_keys(&shard, &gone), BTreeSet::from([k1, k2, k3]));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use thiserror::Error;
 
 use crate::error::DbError;
+use crate::keys::{self, sealed_key_id};
 use crate::shards::Shards;
 
 /// What happens to a message's content once its recipient acknowledges it.
@@ -105,23 +106,36 @@ impl Shards {
             loop {
                 let row = client
                     .query_one(
-                        "WITH swept AS (
-                             UPDATE messages m SET body = NULL, sealed = NULL, expired_at_ms = $2
-                             WHERE (m.conversation, m.seq) IN (
-                                 SELECT conversation, seq FROM messages
+                        concat!(
+                            "WITH old AS (
+                                 SELECT conversation, seq, ",
+                            sealed_key_id!("sealed"),
+                            " AS key_id
+                                 FROM messages
                                  WHERE expired_at_ms IS NULL AND sent_at_ms < $1
-                                 LIMIT $3)
-                             RETURNING m.conversation, m.recipient, m.seq, m.sender,
-                                       m.client_message_id),
-                         shredded AS (
-                             DELETE FROM body_keys k USING swept s
-                             WHERE k.conversation = s.conversation AND k.sender = s.sender
-                               AND k.client_message_id = s.client_message_id)
-                         SELECT count(*),
-                                count(*) FILTER (WHERE s.seq > coalesce(k.up_to_seq, 0))
-                         FROM swept s
-                         LEFT JOIN acks k ON k.conversation = s.conversation
-                                         AND k.recipient = s.recipient",
+                                 LIMIT $3),
+                             swept AS (
+                                 UPDATE messages m
+                                 SET body = NULL, sealed = NULL, expired_at_ms = $2
+                                 FROM old o
+                                 WHERE m.conversation = o.conversation AND m.seq = o.seq
+                                   AND m.expired_at_ms IS NULL
+                                 RETURNING m.conversation, m.recipient, m.seq, m.sender,
+                                           m.client_message_id, o.key_id),
+                             shredded AS (
+                                 DELETE FROM sealing_keys k USING swept s
+                                 WHERE k.id = s.key_id),
+                             shredded_v1 AS (
+                                 DELETE FROM body_keys k USING swept s
+                                 WHERE s.key_id IS NULL
+                                   AND k.conversation = s.conversation AND k.sender = s.sender
+                                   AND k.client_message_id = s.client_message_id)
+                             SELECT count(*),
+                                    count(*) FILTER (WHERE s.seq > coalesce(k.up_to_seq, 0))
+                             FROM swept s
+                             LEFT JOIN acks k ON k.conversation = s.conversation
+                                             AND k.recipient = s.recipient"
+                        ),
                         &[&cutoff_ms, &now_ms, &CHUNK],
                     )
                     .await
@@ -133,20 +147,36 @@ impl Shards {
                 }
             }
             // Keys as old as the expired messages whose message never reached the shard (the
-            // gateway's produce failed after it issued the key) or reached it after its expiry.
-            loop {
-                let destroyed = client
-                    .execute(
-                        "DELETE FROM body_keys
-                         WHERE (conversation, sender, client_message_id) IN (
-                             SELECT conversation, sender, client_message_id FROM body_keys
-                             WHERE created_at_ms < $1 LIMIT $2)",
-                        &[&cutoff_ms, &CHUNK],
-                    )
-                    .await
-                    .map_err(DbError::pg(shard))?;
-                if destroyed < CHUNK as u64 {
-                    break;
+            // gateway's produce failed after it issued the key) or reached it after its expiry;
+            // and keys issued ahead that no send took (a pool's leftovers). A key issued ahead
+            // seals a send at most `keys::POOL_KEY_MAX_AGE_MS` after it was issued, so its
+            // message is older than the cutoff once the key is older than the cutoff less
+            // [`keys::UNUSED_KEY_MARGIN_MS`] (which also covers skew between the gateways' clocks
+            // and this one).
+            let unused_cutoff_ms = cutoff_ms.saturating_sub(keys::UNUSED_KEY_MARGIN_MS);
+            let sweeps = [
+                (
+                    "DELETE FROM sealing_keys
+                     WHERE id IN (SELECT id FROM sealing_keys WHERE created_at_ms < $1 LIMIT $2)",
+                    unused_cutoff_ms,
+                ),
+                (
+                    "DELETE FROM body_keys
+                     WHERE (conversation, sender, client_message_id) IN (
+                         SELECT conversation, sender, client_message_id FROM body_keys
+                         WHERE created_at_ms < $1 LIMIT $2)",
+                    cutoff_ms,
+                ),
+            ];
+            for (sweep, before) in sweeps {
+                loop {
+                    let destroyed = client
+                        .execute(sweep, &[&before, &CHUNK])
+                        .await
+                        .map_err(DbError::pg(shard))?;
+                    if destroyed < CHUNK as u64 {
+                        break;
+                    }
                 }
             }
         }

@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         9,
         include_str!("../migrations/0009_user_conversations_hot_updates.sql"),
     ),
+    (10, include_str!("../migrations/0010_sealing_keys.sql")),
 ];
 
 /// Advisory lock key that serialises migrations (any constant shared by all processes).

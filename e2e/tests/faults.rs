@@ -255,18 +255,12 @@ async fn delete_on_ack_erases_content_and_a_replay_never_brings_it_back() -> any
 async fn bodies_of(env: &TestEnv) -> anyhow::Result<Vec<(i64, Option<String>, bool, bool)>> {
     let mut out = Vec::new();
     for i in 0..env.shard_dsns.len() {
-        let rows = env
-            .shard(i)
-            .await?
-            .query(
-                "SELECT m.seq, m.body, m.sealed IS NOT NULL,
-                        EXISTS (SELECT 1 FROM body_keys k WHERE k.conversation = m.conversation
-                                  AND k.sender = m.sender
-                                  AND k.client_message_id = m.client_message_id)
-                 FROM messages m ORDER BY seq",
-                &[],
-            )
-            .await?;
+        let query = format!(
+            "SELECT m.seq, m.body, m.sealed IS NOT NULL, {}
+             FROM messages m ORDER BY seq",
+            db_writer::keys::MESSAGE_KEY_EXISTS
+        );
+        let rows = env.shard(i).await?.query(&query, &[]).await?;
         out.extend(
             rows.iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))),

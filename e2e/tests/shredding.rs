@@ -83,6 +83,7 @@ async fn vacuum(env: &TestEnv) -> anyhow::Result<()> {
         // One statement each: a multi-statement string runs as one transaction.
         db.batch_execute("VACUUM messages").await?;
         db.batch_execute("VACUUM body_keys").await?;
+        db.batch_execute("VACUUM sealing_keys").await?;
     }
     Ok(())
 }
@@ -109,13 +110,18 @@ async fn rows_of(dsns: &[String]) -> anyhow::Result<BTreeSet<Row>> {
     Ok(out)
 }
 
-/// Keys held, over every shard.
+/// Stored messages whose key exists, over every shard (keys issued ahead that no send took yet
+/// are not counted).
 async fn key_count(dsns: &[String]) -> anyhow::Result<i64> {
     let mut n = 0;
+    let query = format!(
+        "SELECT count(*) FROM messages m WHERE {}",
+        db_writer::keys::MESSAGE_KEY_EXISTS
+    );
     for dsn in dsns {
         let c: i64 = chat_e2e::pg_connect(dsn)
             .await?
-            .query_one("SELECT count(*) FROM body_keys", &[])
+            .query_one(&query, &[])
             .await?
             .get(0);
         n += c;
@@ -346,5 +352,120 @@ async fn a_replay_rebuilds_seqs_and_metadata_and_never_a_body() -> anyhow::Resul
     alice.close();
     bob.close();
     gw.stop().await;
+    env.teardown().await
+}
+
+/// A client's retries (the same client message id sent again: pipelined, and again after a
+/// reconnect to another gateway) are each sealed under a key of their own. The store keeps one message and destroys the keys of the copies it skips, so once the
+/// recipient acks, no record of `inbound` opens: none carries a key that still exists. Seeded
+/// (`SHREDDING_RETRY_SEED` replays a run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_leaves_no_copy_that_opens_after_the_ack() -> anyhow::Result<()> {
+    use chat_proto::v1::{inbound_record, InboundRecord};
+    use prost::Message as _;
+
+    let seed = seed("SHREDDING_RETRY_SEED");
+    println!("SHREDDING_RETRY_SEED={seed}");
+    let mut rng = Rng(seed);
+    let mut env = TestEnv::new(2, &["gw1", "gw2"]).await?;
+    env.retention = Retention::DeleteOnAck;
+    let gw1 = env.start_gateway("gw1").await?;
+    let gw2 = env.start_gateway("gw2").await?;
+    let mux = env.start_multiplexer().await?;
+    let alice = connect(&ws_url(gw1.addr), &env.token("alice")).await;
+    let mut bob = connect(&ws_url(gw1.addr), &env.token("bob")).await;
+    let odd = [
+        "\u{1F600}",
+        "\u{202E}rtl",
+        "\"quoted\"",
+        "tab\tline\nbreak",
+        "\\",
+        "ß",
+    ];
+    let sends: Vec<(String, String, usize)> = (0..rng.range(10, 30))
+        .map(|i| {
+            let body = format!("retried {i} {}", odd[rng.below(odd.len())]);
+            (format!("retry-{seed:x}-{i}"), body, 1 + rng.below(3))
+        })
+        .collect();
+    let mut copies_sent: usize = sends.iter().map(|s| s.2).sum();
+    try_join_all(sends.iter().flat_map(|(id, body, copies)| {
+        let alice = &alice;
+        (0..*copies).map(move |_| alice.send_with_id(id, "bob", body))
+    }))
+    .await?;
+    // Some sent again from another gateway, as a client does after a reconnect.
+    alice.close();
+    let alice = connect(&ws_url(gw2.addr), &env.token("alice")).await;
+    let again: Vec<_> = sends.iter().filter(|_| rng.chance(30)).collect();
+    copies_sent += again.len();
+    try_join_all(
+        again
+            .iter()
+            .map(|(id, body, _)| alice.send_with_id(id, "bob", body)),
+    )
+    .await?;
+
+    // Bob gets each message once, intact, and acks them all.
+    let mut got = BTreeMap::new();
+    while got.len() < sends.len() {
+        let m = bob.next_message(WAIT).await?;
+        got.insert(m.seq, m.body);
+    }
+    let bodies: BTreeSet<String> = got.values().cloned().collect();
+    let sent: BTreeSet<String> = sends.iter().map(|s| s.1.clone()).collect();
+    assert_eq!(bodies, sent, "each message once, intact");
+    let last = *got.keys().last().expect("messages");
+    assert_eq!(last as usize, sends.len(), "one seq each");
+    bob.ack("alice", last)?;
+    let owner = env.shard_dsns.clone();
+    eventually("every stored message's key destroyed", || async {
+        Ok((key_count(&owner).await? == 0).then_some(()))
+    })
+    .await?;
+
+    // Every copy on `inbound` is sealed under a key of its own, and none of them is left.
+    let mut key_ids = BTreeSet::new();
+    let mut copies = 0;
+    for record in env.read_topic(&env.topics.inbound()).await? {
+        let Some(payload) = rdkafka::Message::payload(&record) else {
+            continue;
+        };
+        if let Some(inbound_record::Kind::Message(m)) = InboundRecord::decode(payload)?.kind {
+            assert!(m.body.is_empty(), "a body in the clear on inbound");
+            let id = chat_common::seal::BodyKeyId::of(&m.sealed_body)
+                .ok_or_else(|| anyhow::anyhow!("a copy sealed without a key id"))?;
+            key_ids.insert(id.as_bytes().to_vec());
+            copies += 1;
+        }
+    }
+    println!(
+        "{} messages, {copies_sent} sends, {copies} copies on inbound",
+        sends.len()
+    );
+    assert!(copies >= sends.len(), "{copies} copies");
+    assert_eq!(
+        key_ids.len(),
+        copies,
+        "each copy sealed under a key of its own"
+    );
+    let key_ids: Vec<Vec<u8>> = key_ids.into_iter().collect();
+    for dsn in &owner {
+        let left: i64 = chat_e2e::pg_connect(dsn)
+            .await?
+            .query_one(
+                "SELECT count(*) FROM sealing_keys WHERE id = ANY($1)",
+                &[&key_ids],
+            )
+            .await?
+            .get(0);
+        assert_eq!(left, 0, "a copy on inbound still opens");
+    }
+
+    alice.close();
+    bob.close();
+    gw1.stop().await;
+    gw2.stop().await;
+    mux.stop().await;
     env.teardown().await
 }

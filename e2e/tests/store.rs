@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use anyhow::Context;
 use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::{Ack, Message};
+use chat_common::seal::{BodyKey, BodyKeyId};
 use chat_e2e::{new_message, TestEnv};
-use db_writer::keys::KeyId;
 use db_writer::{Retention, ShardConfig, Shards};
 
 fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
@@ -243,24 +243,86 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
     let env = TestEnv::new(1, &[]).await?;
     let shards = shards_of(&env.shard_dsns)?;
     let users = ["ev", "fa", "gi", "ho"];
+    let n = rng.range(4_000, 4_400);
+    let mut issued = shards.issue_sealing_keys(0, 2 * n, 0).await?.into_iter();
+    let shard = env.shard(0).await?;
     let mut messages = Vec::new();
-    for _ in 0..rng.range(4_000, 4_400) {
+    // A client's retries, each sealed under a key of its own: (copy, its key id), stored with
+    // the first copy (repeated in the batch) or after it.
+    let (mut retries_with, mut retries_after) = (Vec::new(), Vec::new());
+    for _ in 0..n {
         let from = rng.below(users.len());
         let to = (from + 1 + rng.below(users.len() - 1)) % users.len();
         let mut m = new_message(users[from], users[to], "", rng.range(0, 9_999) as i64)?;
-        m.sealed = Some(format!("sealed {}", m.client_id.as_str()).into_bytes());
+        // About a sixth sealed as gateways did before keys were issued ahead: no key id in the body,
+        // the key held under the send key.
+        if rng.chance(17) {
+            let key = BodyKey::generate()?;
+            m.sealed = Some(key.seal_v1(&m.id, "older")?);
+            shard
+                .execute(
+                    "INSERT INTO body_keys VALUES ($1, $2, $3, $4, 0)",
+                    &[
+                        &m.conversation.as_str(),
+                        &m.sender.as_str(),
+                        &m.client_id.as_str(),
+                        &key.as_bytes(),
+                    ],
+                )
+                .await?;
+        } else {
+            let (key_id, key) = issued.next().context("a key")?;
+            m.sealed = Some(key.seal(&key_id, &m.id, "now")?);
+            if rng.chance(12) {
+                let (retry_id, retry_key) = issued.next().context("a key")?;
+                let mut retry = m.clone();
+                retry.sealed = Some(retry_key.seal(&retry_id, &m.id, "now")?);
+                match rng.chance(50) {
+                    true => retries_with.push((retry, retry_id)),
+                    false => retries_after.push((retry, retry_id)),
+                }
+            }
+        }
         messages.push(m);
     }
-    let ids: Vec<KeyId> = messages
+    // Keys issued and never taken: the expiry's, not the ack's.
+    let unused: Vec<BodyKeyId> = issued.map(|(id, _)| id).collect();
+    let mut first_batch = messages.clone();
+    first_batch.extend(retries_with.iter().map(|(m, _)| m.clone()));
+    let stored = shards.store_batch(&first_batch).await?;
+    let again: Vec<_> = retries_after.iter().map(|(m, _)| m.clone()).collect();
+    let stored_again = shards.store_batch(&again).await?;
+    assert!(
+        stored_again.iter().all(|s| !s.created),
+        "a retry is not stored twice"
+    );
+    // The store destroyed every retry's key, and no other.
+    let key_ids = |rows: Vec<tokio_postgres::Row>| -> anyhow::Result<Vec<BodyKeyId>> {
+        let mut ids = rows
+            .iter()
+            .map(|r| BodyKeyId::from_bytes(r.get(0)))
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.sort();
+        Ok(ids)
+    };
+    let mut want: Vec<BodyKeyId> = messages
         .iter()
-        .map(|m| KeyId {
-            conversation: m.conversation.clone(),
-            sender: m.sender.clone(),
-            client_id: m.client_id.clone(),
-        })
+        .filter_map(|m| BodyKeyId::of(m.sealed.as_deref()?))
+        .chain(unused.iter().copied())
         .collect();
-    shards.issue_body_keys(0, &ids, 0).await?;
-    let stored = shards.store_batch(&messages).await?;
+    want.sort();
+    let held = key_ids(shard.query("SELECT id FROM sealing_keys", &[]).await?)?;
+    assert_eq!(
+        held.len(),
+        want.len(),
+        "{} retries' keys",
+        retries_with.len() + retries_after.len()
+    );
+    assert_eq!(
+        held, want,
+        "keys after the store: every message's, no retry's"
+    );
+    let stored = stored[..messages.len()].to_vec();
     let seq_of: HashMap<String, u64> = stored
         .iter()
         .map(|s| (s.message.client_id.as_str().to_owned(), s.message.seq))
@@ -302,8 +364,8 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
             <= watermark[&(m.conversation.to_string(), m.recipient.to_string())]
     };
 
-    // The keys are those of the unacknowledged messages, exactly; no row was rewritten.
-    let shard = env.shard(0).await?;
+    // The keys are those of the unacknowledged messages, exactly, in either table (and the
+    // unused ones); no row was rewritten.
     let mut keys: Vec<String> = shard
         .query("SELECT client_message_id FROM body_keys", &[])
         .await?
@@ -313,11 +375,27 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
     keys.sort();
     let mut unacked: Vec<String> = messages
         .iter()
-        .filter(|m| !acked(m))
+        .filter(|m| !acked(m) && m.sealed.as_deref().and_then(BodyKeyId::of).is_none())
         .map(|m| m.client_id.as_str().to_owned())
         .collect();
     unacked.sort();
-    assert_eq!(keys, unacked, "keys left = the unacknowledged messages'");
+    assert!(!unacked.is_empty(), "unacknowledged messages of version 1");
+    assert_eq!(
+        keys, unacked,
+        "keys left by send key = the unacknowledged messages'"
+    );
+    let held = key_ids(shard.query("SELECT id FROM sealing_keys", &[]).await?)?;
+    let mut want: Vec<BodyKeyId> = messages
+        .iter()
+        .filter(|m| !acked(m))
+        .filter_map(|m| BodyKeyId::of(m.sealed.as_deref()?))
+        .chain(unused.iter().copied())
+        .collect();
+    want.sort();
+    assert_eq!(
+        held, want,
+        "keys left by id = the unacknowledged messages' and the unused"
+    );
     let row = shard
         .query_one(
             "SELECT count(*) FILTER (WHERE sealed IS NULL OR body IS NOT NULL

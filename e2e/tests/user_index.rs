@@ -273,9 +273,9 @@ async fn an_upgraded_deployment_syncs_every_shard_until_the_index_is_rebuilt() -
     let dsns = env.empty_databases(3).await?;
     let shards = shards_of(&dsns)?;
     shards.migrate_to(5).await?;
-    // Today's store writes the sealed-body column and reads the key table of migration 8
-    // (delete-on-ack mode); the release before the index wrote neither. Both are added empty,
-    // as migration 8 would, so that today's store can write that release's rows.
+    // Today's store writes the sealed-body column and reads the key tables of migrations 8 and
+    // 10 (delete-on-ack mode); the release before the index wrote none of them. They are added
+    // empty, as those migrations would, so that today's store can write that release's rows.
     for dsn in &dsns {
         chat_e2e::pg_connect(dsn)
             .await?
@@ -284,7 +284,9 @@ async fn an_upgraded_deployment_syncs_every_shard_until_the_index_is_rebuilt() -
                  CREATE TABLE body_keys (conversation text, sender text,
                                          client_message_id text, key bytea,
                                          created_at_ms bigint,
-                                         PRIMARY KEY (conversation, sender, client_message_id))",
+                                         PRIMARY KEY (conversation, sender, client_message_id));
+                 CREATE TABLE sealing_keys (id bytea PRIMARY KEY, key bytea,
+                                            created_at_ms bigint)",
             )
             .await?;
     }
@@ -388,6 +390,17 @@ async fn the_list_pages_the_same_after_its_activity_index_is_dropped() -> anyhow
     let dsns = env.empty_databases(2).await?;
     let shards = shards_of(&dsns)?;
     shards.migrate_to(8).await?;
+    // Today's store reads the key table of migration 10 (delete-on-ack mode): added empty, as
+    // that migration would.
+    for dsn in &dsns {
+        chat_e2e::pg_connect(dsn)
+            .await?
+            .batch_execute(
+                "CREATE TABLE sealing_keys (id bytea PRIMARY KEY, key bytea,
+                                            created_at_ms bigint)",
+            )
+            .await?;
+    }
     let me = user(0);
     let peers = 30 + rng.below(90);
     let mut messages = Vec::new();

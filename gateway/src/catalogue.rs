@@ -94,15 +94,23 @@ pub(crate) const FAMILIES: &[Family] = &[
     ),
     Family::seconds(
         "gateway_seal_seconds",
-        "Delete-on-ack mode: time to seal a send's body, its key issued by the conversation's shard.",
+        "Delete-on-ack mode: time to seal a send's body, with the wait for its key when the conversation's shard's pool of keys issued ahead was empty.",
     ),
     Family::seconds(
         "gateway_key_issue_seconds",
-        "Delete-on-ack mode: time of one statement issuing body keys.",
+        "Delete-on-ack mode: time of one statement issuing body keys (for the pool, and for the sends waiting).",
     ),
     Family::histogram(
         "gateway_key_issue_batch",
         "Delete-on-ack mode: body keys issued by one statement.",
+    ),
+    Family::counter(
+        "gateway_key_waits_total",
+        "Delete-on-ack mode: sends that found their shard's pool of keys empty and waited for the next statement.",
+    ),
+    Family::counter(
+        "gateway_keys_unused_total",
+        "Delete-on-ack mode: keys issued ahead and left unused, older than a pool keeps them (the expiry sweep destroys them).",
     ),
     Family::counter(
         "gateway_outbound_total",

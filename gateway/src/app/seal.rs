@@ -4,17 +4,23 @@
 //! a dead letter, the shard's row) is sealed, and the recipient's ack or the expiry destroys the
 //! key: no copy opens after that (docs/design.md, "Crypto-shredding").
 //!
-//! Keys are issued in batches, one worker per shard: a send waits for its shard's next
-//! statement, which carries every send that arrived meanwhile, so the store's cost per key falls
-//! as the rate rises, and a shard down delays only the sends of its conversations.
+//! Keys are issued ahead, in batches, one worker per shard: the shard's pool holds keys for the
+//! sends to come, each under the id its sealed body will carry (`db_writer::keys`), so a send
+//! takes a key without a round trip. The worker refills the pool when it runs low, with about
+//! [`LEAD`]'s worth of keys at the rate they were taken, in one statement. A send that finds the
+//! pool empty waits for the worker's next statement, which carries every send waiting; a shard
+//! down delays only the sends of its conversations. A key is used once: a client's retry is
+//! sealed under another one, and the store destroys the key of the copy it skips.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use chat_common::seal::BodyKey;
+use chat_common::seal::{BodyKey, BodyKeyId};
 use chat_proto::v1::{inbound_record, ChatMessage};
-use db_writer::keys::KeyId;
+use db_writer::keys::{KeyId, POOL_KEY_MAX_AGE_MS};
 use db_writer::Shards;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use uuid::Uuid;
 
 use super::{App, PreparedSend};
@@ -23,69 +29,199 @@ use crate::error::SendError;
 /// Sends waiting for a key, per shard, before a new one waits for room (its connection reads no
 /// further frame meanwhile).
 const QUEUE: usize = 4096;
-/// Most keys one statement issues.
+/// Most sends one statement serves while they wait.
 const BATCH: usize = 512;
+/// How far ahead a pool is filled: the keys taken in this long at the rate of the last refill.
+const LEAD: Duration = Duration::from_millis(250);
+/// The fewest keys a pool is refilled to, and the most.
+const POOL_MIN: usize = 16;
+const POOL_MAX: usize = 2048;
+/// After a refill failed, how long the pool waits before it refills ahead again (sends that
+/// find it empty still ask the shard at once).
+const BACKOFF: Duration = Duration::from_secs(1);
+/// The age after which a key issued ahead is not used (`db_writer::keys::POOL_KEY_MAX_AGE_MS`).
+const MAX_AGE: Duration = Duration::from_millis(POOL_KEY_MAX_AGE_MS as u64);
 
-/// A send waiting for its key.
-struct Request {
-    id: KeyId,
-    answer: oneshot::Sender<Option<BodyKey>>,
+/// A key and its id, as a send takes it.
+type Issued = (BodyKeyId, BodyKey);
+
+/// A shard's keys issued ahead.
+struct Pool {
+    keys: VecDeque<(Issued, Instant)>,
+    /// The size the worker refills the pool to; a take that leaves fewer than half of it asks
+    /// for a refill.
+    target: usize,
+    /// Keys taken since the last refill began, and when it began.
+    taken: usize,
+    since: Instant,
+    /// A refill is asked for or running.
+    refilling: bool,
 }
 
-/// The per-shard workers that issue body keys.
+impl Pool {
+    /// The first usable key, the stale ones before it dropped (their count is returned too).
+    fn take(&mut self, now: Instant) -> (Option<Issued>, usize) {
+        let mut stale = 0;
+        while let Some((issued, at)) = self.keys.pop_front() {
+            if now.duration_since(at) < MAX_AGE {
+                self.taken += 1;
+                return (Some(issued), stale);
+            }
+            stale += 1;
+        }
+        (None, stale)
+    }
+
+    /// Whether a refill should be asked for (and marks it asked).
+    fn wants_refill(&mut self) -> bool {
+        let low = self.keys.len() * 2 < self.target;
+        let ask = low && !self.refilling;
+        self.refilling |= ask;
+        ask
+    }
+
+    /// Starts a refill: how many keys to issue for the pool, from the rate keys were taken at.
+    fn start_refill(&mut self, now: Instant) -> usize {
+        let elapsed = now.duration_since(self.since).as_secs_f64().max(0.001);
+        let rate = self.taken as f64 / elapsed;
+        self.target = ((rate * LEAD.as_secs_f64()) as usize).clamp(POOL_MIN, POOL_MAX);
+        self.taken = 0;
+        self.since = now;
+        self.target.saturating_sub(self.keys.len())
+    }
+}
+
+/// A shard's pool, and the way to its worker.
+struct Lane {
+    pool: Mutex<Pool>,
+    /// Wakes the worker to refill the pool.
+    low: Notify,
+    /// Sends that found the pool empty.
+    waiting: mpsc::Sender<oneshot::Sender<Option<Issued>>>,
+}
+
+/// The per-shard pools of keys issued ahead, and their workers.
 pub(crate) struct KeyIssuer {
-    lanes: Vec<mpsc::Sender<Request>>,
+    lanes: Vec<Arc<Lane>>,
 }
 
 impl KeyIssuer {
     /// Starts one worker per shard of `shards` (in delete-on-ack mode only: keep mode has none).
+    /// The pools fill at the first send.
     pub(crate) fn start(shards: &Shards) -> Self {
         let lanes = (0..shards.len())
             .map(|shard| {
-                let (tx, rx) = mpsc::channel(QUEUE);
-                tokio::spawn(issue(shards.clone(), shard, rx));
-                tx
+                let (waiting, rx) = mpsc::channel(QUEUE);
+                let lane = Arc::new(Lane {
+                    pool: Mutex::new(Pool {
+                        keys: VecDeque::new(),
+                        target: POOL_MIN,
+                        taken: 0,
+                        since: Instant::now(),
+                        refilling: false,
+                    }),
+                    low: Notify::new(),
+                    waiting,
+                });
+                tokio::spawn(issue(shards.clone(), shard, lane.clone(), rx));
+                lane
             })
             .collect();
         Self { lanes }
     }
 
-    /// The key of `id`, from its shard (`None` when the shard did not answer).
-    async fn key(&self, shard: usize, id: KeyId) -> Option<BodyKey> {
+    /// A key for a send to `shard`, and its id: from the pool, or from the shard's next
+    /// statement when the pool is empty (`None` when the shard did not answer).
+    async fn key(&self, shard: usize) -> Option<Issued> {
+        let lane = self.lanes.get(shard)?;
+        let (taken, refill) = {
+            let mut pool = lane.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let (taken, stale) = pool.take(Instant::now());
+            if stale > 0 {
+                metrics::counter!("gateway_keys_unused_total").increment(stale as u64);
+            }
+            (taken, pool.wants_refill())
+        };
+        if refill {
+            lane.low.notify_one();
+        }
+        if let Some(issued) = taken {
+            return Some(issued);
+        }
+        metrics::counter!("gateway_key_waits_total").increment(1);
         let (answer, answered) = oneshot::channel();
-        self.lanes
-            .get(shard)?
-            .send(Request { id, answer })
-            .await
-            .ok()?;
+        lane.waiting.send(answer).await.ok()?;
         answered.await.ok().flatten()
     }
 }
 
-/// A shard's worker: takes every request waiting (up to [`BATCH`]) and issues their keys in
-/// one statement.
-async fn issue(shards: Shards, shard: usize, mut requests: mpsc::Receiver<Request>) {
+/// A shard's worker: issues, in one statement, a key for every send waiting (up to [`BATCH`])
+/// and the keys the pool is short of, answers the sends and keeps the rest in the pool.
+async fn issue(
+    shards: Shards,
+    shard: usize,
+    lane: Arc<Lane>,
+    mut waiting: mpsc::Receiver<oneshot::Sender<Option<Issued>>>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
-    while requests.recv_many(&mut batch, BATCH).await > 0 {
-        let ids: Vec<KeyId> = batch.iter().map(|r| r.id.clone()).collect();
+    let mut failed_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            n = waiting.recv_many(&mut batch, BATCH) => if n == 0 { return },
+            () = lane.low.notified() => {}
+        }
+        while batch.len() < BATCH {
+            match waiting.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        let ahead = match failed_at {
+            Some(at) if now.duration_since(at) < BACKOFF => 0,
+            _ => lane
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start_refill(now),
+        };
+        let n = batch.len() + ahead;
+        if n == 0 {
+            lane.pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refilling = false;
+            continue;
+        }
         let started = Instant::now();
         let issued = shards
-            .issue_body_keys(shard, &ids, chat_common::now_ms())
+            .issue_sealing_keys(shard, n, chat_common::now_ms())
             .await;
         metrics::histogram!("gateway_key_issue_seconds").record(started.elapsed());
-        metrics::histogram!("gateway_key_issue_batch").record(ids.len() as f64);
+        metrics::histogram!("gateway_key_issue_batch").record(n as f64);
         match issued {
             Ok(keys) => {
-                for (request, key) in batch.drain(..).zip(keys) {
-                    let _ = request.answer.send(Some(key));
+                failed_at = None;
+                let mut keys = keys.into_iter();
+                for (answer, key) in batch.drain(..).zip(keys.by_ref()) {
+                    let _ = answer.send(Some(key));
                 }
+                let at = Instant::now();
+                let mut pool = lane.pool.lock().unwrap_or_else(|e| e.into_inner());
+                pool.keys.extend(keys.map(|k| (k, at)));
+                pool.refilling = false;
             }
             Err(e) => {
-                tracing::warn!(shard, error = %e.summary(), sends = ids.len(), "body keys not issued: the sends are refused");
+                failed_at = Some(Instant::now());
+                tracing::warn!(shard, error = %e.summary(), sends = batch.len(), "body keys not issued: the sends waiting are refused");
                 metrics::counter!("gateway_errors_total", "kind" => "seal").increment(1);
-                for request in batch.drain(..) {
-                    let _ = request.answer.send(None);
+                for answer in batch.drain(..) {
+                    let _ = answer.send(None);
                 }
+                lane.pool
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .refilling = false;
             }
         }
     }
@@ -106,17 +242,18 @@ impl App {
         let Some(inbound_record::Kind::Message(m)) = record.kind.as_mut() else {
             return Err(SendError::SealFailed { shard: 0 });
         };
-        let id = key_id(m).ok_or(SendError::SealFailed { shard: 0 })?;
-        let shard = self.shards.locator().shard_of(&id.conversation);
+        let conversation = chat_common::ids::ConversationKey::parse(&m.conversation)
+            .map_err(|_| SendError::SealFailed { shard: 0 })?;
+        let shard = self.shards.locator().shard_of(&conversation);
         let started = Instant::now();
-        let key = keys
-            .key(shard, id)
+        let (key_id, key) = keys
+            .key(shard)
             .await
             .ok_or(SendError::SealFailed { shard })?;
         let message_id =
             Uuid::parse_str(&m.message_id).map_err(|_| SendError::SealFailed { shard })?;
         m.sealed_body = key
-            .seal(&message_id, &m.body)
+            .seal(&key_id, &message_id, &m.body)
             .map_err(|_| SendError::SealFailed { shard })?;
         m.body = String::new();
         send.sealed(&record);
@@ -149,8 +286,9 @@ impl App {
             if m.sealed_body.is_empty() {
                 continue;
             }
+            let id = key_id(m);
             let sealed = std::mem::take(&mut m.sealed_body);
-            let Some(id) = key_id(m) else {
+            let Some(id) = id else {
                 opened.gone.push(i);
                 continue;
             };
@@ -190,11 +328,67 @@ pub(crate) struct Opened {
     pub(crate) unavailable: Vec<usize>,
 }
 
-/// A wire message's send key, if its ids are valid.
+/// Where a wire message's key is, if its ids are valid: by the id its sealed body carries, or
+/// under its send key (a body sealed before keys were issued ahead).
 fn key_id(m: &ChatMessage) -> Option<KeyId> {
     Some(KeyId {
         conversation: chat_common::ids::ConversationKey::parse(&m.conversation).ok()?,
         sender: chat_common::ids::UserId::parse(&m.sender).ok()?,
         client_id: chat_common::ids::ClientMessageId::parse(&m.client_message_id).ok()?,
+        key_id: BodyKeyId::of(&m.sealed_body),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issued() -> Issued {
+        (
+            BodyKeyId::generate().expect("id"),
+            BodyKey::generate().expect("key"),
+        )
+    }
+
+    #[test]
+    fn a_pool_skips_stale_keys_asks_once_and_refills_to_the_rate() {
+        let start = Instant::now();
+        let mut pool = Pool {
+            keys: VecDeque::new(),
+            target: POOL_MIN,
+            taken: 0,
+            since: start,
+            refilling: false,
+        };
+        // Empty: nothing to take, a refill asked for once while it runs.
+        assert!(pool.take(start).0.is_none());
+        assert!(pool.wants_refill());
+        assert!(!pool.wants_refill());
+        // 1,000 keys taken in the second before the refill: LEAD's worth at that rate.
+        pool.taken = 1_000;
+        let now = start + Duration::from_secs(1);
+        let n = pool.start_refill(now);
+        assert_eq!(n, 250);
+        assert_eq!(pool.target, 250);
+        pool.refilling = false;
+        // Three keys issued long ago and two now: the stale ones are dropped, not used.
+        let (old, fresh) = ([issued(), issued(), issued()], [issued(), issued()]);
+        let later = now + MAX_AGE + Duration::from_millis(1);
+        pool.keys.extend(old.iter().cloned().map(|k| (k, now)));
+        pool.keys.extend(fresh.iter().cloned().map(|k| (k, later)));
+        let (taken, stale) = pool.take(later);
+        assert_eq!(taken.map(|k| k.0), Some(fresh[0].0));
+        assert_eq!(stale, 3);
+        assert_eq!(pool.taken, 1);
+        // One key left, under half the target: a refill; a quiet pool refills to the minimum,
+        // a busy one to at most the maximum.
+        assert!(pool.wants_refill());
+        assert_eq!(
+            pool.start_refill(later + Duration::from_secs(60)),
+            POOL_MIN - 1
+        );
+        pool.taken = 10_000_000;
+        pool.start_refill(later + Duration::from_secs(61));
+        assert_eq!(pool.target, POOL_MAX);
+    }
 }
