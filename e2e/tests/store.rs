@@ -472,6 +472,28 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
         got.sort();
         assert_eq!(got, want, "{user}'s pending");
     }
+
+    // The expiry: every message sent before its cutoff goes with its key, in either table, and
+    // of the keys no message took, those issued more than `UNUSED_KEY_MARGIN_MS` before it.
+    let margin = db_writer::keys::UNUSED_KEY_MARGIN_MS;
+    let recent = shards.issue_sealing_keys(0, 20, 5_000).await?;
+    let cutoff = margin + 2_500; // after every send; 0 < cutoff - margin < 5,000
+    shards.expire_unacked(cutoff, cutoff).await?;
+    let held = key_ids(shard.query("SELECT id FROM sealing_keys", &[]).await?)?;
+    let mut want: Vec<BodyKeyId> = recent.iter().map(|(id, _)| *id).collect();
+    want.sort();
+    assert_eq!(
+        held, want,
+        "only the unused keys issued after cutoff - margin"
+    );
+    let v1: i64 = shard
+        .query_one("SELECT count(*) FROM body_keys", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        v1, 0,
+        "the keys of version 1 bodies went with their messages"
+    );
     env.teardown().await
 }
 
