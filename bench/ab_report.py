@@ -29,6 +29,7 @@ HOPS = (
     ("catch-up", "multiplexer_presence_catch_up_seconds"),
     ("route", "multiplexer_route_seconds"),
     ("outbound wait", "gateway_outbound_wait_seconds"),
+    ("outbound open", "gateway_outbound_open_seconds"),
 )
 
 

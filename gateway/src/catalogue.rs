@@ -118,6 +118,10 @@ pub(crate) const FAMILIES: &[Family] = &[
     )
     .known("outcome", &["not_connected", "pushed", "shredded"]),
     Family::seconds(
+        "gateway_outbound_open_seconds",
+        "Time from taking outbound records to pushing them: in delete-on-ack mode the read of their body keys and the opening, and the wait for the records before them (per chunk of records taken at once).",
+    ),
+    Family::seconds(
         "gateway_outbound_wait_seconds",
         "Time from an outbound record's timestamp (the multiplexer's clock) to its consumption here.",
     ),

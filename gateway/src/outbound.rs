@@ -3,31 +3,141 @@
 //! user not connected here is skipped: the message stays pending in its shard and reaches the
 //! user by the sync of their next connection.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chat_proto::v1::{outbound_record, server_frame, OutboundRecord, ServerFrame};
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::sessions::Outgoing;
 
+/// The most records taken at once when more are waiting: in delete-on-ack mode their bodies are
+/// opened with one read of keys per shard for them all.
+const CHUNK: usize = 256;
+/// Chunks whose bodies are being opened at once. In delete-on-ack mode each opening is a round
+/// trip to the shards, and one at a time capped a gateway's pushes at a chunk per round trip, so
+/// the shards' latency under load set the mode's highest rate. Pushes keep the log's order: a
+/// chunk is pushed once every chunk before it is.
+const OPENING: usize = 4;
+
+/// An outbound item: the user it is for, and what to push.
+type Item = (String, Option<outbound_record::Kind>);
+
+/// Records taken at once, decoded, with the offsets to store once they are pushed.
+#[derive(Default)]
+struct Chunk {
+    items: Vec<Item>,
+    /// The next offset to consume, per topic and partition.
+    next: BTreeMap<(String, i32), i64>,
+    /// The consumer reported an error among these records.
+    failed: bool,
+    /// When the records were taken.
+    taken: Option<Instant>,
+}
+
 /// Runs until `shutdown`.
 pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: CancellationToken) {
+    relay(
+        || async {
+            // A record, and those already waiting behind it.
+            let mut records = vec![consumer.recv().await];
+            while records.len() < CHUNK {
+                match consumer.recv().now_or_never() {
+                    Some(record) => records.push(record),
+                    None => break,
+                }
+            }
+            decode(records)
+        },
+        |chunk| open_chunk(app.clone(), chunk),
+        |chunk| pushed(&app, &consumer, chunk),
+        &shutdown,
+    )
+    .await;
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+}
+
+/// Takes chunks with `take`, opens up to [`OPENING`] of them at a time with `open`, and gives
+/// each to `deliver` once it and every chunk taken before it are opened: in the order taken.
+/// Runs until `shutdown`. `take` must be cancel safe: its future is dropped, unfinished, when
+/// a chunk finishes opening first.
+async fn relay<C, Take, Taken, Open, Opened, Deliver>(
+    mut take: Take,
+    open: Open,
+    mut deliver: Deliver,
+    shutdown: &CancellationToken,
+) where
+    Take: FnMut() -> Taken,
+    Taken: std::future::Future<Output = C>,
+    Open: Fn(C) -> Opened,
+    Opened: std::future::Future<Output = C>,
+    Deliver: FnMut(C),
+{
+    let mut opening = FuturesOrdered::new();
     loop {
-        let msg = tokio::select! {
+        tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
-            m = consumer.recv() => m,
-        };
+            Some(chunk) = opening.next(), if !opening.is_empty() => deliver(chunk),
+            chunk = take(), if opening.len() < OPENING => opening.push_back(open(chunk)),
+        }
+    }
+}
+
+/// Opens a chunk's sealed bodies (delete-on-ack mode; nothing to do in keep mode).
+async fn open_chunk(app: Arc<App>, mut chunk: Chunk) -> Chunk {
+    if chunk.failed {
+        // Never a busy loop on a failing consumer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    open_sealed(&app, &mut chunk.items).await;
+    chunk
+}
+
+/// Pushes a chunk's items in order, then stores its offsets.
+fn pushed(app: &App, consumer: &StreamConsumer, chunk: Chunk) {
+    for (user, kind) in chunk.items {
+        push(app, &user, kind);
+    }
+    if let Some(taken) = chunk.taken {
+        metrics::histogram!("gateway_outbound_open_seconds").record(taken.elapsed());
+    }
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), next) in &chunk.next {
+        if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            tracing::debug!(error = %e, "offset not stored");
+        }
+    }
+    if offsets.count() > 0 {
+        if let Err(e) = consumer.store_offsets(&offsets) {
+            tracing::debug!(error = %e, "offsets not stored");
+        }
+    }
+}
+
+/// Decodes records as the consumer gave them: a batch's items in order, or a single record's
+/// one item (keyed by its user). An undecodable record is counted and skipped.
+fn decode(records: Vec<KafkaResult<BorrowedMessage<'_>>>) -> Chunk {
+    let mut chunk = Chunk {
+        taken: Some(Instant::now()),
+        ..Chunk::default()
+    };
+    for msg in records {
         let msg = match msg {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "outbound consume failed");
                 metrics::counter!("gateway_errors_total", "kind" => "consume").increment(1);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                chunk.failed = true;
                 continue;
             }
         };
@@ -36,6 +146,9 @@ pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cance
             let waited_ms = chat_common::now_ms().saturating_sub(produced_ms).max(0);
             metrics::histogram!("gateway_outbound_wait_seconds").record(waited_ms as f64 / 1000.0);
         }
+        chunk
+            .next
+            .insert((msg.topic().to_owned(), msg.partition()), msg.offset() + 1);
         let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
         match (msg.payload().map(OutboundRecord::decode), key) {
             (
@@ -43,23 +156,14 @@ pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cance
                     kind: Some(outbound_record::Kind::Batch(batch)),
                 })),
                 _,
-            ) => {
-                let mut items: Vec<(String, Option<outbound_record::Kind>)> = batch
+            ) => chunk.items.extend(
+                batch
                     .items
                     .into_iter()
-                    .map(|item| (item.user, item.record.and_then(|r| r.kind)))
-                    .collect();
-                open_sealed(&app, &mut items).await;
-                for (user, kind) in items {
-                    push(&app, &user, kind);
-                }
-            }
+                    .map(|item| (item.user, item.record.and_then(|r| r.kind))),
+            ),
             (Some(Ok(OutboundRecord { kind: Some(kind) })), Some(user)) => {
-                let mut items = vec![(user.to_owned(), Some(kind))];
-                open_sealed(&app, &mut items).await;
-                for (user, kind) in items {
-                    push(&app, &user, kind);
-                }
+                chunk.items.push((user.to_owned(), Some(kind)))
             }
             _ => {
                 tracing::warn!(
@@ -70,19 +174,16 @@ pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cance
                 metrics::counter!("gateway_errors_total", "kind" => "invalid_record").increment(1);
             }
         }
-        if let Err(e) = consumer.store_offset_from_message(&msg) {
-            tracing::debug!(error = %e, "offset not stored");
-        }
     }
-    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    chunk
 }
 
 /// Delete-on-ack mode: opens the sealed bodies of the delivers for users connected here (one
-/// read of keys per shard for the whole record), and drops those with nothing left to deliver:
+/// read of keys per shard for the whole chunk), and drops those with nothing left to deliver:
 /// acknowledged or expired since (their key is gone), or whose key could not be read (the
 /// shard did not answer: the message stays pending for the client's next sync). A deliver for a
 /// user not connected here is left sealed: it is skipped anyway.
-async fn open_sealed(app: &App, items: &mut Vec<(String, Option<outbound_record::Kind>)>) {
+async fn open_sealed(app: &App, items: &mut Vec<Item>) {
     if !app.seals() {
         return;
     }
@@ -154,4 +255,83 @@ fn push(app: &App, user: &str, kind: Option<outbound_record::Kind>) {
     let pushed = app.push_to(user, item);
     let outcome = if pushed { "pushed" } else { "not_connected" };
     metrics::counter!("gateway_outbound_total", "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A seeded xorshift: the delays of a run, replayed by its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Chunks opened in random times, several at once, are delivered in the order taken, with
+    /// never more than `OPENING` opening at a time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_open_together_and_are_delivered_in_the_order_taken() {
+        const N: usize = 300;
+        let seed = std::env::var("RELAY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| chat_common::now_ms() as u64 | 1);
+        println!("RELAY_SEED={seed}");
+        let rng = Mutex::new(Rng(seed));
+        let (next, in_flight, most) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let mut delivered = Vec::new();
+        let shutdown = CancellationToken::new();
+        let delay = || Duration::from_micros(rng.lock().expect("rng").below(3000));
+        relay(
+            || {
+                let (pause, next) = (delay(), &next);
+                async move {
+                    if next.load(Ordering::SeqCst) == N {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(pause / 4).await;
+                    next.fetch_add(1, Ordering::SeqCst)
+                }
+            },
+            |chunk| {
+                let pause = delay();
+                let (in_flight, most) = (&in_flight, &most);
+                async move {
+                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(pause).await;
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    chunk
+                }
+            },
+            |chunk| {
+                delivered.push(chunk);
+                if delivered.len() == N {
+                    shutdown.cancel();
+                }
+            },
+            &shutdown,
+        )
+        .await;
+        assert_eq!(delivered, (0..N).collect::<Vec<_>>(), "in the order taken");
+        let most = most.load(Ordering::SeqCst);
+        assert!(
+            most <= OPENING,
+            "{most} opened at once, more than {OPENING}"
+        );
+        assert!(most > 1, "never more than one opening at a time");
+    }
 }

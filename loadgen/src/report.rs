@@ -452,7 +452,7 @@ const DELETE_ON_ACK_RATIO_MIN: f64 = 0.85;
 
 /// The pipeline's histograms of a message's hops, in the order a message meets them: a label
 /// (what one observation is) and the histogram's name.
-const HOPS: [(&str, &str); 10] = [
+const HOPS: [(&str, &str); 11] = [
     (
         "gateway produce ack (produce to `inbound` until acknowledged; per message)",
         "gateway_produce_seconds",
@@ -484,6 +484,10 @@ const HOPS: [(&str, &str); 10] = [
     (
         "outbound wait (record's Kafka timestamp to consumed by the gateway; per record)",
         "gateway_outbound_wait_seconds",
+    ),
+    (
+        "outbound open (records taken to pushed: in delete-on-ack mode their keys read and bodies opened; per chunk)",
+        "gateway_outbound_open_seconds",
     ),
     (
         "socket write (frames written and flushed to a socket; per write)",
