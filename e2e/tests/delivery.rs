@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chat_client::{Client, ClientError, Event, Options, Rest};
-use chat_e2e::{connect, http_url, ws_url, TestEnv, WAIT};
+use chat_e2e::{connect, http_url, ws_url, Rng, TestEnv, WAIT};
 use chat_proto::v1::{outbound_record, ChatMessage, OutboundBatch, OutboundItem, OutboundRecord};
+use db_writer::Retention;
 use futures_util::future::join_all;
 use prost::Message as _;
 use rdkafka::message::Message as _;
@@ -543,5 +544,120 @@ async fn a_failed_produce_is_answered_with_an_error_frame() -> anyhow::Result<()
     alice.close();
     gw.stop().await;
     delete_topics(&env.kafka, &[broken.presence()]).await?;
+    env.teardown().await
+}
+
+/// Delete-on-ack mode, as busy clients drive it: senders on one gateway pipeline bursts to
+/// recipients on the other, all at once, with bodies of odd characters; one recipient acks each
+/// message as it arrives (destroying the keys of what it read while later records are being
+/// opened). The receiving gateway opens the bodies of several outbound records at a time
+/// (`gateway::outbound`); every recipient must still get every message once, in each
+/// conversation's order, with its body intact. Seeded: DOA_BURSTS_SEED replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_on_ack_pushes_pipelined_bursts_once_in_order_with_bodies_intact(
+) -> anyhow::Result<()> {
+    let (_, mut rng) = Rng::seeded("DOA_BURSTS_SEED");
+    let mut env = TestEnv::new(2, &["gw1", "gw2"]).await?;
+    env.retention = Retention::DeleteOnAck;
+    let (gw1, gw2) = (
+        env.start_gateway("gw1").await?,
+        env.start_gateway("gw2").await?,
+    );
+    let mux = env.start_multiplexer().await?;
+    let senders: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    let recipients: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+    let mut readers = Vec::new();
+    for r in &recipients {
+        readers.push(connect(&ws_url(gw2.addr), &env.token(r)).await);
+    }
+    let odd = [
+        "😀👍🏽👨‍👩‍👧‍👦🇳🇱",
+        "\u{1}\u{1f}\u{7f}\t\r\n",
+        "שלום \u{202e}مرحبا\u{202c}",
+        "\u{feff}\u{2028}\u{fffd}\u{10ffff}",
+        "e\u{301}Z\u{336}a\u{30a}",
+        "\"quoted\" \\ back/slash",
+    ];
+    // What each sender sends, in issue order: (recipient, body).
+    let mut plans: Vec<Vec<(String, String)>> = Vec::new();
+    for s in &senders {
+        let n = rng.range(30, 70);
+        plans.push(
+            (0..n)
+                .map(|i| {
+                    let to = recipients[rng.below(recipients.len())].clone();
+                    let body = format!("{s}-{i} {}", odd[rng.below(odd.len())]);
+                    (to, body)
+                })
+                .collect(),
+        );
+    }
+    let mut clients = Vec::new();
+    for s in &senders {
+        clients.push(connect(&ws_url(gw1.addr), &env.token(s)).await);
+    }
+    // Every sender at once, each pipelining its whole burst.
+    let bursts = clients
+        .iter()
+        .zip(&plans)
+        .map(|(client, plan)| join_all(plan.iter().map(|(to, body)| client.send(to, body))));
+    for results in join_all(bursts).await {
+        for r in results {
+            r.expect("accepted");
+        }
+    }
+    // Each conversation's bodies in issue order, which is its seq order.
+    let mut expected: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for (s, plan) in senders.iter().zip(&plans) {
+        for (to, body) in plan {
+            expected
+                .entry((to.clone(), s.clone()))
+                .or_default()
+                .push(body.clone());
+        }
+    }
+    for (i, (reader, r)) in readers.iter_mut().zip(&recipients).enumerate() {
+        let total: usize = expected
+            .iter()
+            .filter(|((to, _), _)| to == r)
+            .map(|(_, v)| v.len())
+            .sum();
+        let mut got: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+        for _ in 0..total {
+            let m = reader.next_message(WAIT).await?;
+            if i == 0 {
+                reader.ack(&m.sender, m.seq)?;
+            }
+            got.entry(m.sender.clone())
+                .or_default()
+                .push((m.seq, m.body));
+        }
+        for s in &senders {
+            let want = expected.remove(&(r.clone(), s.clone())).unwrap_or_default();
+            let have = got.remove(s).unwrap_or_default();
+            let seqs: Vec<u64> = have.iter().map(|(seq, _)| *seq).collect();
+            assert_eq!(
+                seqs,
+                (1..=want.len() as u64).collect::<Vec<_>>(),
+                "{s} -> {r}: every message once, in order"
+            );
+            let bodies: Vec<String> = have.into_iter().map(|(_, b)| b).collect();
+            assert_eq!(bodies, want, "{s} -> {r}: bodies intact, in issue order");
+        }
+        assert!(got.is_empty(), "{r} got messages from no sender: {got:?}");
+    }
+    // Nothing more arrives: a repeat would show here.
+    let marker = clients[0].send(&recipients[1], "marker").await?;
+    let next = readers[1].next_message(WAIT).await?;
+    assert_eq!(
+        next.message_id, marker.message_id,
+        "nothing after the bursts but the marker"
+    );
+    for c in clients.iter().chain(&readers) {
+        c.close();
+    }
+    for c in [gw1, gw2, mux] {
+        c.stop().await;
+    }
     env.teardown().await
 }
