@@ -132,9 +132,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         bounds,
         shutdown.clone(),
     ));
-    let outbound = tokio::spawn(outbound::run(app.clone(), consumer, shutdown.clone()));
-    tokio::spawn(ping_sessions(app.clone(), shutdown.clone()));
     tracing::info!(%addr, %metrics_addr, tls = acceptor.is_some(), gateway = %app.config().gateway_id, outbound = %outbound_topic, "gateway started");
+    let outbound = tokio::spawn(outbound::run(
+        app.clone(),
+        consumer,
+        outbound_topic,
+        shutdown.clone(),
+    ));
+    tokio::spawn(ping_sessions(app.clone(), shutdown.clone()));
 
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;

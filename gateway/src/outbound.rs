@@ -33,19 +33,35 @@ const OPENING: usize = 4;
 type Item = (String, Option<outbound_record::Kind>);
 
 /// Records taken at once, decoded, with the offsets to store once they are pushed.
-#[derive(Default)]
 struct Chunk {
     items: Vec<Item>,
-    /// The next offset to consume, per topic and partition.
-    next: BTreeMap<(String, i32), i64>,
+    /// The next offset to consume, per partition of the topic.
+    next: BTreeMap<i32, i64>,
     /// The consumer reported an error among these records.
     failed: bool,
     /// When the records were taken.
-    taken: Option<Instant>,
+    taken: Instant,
 }
 
-/// Runs until `shutdown`.
-pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: CancellationToken) {
+impl Chunk {
+    /// An empty chunk, taken now.
+    fn taken_now() -> Self {
+        Self {
+            items: Vec::new(),
+            next: BTreeMap::new(),
+            failed: false,
+            taken: Instant::now(),
+        }
+    }
+}
+
+/// Consumes `topic`, the one topic `consumer` is subscribed to, until `shutdown`.
+pub(crate) async fn run(
+    app: Arc<App>,
+    consumer: StreamConsumer,
+    topic: String,
+    shutdown: CancellationToken,
+) {
     relay(
         || async {
             // A record, and those already waiting behind it.
@@ -56,10 +72,10 @@ pub(crate) async fn run(app: Arc<App>, consumer: StreamConsumer, shutdown: Cance
                     None => break,
                 }
             }
-            decode(records)
+            decode(&topic, records)
         },
         |chunk| open_chunk(app.clone(), chunk),
-        |chunk| pushed(&app, &consumer, chunk),
+        |chunk| pushed(&app, &consumer, &topic, chunk),
         &shutdown,
     )
     .await;
@@ -103,16 +119,14 @@ async fn open_chunk(app: Arc<App>, mut chunk: Chunk) -> Chunk {
     chunk
 }
 
-/// Pushes a chunk's items in order, then stores its offsets.
-fn pushed(app: &App, consumer: &StreamConsumer, chunk: Chunk) {
+/// Pushes a chunk's items in order, then stores its offsets in `topic`.
+fn pushed(app: &App, consumer: &StreamConsumer, topic: &str, chunk: Chunk) {
     for (user, kind) in chunk.items {
         push(app, &user, kind);
     }
-    if let Some(taken) = chunk.taken {
-        metrics::histogram!("gateway_outbound_open_seconds").record(taken.elapsed());
-    }
+    metrics::histogram!("gateway_outbound_open_seconds").record(chunk.taken.elapsed());
     let mut offsets = TopicPartitionList::new();
-    for ((topic, partition), next) in &chunk.next {
+    for (partition, next) in &chunk.next {
         if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
             tracing::debug!(error = %e, "offset not stored");
         }
@@ -125,12 +139,10 @@ fn pushed(app: &App, consumer: &StreamConsumer, chunk: Chunk) {
 }
 
 /// Decodes records as the consumer gave them: a batch's items in order, or a single record's
-/// one item (keyed by its user). An undecodable record is counted and skipped.
-fn decode(records: Vec<KafkaResult<BorrowedMessage<'_>>>) -> Chunk {
-    let mut chunk = Chunk {
-        taken: Some(Instant::now()),
-        ..Chunk::default()
-    };
+/// one item (keyed by its user). An undecodable record is counted and skipped, and so is a
+/// record of any topic but `topic` (none is subscribed).
+fn decode(topic: &str, records: Vec<KafkaResult<BorrowedMessage<'_>>>) -> Chunk {
+    let mut chunk = Chunk::taken_now();
     for msg in records {
         let msg = match msg {
             Ok(m) => m,
@@ -146,9 +158,15 @@ fn decode(records: Vec<KafkaResult<BorrowedMessage<'_>>>) -> Chunk {
             let waited_ms = chat_common::now_ms().saturating_sub(produced_ms).max(0);
             metrics::histogram!("gateway_outbound_wait_seconds").record(waited_ms as f64 / 1000.0);
         }
-        chunk
-            .next
-            .insert((msg.topic().to_owned(), msg.partition()), msg.offset() + 1);
+        if msg.topic() != topic {
+            tracing::warn!(
+                topic = msg.topic(),
+                "a record of a topic not subscribed; skipped"
+            );
+            metrics::counter!("gateway_errors_total", "kind" => "invalid_record").increment(1);
+            continue;
+        }
+        chunk.next.insert(msg.partition(), msg.offset() + 1);
         let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
         match (msg.payload().map(OutboundRecord::decode), key) {
             (
