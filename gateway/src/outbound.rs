@@ -153,11 +153,6 @@ fn decode(topic: &str, records: Vec<KafkaResult<BorrowedMessage<'_>>>) -> Chunk 
                 continue;
             }
         };
-        if let Some(produced_ms) = msg.timestamp().to_millis() {
-            // The record's timestamp (the multiplexer's clock at produce) to now.
-            let waited_ms = chat_common::now_ms().saturating_sub(produced_ms).max(0);
-            metrics::histogram!("gateway_outbound_wait_seconds").record(waited_ms as f64 / 1000.0);
-        }
         if msg.topic() != topic {
             tracing::warn!(
                 topic = msg.topic(),
@@ -165,6 +160,11 @@ fn decode(topic: &str, records: Vec<KafkaResult<BorrowedMessage<'_>>>) -> Chunk 
             );
             metrics::counter!("gateway_errors_total", "kind" => "invalid_record").increment(1);
             continue;
+        }
+        if let Some(produced_ms) = msg.timestamp().to_millis() {
+            // The record's timestamp (the multiplexer's clock at produce) to now.
+            let waited_ms = chat_common::now_ms().saturating_sub(produced_ms).max(0);
+            metrics::histogram!("gateway_outbound_wait_seconds").record(waited_ms as f64 / 1000.0);
         }
         chunk.next.insert(msg.partition(), msg.offset() + 1);
         let key = msg.key().and_then(|k| std::str::from_utf8(k).ok());
