@@ -11,9 +11,12 @@
 # (this tree's target/release, or another commit's, built and copied aside: docs/operations.md,
 # "Benchmarks", shows how), and optional settings: VAR=value goes to its gateways and its
 # multiplexer, gateway:VAR=value to the gateways only, multiplexer:VAR=value to the multiplexer
-# only. For example, this build against itself with a longer batch wait:
+# only, and retention=keep|delete-on-ack runs the variant in that mode in place of --retention's.
+# For example, this build against itself with a longer batch wait, or in both modes, alternated
+# so that the machine's swings fall on both:
 #
 #   bench/ab.sh --rate 500 now=target/release wait5=target/release,MULTIPLEXER_BATCH_WAIT_MS=5
+#   bench/ab.sh --rate 3000 keep=target/release doa=target/release,retention=delete-on-ack
 #
 # Each run is bench/bench.sh's e2e stage held at the rate (BENCH_STAGES=e2e): a warm-up at half
 # the rate and a 5 s probe, then a confirm trial and a latency trial of S seconds each at the rate,
@@ -61,7 +64,7 @@ done
 [[ "$retention" == keep || "$retention" == delete-on-ack ]] \
   || die "--retention: keep or delete-on-ack, not '$retention'"
 
-names=() dirs=() envs=() gw_envs=() mx_envs=()
+names=() dirs=() envs=() gw_envs=() mx_envs=() retentions=()
 for v in "${variants[@]}"; do
   [[ "$v" == *=* ]] || die "variant '$v': NAME=DIR[,VAR=value...]"
   name="${v%%=*}" rest="${v#*=}"
@@ -71,16 +74,19 @@ for v in "${variants[@]}"; do
   for b in gateway multiplexer db-writer; do
     [[ -x "$dir/$b" ]] || die "variant $name: $dir/$b is missing (cargo build --release --bins)"
   done
-  gw="" mx=""
+  gw="" mx="" mode="$retention" env=""
   for setting in ${settings//,/ }; do
     case "$setting" in
+      retention=keep|retention=delete-on-ack) mode="${setting#retention=}"; continue ;;
+      retention=*) die "variant $name: retention=keep or retention=delete-on-ack, not '$setting'" ;;
       gateway:*=*) gw+=" ${setting#gateway:}" ;;
       multiplexer:*=*) mx+=" ${setting#multiplexer:}" ;;
       *=*) gw+=" $setting" mx+=" $setting" ;;
       *) die "variant $name: setting '$setting' is not [gateway:|multiplexer:]VAR=value" ;;
     esac
+    env+=" $setting"
   done
-  names+=("$name") dirs+=("$(cd "$dir" && pwd)") envs+=("${settings//,/ }")
+  names+=("$name") dirs+=("$(cd "$dir" && pwd)") envs+=("${env# }") retentions+=("$mode")
   gw_envs+=("${gw# }") mx_envs+=("${mx# }")
 done
 
@@ -112,14 +118,14 @@ run_variant() {
     psql -Atq "$pg_admin" -c "SELECT pg_stat_statements_reset()" >/dev/null \
       || die "resetting pg_stat_statements failed"
   fi
-  BENCH_STAGES=e2e BENCH_RETENTIONS="$retention" BENCH_START_RATE="$rate" \
+  BENCH_STAGES=e2e BENCH_RETENTIONS="${retentions[$i]}" BENCH_START_RATE="$rate" \
     BENCH_SEARCH_ARGS="$search" BENCH_SERVICES_BIN="${dirs[$i]}" \
     BENCH_GATEWAY_ENV="${gw_envs[$i]}" BENCH_MULTIPLEXER_ENV="${mx_envs[$i]}" \
     BENCH_COMMAND="bench/ab.sh ($label)" \
     bench/bench.sh >"$log" 2>&1 || die "the run failed: see $log"
   run="$(grep -o 'target/bench/bench[0-9]*' "$log" | tail -1)"
   [[ -n "$run" ]] || die "no run directory in $log"
-  [[ "$retention" == keep ]] || run="$run/delete-on-ack"
+  [[ "${retentions[$i]}" == keep ]] || run="$run/delete-on-ack"
   if [[ "$statements" == 1 ]]; then
     # One line a statement: calls, rows, ms executing, ms planning, WAL bytes, its text on one line.
     psql -Atq -F $'\t' "$pg_admin" -c "SELECT calls, rows, total_exec_time, total_plan_time,
@@ -143,10 +149,16 @@ for round in $(seq 1 "$rounds"); do
 done
 
 {
-  echo "# A/B at $rate msg/s ($retention mode; ${seconds} s trials, $rounds rounds)"
+  modes="$(printf '%s\n' "${retentions[@]}" | sort -u)"
+  if [[ "$modes" == *$'\n'* ]]; then
+    modes="each variant in its mode"
+  else
+    modes="$modes mode"
+  fi
+  echo "# A/B at $rate msg/s ($modes; ${seconds} s trials, $rounds rounds)"
   echo
   for i in "${!names[@]}"; do
-    echo "- ${names[$i]}: ${dirs[$i]}${envs[$i]:+ with ${envs[$i]}}"
+    echo "- ${names[$i]}: ${dirs[$i]}, ${retentions[$i]} mode${envs[$i]:+, with ${envs[$i]}}"
   done
   echo
   python3 bench/ab_report.py "$rate" "$runs"
