@@ -74,6 +74,10 @@ impl TopicNames {
     pub fn outbound(&self, gateway: &GatewayId) -> String {
         format!("{}outbound-{}", self.prefix, gateway.as_str())
     }
+    /// The consumer group of `gateway`'s outbound topic.
+    pub fn gateway_group(&self, gateway: &GatewayId) -> String {
+        format!("{}gateway-{}", self.prefix, gateway.as_str())
+    }
 
     /// What the topic `name` is in this deployment, by its whole name (never by a suffix: the
     /// outbound topic of a gateway named `presence` is `outbound-presence`, an outbound topic).

@@ -661,7 +661,7 @@ async fn delete_on_ack_pushes_pipelined_bursts_once_in_order_with_bodies_intact(
     }
     // gw2 stored the offset of every record it pushed (the marker's last), and committed them
     // as it stopped: a restart would push nothing again.
-    let group = format!("{}gateway-gw2", env.topics.prefix());
+    let group = env.topics.gateway_group(&env.gateway_ids[1]);
     assert!(
         env.group_caught_up(&group, &env.topics.outbound(&env.gateway_ids[1]))
             .await?,

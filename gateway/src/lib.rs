@@ -163,7 +163,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
 /// The consumer of this gateway's outbound topic, subscribed.
 fn outbound_consumer(config: &Config, topic: &str) -> anyhow::Result<StreamConsumer> {
-    let group = format!("{}gateway-{}", config.topics.prefix(), config.gateway_id);
+    let group = config.topics.gateway_group(&config.gateway_id);
     let consumer = config.kafka.consumer(&group)?;
     consumer
         .subscribe(&[topic])
