@@ -74,7 +74,8 @@ impl TopicNames {
     pub fn outbound(&self, gateway: &GatewayId) -> String {
         format!("{}outbound-{}", self.prefix, gateway.as_str())
     }
-    /// The consumer group of `gateway`'s outbound topic.
+    /// The consumer group of `gateway`'s outbound topic (chatctl's ACLs spell it out, as the
+    /// infrastructure tests compare them with Terraform's text).
     pub fn gateway_group(&self, gateway: &GatewayId) -> String {
         format!("{}gateway-{}", self.prefix, gateway.as_str())
     }

@@ -108,7 +108,7 @@ pub fn deployment_acls(
     let mut a = AclList::default();
     let prefix = names.prefix();
     for id in gateways {
-        let (user, group) = (format!("gateway-{}", id.as_str()), names.gateway_group(id));
+        let (user, id) = (format!("gateway-{}", id.as_str()), id.as_str());
         a.allow(&user, Topic, Literal, names.inbound(), &[Write, Describe]);
         a.allow(
             &user,
@@ -117,8 +117,20 @@ pub fn deployment_acls(
             names.presence(),
             &[Write, Read, Describe],
         );
-        a.allow(&user, Topic, Literal, names.outbound(id), &[Read, Describe]);
-        a.allow(&user, Group, Literal, group, &[Read]);
+        a.allow(
+            &user,
+            Topic,
+            Literal,
+            format!("{prefix}outbound-{id}"),
+            &[Read, Describe],
+        );
+        a.allow(
+            &user,
+            Group,
+            Literal,
+            format!("{prefix}gateway-{id}"),
+            &[Read],
+        );
     }
     let mux = "multiplexer";
     a.allow(mux, Topic, Literal, names.inbound(), &[Read, Describe]);
