@@ -11,7 +11,9 @@
 # (this tree's target/release, or another commit's, built and copied aside: docs/operations.md,
 # "Benchmarks", shows how), and optional settings: VAR=value goes to its gateways and its
 # multiplexer, gateway:VAR=value to the gateways only, multiplexer:VAR=value to the multiplexer
-# only, and retention=keep|delete-on-ack runs the variant in that mode in place of --retention's.
+# only, postgres:name=value sets a server setting of the stack's Postgres for the variant's runs
+# (one a reload applies, such as commit_delay), and retention=keep|delete-on-ack runs the variant
+# in that mode in place of --retention's.
 # For example, this build against itself with a longer batch wait, or in both modes, alternated
 # so that the machine's swings fall on both:
 #
@@ -64,7 +66,7 @@ done
 [[ "$retention" == keep || "$retention" == delete-on-ack ]] \
   || die "--retention: keep or delete-on-ack, not '$retention'"
 
-names=() dirs=() envs=() gw_envs=() mx_envs=() retentions=()
+names=() dirs=() envs=() gw_envs=() mx_envs=() pg_sets=() retentions=()
 for v in "${variants[@]}"; do
   [[ "$v" == *=* ]] || die "variant '$v': NAME=DIR[,VAR=value...]"
   name="${v%%=*}" rest="${v#*=}"
@@ -74,20 +76,25 @@ for v in "${variants[@]}"; do
   for b in gateway multiplexer db-writer; do
     [[ -x "$dir/$b" ]] || die "variant $name: $dir/$b is missing (cargo build --release --bins)"
   done
-  gw="" mx="" mode="$retention" env=""
+  gw="" mx="" pg="" mode="$retention" env=""
   for setting in ${settings//,/ }; do
     case "$setting" in
       retention=keep|retention=delete-on-ack) mode="${setting#retention=}"; continue ;;
       retention=*) die "variant $name: retention=keep or retention=delete-on-ack, not '$setting'" ;;
       gateway:*=*) gw+=" ${setting#gateway:}" ;;
       multiplexer:*=*) mx+=" ${setting#multiplexer:}" ;;
+      postgres:*=*)
+        kv="${setting#postgres:}"
+        [[ "${kv%%=*}" =~ ^[a-z_]+$ && "${kv#*=}" =~ ^[A-Za-z0-9_.]+$ ]] \
+          || die "variant $name: '$setting' is not postgres:name=value (a server setting)"
+        pg+=" $kv" ;;
       *=*) gw+=" $setting" mx+=" $setting" ;;
       *) die "variant $name: setting '$setting' is not [gateway:|multiplexer:]VAR=value" ;;
     esac
     env+=" $setting"
   done
   names+=("$name") dirs+=("$(cd "$dir" && pwd)") envs+=("${env# }") retentions+=("$mode")
-  gw_envs+=("${gw# }") mx_envs+=("${mx# }")
+  gw_envs+=("${gw# }") mx_envs+=("${mx# }") pg_sets+=("${pg# }")
 done
 
 # The statements' counters of the whole Postgres server, read through the first shard database
@@ -101,6 +108,50 @@ if [[ "$statements" == 1 ]]; then
       "'infra/scripts/postgres.sh stop && PG_STAT_STATEMENTS=1 infra/scripts/postgres.sh start'"
   psql -Atq "$pg_admin" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" >/dev/null
 fi
+
+# postgres:name=value: the stack's server runs the variant with that setting (ALTER SYSTEM and a
+# reload before its run, RESET and a reload after it, and on any exit). Only settings a reload
+# applies: one that needs a restart stops the A/B.
+pg_apply() { # "name=value ..."; waits until a new session sees each value
+  local kv n v tries
+  [[ -n "$1" ]] || return 0
+  for kv in $1; do
+    psql -Atq "$pg_admin" -c "ALTER SYSTEM SET ${kv%%=*} = '${kv#*=}'" >/dev/null \
+      || die "postgres:$kv: ALTER SYSTEM failed"
+  done
+  psql -Atq "$pg_admin" -c "SELECT pg_reload_conf()" >/dev/null
+  for kv in $1; do
+    n="${kv%%=*}" v="${kv#*=}" tries=0
+    until [[ "$(psql -Atq "$pg_admin" -c "SHOW $n")" == "$v" ]]; do
+      [[ -z "$(psql -Atq "$pg_admin" -c "SELECT name FROM pg_settings WHERE pending_restart")" ]] \
+        || die "postgres:$kv needs a restart of the server, not a reload"
+      ((++tries < 50)) || die "postgres:$kv: the server shows $n = $(psql -Atq "$pg_admin" -c "SHOW $n")"
+      sleep 0.1
+    done
+  done
+}
+# Every setting any variant makes goes back to the server's own (runs happen in subshells, so
+# this does not track which one is set now).
+pg_reset() {
+  local kv all="${pg_sets[*]}"
+  [[ -n "${all// /}" ]] || return 0
+  for kv in $all; do psql -Atq "$pg_admin" -c "ALTER SYSTEM RESET ${kv%%=*}" >/dev/null || true; done
+  psql -Atq "$pg_admin" -c "SELECT pg_reload_conf()" >/dev/null || true
+  for kv in $all; do
+    local tries=0
+    until [[ "$(psql -Atq "$pg_admin" -c "SELECT count(*) FROM pg_settings
+                 WHERE name = '${kv%%=*}' AND sourcefile LIKE '%postgresql.auto.conf'")" == 0 ]]; do
+      ((++tries < 50)) || die "postgres:$kv: still set after RESET and a reload"
+      sleep 0.1
+    done
+  done
+}
+trap pg_reset EXIT
+
+WAL_NAMES="records|full_page_images|bytes|buffers_full|writes|syncs|write_ms|sync_ms|commits"
+WAL_COUNTERS="SELECT wal_records, wal_fpi, wal_bytes, wal_buffers_full, wal_write, wal_sync,
+  round(wal_write_time::numeric, 3), round(wal_sync_time::numeric, 3),
+  (SELECT sum(xact_commit) FROM pg_stat_database) FROM pg_stat_wal"
 
 out="target/bench/ab-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"
@@ -118,14 +169,24 @@ run_variant() {
     psql -Atq "$pg_admin" -c "SELECT pg_stat_statements_reset()" >/dev/null \
       || die "resetting pg_stat_statements failed"
   fi
+  pg_apply "${pg_sets[$i]}"
+  local wal_before
+  wal_before="$(psql -Atq "$pg_admin" -c "$WAL_COUNTERS")" || die "reading pg_stat_wal failed"
   BENCH_STAGES=e2e BENCH_RETENTIONS="${retentions[$i]}" BENCH_START_RATE="$rate" \
     BENCH_SEARCH_ARGS="$search" BENCH_SERVICES_BIN="${dirs[$i]}" \
     BENCH_GATEWAY_ENV="${gw_envs[$i]}" BENCH_MULTIPLEXER_ENV="${mx_envs[$i]}" \
     BENCH_COMMAND="bench/ab.sh ($label)" \
     bench/bench.sh >"$log" 2>&1 || die "the run failed: see $log"
+  pg_reset
   run="$(grep -o 'target/bench/bench[0-9]*' "$log" | tail -1)"
   [[ -n "$run" ]] || die "no run directory in $log"
   [[ "${retentions[$i]}" == keep ]] || run="$run/delete-on-ack"
+  # What the run cost the server's WAL (over all its trials): counters of pg_stat_wal and the
+  # commits of all databases, the difference across the run, a name and a number a line.
+  paste <(tr '|' '\n' <<<"$WAL_NAMES") <(psql -Atq "$pg_admin" -c "$WAL_COUNTERS" | tr '|' '\n') \
+    <(tr '|' '\n' <<<"$wal_before") \
+    | awk -F'\t' '{ printf(($1 ~ /_ms$/) ? "%s\t%.3f\n" : "%s\t%.0f\n", $1, $2 - $3) }' \
+    >"$run/postgres-wal.tsv" || die "reading pg_stat_wal failed"
   if [[ "$statements" == 1 ]]; then
     # One line a statement: calls, rows, ms executing, ms planning, WAL bytes, its text on one line.
     psql -Atq -F $'\t' "$pg_admin" -c "SELECT calls, rows, total_exec_time, total_plan_time,

@@ -12,6 +12,12 @@ With --statements, each run directory also holds statements.tsv (pg_stat_stateme
 whole run, one line a statement: calls, rows, ms executing, ms planning, WAL bytes, text). The
 report then adds what Postgres's statements cost per message of the run (every message its
 trials sent), grouped by what they do, as each variant's median over its runs.
+
+Each run directory may also hold postgres-wal.tsv (bench/ab.sh writes it: what the whole run cost
+the server's WAL, pg_stat_wal's counters across it, a name and a number a line). The report then
+adds, per variant, the median over its runs of the WAL per message of the run and of its
+flushes: how many, and how long one took (wal_sync_time, which the server counts only with
+track_wal_io_timing on; without it that column stays empty).
 """
 
 import json
@@ -133,6 +139,43 @@ def table(title, columns, rows, digits):
     return "\n".join(out) + "\n"
 
 
+WAL_COLUMNS = ("WAL bytes a message", "WAL records a message", "full-page images per 1,000",
+               "flushes per 1,000", "ms a flush", "flush ms per 1,000")
+WAL_DIGITS = (0, 1, 1, 1, 2, 1)
+
+
+def wal(path, messages):
+    """The run's WAL figures per message (WAL_COLUMNS); None without the file or messages."""
+    if not path.exists() or not messages:
+        return None
+    c = {}
+    for line in path.read_text().splitlines():
+        name, value = line.split("\t")
+        c[name] = float(value)
+    per_k = 1000 / messages
+    timed = c.get("sync_ms", 0) > 0
+    return dict(zip(WAL_COLUMNS, (
+        c["bytes"] / messages, c["records"] / messages, c["full_page_images"] * per_k,
+        c["syncs"] * per_k, c["sync_ms"] / c["syncs"] if timed and c["syncs"] else None,
+        c["sync_ms"] * per_k if timed else None)))
+
+
+def wal_table(order, wal_runs):
+    """Each variant's median over its runs."""
+    out = ["Postgres's WAL per message of the run (pg_stat_wal over the whole run; each "
+           "variant's median over its runs)", ""]
+    out.append("| variant | " + " | ".join(WAL_COLUMNS) + " |")
+    out.append("|---|" + "---:|" * len(WAL_COLUMNS))
+    for v in order:
+        runs = [w for name, w in wal_runs if name == v]
+        if runs:
+            label = f"{v} ({len(runs)} run{'' if len(runs) == 1 else 's'})"
+            out.append(f"| {label} | " + " | ".join(
+                cell(median([r[c] for r in runs]), d) for c, d in zip(WAL_COLUMNS, WAL_DIGITS))
+                + " |")
+    return "\n".join(out) + "\n"
+
+
 def median(values):
     values = sorted(v for v in values if v is not None)
     if not values:
@@ -143,7 +186,7 @@ def median(values):
 
 def main():
     rate, runs_tsv = float(sys.argv[1]), Path(sys.argv[2])
-    rows, missing, statement_runs = [], [], []
+    rows, missing, statement_runs, wal_runs = [], [], [], []
     order = []
     for line in runs_tsv.read_text().splitlines():
         round_, variant, run = line.split("\t")
@@ -154,6 +197,9 @@ def main():
         costs = statements(Path(run) / "statements.tsv", sent)
         if costs is not None:
             statement_runs.append((variant, costs))
+        written = wal(Path(run) / "postgres-wal.tsv", sent)
+        if written is not None:
+            wal_runs.append((variant, written))
         found = set()
         for t in report.get("trials", []):
             spec = t.get("spec", {})
@@ -184,6 +230,8 @@ def main():
     print(table("", CPU, summary, 1).lstrip("\n"))
     if statement_runs:
         print(statement_table(order, statement_runs))
+    if wal_runs:
+        print(wal_table(order, wal_runs))
     for m in missing:
         print(f"- {m}")
 

@@ -9,6 +9,8 @@
 - With statements.tsv in the runs (--statements): Postgres's statements grouped by what they do,
   per message of the whole run (every trial's sends), each variant's median over its runs; a
   group a run did not run counts as 0 there; the bench's own setup is shown but not summed.
+- With postgres-wal.tsv in the runs: the WAL per message of the whole run and its flushes, each
+  variant's median over its runs; a flush's time stays empty when the server did not time it.
 """
 
 from __future__ import annotations
@@ -152,6 +154,35 @@ def test_statements_per_message_of_the_run(tmp_path):
     assert lines[("b (1 run)", "store")][2:4] == ["20.0", "0.0"]
     assert ("b (1 run)", "user index") in lines  # a group another variant ran shows as 0
     assert lines[("b (1 run)", "user index")][2] == "0.0"
+
+
+def write_wal(run: Path, records, fpi, wal_bytes, syncs, sync_ms):
+    counters = {"records": records, "full_page_images": fpi, "bytes": wal_bytes,
+                "buffers_full": 0, "writes": syncs, "syncs": syncs, "write_ms": 0.0,
+                "sync_ms": sync_ms, "commits": 0}
+    (run / "postgres-wal.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in counters.items()))
+
+
+def test_wal_per_message_of_the_run(tmp_path):
+    # 1,000 messages in a1 (two trials), 2,000 in a2; b1 ran without track_wal_io_timing.
+    a1 = write_run(tmp_path, "a1", [trial("confirm", 500, 10.0, 1.0, delivered=500),
+                                    trial("latency-low", 500, 10.0, 1.0, delivered=500)])
+    write_wal(a1, 18000, 100, 2000000, 300, 600.0)
+    a2 = write_run(tmp_path, "a2", [trial("confirm", 500, 10.0, 1.0, delivered=2000)])
+    write_wal(a2, 40000, 400, 3000000, 400, 400.0)
+    b1 = write_run(tmp_path, "b1", [trial("confirm", 500, 10.0, 1.0, delivered=2000)])
+    write_wal(b1, 20000, 0, 2000000, 1000, 0.0)
+    c1 = write_run(tmp_path, "c1", [trial("confirm", 500, 10.0, 1.0)])  # no file: no row
+    text = report(tmp_path, 500, [("1", "a", a1), ("1", "b", b1), ("1", "c", c1), ("2", "a", a2)])
+
+    assert "WAL per message" in text
+    # a: 2,000 and 1,500 B a message, 18 and 20 records, 100 and 200 full-page images per 1,000
+    # messages, 300 and 200 flushes per 1,000 of 2.0 and 1.0 ms, 600 and 200 flush ms per 1,000.
+    assert rows(text, "a (2 runs)") == [["a (2 runs)", "1,750", "19.0", "150.0", "250.0", "1.50",
+                                         "400.0"]]
+    # b: the flushes were not timed, so their time stays empty rather than 0.
+    assert rows(text, "b (1 run)") == [["b (1 run)", "1,000", "10.0", "0.0", "500.0", "", ""]]
+    assert rows(text, "c (") == []
 
 
 def test_no_statements_table_without_the_files(tmp_path):
