@@ -15,7 +15,7 @@ use crate::error::DbError;
 use crate::keys::sealed_key_id;
 use crate::retention::Retention;
 use crate::rows::bigint;
-use crate::shards::Shards;
+use crate::shards::{with_generic_plan, Shards};
 
 /// The ack statement of both modes, up to `moved` (the watermarks moved, never past the
 /// conversation's last seq and never back). `a` holds each ack with its direction's row as it
@@ -188,22 +188,15 @@ impl Shards {
             .await
             .map_err(pg)?;
         let started = std::time::Instant::now();
-        // Run with the statement's generic plan, whatever the connection's plan mode (a writer's
-        // connections plan every execution, see `Plans::Custom`): planning this statement cost
-        // more than running it at the batch sizes of a moderate load (0.34 ms a statement in keep
-        // mode, 0.66 in delete-on-ack mode), and its plan does not depend on the arrays: one
-        // probe by key per ack into each table. The setting is sent with the statement in one
-        // round trip and reset after it, also when it fails.
+        // Run with the statement's generic plan: planning it cost more than running it at the
+        // batch sizes of a moderate load (0.34 ms a statement in keep mode, 0.66 in
+        // delete-on-ack mode), and its plan does not depend on the arrays: one probe by key per
+        // ack into each table.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&conversations, &users, &seqs, &ats];
-        let (generic, rows, reset) = tokio::join!(
-            client.batch_execute("SET plan_cache_mode = force_generic_plan"),
-            client.query(&statement, &params),
-            client.batch_execute("RESET plan_cache_mode"),
-        );
-        generic.map_err(pg)?;
-        reset.map_err(pg)?;
-        let rows = rows.map_err(pg)?;
+        let rows = with_generic_plan(&client, client.query(&statement, &params))
+            .await
+            .map_err(pg)?;
         metrics::histogram!("db_ack_seconds").record(started.elapsed());
         let by_direction: HashMap<(&str, &str), &Ack> = acks
             .iter()

@@ -222,6 +222,33 @@ impl Shards {
     }
 }
 
+/// Runs `statement` (a query on `client`, not yet polled) with its statement's generic plan,
+/// whatever the connection's plan mode ([`Plans::Custom`] for a writer): for a statement whose
+/// plan does not depend on its arrays (a probe by key per element), where planning each
+/// execution cost more than running it. The setting is sent with the statement in one round
+/// trip and reset after it, also when the statement fails. Outside a transaction only: a failed
+/// statement would leave the reset unrun in an aborted one.
+///
+/// `statement` must run a prepared [`tokio_postgres::Statement`]: given SQL text, the client
+/// would send only its parse first, and run it after the reset.
+///
+/// The statement's own error comes first, so a caller can tell what it refused.
+pub async fn with_generic_plan<T>(
+    client: &tokio_postgres::Client,
+    statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    // `join!` polls in order, and a first poll sends: the setting, the statement, the reset.
+    let (generic, ran, reset) = tokio::join!(
+        client.batch_execute("SET plan_cache_mode = force_generic_plan"),
+        statement,
+        client.batch_execute("RESET plan_cache_mode"),
+    );
+    let ran = ran?;
+    generic?;
+    reset?;
+    Ok(ran)
+}
+
 /// A shard that did not answer a ping, and what the attempt said.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardDown {

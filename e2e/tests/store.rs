@@ -8,7 +8,7 @@ use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::{Ack, Message};
 use chat_common::seal::{BodyKey, BodyKeyId};
 use chat_e2e::{new_message, TestEnv};
-use db_writer::{Retention, ShardConfig, Shards};
+use db_writer::{with_generic_plan, Retention, ShardConfig, Shards};
 
 fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
     let key = ConversationKey::of(&UserId::parse(a)?, &UserId::parse(b)?).context("same user")?;
@@ -82,6 +82,78 @@ async fn ack(
             (r.conversation.to_string(), r.peer.to_string(), r.up_to_seq)
         })
         .collect())
+}
+
+async fn plan_mode(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(client.query_one("SHOW plan_cache_mode", &[]).await?.get(0))
+}
+
+/// The ack, the store's first attempt and the index upsert run this way on a writer's
+/// connections, which plan every execution: the statement gets a generic plan, and the
+/// connection plans per execution again after it, also when the statement fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_run_with_its_generic_plan_leaves_the_connection_as_it_was(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &[]).await?;
+    let dsn = &env.shard_dsns[0];
+    let separator = if dsn.contains('?') { '&' } else { '?' };
+    // As `Shards::connect` opens a writer's connections.
+    let client = chat_e2e::pg_connect(&format!(
+        "{dsn}{separator}options=-c%20plan_cache_mode%3Dforce_custom_plan"
+    ))
+    .await?;
+    assert_eq!(plan_mode(&client).await?, "force_custom_plan");
+
+    let statement = client
+        .prepare("SELECT current_setting('plan_cache_mode') /* plan check */ WHERE $1::int > 0")
+        .await?;
+    for _ in 0..2 {
+        let rows = with_generic_plan(&client, client.query(&statement, &[&1i32])).await?;
+        assert_eq!(rows[0].get::<_, String>(0), "force_generic_plan");
+        assert_eq!(
+            plan_mode(&client).await?,
+            "force_custom_plan",
+            "reset after the statement"
+        );
+    }
+    let plans = client
+        .query_one(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+             WHERE statement LIKE '%/* plan check */%' AND statement NOT LIKE '%pg_prepared%'",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (plans.get::<_, i64>(0), plans.get::<_, i64>(1)),
+        (2, 0),
+        "both executions planned generically"
+    );
+    // Planned per execution again outside the helper.
+    client.query(&statement, &[&1i32]).await?;
+    let custom: i64 = client
+        .query_one(
+            "SELECT custom_plans FROM pg_prepared_statements
+             WHERE statement LIKE '%/* plan check */%' AND statement NOT LIKE '%pg_prepared%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(custom, 1);
+
+    // A statement that fails: its own error comes back, and the reset still ran.
+    let failing = client.prepare("SELECT 1 / $1::int").await?;
+    let failed = with_generic_plan(&client, client.query(&failing, &[&0i32])).await;
+    let code = failed.err().and_then(|e| e.code().cloned());
+    assert_eq!(
+        code,
+        Some(tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+    assert_eq!(
+        plan_mode(&client).await?,
+        "force_custom_plan",
+        "reset after a failure"
+    );
+    env.teardown().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
