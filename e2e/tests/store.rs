@@ -95,13 +95,16 @@ async fn plan_mode(client: &tokio_postgres::Client) -> anyhow::Result<String> {
 async fn a_statement_run_with_its_generic_plan_leaves_the_connection_as_it_was(
 ) -> anyhow::Result<()> {
     let env = TestEnv::new(1, &[]).await?;
-    let dsn = &env.shard_dsns[0];
-    let separator = if dsn.contains('?') { '&' } else { '?' };
-    // As `Shards::connect` opens a writer's connections.
-    let client = chat_e2e::pg_connect(&format!(
-        "{dsn}{separator}options=-c%20plan_cache_mode%3Dforce_custom_plan"
-    ))
-    .await?;
+    // Sessions of this database plan every execution unless told otherwise, as a writer's
+    // connections do (`Shards::connect` sets it as a connection option): RESET returns there.
+    env.shard(0)
+        .await?
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET plan_cache_mode = force_custom_plan',
+                                        current_database()); END $$",
+        )
+        .await?;
+    let client = env.shard(0).await?;
     assert_eq!(plan_mode(&client).await?, "force_custom_plan");
 
     let statement = client
