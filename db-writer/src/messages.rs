@@ -69,10 +69,17 @@ mod sql {
     /// an ack or the expiry destroyed (a replay of the log), or the store as a skipped copy's,
     /// rebuilds the row without content. For a batch whose sealed bodies all carry their key's
     /// id.
+    ///
+    /// The key is looked for by a scalar subquery on its primary key, not by `EXISTS`: the
+    /// first attempt runs on its generic plan, kept for as long as the connection's plan is.
+    /// `EXISTS` is planned for its first row, and on a new shard its plan scanned the key table
+    /// per message up to a few thousand keys; a scalar subquery is planned for all its rows and
+    /// probes the key's index once the table holds more than a page (e2e test
+    /// `a_new_shards_store_probes_the_key_tables_by_index`).
     macro_rules! sealed_by_id {
         () => {
             concat!(
-                "CASE WHEN EXISTS (SELECT 1 FROM sealing_keys k WHERE k.id = ",
+                "CASE WHEN (SELECT true FROM sealing_keys k WHERE k.id = ",
                 sealed_key_id!("u.sealed"),
                 ") THEN u.sealed END"
             )
@@ -80,7 +87,8 @@ mod sql {
     }
 
     /// The same for a batch that also holds bodies sealed before keys were issued ahead (no
-    /// id): their keys are held under the send key.
+    /// id): their keys are held under the send key. Both keys are looked for by scalar
+    /// subqueries, as in [`sealed_by_id!`].
     macro_rules! sealed_any {
         () => {
             concat!(
@@ -88,11 +96,11 @@ mod sql {
                       WHEN ",
                 sealed_key_id!("u.sealed"),
                 " IS NOT NULL
-                      THEN CASE WHEN EXISTS (SELECT 1 FROM sealing_keys k
-                                             WHERE k.id = ",
+                      THEN CASE WHEN (SELECT true FROM sealing_keys k
+                                      WHERE k.id = ",
                 sealed_key_id!("u.sealed"),
                 ") THEN u.sealed END
-                      WHEN EXISTS (SELECT 1 FROM body_keys k
+                      WHEN (SELECT true FROM body_keys k
                                    WHERE k.conversation = u.conversation
                                      AND k.sender = u.sender
                                      AND k.client_message_id = u.client_id)

@@ -159,6 +159,99 @@ async fn a_statement_run_with_its_generic_plan_leaves_the_connection_as_it_was(
     env.teardown().await
 }
 
+/// The store's first attempt runs on its generic plan, planned once per connection with the
+/// table sizes of that moment and kept. On a new shard whose key tables hold about a thousand
+/// keys (a few pages, analyzed as autovacuum would), the check that each sealed body's key
+/// exists must still probe the keys' index, not scan the table per message: with `EXISTS`, the
+/// generic plan did scan, and kept scanning as the tables grew. Both forms of a delete-on-ack
+/// batch: every body with its key's id, and some sealed before keys were issued ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_shards_store_probes_the_key_tables_by_index() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let shard = env.shard(0).await?;
+    let mut issued = shards.issue_sealing_keys(0, 1_000, 0).await?.into_iter();
+    shard
+        .batch_execute(
+            "INSERT INTO body_keys
+             SELECT 'filler-' || g, 'fi', 'x', decode(repeat('00', 32), 'hex'), 0
+             FROM generate_series(1, 1000) g;
+             ANALYZE sealing_keys; ANALYZE body_keys",
+        )
+        .await?;
+    let mut by_id = Vec::new();
+    let mut any = Vec::new();
+    for i in 0..200 {
+        let mut m = new_message("ia", "jo", "", i)?;
+        if i % 4 == 3 {
+            let key = BodyKey::generate()?;
+            m.sealed = Some(key.seal_v1(&m.id, "older")?);
+            shard
+                .execute(
+                    "INSERT INTO body_keys VALUES ($1, $2, $3, $4, 0)",
+                    &[
+                        &m.conversation.as_str(),
+                        &m.sender.as_str(),
+                        &m.client_id.as_str(),
+                        &key.as_bytes(),
+                    ],
+                )
+                .await?;
+            any.push(m);
+        } else {
+            let (key_id, key) = issued.next().context("a key")?;
+            m.sealed = Some(key.seal(&key_id, &m.id, "now")?);
+            match i % 2 {
+                0 => by_id.push(m),
+                _ => any.push(m),
+            }
+        }
+    }
+    for batch in [&by_id, &any] {
+        let stored = shards.store_batch(batch).await?;
+        assert!(stored.iter().all(|s| s.created), "every message is new");
+    }
+    // The writer's sessions report their table statistics as they end. Each index the
+    // migrations built scanned its table once: those scans are not counted.
+    drop(shards);
+    let scans = |table: &'static str| {
+        let shard = &shard;
+        async move {
+            let row = shard
+                .query_one(
+                    "SELECT seq_scan - (SELECT count(*) FROM pg_index WHERE indrelid = relid),
+                            coalesce(idx_scan, 0)
+                     FROM pg_stat_user_tables WHERE relname = $1",
+                    &[&table],
+                )
+                .await?;
+            anyhow::Ok((row.get::<_, i64>(0), row.get::<_, i64>(1)))
+        }
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (sealing, body) = (scans("sealing_keys").await?, scans("body_keys").await?);
+        let reported = |(seq, index): (i64, i64)| seq > 0 || index > 0;
+        if reported(sealing) && reported(body) {
+            assert!(
+                sealing.0 <= 0 && body.0 <= 0 && sealing.1 > 0 && body.1 > 0,
+                "sequential scans of sealing_keys and body_keys: {}, {} (index scans: {}, {})",
+                sealing.0,
+                body.0,
+                sealing.1,
+                body.1
+            );
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the store's probes of the key tables were not reported: {sealing:?}, {body:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    env.teardown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_move_a_watermark_per_direction() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &[]).await?;
