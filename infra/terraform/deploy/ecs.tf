@@ -104,10 +104,10 @@ resource "aws_ecs_task_definition" "gateway" {
   execution_role_arn       = aws_iam_role.task_execution.arn
 
   container_definitions = jsonencode([{
-    name         = "gateway"
-    image        = var.gateway_image
-    essential    = true
-    stopTimeout  = 30
+    name        = "gateway"
+    image       = var.gateway_image
+    essential   = true
+    stopTimeout = 30
     # 8080: clients (through the NLB); 9100: /metrics, /healthz, /readyz (the monitoring CIDRs
     # and the NLB's health checks only, see security.tf).
     portMappings = [
