@@ -10,6 +10,8 @@
   partitions and config of topics.json, plus the cluster's replication settings.
 - The deploy stack exposes only the NLB to the internet, keeps Kafka and Postgres private, and
   gives the processes only environment variables their config.rs reads.
+- The shards' parameter group plans and commits as the local stack's Postgres does
+  (random_page_cost, commit_delay, commit_siblings).
 - The Grafana dashboard and the Prometheus rules parse (real PromQL parser), and every metric
   they use is emitted by the code, or listed as planned (then marked as such), or a standard
   series of Prometheus or the blackbox exporter.
@@ -1326,6 +1328,25 @@ def test_kafka_and_postgres_take_only_tls_and_each_service_signs_in_as_itself() 
     assert 'a.allow(&user,Topic,Literal,format!("{prefix}outbound-{id}"),&[Read,Describe],);' in rust
     assert 'a.allow(mux,Topic,Prefixed,format!("{prefix}outbound-"),&[Write,Describe],);' in rust
     assert ("kafka_acl", "this") in m.resources
+
+
+def test_the_shards_plan_and_commit_as_the_local_stacks_postgres_does() -> None:
+    """The settings the shards' performance rests on (docs/design.md, "Per-batch costs"): the
+    local stack's Postgres (infra/scripts/postgres.sh, which the tests and the bench run on) and
+    Terraform's parameter group set the same values."""
+    m = _deploy()
+    scope = Scope(m, {}, str(DEPLOY))
+    params = {
+        evaluate(p.attrs["name"], scope): evaluate(p.attrs["value"], scope)
+        for p in m.resources[("aws_db_parameter_group", "shards")].sub("parameter")
+    }
+    script = (ROOT / "infra" / "scripts" / "postgres.sh").read_text()
+    conf = script[script.index("write_conf() {") :]
+    conf = conf[: conf.index("\nEOF\n")]
+    local = dict(re.findall(r"^([a-z_]+) = ([0-9.]+)$", conf, re.M))
+    for name in ("random_page_cost", "commit_delay", "commit_siblings"):
+        assert name in local, f"{name} not set by postgres.sh"
+        assert params.get(name) == local[name], f"{name}: Terraform {params.get(name)}, local {local[name]}"
 
 
 def test_migrations_run_once_before_the_services_update() -> None:

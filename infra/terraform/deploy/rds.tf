@@ -26,6 +26,17 @@ resource "aws_db_parameter_group" "shards" {
     value = "1.1"
   }
 
+  # Group commit, as the local stack's Postgres (infra/scripts/postgres.sh): a commit waits up to
+  # 0.5 ms for others to share its WAL flush when another transaction is active.
+  parameter {
+    name  = "commit_delay"
+    value = "500"
+  }
+  parameter {
+    name  = "commit_siblings"
+    value = "1"
+  }
+
   lifecycle {
     create_before_destroy = true
   }
