@@ -22,6 +22,28 @@ fn shards_of(dsns: &[String]) -> anyhow::Result<Shards> {
     )?)?)
 }
 
+/// Seals `m` as gateways did before keys were issued ahead: no key id in the body, its key held
+/// under the message's send key on `shard`.
+async fn seal_before_keys_were_issued_ahead(
+    shard: &tokio_postgres::Client,
+    m: &mut Message,
+) -> anyhow::Result<()> {
+    let key = BodyKey::generate()?;
+    m.sealed = Some(key.seal_v1(&m.id, "older")?);
+    shard
+        .execute(
+            "INSERT INTO body_keys VALUES ($1, $2, $3, $4, 0)",
+            &[
+                &m.conversation.as_str(),
+                &m.sender.as_str(),
+                &m.client_id.as_str(),
+                &key.as_bytes(),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 /// (seq, body) of what `user` has pending, in order.
 async fn pending(shards: &Shards, user: &str) -> anyhow::Result<Vec<(u64, String)>> {
     Ok(shards
@@ -184,19 +206,7 @@ async fn a_new_shards_store_probes_the_key_tables_by_index() -> anyhow::Result<(
     for i in 0..200 {
         let mut m = new_message("ia", "jo", "", i)?;
         if i % 4 == 3 {
-            let key = BodyKey::generate()?;
-            m.sealed = Some(key.seal_v1(&m.id, "older")?);
-            shard
-                .execute(
-                    "INSERT INTO body_keys VALUES ($1, $2, $3, $4, 0)",
-                    &[
-                        &m.conversation.as_str(),
-                        &m.sender.as_str(),
-                        &m.client_id.as_str(),
-                        &key.as_bytes(),
-                    ],
-                )
-                .await?;
+            seal_before_keys_were_issued_ahead(&shard, &mut m).await?;
             any.push(m);
         } else {
             let (key_id, key) = issued.next().context("a key")?;
@@ -425,19 +435,7 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
         // About a sixth sealed as gateways did before keys were issued ahead: no key id in the body,
         // the key held under the send key.
         if rng.chance(17) {
-            let key = BodyKey::generate()?;
-            m.sealed = Some(key.seal_v1(&m.id, "older")?);
-            shard
-                .execute(
-                    "INSERT INTO body_keys VALUES ($1, $2, $3, $4, 0)",
-                    &[
-                        &m.conversation.as_str(),
-                        &m.sender.as_str(),
-                        &m.client_id.as_str(),
-                        &key.as_bytes(),
-                    ],
-                )
-                .await?;
+            seal_before_keys_were_issued_ahead(&shard, &mut m).await?;
         } else {
             let (key_id, key) = issued.next().context("a key")?;
             m.sealed = Some(key.seal(&key_id, &m.id, "now")?);
