@@ -148,10 +148,9 @@ pg_reset() {
 }
 trap pg_reset EXIT
 
-WAL_NAMES="records|full_page_images|bytes|buffers_full|writes|syncs|write_ms|sync_ms|commits"
+WAL_NAMES="records|full_page_images|bytes|buffers_full|writes|syncs|write_ms|sync_ms"
 WAL_COUNTERS="SELECT wal_records, wal_fpi, wal_bytes, wal_buffers_full, wal_write, wal_sync,
-  round(wal_write_time::numeric, 3), round(wal_sync_time::numeric, 3),
-  (SELECT sum(xact_commit) FROM pg_stat_database) FROM pg_stat_wal"
+  round(wal_write_time::numeric, 3), round(wal_sync_time::numeric, 3) FROM pg_stat_wal"
 
 out="target/bench/ab-$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$out"
@@ -181,8 +180,8 @@ run_variant() {
   run="$(grep -o 'target/bench/bench[0-9]*' "$log" | tail -1)"
   [[ -n "$run" ]] || die "no run directory in $log"
   [[ "${retentions[$i]}" == keep ]] || run="$run/delete-on-ack"
-  # What the run cost the server's WAL (over all its trials): counters of pg_stat_wal and the
-  # commits of all databases, the difference across the run, a name and a number a line.
+  # What the run cost the server's WAL (over all its trials): counters of pg_stat_wal, the
+  # difference across the run, a name and a number a line.
   paste <(tr '|' '\n' <<<"$WAL_NAMES") <(psql -Atq "$pg_admin" -c "$WAL_COUNTERS" | tr '|' '\n') \
     <(tr '|' '\n' <<<"$wal_before") \
     | awk -F'\t' '{ printf(($1 ~ /_ms$/) ? "%s\t%.3f\n" : "%s\t%.0f\n", $1, $2 - $3) }' \
