@@ -6,7 +6,8 @@ search.json of bench/bench.sh's e2e stage). Prints Markdown: per run, the confir
 trial at RATE (latency as the load generator saw it, the hops' p50 / p99 from the pipeline's own
 histograms, CPU per message by process); then per variant the median over its trials (one slow
 run, such as the first after a broker restart, moves it less than a mean), and each figure as a
-ratio to the first variant's median.
+ratio to the first variant's median. A line first says in how many of each variant's runs
+a confirm trial held RATE.
 
 With --statements, each run directory also holds statements.tsv (pg_stat_statements over the
 whole run, one line a statement: calls, rows, ms executing, ms planning, WAL bytes, text). The
@@ -187,6 +188,7 @@ def median(values):
 def main():
     rate, runs_tsv = float(sys.argv[1]), Path(sys.argv[2])
     rows, missing, statement_runs, wal_runs = [], [], [], []
+    held = {}  # variant: for each of its runs, whether a confirm trial held RATE
     order = []
     for line in runs_tsv.read_text().splitlines():
         round_, variant, run = line.split("\t")
@@ -200,16 +202,20 @@ def main():
         written = wal(Path(run) / "postgres-wal.tsv", sent)
         if written is not None:
             wal_runs.append((variant, written))
-        found = set()
+        found, confirmed = set(), False
         for t in report.get("trials", []):
             spec = t.get("spec", {})
             if spec.get("label") in TRIALS and round(spec.get("rate", 0)) == round(rate):
                 verdict = "" if t.get("passed") else " (failed)"
+                confirmed |= spec["label"] == "confirm" and bool(t.get("passed"))
                 rows.append(([round_, variant, spec["label"] + verdict], figures(t), variant))
                 found.add(spec["label"])
+        held.setdefault(variant, []).append(confirmed)
         missing += [f"round {round_}, {variant}: no {label} trial at {rate:g} msg/s (see {run})"
                     for label in TRIALS if label not in found]
 
+    print(held_line(rate, order, held))
+    print()
     per_run = [(labels, f) for labels, f, _ in rows]
     print(table("Latency (ms): the load generator's, then each hop's", LATENCY, per_run, 1))
     print(table("CPU per message (µs), by process", CPU, per_run, 0))
@@ -234,6 +240,14 @@ def main():
         print(wal_table(order, wal_runs))
     for m in missing:
         print(f"- {m}")
+
+
+def held_line(rate, order, held):
+    """In how many of each variant's runs a confirm trial held RATE (every message delivered and
+    receipted, within the load generator's bounds). A run whose probe already failed at RATE
+    has no confirm there: it did not hold it."""
+    parts = [f"{v} {sum(held.get(v, []))} of {len(held.get(v, []))}" for v in order]
+    return f"Runs whose confirm trial held {rate:g} msg/s: " + ", ".join(parts) + "."
 
 
 def statement_table(order, statement_runs):

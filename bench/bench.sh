@@ -7,7 +7,8 @@
 #   2. end to end: the highest rate sustained for 60 s with every message delivered and
 #      receipted, then latency at 500 msg/s, at 10K msg/s (or the max, if lower) and at 80% of the
 #      max, with what each hop took from the pipeline's own histograms; latency against rate as a
-#      chart; the same again in delete-on-ack mode (fresh shards, topics and users);
+#      chart; the same again in delete-on-ack mode (fresh shards, topics and users); then both
+#      modes at 85% of keep mode's maximum, alternated (does delete-on-ack hold it?);
 #   3. ratios against the baselines;
 #   4. idle connections one gateway holds, and RSS per connection (and a plain tokio TCP server's);
 #   5. the connect storm: users with history (seeded into the shards, the user index rebuilt) all
@@ -45,6 +46,10 @@
 #      BENCH_RETENTIONS retention modes the e2e search runs in, each on its own shards, topics and
 #                    users (default "keep delete-on-ack"; delete-on-ack's outputs go to
 #                    target/bench/<run id>/delete-on-ack/)
+#      BENCH_MODES_ROUNDS rounds of the modes at one rate, after both searches: each round a
+#                    confirm of each mode at 85% of keep mode's maximum (60 s; 10 with
+#                    BENCH_QUICK=1), keep first in odd rounds and second in even ones; the
+#                    table is bench/ab_report.py's (default 2; 0: none)
 #      BENCH_STORM_USERS users of the connect storm (default 18000; 3000 with BENCH_QUICK=1; at
 #                    most the fd limit less a few hundred)
 #      BENCH_STORM_SHARDS shard counts to storm with, one data set each (default "4 16")
@@ -288,6 +293,48 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
   for g in $(seq 1 "$NGW"); do stop_bg "${tag}lgw$g"; done
 }
 
+# The modes at one rate, alternated: delete-on-ack must hold 85% of keep mode's maximum. The two
+# searches above ran one after the other, and on a machine whose speed swings within the hour
+# the ratio of their maxima can be the machine's; here both modes run at the same rate, keep
+# and delete-on-ack in turn (ABBA: keep first in odd rounds), on the searches' own services,
+# topics and shards with new users, and bench/ab_report.py puts each run's figures side by side.
+modes_check() {
+  local rate max round mode runs="$OUT/modes/runs.tsv" seconds=60 saved_args saved_start
+  max="$(python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1])).get("max_sustained_rate") or 0))' \
+    "$OUT/search.json" 2>/dev/null || echo 0)"
+  rate="$(python3 -c 'import sys; print(int(float(sys.argv[1]) * 0.85))' "$max")"
+  mkdir -p "$OUT/modes"
+  if [[ "$rate" -le 0 ]]; then
+    echo "The modes at one rate: not run (keep mode's search found no maximum)." >"$OUT/modes.md"
+    return
+  fi
+  [[ "$QUICK" == 1 ]] && seconds=10
+  log "the modes at one rate: $rate msg/s (0.85 of keep mode's $max), ${BENCH_MODES_ROUNDS:-2} rounds"
+  saved_args=("${SEARCH_ARGS[@]}") saved_start="${BENCH_START_RATE:-}"
+  SEARCH_ARGS=(--max-rate "$rate" --probe-seconds 5 --confirm-seconds "$seconds" --low-rate "$rate"
+    --low-seconds 10 --latency-rate "$rate" --latency-seconds 5 --budget-seconds 10)
+  BENCH_START_RATE="$rate"
+  : >"$runs"
+  for round in $(seq 1 "${BENCH_MODES_ROUNDS:-2}"); do
+    local order="keep delete-on-ack"
+    ((round % 2 == 0)) && order="delete-on-ack keep"
+    for mode in $order; do
+      if [[ "$mode" == keep ]]; then
+        e2e_search keep "$OUT/modes/$round-keep" "$PREFIX" "$E2E_DSNS" "${RUN_ID}m${round}k" "m$round-"
+      else
+        e2e_search delete-on-ack "$OUT/modes/$round-doa" "$DOA_PREFIX" "$DOA_DSNS" "${RUN_ID}m${round}d" "m$round-doa-"
+      fi
+      printf '%s\t%s\t%s\n' "$round" "$mode" "$OUT/modes/$round-${mode/delete-on-ack/doa}" >>"$runs"
+    done
+  done
+  SEARCH_ARGS=("${saved_args[@]}") BENCH_START_RATE="$saved_start"
+  {
+    echo "## The modes at one rate: $rate msg/s, 0.85 of keep mode's maximum ($max msg/s), alternated"
+    echo
+    python3 bench/ab_report.py "$rate" "$runs" || echo "(the report failed)"
+  } >"$OUT/modes.md"
+}
+
 if has_stage e2e; then
   for retention in $RETENTIONS; do
     if [[ "$retention" == keep ]]; then
@@ -299,10 +346,13 @@ if has_stage e2e; then
         --gateways "$(seq -s, -f 'lgw%g' 1 "$NGW")" >>"$OUT/logs/topics.log"
       GROUPS_TO_DELETE+=("${DOA_PREFIX}multiplexer")
       for g in $(seq 1 "$NGW"); do GROUPS_TO_DELETE+=("${DOA_PREFIX}gateway-lgw$g"); done
-      create_dbs d
-      e2e_search delete-on-ack "$OUT/delete-on-ack" "$DOA_PREFIX" "$DSNS" "${RUN_ID}d" doa-
+      create_dbs d; DOA_DSNS="$DSNS"
+      e2e_search delete-on-ack "$OUT/delete-on-ack" "$DOA_PREFIX" "$DOA_DSNS" "${RUN_ID}d" doa-
     fi
   done
+  if [[ -n "${DOA_DSNS:-}" && " $RETENTIONS " == *" keep "* && "${BENCH_MODES_ROUNDS:-2}" -gt 0 ]]; then
+    modes_check
+  fi
 fi
 
 # ---------------------------------------------------------------- 4. connections
@@ -436,7 +486,9 @@ fi
 # ---------------------------------------------------------------- the table
 log "results"
 "$BIN/loadgen" report --dir "$OUT" >"$OUT/results.md"
-if [[ -f "$OUT/peer.md" ]]; then cat "$OUT/peer.md" >>"$OUT/results.md"; fi
+for part in modes peer; do
+  if [[ -f "$OUT/$part.md" ]]; then { echo; cat "$OUT/$part.md"; } >>"$OUT/results.md"; fi
+done
 echo
 cat "$OUT/results.md"
 echo

@@ -5,7 +5,8 @@
   without its trials is named at the end.
 - Per variant, the median over its trials (not the mean: one slow run moves it less), and each
   figure's ratio to the first variant's median; CPU per message is seconds over messages
-  delivered; a failed trial says so.
+  delivered; a failed trial says so, and a line counts each variant's runs whose confirm held
+  the rate (a run whose probe failed there has none).
 - With statements.tsv in the runs (--statements): Postgres's statements grouped by what they do,
   per message of the whole run (every trial's sends), each variant's median over its runs; a
   group a run did not run counts as 0 there; the bench's own setup is shown but not summed.
@@ -80,6 +81,8 @@ def test_medians_and_ratios_of_the_trials_at_the_rate(tmp_path):
         trial("confirm", 500, 7.0, 0.7, passed=False), trial("confirm", 425, 1.0, 0.1)])
     text = report(tmp_path, 500, [("1", "a", a1), ("1", "b", b1), ("2", "a", a2), ("2", "b", b2)])
 
+    # b's second confirm failed at the rate (its confirm at 425 msg/s is not counted).
+    assert "Runs whose confirm trial held 500 msg/s: a 2 of 2, b 1 of 2." in text
     per_run = rows(text, "1") + rows(text, "2")
     latency_rows = [r for r in per_run if len(r) > 12]
     assert [r[:3] for r in latency_rows] == [
@@ -107,8 +110,12 @@ def test_medians_and_ratios_of_the_trials_at_the_rate(tmp_path):
 
 def test_a_run_without_its_trials_is_named(tmp_path):
     a1 = write_run(tmp_path, "a1", [trial("confirm", 500, 10.0, 1.0)])
-    text = report(tmp_path, 500, [("1", "a", a1)])
+    # The probe failed at the rate, so the search never confirmed there: the run did not hold it.
+    a2 = write_run(tmp_path, "a2", [trial("probe", 500, 10.0, 1.0, passed=False)])
+    text = report(tmp_path, 500, [("1", "a", a1), ("2", "a", a2)])
     assert f"- round 1, a: no latency-low trial at 500 msg/s (see {a1})" in text
+    assert f"- round 2, a: no confirm trial at 500 msg/s (see {a2})" in text
+    assert "Runs whose confirm trial held 500 msg/s: a 1 of 2." in text
 
 
 STORE = "WITH taken AS ( INSERT INTO conversations AS c (conversation, last_seq) SELECT 1"
