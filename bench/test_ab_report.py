@@ -116,6 +116,8 @@ def test_a_run_without_its_trials_is_named(tmp_path):
     assert f"- round 1, a: no latency-low trial at 500 msg/s (see {a1})" in text
     assert f"- round 2, a: no confirm trial at 500 msg/s (see {a2})" in text
     assert "Runs whose confirm trial held 500 msg/s: a 1 of 2." in text
+    # Its failed probe stands in for the confirm in the tables.
+    assert [r[:3] for r in rows(text, "2")][:1] == [["2", "a", "probe (failed)"]]
 
 
 STORE = "WITH taken AS ( INSERT INTO conversations AS c (conversation, last_seq) SELECT 1"
