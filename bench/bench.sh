@@ -305,7 +305,8 @@ modes_check() {
   rate="$(python3 -c 'import sys; print(int(float(sys.argv[1]) * 0.85))' "$max")"
   mkdir -p "$OUT/modes"
   if [[ "$rate" -le 0 ]]; then
-    echo "The modes at one rate: not run (keep mode's search found no maximum)." >"$OUT/modes.md"
+    printf '%s\n\n%s\n' "### 2c. The modes at one rate" \
+      "Not run: keep mode's search found no maximum." >"$OUT/modes.md"
     return
   fi
   [[ "$QUICK" == 1 ]] && seconds=10
@@ -329,7 +330,7 @@ modes_check() {
   done
   SEARCH_ARGS=("${saved_args[@]}") BENCH_START_RATE="$saved_start"
   {
-    echo "## The modes at one rate: $rate msg/s, 0.85 of keep mode's maximum ($max msg/s), alternated"
+    echo "### 2c. The modes at one rate: $rate msg/s, 0.85 of keep mode's maximum ($max msg/s), alternated"
     echo
     python3 bench/ab_report.py "$rate" "$runs" || echo "(the report failed)"
   } >"$OUT/modes.md"
