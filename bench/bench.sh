@@ -300,13 +300,13 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
 # topics and shards with new users, and bench/ab_report.py puts each run's figures side by side.
 modes_check() {
   local rate max round mode runs="$OUT/modes/runs.tsv" seconds=60 saved_args saved_start
+  local heading="### 2c. The modes at one rate"
   max="$(python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1])).get("max_sustained_rate") or 0))' \
     "$OUT/search.json" 2>/dev/null || echo 0)"
   rate="$(python3 -c 'import sys; print(int(float(sys.argv[1]) * 0.85))' "$max")"
   mkdir -p "$OUT/modes"
   if [[ "$rate" -le 0 ]]; then
-    printf '%s\n\n%s\n' "### 2c. The modes at one rate" \
-      "Not run: keep mode's search found no maximum." >"$OUT/modes.md"
+    printf '%s\n\n%s\n' "$heading" "Not run: keep mode's search found no maximum." >"$OUT/modes.md"
     return
   fi
   [[ "$QUICK" == 1 ]] && seconds=10
@@ -330,7 +330,7 @@ modes_check() {
   done
   SEARCH_ARGS=("${saved_args[@]}") BENCH_START_RATE="$saved_start"
   {
-    echo "### 2c. The modes at one rate: $rate msg/s, 0.85 of keep mode's maximum ($max msg/s), alternated"
+    echo "$heading: $rate msg/s, 0.85 of keep mode's maximum ($max msg/s), alternated"
     echo
     python3 bench/ab_report.py "$rate" "$runs" || echo "(the report failed)"
   } >"$OUT/modes.md"
