@@ -487,9 +487,6 @@ fi
 # ---------------------------------------------------------------- the table
 log "results"
 "$BIN/loadgen" report --dir "$OUT" >"$OUT/results.md"
-for part in modes peer; do
-  if [[ -f "$OUT/$part.md" ]]; then { echo; cat "$OUT/$part.md"; } >>"$OUT/results.md"; fi
-done
 echo
 cat "$OUT/results.md"
 echo

@@ -5,7 +5,7 @@
 # server of another project, measured beside the gateway with the same client in the same run
 # (`loadgen peer measure`): memory per idle connection, connects per second, and delivery latency
 # between pairs of users at 500 msg/s. Writes $OUT/peer-gateway.json, $OUT/peer-centrifugo.json,
-# $OUT/peer.json and $OUT/peer.md (appended to the results).
+# $OUT/peer.json and $OUT/peer.md (section 7 of the results, placed there by loadgen report).
 #
 # Centrifugo is built with `go install` from the Go module proxy into target/peer/bin (kept: a
 # binary of the pinned version is not built again); without Go the stage is skipped and says so.

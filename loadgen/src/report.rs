@@ -26,6 +26,15 @@ fn load<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Option<T> {
     }
 }
 
+/// A section another script wrote as markdown (`modes.md` from bench/bench.sh, `peer.md` from
+/// bench/peer.sh), put in its place among the numbered ones; nothing when it is absent.
+fn include_section(o: &mut String, dir: &Path, name: &str) -> std::fmt::Result {
+    match std::fs::read_to_string(dir.join(name)) {
+        Ok(text) => writeln!(o, "\n{}", text.trim_matches('\n')),
+        Err(_) => Ok(()),
+    }
+}
+
 fn n(v: f64) -> String {
     // Thousands separators for rates.
     let s = format!("{:.0}", v);
@@ -209,6 +218,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             cores,
         )?;
     }
+    include_section(&mut o, dir, "modes.md")?;
 
     writeln!(o, "\n### 3. Ratios\n")?;
     // The rate the raw stages' CPU allows, with the websocket at its open-loop cost.
@@ -394,6 +404,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     }
 
     storm_section(&mut o, dir, cores)?;
+    include_section(&mut o, dir, "peer.md")?;
     tls_section(&mut o, dir)?;
 
     if let Some(s) = &search {
@@ -1617,4 +1628,51 @@ fn tls_section(o: &mut String, dir: &Path) -> anyhow::Result<()> {
         tls_notes(o, "services", &services)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sections other scripts write land in their numbered places: the modes at one rate
+    /// (2c) after the end-to-end sections and before the ratios (3), the peer (7) after the
+    /// connect storm (6) and before TLS (8); an absent one leaves nothing behind.
+    #[test]
+    fn written_sections_land_in_their_numbered_places() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("loadgen-report-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("tls"))?;
+        std::fs::write(dir.join("tls/setup.json"), "{}")?;
+        let without = markdown(&dir)?;
+        assert!(
+            !without.contains("### 2c.") && !without.contains("### 7."),
+            "{without}"
+        );
+        std::fs::write(
+            dir.join("modes.md"),
+            "### 2c. The modes at one rate: not run\n",
+        )?;
+        std::fs::write(
+            dir.join("peer.md"),
+            "\n### 7. A peer in the same run: x\n\nSkipped.\n",
+        )?;
+        let with = markdown(&dir)?;
+        std::fs::remove_dir_all(&dir)?;
+        let at = |h: &str| with.find(h).unwrap_or_else(|| panic!("no {h} in:\n{with}"));
+        let order = [
+            "### 1.", "### 2.", "### 2c.", "### 3.", "### 6.", "### 7.", "### 8.",
+        ];
+        for pair in order.windows(2) {
+            assert!(
+                at(pair[0]) < at(pair[1]),
+                "{} before {}:\n{with}",
+                pair[0],
+                pair[1]
+            );
+        }
+        assert!(
+            with.contains("\n\n### 7. A peer in the same run: x\n\nSkipped.\n"),
+            "{with}"
+        );
+        Ok(())
+    }
 }
