@@ -27,11 +27,17 @@ fn load<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Option<T> {
 }
 
 /// A section another script wrote as markdown (`modes.md` from bench/bench.sh, `peer.md` from
-/// bench/peer.sh), put in its place among the numbered ones; nothing when it is absent.
+/// bench/peer.sh), put in its place among the numbered ones; nothing when it is absent, and a
+/// line on stderr (as `load` does) when it is there but cannot be read.
 fn include_section(o: &mut String, dir: &Path, name: &str) -> std::fmt::Result {
     match std::fs::read_to_string(dir.join(name)) {
         Ok(text) => writeln!(o, "\n{}", text.trim_matches('\n')),
-        Err(_) => Ok(()),
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("{name}: {e}");
+            }
+            Ok(())
+        }
     }
 }
 
