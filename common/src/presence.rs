@@ -11,8 +11,11 @@
 //! [`PresenceView::catch_up`] closes the race between a user connecting and a message being
 //! routed: the gateway publishes presence (and waits for the broker's ack) *before* it runs the
 //! user's sync query, and the multiplexer catches up with the presence log *after* committing a
-//! batch. So a message committed after the sync query is routed with the new route in the view,
-//! and a message committed before it is found by the sync. Nothing falls between the two.
+//! batch's messages, routes it, and once the users' index has moved catches up again and routes
+//! it once more to the users whose route changed. So a session announced before the second
+//! catch-up gets the batch pushed, and one announced after it runs its sync after the index
+//! moved, and finds the batch there. Nothing falls between the two (docs/design.md, "Routing
+//! without a gap").
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -116,6 +119,12 @@ impl PresenceView {
             .get(user)
             .filter(|r| r.online)
             .map(|r| r.gateway.clone())
+    }
+
+    /// `user`'s route, if the user is online.
+    pub fn route_of(&self, user: &str) -> Option<Route> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.get(user).filter(|r| r.online).cloned()
     }
 
     /// The users whose session the log says is open on `gateway`, with their session epochs,

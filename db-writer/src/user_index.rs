@@ -7,16 +7,19 @@
 //! pending for the user, the receipts of their own messages, their failed sends, the list.
 //!
 //! **Writes** ([`Shards::update_index`]) come from the multiplexer (and a replay), once per
-//! batch, after the batch's messages and acks are committed and before anything is routed.
+//! batch, after the batch's messages and acks are committed (beside the batch's first routing,
+//! and before the presence read that decides its second; see the multiplexer's pipeline).
 //! Every column only moves forward (the greatest value seen wins; the receipt time goes with the
 //! greatest peer watermark), so a write repeated by a replay, a retry or a zombie writer changes
 //! nothing, and writes applied in any order end in the same row.
 //!
-//! **The invariant** the sync relies on: when a message to a user can be routed (and so when a
-//! sync could be the only way it reaches them), their index row of its conversation has
-//! `last_in_seq` at or above its seq. It holds because the index write of a batch completes
-//! before the batch is routed and before its offsets are stored: a crash in between replays the
-//! batch, and the replay writes the index again. [`Shards::check_index`] verifies it.
+//! **The invariant** the sync relies on: when the multiplexer reads the presence log's end to
+//! route a batch a second time (to the sessions announced since its first routing), the index
+//! row of each of its messages' recipients has `last_in_seq` at or above the message's seq. A
+//! session announced after that read runs its sync after the index moved, and finds the
+//! message. It holds because the index write of a batch completes before that read and before
+//! the batch's offsets are stored: a crash in between replays the batch, and the replay writes
+//! the index again. [`Shards::check_index`] verifies it.
 //!
 //! **Reads**: [`Shards::sync_read`] (what a connect sends) and [`Shards::conversations`] (the
 //! list) read the index first, then only the shards of the conversations that hold something.

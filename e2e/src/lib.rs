@@ -445,6 +445,7 @@ impl TestEnv {
             max_held: 10_000,
             batch_wait: Duration::from_millis(2),
             outbound_batches: true,
+            early_push: true,
             http_addr: "127.0.0.1:0".parse()?,
             unacked_ttl: self.unacked_ttl,
             expiry_interval: self.expiry_interval,

@@ -228,6 +228,101 @@ async fn a_user_who_moves_gateways_gets_messages_there_and_the_old_session_is_re
     env.teardown().await
 }
 
+/// A session that opens while a batch's index is being written, and whose sync therefore
+/// misses the batch, still gets it live: with the index write held up by a lock on the index
+/// table, bob connects after alice's message is stored, his sync comes back without it, and
+/// the message arrives on his socket once the lock is released. Run with the multiplexer
+/// routing a batch before its index write (then again to sessions announced meanwhile) and
+/// after it.
+async fn a_session_opened_during_the_index_write_gets_the_batch_live(
+    early_push: bool,
+) -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    let gw = env.start_gateway("gw1").await?;
+    let mux = env
+        .start_multiplexer_with(|c| c.early_push = early_push)
+        .await?;
+    let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
+    // Warm up: a first message delivered (to another user: bob's index must not list the
+    // conversation yet), so that everything is routed and running.
+    let mut carol = connect(&ws_url(gw.addr), &env.token("carol")).await;
+    alice.send("carol", "first").await?;
+    assert_eq!(carol.next_message(WAIT).await?.body, "first");
+    let activity = || async {
+        let rows = env
+            .shard(0)
+            .await?
+            .query(
+                "SELECT coalesce(wait_event_type, '') || ' ' || coalesce(wait_event, '')
+                        || ': ' || left(query, 100)
+                   FROM pg_stat_activity WHERE datname = current_database()",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let locker = env.shard(0).await?;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE user_conversations IN EXCLUSIVE MODE")
+        .await?;
+    let sent = alice.send("bob", "while the index waits").await?;
+    chat_e2e::eventually("the message stored, its index write waiting", || async {
+        let stored = env.stored("alice:bob").await?.len();
+        let waiting: i64 = env
+            .shard(0)
+            .await?
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((stored == 1 && waiting > 0).then_some(()))
+    })
+    .await?;
+    let mut bob = Client::connect(&ws_url(gw.addr), &env.token("bob")).await?;
+    let synced = match bob.until_sync_done(WAIT).await {
+        Ok(synced) => synced,
+        Err(e) => anyhow::bail!(
+            "bob's sync: {e}; the shard's sessions: {:?}",
+            activity().await?
+        ),
+    };
+    assert!(
+        synced.iter().all(|m| m.message_id != sent.message_id),
+        "the sync ran before the index moved, so it cannot have the message: {synced:?}"
+    );
+    locker.batch_execute("COMMIT").await?;
+    let got = bob.next_message(WAIT).await?;
+    assert_eq!(got.message_id, sent.message_id);
+    assert_eq!(got.body, "while the index waits");
+
+    for c in [&alice, &bob, &carol] {
+        c.close();
+    }
+    for c in [gw, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opened_during_the_index_write_gets_the_batch_pushed_again() -> anyhow::Result<()>
+{
+    a_session_opened_during_the_index_write_gets_the_batch_live(true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opened_during_the_index_write_gets_the_batch_once_indexed() -> anyhow::Result<()>
+{
+    a_session_opened_during_the_index_write_gets_the_batch_live(false).await
+}
+
 async fn wait_closed(c: &mut Client) -> (u16, String) {
     loop {
         match c.next_event_within(WAIT).await.expect("an event") {

@@ -79,6 +79,10 @@ pub(crate) const FAMILIES: &[Family] = &[
     )
     .known("to", &["gateway", "offline", "no_topic"]),
     Family::counter(
+        "multiplexer_routed_again_total",
+        "With MULTIPLEXER_EARLY_PUSH: pushes routed a second time, after the index write, to a user whose session changed since the batch was first routed.",
+    ),
+    Family::counter(
         "multiplexer_outbound_records_total",
         "Kafka records produced to outbound topics (one record may batch many pushes).",
     ),

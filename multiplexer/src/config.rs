@@ -30,6 +30,9 @@ pub struct Config {
     /// one record per push. Gateways read both; turn off while gateways of an earlier version,
     /// which read only single records, still run.
     pub outbound_batches: bool,
+    /// Push a batch as soon as it is stored, beside its index write, and again after the index
+    /// write to any session announced meanwhile (an experiment; see the pipeline's `early`).
+    pub early_push: bool,
     /// Address of `/healthz`, `/readyz`, `/metrics`.
     pub http_addr: SocketAddr,
     /// In delete-on-ack mode, how long an unacked message is kept before its body is erased.
@@ -116,6 +119,10 @@ pub struct Args {
     /// batched outbound records run.
     #[arg(long, env = "MULTIPLEXER_OUTBOUND_BATCH", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
     pub multiplexer_outbound_batch: bool,
+    /// Push a batch once stored, beside its index write (then again to sessions announced
+    /// meanwhile).
+    #[arg(long, env = "MULTIPLEXER_EARLY_PUSH", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
+    pub multiplexer_early_push: bool,
     /// Milliseconds a multiplexer may be silent before it loses its partitions to the others.
     #[arg(
         long,
@@ -184,6 +191,7 @@ impl Config {
             max_held: args.multiplexer_max_held,
             batch_wait: Duration::from_millis(args.multiplexer_batch_wait_ms),
             outbound_batches: args.multiplexer_outbound_batch,
+            early_push: args.multiplexer_early_push,
             http_addr: args.multiplexer_http_addr,
             unacked_ttl: Duration::from_secs(args.unacked_ttl_secs),
             expiry_interval: Duration::from_secs(args.expiry_interval_secs),
@@ -223,6 +231,7 @@ mod tests {
         assert_eq!(c.max_held, 200_000);
         assert_eq!(c.batch_wait, Duration::from_millis(2));
         assert!(c.outbound_batches);
+        assert!(c.early_push);
         assert_eq!(c.http_addr, "127.0.0.1:9300".parse().expect("an address"));
         assert_eq!(c.unacked_ttl, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(c.expiry_interval, Duration::from_secs(60));

@@ -1,13 +1,16 @@
 //! The consume -> store -> route loop.
 //!
-//! A batch goes through three stages. The first reads up to `max_batch` records from
-//! `inbound`, stores their messages in the shards (one transaction per shard) while it applies
-//! their acks, and sets aside what cannot be processed. The second moves the users' conversation
-//! index (one statement per home shard; before anything is routed, see `db_writer::user_index`).
-//! The third catches up with presence, produces each stored message to the recipient's gateway
-//! topic and each receipt to the sender's, waits for every delivery report, and only then stores
-//! the batch's offsets. The stages overlap (while one batch is routed, the next one's index is
-//! written and the one after it is stored), and the second and third take batches in log order.
+//! A batch goes through two stages. The first reads up to `max_batch` records from `inbound`,
+//! stores their messages in the shards (one transaction per shard) while it applies their acks,
+//! and sets aside what cannot be processed. The second, at once, moves the users' conversation
+//! index (one statement per home shard) and routes the batch: catches up with presence,
+//! produces each stored message to the recipient's gateway topic and each receipt to the
+//! sender's, and waits for every delivery report. Once the index has moved it catches up with
+//! presence again and routes the batch's records once more to every user whose session changed
+//! since (see [`Pipeline::early`] and `db_writer::user_index`); only then are the batch's
+//! offsets stored. The stages overlap (while one batch is indexed and routed, the next one is
+//! stored), and the second takes batches in log order. With `early_push` off the index is
+//! written first and the batch routed once, after it, in a third stage ([`Pipeline::finish`]).
 //! A crash anywhere before the offsets are stored replays the batch, and every step is
 //! idempotent, so the replay changes nothing but re-sends pushes that clients drop by message id.
 //!
@@ -31,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chat_common::ids::{ConversationKey, UserId};
+use chat_common::ids::{ConversationKey, GatewayId, UserId};
 use chat_common::message::Ack;
 use chat_proto::v1::{
     outbound_record, DeadLetter, OutboundBatch, OutboundItem, OutboundRecord, Stored,
@@ -48,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::holding::{Decoded, Holding};
-use chat_common::presence::PresenceView;
+use chat_common::presence::{PresenceView, Route};
 
 /// Largest value of one outbound batch record (the topics accept 1 MiB); a larger batch is split.
 const MAX_BATCH_RECORD_BYTES: usize = 256 * 1024;
@@ -362,11 +365,11 @@ impl Pipeline {
     /// Runs until `shutdown`; the batches in flight are finished (or abandoned, to be replayed
     /// by the next owner of their partitions) and stored offsets are committed before returning.
     ///
-    /// Three stages overlap: while one batch's records are routed, the next batch's index is
-    /// written and the one after it is read and stored. The second and third stages take the
-    /// batches one at a time and in order, so pushes, receipts and stored offsets keep the log's
-    /// order, and a batch's index still commits before anything of it is routed. At most one
-    /// batch waits for each of them.
+    /// The stages overlap: while one batch is indexed and routed (the second stage), the next
+    /// one is read and stored. With `early_push` off, three: while one batch's records are
+    /// routed, the next batch's index is written and the one after it is read and stored. The
+    /// later stages take the batches one at a time and in order, so pushes, receipts and stored
+    /// offsets keep the log's order. At most one batch waits for each of them.
     pub async fn run(self, shutdown: CancellationToken) {
         let (to_route, mut routing) = tokio::sync::mpsc::channel::<Routing>(1);
         let (to_send, mut sending) = tokio::sync::mpsc::channel::<Routing>(1);
@@ -421,6 +424,14 @@ impl Pipeline {
                 metrics::histogram!("multiplexer_stage_wait_seconds").record(r.stored.elapsed());
                 // False only when shutdown interrupted it: the other stages stop too, and what
                 // any of them holds is replayed from the stored offsets.
+                if this.config.early_push {
+                    let finished = this.early(r, hold, shutdown).await;
+                    hold.in_flight.send_modify(|n| *n -= 1);
+                    if !finished {
+                        break;
+                    }
+                    continue;
+                }
                 if !this.update_index(&mut r, hold, shutdown).await {
                     break;
                 }
@@ -564,15 +575,16 @@ impl Pipeline {
         }
     }
 
-    /// The third stage of a batch, once the second moved its index: catches up with presence,
-    /// routes, and stores the batch's offsets. False if shutdown interrupted it.
+    /// With `early_push` off, the third stage of a batch, once the second moved its index:
+    /// catches up with presence, routes, and stores the batch's offsets. False if shutdown
+    /// interrupted it.
     ///
     /// The index moved before anything is routed: a message a sync may have to deliver is in its
     /// recipient's index by then (the invariant of `db_writer::user_index`). It was also
     /// committed before the presence catch-up below reads the log's end: a session announced
     /// after that read is not routed to, and its sync must find the index moved. So the two
     /// waits do not overlap for one batch; the next batch's index write overlaps this one's.
-    async fn finish(&self, r: Routing, hold: &Hold, shutdown: &CancellationToken) -> bool {
+    async fn finish(&self, mut r: Routing, hold: &Hold, shutdown: &CancellationToken) -> bool {
         // Everything this batch changed is committed; make sure the routes we use are at least
         // as new as any session that synced before the commit (see `presence`).
         if !r.out.is_empty() {
@@ -581,11 +593,74 @@ impl Pipeline {
             metrics::histogram!("multiplexer_presence_catch_up_seconds").record(catch_up.elapsed());
         }
         let route_started = Instant::now();
-        if !self.route(r.out, shutdown).await {
+        if !self.route(std::mem::take(&mut r.out), shutdown).await {
             return false;
         }
         metrics::histogram!("multiplexer_route_seconds").record(route_started.elapsed());
-        // Never at or past a record still held.
+        self.store_offsets(&r, hold);
+        true
+    }
+
+    /// The second stage of a batch (with `early_push`, the default): the batch is routed as
+    /// soon as it is stored, beside its index write, and then again to every user whose
+    /// session changed meanwhile; then its offsets are stored. False if shutdown interrupted it.
+    ///
+    /// The first routing uses the routes of a presence catch-up made after the store committed:
+    /// every session announced before it gets the push. A session announced after it may have
+    /// run its sync before the index moved, and missed the batch there; so once the index is
+    /// written a second catch-up is made, and every user whose route is not the one the first
+    /// routing used (online now, and offline then or in another session) gets the batch's
+    /// records for them again. A session announced after the second catch-up finds the batch
+    /// by its sync, the index having moved before it. The next batch is routed only after this
+    /// one's second routing, so a new session receives the batches in the log's order.
+    async fn early(&self, mut r: Routing, hold: &Hold, shutdown: &CancellationToken) -> bool {
+        let first = r.out.clone();
+        let early_route = async {
+            if first.is_empty() {
+                return Some(HashMap::new());
+            }
+            let catch_up = Instant::now();
+            self.presence.catch_up(PRESENCE_CATCH_UP).await;
+            metrics::histogram!("multiplexer_presence_catch_up_seconds").record(catch_up.elapsed());
+            let route_started = Instant::now();
+            // Each user's route taken once, so that all of a user's records in the batch go
+            // the same way, and the second routing knows which way that was.
+            let used: HashMap<UserId, Option<Route>> = first
+                .iter()
+                .map(|(u, _)| (u.clone(), self.presence.route_of(u.as_str())))
+                .collect();
+            let ok = self
+                .route_to(
+                    first,
+                    |u| used.get(u).cloned().flatten().map(|r| r.gateway),
+                    shutdown,
+                )
+                .await;
+            metrics::histogram!("multiplexer_route_seconds").record(route_started.elapsed());
+            ok.then_some(used)
+        };
+        let (indexed, used) = tokio::join!(self.update_index(&mut r, hold, shutdown), early_route);
+        let (true, Some(used)) = (indexed, used) else {
+            return false;
+        };
+        if !r.out.is_empty() {
+            self.presence.catch_up(PRESENCE_CATCH_UP).await;
+            let again = routed_again(std::mem::take(&mut r.out), &used, |u| {
+                self.presence.route_of(u.as_str())
+            });
+            if !again.is_empty() {
+                metrics::counter!("multiplexer_routed_again_total").increment(again.len() as u64);
+                if !self.route(again, shutdown).await {
+                    return false;
+                }
+            }
+        }
+        self.store_offsets(&r, hold);
+        true
+    }
+
+    /// Stores the offsets of a routed batch, never at or past a record still held.
+    fn store_offsets(&self, r: &Routing, hold: &Hold) {
         let offsets = hold
             .lock()
             .finish(&r.offsets, r.entries.iter().map(Decoded::position));
@@ -597,7 +672,6 @@ impl Pipeline {
         }
         metrics::histogram!("multiplexer_batch_seconds").record(r.started.elapsed());
         metrics::histogram!("multiplexer_batch_size").record(r.size as f64);
-        true
     }
 
     /// Waits for the first record, then gathers more for up to `batch_wait`. `wake` ends the
@@ -1022,12 +1096,23 @@ impl Pipeline {
         records: Vec<(UserId, OutboundRecord)>,
         shutdown: &CancellationToken,
     ) -> bool {
+        self.route_to(records, |u| self.presence.route(u.as_str()), shutdown)
+            .await
+    }
+
+    /// [`Pipeline::route`] with each user's gateway given by `gateway_of`.
+    async fn route_to(
+        &self,
+        records: Vec<(UserId, OutboundRecord)>,
+        gateway_of: impl Fn(&UserId) -> Option<GatewayId>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         // (topic, key, value, pushes it holds)
         let mut todo: Vec<(String, String, Vec<u8>, u64)> = Vec::new();
         // topic -> (gateway id, its pushes in order)
         let mut per_gateway: HashMap<String, (String, Vec<OutboundItem>)> = HashMap::new();
         for (user, rec) in records {
-            let Some(gw) = self.presence.route(user.as_str()) else {
+            let Some(gw) = gateway_of(&user) else {
                 metrics::counter!("multiplexer_routed_total", "to" => "offline").increment(1);
                 continue;
             };
@@ -1132,6 +1217,22 @@ impl Pipeline {
         }
         Some(missing)
     }
+}
+
+/// The records to route again after the index write (see [`Pipeline::early`]): those of the
+/// users online `now` in another session than the route `used` the first time (none, or
+/// another gateway or epoch), in order.
+fn routed_again(
+    out: Vec<(UserId, OutboundRecord)>,
+    used: &HashMap<UserId, Option<Route>>,
+    now: impl Fn(&UserId) -> Option<Route>,
+) -> Vec<(UserId, OutboundRecord)> {
+    out.into_iter()
+        .filter(|(u, _)| {
+            let now = now(u);
+            now.is_some() && now.as_ref() != used.get(u).and_then(Option::as_ref)
+        })
+        .collect()
 }
 
 /// A record to produce: topic, key, value.
@@ -1480,6 +1581,78 @@ mod tests {
                 (9, "empty".to_owned())
             ]
         );
+    }
+
+    /// After the index write, a batch goes again to the users whose session changed since it
+    /// was first routed, and only to them, in order.
+    #[test]
+    fn routed_again_goes_to_sessions_announced_since_the_first_routing() -> anyhow::Result<()> {
+        let user = |s: &str| UserId::parse(s);
+        let route = |gw: &str, epoch| -> anyhow::Result<Route> {
+            Ok(Route {
+                gateway: GatewayId::parse(gw)?,
+                epoch,
+                online: true,
+            })
+        };
+        let (same, moved, new_epoch, came, left, never) = (
+            user("same")?,
+            user("moved")?,
+            user("epoch")?,
+            user("came")?,
+            user("left")?,
+            user("never")?,
+        );
+        let used: HashMap<UserId, Option<Route>> = [
+            (same.clone(), Some(route("gw-a", 1)?)),
+            (moved.clone(), Some(route("gw-a", 1)?)),
+            (new_epoch.clone(), Some(route("gw-a", 1)?)),
+            (came.clone(), None),
+            (left.clone(), Some(route("gw-b", 3)?)),
+            (never.clone(), None),
+        ]
+        .into();
+        let now: HashMap<UserId, Route> = [
+            (same.clone(), route("gw-a", 1)?),
+            (moved.clone(), route("gw-b", 2)?),
+            (new_epoch.clone(), route("gw-a", 2)?),
+            (came.clone(), route("gw-c", 1)?),
+        ]
+        .into();
+        let record = |n: usize| OutboundRecord {
+            kind: Some(outbound_record::Kind::Stored(Stored {
+                seq: n as u64,
+                ..Default::default()
+            })),
+        };
+        let users = [
+            &same, &moved, &new_epoch, &came, &left, &never, &came, &moved,
+        ];
+        let out: Vec<(UserId, OutboundRecord)> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| ((*u).clone(), record(i)))
+            .collect();
+        let again = routed_again(out, &used, |u| now.get(u).cloned());
+        let got: Vec<(String, u64)> = again
+            .iter()
+            .map(|(u, r)| match &r.kind {
+                Some(outbound_record::Kind::Stored(s)) => (u.to_string(), s.seq),
+                _ => (u.to_string(), u64::MAX),
+            })
+            .collect();
+        let want: Vec<(String, u64)> = [
+            ("moved", 1),
+            ("epoch", 2),
+            ("came", 3),
+            ("came", 6),
+            ("moved", 7),
+        ]
+        .iter()
+        .map(|(u, n)| (u.to_string(), *n))
+        .collect();
+        assert_eq!(got, want);
+        Ok(())
     }
 
     #[test]
