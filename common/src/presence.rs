@@ -114,11 +114,7 @@ impl PresenceView {
 
     /// The gateway holding `user`'s session, if the user is online.
     pub fn route(&self, user: &str) -> Option<GatewayId> {
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        routes
-            .get(user)
-            .filter(|r| r.online)
-            .map(|r| r.gateway.clone())
+        self.route_of(user).map(|r| r.gateway)
     }
 
     /// `user`'s route, if the user is online.

@@ -31,7 +31,8 @@ pub struct Config {
     /// which read only single records, still run.
     pub outbound_batches: bool,
     /// Push a batch as soon as it is stored, beside its index write, and again after the index
-    /// write to any session announced meanwhile (an experiment; see the pipeline's `early`).
+    /// write to any session announced meanwhile (the default; see the pipeline's `early`). Off:
+    /// the index is written first and the batch pushed once, after it.
     pub early_push: bool,
     /// Address of `/healthz`, `/readyz`, `/metrics`.
     pub http_addr: SocketAddr,

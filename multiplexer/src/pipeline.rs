@@ -588,9 +588,7 @@ impl Pipeline {
         // Everything this batch changed is committed; make sure the routes we use are at least
         // as new as any session that synced before the commit (see `presence`).
         if !r.out.is_empty() {
-            let catch_up = Instant::now();
-            self.presence.catch_up(PRESENCE_CATCH_UP).await;
-            metrics::histogram!("multiplexer_presence_catch_up_seconds").record(catch_up.elapsed());
+            self.catch_up_timed().await;
         }
         let route_started = Instant::now();
         if !self.route(std::mem::take(&mut r.out), shutdown).await {
@@ -619,9 +617,7 @@ impl Pipeline {
             if first.is_empty() {
                 return Some(HashMap::new());
             }
-            let catch_up = Instant::now();
-            self.presence.catch_up(PRESENCE_CATCH_UP).await;
-            metrics::histogram!("multiplexer_presence_catch_up_seconds").record(catch_up.elapsed());
+            self.catch_up_timed().await;
             let route_started = Instant::now();
             // Each user's route taken once, so that all of a user's records in the batch go
             // the same way, and the second routing knows which way that was.
@@ -632,7 +628,7 @@ impl Pipeline {
             let ok = self
                 .route_to(
                     first,
-                    |u| used.get(u).cloned().flatten().map(|r| r.gateway),
+                    |u| used.get(u)?.as_ref().map(|r| r.gateway.clone()),
                     shutdown,
                 )
                 .await;
@@ -657,6 +653,13 @@ impl Pipeline {
         }
         self.store_offsets(&r, hold);
         true
+    }
+
+    /// Catches up with presence before a batch is routed, recording how long it took.
+    async fn catch_up_timed(&self) {
+        let started = Instant::now();
+        self.presence.catch_up(PRESENCE_CATCH_UP).await;
+        metrics::histogram!("multiplexer_presence_catch_up_seconds").record(started.elapsed());
     }
 
     /// Stores the offsets of a routed batch, never at or past a record still held.
