@@ -10,11 +10,11 @@
 //!
 //! [`PresenceView::catch_up`] closes the race between a user connecting and a message being
 //! routed: the gateway publishes presence (and waits for the broker's ack) *before* it runs the
-//! user's sync query, and the multiplexer catches up with the presence log *after* committing a
-//! batch's messages, routes it, and once the users' index has moved catches up again and routes
-//! it once more to the users whose route changed. So a session announced before the second
-//! catch-up gets the batch pushed, and one announced after it runs its sync after the index
-//! moved, and finds the batch there. Nothing falls between the two (docs/design.md, "Routing
+//! user's sync query, and the multiplexer routes a batch once its messages are committed, with
+//! the view as it stands, and once the users' index has moved catches up with the presence log
+//! and routes the batch once more to the users whose route changed. So a session announced
+//! before that catch-up gets the batch pushed, and one announced after it runs its sync after
+//! the index moved, and finds the batch there. Nothing falls between the two (docs/design.md, "Routing
 //! without a gap").
 
 use std::collections::HashMap;

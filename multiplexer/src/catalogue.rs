@@ -59,7 +59,7 @@ pub(crate) const FAMILIES: &[Family] = &[
     ),
     Family::seconds(
         "multiplexer_presence_catch_up_seconds",
-        "Time to read the presence log's end and catch up with it, after a batch's index write and before its routing.",
+        "Time to read the presence log's end and catch up with it, after a batch's index write and before it is routed (with MULTIPLEXER_EARLY_PUSH, routed again).",
     ),
     Family::seconds(
         "multiplexer_route_seconds",

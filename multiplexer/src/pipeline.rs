@@ -3,10 +3,10 @@
 //! A batch goes through two stages. The first reads up to `max_batch` records from `inbound`,
 //! stores their messages in the shards (one transaction per shard) while it applies their acks,
 //! and sets aside what cannot be processed. The second, at once, moves the users' conversation
-//! index (one statement per home shard) and routes the batch: catches up with presence,
-//! produces each stored message to the recipient's gateway topic and each receipt to the
-//! sender's, and waits for every delivery report. Once the index has moved it catches up with
-//! presence again and routes the batch's records once more to every user whose session changed
+//! index (one statement per home shard) and routes the batch with the presence view as it
+//! stands: produces each stored message to the recipient's gateway topic and each receipt to
+//! the sender's, and waits for every delivery report. Once the index has moved it catches up
+//! with presence and routes the batch's records once more to every user whose session changed
 //! since (see [`Pipeline::early`] and `db_writer::user_index`); only then are the batch's
 //! offsets stored. The stages overlap (while one batch is indexed and routed, the next one is
 //! stored), and the second takes batches in log order. With `early_push` off the index is
@@ -603,21 +603,22 @@ impl Pipeline {
     /// soon as it is stored, beside its index write, and then again to every user whose
     /// session changed meanwhile; then its offsets are stored. False if shutdown interrupted it.
     ///
-    /// The first routing uses the routes of a presence catch-up made after the store committed:
-    /// every session announced before it gets the push. A session announced after it may have
-    /// run its sync before the index moved, and missed the batch there; so once the index is
-    /// written a second catch-up is made, and every user whose route is not the one the first
-    /// routing used (online now, and offline then or in another session) gets the batch's
-    /// records for them again. A session announced after the second catch-up finds the batch
-    /// by its sync, the index having moved before it. The next batch is routed only after this
-    /// one's second routing, so a new session receives the batches in the log's order.
+    /// The first routing takes the routes of the presence view as it stands (its consumer
+    /// follows the log all along), with no catch-up: it is there for speed, not for the
+    /// guarantee. A session it misses, announced before or after it, may have run its sync
+    /// before the index moved and missed the batch there; so once the index is written the
+    /// view catches up with the presence log's end, and every user whose route is not the one
+    /// the first routing used (online now, and offline then or in another session) gets the
+    /// batch's records for them again. A session announced after that catch-up's read of the
+    /// log's end finds the batch by its sync, the index having moved before it. The next batch
+    /// is routed only after this one's second routing, so a new session receives the batches
+    /// in the log's order.
     async fn early(&self, mut r: Routing, hold: &Hold, shutdown: &CancellationToken) -> bool {
         let first = r.out.clone();
         let early_route = async {
             if first.is_empty() {
                 return Some(HashMap::new());
             }
-            self.catch_up_timed().await;
             let route_started = Instant::now();
             // Each user's route taken once, so that all of a user's records in the batch go
             // the same way, and the second routing knows which way that was.
@@ -640,7 +641,7 @@ impl Pipeline {
             return false;
         };
         if !r.out.is_empty() {
-            self.presence.catch_up(PRESENCE_CATCH_UP).await;
+            self.catch_up_timed().await;
             let again = routed_again(std::mem::take(&mut r.out), &used, |u| {
                 self.presence.route_of(u.as_str())
             });
@@ -655,7 +656,8 @@ impl Pipeline {
         true
     }
 
-    /// Catches up with presence before a batch is routed, recording how long it took.
+    /// Catches up with presence before a batch is routed (with `early_push`, routed again),
+    /// recording how long it took.
     async fn catch_up_timed(&self) {
         let started = Instant::now();
         self.presence.catch_up(PRESENCE_CATCH_UP).await;
