@@ -14,8 +14,8 @@
 //! the view as it stands, and once the users' index has moved catches up with the presence log
 //! and routes the batch once more to the users whose route changed. So a session announced
 //! before that catch-up gets the batch pushed, and one announced after it runs its sync after
-//! the index moved, and finds the batch there. Nothing falls between the two (docs/design.md, "Routing
-//! without a gap").
+//! the index moved, and finds the batch there. Nothing falls between the push and the sync
+//! (docs/design.md, "Routing without a gap").
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
