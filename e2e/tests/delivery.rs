@@ -764,3 +764,152 @@ async fn delete_on_ack_pushes_pipelined_bursts_once_in_order_with_bodies_intact(
     );
     env.teardown().await
 }
+
+/// A TCP link to a server whose client-to-server direction can be held: what a client sends
+/// while it is held waits in the link (as a query waits for a server too busy to read it), and
+/// goes on once it is let go. Answers flow back all along.
+struct HeldLink {
+    addr: std::net::SocketAddr,
+    hold: tokio::sync::watch::Sender<bool>,
+    /// Reads from a client that found the link held.
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HeldLink {
+    async fn to(target: String) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (hold, held) = tokio::sync::watch::channel(false);
+        let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = waiting.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut held, counted) = (held.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = from_client.read(&mut buf).await?;
+                            if n == 0 {
+                                return to_server.shutdown().await;
+                            }
+                            if *held.borrow() {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if held.wait_for(|h| !*h).await.is_err() {
+                                return Ok(());
+                            }
+                            to_server.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    let down = tokio::io::copy(&mut from_server, &mut to_client);
+                    let _ = tokio::join!(up, down);
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            hold,
+            waiting,
+        })
+    }
+
+    /// `dsn` (a URL) through this link in place of `target`, its host and port.
+    fn carry(&self, dsn: &str, target: &str) -> String {
+        assert!(dsn.contains(target), "{dsn} does not name {target}");
+        dsn.replacen(target, &self.addr.to_string(), 1)
+    }
+
+    fn set_held(&self, held: bool) {
+        self.hold.send_replace(held);
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// In delete-on-ack mode a receipt does not wait for the keys its gateway reads to open the
+/// messages it pushes: with the gateway's link to the shard held, the read of the key of a
+/// message to bob cannot be answered, and carol's ack still reaches alice as a receipt while
+/// bob's message waits; once the link is let go, bob gets it, intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_does_not_wait_for_the_keys_of_the_messages_beside_it() -> anyhow::Result<()> {
+    let mut env = TestEnv::new(1, &["gw1"]).await?;
+    env.retention = Retention::DeleteOnAck;
+    // The shard's host and port, as its DSN (a URL) names them.
+    let dsn = &env.shard_dsns[0];
+    let rest = dsn.split_once("://").map_or(dsn.as_str(), |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let target = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host_port)| host_port)
+        .to_owned();
+    anyhow::ensure!(target.contains(':'), "no port in the shard's DSN");
+    let link = HeldLink::to(target.clone()).await?;
+    let gw = env
+        .start_gateway_with("gw1", |c| {
+            for dsn in &mut c.shards.dsns {
+                *dsn = link.carry(dsn, &target);
+            }
+        })
+        .await?;
+    let mux = env.start_multiplexer().await?;
+    let url = ws_url(gw.addr);
+    let mut alice = connect(&url, &env.token("alice")).await;
+    let mut bob = connect(&url, &env.token("bob")).await;
+    let mut carol = connect(&url, &env.token("carol")).await;
+    // Through the link, unheld: alice's message to carol is sealed, pushed and opened.
+    alice.send("carol", "before the hold").await?;
+    let first = carol.next_message(WAIT).await?;
+    assert_eq!(first.body, "before the hold");
+
+    link.set_held(true);
+    // Sealed under a key the gateway holds ready (no round trip), stored, and routed to bob,
+    // whose push now waits for its key.
+    let sent = alice.send("bob", "while the link is held").await?;
+    chat_e2e::eventually(
+        "the gateway reading bob's key through the held link",
+        || async { Ok((link.waiting() > 0).then_some(())) },
+    )
+    .await?;
+    carol.ack("alice", first.seq)?;
+    let receipt = loop {
+        match alice.next_event_within(WAIT).await {
+            Ok(Event::Receipt(r)) => break r,
+            Ok(_) => continue,
+            Err(e) => anyhow::bail!("no receipt while the link is held: {e}"),
+        }
+    };
+    assert_eq!(
+        (receipt.peer.as_str(), receipt.up_to_seq),
+        ("carol", first.seq)
+    );
+    assert!(
+        !matches!(
+            bob.next_event_within(Duration::from_millis(1)).await,
+            Ok(Event::Message(_))
+        ),
+        "bob's message was pushed while its key could not be read"
+    );
+
+    link.set_held(false);
+    let got = bob.next_message(WAIT).await?;
+    assert_eq!(got.message_id, sent.message_id);
+    assert_eq!(got.body, "while the link is held");
+
+    for c in [&alice, &bob, &carol] {
+        c.close();
+    }
+    for c in [gw, mux] {
+        c.stop().await;
+    }
+    env.teardown().await
+}

@@ -72,7 +72,13 @@ pub(crate) async fn run(
                     None => break,
                 }
             }
-            decode(&topic, records)
+            let mut chunk = decode(&topic, records);
+            if app.seals() {
+                for (user, kind) in take_receipts(&mut chunk.items) {
+                    push(&app, &user, kind);
+                }
+            }
+            chunk
         },
         |chunk| open_chunk(app.clone(), chunk),
         |chunk| pushed(&app, &consumer, &topic, chunk),
@@ -196,6 +202,27 @@ fn decode(topic: &str, records: Vec<KafkaResult<BorrowedMessage<'_>>>) -> Chunk 
     chunk
 }
 
+/// Takes a chunk's receipts out of it, in order; the rest keeps its order. In delete-on-ack
+/// mode they are pushed as soon as the chunk is taken, before its bodies are opened: a receipt
+/// carries no body, so it has no key to wait for, and under load the keys' read is the longest
+/// step of a push. Only receipts go ahead. A `stored` stays behind the delivers before it (a
+/// client may count its own messages' seqs in the cursor it resumes a sync from, and a `stored`
+/// ahead of an earlier deliver would skip that deliver), and a `failed` keeps its place beside
+/// them. Receipts keep the log's order among themselves: chunks are taken in the log's order,
+/// one after another. A receipt pushed before its chunk's offsets are stored may be pushed
+/// again after a restart, which a client ignores.
+fn take_receipts(items: &mut Vec<Item>) -> Vec<Item> {
+    let mut receipts = Vec::new();
+    items.retain_mut(|(user, kind)| match kind {
+        Some(outbound_record::Kind::Receipt(_)) => {
+            receipts.push((std::mem::take(user), kind.take()));
+            false
+        }
+        _ => true,
+    });
+    receipts
+}
+
 /// Delete-on-ack mode: opens the sealed bodies of the delivers for users connected here (one
 /// read of keys per shard for the whole chunk), and drops those with nothing left to deliver:
 /// acknowledged or expired since (their key is gone), or whose key could not be read (the
@@ -291,6 +318,54 @@ mod tests {
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0 % n
+        }
+    }
+
+    /// Receipts come out of a chunk in the order they were in, and everything else stays, in
+    /// its order: a seeded mix of every kind of item, several users.
+    #[test]
+    fn receipts_are_taken_out_in_order_and_the_rest_keeps_its_order() {
+        use chat_proto::v1::{ChatMessage, Failed, Receipt, Stored};
+        let seed = std::env::var("RECEIPTS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| chat_common::now_ms() as u64 | 1);
+        println!("RECEIPTS_SEED={seed}");
+        let mut rng = Rng(seed);
+        for _ in 0..200 {
+            let n = rng.below(40) as usize;
+            let mut items: Vec<Item> = Vec::new();
+            // Each item's place in the chunk, in a field of its own kind.
+            for i in 0..n {
+                let user = format!("u{}", rng.below(4));
+                let kind = match rng.below(5) {
+                    0 => Some(outbound_record::Kind::Deliver(ChatMessage {
+                        seq: i as u64,
+                        ..Default::default()
+                    })),
+                    1 => Some(outbound_record::Kind::Stored(Stored {
+                        seq: i as u64,
+                        ..Default::default()
+                    })),
+                    2 => Some(outbound_record::Kind::Failed(Failed {
+                        client_message_id: i.to_string(),
+                        ..Default::default()
+                    })),
+                    3 => None,
+                    _ => Some(outbound_record::Kind::Receipt(Receipt {
+                        up_to_seq: i as u64,
+                        ..Default::default()
+                    })),
+                };
+                items.push((user, kind));
+            }
+            let before = items.clone();
+            let receipts = take_receipts(&mut items);
+            let (want_receipts, want_rest): (Vec<Item>, Vec<Item>) = before
+                .into_iter()
+                .partition(|(_, k)| matches!(k, Some(outbound_record::Kind::Receipt(_))));
+            assert_eq!(receipts, want_receipts, "seed {seed}");
+            assert_eq!(items, want_rest, "seed {seed}");
         }
     }
 
