@@ -451,6 +451,7 @@ impl TestEnv {
             expiry_interval: self.expiry_interval,
             erased_row_ttl: self.erased_row_ttl,
             migrate: !self.least_privilege(),
+            worker_threads: 1,
         };
         adjust(&mut config);
         let shutdown = CancellationToken::new();

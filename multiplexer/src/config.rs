@@ -48,6 +48,9 @@ pub struct Config {
     /// before a rollout (the Terraform deployment): the multiplexer then refuses to start on a
     /// shard that lacks one, naming it.
     pub migrate: bool,
+    /// Threads of the async runtime `main` builds (`MULTIPLEXER_WORKER_THREADS`); [`crate::start`]
+    /// runs on whatever runtime calls it.
+    pub worker_threads: usize,
 }
 
 /// A multiplexer's settings as declared to its command line: each a flag with an environment
@@ -144,6 +147,11 @@ pub struct Args {
     /// (where migrations run as their own step before a rollout).
     #[arg(long, env = "MULTIPLEXER_MIGRATE", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
     pub multiplexer_migrate: bool,
+    /// Threads of the multiplexer's async runtime. One by default: its stages share one task
+    /// and its blocking calls go to a pool of their own, and a second thread cost latency under
+    /// load (docs/performance-log.md, 2026-12-05).
+    #[arg(long, env = "MULTIPLEXER_WORKER_THREADS", default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub multiplexer_worker_threads: u16,
     /// Delete-on-ack: seconds between expiry sweeps.
     #[arg(
         long,
@@ -198,6 +206,7 @@ impl Config {
             expiry_interval: Duration::from_secs(args.expiry_interval_secs),
             erased_row_ttl: Duration::from_secs(args.erased_row_ttl_secs),
             migrate: args.multiplexer_migrate,
+            worker_threads: usize::from(args.multiplexer_worker_threads),
         })
     }
 }

@@ -10,10 +10,13 @@ fn main() -> anyhow::Result<()> {
     // First, so that `--help`, `--version` and a bad value answer before anything starts.
     let config = multiplexer::Config::from_command_line()?;
     chat_common::telemetry::init_logging();
-    run(config)
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()?
+        .block_on(run(config))
 }
 
-#[tokio::main]
 async fn run(config: multiplexer::Config) -> anyhow::Result<()> {
     let shutdown = chat_common::shutdown::on_signals();
     let running = multiplexer::start(config, shutdown).await?;
