@@ -247,6 +247,7 @@ mod tests {
         assert_eq!(c.expiry_interval, Duration::from_secs(60));
         assert_eq!(c.erased_row_ttl, Duration::from_secs(8 * 24 * 3600));
         assert!(c.migrate);
+        assert_eq!(c.worker_threads, 1);
     }
 
     #[test]
@@ -264,8 +265,11 @@ mod tests {
             "fetch.min.bytes=65536",
             "--topic-prefix",
             "t1-",
+            "--multiplexer-worker-threads",
+            "3",
         ])
         .expect("valid flags");
+        assert_eq!(c.worker_threads, 3);
         assert_eq!(c.kafka.linger, Duration::from_millis(7));
         assert_eq!(c.kafka.max_poll_interval, Duration::from_millis(1500));
         assert!(!c.outbound_batches);
@@ -285,6 +289,8 @@ mod tests {
         assert!(e.contains("--kafka-producer-opts"), "{e}");
         let e = parse(&["--shard-dsns", " , "]).expect_err("no shard");
         assert!(e.contains("SHARD_DSNS"), "{e}");
+        let e = parse(&["--multiplexer-worker-threads", "0"]).expect_err("no thread");
+        assert!(e.contains("--multiplexer-worker-threads"), "{e}");
     }
 
     #[test]
