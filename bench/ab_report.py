@@ -32,6 +32,7 @@ PROCESSES = ("gateway", "kafka", "loadgen", "multiplexer", "postgres")
 HOPS = (
     ("produce", "gateway_produce_seconds"),
     ("inbound wait", "multiplexer_inbound_wait_seconds"),
+    ("batch wait", "multiplexer_batch_wait_seconds"),
     ("store", "multiplexer_store_seconds"),
     ("index", "multiplexer_index_seconds"),
     ("catch-up", "multiplexer_presence_catch_up_seconds"),

@@ -8,7 +8,9 @@
 //!   0 before its first event, so a panel shows 0 and `rate()` sees the first error after a
 //!   restart. Plus the `process_*` metrics and `chat_build_info{service,version} 1`.
 //! - `multiplexer_consumer_lag` counts from the group's committed offset: records the multiplexer
-//!   has fetched but cannot store (a shard refusing writes) stay in it until they are stored.
+//!   has fetched but cannot store (a shard refusing writes) stay in it until they are stored;
+//!   each such record's waits before the store (in the consumer, for its batch to close) are
+//!   counted once, however many times its store is tried.
 //!
 //! Needs `promtool` (Debian's `prometheus` package; `make deps` installs it) and the binaries
 //! (`cargo build --bins`, which `make test` runs first).
@@ -399,6 +401,15 @@ async fn the_lag_counts_what_the_group_has_not_committed() -> anyhow::Result<()>
     })
     .await?;
     assert_eq!(env.stored(key.as_str()).await?.len(), RECORDS);
+    // Each record's hops before the store, once each, though its store was tried many times:
+    // its wait in the consumer and its wait for its batch to close.
+    let after = scrape(mux.addr).await?;
+    for hop in [
+        "multiplexer_inbound_wait_seconds_count",
+        "multiplexer_batch_wait_seconds_count",
+    ] {
+        assert_eq!(after.value(hop, &[]), Some(RECORDS as f64), "{hop}");
+    }
     mux.terminate().await?;
     env.teardown().await
 }

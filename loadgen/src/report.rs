@@ -469,7 +469,7 @@ const DELETE_ON_ACK_RATIO_MIN: f64 = 0.85;
 
 /// The pipeline's histograms of a message's hops, in the order a message meets them: a label
 /// (what one observation is) and the histogram's name.
-const HOPS: [(&str, &str); 11] = [
+const HOPS: [(&str, &str); 12] = [
     (
         "gateway produce ack (produce to `inbound` until acknowledged; per message)",
         "gateway_produce_seconds",
@@ -477,6 +477,10 @@ const HOPS: [(&str, &str); 11] = [
     (
         "inbound wait (record's Kafka timestamp to consumed by the multiplexer; per record: messages and acks)",
         "multiplexer_inbound_wait_seconds",
+    ),
+    (
+        "batch wait (consumed until its batch closes; per record)",
+        "multiplexer_batch_wait_seconds",
     ),
     (
         "store (a batch's store and acks in the shards; per batch)",

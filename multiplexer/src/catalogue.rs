@@ -34,6 +34,10 @@ pub(crate) const FAMILIES: &[Family] = &[
         "Time from an inbound record's timestamp (the producing gateway's clock) to its consumption.",
     ),
     Family::seconds(
+        "multiplexer_batch_wait_seconds",
+        "Time from an inbound record's consumption to the close of the batch it joins (a batch closes MULTIPLEXER_BATCH_WAIT_MS after its first record, or full).",
+    ),
+    Family::seconds(
         "multiplexer_batch_seconds",
         "Time to store and route one batch, from taking it to storing its offsets.",
     ),

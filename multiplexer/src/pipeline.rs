@@ -680,9 +680,11 @@ impl Pipeline {
     }
 
     /// Waits for the first record, then gathers more for up to `batch_wait`. `wake` ends the
-    /// wait for the first record only, so that no record read is dropped.
+    /// wait for the first record only, so that no record read is dropped. Each record's time
+    /// from its consumption to its batch's close is `multiplexer_batch_wait_seconds`.
     async fn next_records(&self, shutdown: &CancellationToken, wake: &tokio::sync::Notify) -> Next {
         let mut records = Vec::new();
+        let mut taken = Vec::new();
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return Next::Stopped,
@@ -692,6 +694,7 @@ impl Pipeline {
             match first {
                 Ok(m) => {
                     record_inbound_wait(&m);
+                    taken.push(Instant::now());
                     records.push(m.detach());
                     break;
                 }
@@ -707,6 +710,7 @@ impl Pipeline {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Ok(Ok(m)) => {
                     record_inbound_wait(&m);
+                    taken.push(Instant::now());
                     records.push(m.detach());
                 }
                 Ok(Err(e)) => {
@@ -715,6 +719,11 @@ impl Pipeline {
                 }
                 Err(_) => break,
             }
+        }
+        let closed = Instant::now();
+        let waited = metrics::histogram!("multiplexer_batch_wait_seconds");
+        for t in taken {
+            waited.record(closed.duration_since(t));
         }
         Next::Records(records)
     }
