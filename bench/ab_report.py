@@ -8,7 +8,8 @@ histograms, CPU per message by process); then per variant the median over its tr
 run, such as the first after a broker restart, moves it less than a mean), and each figure as a
 ratio to the first variant's median. A line first says in how many of each variant's runs
 a confirm trial held RATE; a run whose probe failed at RATE has no confirm there, and its probe
-stands in for it in the tables.
+stands in for it in the tables. Last, each variant's median of the gateways' socket writes (one
+flush each) per message delivered, and its ratio to the first variant's.
 
 With --statements, each run directory also holds statements.tsv (pg_stat_statements over the
 whole run, one line a statement: calls, rows, ms executing, ms planning, WAL bytes, text). The
@@ -117,7 +118,29 @@ def figures(trial):
         f[p] = s / delivered * 1e6 if s is not None and delivered else None
     total = cpu.get("total_seconds")
     f["all"] = total / delivered * 1e6 if total is not None and delivered else None
+    writes = (histograms.get("gateway_socket_write_seconds") or {}).get("count")
+    f["socket writes"] = writes / delivered if writes is not None and delivered else None
     return f
+
+
+def writes_table(order, rows):
+    """Each variant's median over its trials of the gateways' socket writes (each one flush of
+    the frames a connection took at once) per message delivered; None when no trial has them."""
+    if all(f.get("socket writes") is None for _, f, _ in rows):
+        return None
+    out = ["The gateways' socket writes (one flush each) per message delivered "
+           "(gateway_socket_write_seconds' count; each variant's median over its trials)", ""]
+    out.append("| variant | trials | writes a message | ratio |")
+    out.append("|---|---:|---:|---:|")
+    base = None
+    for v in order:
+        values = [f.get("socket writes") for _, f, w in rows if w == v]
+        m = median(values)
+        base = m if base is None else base
+        ratio = m / base if m is not None and base else None
+        trials = sum(1 for x in values if x is not None)
+        out.append(f"| {v} | {trials} | {cell(m, 2)} | {cell(ratio, 2)} |")
+    return "\n".join(out) + "\n"
 
 
 LATENCY = ["delivered p50", "delivered p99", "receipt p50", "receipt p99"] + [
@@ -245,6 +268,9 @@ def main():
     print(table("Per variant (medians over its trials; ratios to the first variant's)", LATENCY,
                 summary, 1))
     print(table("", CPU, summary, 1).lstrip("\n"))
+    writes = writes_table(order, rows)
+    if writes:
+        print(writes)
     if statement_runs:
         print(statement_table(order, statement_runs))
     if wal_runs:

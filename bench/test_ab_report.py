@@ -37,7 +37,10 @@ def trial(label, rate, delivered_p50, postgres_seconds, passed=True, delivered=1
                         "postgres": postgres_seconds},
             "total_seconds": 1.9 + postgres_seconds,
         },
-        "pipeline": {"histograms": {"multiplexer_store_seconds": {"p50": 0.002, "p99": None}}},
+        "pipeline": {"histograms": {
+            "multiplexer_store_seconds": {"p50": 0.002, "p99": None},
+            "gateway_socket_write_seconds": {"count": round(delivered * postgres_seconds * 4)},
+        }},
     }
 
 
@@ -106,6 +109,12 @@ def test_medians_and_ratios_of_the_trials_at_the_rate(tmp_path):
     columns = [c.strip() for c in header.strip("|").split("|")]
     at = columns.index(store_p99[1])
     assert latency_rows[0][columns.index(store_p99[0])] == "2.0" and latency_rows[0][at] == ""
+    # Socket writes a message delivered (4 × the Postgres seconds above): a's median over its
+    # four trials is 4.6 ((4.4 + 4.8) / 2), b's over its three 3.2 (2.8, 3.2, 3.6).
+    lines = text.splitlines()
+    head = lines.index("| variant | trials | writes a message | ratio |")
+    writes = [[c.strip() for c in line.strip("|").split("|")] for line in lines[head + 2:head + 4]]
+    assert writes == [["a", "4", "4.60", "1.00"], ["b", "3", "3.20", "0.70"]]
 
 
 def test_a_run_without_its_trials_is_named(tmp_path):
