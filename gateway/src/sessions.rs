@@ -82,10 +82,16 @@ pub(crate) enum PushError {
     Closed,
 }
 
+/// Most queued items a connection's task takes at once: their frames go out in one write, with
+/// one flush, so frames queued together (a user's push and receipt from one outbound batch, or
+/// whatever queued while the task waited for a core) cost one send to the socket, not one each.
+pub(crate) const MAX_ITEMS_AT_ONCE: usize = 64;
+
 /// What the connection's task is to do next.
 #[derive(Debug)]
 pub(crate) enum Mail {
-    Item(Outgoing),
+    /// The oldest queued items, in order: all of them, up to [`MAX_ITEMS_AT_ONCE`].
+    Items(Vec<Outgoing>),
     Kicked(Close),
     /// Time to ping the peer (or to close, if it has not answered the last pings).
     Ping,
@@ -169,8 +175,10 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// The next thing to do: a kick first, then a due ping, else the oldest queued item.
-    /// Waits for one of them.
+    /// The next thing to do: a kick first, then a due ping, else the oldest queued items (up to
+    /// [`MAX_ITEMS_AT_ONCE`]). Waits for one of them. Items taken no longer count against the
+    /// capacity: a socket that does not drain holds at most `capacity` queued items beside the
+    /// ones its task is writing.
     pub(crate) async fn next(&self) -> Mail {
         loop {
             {
@@ -181,8 +189,9 @@ impl Mailbox {
                 if std::mem::take(&mut st.ping) {
                     return Mail::Ping;
                 }
-                if let Some(item) = st.items.pop_front() {
-                    return Mail::Item(item);
+                if !st.items.is_empty() {
+                    let n = st.items.len().min(MAX_ITEMS_AT_ONCE);
+                    return Mail::Items(st.items.drain(..n).collect());
                 }
                 // Drained: an idle connection keeps no queue storage.
                 if st.items.capacity() > 0 {
@@ -335,23 +344,56 @@ mod tests {
         }))
     }
 
-    fn seq_of(mail: Mail) -> Option<u64> {
+    /// The seqs of the items taken, in order (`None` for any other mail).
+    fn seqs_of(mail: Mail) -> Option<Vec<u64>> {
         match mail {
-            Mail::Item(Outgoing::Live(m)) => Some(m.seq),
+            Mail::Items(items) => items
+                .into_iter()
+                .map(|i| match i {
+                    Outgoing::Live(m) => Some(m.seq),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
+    fn seq_of(mail: Mail) -> Option<u64> {
+        match seqs_of(mail)?.as_slice() {
+            [seq] => Some(*seq),
             _ => None,
         }
     }
 
     #[tokio::test]
-    async fn items_come_out_in_order_and_a_full_mailbox_refuses() {
+    async fn items_come_out_together_in_order_and_a_full_mailbox_refuses() {
         let mb = Mailbox::new(2, 1);
         assert_eq!(mb.push(frame(1)), Ok(()));
         assert_eq!(mb.push(frame(2)), Ok(()));
         assert_eq!(mb.push(frame(3)), Err(PushError::Full));
-        assert_eq!(seq_of(mb.next().await), Some(1));
+        assert_eq!(seqs_of(mb.next().await), Some(vec![1, 2]));
         assert_eq!(mb.push(frame(3)), Ok(()));
-        assert_eq!(seq_of(mb.next().await), Some(2));
-        assert_eq!(seq_of(mb.next().await), Some(3));
+        assert_eq!(mb.push(frame(4)), Ok(()));
+        assert_eq!(mb.push(frame(5)), Err(PushError::Full));
+        assert_eq!(seqs_of(mb.next().await), Some(vec![3, 4]));
+    }
+
+    #[tokio::test]
+    async fn a_long_queue_comes_out_in_order_at_most_so_many_items_at_once() {
+        let queued = 2 * MAX_ITEMS_AT_ONCE + 5;
+        let mb = Mailbox::new(queued, 1);
+        for seq in 1..=queued as u64 {
+            assert_eq!(mb.push(frame(seq)), Ok(()));
+        }
+        let mut sizes = Vec::new();
+        let mut seqs = Vec::new();
+        while seqs.len() < queued {
+            let taken = seqs_of(mb.next().await).expect("items");
+            sizes.push(taken.len());
+            seqs.extend(taken);
+        }
+        assert_eq!(sizes, [MAX_ITEMS_AT_ONCE, MAX_ITEMS_AT_ONCE, 5]);
+        assert_eq!(seqs, (1..=queued as u64).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -78,6 +78,20 @@ struct Writer {
 }
 
 impl Writer {
+    /// The frames of `items`, in order, to go out in one write; and the close, if an item
+    /// cannot be sent (the frames are then those of the items before it, and the rest are
+    /// dropped with the connection).
+    fn frames_of_all(&mut self, items: Vec<Outgoing>) -> (Vec<ServerFrame>, Option<Close>) {
+        let mut frames = Vec::new();
+        for item in items {
+            match self.frames(item) {
+                Ok(more) => frames.extend(more),
+                Err(why) => return (frames, Some(why)),
+            }
+        }
+        (frames, None)
+    }
+
     /// Turns one queued item into frames to send, or `Err` with a close code.
     fn frames(&mut self, item: Outgoing) -> Result<Vec<ServerFrame>, Close> {
         let mut out = Vec::new();
@@ -222,8 +236,9 @@ struct Conn {
 /// What the connection does next, decided from one mail or one frame from the client.
 enum Step {
     Continue,
-    /// Send these frames (answers, pushed messages, a sync) and flush.
-    Write(Vec<ServerFrame>),
+    /// Send these frames (answers, pushed messages, a sync) and flush; then close, if a reason
+    /// is given (an item queued after them could not be sent).
+    Write(Vec<ServerFrame>, Option<Close>),
     /// Answer with this frame (an error the client should see), then go on.
     Reply(Box<ServerFrame>),
     /// Ping the peer.
@@ -311,9 +326,11 @@ impl Conn {
                 Step::Close(Some(Close::PingTimeout))
             }
             Mail::Ping => Step::Ping,
-            Mail::Item(item) => match self.writer.frames(item) {
-                Ok(frames) => Step::Write(frames),
-                Err(why) => Step::Close(Some(why)),
+            Mail::Items(items) => match self.writer.frames_of_all(items) {
+                (frames, why) if frames.is_empty() => {
+                    why.map_or(Step::Continue, |why| Step::Close(Some(why)))
+                }
+                (frames, why) => Step::Write(frames, why),
             },
         }
     }
@@ -380,8 +397,9 @@ impl Conn {
         match step {
             Step::Continue => Ok(()),
             Step::Close(why) => Err(why),
-            Step::Write(frames) => {
-                write_frames(socket, frames, self.format, &self.session.mailbox).await
+            Step::Write(frames, then) => {
+                write_frames(socket, frames, self.format, &self.session.mailbox).await?;
+                then.map_or(Ok(()), |why| Err(Some(why)))
             }
             Step::Reply(frame) => socket
                 .send(encode(self.format, &frame))
@@ -767,6 +785,17 @@ mod tests {
             .collect()
     }
 
+    /// The codes of the error frames among `frames`, in order.
+    fn error_codes(frames: &[ServerFrame]) -> Vec<&str> {
+        frames
+            .iter()
+            .filter_map(|f| match &f.kind {
+                Some(server_frame::Kind::Error(e)) => Some(e.code.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A conversation a sync could not read gets nothing live (it would come after a gap) until
     /// a later sync reads it; the others go on.
     #[test]
@@ -794,14 +823,7 @@ mod tests {
             .frames(Outgoing::Synced(Box::new(partial)))
             .expect("frames");
         assert_eq!(delivered(&frames), [("a:c".to_owned(), 1)]);
-        let errors: Vec<&str> = frames
-            .iter()
-            .filter_map(|f| match &f.kind {
-                Some(server_frame::Kind::Error(e)) => Some(e.code.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(errors, ["sync_failed"]);
+        assert_eq!(error_codes(&frames), ["sync_failed"]);
         let done = frames.iter().find_map(|f| match &f.kind {
             Some(server_frame::Kind::SyncDone(d)) => Some(d.clone()),
             _ => None,
@@ -828,6 +850,51 @@ mod tests {
             .frames(Outgoing::Live(Box::new(chat("a:b", 4))))
             .expect("live");
         assert_eq!(delivered(&live), [("a:b".to_owned(), 4)]);
+    }
+
+    /// Items taken from the mailbox together become one write: every item's frames, in the
+    /// items' order; an item that cannot be sent ends the write with the close, after the frames
+    /// of the items before it.
+    #[test]
+    fn items_taken_together_keep_their_order_and_a_failing_one_closes_after_those_before() {
+        let mut w = Writer {
+            last_sent: HashMap::new(),
+            syncing: 0,
+            held: Vec::new(),
+            first_sync_pending: false,
+        };
+        let notice =
+            |code: &str| Outgoing::Frame(Box::new(error_frame(code, String::new(), String::new())));
+        let live = |c: &str, seq| Outgoing::Live(Box::new(chat(c, seq)));
+        let items = vec![
+            live("a:b", 1),
+            notice("first"),
+            live("a:c", 1),
+            live("a:b", 1), // a repeat: sent once
+            live("a:b", 2),
+        ];
+        let (frames, close) = w.frames_of_all(items);
+        assert_eq!(close, None);
+        let kinds: Vec<String> = frames
+            .iter()
+            .map(|f| match &f.kind {
+                Some(server_frame::Kind::Deliver(d)) => {
+                    let m = d.message.as_ref().expect("message");
+                    format!("{}#{}", m.conversation, m.seq)
+                }
+                Some(server_frame::Kind::Error(e)) => e.code.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["a:b#1", "first", "a:c#1", "a:b#2"]);
+
+        // A sync runs and its hold is full: the next live message cannot be held.
+        w.syncing = 1;
+        w.held = (1..=MAX_HELD as u64).map(|seq| chat("a:d", seq)).collect();
+        let (frames, close) =
+            w.frames_of_all(vec![notice("before"), live("a:e", 1), notice("after")]);
+        assert_eq!(close, Some(Close::TooManyHeld));
+        assert_eq!(error_codes(&frames), ["before"]);
     }
 
     #[test]
