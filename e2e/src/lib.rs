@@ -389,6 +389,7 @@ impl TestEnv {
             gateway_id: GatewayId::parse(id)?,
             addr: "127.0.0.1:0".parse()?,
             metrics_addr: "127.0.0.1:0".parse()?,
+            listen_backlog: 4096,
             tls: None,
             kafka: self.kafka_as(&format!("gateway-{id}"))?,
             topics: self.topics.clone(),

@@ -23,6 +23,9 @@ pub struct Config {
     /// Address of the operations listener: `/metrics`, `/healthz`, `/readyz`. Never the public
     /// one: only the monitoring network reaches it.
     pub metrics_addr: SocketAddr,
+    /// Connections the kernel completes and holds for the public listener until it accepts
+    /// them (`listen`'s backlog; the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
     /// The public listener's certificate and key; plain HTTP when unset (behind a
     /// TLS-terminating load balancer).
     pub tls: Option<TlsFiles>,
@@ -118,6 +121,17 @@ pub struct Args {
         value_name = "HOST:PORT"
     )]
     pub gateway_metrics_addr: SocketAddr,
+    /// Connections the kernel completes and holds until the gateway accepts them (listen's
+    /// backlog, capped by net.core.somaxconn); a burst of connects beyond it loses SYNs, which
+    /// clients send again only after 1, 3, 7 s.
+    #[arg(
+        long,
+        env = "LISTEN_BACKLOG",
+        default_value_t = 4096,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "CONNECTIONS"
+    )]
+    pub listen_backlog: u32,
     /// PEM certificate chain: the public listener serves TLS (reloaded when the file changes).
     #[arg(
         long,
@@ -341,6 +355,7 @@ impl Config {
             gateway_id: args.gateway_id,
             addr: args.gateway_addr,
             metrics_addr: args.gateway_metrics_addr,
+            listen_backlog: args.listen_backlog,
             tls,
             kafka: KafkaConfig::from_args(&args.kafka),
             topics: TopicNames::new(args.kafka.topic_prefix.clone()),

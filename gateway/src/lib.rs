@@ -104,9 +104,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 
     // hyper directly, one connection at a time (warp's own server has no timeouts, and hyper's
     // counts nothing per address): see `server`.
-    let listener = bind(app.config().addr).context("GATEWAY_ADDR")?;
+    let listener = bind(app.config().addr, app.config().listen_backlog).context("GATEWAY_ADDR")?;
     let addr = listener.local_addr()?;
-    let ops_listener = bind(app.config().metrics_addr).context("GATEWAY_METRICS_ADDR")?;
+    let ops_listener =
+        bind(app.config().metrics_addr, OPS_BACKLOG).context("GATEWAY_METRICS_ADDR")?;
     let metrics_addr = ops_listener.local_addr()?;
     let bounds = app.config().http;
     let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
@@ -171,10 +172,22 @@ fn outbound_consumer(config: &Config, topic: &str) -> anyhow::Result<StreamConsu
     Ok(consumer)
 }
 
-fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr).context("bind")?;
-    listener.set_nonblocking(true)?;
-    Ok(tokio::net::TcpListener::from_std(listener)?)
+/// The operations listener's backlog: a few scrapers and probes.
+const OPS_BACKLOG: u32 = 128;
+
+/// A listener on `addr` whose kernel queue holds `backlog` connections not yet accepted
+/// (`std::net::TcpListener::bind` asks for 128: a connect storm past that loses SYNs, and their
+/// clients wait 1 s, then 3, then 7 before they try again).
+fn bind(addr: SocketAddr, backlog: u32) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .context("socket")?;
+    // As std's bind does on Unix: a restarted gateway binds while old connections linger.
+    socket.set_reuseaddr(true).context("SO_REUSEADDR")?;
+    socket.bind(addr).context("bind")?;
+    socket.listen(backlog).context("listen")
 }
 
 /// One timer pings every socket (through its mailbox), rather than a timer per socket.
@@ -187,5 +200,42 @@ async fn ping_sessions(app: Arc<App>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => app.ping_sessions(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connects `n` clients at once to `addr` and counts those whose handshake completes within
+    /// half a second (a SYN the kernel dropped is sent again only after a second).
+    async fn connected_at_once(addr: SocketAddr, n: usize) -> usize {
+        let within = std::time::Duration::from_millis(500);
+        let attempts =
+            (0..n).map(|_| tokio::time::timeout(within, tokio::net::TcpStream::connect(addr)));
+        let results = futures_util::future::join_all(attempts).await;
+        results
+            .into_iter()
+            .filter(|r| matches!(r, Ok(Ok(_))))
+            .count()
+    }
+
+    /// A burst of connects larger than std's backlog of 128 completes while nothing accepts,
+    /// because the listener asks the kernel for the backlog it is given; a small backlog, the
+    /// same way, holds only about that many (so the first figure is the setting's doing).
+    #[tokio::test]
+    async fn a_burst_of_connects_waits_in_the_listen_backlog_it_is_given() {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let roomy = bind(any, 512).expect("bind");
+        let done = connected_at_once(roomy.local_addr().expect("addr"), 400).await;
+        assert_eq!(done, 400, "every handshake completes with a backlog of 512");
+
+        let narrow = bind(any, 16).expect("bind");
+        let done = connected_at_once(narrow.local_addr().expect("addr"), 400).await;
+        assert!(
+            done <= 40,
+            "{done} handshakes completed with a backlog of 16"
+        );
+        drop((roomy, narrow));
     }
 }
