@@ -84,17 +84,15 @@ impl Writer {
     fn frames_of_all(&mut self, items: Vec<Outgoing>) -> (Vec<ServerFrame>, Option<Close>) {
         let mut frames = Vec::new();
         for item in items {
-            match self.frames(item) {
-                Ok(more) => frames.extend(more),
-                Err(why) => return (frames, Some(why)),
+            if let Err(why) = self.frames_into(item, &mut frames) {
+                return (frames, Some(why));
             }
         }
         (frames, None)
     }
 
-    /// Turns one queued item into frames to send, or `Err` with a close code.
-    fn frames(&mut self, item: Outgoing) -> Result<Vec<ServerFrame>, Close> {
-        let mut out = Vec::new();
+    /// Adds one queued item's frames to `out`, or `Err` with a close code.
+    fn frames_into(&mut self, item: Outgoing, out: &mut Vec<ServerFrame>) -> Result<(), Close> {
         match item {
             Outgoing::Frame(f) => out.push(*f),
             Outgoing::Live(m) => {
@@ -104,7 +102,7 @@ impl Writer {
                     }
                     self.held.push(*m);
                 } else {
-                    self.deliver_if_new(*m, &mut out);
+                    self.deliver_if_new(*m, out);
                 }
             }
             Outgoing::Synced(answer) => {
@@ -146,12 +144,12 @@ impl Writer {
                 });
                 if self.syncing == 0 {
                     for m in std::mem::take(&mut self.held) {
-                        self.deliver_if_new(m, &mut out);
+                        self.deliver_if_new(m, out);
                     }
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn deliver_if_new(&mut self, m: ChatMessage, out: &mut Vec<ServerFrame>) {
@@ -783,6 +781,14 @@ mod tests {
             })
             .map(|m| (m.conversation.clone(), m.seq))
             .collect()
+    }
+
+    impl Writer {
+        /// One queued item's frames alone.
+        fn frames(&mut self, item: Outgoing) -> Result<Vec<ServerFrame>, Close> {
+            let mut out = Vec::new();
+            self.frames_into(item, &mut out).map(|()| out)
+        }
     }
 
     /// The codes of the error frames among `frames`, in order.
