@@ -137,20 +137,26 @@ async fn no_canary_is_found_on_disk_once_acked_and_unacked_ones_only_sealed() ->
     println!("SHREDDING_SEED={seed}");
     let mut rng = Rng(seed);
 
-    // The control: in keep mode, a body is on disk in both places once stored.
+    // The control: in keep mode, a body is on disk in both places once stored. Right after the
+    // commit, Postgres holds it only in the WAL, whose 8 KiB pages each begin with a header:
+    // where one falls inside the canary, its bytes are split and no search finds them (58 rows
+    // of 20,000 on this stack's Postgres 15, one in 345). So the body carries the canary twice:
+    // one header cannot split both. Kafka's copy is lz4-compressed, which keeps the first as
+    // text and may store the second, or the canary's run of zeros, as a reference back: the
+    // control looks for the run's prefix, whatever follows it.
     let keep = prefix(&mut rng);
     {
         let env = TestEnv::new(1, &["gw1"]).await?;
         let gw = env.start_gateway("gw1").await?;
         let mux = env.start_multiplexer().await?;
         let alice = connect(&ws_url(gw.addr), &env.token("alice")).await;
-        alice.send("bob", &canary(&keep, 0)).await?;
+        let body = canary(&keep, 0);
+        alice.send("bob", &format!("{body} | {body}")).await?;
         eventually("the keep-mode message stored", || async {
             Ok((env.message_count().await? == 1).then_some(()))
         })
         .await?;
-        let found = scan(&dirs, &keep)?;
-        let places = &found[&format!("{:0TAIL$}", 0)];
+        let places: BTreeSet<PathBuf> = scan(&dirs, &keep)?.into_values().flatten().collect();
         for dir in &dirs {
             assert!(
                 places.iter().any(|p| p.starts_with(dir)),
