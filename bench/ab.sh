@@ -24,7 +24,8 @@
 # the rate and a 5 s probe, then a confirm trial and a latency trial of S seconds each at the rate,
 # and two short trials the search always ends with. The report reads the confirm and latency
 # trials: delivered and receipt p50 / p99 as the load generator saw them, the hops' p50 / p99 from
-# the pipeline's histograms, and CPU per message by process. The load generator and chatctl are
+# the pipeline's histograms, CPU per message by process, the gateways' socket writes and the
+# context switches by process per message. The load generator and chatctl are
 # this tree's in every run (bench.sh's BENCH_SERVICES_BIN), so the measuring side stays the same.
 #
 # A broker just started runs slower until its JIT has warmed up, so a run of the first variant

@@ -9,7 +9,10 @@ run, such as the first after a broker restart, moves it less than a mean), and e
 ratio to the first variant's median. A line first says in how many of each variant's runs
 a confirm trial held RATE; a run whose probe failed at RATE has no confirm there, and its probe
 stands in for it in the tables. Last, each variant's median of the gateways' socket writes (one
-flush each) per message delivered, and its ratio to the first variant's.
+flush each) per message delivered, and its ratio to the first variant's; then, when the trials
+counted them, its median of the context switches per message delivered by process (a thread
+that blocked or was preempted: what the pipeline's wake-ups cost, counted), and the ratio of
+their sum to the first variant's.
 
 With --statements, each run directory also holds statements.tsv (pg_stat_statements over the
 whole run, one line a statement: calls, rows, ms executing, ms planning, WAL bytes, text). The
@@ -120,7 +123,35 @@ def figures(trial):
     f["all"] = total / delivered * 1e6 if total is not None and delivered else None
     writes = (histograms.get("gateway_socket_write_seconds") or {}).get("count")
     f["socket writes"] = writes / delivered if writes is not None and delivered else None
+    switches = cpu.get("switches") or {}
+    for p in PROCESSES:
+        n = switches.get(p)
+        f[f"switches {p}"] = n / delivered if n is not None and delivered else None
+    f["switches all"] = (sum(switches.get(p, 0) for p in PROCESSES) / delivered
+                         if switches and delivered else None)
     return f
+
+
+def switches_table(order, rows):
+    """Each variant's median over its trials of the context switches per message delivered, by
+    process and over all of them, and the ratio of all to the first variant's; None when no
+    trial has them (a load generator from before they were counted)."""
+    if all(f.get("switches all") is None for _, f, _ in rows):
+        return None
+    out = ["Context switches per message delivered, by process (a thread that blocked or was "
+           "preempted, from /proc; each variant's median over its trials)", ""]
+    out.append("| variant | trials | " + " | ".join(PROCESSES) + " | all | ratio |")
+    out.append("|---|" + "---:|" * (len(PROCESSES) + 3))
+    base = None
+    for v in order:
+        mine = [f for _, f, w in rows if w == v]
+        m = {c: median([f.get(f"switches {c}") for f in mine]) for c in PROCESSES + ("all",)}
+        base = m["all"] if base is None else base
+        ratio = m["all"] / base if m["all"] is not None and base else None
+        trials = sum(1 for f in mine if f.get("switches all") is not None)
+        cells = [cell(m[c], 2) for c in PROCESSES + ("all",)]
+        out.append(f"| {v} | {trials} | " + " | ".join(cells) + f" | {cell(ratio, 2)} |")
+    return "\n".join(out) + "\n"
 
 
 def writes_table(order, rows):
@@ -271,6 +302,9 @@ def main():
     writes = writes_table(order, rows)
     if writes:
         print(writes)
+    switched = switches_table(order, rows)
+    if switched:
+        print(switched)
     if statement_runs:
         print(statement_table(order, statement_runs))
     if wal_runs:

@@ -12,6 +12,8 @@
   group a run did not run counts as 0 there; the bench's own setup is shown but not summed.
 - With postgres-wal.tsv in the runs: the WAL per message of the whole run and its flushes, each
   variant's median over its runs; a flush's time stays empty when the server did not time it.
+- Context switches per message delivered by process, when the trials counted them: each
+  variant's median, and the ratio of their sum to the first variant's; no table without them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def trial(label, rate, delivered_p50, postgres_seconds, passed=True, delivered=1
             "seconds": {"gateway": 0.4, "kafka": 0.8, "loadgen": 0.2, "multiplexer": 0.5,
                         "postgres": postgres_seconds},
             "total_seconds": 1.9 + postgres_seconds,
+            # Context switches: the gateway's follow the Postgres seconds (10,000 a second).
+            "switches": {"gateway": round(postgres_seconds * 10_000), "kafka": 3000,
+                         "loadgen": 2000, "multiplexer": 1000, "postgres": 4000},
         },
         "pipeline": {"histograms": {
             "multiplexer_store_seconds": {"p50": 0.002, "p99": None},
@@ -115,6 +120,15 @@ def test_medians_and_ratios_of_the_trials_at_the_rate(tmp_path):
     head = lines.index("| variant | trials | writes a message | ratio |")
     writes = [[c.strip() for c in line.strip("|").split("|")] for line in lines[head + 2:head + 4]]
     assert writes == [["a", "4", "4.60", "1.00"], ["b", "3", "3.20", "0.70"]]
+    # Context switches a message delivered: the gateway's 10 × the Postgres seconds (a: 11.5, b:
+    # 8.0), the others' the same in every trial (3, 2, 1 and 4 over 1,000 messages); all is
+    # their sum, and its ratio b's over a's (18.0 / 21.5).
+    head = lines.index("| variant | trials | gateway | kafka | loadgen | multiplexer | postgres "
+                       "| all | ratio |")
+    switched = [[c.strip() for c in line.strip("|").split("|")]
+                for line in lines[head + 2:head + 4]]
+    assert switched == [["a", "4", "11.50", "3.00", "2.00", "1.00", "4.00", "21.50", "1.00"],
+                        ["b", "3", "8.00", "3.00", "2.00", "1.00", "4.00", "18.00", "0.84"]]
 
 
 def test_a_run_without_its_trials_is_named(tmp_path):
@@ -226,3 +240,12 @@ def test_the_key_statements_of_both_designs_are_grouped():
     # The expiry's sweep of unused keys is not the store's.
     assert group("DELETE FROM sealing_keys WHERE id IN (SELECT id FROM sealing_keys "
                  "WHERE created_at_ms < $1 LIMIT $2)") == "other"
+
+
+def test_no_switches_table_from_a_load_generator_that_did_not_count_them(tmp_path):
+    old = trial("confirm", 500, 10.0, 1.0)
+    del old["cpu"]["switches"]
+    run = write_run(tmp_path, "a1", [old])
+    text = report(tmp_path, 500, [("1", "a", run)])
+    assert "writes a message" in text
+    assert "Context switches" not in text

@@ -1,9 +1,15 @@
-//! CPU time and memory of processes, from `/proc` (Linux only).
+//! CPU time, context switches and memory of processes, from `/proc` (Linux only).
 //!
 //! A watched process is named and given by pid. `tree` mode adds every live descendant and the
 //! time of reaped children (`cutime`/`cstime`), which is how a Postgres postmaster's backends are
 //! counted: a backend that exits during a measurement moves its time into the postmaster's
 //! `cutime`, so the sum stays continuous.
+//!
+//! Context switches are counted over every thread (`/proc/<pid>/task/*/status`), of the process
+//! and, in `tree` mode, of its live descendants. The kernel keeps no such sum for threads and
+//! processes that have exited, so one that exits during a measurement takes its switches with
+//! it: a count is a floor. The watched services' threads (tokio's workers, librdkafka's, a
+//! pooled connection's backend) live as long as they do.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -75,31 +81,70 @@ fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The live descendants of `pid` with their own CPU ticks: the parent links of every process,
+/// walked from `pid`.
+fn descendants(pid: u32) -> Vec<(u32, u64)> {
+    let parents: Vec<(u32, u32, u64)> = all_pids()
+        .into_iter()
+        .filter_map(|p| stat(p).map(|(pp, t, _)| (p, pp, t)))
+        .collect();
+    let mut members = vec![pid];
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < members.len() {
+        let m = members[i];
+        for (p, pp, t) in &parents {
+            if *pp == m && !members.contains(p) {
+                members.push(*p);
+                out.push((*p, *t));
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
 /// CPU seconds used so far by a watched process (and its tree).
 pub fn cpu_seconds(w: &Watch) -> Option<f64> {
     let (_, own, reaped) = stat(w.pid)?;
     let mut ticks = own;
     if w.tree {
-        ticks += reaped;
-        // Live descendants: walk the parent links of every process.
-        let parents: Vec<(u32, u32, u64)> = all_pids()
-            .into_iter()
-            .filter_map(|p| stat(p).map(|(pp, t, _)| (p, pp, t)))
-            .collect();
-        let mut members = vec![w.pid];
-        let mut i = 0;
-        while i < members.len() {
-            let m = members[i];
-            for (p, pp, t) in &parents {
-                if *pp == m && !members.contains(p) {
-                    members.push(*p);
-                    ticks += t;
-                }
-            }
-            i += 1;
-        }
+        ticks += reaped + descendants(w.pid).iter().map(|(_, t)| t).sum::<u64>();
     }
     Some(ticks as f64 / ticks_per_sec())
+}
+
+/// Context switches, voluntary and not, of every live thread of `pid`.
+fn thread_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = 0;
+    for task in tasks.flatten() {
+        // A thread that exits between the listing and the read is skipped.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            let count = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"));
+            if let Some(n) = count.and_then(|v| v.trim().parse::<u64>().ok()) {
+                sum += n;
+            }
+        }
+    }
+    Some(sum)
+}
+
+/// Context switches so far of a watched process's live threads (and its live descendants').
+pub fn context_switches(w: &Watch) -> Option<u64> {
+    let mut sum = thread_switches(w.pid)?;
+    if w.tree {
+        sum += descendants(w.pid)
+            .iter()
+            .filter_map(|(p, _)| thread_switches(*p))
+            .sum::<u64>();
+    }
+    Some(sum)
 }
 
 /// CPU seconds the whole machine has spent busy (every CPU, `/proc/stat`: all but idle and
@@ -151,16 +196,22 @@ pub fn fd_limit(pid: u32) -> Option<u64> {
 pub struct Probe {
     watches: Vec<Watch>,
     start: Vec<Option<f64>>,
+    start_switches: Vec<Option<u64>>,
     started: Instant,
 }
 
-/// The CPU each process used over a measurement.
+/// The CPU each process used over a measurement, and how often its threads were switched out.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct CpuUse {
     pub wall_seconds: f64,
     /// CPU seconds by process name.
     pub seconds: BTreeMap<String, f64>,
     pub total_seconds: f64,
+    /// Context switches by process name (a floor: see the module's doc). Each is a thread that
+    /// blocked (waiting for a socket, a lock, a timer) or was preempted: what a process's
+    /// wake-ups cost, counted.
+    #[serde(default)]
+    pub switches: BTreeMap<String, u64>,
 }
 
 impl Probe {
@@ -168,6 +219,7 @@ impl Probe {
         Self {
             watches: watches.to_vec(),
             start: watches.iter().map(cpu_seconds).collect(),
+            start_switches: watches.iter().map(context_switches).collect(),
             started: Instant::now(),
         }
     }
@@ -184,6 +236,96 @@ impl Probe {
                 out.total_seconds += d;
             }
         }
+        for (w, s) in self.watches.iter().zip(&self.start_switches) {
+            if let (Some(a), Some(b)) = (s, context_switches(w)) {
+                // A thread that exited since the start takes its switches with it.
+                *out.switches.entry(w.name.clone()).or_default() += b.saturating_sub(*a);
+            }
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A thread that sleeps 200 times blocks 200 times: each sleep is a voluntary switch, which
+    /// the count over this process's threads must see. The main thread, which waits once, would
+    /// not.
+    #[test]
+    fn a_sleeping_thread_s_switches_are_counted_with_its_process() -> anyhow::Result<()> {
+        let me: Watch = "self=self".parse().map_err(anyhow::Error::msg)?;
+        let probe = Probe::start(std::slice::from_ref(&me));
+        let (slept, done) = mpsc::channel();
+        let (leave, told) = mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            for _ in 0..200 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            slept.send(()).expect("the test waits");
+            // Still alive while measured: an exited thread takes its count with it.
+            told.recv().expect("the test says when to end");
+        });
+        done.recv()?;
+        let used = probe.stop();
+        leave.send(())?;
+        sleeper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sleeper panicked"))?;
+        let switched = used.switches["self"];
+        assert!(
+            switched >= 200,
+            "{switched} context switches counted for 200 sleeps"
+        );
+        Ok(())
+    }
+
+    /// A tree counts its descendants' switches: a shell whose child shell sleeps ten times (each
+    /// `sleep` waited for), against the same shell counted alone.
+    #[test]
+    fn a_tree_counts_its_descendants_switches() -> anyhow::Result<()> {
+        let mut shell = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do sleep 0.01; done; sleep 30'; true",
+            ])
+            .spawn()?;
+        let alone = Watch {
+            name: "shell".into(),
+            pid: shell.id(),
+            tree: false,
+        };
+        let tree = Watch {
+            tree: true,
+            ..alone.clone()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut own, mut all) = (0, 0);
+        while Instant::now() < deadline {
+            let count = |w| context_switches(w).context("the shell's context switches");
+            (own, all) = (count(&alone)?, count(&tree)?);
+            if all >= own + 10 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Its descendants, listed before it ends (they are someone else's children after).
+        let children = descendants(alone.pid);
+        let _ = shell.kill();
+        let _ = shell.wait();
+        for (pid, _) in children {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+        assert!(
+            all >= own + 10,
+            "the tree counts {all}, the shell alone {own}"
+        );
+        Ok(())
     }
 }
