@@ -92,10 +92,13 @@ pub struct KafkaConfig {
     /// Upper bound on a produce, retries included (`message.timeout.ms`); past it the sender gets
     /// an error instead of waiting forever.
     pub produce_timeout: Duration,
-    /// `linger.ms`: how long the producer waits to fill a batch. 5 ms by default: the gateways'
+    /// `linger.ms`: how long the producer waits to fill a batch. 10 ms by default: the gateways'
     /// sends and acks spread over the inbound topic's partitions, and librdkafka sends one produce
-    /// request per partition, so at 2 ms most requests carried a single record (`KAFKA_LINGER_MS`
-    /// overrides it; the multiplexer uses 0).
+    /// request per partition, so at 2 ms most requests carried a single record, and under load
+    /// each request the broker answers costs CPU the whole machine shares: at 9,000 msg/s 10 ms
+    /// took 10-15% off Kafka's CPU a message against 5 ms, and latency fell with it
+    /// (docs/performance-log.md, 2026-12-05). A gateway lingers only above `linger_above`
+    /// (`KAFKA_LINGER_MS` overrides it; the multiplexer uses 0).
     pub linger: Duration,
     /// Below this many records a second (`KAFKA_LINGER_ABOVE`), a [`Lanes`] producer sends each
     /// record at once instead of lingering; 0: always linger.
@@ -193,7 +196,7 @@ pub struct KafkaArgs {
     )]
     pub kafka_consumer_opts: Option<Properties>,
     /// Producer linger.ms: how long the producer waits to fill a batch.
-    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 5, value_name = "MS")]
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 10, value_name = "MS")]
     pub kafka_linger_ms: u64,
     /// Records a second above which a gateway's producer lingers; below it each record is sent
     /// at once. 0: always linger.
@@ -289,7 +292,7 @@ impl KafkaConfig {
         Self {
             brokers: brokers.into(),
             produce_timeout: Duration::from_secs(10),
-            linger: Duration::from_millis(5),
+            linger: Duration::from_millis(10),
             linger_above: 2000,
             max_poll_interval: Duration::from_secs(60),
             producer_opts: Vec::new(),

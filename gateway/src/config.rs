@@ -468,7 +468,7 @@ mod tests {
         );
         assert_eq!(c.tls, None);
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
-        assert_eq!(c.kafka.linger, Duration::from_millis(5));
+        assert_eq!(c.kafka.linger, Duration::from_millis(10));
         assert_eq!(c.kafka.linger_above, 2000);
         assert!(c.kafka.producer_opts.is_empty() && c.kafka.consumer_opts.is_empty());
         assert_eq!(c.topics.prefix(), "");

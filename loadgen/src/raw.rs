@@ -1,7 +1,8 @@
 //! Baselines: each stage alone on the same machine, with the pipeline's settings.
 //!
-//! - Kafka: the pipeline's producer and consumer factories (`acks=all`, idempotence, linger 5 ms,
-//!   lz4, read_committed), records of the pipeline's inbound size on a 12-partition topic.
+//! - Kafka: the pipeline's producer and consumer factories (`acks=all`, idempotence, the
+//!   gateways' linger of `KAFKA_LINGER_MS`, 10 ms by default, lz4, read_committed), records of
+//!   the pipeline's inbound size on a 12-partition topic.
 //! - Postgres: the db-writer's own batched insert (`Shards::store_batch`) and ack update
 //!   (`Shards::ack_on_shard`) into migrated shards, and a batched variant of the ack update.
 //! - Websocket: a trivial tokio-tungstenite echo server and client.
@@ -143,6 +144,9 @@ pub struct KafkaArgs {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KafkaReport {
     pub topic: String,
+    /// The producer's `linger.ms` (the gateways' default unless `KAFKA_LINGER_MS` set another).
+    #[serde(default)]
+    pub linger_ms: u64,
     pub partitions: usize,
     pub record_bytes: usize,
     pub settings: String,
@@ -431,6 +435,7 @@ pub async fn raw_kafka(a: KafkaArgs) -> anyhow::Result<KafkaReport> {
         presence_catch_up,
         watermarks_idle_client,
         topic: a.topic,
+        linger_ms: cfg.linger.as_millis() as u64,
         partitions,
         record_bytes,
         settings: format!(
