@@ -144,9 +144,10 @@ pub struct KafkaArgs {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KafkaReport {
     pub topic: String,
-    /// The producer's `linger.ms` (the gateways' default unless `KAFKA_LINGER_MS` set another).
+    /// The producer's `linger.ms` (the gateways' default unless `KAFKA_LINGER_MS` set another);
+    /// `None` in a report from before it was recorded.
     #[serde(default)]
-    pub linger_ms: u64,
+    pub linger_ms: Option<u64>,
     pub partitions: usize,
     pub record_bytes: usize,
     pub settings: String,
@@ -435,7 +436,7 @@ pub async fn raw_kafka(a: KafkaArgs) -> anyhow::Result<KafkaReport> {
         presence_catch_up,
         watermarks_idle_client,
         topic: a.topic,
-        linger_ms: cfg.linger.as_millis() as u64,
+        linger_ms: Some(cfg.linger.as_millis() as u64),
         partitions,
         record_bytes,
         settings: format!(

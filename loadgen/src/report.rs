@@ -140,7 +140,7 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
     match &kafka {
         Some(k) => writeln!(
             o,
-            "| Kafka produce → consume | {} | {} | {} | {} / {} / {} at {}/s | {}-byte records, {} partitions, pipeline's producer/consumer settings (acks=all, idempotent, linger {} ms, lz4); CPU = loadgen + broker; produce→ack p99 {} ms; presence catch-up (per multiplexer batch) p50 {} ms (same watermark queries from an idle client: {} ms) |",
+            "| Kafka produce → consume | {} | {} | {} | {} / {} / {} at {}/s | {}-byte records, {} partitions, pipeline's producer/consumer settings (acks=all, idempotent, linger {}, lz4); CPU = loadgen + broker; produce→ack p99 {} ms; presence catch-up (per multiplexer batch) p50 {} ms (same watermark queries from an idle client: {} ms) |",
             n(k.throughput.records_per_sec),
             us(k.throughput.cpu_seconds_per_record),
             us(k.latency.cpu_seconds_per_record),
@@ -150,7 +150,9 @@ pub fn markdown(dir: &Path) -> anyhow::Result<String> {
             n(k.latency.rate),
             k.record_bytes,
             k.partitions,
-            k.linger_ms,
+            k.linger_ms
+                .map(|ms| format!("{ms} ms"))
+                .unwrap_or_else(|| "not recorded".into()),
             ms(k.produce_ack_latency.p99_ms),
             k.presence_catch_up.as_ref().map(|l| ms(l.p50_ms)).unwrap_or_else(|| "-".into()),
             k.watermarks_idle_client.as_ref().map(|l| ms(l.p50_ms)).unwrap_or_else(|| "-".into()),
