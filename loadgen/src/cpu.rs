@@ -104,14 +104,24 @@ fn descendants(pid: u32) -> Vec<(u32, u64)> {
     out
 }
 
-/// CPU seconds used so far by a watched process (and its tree).
-pub fn cpu_seconds(w: &Watch) -> Option<f64> {
-    let (_, own, reaped) = stat(w.pid)?;
+/// CPU seconds and context switches so far of a watched process (and its tree), from one walk
+/// of the process table.
+fn usage(w: &Watch) -> (Option<f64>, Option<u64>) {
+    let Some((_, own, reaped)) = stat(w.pid) else {
+        return (None, None);
+    };
     let mut ticks = own;
+    let mut switches = thread_switches(w.pid);
     if w.tree {
-        ticks += reaped + descendants(w.pid).iter().map(|(_, t)| t).sum::<u64>();
+        let members = descendants(w.pid);
+        ticks += reaped + members.iter().map(|(_, t)| t).sum::<u64>();
+        let theirs: u64 = members
+            .iter()
+            .filter_map(|(p, _)| thread_switches(*p))
+            .sum();
+        switches = switches.map(|own| own + theirs);
     }
-    Some(ticks as f64 / ticks_per_sec())
+    (Some(ticks as f64 / ticks_per_sec()), switches)
 }
 
 /// Context switches, voluntary and not, of every live thread of `pid`.
@@ -131,18 +141,6 @@ fn thread_switches(pid: u32) -> Option<u64> {
                 sum += n;
             }
         }
-    }
-    Some(sum)
-}
-
-/// Context switches so far of a watched process's live threads (and its live descendants').
-pub fn context_switches(w: &Watch) -> Option<u64> {
-    let mut sum = thread_switches(w.pid)?;
-    if w.tree {
-        sum += descendants(w.pid)
-            .iter()
-            .filter_map(|(p, _)| thread_switches(*p))
-            .sum::<u64>();
     }
     Some(sum)
 }
@@ -195,8 +193,8 @@ pub fn fd_limit(pid: u32) -> Option<u64> {
 /// A CPU measurement in progress over a set of processes.
 pub struct Probe {
     watches: Vec<Watch>,
-    start: Vec<Option<f64>>,
-    start_switches: Vec<Option<u64>>,
+    /// Each watch's CPU seconds and context switches at the start.
+    start: Vec<(Option<f64>, Option<u64>)>,
     started: Instant,
 }
 
@@ -218,8 +216,7 @@ impl Probe {
     pub fn start(watches: &[Watch]) -> Self {
         Self {
             watches: watches.to_vec(),
-            start: watches.iter().map(cpu_seconds).collect(),
-            start_switches: watches.iter().map(context_switches).collect(),
+            start: watches.iter().map(usage).collect(),
             started: Instant::now(),
         }
     }
@@ -229,15 +226,14 @@ impl Probe {
             wall_seconds: self.started.elapsed().as_secs_f64(),
             ..Default::default()
         };
-        for (w, s) in self.watches.iter().zip(&self.start) {
-            if let (Some(a), Some(b)) = (s, cpu_seconds(w)) {
+        for (w, (cpu_then, switches_then)) in self.watches.iter().zip(&self.start) {
+            let (cpu_now, switches_now) = usage(w);
+            if let (Some(a), Some(b)) = (cpu_then, cpu_now) {
                 let d = (b - a).max(0.0);
                 *out.seconds.entry(w.name.clone()).or_default() += d;
                 out.total_seconds += d;
             }
-        }
-        for (w, s) in self.watches.iter().zip(&self.start_switches) {
-            if let (Some(a), Some(b)) = (s, context_switches(w)) {
+            if let (Some(a), Some(b)) = (switches_then, switches_now) {
                 // A thread that exited since the start takes its switches with it.
                 *out.switches.entry(w.name.clone()).or_default() += b.saturating_sub(*a);
             }
@@ -306,7 +302,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(20);
         let (mut own, mut all) = (0, 0);
         while Instant::now() < deadline {
-            let count = |w| context_switches(w).context("the shell's context switches");
+            let count = |w| usage(w).1.context("the shell's context switches");
             (own, all) = (count(&alone)?, count(&tree)?);
             if all >= own + 10 {
                 break;
