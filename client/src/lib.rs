@@ -862,6 +862,9 @@ pub struct Rest {
 pub struct RestResponse {
     pub status: u16,
     pub body: serde_json::Value,
+    /// `Retry-After` in seconds, when the server says when to ask again (a 429 for the send
+    /// rate, a 503 for a shard that does not answer).
+    pub retry_after: Option<u64>,
 }
 
 impl Rest {
@@ -915,11 +918,18 @@ impl Rest {
                 }
             };
             let status = resp.status();
+            let retry_after = resp
+                .header("retry-after")
+                .and_then(|v| v.trim().parse().ok());
             let text = resp
                 .into_string()
                 .map_err(|e| ClientError::Http(e.to_string()))?;
             let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-            Ok(RestResponse { status, body })
+            Ok(RestResponse {
+                status,
+                body,
+                retry_after,
+            })
         })
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?

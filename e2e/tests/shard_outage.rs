@@ -197,6 +197,7 @@ async fn one_shard_down_degrades_only_what_it_holds() -> anyhow::Result<()> {
         .await?;
     assert_eq!(r.status, 503, "history on the down shard: {}", r.body);
     assert_eq!(r.body["code"], "shard_unavailable", "{}", r.body);
+    assert_eq!(r.retry_after, Some(5), "told when to ask again");
     assert!(
         r.body["message"]
             .as_str()
@@ -253,6 +254,7 @@ async fn one_shard_down_degrades_only_what_it_holds() -> anyhow::Result<()> {
         .await?;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.body["code"], "shard_unavailable");
+    assert_eq!(r.retry_after, Some(5), "told when to ask again");
 
     // Sends only need Kafka. A message whose conversation and users all live on shard 0 is
     // stored and delivered while shard 1 is down.

@@ -529,9 +529,24 @@ fn web_client(app: &App) -> BoxedFilter<(warp::fs::File,)> {
 /// looked for before "method not allowed", which only says some other route wanted another
 /// method.
 async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
-    let (status, code, message) = if let Some(e) = err.find::<ApiError>() {
-        (e.status, e.code, e.message.clone())
-    } else if err.is_not_found() {
+    let mut response = match err.find::<ApiError>() {
+        // The route's own refusal, whole: its `Retry-After` too.
+        Some(e) => e.response(),
+        None => generic_refusal(&err).response(),
+    };
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        // The rest of the body may still arrive: the connection cannot carry another request.
+        response.headers_mut().insert(
+            warp::http::header::CONNECTION,
+            warp::http::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(response)
+}
+
+/// What a rejection that is not one of the routes' own refusals says.
+fn generic_refusal(err: &Rejection) -> ApiError {
+    let (status, code, message) = if err.is_not_found() {
         (
             StatusCode::NOT_FOUND,
             "not_found",
@@ -572,15 +587,7 @@ async fn recover(err: Rejection) -> Result<warp::reply::Response, Infallible> {
     } else {
         (StatusCode::BAD_REQUEST, "bad_request", format!("{err:?}"))
     };
-    let mut response = ApiError::new(status, code, message).response();
-    if status == StatusCode::REQUEST_TIMEOUT {
-        // The rest of the body may still arrive: the connection cannot carry another request.
-        response.headers_mut().insert(
-            warp::http::header::CONNECTION,
-            warp::http::HeaderValue::from_static("close"),
-        );
-    }
-    Ok(response)
+    ApiError::new(status, code, message)
 }
 
 #[cfg(test)]
