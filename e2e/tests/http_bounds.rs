@@ -545,6 +545,60 @@ async fn content_type_and_length_problems_get_their_own_status() -> anyhow::Resu
     env.teardown().await
 }
 
+/// A REST send to bob from `sender` with `client_message_id`.
+fn send_request(env: &TestEnv, sender: &str, client_message_id: &str) -> String {
+    let body = format!(r#"{{"body":"hello","clientMessageId":"{client_message_id}"}}"#);
+    format!(
+        "PUT /messages/bob HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        env.token(sender),
+        body.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_over_the_user_rate_gets_429_with_a_retry_after_that_lets_the_retry_through(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    // 1 send a second, bursts of 3: the fourth send at once is over, and the bucket has room
+    // again a second after the first.
+    let gw = start(&env, relaxed(), |c| c.user_rate = (1, 3)).await?;
+    let mut c = Conn::open(gw.addr).await;
+    // Another user's send first, so the producer's first connection to Kafka is not inside
+    // alice's burst (the burst must take well under the second it has).
+    let r = c.exchange(&send_request(&env, "carol", "warm-up")).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    for i in 0..3 {
+        let r = c
+            .exchange(&send_request(&env, "alice", &format!("burst-{i}")))
+            .await;
+        assert_eq!(r.status, 202, "send {i} of the burst: {r:?}");
+    }
+    let r = c.exchange(&send_request(&env, "alice", "over")).await;
+    let refused_at = Instant::now();
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (429, "rate_limited"),
+        "{r:?}"
+    );
+    let retry_after: u64 = r
+        .header("retry-after")
+        .expect("a 429 for the rate says when to retry")
+        .parse()
+        .expect("Retry-After in whole seconds");
+    assert_eq!(retry_after, 1, "the bucket refills within a second");
+    assert!(!r.closes(), "the connection goes on");
+
+    // A client that waits as told is let through, with the same client message id.
+    let wait = Duration::from_secs(retry_after).saturating_sub(refused_at.elapsed());
+    tokio::time::sleep(wait).await; // the wait the server asked for is what is under test
+    let r = c.exchange(&send_request(&env, "alice", "over")).await;
+    assert_eq!(r.status, 202, "the retry after Retry-After: {r:?}");
+
+    gw.stop().await;
+    env.teardown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_upgrade_and_shutdown_drains_every_connection() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;

@@ -21,8 +21,9 @@ pub(crate) enum SendError {
     Body(#[from] BodyError),
     #[error("too many sends awaiting acknowledgement on this connection")]
     TooManyInFlight,
+    /// Over the user's send rate; `retry_after` is when the next send would pass.
     #[error("sending too fast; slow down")]
-    RateLimited,
+    RateLimited { retry_after: std::time::Duration },
     #[error("kafka did not accept the record: {0}")]
     ProduceFailed(String),
     /// Delete-on-ack mode: the conversation's shard, which must hold the body's key before the
@@ -39,7 +40,7 @@ impl SendError {
             SendError::InvalidClientId(_) => "invalid_client_message_id",
             SendError::Body(e) => e.code(),
             SendError::TooManyInFlight => "too_many_in_flight",
-            SendError::RateLimited => "rate_limited",
+            SendError::RateLimited { .. } => "rate_limited",
             SendError::ProduceFailed(_) => "produce_failed",
             SendError::SealFailed { .. } => "store_unavailable",
         }
@@ -99,14 +100,27 @@ impl From<SendError> for ApiError {
     fn from(e: SendError) -> Self {
         let status = match &e {
             SendError::Body(BodyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            SendError::TooManyInFlight | SendError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            SendError::TooManyInFlight | SendError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             SendError::ProduceFailed(_) | SendError::SealFailed { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError::new(status, e.code(), e.to_string())
+        let mut api = ApiError::new(status, e.code(), e.to_string());
+        if let SendError::RateLimited { retry_after } = e {
+            api.retry_after_secs = Some(whole_seconds_after(retry_after));
+        }
+        api
     }
+}
+
+/// `Retry-After` counts whole seconds: a wait rounded up, and at least 1 (a client told 0 would
+/// retry at once and be refused again).
+fn whole_seconds_after(wait: std::time::Duration) -> u32 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Why a page of history or of the conversation list could not be read.
@@ -292,6 +306,7 @@ impl Close {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn refused_sends_keep_their_rest_statuses() {
@@ -301,10 +316,35 @@ mod tests {
             413
         );
         assert_eq!(status(SendError::Body(BodyError::Empty)), 400);
-        assert_eq!(status(SendError::RateLimited), 429);
+        let limited = || SendError::RateLimited {
+            retry_after: Duration::ZERO,
+        };
+        assert_eq!(status(limited()), 429);
         assert_eq!(status(SendError::TooManyInFlight), 429);
         assert_eq!(status(SendError::ProduceFailed(String::new())), 503);
         assert_eq!(status(SendError::SelfMessage), 400);
+    }
+
+    #[test]
+    fn a_send_over_the_user_rate_says_when_to_retry_in_whole_seconds() {
+        let retry_after = |wait: Duration| {
+            let api = ApiError::from(SendError::RateLimited { retry_after: wait });
+            assert_eq!((api.status.as_u16(), api.code), (429, "rate_limited"));
+            api.response().headers()[warp::http::header::RETRY_AFTER]
+                .to_str()
+                .expect("ascii")
+                .to_owned()
+        };
+        assert_eq!(retry_after(Duration::ZERO), "1");
+        assert_eq!(retry_after(Duration::from_millis(10)), "1");
+        assert_eq!(retry_after(Duration::from_secs(1)), "1");
+        assert_eq!(retry_after(Duration::from_millis(1001)), "2");
+        assert_eq!(retry_after(Duration::from_secs(90)), "90");
+        assert!(ApiError::from(SendError::TooManyInFlight)
+            .response()
+            .headers()
+            .get("retry-after")
+            .is_none());
     }
 
     #[test]

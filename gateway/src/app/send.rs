@@ -6,6 +6,7 @@ use chat_common::now_ms;
 use chat_proto::v1::{
     inbound_record, Accepted, AckRecord, ChatMessage, InboundRecord, PresenceRecord,
 };
+use governor::clock::Clock as _;
 use prost::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
@@ -97,9 +98,10 @@ impl App {
         recipient: &str,
         body: String,
     ) -> Result<PreparedSend, SendError> {
-        if self.user_limiter.check_key(&sender.to_string()).is_err() {
+        if let Err(not_until) = self.user_limiter.check_key(&sender.to_string()) {
             metrics::counter!("gateway_rate_limited_total", "scope" => "user").increment(1);
-            return Err(SendError::RateLimited);
+            let retry_after = not_until.wait_time_from(self.user_limiter.clock().now());
+            return Err(SendError::RateLimited { retry_after });
         }
         let recipient =
             UserId::parse(recipient).map_err(|e| SendError::InvalidRecipient(e.to_string()))?;
