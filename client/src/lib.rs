@@ -250,20 +250,28 @@ impl Outbox {
         self.waiting.insert(at, p);
     }
 
-    /// A send refused for a reason that passes: back in line, and a pause before writing on.
-    /// Returns it instead once it was retried too often.
-    fn retry(&mut self, mut p: Pending, now: tokio::time::Instant) -> Option<Pending> {
+    /// A send refused for a reason that passes: back in line, and a pause before writing on, at
+    /// least `at_least` (what the server said to wait). Returns it instead once it was retried
+    /// too often.
+    fn retry(
+        &mut self,
+        mut p: Pending,
+        now: tokio::time::Instant,
+        at_least: Duration,
+    ) -> Option<Pending> {
         if p.retries >= MAX_RETRIES {
             return Some(p);
         }
         p.retries += 1;
         self.requeue(p);
-        self.hold(now);
+        self.hold(now, at_least);
         None
     }
 
-    fn hold(&mut self, now: tokio::time::Instant) {
-        self.hold_until = Some(now + self.retry_delay);
+    /// Writes nothing for the current retry delay (doubled for the next time), or for
+    /// `at_least` if the server asked for longer.
+    fn hold(&mut self, now: tokio::time::Instant, at_least: Duration) {
+        self.hold_until = Some(now + self.retry_delay.max(at_least));
         self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY_DELAY);
     }
 
@@ -771,11 +779,12 @@ impl Driver {
             }
             Some(server_frame::Kind::Error(e)) => {
                 let retryable = RETRYABLE_CODES.contains(&e.code.as_str());
+                let asked = Duration::from_millis(u64::from(e.retry_after_ms));
                 match self.outbox.answered(&e.client_message_id) {
                     Some(p) => {
                         let now = tokio::time::Instant::now();
                         let given_up = if retryable {
-                            self.outbox.retry(p, now)
+                            self.outbox.retry(p, now, asked)
                         } else {
                             Some(p)
                         };
@@ -793,7 +802,7 @@ impl Driver {
                             // cannot say which: write every unanswered send again, in order,
                             // after a pause; a repeat is answered with the original message.
                             self.outbox.requeue_in_flight();
-                            self.outbox.hold(tokio::time::Instant::now());
+                            self.outbox.hold(tokio::time::Instant::now(), asked);
                         }
                         Event::Error {
                             code: e.code,
@@ -1010,7 +1019,10 @@ mod tests {
         let (mut o, _r) = outbox(2, &["a", "b", "c", "d"]);
         assert_eq!(drain(&mut o, now), ["a", "b"]);
         let a = o.answered("a").expect("in flight");
-        assert!(o.retry(a, now).is_none(), "retried, not given up");
+        assert!(
+            o.retry(a, now, Duration::ZERO).is_none(),
+            "retried, not given up"
+        );
         assert!(drain(&mut o, now).is_empty(), "held for a while");
         let later = now + MAX_RETRY_DELAY;
         assert_eq!(
@@ -1023,18 +1035,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pause_lasts_at_least_what_the_server_asked_and_no_less_than_the_backoff() {
+        let now = tokio::time::Instant::now();
+        let (mut o, _r) = outbox(1, &["a"]);
+        assert_eq!(drain(&mut o, now), ["a"]);
+        let a = o.answered("a").expect("in flight");
+        let asked = FIRST_RETRY_DELAY * 10;
+        assert!(o.retry(a, now, asked).is_none());
+        let just_before = now + asked - Duration::from_millis(1);
+        assert!(drain(&mut o, just_before).is_empty(), "held as asked");
+        assert_eq!(drain(&mut o, now + asked), ["a"]);
+
+        // A shorter hint than the backoff does not shorten it.
+        let a = o.answered("a").expect("in flight");
+        let now = now + asked;
+        assert!(o.retry(a, now, Duration::from_millis(1)).is_none());
+        let backoff = FIRST_RETRY_DELAY * 2; // the second pause
+        assert!(drain(&mut o, now + backoff - Duration::from_millis(1)).is_empty());
+        assert_eq!(drain(&mut o, now + backoff), ["a"]);
+    }
+
+    #[test]
     fn a_send_retried_too_often_is_handed_back() {
         let mut now = tokio::time::Instant::now();
         let (mut o, _r) = outbox(1, &["a"]);
         for _ in 0..MAX_RETRIES {
             assert_eq!(drain(&mut o, now), ["a"]);
             let a = o.answered("a").expect("in flight");
-            assert!(o.retry(a, now).is_none());
+            assert!(o.retry(a, now, Duration::ZERO).is_none());
             now += MAX_RETRY_DELAY;
         }
         assert_eq!(drain(&mut o, now), ["a"]);
         let a = o.answered("a").expect("in flight");
-        assert!(o.retry(a, now).is_some());
+        assert!(o.retry(a, now, Duration::ZERO).is_some());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Bad input and abuse: each gets a clear error or close code, nothing panics, and other users'
 //! traffic goes on.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chat_client::{Client, Rest};
 use chat_e2e::{close_code, connect, http_url, ws_url, TestEnv, WAIT};
@@ -155,6 +155,82 @@ async fn closed_by_server(gw: &chat_e2e::Component, code: u16) -> anyhow::Result
     .await
 }
 
+/// The next answer to a send (`accepted` or an error), skipping every other frame, with the
+/// text it came in (JSON frames).
+async fn next_answer(ws: &mut Ws) -> (server_frame::Kind, String) {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time");
+        let Message::Text(t) = m.expect("open").expect("no socket error") else {
+            continue;
+        };
+        let frame: ServerFrame = serde_json::from_str(&t).expect("server JSON parses");
+        match frame.kind {
+            Some(k @ (server_frame::Kind::Accepted(_) | server_frame::Kind::Error(_))) => {
+                return (k, t.to_string())
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// A JSON send frame from the caller to bob.
+fn json_send(client_message_id: &str) -> Message {
+    Message::Text(
+        format!(r#"{{"send":{{"clientMessageId":"{client_message_id}","recipient":"bob","body":"hi"}}}}"#)
+            .into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_over_the_user_rate_say_when_to_retry_and_a_retry_then_passes() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(1, &["gw1"]).await?;
+    // 1 send a second, bursts of 2: of five pipelined sends, the last three are over (unless the
+    // gateway took a second between them).
+    let gw = env
+        .start_gateway_with("gw1", |c| c.user_rate = (1, 2))
+        .await?;
+    let mut ws = raw(gw.addr, &env.token("alice")).await;
+    for i in 0..5 {
+        ws.send(json_send(&format!("m{i}"))).await?;
+    }
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    while accepted.len() + refused.len() < 5 {
+        match next_answer(&mut ws).await {
+            (server_frame::Kind::Accepted(a), _) => accepted.push(a.client_message_id),
+            (server_frame::Kind::Error(e), text) => {
+                assert_eq!(e.code, "rate_limited", "{text}");
+                assert!(
+                    (1..=1000).contains(&e.retry_after_ms),
+                    "a wait within the second the bucket takes to refill: {text}"
+                );
+                assert!(text.contains("\"retryAfterMs\""), "{text}");
+                refused.push((e.client_message_id, e.retry_after_ms, Instant::now()));
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert!(
+        accepted.starts_with(&["m0".to_owned(), "m1".to_owned()]),
+        "the burst passes: {accepted:?}"
+    );
+    let (first, wait_ms, told_at) = refused.first().cloned().expect("some sends were over");
+
+    // The first refused send, written again once the wait it was told has passed, goes through.
+    let wait = Duration::from_millis(u64::from(wait_ms)).saturating_sub(told_at.elapsed());
+    tokio::time::sleep(wait).await; // the wait the server asked for is what is under test
+    ws.send(json_send(&first)).await?;
+    match next_answer(&mut ws).await {
+        (server_frame::Kind::Accepted(a), _) => assert_eq!(a.client_message_id, first),
+        (_, text) => panic!("the retry after retryAfterMs was refused: {text}"),
+    }
+
+    gw.stop().await;
+    env.teardown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow::Result<()> {
     let env = TestEnv::new(1, &["gw1"]).await?;
@@ -183,7 +259,11 @@ async fn floods_origins_silent_peers_and_bad_rest_bodies_are_refused() -> anyhow
     }
     while let Ok(Some(m)) = tokio::time::timeout(WAIT, ws.next()).await {
         match m {
-            Ok(Message::Text(t)) if t.contains("rate_limited") => limited += 1,
+            Ok(Message::Text(t)) if t.contains("rate_limited") => {
+                // The connection's limiter says when it lets the next frame through.
+                assert!(t.contains("\"retryAfterMs\""), "{t}");
+                limited += 1
+            }
             Ok(Message::Binary(b)) => {
                 if let Ok(ServerFrame {
                     kind: Some(server_frame::Kind::Error(e)),

@@ -8,12 +8,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chat_common::ids::{ConversationKey, UserId};
 use chat_proto::v1::{
     self, client_frame, server_frame, ChatMessage, ClientFrame, Deliver, ServerFrame, SyncDone,
 };
 use futures_util::{SinkExt, StreamExt};
+use governor::clock::Clock as _;
 use prost::Message as _;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -62,8 +64,24 @@ fn error_frame(code: &str, message: String, client_message_id: String) -> Server
             code: code.to_owned(),
             message,
             client_message_id,
+            retry_after_ms: 0,
         })),
     }
+}
+
+/// A `rate_limited` error frame that says when the limiter lets the next one through.
+fn rate_limited_frame(message: String, client_message_id: String, wait: Duration) -> ServerFrame {
+    let mut frame = error_frame("rate_limited", message, client_message_id);
+    if let Some(server_frame::Kind::Error(e)) = &mut frame.kind {
+        e.retry_after_ms = whole_millis_after(wait);
+    }
+    frame
+}
+
+/// A wait in whole milliseconds, rounded up, at least 1 (0 would say nothing).
+fn whole_millis_after(wait: Duration) -> u32 {
+    let ms = wait.as_millis() + u128::from(!wait.subsec_nanos().is_multiple_of(1_000_000));
+    u32::try_from(ms.max(1)).unwrap_or(u32::MAX)
 }
 
 /// The per-connection writer state: what has been sent, and what waits for a sync to finish.
@@ -358,16 +376,17 @@ impl Conn {
         if msg.is_ping() || msg.is_pong() {
             return Step::Continue; // pings are answered by the websocket layer
         }
-        if self.limiter.check().is_err() {
+        if let Err(not_until) = self.limiter.check() {
             self.strikes += 1;
             metrics::counter!("gateway_rate_limited_total", "scope" => "connection").increment(1);
             if self.strikes > RATE_STRIKES {
                 return Step::Close(Some(Close::RateLimited));
             }
-            let f = error_frame(
-                "rate_limited",
+            let wait = not_until.wait_time_from(self.limiter.clock().now());
+            let f = rate_limited_frame(
                 "sending too fast; frame dropped".into(),
                 String::new(),
+                wait,
             );
             return Step::Reply(Box::new(f));
         }
@@ -630,7 +649,12 @@ fn sync_cursor(user: &UserId, sync: v1::Sync) -> Result<SyncCursor, String> {
 
 /// The error frame of a refused send or ack.
 fn refusal(e: &SendError, client_message_id: String) -> ServerFrame {
-    error_frame(e.code(), e.to_string(), client_message_id)
+    match e {
+        SendError::RateLimited { retry_after } => {
+            rate_limited_frame(e.to_string(), client_message_id, *retry_after)
+        }
+        _ => error_frame(e.code(), e.to_string(), client_message_id),
+    }
 }
 
 /// A send that found the producer's queue full, or whose body must be sealed first
@@ -800,6 +824,32 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A send refused for the user's rate says when to retry, in whole milliseconds rounded up
+    /// (never 0, which would say nothing); other refusals say nothing.
+    #[test]
+    fn a_rate_limited_refusal_carries_its_wait_in_milliseconds() {
+        let wait_of = |frame: ServerFrame| match frame.kind {
+            Some(server_frame::Kind::Error(e)) => (e.code, e.retry_after_ms, e.client_message_id),
+            other => panic!("{other:?}"),
+        };
+        let limited = |wait| SendError::RateLimited { retry_after: wait };
+        for (wait, ms) in [
+            (Duration::ZERO, 1),
+            (Duration::from_nanos(1), 1),
+            (Duration::from_micros(9_999), 10),
+            (Duration::from_millis(10), 10),
+            (Duration::from_millis(10) + Duration::from_nanos(1), 11),
+        ] {
+            assert_eq!(
+                wait_of(refusal(&limited(wait), "c1".into())),
+                ("rate_limited".into(), ms, "c1".into()),
+                "{wait:?}"
+            );
+        }
+        let (_, ms, _) = wait_of(refusal(&SendError::TooManyInFlight, "c2".into()));
+        assert_eq!(ms, 0);
     }
 
     /// A conversation a sync could not read gets nothing live (it would come after a gap) until

@@ -417,7 +417,7 @@ function onError(e) {
     app.inFlight.delete(e.clientMessageId);
     if (RETRYABLE.has(e.code)) {
       // Stays "sending": it goes again after a pause, before the messages written after it.
-      holdOutbox();
+      holdOutbox(e.retryAfterMs);
       return;
     }
     const m = app.store.markFailed(e.clientMessageId, e.message || e.code);
@@ -429,7 +429,7 @@ function onError(e) {
     // A frame was dropped and the server cannot say which: everything unanswered goes again,
     // in order, after a pause (a repeat is answered with the original message).
     app.inFlight.clear();
-    holdOutbox();
+    holdOutbox(e.retryAfterMs);
     return;
   }
   if (e.code === 'sync_failed') {
@@ -461,10 +461,13 @@ function pumpOutbox() {
   }
 }
 
-/** Pauses the outbox after a retryable refusal (doubling up to MAX_RETRY_MS), then goes on. */
-function holdOutbox() {
+/**
+ * Pauses the outbox after a retryable refusal (doubling up to MAX_RETRY_MS), or for as long as
+ * the server asked (`retryAfterMs` of a `rate_limited` error) if that is longer, then goes on.
+ */
+function holdOutbox(askedMs = 0) {
   if (app.holdTimer) return;
-  const delay = app.retryDelay;
+  const delay = Math.max(app.retryDelay, Number(askedMs) || 0);
   app.retryDelay = Math.min(app.retryDelay * 2, MAX_RETRY_MS);
   app.holdTimer = setTimeout(() => {
     app.holdTimer = null;
