@@ -110,17 +110,19 @@ impl From<SendError> for ApiError {
         };
         let mut api = ApiError::new(status, e.code(), e.to_string());
         if let SendError::RateLimited { retry_after } = e {
-            api.retry_after_secs = Some(whole_seconds_after(retry_after));
+            // `Retry-After` counts whole seconds.
+            api.retry_after_secs =
+                Some(whole_units(retry_after, std::time::Duration::from_secs(1)));
         }
         api
     }
 }
 
-/// `Retry-After` counts whole seconds: a wait rounded up, and at least 1 (a client told 0 would
+/// A wait told to a client, in whole `unit`s: rounded up, and at least 1 (a client told 0 would
 /// retry at once and be refused again).
-fn whole_seconds_after(wait: std::time::Duration) -> u32 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
+pub(crate) fn whole_units(wait: std::time::Duration, unit: std::time::Duration) -> u32 {
+    let units = wait.as_nanos().div_ceil(unit.as_nanos().max(1));
+    u32::try_from(units.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Why a page of history or of the conversation list could not be read.

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::app::{AddrSlot, App, Enqueue, PendingSend, PreparedSend, SyncCursor};
-use crate::error::{Close, FrameError, SendError};
+use crate::error::{whole_units, Close, FrameError, SendError};
 use crate::sessions::{Mail, Mailbox, Outgoing, SessionHandle, SyncAnswer};
 use crate::upgrade::Socket;
 
@@ -73,15 +73,9 @@ fn error_frame(code: &str, message: String, client_message_id: String) -> Server
 fn rate_limited_frame(message: String, client_message_id: String, wait: Duration) -> ServerFrame {
     let mut frame = error_frame("rate_limited", message, client_message_id);
     if let Some(server_frame::Kind::Error(e)) = &mut frame.kind {
-        e.retry_after_ms = whole_millis_after(wait);
+        e.retry_after_ms = whole_units(wait, Duration::from_millis(1));
     }
     frame
-}
-
-/// A wait in whole milliseconds, rounded up, at least 1 (0 would say nothing).
-fn whole_millis_after(wait: Duration) -> u32 {
-    let ms = wait.as_millis() + u128::from(!wait.subsec_nanos().is_multiple_of(1_000_000));
-    u32::try_from(ms.max(1)).unwrap_or(u32::MAX)
 }
 
 /// The per-connection writer state: what has been sent, and what waits for a sync to finish.
