@@ -22,20 +22,32 @@ async fn raw(addr: std::net::SocketAddr, token: &str) -> Ws {
     ws
 }
 
-/// The next server frame that is an error (skipping welcome, sync and the like): its code.
-async fn next_error(ws: &mut Ws) -> String {
+/// The next server frame, binary or JSON (skipping pings and the like), with its text if it
+/// came as JSON.
+async fn next_frame(ws: &mut Ws) -> (ServerFrame, Option<String>) {
     loop {
         let m = tokio::time::timeout(WAIT, ws.next())
             .await
             .expect("a frame in time");
-        let m = m.expect("open").expect("no socket error");
-        let frame = match m {
-            Message::Binary(b) => ServerFrame::decode(b.as_ref()).expect("server frames decode"),
-            Message::Text(t) => serde_json::from_str(&t).expect("server JSON parses"),
+        return match m.expect("open").expect("no socket error") {
+            Message::Binary(b) => (
+                ServerFrame::decode(b.as_ref()).expect("server frames decode"),
+                None,
+            ),
+            Message::Text(t) => (
+                serde_json::from_str(&t).expect("server JSON parses"),
+                Some(t.to_string()),
+            ),
             Message::Close(c) => panic!("closed: {c:?}"),
             _ => continue,
         };
-        if let Some(server_frame::Kind::Error(e)) = frame.kind {
+    }
+}
+
+/// The next server frame that is an error (skipping welcome, sync and the like): its code.
+async fn next_error(ws: &mut Ws) -> String {
+    loop {
+        if let Some(server_frame::Kind::Error(e)) = next_frame(ws).await.0.kind {
             return e.code;
         }
     }
@@ -156,21 +168,14 @@ async fn closed_by_server(gw: &chat_e2e::Component, code: u16) -> anyhow::Result
 }
 
 /// The next answer to a send (`accepted` or an error), skipping every other frame, with the
-/// text it came in (JSON frames).
+/// text it came in (the tests that call it write JSON frames, so the answers are JSON).
 async fn next_answer(ws: &mut Ws) -> (server_frame::Kind, String) {
     loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a frame in time");
-        let Message::Text(t) = m.expect("open").expect("no socket error") else {
-            continue;
-        };
-        let frame: ServerFrame = serde_json::from_str(&t).expect("server JSON parses");
-        match frame.kind {
-            Some(k @ (server_frame::Kind::Accepted(_) | server_frame::Kind::Error(_))) => {
-                return (k, t.to_string())
-            }
-            _ => continue,
+        let (frame, text) = next_frame(ws).await;
+        if let Some(k @ (server_frame::Kind::Accepted(_) | server_frame::Kind::Error(_))) =
+            frame.kind
+        {
+            return (k, text.expect("an answer to a JSON frame is JSON"));
         }
     }
 }
