@@ -74,6 +74,12 @@ pub(crate) const DESTROY: &str = "DELETE FROM sealing_keys WHERE id = ANY($1::by
 const ISSUE: &str = "INSERT INTO sealing_keys (id, key, created_at_ms)
      SELECT id, key, $3 FROM unnest($1::bytea[], $2::bytea[]) AS u(id, key)";
 
+/// How many times an issue is made, each under new ids, while its ids meet others'
+/// (`BodyKeyId::issued_at`: two issues in one millisecond can draw the same ids). Not `ON
+/// CONFLICT DO NOTHING`: its speculative insertion logs one more WAL record for every key, to
+/// spare a retry that almost never happens.
+const ISSUE_ATTEMPTS: usize = 8;
+
 /// The keys of these ids, where they still exist.
 const FIND: &str = "SELECT id, key FROM sealing_keys WHERE id = ANY($1::bytea[])";
 
@@ -84,7 +90,8 @@ const FIND_BY_SEND_KEY: &str = "SELECT k.conversation, k.sender, k.client_messag
                      AND k.client_message_id = i.client_id";
 
 impl Shards {
-    /// Issues `n` new keys on `shard`, each under a new random id, for sends to come.
+    /// Issues `n` new keys on `shard`, each under a new id ([`BodyKeyId::issued_at`]), for sends
+    /// to come.
     pub async fn issue_sealing_keys(
         &self,
         shard: usize,
@@ -95,22 +102,33 @@ impl Shards {
             shard,
             reason: e.to_string(),
         };
-        let issued = (0..n)
-            .map(|_| Ok((BodyKeyId::generate()?, BodyKey::generate()?)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(invariant)?;
-        let ids: Vec<&[u8]> = issued.iter().map(|(id, _)| id.as_bytes()).collect();
-        let keys: Vec<&[u8]> = issued.iter().map(|(_, key)| key.as_bytes()).collect();
         let client = self.client(shard).await?;
         let statement = client
             .prepare_cached(ISSUE)
             .await
             .map_err(DbError::pg(shard))?;
-        client
-            .execute(&statement, &[&ids, &keys, &now_ms])
-            .await
-            .map_err(DbError::pg(shard))?;
-        Ok(issued)
+        let mut attempt = 1;
+        loop {
+            let issued = BodyKeyId::issued_at(now_ms, n)
+                .and_then(|ids| {
+                    ids.into_iter()
+                        .map(|id| Ok((id, BodyKey::generate()?)))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(invariant)?;
+            let ids: Vec<&[u8]> = issued.iter().map(|(id, _)| id.as_bytes()).collect();
+            let keys: Vec<&[u8]> = issued.iter().map(|(_, key)| key.as_bytes()).collect();
+            match client.execute(&statement, &[&ids, &keys, &now_ms]).await {
+                Ok(_) => return Ok(issued),
+                Err(e)
+                    if attempt < ISSUE_ATTEMPTS
+                        && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(DbError::pg(shard)(e)),
+            }
+        }
     }
 
     /// The body keys of `ids` that still exist (the others were destroyed by an ack, the

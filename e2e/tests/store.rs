@@ -663,6 +663,52 @@ async fn delete_on_ack_destroys_keys_and_the_window_deletes_acked_rows() -> anyh
     env.teardown().await
 }
 
+/// Keys issued ahead carry ids that begin with the millisecond they were issued in
+/// (`BodyKeyId::issued_at`), so issues on one shard in the same millisecond can draw the same
+/// ids; the shard refuses such an issue and it is made again under new ones. Many writers issuing
+/// at once at one `now_ms` (about 8 overlaps expected among the 2,016 pairs of issues): each gets
+/// every key it asked for, no id is held twice, and the shard holds each key under the id its
+/// writer got, so every sealed body still opens with its own key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issues_in_one_millisecond_each_get_every_key_under_an_id_of_its_own() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    let shard = env.shard(0).await?;
+    let (writers, each) = (64, 2_048);
+    let now_ms = 1_796_500_000_123;
+    let issued = futures_util::future::try_join_all(
+        (0..writers).map(|_| shards.issue_sealing_keys(0, each, now_ms)),
+    )
+    .await?;
+    let mut got = HashMap::new();
+    for keys in &issued {
+        assert_eq!(
+            keys.len(),
+            each,
+            "a writer got fewer keys than it asked for"
+        );
+        for (id, key) in keys {
+            assert!(got.insert(*id, key.clone()).is_none(), "{id:?} given twice");
+        }
+    }
+    let rows = shard
+        .query("SELECT id, key, created_at_ms FROM sealing_keys", &[])
+        .await?;
+    assert_eq!(rows.len(), writers * each);
+    for row in rows {
+        let id = BodyKeyId::from_bytes(row.get::<_, &[u8]>(0))?;
+        let held = BodyKey::from_bytes(row.get::<_, &[u8]>(1))?;
+        assert_eq!(
+            got.get(&id),
+            Some(&held),
+            "{id:?} holds another writer's key"
+        );
+        assert_eq!(row.get::<_, i64>(2), now_ms);
+    }
+    env.teardown().await
+}
+
 /// Delete-on-ack's metadata window also deletes the records of messages set aside (who sent
 /// whom what could not be stored, and when), seeded (`STORE_FAILURES_SEED` replays a run):
 /// failures at random times over two shards; the window takes exactly those before its cutoff,
