@@ -107,19 +107,21 @@ impl Shards {
             .prepare_cached(ISSUE)
             .await
             .map_err(DbError::pg(shard))?;
+        // The keys are made once; an issue made again takes new ids only.
+        let keys = (0..n)
+            .map(|_| BodyKey::generate())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invariant)?;
+        let key_bytes: Vec<&[u8]> = keys.iter().map(BodyKey::as_bytes).collect();
         let mut attempt = 1;
         loop {
-            let issued = BodyKeyId::issued_at(now_ms, n)
-                .and_then(|ids| {
-                    ids.into_iter()
-                        .map(|id| Ok((id, BodyKey::generate()?)))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .map_err(invariant)?;
-            let ids: Vec<&[u8]> = issued.iter().map(|(id, _)| id.as_bytes()).collect();
-            let keys: Vec<&[u8]> = issued.iter().map(|(_, key)| key.as_bytes()).collect();
-            match client.execute(&statement, &[&ids, &keys, &now_ms]).await {
-                Ok(_) => return Ok(issued),
+            let ids = BodyKeyId::issued_at(now_ms, n).map_err(invariant)?;
+            let id_bytes: Vec<&[u8]> = ids.iter().map(BodyKeyId::as_bytes).collect();
+            match client
+                .execute(&statement, &[&id_bytes, &key_bytes, &now_ms])
+                .await
+            {
+                Ok(_) => return Ok(ids.into_iter().zip(keys).collect()),
                 Err(e)
                     if attempt < ISSUE_ATTEMPTS
                         && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
