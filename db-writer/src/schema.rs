@@ -27,6 +27,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../migrations/0009_user_conversations_hot_updates.sql"),
     ),
     (10, include_str!("../migrations/0010_sealing_keys.sql")),
+    (
+        11,
+        include_str!("../migrations/0011_messages_statistics_sample.sql"),
+    ),
 ];
 
 /// Advisory lock key that serialises migrations (any constant shared by all processes).

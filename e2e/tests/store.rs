@@ -997,6 +997,63 @@ async fn the_sweep_index_is_built_on_demand() -> anyhow::Result<()> {
     env.teardown().await
 }
 
+/// ANALYZE samples `messages` with a statistics target of 10 (3,000 rows, not 30,000): every
+/// column and the send key's expression have it, so a column added later without it fails
+/// here, and a table analyzed keeps histograms of 10 steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_analyzed_from_a_small_sample() -> anyhow::Result<()> {
+    let env = TestEnv::new(1, &[]).await?;
+    let shards = shards_of(&env.shard_dsns)?;
+    shards.ensure_sweep_index().await?;
+    let db = env.shard(0).await?;
+    let targets: Vec<(String, String)> = db
+        .query(
+            "SELECT c.relname::text, a.attname::text FROM pg_attribute a
+             JOIN pg_class c ON c.oid = a.attrelid
+             WHERE a.attnum > 0 AND NOT a.attisdropped
+               AND a.attstattarget IS DISTINCT FROM 10
+               AND (c.oid = 'messages'::regclass
+                    OR c.oid IN (SELECT indexrelid FROM pg_index
+                                 WHERE indrelid = 'messages'::regclass AND indexprs IS NOT NULL))
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(targets, [], "columns sampled at another target");
+
+    db.batch_execute(
+        "INSERT INTO messages (conversation, seq, message_id, client_message_id, sender,
+                               recipient, body, sent_at_ms)
+         SELECT 'amy:bo', g, gen_random_uuid(), 'c' || g, 'amy', 'bo', 'b' || g, 1000 + g
+         FROM generate_series(1, 500) g;
+         ANALYZE messages;",
+    )
+    .await?;
+    let steps: Vec<(String, i32)> = db
+        .query(
+            "SELECT attname::text, cardinality(histogram_bounds::text::text[]) FROM pg_stats
+             WHERE tablename = 'messages' AND attname IN ('seq', 'sent_at_ms', 'body')
+             ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("body".into(), 11),
+            ("sent_at_ms".into(), 11),
+            ("seq".into(), 11)
+        ]
+    );
+    env.teardown().await
+}
+
 /// A shard migrated before watermarks, with acked, unacked and expired messages, keeps every
 /// message's state through the migration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
