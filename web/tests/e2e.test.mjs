@@ -281,9 +281,9 @@ test(`two users on two gateways: ticks, offline catch-up, unread (retention ${RE
 });
 
 test('a refused send goes again by itself with the same client message id; keyboard only, narrow screen', { skip }, async () => {
-  // carol's socket goes through a proxy that turns the first `accepted` into an error (and drops
-  // the `stored` that follows), after the server really accepted it: the retry must not create a
-  // second message.
+  // carol's socket goes through a proxy that turns the first send's `accepted` into an error
+  // (and drops its `stored`, which may come before or after the `accepted`), after the server
+  // really accepted it: the retry must not create a second message.
   let injected = 0;
   let lost = '';
   const clientIds = [];
@@ -297,16 +297,18 @@ test('a refused send goes again by itself with the same client message id; keybo
         sockets.push({ ws, server });
         ws.onMessage((m) => {
           const f = JSON.parse(m);
-          if (f.send) clientIds.push(f.send.clientMessageId);
+          if (f.send) {
+            clientIds.push(f.send.clientMessageId);
+            if (!lost) lost = f.send.clientMessageId;
+          }
           server.send(m);
         });
         server.onMessage((m) => {
           const f = JSON.parse(m);
           if (f.syncDone) syncDone();
           if (f.stored && f.stored.clientMessageId === lost) return;
-          if (f.accepted && injected === 0) {
+          if (f.accepted && f.accepted.clientMessageId === lost && injected === 0) {
             injected += 1;
-            lost = f.accepted.clientMessageId;
             const error = { code: 'produce_failed', message: 'injected failure', clientMessageId: f.accepted.clientMessageId };
             ws.send(JSON.stringify({ error }));
             return;
