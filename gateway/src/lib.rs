@@ -10,7 +10,7 @@
 //!   presence), with private state; the only user of the store.
 //! - `sessions`: the sockets held, one bounded queue each.
 //! - `ws`: one websocket connection (sync, then live, with no gap or duplicate at the seam).
-//! - `outbound`: the outbound topic consumer.
+//! - `outbound`: the outbound topic consumer (in delete-on-ack mode on a thread of its own).
 //! - `http`: the routes table and one handler per route; authentication before upgrade;
 //!   rejections rendered as JSON errors.
 //! - `error`: the errors of each boundary, and the status, frame code or close code of each.
@@ -134,12 +134,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     ));
     tracing::info!(%addr, %metrics_addr, tls = acceptor.is_some(), gateway = %app.config().gateway_id, outbound = %outbound_topic, "gateway started");
-    let outbound = tokio::spawn(outbound::run(
-        app.clone(),
-        consumer,
-        outbound_topic,
-        shutdown.clone(),
-    ));
+    let outbound = outbound::start(app.clone(), consumer, outbound_topic, shutdown.clone())?;
     tokio::spawn(ping_sessions(app.clone(), shutdown.clone()));
 
     let task = tokio::spawn(async move {

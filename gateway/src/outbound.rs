@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use chat_proto::v1::{outbound_record, server_frame, OutboundRecord, ServerFrame};
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
@@ -17,7 +18,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
+use crate::app::{App, PushKeyReader};
 use crate::sessions::Outgoing;
 
 /// The most records taken at once when more are waiting: in delete-on-ack mode their bodies are
@@ -55,9 +56,63 @@ impl Chunk {
     }
 }
 
-/// Consumes `topic`, the one topic `consumer` is subscribed to, until `shutdown`.
-pub(crate) async fn run(
+/// Starts consuming `topic`, the one topic `consumer` is subscribed to, until `shutdown`; the
+/// handle ends once it has stopped.
+///
+/// In keep mode on the process's runtime. In delete-on-ack mode on a thread of its own, with
+/// pools of its own to the shards for the pushes' key reads, driven by that thread: on the
+/// process's runtime each read's answer, then the chunk it opens, waited for a worker behind
+/// every socket's task, and under load a read Postgres ran in well under a millisecond took
+/// tens of them to come back (docs/performance-log.md, 2026-12-06). The thread stops on
+/// `shutdown`, and also when the handle is dropped unfinished (the process's runtime is going
+/// away without a shutdown), so that nothing waits on it.
+pub(crate) fn start(
     app: Arc<App>,
+    consumer: StreamConsumer,
+    topic: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    if !app.seals() {
+        return Ok(tokio::spawn(run(app, None, consumer, topic, shutdown)));
+    }
+    let keys = Arc::new(
+        app.push_key_reader(OPENING)
+            .context("the pushes' shard pools")?,
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("the outbound relay's runtime")?;
+    let (mut done, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("outbound".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let stop = shutdown.child_token();
+                let relay = run(app, Some(keys), consumer, topic, stop.clone());
+                tokio::pin!(relay);
+                tokio::select! {
+                    () = &mut relay => {}
+                    () = done.closed() => {
+                        stop.cancel();
+                        relay.await;
+                    }
+                }
+                let _ = done.send(());
+            });
+        })
+        .context("the outbound relay's thread")?;
+    Ok(tokio::spawn(async move {
+        // An error here is the thread gone without a word: stopped all the same.
+        let _ = stopped.await;
+    }))
+}
+
+/// Consumes `topic` until `shutdown`; in delete-on-ack mode reads the pushes' keys through
+/// `keys` (the process's own pools if `None`).
+async fn run(
+    app: Arc<App>,
+    keys: Option<Arc<PushKeyReader>>,
     consumer: StreamConsumer,
     topic: String,
     shutdown: CancellationToken,
@@ -80,7 +135,7 @@ pub(crate) async fn run(
             }
             chunk
         },
-        |chunk| open_chunk(app.clone(), chunk),
+        |chunk| open_chunk(app.clone(), keys.clone(), chunk),
         |chunk| pushed(&app, &consumer, &topic, chunk),
         &shutdown,
     )
@@ -116,12 +171,12 @@ async fn relay<C, Take, Taken, Open, Opened, Deliver>(
 }
 
 /// Opens a chunk's sealed bodies (delete-on-ack mode; nothing to do in keep mode).
-async fn open_chunk(app: Arc<App>, mut chunk: Chunk) -> Chunk {
+async fn open_chunk(app: Arc<App>, keys: Option<Arc<PushKeyReader>>, mut chunk: Chunk) -> Chunk {
     if chunk.failed {
         // Never a busy loop on a failing consumer.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    open_sealed(&app, &mut chunk.items).await;
+    open_sealed(&app, keys.as_deref(), &mut chunk.items).await;
     chunk
 }
 
@@ -228,7 +283,7 @@ fn take_receipts(items: &mut Vec<Item>) -> Vec<Item> {
 /// acknowledged or expired since (their key is gone), or whose key could not be read (the
 /// shard did not answer: the message stays pending for the client's next sync). A deliver for a
 /// user not connected here is left sealed: it is skipped anyway.
-async fn open_sealed(app: &App, items: &mut Vec<Item>) {
+async fn open_sealed(app: &App, keys: Option<&PushKeyReader>, items: &mut Vec<Item>) {
     if !app.seals() {
         return;
     }
@@ -245,7 +300,10 @@ async fn open_sealed(app: &App, items: &mut Vec<Item>) {
     if messages.is_empty() {
         return;
     }
-    let opened = app.open_bodies(&mut messages).await;
+    let opened = match keys {
+        Some(keys) => app.open_pushed(keys, &mut messages).await,
+        None => app.open_bodies(&mut messages).await,
+    };
     let gone: std::collections::HashSet<usize> = opened
         .gone
         .iter()

@@ -31,6 +31,7 @@ use crate::error::{Close, SendError};
 use crate::sessions::{Mailbox, Outgoing, SessionHandle, Sessions};
 
 pub(crate) use read::{ConversationPage, History, SyncCursor};
+pub(crate) use seal::PushKeyReader;
 pub(crate) use send::{Enqueue, PendingSend, PreparedSend};
 
 /// Shared state of one gateway process.

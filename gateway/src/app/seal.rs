@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chat_common::seal::{BodyKey, BodyKeyId};
 use chat_proto::v1::{inbound_record, ChatMessage};
 use db_writer::keys::{KeyId, POOL_KEY_MAX_AGE_MS};
-use db_writer::Shards;
+use db_writer::{DbError, ShardConfig, Shards};
 use tokio::sync::{mpsc, oneshot, Notify};
 use uuid::Uuid;
 
@@ -267,6 +267,30 @@ impl App {
     /// message whose shard did not give its key is left with an empty body too and reported in
     /// [`Opened::unavailable`]; the other shards' messages are opened.
     pub(crate) async fn open_bodies(&self, messages: &mut [ChatMessage]) -> Opened {
+        self.open_bodies_with(&self.shards, messages).await
+    }
+
+    /// Pools of their own to the shards, of at most `pool_size` connections each, for the
+    /// pushes' key reads ([`App::open_pushed`]). Their connections are driven by the runtime
+    /// that first uses them.
+    pub(crate) fn push_key_reader(&self, pool_size: usize) -> Result<PushKeyReader, DbError> {
+        let config = ShardConfig {
+            pool_size: self.config.shards.pool_size.min(pool_size),
+            ..self.config.shards.clone()
+        };
+        Ok(PushKeyReader(Shards::connect(&config)?))
+    }
+
+    /// [`App::open_bodies`] for pushes, with the keys read through `reader`'s pools.
+    pub(crate) async fn open_pushed(
+        &self,
+        reader: &PushKeyReader,
+        messages: &mut [ChatMessage],
+    ) -> Opened {
+        self.open_bodies_with(&reader.0, messages).await
+    }
+
+    async fn open_bodies_with(&self, shards: &Shards, messages: &mut [ChatMessage]) -> Opened {
         let mut opened = Opened::default();
         if messages.iter().all(|m| m.sealed_body.is_empty()) {
             return opened;
@@ -276,7 +300,7 @@ impl App {
             .filter(|m| !m.sealed_body.is_empty())
             .filter_map(key_id)
             .collect();
-        let found = self.shards.body_keys(&ids).await;
+        let found = shards.body_keys(&ids).await;
         for (shard, e) in &found.failed {
             tracing::warn!(shard, error = %e.summary(), "body keys not read: that shard's messages are not shown");
             metrics::counter!("gateway_errors_total", "kind" => "open").increment(1);
@@ -318,6 +342,9 @@ fn open_one(sealed: &[u8], m: &ChatMessage, key: Option<&BodyKey>) -> Option<Str
         }
     }
 }
+
+/// Pools to the shards for the pushes' key reads alone ([`App::push_key_reader`]).
+pub(crate) struct PushKeyReader(Shards);
 
 /// What [`App::open_bodies`] could not open, by position.
 #[derive(Debug, Default)]
