@@ -109,7 +109,7 @@ pub(crate) fn start(
 }
 
 /// Consumes `topic` until `shutdown`; in delete-on-ack mode reads the pushes' keys through
-/// `keys` (the process's own pools if `None`).
+/// `keys` (`None` in keep mode).
 async fn run(
     app: Arc<App>,
     keys: Option<Arc<PushKeyReader>>,
@@ -284,9 +284,10 @@ fn take_receipts(items: &mut Vec<Item>) -> Vec<Item> {
 /// shard did not answer: the message stays pending for the client's next sync). A deliver for a
 /// user not connected here is left sealed: it is skipped anyway.
 async fn open_sealed(app: &App, keys: Option<&PushKeyReader>, items: &mut Vec<Item>) {
-    if !app.seals() {
+    // Keep mode has no reader and nothing sealed.
+    let Some(keys) = keys else {
         return;
-    }
+    };
     let mut positions = Vec::new();
     let mut messages = Vec::new();
     for (i, (user, kind)) in items.iter_mut().enumerate() {
@@ -300,10 +301,7 @@ async fn open_sealed(app: &App, keys: Option<&PushKeyReader>, items: &mut Vec<It
     if messages.is_empty() {
         return;
     }
-    let opened = match keys {
-        Some(keys) => app.open_pushed(keys, &mut messages).await,
-        None => app.open_bodies(&mut messages).await,
-    };
+    let opened = app.open_pushed(keys, &mut messages).await;
     let gone: std::collections::HashSet<usize> = opened
         .gone
         .iter()
