@@ -416,11 +416,16 @@ impl TestEnv {
         adjust(&mut config);
         let shutdown = CancellationToken::new();
         let running = gateway::start(config, shutdown.clone()).await?;
+        let task = running.task;
         Ok(Component {
             addr: running.addr,
             ops_addr: running.metrics_addr,
             shutdown,
-            task: running.task,
+            task: tokio::spawn(async move {
+                if let Ok(Err(e)) = task.await {
+                    eprintln!("gateway stopped with an error: {e:#}");
+                }
+            }),
         })
     }
 

@@ -58,8 +58,9 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where the operations listener (`/metrics`, `/healthz`, `/readyz`) listens.
     pub metrics_addr: SocketAddr,
-    /// Ends when the gateway has drained after `shutdown`.
-    pub task: JoinHandle<()>,
+    /// Ends when the gateway has drained after `shutdown`: an error if the gateway stopped
+    /// because its outbound relay did (a panic), not because it was told to.
+    pub task: JoinHandle<anyhow::Result<()>>,
 }
 
 /// Checks Kafka, connects the shards, subscribes to the outbound topic and starts serving.
@@ -146,9 +147,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         if !app.drain(Duration::from_secs(10)).await {
             tracing::warn!("some connections did not close within 10 s");
         }
-        let _ = outbound.await;
+        let relay_failed = outbound.await.unwrap_or(true);
         app.flush(Duration::from_secs(5));
         tracing::info!("gateway stopped");
+        if relay_failed {
+            anyhow::bail!("the outbound relay stopped before shutdown");
+        }
+        Ok(())
     });
     Ok(Running {
         addr,

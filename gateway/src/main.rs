@@ -17,6 +17,5 @@ fn main() -> anyhow::Result<()> {
 async fn run(config: gateway::Config) -> anyhow::Result<()> {
     let shutdown = chat_common::shutdown::on_signals();
     let running = gateway::start(config, shutdown).await?;
-    running.task.await?;
-    Ok(())
+    running.task.await?
 }

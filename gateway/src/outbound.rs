@@ -66,7 +66,40 @@ impl Chunk {
 /// tens of them to come back (docs/performance-log.md, 2026-12-06). The thread stops on
 /// `shutdown`, and also when the handle is dropped unfinished (the process's runtime is going
 /// away without a shutdown), so that nothing waits on it.
+///
+/// The handle's value is true if the relay stopped before `shutdown`, which it does only by a
+/// panic: it then cancels `shutdown` itself (see [`stop_if_ended`]).
 pub(crate) fn start(
+    app: Arc<App>,
+    consumer: StreamConsumer,
+    topic: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<bool>> {
+    let relay = spawn_relay(app, consumer, topic, shutdown.clone())?;
+    Ok(tokio::spawn(stop_if_ended(relay, shutdown)))
+}
+
+/// Waits for `relay`, which runs until `shutdown`. A relay that ends first (a panic) leaves a
+/// gateway that accepts sends but pushes nothing, and whose health says nothing of it; so the
+/// gateway stops: `shutdown` is cancelled, its sessions close with 1001 and reconnect elsewhere
+/// (their sync finds what was not pushed), and the process exits with an error for its
+/// supervisor to restart it. True if the relay ended first.
+async fn stop_if_ended(relay: tokio::task::JoinHandle<()>, shutdown: CancellationToken) -> bool {
+    let ended = relay.await;
+    if shutdown.is_cancelled() {
+        return false;
+    }
+    tracing::error!(
+        panicked = ended.is_err(),
+        "the outbound relay stopped before shutdown: the gateway cannot push, so it stops"
+    );
+    shutdown.cancel();
+    true
+}
+
+/// The relay itself: a task on the process's runtime in keep mode, a thread in delete-on-ack
+/// mode (see [`start`]); the handle ends once it has stopped.
+fn spawn_relay(
     app: Arc<App>,
     consumer: StreamConsumer,
     topic: String,
@@ -375,6 +408,30 @@ mod tests {
             self.0 ^= self.0 << 17;
             self.0 % n
         }
+    }
+
+    /// A relay that ends before shutdown, by a panic or otherwise, stops the gateway (shutdown
+    /// cancelled, reported as a failure); one that ends on shutdown is not a failure.
+    #[tokio::test]
+    async fn a_relay_that_ends_before_shutdown_stops_the_gateway() {
+        let shutdown = CancellationToken::new();
+        let panicked = tokio::spawn(async { panic!("a relay's bug") });
+        assert!(stop_if_ended(panicked, shutdown.clone()).await);
+        assert!(shutdown.is_cancelled());
+
+        let shutdown = CancellationToken::new();
+        // The delete-on-ack thread's handle ends without a panic when the thread is gone.
+        assert!(stop_if_ended(tokio::spawn(async {}), shutdown.clone()).await);
+        assert!(shutdown.is_cancelled());
+
+        let shutdown = CancellationToken::new();
+        let relay = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { shutdown.cancelled().await }
+        });
+        let watched = tokio::spawn(stop_if_ended(relay, shutdown.clone()));
+        shutdown.cancel();
+        assert!(!watched.await.expect("the watch ends"));
     }
 
     /// Receipts come out of a chunk in the order they were in, and everything else stays, in
