@@ -85,12 +85,12 @@ pub(crate) fn start(
 /// (their sync finds what was not pushed), and the process exits with an error for its
 /// supervisor to restart it. True if the relay ended first.
 async fn stop_if_ended(relay: tokio::task::JoinHandle<()>, shutdown: CancellationToken) -> bool {
-    let ended = relay.await;
+    // A panic's message went to the panic hook already, from the task or from the thread.
+    let _ = relay.await;
     if shutdown.is_cancelled() {
         return false;
     }
     tracing::error!(
-        panicked = ended.is_err(),
         "the outbound relay stopped before shutdown: the gateway cannot push, so it stops"
     );
     shutdown.cancel();
