@@ -450,6 +450,7 @@ impl TestEnv {
             max_batch: 500,
             max_held: 10_000,
             batch_wait: Duration::from_millis(2),
+            batch_wait_above: 10_000,
             outbound_batches: true,
             early_push: true,
             http_addr: "127.0.0.1:0".parse()?,

@@ -24,8 +24,12 @@ pub struct Config {
     /// Most records held aside while a shard they need is down (`holding`); at the bound the
     /// multiplexer stops reading until the shard is back.
     pub max_held: usize,
-    /// How long to wait to fill a batch once its first record arrived.
+    /// How long to wait to fill a batch once its first record arrived, while the multiplexer
+    /// takes at least `batch_wait_above` records a second.
     pub batch_wait: Duration,
+    /// Below this many records a second (back below half of it once above), a batch takes what
+    /// has arrived and does not wait for more; 0: always wait.
+    pub batch_wait_above: u64,
     /// Write the pushes for a gateway as batch records (one per gateway per batch) rather than
     /// one record per push. Gateways read both; turn off while gateways of an earlier version,
     /// which read only single records, still run.
@@ -111,7 +115,7 @@ pub struct Args {
         value_name = "N"
     )]
     pub multiplexer_max_held: usize,
-    /// Milliseconds to fill a batch after its first record.
+    /// Milliseconds to fill a batch after its first record, above MULTIPLEXER_BATCH_WAIT_ABOVE.
     #[arg(
         long,
         env = "MULTIPLEXER_BATCH_WAIT_MS",
@@ -119,6 +123,15 @@ pub struct Args {
         value_name = "MS"
     )]
     pub multiplexer_batch_wait_ms: u64,
+    /// Records a second (messages and acks) below which a batch does not wait to fill; 0:
+    /// always wait.
+    #[arg(
+        long,
+        env = "MULTIPLEXER_BATCH_WAIT_ABOVE",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    pub multiplexer_batch_wait_above: u64,
     /// Write a batch's pushes for a gateway as one batch record; false while gateways older than
     /// batched outbound records run.
     #[arg(long, env = "MULTIPLEXER_OUTBOUND_BATCH", default_value_t = true, action = ArgAction::Set, value_name = "BOOL")]
@@ -199,6 +212,7 @@ impl Config {
             max_batch: args.multiplexer_max_batch,
             max_held: args.multiplexer_max_held,
             batch_wait: Duration::from_millis(args.multiplexer_batch_wait_ms),
+            batch_wait_above: args.multiplexer_batch_wait_above,
             outbound_batches: args.multiplexer_outbound_batch,
             early_push: args.multiplexer_early_push,
             http_addr: args.multiplexer_http_addr,
@@ -240,6 +254,7 @@ mod tests {
         assert_eq!(c.max_batch, 2000);
         assert_eq!(c.max_held, 200_000);
         assert_eq!(c.batch_wait, Duration::from_millis(2));
+        assert_eq!(c.batch_wait_above, 10_000);
         assert!(c.outbound_batches);
         assert!(c.early_push);
         assert_eq!(c.http_addr, "127.0.0.1:9300".parse().expect("an address"));

@@ -385,6 +385,11 @@ impl Pipeline {
         };
         metrics::gauge!("multiplexer_held_records").set(0.0);
         let (this, hold, shutdown) = (&self, &hold, &shutdown);
+        let mut pace = BatchPace::new(
+            self.config.batch_wait,
+            self.config.batch_wait_above,
+            Instant::now(),
+        );
         let store_stage = async move {
             loop {
                 if hold.retry.swap(false, Ordering::AcqRel)
@@ -399,7 +404,7 @@ impl Pipeline {
                         _ = hold.wake.notified() => continue,
                     }
                 }
-                let records = match this.next_records(shutdown, &hold.wake).await {
+                let records = match this.next_records(shutdown, &hold.wake, &mut pace).await {
                     Next::Records(records) => records,
                     Next::Woken => continue,
                     Next::Stopped => break,
@@ -679,10 +684,16 @@ impl Pipeline {
         metrics::histogram!("multiplexer_batch_size").record(r.size as f64);
     }
 
-    /// Waits for the first record, then gathers more for up to `batch_wait`. `wake` ends the
-    /// wait for the first record only, so that no record read is dropped. Each record's time
-    /// from its consumption to its batch's close is `multiplexer_batch_wait_seconds`.
-    async fn next_records(&self, shutdown: &CancellationToken, wake: &tokio::sync::Notify) -> Next {
+    /// Waits for the first record, then gathers more for up to the wait `pace` gives (none
+    /// below its rate: then what has already arrived). `wake` ends the wait for the first
+    /// record only, so that no record read is dropped. Each record's time from its consumption
+    /// to its batch's close is `multiplexer_batch_wait_seconds`.
+    async fn next_records(
+        &self,
+        shutdown: &CancellationToken,
+        wake: &tokio::sync::Notify,
+        pace: &mut BatchPace,
+    ) -> Next {
         let mut records = Vec::new();
         let mut taken = Vec::new();
         loop {
@@ -705,7 +716,9 @@ impl Pipeline {
                 }
             }
         }
-        let deadline = tokio::time::Instant::now() + self.config.batch_wait;
+        // With no wait the deadline has passed, and each `recv` is polled once before the
+        // timeout looks at it: the records already consumed are taken, none waited for.
+        let deadline = tokio::time::Instant::now() + pace.wait();
         while records.len() < self.config.max_batch {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Ok(Ok(m)) => {
@@ -725,6 +738,7 @@ impl Pipeline {
         for t in taken {
             waited.record(closed.duration_since(t));
         }
+        pace.taken(records.len(), closed);
         Next::Records(records)
     }
 
@@ -1236,6 +1250,65 @@ impl Pipeline {
 /// The records to route again after the index write (see [`Pipeline::early`]): those of the
 /// users online `now` in another session than the route `used` the first time (none, or
 /// another gateway or epoch), in order.
+/// Whether a batch waits to fill, by the rate records come in. Waiting trades latency for
+/// fewer, larger batches (each a store, an ack and an index transaction, and their commits'
+/// flushes). At a low rate the machine has the CPU to spare and the wait is most of a message's
+/// time in the multiplexer; under load a batch fills while the one before it is stored, and the
+/// wait keeps the stages from contending for the shards with batches of a few records (bench/ab.sh,
+/// keep mode: without the wait, delivered p50 0.71 times as long at 500 msg/s and 0.88 at 3,000,
+/// 1.43 at 12,000; docs/performance-log.md, 2026-12-06). So a batch waits `wait` only while at
+/// least `above` records a second come (counted over 100 ms), until the rate falls below half
+/// of that, like the gateways' producer lanes.
+#[derive(Debug)]
+pub(crate) struct BatchPace {
+    wait: Duration,
+    above: u64,
+    waiting: bool,
+    window_start: Instant,
+    in_window: u64,
+}
+
+/// How long records are counted over before the wait is reconsidered.
+const PACE_WINDOW: Duration = Duration::from_millis(100);
+
+impl BatchPace {
+    pub(crate) fn new(wait: Duration, above: u64, now: Instant) -> Self {
+        Self {
+            wait,
+            above,
+            waiting: above == 0,
+            window_start: now,
+            in_window: 0,
+        }
+    }
+
+    /// How long the next batch waits to fill after its first record.
+    pub(crate) fn wait(&self) -> Duration {
+        if self.waiting {
+            self.wait
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Counts a batch of `records` closed at `now`.
+    pub(crate) fn taken(&mut self, records: usize, now: Instant) {
+        self.in_window += records as u64;
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed < PACE_WINDOW || self.above == 0 {
+            return;
+        }
+        let rate = self.in_window * 1000 / (elapsed.as_millis().max(1) as u64);
+        self.waiting = if self.waiting {
+            rate * 2 >= self.above
+        } else {
+            rate >= self.above
+        };
+        self.in_window = 0;
+        self.window_start = now;
+    }
+}
+
 fn routed_again(
     out: Vec<(UserId, OutboundRecord)>,
     used: &HashMap<UserId, Option<Route>>,
@@ -1667,6 +1740,53 @@ mod tests {
         .collect();
         assert_eq!(got, want);
         Ok(())
+    }
+
+    /// A batch waits to fill only while records come at the rate given or above, and keeps
+    /// waiting until they fall below half of it; 0 always waits.
+    #[test]
+    fn batches_wait_to_fill_only_under_load() {
+        let wait = Duration::from_millis(2);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut pace = BatchPace::new(wait, 10_000, t0);
+        assert_eq!(pace.wait(), Duration::ZERO, "idle: no wait");
+        // 500 records in 100 ms: 5,000 a second, below the rate.
+        for i in 1..=50 {
+            pace.taken(10, at(2 * i));
+        }
+        assert_eq!(pace.wait(), Duration::ZERO);
+        // 1,200 in the next 100 ms: 12,000 a second.
+        for i in 1..=50 {
+            pace.taken(24, at(100 + 2 * i));
+        }
+        assert_eq!(
+            pace.wait(),
+            wait,
+            "at 12,000 records a second a batch waits"
+        );
+        // 6,000 a second: below the rate, above half of it, so it keeps waiting.
+        for i in 1..=50 {
+            pace.taken(12, at(200 + 2 * i));
+        }
+        assert_eq!(pace.wait(), wait);
+        // 4,000 a second: below half.
+        for i in 1..=50 {
+            pace.taken(8, at(300 + 2 * i));
+        }
+        assert_eq!(pace.wait(), Duration::ZERO);
+        // One record after a quiet second counts as the rate it is.
+        pace.taken(1, at(1_400));
+        assert_eq!(pace.wait(), Duration::ZERO);
+        // Within a window nothing changes, however many records: the rate needs 100 ms.
+        let mut burst = BatchPace::new(wait, 10_000, t0);
+        burst.taken(2_000, at(50));
+        assert_eq!(burst.wait(), Duration::ZERO);
+        burst.taken(0, at(100));
+        assert_eq!(burst.wait(), wait, "2,000 in 100 ms is 20,000 a second");
+
+        let always = BatchPace::new(wait, 0, t0);
+        assert_eq!(always.wait(), wait, "0: always wait");
     }
 
     #[test]
