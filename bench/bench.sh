@@ -303,7 +303,7 @@ modes_check() {
   local heading="### 2c. The modes at one rate"
   max="$(python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1])).get("max_sustained_rate") or 0))' \
     "$OUT/search.json" 2>/dev/null || echo 0)"
-  rate="$(python3 -c 'import sys; print(int(float(sys.argv[1]) * 0.85))' "$max")"
+  rate="$(python3 -c 'import math, sys; print(math.ceil(float(sys.argv[1]) * 0.85))' "$max")"
   mkdir -p "$OUT/modes"
   if [[ "$rate" -le 0 ]]; then
     printf '%s\n\n%s\n' "$heading" "Not run: keep mode's search found no maximum." >"$OUT/modes.md"
