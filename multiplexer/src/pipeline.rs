@@ -716,8 +716,10 @@ impl Pipeline {
                 }
             }
         }
-        // With no wait the deadline has passed, and each `recv` is polled once before the
-        // timeout looks at it: the records already consumed are taken, none waited for.
+        // With no wait the records already consumed are taken (the timeout polls `recv` before
+        // its deadline), and the batch closes at the timer's next tick: tokio's timer works in
+        // whole milliseconds and rounds a deadline up, so under a millisecond (0.5 ms at the
+        // median at 500 msg/s), taking what arrives until then.
         let deadline = tokio::time::Instant::now() + pace.wait();
         while records.len() < self.config.max_batch {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
@@ -1247,18 +1249,16 @@ impl Pipeline {
     }
 }
 
-/// The records to route again after the index write (see [`Pipeline::early`]): those of the
-/// users online `now` in another session than the route `used` the first time (none, or
-/// another gateway or epoch), in order.
-/// Whether a batch waits to fill, by the rate records come in. Waiting trades latency for
-/// fewer, larger batches (each a store, an ack and an index transaction, and their commits'
-/// flushes). At a low rate the machine has the CPU to spare and the wait is most of a message's
-/// time in the multiplexer; under load a batch fills while the one before it is stored, and the
-/// wait keeps the stages from contending for the shards with batches of a few records (bench/ab.sh,
-/// keep mode: without the wait, delivered p50 0.71 times as long at 500 msg/s and 0.88 at 3,000,
-/// 1.43 at 12,000; docs/performance-log.md, 2026-12-06). So a batch waits `wait` only while at
-/// least `above` records a second come (counted over 100 ms), until the rate falls below half
-/// of that, like the gateways' producer lanes.
+/// Whether a batch waits to fill, by the rate records come in (not waiting still closes it at
+/// the timer's next millisecond tick: see `next_records`). Waiting trades latency for fewer,
+/// larger batches (each a store, an ack and an index transaction, and their commits' flushes).
+/// At a low rate the machine has the CPU to spare and the wait is most of a message's time in
+/// the multiplexer; under load a batch fills while the one before it is stored, and the wait
+/// keeps the stages from contending for the shards with batches of a few records (bench/ab.sh,
+/// keep mode: without the wait, delivered p50 0.71 times as long at 500 msg/s and 0.88 at
+/// 3,000, 1.26 at 6,000 and 1.43 at 12,000; docs/performance-log.md, 2026-12-06). So a batch
+/// waits `wait` only while at least `above` records a second come (counted over 100 ms), until
+/// the rate falls below half of that, like the gateways' producer lanes.
 #[derive(Debug)]
 pub(crate) struct BatchPace {
     wait: Duration,
@@ -1309,6 +1309,9 @@ impl BatchPace {
     }
 }
 
+/// The records to route again after the index write (see [`Pipeline::early`]): those of the
+/// users online `now` in another session than the route `used` the first time (none, or
+/// another gateway or epoch), in order.
 fn routed_again(
     out: Vec<(UserId, OutboundRecord)>,
     used: &HashMap<UserId, Option<Route>>,
