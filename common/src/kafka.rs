@@ -14,6 +14,7 @@ use thiserror::Error;
 use clap::parser::ValueSource;
 
 use crate::config::{config_error, try_parse_matches_from, ConfigError, DEFAULT_BROKERS};
+use crate::rate::RateSwitch;
 
 /// The next record of a [`KafkaConfig::reader`], passing over the broker's refusals of the
 /// reader's nominal group. A reader never joins that group, commits or fetches offsets, so a
@@ -394,13 +395,7 @@ impl KafkaConfig {
         Ok(Lanes {
             prompt,
             lingering,
-            linger_above: self.linger_above,
-            state: Mutex::new(LaneState {
-                lingering: self.linger_above == 0,
-                window_start: Instant::now(),
-                in_window: 0,
-                rate: 0,
-            }),
+            switch: Mutex::new(RateSwitch::new(self.linger_above, Instant::now())),
         })
     }
 
@@ -459,7 +454,7 @@ impl KafkaConfig {
 /// per partition, and the broker's cost follows requests), but at a low rate a request holds
 /// one record whatever the linger, and lingering only adds its time to every record. So records
 /// go by the prompt lane while the rate is below `linger_above` records a second (measured over
-/// 100 ms; back below half of it to return) and by the lingering lane above.
+/// 100 ms; back below half of it to return) and by the lingering lane above (a [`RateSwitch`]).
 ///
 /// Order: records handed over one after another reach their partition in that order, as with
 /// one producer. A lane is left only once everything handed to it is delivered (librdkafka's
@@ -469,20 +464,9 @@ impl KafkaConfig {
 pub struct Lanes {
     prompt: FutureProducer,
     lingering: FutureProducer,
-    linger_above: u64,
-    state: Mutex<LaneState>,
+    /// On: the lingering lane.
+    switch: Mutex<RateSwitch>,
 }
-
-struct LaneState {
-    lingering: bool,
-    window_start: Instant,
-    in_window: u64,
-    /// Records a second over the last full window.
-    rate: u64,
-}
-
-/// How long the rate is counted over before the lanes are reconsidered.
-const LANE_WINDOW: Duration = Duration::from_millis(100);
 
 impl Lanes {
     fn lane(&self, lingering: bool) -> &FutureProducer {
@@ -503,27 +487,19 @@ impl Lanes {
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.in_window += 1;
-        let elapsed = s.window_start.elapsed();
-        if elapsed >= LANE_WINDOW {
-            s.rate = s.in_window * 1000 / (elapsed.as_millis().max(1) as u64);
-            s.in_window = 0;
-            s.window_start = Instant::now();
+        let mut s = self.switch.lock().unwrap_or_else(|e| e.into_inner());
+        s.count(1, Instant::now());
+        // A lane is left only once it has nothing in flight (see above).
+        if s.wanted() != s.is_on() && self.lane(s.is_on()).in_flight_count() == 0 {
+            s.follow();
+            metrics::counter!("kafka_producer_lane_switches_total").increment(1);
+            tracing::debug!(
+                lingering = s.is_on(),
+                rate = s.rate(),
+                "producer lane switched"
+            );
         }
-        if self.linger_above > 0 {
-            let want = if s.lingering {
-                s.rate * 2 >= self.linger_above
-            } else {
-                s.rate >= self.linger_above
-            };
-            if want != s.lingering && self.lane(s.lingering).in_flight_count() == 0 {
-                s.lingering = want;
-                metrics::counter!("kafka_producer_lane_switches_total").increment(1);
-                tracing::debug!(lingering = want, rate = s.rate, "producer lane switched");
-            }
-        }
-        self.lane(s.lingering).send_result(record)
+        self.lane(s.is_on()).send_result(record)
     }
 
     /// Hands `record` over, waiting up to `queue_timeout` for room in a full queue, then waits

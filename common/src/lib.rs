@@ -7,6 +7,7 @@
 //! - [`auth`]: JWT verification (and minting for the local stack).
 //! - [`kafka`]: producer and consumer factories with the project's durability settings.
 //! - [`presence`]: the routing table read from the compacted `presence` topic.
+//! - [`rate`]: a switch thrown by a rate (linger, or wait for a batch, only under load).
 //! - [`topics`]: topic names and settings (from `infra/topics.json`), explicit creation.
 //! - [`config`]: typed environment configuration helpers and local-stack defaults.
 //! - [`telemetry`]: tracing and the Prometheus recorder; [`http`]: health, readiness, metrics routes.
@@ -20,6 +21,7 @@ pub mod ids;
 pub mod kafka;
 pub mod message;
 pub mod presence;
+pub mod rate;
 pub mod seal;
 pub mod shutdown;
 pub mod telemetry;

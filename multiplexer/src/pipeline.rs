@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use chat_common::ids::{ConversationKey, GatewayId, UserId};
 use chat_common::message::Ack;
+use chat_common::rate::RateSwitch;
 use chat_proto::v1::{
     outbound_record, DeadLetter, OutboundBatch, OutboundItem, OutboundRecord, Stored,
 };
@@ -1258,33 +1259,25 @@ impl Pipeline {
 /// keep mode: without the wait, delivered p50 0.71 times as long at 500 msg/s and 0.88 at
 /// 3,000, 1.26 at 6,000 and 1.43 at 12,000; docs/performance-log.md, 2026-12-06). So a batch
 /// waits `wait` only while at least `above` records a second come (counted over 100 ms), until
-/// the rate falls below half of that, like the gateways' producer lanes.
+/// the rate falls below half of that: a [`RateSwitch`], as the gateways' producer lanes follow.
 #[derive(Debug)]
 pub(crate) struct BatchPace {
     wait: Duration,
-    above: u64,
-    waiting: bool,
-    window_start: Instant,
-    in_window: u64,
+    /// On: batches wait.
+    switch: RateSwitch,
 }
-
-/// How long records are counted over before the wait is reconsidered.
-const PACE_WINDOW: Duration = Duration::from_millis(100);
 
 impl BatchPace {
     pub(crate) fn new(wait: Duration, above: u64, now: Instant) -> Self {
         Self {
             wait,
-            above,
-            waiting: above == 0,
-            window_start: now,
-            in_window: 0,
+            switch: RateSwitch::new(above, now),
         }
     }
 
     /// How long the next batch waits to fill after its first record.
     pub(crate) fn wait(&self) -> Duration {
-        if self.waiting {
+        if self.switch.is_on() {
             self.wait
         } else {
             Duration::ZERO
@@ -1293,19 +1286,8 @@ impl BatchPace {
 
     /// Counts a batch of `records` closed at `now`.
     pub(crate) fn taken(&mut self, records: usize, now: Instant) {
-        self.in_window += records as u64;
-        let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed < PACE_WINDOW || self.above == 0 {
-            return;
-        }
-        let rate = self.in_window * 1000 / (elapsed.as_millis().max(1) as u64);
-        self.waiting = if self.waiting {
-            rate * 2 >= self.above
-        } else {
-            rate >= self.above
-        };
-        self.in_window = 0;
-        self.window_start = now;
+        self.switch.count(records as u64, now);
+        self.switch.follow();
     }
 }
 
@@ -1745,8 +1727,8 @@ mod tests {
         Ok(())
     }
 
-    /// A batch waits to fill only while records come at the rate given or above, and keeps
-    /// waiting until they fall below half of it; 0 always waits.
+    /// A batch waits to fill only while records come at the rate given (the switch and its
+    /// hysteresis are `chat_common::rate`'s test); 0 always waits.
     #[test]
     fn batches_wait_to_fill_only_under_load() {
         let wait = Duration::from_millis(2);
@@ -1768,25 +1750,11 @@ mod tests {
             wait,
             "at 12,000 records a second a batch waits"
         );
-        // 6,000 a second: below the rate, above half of it, so it keeps waiting.
-        for i in 1..=50 {
-            pace.taken(12, at(200 + 2 * i));
-        }
-        assert_eq!(pace.wait(), wait);
         // 4,000 a second: below half.
         for i in 1..=50 {
-            pace.taken(8, at(300 + 2 * i));
+            pace.taken(8, at(200 + 2 * i));
         }
         assert_eq!(pace.wait(), Duration::ZERO);
-        // One record after a quiet second counts as the rate it is.
-        pace.taken(1, at(1_400));
-        assert_eq!(pace.wait(), Duration::ZERO);
-        // Within a window nothing changes, however many records: the rate needs 100 ms.
-        let mut burst = BatchPace::new(wait, 10_000, t0);
-        burst.taken(2_000, at(50));
-        assert_eq!(burst.wait(), Duration::ZERO);
-        burst.taken(0, at(100));
-        assert_eq!(burst.wait(), wait, "2,000 in 100 ms is 20,000 a second");
 
         let always = BatchPace::new(wait, 0, t0);
         assert_eq!(always.wait(), wait, "0: always wait");
