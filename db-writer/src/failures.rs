@@ -175,7 +175,7 @@ impl Shards {
         conversations: Vec<ConversationKey>,
         after_ms: i64,
         limit: u32,
-        queries: &crate::user_index::QueryCount,
+        queries: &crate::shards::QueryCount,
     ) -> Result<Vec<FailedMessage>, DbError> {
         let per_shard = self.group_by_shard(conversations, |c| c);
         let limit = i64::from(limit);

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chat_common::ids::ConversationKey;
@@ -76,7 +77,39 @@ pub struct Shards {
     pub(crate) pools: Vec<Pool>,
     locator: Locator,
     /// Whether the user index can be read yet (see `user_index`).
-    pub(crate) index_state: std::sync::Arc<crate::user_index::IndexState>,
+    pub(crate) index_state: std::sync::Arc<IndexState>,
+}
+
+/// Whether the user index can be read (every shard built): `Shards::index_built` (in
+/// `user_index`) keeps the answer here, for good once it is true, and asks the shards again at
+/// most every 10 s until then. Kept here, with the pools, so that every clone of the shards
+/// shares it.
+#[derive(Debug, Default)]
+pub(crate) struct IndexState {
+    pub(crate) built: AtomicBool,
+    pub(crate) checked_at_ms: AtomicI64,
+}
+
+impl IndexState {
+    /// This process built the index (`rebuild_index`): no need to wait for the next check.
+    pub(crate) fn mark_built(&self) {
+        self.built.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How many shard queries a read cost, counted as it goes by the reads that make it up (a
+/// sync's: the index's, then one per shard that held something).
+#[derive(Default)]
+pub(crate) struct QueryCount(AtomicUsize);
+
+impl QueryCount {
+    pub(crate) fn one(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl Shards {

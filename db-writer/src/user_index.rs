@@ -29,7 +29,7 @@
 //! until every shard says built, syncs read every shard the way they did before the index.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
 use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::{Message, Receipt};
@@ -40,7 +40,7 @@ use crate::error::DbError;
 use crate::failures::FailedMessage;
 use crate::messages::Stored;
 use crate::rows::{bigint, message_columns, MessageRow};
-use crate::shards::{with_generic_plan, Shards};
+use crate::shards::{with_generic_plan, QueryCount, Shards};
 
 /// One user's row of one conversation, as a write moves it: every field is the greatest value
 /// this write knows (0 or `None` for what it does not).
@@ -451,35 +451,9 @@ pub struct SyncRead {
     pub shard_queries: usize,
 }
 
-/// How many queries a read cost, counted as it goes.
-#[derive(Default)]
-pub(crate) struct QueryCount(std::sync::atomic::AtomicUsize);
-
-impl QueryCount {
-    pub(crate) fn one(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Whether the index can be read (every shard built), checked at most every
-/// [`INDEX_STATE_RECHECK_MS`] until it is.
-#[derive(Debug, Default)]
-pub(crate) struct IndexState {
-    built: AtomicBool,
-    checked_at_ms: AtomicI64,
-}
-
+/// How long a "not built" answer of [`Shards::index_built`] holds before the shards are asked
+/// again.
 const INDEX_STATE_RECHECK_MS: i64 = 10_000;
-
-impl IndexState {
-    /// This process built the index (`rebuild_index`): no need to wait for the next check.
-    pub(crate) fn mark_built(&self) {
-        self.built.store(true, Ordering::Relaxed);
-    }
-}
 
 impl Shards {
     /// Whether every shard's index is built (cached once true; rechecked every 10 s until then).
