@@ -721,7 +721,7 @@ impl Pipeline {
         // its deadline), and the batch closes at the timer's next tick: tokio's timer works in
         // whole milliseconds and rounds a deadline up, so under a millisecond (0.5 ms at the
         // median at 500 msg/s), taking what arrives until then.
-        let deadline = tokio::time::Instant::now() + pace.wait();
+        let deadline = tokio::time::Instant::now() + pace.wait_at(Instant::now());
         while records.len() < self.config.max_batch {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Ok(Ok(m)) => {
@@ -1275,8 +1275,12 @@ impl BatchPace {
         }
     }
 
-    /// How long the next batch waits to fill after its first record.
-    pub(crate) fn wait(&self) -> Duration {
+    /// How long a batch whose first record came at `now` waits to fill. The rate is counted up
+    /// to `now` first: a window that ended in a quiet spell closes here, so the first batch after
+    /// a burst and a pause goes by the pause's rate, not the burst's.
+    pub(crate) fn wait_at(&mut self, now: Instant) -> Duration {
+        self.switch.count(0, now);
+        self.switch.follow();
         if self.switch.is_on() {
             self.wait
         } else {
@@ -1728,25 +1732,26 @@ mod tests {
     }
 
     /// A batch waits to fill only while records come at the rate given (the switch and its
-    /// hysteresis are `chat_common::rate`'s test); 0 always waits.
+    /// hysteresis are `chat_common::rate`'s test), and the first batch after a pause goes by the
+    /// pause's rate; 0 always waits.
     #[test]
     fn batches_wait_to_fill_only_under_load() {
         let wait = Duration::from_millis(2);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut pace = BatchPace::new(wait, 10_000, t0);
-        assert_eq!(pace.wait(), Duration::ZERO, "idle: no wait");
+        assert_eq!(pace.wait_at(t0), Duration::ZERO, "idle: no wait");
         // 500 records in 100 ms: 5,000 a second, below the rate.
         for i in 1..=50 {
             pace.taken(10, at(2 * i));
         }
-        assert_eq!(pace.wait(), Duration::ZERO);
+        assert_eq!(pace.wait_at(at(100)), Duration::ZERO);
         // 1,200 in the next 100 ms: 12,000 a second.
         for i in 1..=50 {
             pace.taken(24, at(100 + 2 * i));
         }
         assert_eq!(
-            pace.wait(),
+            pace.wait_at(at(200)),
             wait,
             "at 12,000 records a second a batch waits"
         );
@@ -1754,10 +1759,21 @@ mod tests {
         for i in 1..=50 {
             pace.taken(8, at(200 + 2 * i));
         }
-        assert_eq!(pace.wait(), Duration::ZERO);
+        assert_eq!(pace.wait_at(at(300)), Duration::ZERO);
 
-        let always = BatchPace::new(wait, 0, t0);
-        assert_eq!(always.wait(), wait, "0: always wait");
+        // A burst, then a second with nothing: the batch that opens after it does not wait.
+        for i in 1..=50 {
+            pace.taken(24, at(300 + 2 * i));
+        }
+        assert_eq!(pace.wait_at(at(400)), wait, "the burst's rate");
+        assert_eq!(
+            pace.wait_at(at(1_400)),
+            Duration::ZERO,
+            "after a quiet second, the first batch goes by the quiet's rate"
+        );
+
+        let mut always = BatchPace::new(wait, 0, t0);
+        assert_eq!(always.wait_at(at(5_000)), wait, "0: always wait");
     }
 
     #[test]
