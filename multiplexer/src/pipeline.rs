@@ -1259,7 +1259,7 @@ impl Pipeline {
 /// keep mode: without the wait, delivered p50 0.71 times as long at 500 msg/s and 0.88 at
 /// 3,000, 1.26 at 6,000 and 1.43 at 12,000; docs/performance-log.md, 2026-12-06). So a batch
 /// waits `wait` only while at least `above` records a second come (counted over 100 ms), until
-/// the rate falls below half of that: a [`RateSwitch`], as the gateways' producer lanes follow.
+/// the rate falls below half of that: the same [`RateSwitch`] as the gateways' producer lanes.
 #[derive(Debug)]
 pub(crate) struct BatchPace {
     wait: Duration,
