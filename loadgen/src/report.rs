@@ -560,7 +560,6 @@ fn latency_points(s: &SearchReport) -> Vec<(&str, usize)> {
     v
 }
 
-/// delete-on-ack max / keep max, and the two maxima.
 /// Delete-on-ack's maximum against keep mode's, and where the figure comes from. A mode's
 /// maximum is the highest rate it held for 60 s: its search's, or the rate of the modes at one
 /// rate (section 2c) when it held that rate in every one of its alternated runs there, whichever
