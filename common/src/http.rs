@@ -90,8 +90,7 @@ pub fn ops_routes(
 }
 
 /// Readiness of Kafka as seen by an existing producer: its brokers answer a metadata request.
-pub async fn kafka_ready(producer: rdkafka::producer::FutureProducer) -> Result<(), NotReady> {
-    use rdkafka::producer::Producer;
+pub async fn kafka_ready(producer: crate::producer::Producer) -> Result<(), NotReady> {
     tokio::task::spawn_blocking(move || {
         producer
             .client()

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{OwnedMessage, ToBytes};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use thiserror::Error;
 
 use clap::parser::ValueSource;
 
 use crate::config::{config_error, try_parse_matches_from, ConfigError, DEFAULT_BROKERS};
+use crate::producer::{hand_over, DeliveryFuture, Producer};
 use crate::rate::RateSwitch;
 
 /// The next record of a [`KafkaConfig::reader`], passing over the broker's refusals of the
@@ -365,7 +366,7 @@ impl KafkaConfig {
     /// murmur2 of the key, sign bit cleared, modulo the partition count), so a JVM or Kafka
     /// Streams producer writing to `inbound` keeps each conversation on the same partition as
     /// the gateways do. See docs/data.md for the migration from librdkafka's default.
-    pub fn producer(&self) -> Result<FutureProducer, KafkaError> {
+    pub fn producer(&self) -> Result<Producer, KafkaError> {
         let mut c = self.client_config();
         c.set("partitioner", "murmur2_random")
             .set("acks", "all")
@@ -380,7 +381,7 @@ impl KafkaConfig {
         for (k, v) in &self.producer_opts {
             c.set(k, v);
         }
-        Ok(c.create()?)
+        Ok(Producer::from_config(&c)?)
     }
 
     /// An idempotent producer like [`KafkaConfig::producer`] in two lanes: one that sends each
@@ -462,14 +463,14 @@ impl KafkaConfig {
 /// happen under one lock, so no record handed over later can overtake one still in the other
 /// lane.
 pub struct Lanes {
-    prompt: FutureProducer,
-    lingering: FutureProducer,
+    prompt: Producer,
+    lingering: Producer,
     /// On: the lingering lane.
     switch: Mutex<RateSwitch>,
 }
 
 impl Lanes {
-    fn lane(&self, lingering: bool) -> &FutureProducer {
+    fn lane(&self, lingering: bool) -> &Producer {
         if lingering {
             &self.lingering
         } else {
@@ -477,7 +478,7 @@ impl Lanes {
         }
     }
 
-    /// Hands `record` to the current lane without waiting (see `FutureProducer::send_result`).
+    /// Hands `record` to the current lane without waiting (see [`Producer::send_result`]).
     #[allow(clippy::result_large_err)]
     pub fn send_result<'a, K, P>(
         &self,
@@ -504,6 +505,7 @@ impl Lanes {
 
     /// Hands `record` over, waiting up to `queue_timeout` for room in a full queue, then waits
     /// for its delivery report.
+    #[allow(clippy::result_large_err)]
     pub async fn send<K, P>(
         &self,
         record: FutureRecord<'_, K, P>,
@@ -516,21 +518,9 @@ impl Lanes {
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
-        let deadline = Instant::now() + queue_timeout;
-        let mut record = record;
-        let delivery = loop {
-            match self.send_result(record) {
-                Ok(d) => break d,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    r,
-                )) if Instant::now() < deadline => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err((e, None)),
-            }
-        };
+        let delivery = hand_over(record, queue_timeout.into(), |r| self.send_result(r))
+            .await
+            .map_err(|(e, _)| (e, None))?;
         match delivery.await {
             Ok(Ok(delivery)) => Ok(delivery),
             Ok(Err((e, m))) => Err((e, Some(m))),
@@ -539,7 +529,7 @@ impl Lanes {
     }
 
     /// A producer of the lanes, for checks that only need a connection (readiness).
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &Producer {
         &self.prompt
     }
 

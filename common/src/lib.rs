@@ -6,6 +6,7 @@
 //! - [`body`]: the rule for a message body (size, no U+0000), checked at the edge and the store.
 //! - [`auth`]: JWT verification (and minting for the local stack).
 //! - [`kafka`]: producer and consumer factories with the project's durability settings.
+//! - [`producer`]: the Kafka producer they build (sends that return futures of their reports).
 //! - [`presence`]: the routing table read from the compacted `presence` topic.
 //! - [`rate`]: a switch thrown by a rate (linger, or wait for a batch, only under load).
 //! - [`topics`]: topic names and settings (from `infra/topics.json`), explicit creation.
@@ -21,6 +22,7 @@ pub mod ids;
 pub mod kafka;
 pub mod message;
 pub mod presence;
+pub mod producer;
 pub mod rate;
 pub mod seal;
 pub mod shutdown;

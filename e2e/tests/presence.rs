@@ -4,18 +4,19 @@
 use std::time::Duration;
 
 use chat_common::presence::PresenceView;
+use chat_common::producer::Producer;
 use chat_e2e::TestEnv;
 use chat_proto::v1::PresenceRecord;
 use futures_util::future::join_all;
 use prost::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
 const USERS: usize = 600;
 
 /// Writes one presence record per user (keyed by the user), all at once.
 async fn publish(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     users: &[String],
     gateway: &str,

@@ -21,7 +21,6 @@ use std::time::Duration;
 use anyhow::Context;
 use chat_common::http::{ops_routes, NotReady, Ready, ReadyCheck};
 use rdkafka::consumer::Consumer;
-use rdkafka::producer::Producer as _;
 use rdkafka::types::RDKafkaRespErr;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use chat_common::ids::{ConversationKey, GatewayId, UserId};
 use chat_common::message::Ack;
+use chat_common::producer::Producer;
 use chat_common::rate::RateSwitch;
 use chat_proto::v1::{
     outbound_record, DeadLetter, OutboundBatch, OutboundItem, OutboundRecord, Stored,
@@ -47,7 +48,7 @@ use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -68,7 +69,7 @@ const PING_WITHIN: Duration = Duration::from_secs(2);
 pub struct Pipeline {
     pub(crate) config: Config,
     pub(crate) consumer: std::sync::Arc<StreamConsumer>,
-    pub(crate) producer: FutureProducer,
+    pub(crate) producer: Producer,
     pub(crate) shards: Shards,
     pub(crate) presence: PresenceView,
     /// Shards down at start: held from the start, migrated (or checked) once they answer.

@@ -3,13 +3,14 @@
 
 use chat_common::ids::{message_id, ClientMessageId, ConversationKey, UserId};
 use chat_common::now_ms;
+use chat_common::producer::DeliveryFuture;
 use chat_proto::v1::{
     inbound_record, Accepted, AckRecord, ChatMessage, InboundRecord, PresenceRecord,
 };
 use governor::clock::Clock as _;
 use prost::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 use super::App;
 use crate::error::SendError;
