@@ -1,7 +1,9 @@
 //! Kafka client factories: every producer and consumer in the project is built here, so the
 //! durability settings (`acks=all`, idempotence, manual offset storage) are set in one place.
 
-use std::sync::Mutex;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -394,9 +396,12 @@ impl KafkaConfig {
         .producer()?;
         let lingering = self.producer()?;
         Ok(Lanes {
-            prompt,
-            lingering,
-            switch: Mutex::new(RateSwitch::new(self.linger_above, Instant::now())),
+            lanes: [prompt, lingering],
+            state: Arc::new(Mutex::new(LaneState {
+                switch: RateSwitch::new(self.linger_above, Instant::now()),
+                in_flight: Default::default(),
+                handed: [0; 2],
+            })),
         })
     }
 
@@ -457,28 +462,36 @@ impl KafkaConfig {
 /// go by the prompt lane while the rate is below `linger_above` records a second (measured over
 /// 100 ms; back below half of it to return) and by the lingering lane above (a [`RateSwitch`]).
 ///
-/// Order: records handed over one after another reach their partition in that order, as with
-/// one producer. A lane is left only once everything handed to it is delivered (librdkafka's
-/// queue for it is empty, delivery reports included), and the choice and the handing over
-/// happen under one lock, so no record handed over later can overtake one still in the other
-/// lane.
+/// Order: records with the same key reach their partition in the order they were handed over,
+/// as with one producer. A record whose key still has records in the other lane (handed over
+/// and not yet reported on) follows them into that lane; the choice and the handing over
+/// happen under one lock, and a lane's count of a key falls when the record's report comes.
+/// Every record of the project's that needs an order shares its key with the records it is
+/// ordered against (a conversation's messages and acks; a user's presence). Before, the lanes
+/// moved only once the lane left had nothing in flight at all, and at a steady rate that never
+/// happens: from 100 records a second or so, one record or another is always lingering, so a
+/// gateway that went lingering in a burst (a connect storm) kept lingering at 500 msg/s, 10 ms
+/// on every send (performance log, 2026-12-06). A key moves to the new lane once all of its
+/// records in the old one are reported on: librdkafka sends a partition's lingering records
+/// together, so that comes within a linger, unless the key's own records keep arriving closer
+/// together than a report takes.
 pub struct Lanes {
-    prompt: Producer,
-    lingering: Producer,
+    /// The prompt lane, then the lingering one.
+    lanes: [Producer; 2],
+    state: Arc<Mutex<LaneState>>,
+}
+
+struct LaneState {
     /// On: the lingering lane.
-    switch: Mutex<RateSwitch>,
+    switch: RateSwitch,
+    /// For each lane, the keys with records in it not yet reported on, and how many.
+    in_flight: [HashMap<Vec<u8>, usize>; 2],
+    /// Records handed to each lane.
+    handed: [u64; 2],
 }
 
 impl Lanes {
-    fn lane(&self, lingering: bool) -> &Producer {
-        if lingering {
-            &self.lingering
-        } else {
-            &self.prompt
-        }
-    }
-
-    /// Hands `record` to the current lane without waiting (see [`Producer::send_result`]).
+    /// Hands `record` to its lane without waiting (see [`Producer::send_result`]).
     #[allow(clippy::result_large_err)]
     pub fn send_result<'a, K, P>(
         &self,
@@ -488,19 +501,49 @@ impl Lanes {
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
-        let mut s = self.switch.lock().unwrap_or_else(|e| e.into_inner());
-        s.count(1, Instant::now());
-        // A lane is left only once it has nothing in flight (see above).
-        if s.wanted() != s.is_on() && self.lane(s.is_on()).in_flight_count() == 0 {
-            s.follow();
+        let key = record
+            .key
+            .map(|k| k.to_bytes().to_vec())
+            .unwrap_or_default();
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.switch.count(1, Instant::now());
+        if s.switch.follow() {
             metrics::counter!("kafka_producer_lane_switches_total").increment(1);
             tracing::debug!(
-                lingering = s.is_on(),
-                rate = s.rate(),
+                lingering = s.switch.is_on(),
+                rate = s.switch.rate(),
                 "producer lane switched"
             );
         }
-        self.lane(s.is_on()).send_result(record)
+        let chosen = usize::from(s.switch.is_on());
+        let lane = if s.in_flight[1 - chosen].contains_key(&key) {
+            1 - chosen
+        } else {
+            chosen
+        };
+        let state = Arc::clone(&self.state);
+        let reported = key.clone();
+        let first: Box<dyn FnOnce() + Send + Sync> = Box::new(move || {
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Entry::Occupied(mut n) = s.in_flight[lane].entry(reported) {
+                *n.get_mut() -= 1;
+                if *n.get() == 0 {
+                    n.remove();
+                }
+            }
+        });
+        // Under the lock: the report's count down waits for the count up.
+        let sent = self.lanes[lane].send_then(record, Some(first));
+        if sent.is_ok() {
+            *s.in_flight[lane].entry(key).or_default() += 1;
+            s.handed[lane] += 1;
+        }
+        sent
+    }
+
+    /// Records handed to the prompt lane and to the lingering lane since the start.
+    pub fn handed(&self) -> [u64; 2] {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).handed
     }
 
     /// Hands `record` over, waiting up to `queue_timeout` for room in a full queue, then waits
@@ -530,13 +573,14 @@ impl Lanes {
 
     /// A producer of the lanes, for checks that only need a connection (readiness).
     pub fn producer(&self) -> &Producer {
-        &self.prompt
+        &self.lanes[0]
     }
 
     /// Waits up to `bound` for every queued record of both lanes to be delivered.
     pub fn flush(&self, bound: Duration) {
-        let _ = self.prompt.flush(bound);
-        let _ = self.lingering.flush(bound);
+        for lane in &self.lanes {
+            let _ = lane.flush(bound);
+        }
     }
 }
 
@@ -619,6 +663,112 @@ pub fn start_offset<C: rdkafka::consumer::ConsumerContext + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lanes leave the lingering lane as soon as the rate falls, at a steady rate too, and
+    /// the records of a key keep their order across the switch. A burst of many keys, a hot key
+    /// among them, turns the lingering lane on (a linger of 1 s here, 12 partitions as
+    /// `inbound`); then one record every 2.5 ms (400 a second, below half the threshold), every
+    /// other one of the hot key and the rest each of a new key. Every record goes where the rule
+    /// says: to the other lane than the switch's only while its key has records there. Once the
+    /// rate is measured the new keys go by the prompt lane, while the hot key, whose records are
+    /// all still lingering, follows them there; and the hot key's records arrive in order.
+    /// Before, nothing left the lingering lane until all of it was delivered.
+    #[tokio::test]
+    async fn lanes_leave_lingering_at_a_steady_rate_and_keep_each_keys_order() {
+        use rdkafka::mocking::MockCluster;
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 12, 1).expect("topic");
+        let mut config = KafkaConfig::new(cluster.bootstrap_servers());
+        config.linger = Duration::from_secs(1);
+        config.linger_above = 1_000;
+        let lanes = config.lanes().expect("lanes");
+        let pause = |d: Duration| std::thread::sleep(d);
+        let in_flight = |key: &str| {
+            let s = lanes.state.lock().expect("lanes");
+            [0, 1].map(|l| s.in_flight[l].contains_key(key.as_bytes()))
+        };
+
+        let mut futures = Vec::new();
+        let mut hot = Vec::new();
+        let mut send = |key: &str, payload: &str| {
+            let record = FutureRecord::to("t").key(key).payload(payload);
+            let f = lanes.send_result(record).expect("queued");
+            if key == "hot" {
+                hot.push(f);
+            } else {
+                futures.push((key.to_owned(), f));
+            }
+        };
+        // The burst: about 2,000 records a second or more, for over 100 ms; the hot key's
+        // records only once the lingering lane is on, so that they all linger.
+        for i in 0..300 {
+            let key = if i % 10 == 0 && lanes.handed()[1] > 0 {
+                "hot".to_owned()
+            } else {
+                format!("b{i}")
+            };
+            send(&key, "burst");
+            if i % 10 == 9 {
+                pause(Duration::from_millis(5));
+            }
+        }
+        assert_eq!(
+            in_flight("hot"),
+            [false, true],
+            "the burst went lingering, the hot key with it"
+        );
+
+        let (mut followed, mut last) = (0, [0; 2]);
+        for i in 0..160 {
+            let key = if i % 2 == 0 {
+                "hot".to_owned()
+            } else {
+                format!("s{i}")
+            };
+            let before = (in_flight(&key), lanes.handed());
+            send(&key, "steady");
+            let lane = usize::from(lanes.handed()[1] > before.1[1]);
+            let on = usize::from(lanes.state.lock().expect("lanes").switch.is_on());
+            if lane != on {
+                assert!(
+                    before.0[lane],
+                    "step {i}: to the other lane without a reason"
+                );
+                followed += 1;
+            } else {
+                assert!(!before.0[1 - on], "step {i}: left its key's records behind");
+            }
+            if i >= 120 {
+                last[lane] += 1;
+            }
+            pause(Duration::from_micros(2_500));
+        }
+        assert!(followed > 0, "the hot key did not follow its records");
+        assert_eq!(
+            last,
+            [20, 20],
+            "the last 40: the new keys by the prompt lane, the hot key lingering"
+        );
+        let mut previous = None;
+        for f in hot {
+            let d = f.await.expect("reported").expect("delivered");
+            if let Some((partition, offset)) = previous {
+                assert_eq!(partition, d.partition);
+                assert!(d.offset > offset, "the hot key out of order");
+            }
+            previous = Some((d.partition, d.offset));
+        }
+        for (key, f) in futures {
+            f.await
+                .expect("reported")
+                .unwrap_or_else(|e| panic!("{key}: {e:?}"));
+        }
+        let s = lanes.state.lock().expect("lanes");
+        assert!(
+            s.in_flight.iter().all(|m| m.is_empty()),
+            "every count back to nothing"
+        );
+    }
 
     #[test]
     fn declared_defaults_are_those_of_new() {
