@@ -1,6 +1,6 @@
 //! The project's Kafka producer: rdkafka's `BaseProducer`, each record's delivery report handed
-//! to a future as rdkafka's `FutureProducer` does, and a polling thread that waits for reports
-//! without spinning.
+//! to a future as rdkafka's `FutureProducer` does, and a polling thread that spins a tenth as
+//! long as `FutureProducer`'s.
 //!
 //! Why not `FutureProducer`: its thread calls `BaseProducer::poll(100 ms)` in a loop, and in
 //! rdkafka 0.39 that `poll` hands librdkafka the time left before its deadline in whole
@@ -73,8 +73,8 @@ impl ProducerContext for Reports {
 }
 
 /// A producer whose sends return futures of their delivery reports, like rdkafka's
-/// `FutureProducer` (the same methods and results), on a polling thread that does not spin (see
-/// the module). Clones share one producer; its thread stops at most [`POLL_PERIOD`] after the
+/// `FutureProducer` (the same methods and results), on a polling thread that spins a tenth as
+/// long (see the module). Clones share one producer; its thread stops at most [`POLL_PERIOD`] after the
 /// last clone is dropped, and the producer is dropped there (queued records are purged, as
 /// rdkafka's producers do: flush first).
 #[derive(Clone)]
