@@ -103,7 +103,7 @@ pub struct Args {
     #[arg(
         long,
         env = "MULTIPLEXER_MAX_BATCH",
-        default_value_t = 2000,
+        default_value_t = 5000,
         value_name = "N"
     )]
     pub multiplexer_max_batch: usize,
@@ -251,7 +251,7 @@ mod tests {
         assert_eq!(c.shards.dsns.len(), 4);
         assert_eq!(c.shards.pool_size, 8);
         assert_eq!(c.retention, Retention::Keep);
-        assert_eq!(c.max_batch, 2000);
+        assert_eq!(c.max_batch, 5000);
         assert_eq!(c.max_held, 200_000);
         assert_eq!(c.batch_wait, Duration::from_millis(2));
         assert_eq!(c.batch_wait_above, 10_000);
