@@ -143,7 +143,7 @@ fn the_services_help_lists_each_setting_with_its_variable_and_default() {
     for expected in [
         "--multiplexer-max-batch",
         "[env: MULTIPLEXER_MAX_BATCH=",
-        "[default: 2000]",
+        "[default: 5000]",
     ] {
         assert!(
             help.contains(expected),
