@@ -63,6 +63,11 @@
 #      BENCH_SERVICES_BIN a directory with the gateway, multiplexer and db-writer binaries to
 #                    measure (default target/release, built here); the load generator and
 #                    chatctl stay this tree's. bench/ab.sh uses it to compare builds
+#      BENCH_PG_SERVERS admin DSNs of Postgres servers to spread the shard databases over,
+#                    space-separated, shard i on server i mod their count (default: CHAT_TEST_PG
+#                    alone); each server's CPU counts as Postgres's. A server a shard is how
+#                    Terraform deploys them (e.g. more servers from infra/scripts/postgres.sh start
+#                    --name pg2 --port 54322)
 #      KAFKA_BROKERS (default 127.0.0.1:9092), CHAT_TEST_PG (admin DSN, default
 #      postgres://chat@127.0.0.1:54320/postgres)
 set -euo pipefail
@@ -75,7 +80,8 @@ BIN=target/release
 SERVICES_BIN="${BENCH_SERVICES_BIN:-$BIN}"
 BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 PG_ADMIN="${CHAT_TEST_PG:-postgres://chat@127.0.0.1:54320/postgres}"
-PG_BASE="${PG_ADMIN%/*}"
+# The Postgres servers the shards are spread over (BENCH_PG_SERVERS; make stack's alone by default).
+read -r -a PG_SERVERS <<<"${BENCH_PG_SERVERS:-$PG_ADMIN}"
 DEFAULT_STAGES="baselines e2e connections storm tls"
 STAGES="${BENCH_STAGES:-$DEFAULT_STAGES}"
 QUICK="${BENCH_QUICK:-0}"
@@ -129,8 +135,8 @@ cleanup() {
       $(for g in "${GROUPS_TO_DELETE[@]}"; do printf -- " --group %s" "$g"; done) \
       >>"$OUT/logs/cleanup.log" 2>&1 || echo "bench: topic cleanup failed (see $OUT/logs/cleanup.log)" >&2
   fi
-  for db in "${DBS[@]}"; do
-    psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >>"$OUT/logs/cleanup.log" 2>&1 || true
+  for entry in "${DBS[@]}"; do
+    psql -q "${entry% *}" -c "DROP DATABASE IF EXISTS \"${entry##* }\" WITH (FORCE)" >>"$OUT/logs/cleanup.log" 2>&1 || true
   done
   if declare -F tls_cleanup >/dev/null; then tls_cleanup; fi
   exit "$rc"
@@ -163,11 +169,14 @@ cargo build --release --quiet -p loadgen -p gateway -p multiplexer -p chatctl -p
   || die "cargo build failed"
 
 KAFKA_PID="$(ss -ltnpH "sport = :${BROKERS##*:}" | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2)"
-PG_PID="$(head -n1 "$(psql "$PG_ADMIN" -Atc 'show data_directory')/postmaster.pid" 2>/dev/null || true)"
 [[ -n "$KAFKA_PID" ]] || die "cannot find the Kafka broker's pid"
-[[ -n "$PG_PID" ]] || die "cannot find the postmaster's pid (show data_directory)"
 KAFKA_W=(--watch "kafka=$KAFKA_PID")
-PG_W=(--watch "postgres=$PG_PID+")
+PG_W=()
+for server in "${PG_SERVERS[@]}"; do
+  PG_PID="$(head -n1 "$(psql "$server" -Atc 'show data_directory')/postmaster.pid" 2>/dev/null || true)"
+  [[ -n "$PG_PID" ]] || die "cannot find the postmaster's pid of $server (show data_directory)"
+  PG_W+=(--watch "postgres=$PG_PID+")
+done
 
 cat >"$OUT/meta.json" <<EOF
 {"date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "nproc": $(nproc), "memory": "$(free -g | awk '/^Mem:/ {print $2 " GiB"}')",
@@ -190,12 +199,12 @@ fi
 SEARCH_ARGS+=(${BENCH_SEARCH_ARGS:-})
 
 create_dbs() { # name_prefix [shards, default 4] -> sets DSNS to the DSN list
-  local dsns="" i db
+  local dsns="" i db server
   for ((i = 0; i < ${2:-4}; i++)); do
-    db="${RUN_ID}_$1$i"
-    psql -q "$PG_ADMIN" -c "CREATE DATABASE \"$db\"" >/dev/null
-    DBS+=("$db")
-    dsns+="${dsns:+,}$PG_BASE/$db"
+    db="${RUN_ID}_$1$i" server="${PG_SERVERS[i % ${#PG_SERVERS[@]}]}"
+    psql -q "$server" -c "CREATE DATABASE \"$db\"" >/dev/null
+    DBS+=("$server $db")
+    dsns+="${dsns:+,}${server%/*}/$db"
   done
   SHARD_DSNS="$dsns" "$SERVICES_BIN/db-writer" migrate >>"$OUT/logs/migrate.log" 2>&1 || die "migrate failed"
   DSNS="$dsns"
