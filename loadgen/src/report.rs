@@ -648,9 +648,12 @@ fn modes_held(dir: &Path) -> Option<ModesHeld> {
         else {
             continue;
         };
-        // The runs' own directories sit beside runs.tsv, whatever path it was written with.
-        let name = Path::new(path).file_name()?.to_string_lossy().into_owned();
-        let s: Option<SearchReport> = load(&dir.join("modes").join(&name), "search.json");
+        // The runs' own directories sit beside runs.tsv, whatever path it was written with. A
+        // path without a file name names no run directory: that run is counted, as not held,
+        // like one whose search.json is missing, and the other lines still count.
+        let s: Option<SearchReport> = Path::new(path)
+            .file_name()
+            .and_then(|name| load(&dir.join("modes").join(name), "search.json"));
         // Its search is bounded by the rate: every trial after the warm-up runs at it.
         let rate = s
             .as_ref()
@@ -1861,6 +1864,16 @@ mod tests {
         let higher = search(13_071.0)?;
         let m = mode_ratio(Some(&keep), Some(&higher), modes_held(&dir).as_ref()).expect("a ratio");
         assert_eq!((m.doa, m.held.as_ref()), (13_071.0, None));
+
+        // A line whose path names no directory is a run that did not hold; the others count.
+        let runs = dir.join("modes").join("runs.tsv");
+        let mut lines = std::fs::read_to_string(&runs)?;
+        lines += "3\tdelete-on-ack\ttarget/bench/..\n";
+        std::fs::write(&runs, lines)?;
+        assert_eq!(
+            modes_held(&dir).map(|m| (m.keep_runs, m.keep_held, m.doa_runs, m.doa_held)),
+            Some((2, 2, 3, 2))
+        );
 
         std::fs::remove_dir_all(dir.join("modes"))?;
         assert_eq!(modes_held(&dir), None);
