@@ -161,7 +161,9 @@ free_port() { # first port from $1 up that nothing listens on
 
 # ---------------------------------------------------------------- checks and build
 port_open 127.0.0.1 "${BROKERS##*:}" || die "Kafka is not up on $BROKERS (make stack)"
-psql -q "$PG_ADMIN" -Atc 'select 1' >/dev/null 2>&1 || die "Postgres is not up at $PG_ADMIN (make stack)"
+for server in "${PG_SERVERS[@]}"; do
+  psql -q "$server" -Atc 'select 1' >/dev/null 2>&1 || die "Postgres is not up at $server (make stack)"
+done
 # Descriptors: the gateway and the connection holder each need ~CONNS + a few dozen.
 ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true
 log "building (release): loadgen, gateway, multiplexer, chatctl, db-writer"
