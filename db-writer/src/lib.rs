@@ -54,6 +54,6 @@ pub use index_build::{IndexViolation, Rebuilt};
 pub use locator::Locator;
 pub use messages::Stored;
 pub use retention::{Retention, SweepIndexError, UnknownRetention};
-pub use shards::{with_generic_plan, Plans, ShardConfig, ShardDown, Shards};
+pub use shards::{Plans, ShardConfig, ShardDown, Shards};
 pub use tls::{connect, redacted};
 pub use user_index::{ConversationSummary, IndexUpdates, ListCursor, Preview, SyncRead};

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::error::DbError;
 use crate::rows::MessageRow;
-use crate::shards::{with_generic_plan, Shards};
+use crate::shards::Shards;
 
 /// A message after the write: its stored form (seq assigned) and whether this write created it.
 #[derive(Clone, Debug, PartialEq)]
@@ -239,14 +239,13 @@ impl Sealed {
     }
 }
 
-/// The store transaction's statements, prepared once per connection.
+/// The second attempt's statements, prepared once per connection.
 struct Statements {
     lock_counters: Statement,
     find_stored: Statement,
     insert_messages: Statement,
     insert_watermarks: Statement,
     move_counters: Statement,
-    store_new: Statement,
 }
 
 impl Statements {
@@ -256,20 +255,12 @@ impl Statements {
         client: &deadpool_postgres::Object,
         sealed: Sealed,
     ) -> Result<Self, tokio_postgres::Error> {
-        let (
-            lock_counters,
-            find_stored,
-            insert_messages,
-            insert_watermarks,
-            move_counters,
-            store_new,
-        ) = futures_util::try_join!(
+        let (lock_counters, find_stored, insert_messages, insert_watermarks, move_counters) = futures_util::try_join!(
             client.prepare_cached(sql::LOCK_COUNTERS),
             client.prepare_cached(sql::FIND_STORED),
             client.prepare_cached(sql::INSERT_MESSAGES[sealed as usize]),
             client.prepare_cached(sql::INSERT_WATERMARKS),
             client.prepare_cached(sql::MOVE_COUNTERS),
-            client.prepare_cached(sql::STORE_NEW[sealed as usize]),
         )?;
         Ok(Self {
             lock_counters,
@@ -277,7 +268,6 @@ impl Statements {
             insert_messages,
             insert_watermarks,
             move_counters,
-            store_new,
         })
     }
 }
@@ -340,10 +330,7 @@ impl Shards {
         msgs: Vec<(usize, &Message)>,
     ) -> Result<Vec<(usize, Stored)>, DbError> {
         let batch = ShardBatch::new(shard, msgs);
-        let mut client = self.client(shard).await?;
-        let statements = Statements::prepare(&client, Sealed::of(&batch.messages))
-            .await
-            .map_err(DbError::pg(shard))?;
+        let sealed = Sealed::of(&batch.messages);
         // Almost every batch holds only new messages, so the first attempt does not look for
         // stored copies: it is one statement, one round trip, that fails on the send key's
         // index if a message is already stored (a replay, a client retry). Then nothing of it
@@ -353,13 +340,19 @@ impl Shards {
         // it has one of its own, is destroyed there.
         let started = std::time::Instant::now();
         let first = match batch.repeats.is_empty() {
-            true => store_new(&client, &statements, &batch).await?,
+            true => store_new(self, sealed, &batch).await?,
             false => None,
         };
         let out = match first {
             Some(out) => out,
             None => {
                 metrics::counter!("db_store_lookups_total").increment(1);
+                // On the writer's own connection, which plans each execution: the lookup's plan
+                // depends on the table sizes (docs/design.md).
+                let mut client = self.client(shard).await?;
+                let statements = Statements::prepare(&client, sealed)
+                    .await
+                    .map_err(DbError::pg(shard))?;
                 write_on_shard(&mut client, &statements, &batch)
                     .await?
                     .ok_or_else(|| DbError::BadRow {
@@ -436,10 +429,19 @@ type Counters<'a> = HashMap<&'a str, i64>;
 /// `None` when a message of the batch is already stored: the statement failed on the send
 /// key, and wrote nothing.
 async fn store_new(
-    client: &deadpool_postgres::Object,
-    statements: &Statements,
+    shards: &Shards,
+    sealed: Sealed,
     batch: &ShardBatch<'_>,
 ) -> Result<Option<Vec<Stored>>, DbError> {
+    let pg = DbError::pg(batch.shard);
+    // With its generic plan (`Shards::generic_client`): the counters' upsert and the inserts
+    // probe by key per element whatever the arrays hold, and planning this statement per
+    // execution took 17-20% of its time (performance log, 2026-12-04).
+    let client = shards.generic_client(batch.shard).await?;
+    let statement = client
+        .prepare_cached(sql::STORE_NEW[sealed as usize])
+        .await
+        .map_err(pg)?;
     let (mut counts, rows) = relative_rows(batch);
     let n: Vec<i64> = batch.conversations.iter().map(|c| counts[c]).collect();
     let [conversation, recipient, sender] = rows.directions();
@@ -459,14 +461,10 @@ async fn store_new(
         &recipient,
         &sender,
     ];
-    // With its generic plan: the counters' upsert and the inserts probe by key per element
-    // whatever the arrays hold, and planning this statement per execution took 17-20% of its
-    // time (performance log, 2026-12-04).
-    let run = client.query(&statements.store_new, &params);
-    let taken = match with_generic_plan(client, run).await {
+    let taken = match client.query(&statement, &params).await {
         Ok(taken) => taken,
         Err(e) if conflicts_on_send_key(&e) => return Ok(None),
-        Err(e) => return Err(DbError::pg(batch.shard)(e)),
+        Err(e) => return Err(pg(e)),
     };
     for row in &taken {
         let (conversation, last): (&str, i64) = (row.get(0), row.get(1));

@@ -1,5 +1,6 @@
-//! The shards: one connection pool each, the locator over them, and the two ways the store's
-//! concerns reach them (one shard per conversation, or every shard for a user's reads).
+//! The shards: two connection pools each (see [`Shards::generic_client`]), the locator over
+//! them, and the two ways the store's concerns reach them (one shard per conversation, or every
+//! shard for a user's reads).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -15,8 +16,11 @@ use tokio_postgres::NoTls;
 use crate::error::DbError;
 use crate::locator::Locator;
 
-/// Session setting of every shard connection (see `Shards::connect`).
+/// Session setting of a writer's shard connections (see `Shards::connect`).
 const CUSTOM_PLANS: &str = "-c plan_cache_mode=force_custom_plan";
+
+/// Session setting of the connections of [`Shards::generic_client`].
+const GENERIC_PLANS: &str = "-c plan_cache_mode=force_generic_plan";
 
 /// Shard layer configuration.
 #[derive(Clone, Debug)]
@@ -24,7 +28,7 @@ pub struct ShardConfig {
     /// One DSN per shard, in shard order. The order is part of the layout: it must not change
     /// without a reshard.
     pub dsns: Vec<String>,
-    /// Connections per shard pool.
+    /// Connections per shard pool (each shard has two: see [`Shards::generic_client`]).
     pub pool_size: usize,
     /// How long to wait for a pooled connection before failing (and letting the caller retry).
     pub acquire_timeout: Duration,
@@ -71,10 +75,13 @@ impl ShardConfig {
     }
 }
 
-/// The shards: one pool each, and the locator over them.
+/// The shards: two pools each, and the locator over them.
 #[derive(Clone)]
 pub struct Shards {
     pub(crate) pools: Vec<Pool>,
+    /// Connections whose statements always run with their generic plans
+    /// ([`Shards::generic_client`]).
+    generic: Vec<Pool>,
     locator: Locator,
     /// Whether the user index can be read yet (see `user_index`).
     pub(crate) index_state: std::sync::Arc<IndexState>,
@@ -116,48 +123,20 @@ impl Shards {
     /// Builds the pools (connections are opened lazily).
     pub fn connect(config: &ShardConfig) -> Result<Self, DbError> {
         let mut pools = Vec::with_capacity(config.dsns.len());
+        let mut generic = Vec::with_capacity(config.dsns.len());
         for (i, dsn) in config.dsns.iter().enumerate() {
-            // libpq's sslmode and sslrootcert, which tokio-postgres does not take (see `tls`).
-            let crate::tls::Target {
-                config: mut pg,
-                verify,
-            } = crate::tls::parse(dsn).map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
             // Statements are prepared once per connection, but planned with each execution's
             // arrays: a generic plan, which Postgres would otherwise switch to after five runs,
             // is fixed by the table sizes of that moment (a new shard is empty) and was measured
             // 10 to 30 times slower for the store's lookups (docs/design.md).
-            if config.plans == Plans::Custom {
-                let options = match pg.get_options() {
-                    Some(o) => format!("{o} {CUSTOM_PLANS}"),
-                    None => CUSTOM_PLANS.to_owned(),
-                };
-                pg.options(&options);
-            }
-            let manager_config = ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            };
-            // TLS when the DSN requires it (a server that only offers it is used in plaintext,
-            // as before: sslmode=prefer, the default, asks for nothing).
-            let mgr = if pg.get_ssl_mode() == SslMode::Require {
-                let tls = crate::tls::connector(&verify)
-                    .map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
-                Manager::from_config(pg, tls, manager_config)
-            } else {
-                Manager::from_config(pg, NoTls, manager_config)
-            };
-            let pool = Pool::builder(mgr)
-                .max_size(config.pool_size.max(1))
-                .wait_timeout(Some(config.acquire_timeout))
-                .create_timeout(Some(config.acquire_timeout))
-                .recycle_timeout(Some(config.acquire_timeout))
-                .runtime(Runtime::Tokio1)
-                .build()
-                .map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
-            pools.push(pool);
+            let plans = (config.plans == Plans::Custom).then_some(CUSTOM_PLANS);
+            pools.push(pool(i, dsn, plans, config)?);
+            generic.push(pool(i, dsn, Some(GENERIC_PLANS), config)?);
         }
         Ok(Self {
             locator: Locator::new(pools.len() as u32),
             pools,
+            generic,
             index_state: Default::default(),
         })
     }
@@ -174,15 +153,25 @@ impl Shards {
         self.pools.is_empty()
     }
 
-    pub(crate) async fn client(&self, shard: usize) -> Result<deadpool_postgres::Object, DbError> {
-        let started = std::time::Instant::now();
-        let result = self.pools[shard]
-            .get()
-            .await
-            .map_err(|source| DbError::Pool { shard, source });
-        metrics::histogram!("db_pool_wait_seconds", "shard" => shard.to_string())
-            .record(started.elapsed());
-        result
+    /// A connection to `shard` that plans as the process's [`Plans`] say: for a writer, each
+    /// execution with its own arrays.
+    pub async fn client(&self, shard: usize) -> Result<deadpool_postgres::Object, DbError> {
+        take(&self.pools, shard).await
+    }
+
+    /// A connection to `shard` on which every statement runs with its generic plan, made once
+    /// per connection and kept: for the statements whose plan does not depend on their arrays
+    /// (a probe by key per element), where planning each execution cost as much as running
+    /// it: the store's first attempt, the ack and the user index's upsert (docs/design.md,
+    /// "Idempotency and sequences"). A pool of its own, of up to the same size as the other, so
+    /// that these statements need no statements around them to change the plan mode: at 500
+    /// msg/s those were 9 a message, and without them Postgres's CPU a message fell to 0.82-0.86
+    /// (docs/performance-log.md, 2026-12-06).
+    ///
+    /// Such a plan is chosen with the table sizes of the moment it is made, so a statement run
+    /// here must not leave the planner a choice that a small table decides.
+    pub async fn generic_client(&self, shard: usize) -> Result<deadpool_postgres::Object, DbError> {
+        take(&self.generic, shard).await
     }
 
     /// Splits `items` by the shard of their conversation: the groups in shard order, each in
@@ -255,31 +244,53 @@ impl Shards {
     }
 }
 
-/// Runs `statement` (a query on `client`, not yet polled) with its statement's generic plan,
-/// whatever the connection's plan mode ([`Plans::Custom`] for a writer): for a statement whose
-/// plan does not depend on its arrays (a probe by key per element), where planning each
-/// execution cost more than running it. The setting is sent with the statement in one round
-/// trip and reset after it, also when the statement fails. Outside a transaction only: a failed
-/// statement would leave the reset unrun in an aborted one.
-///
-/// `statement` must run a prepared [`tokio_postgres::Statement`]: given SQL text, the client
-/// would send only its parse first, and run it after the reset.
-///
-/// The statement's own error comes first, so a caller can tell what it refused.
-pub async fn with_generic_plan<T>(
-    client: &tokio_postgres::Client,
-    statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, tokio_postgres::Error> {
-    // `join!` polls in order, and a first poll sends: the setting, the statement, the reset.
-    let (generic, ran, reset) = tokio::join!(
-        client.batch_execute("SET plan_cache_mode = force_generic_plan"),
-        statement,
-        client.batch_execute("RESET plan_cache_mode"),
-    );
-    let ran = ran?;
-    generic?;
-    reset?;
-    Ok(ran)
+/// A pool of up to `config.pool_size` connections to shard `i` at `dsn`, each started with the
+/// session `options` given (the plan mode) besides the DSN's own.
+fn pool(i: usize, dsn: &str, options: Option<&str>, config: &ShardConfig) -> Result<Pool, DbError> {
+    // libpq's sslmode and sslrootcert, which tokio-postgres does not take (see `tls`).
+    let crate::tls::Target {
+        config: mut pg,
+        verify,
+    } = crate::tls::parse(dsn).map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
+    if let Some(extra) = options {
+        let options = match pg.get_options() {
+            Some(o) => format!("{o} {extra}"),
+            None => extra.to_owned(),
+        };
+        pg.options(&options);
+    }
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    // TLS when the DSN requires it (a server that only offers it is used in plaintext, as
+    // before: sslmode=prefer, the default, asks for nothing).
+    let mgr = if pg.get_ssl_mode() == SslMode::Require {
+        let tls = crate::tls::connector(&verify)
+            .map_err(|e| DbError::Config(format!("shard {i}: {e}")))?;
+        Manager::from_config(pg, tls, manager_config)
+    } else {
+        Manager::from_config(pg, NoTls, manager_config)
+    };
+    Pool::builder(mgr)
+        .max_size(config.pool_size.max(1))
+        .wait_timeout(Some(config.acquire_timeout))
+        .create_timeout(Some(config.acquire_timeout))
+        .recycle_timeout(Some(config.acquire_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| DbError::Config(format!("shard {i}: {e}")))
+}
+
+/// A connection from `pools[shard]`, the wait for it recorded.
+async fn take(pools: &[Pool], shard: usize) -> Result<deadpool_postgres::Object, DbError> {
+    let started = std::time::Instant::now();
+    let result = pools[shard]
+        .get()
+        .await
+        .map_err(|source| DbError::Pool { shard, source });
+    metrics::histogram!("db_pool_wait_seconds", "shard" => shard.to_string())
+        .record(started.elapsed());
+    result
 }
 
 /// A shard that did not answer a ping, and what the attempt said.

@@ -40,7 +40,7 @@ use crate::error::DbError;
 use crate::failures::FailedMessage;
 use crate::messages::Stored;
 use crate::rows::{bigint, message_columns, MessageRow};
-use crate::shards::{with_generic_plan, QueryCount, Shards};
+use crate::shards::{QueryCount, Shards};
 
 /// One user's row of one conversation, as a write moves it: every field is the greatest value
 /// this write knows (0 or `None` for what it does not).
@@ -341,7 +341,10 @@ impl Shards {
                 .push((user, conversation, row));
         }
         try_join_all(per_shard.into_iter().map(|(shard, rows)| async move {
-            let client = self.client(shard).await?;
+            // With its generic plan (`Shards::generic_client`): one probe by key per row
+            // whatever the arrays hold, and planning it per execution took 12-16% of its time
+            // (performance log, 2026-12-04).
+            let client = self.generic_client(shard).await?;
             let mut c = UpsertColumns::default();
             for (user, conversation, row) in rows {
                 c.push(user, conversation, row);
@@ -350,8 +353,6 @@ impl Shards {
                 .prepare_cached(UPSERT)
                 .await
                 .map_err(DbError::pg(shard))?;
-            // With its generic plan: one probe by key per row whatever the arrays hold, and
-            // planning it per execution took 12-16% of its time (performance log, 2026-12-04).
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
                 &c.user,
                 &c.conversation,
@@ -364,7 +365,8 @@ impl Shards {
                 &c.peer_read_at_ms,
                 &c.failed_at_ms,
             ];
-            with_generic_plan(&client, client.execute(&statement, &params))
+            client
+                .execute(&statement, &params)
                 .await
                 .map_err(DbError::pg(shard))?;
             Ok::<_, DbError>(())

@@ -8,7 +8,7 @@ use chat_common::ids::{ConversationKey, UserId};
 use chat_common::message::{Ack, Message};
 use chat_common::seal::{BodyKey, BodyKeyId};
 use chat_e2e::{new_message, TestEnv};
-use db_writer::{with_generic_plan, Retention, ShardConfig, Shards};
+use db_writer::{Retention, ShardConfig, Shards};
 
 fn conversation(a: &str, b: &str) -> anyhow::Result<String> {
     let key = ConversationKey::of(&UserId::parse(a)?, &UserId::parse(b)?).context("same user")?;
@@ -106,78 +106,84 @@ async fn ack(
         .collect())
 }
 
-async fn plan_mode(client: &tokio_postgres::Client) -> anyhow::Result<String> {
-    Ok(client.query_one("SHOW plan_cache_mode", &[]).await?.get(0))
+/// The plan mode of `client`'s session, and each prepared statement of it that `tag` names:
+/// (generic plans, custom plans) so far.
+async fn plans(
+    client: &tokio_postgres::Client,
+    tag: &str,
+) -> anyhow::Result<(String, Vec<(i64, i64)>)> {
+    let mode = client.query_one("SHOW plan_cache_mode", &[]).await?.get(0);
+    let rows = client
+        .query(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+             WHERE strpos(statement, $1) > 0 AND strpos(statement, 'pg_prepared') = 0
+             ORDER BY statement",
+            &[&tag],
+        )
+        .await?;
+    Ok((mode, rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
 }
 
-/// The ack, the store's first attempt and the index upsert run this way on a writer's
-/// connections, which plan every execution: the statement gets a generic plan, and the
-/// connection plans per execution again after it, also when the statement fails.
+/// A writer's two kinds of connections to a shard. The store's first attempt, the ack and the
+/// user index's upsert run on `Shards::generic_client`'s, with their generic plans and no
+/// round trip to set the plan mode; everything else runs on `Shards::client`'s, planned per
+/// execution with its own arrays, as the store's lookups need. One connection of each kind
+/// (pools of one), so that each test reads the session the statements ran on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_statement_run_with_its_generic_plan_leaves_the_connection_as_it_was(
-) -> anyhow::Result<()> {
+async fn a_writers_hot_statements_run_generic_plans_and_the_rest_custom_ones() -> anyhow::Result<()>
+{
     let env = TestEnv::new(1, &[]).await?;
-    // Sessions of this database plan every execution unless told otherwise, as a writer's
-    // connections do (`Shards::connect` sets it as a connection option): RESET returns there.
-    env.shard(0)
-        .await?
-        .batch_execute(
-            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET plan_cache_mode = force_custom_plan',
-                                        current_database()); END $$",
+    let shards = Shards::connect(&ShardConfig::from_list(&env.shard_dsns.join(","), 1)?)?;
+    let (alice, bob) = ("plan-alice", "plan-bob");
+    let conv = conversation(alice, bob)?;
+    for round in 0..3i64 {
+        let m = new_message(alice, bob, &format!("m{round}"), 1_000 + round)?;
+        let stored = shards.store_batch(std::slice::from_ref(&m)).await?;
+        let acked = ack(
+            &shards,
+            &conv,
+            bob,
+            stored[0].message.seq,
+            2_000 + round,
+            Retention::Keep,
         )
         .await?;
-    let client = env.shard(0).await?;
-    assert_eq!(plan_mode(&client).await?, "force_custom_plan");
-
-    let statement = client
-        .prepare("SELECT current_setting('plan_cache_mode') /* plan check */ WHERE $1::int > 0")
-        .await?;
-    for _ in 0..2 {
-        let rows = with_generic_plan(&client, client.query(&statement, &[&1i32])).await?;
-        assert_eq!(rows[0].get::<_, String>(0), "force_generic_plan");
+        assert_eq!(acked.len(), 1, "round {round}: a receipt");
+        let mut index = db_writer::IndexUpdates::new();
+        index.stored(&stored);
+        shards.update_index(&index).await?;
+    }
+    let generic = shards.generic_client(0).await?;
+    for (tag, statement) in [
+        ("INSERT INTO conversations", "the store's first attempt"),
+        ("UPDATE acks k SET", "the ack"),
+        ("INSERT INTO user_conversations", "the index upsert"),
+    ] {
+        let (mode, counts) = plans(&generic, tag).await?;
+        assert_eq!(mode, "force_generic_plan");
         assert_eq!(
-            plan_mode(&client).await?,
-            "force_custom_plan",
-            "reset after the statement"
+            counts,
+            vec![(3, 0)],
+            "{statement}: three runs, each on its generic plan"
         );
     }
-    let plans = client
-        .query_one(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
-             WHERE statement LIKE '%/* plan check */%' AND statement NOT LIKE '%pg_prepared%'",
-            &[],
-        )
-        .await?;
-    assert_eq!(
-        (plans.get::<_, i64>(0), plans.get::<_, i64>(1)),
-        (2, 0),
-        "both executions planned generically"
-    );
-    // Planned per execution again outside the helper.
-    client.query(&statement, &[&1i32]).await?;
-    let custom: i64 = client
-        .query_one(
-            "SELECT custom_plans FROM pg_prepared_statements
-             WHERE statement LIKE '%/* plan check */%' AND statement NOT LIKE '%pg_prepared%'",
-            &[],
-        )
-        .await?
-        .get(0);
-    assert_eq!(custom, 1);
+    drop(generic);
 
-    // A statement that fails: its own error comes back, and the reset still ran.
-    let failing = client.prepare("SELECT 1 / $1::int").await?;
-    let failed = with_generic_plan(&client, client.query(&failing, &[&0i32])).await;
-    let code = failed.err().and_then(|e| e.code().cloned());
-    assert_eq!(
-        code,
-        Some(tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    // A message stored again takes the second attempt, whose lookup is planned per execution on
+    // the writer's other connection.
+    let again = new_message(alice, bob, "again", 5_000)?;
+    shards.store_batch(std::slice::from_ref(&again)).await?;
+    let stored = shards.store_batch(std::slice::from_ref(&again)).await?;
+    assert!(!stored[0].created, "stored once");
+    let custom = shards.client(0).await?;
+    let (mode, counts) = plans(&custom, "FROM unnest").await?;
+    assert_eq!(mode, "force_custom_plan");
+    assert!(
+        counts.iter().any(|&(_, c)| c >= 1) && counts.iter().all(|&(g, _)| g == 0),
+        "the second attempt's statements, planned per execution: {counts:?}"
     );
-    assert_eq!(
-        plan_mode(&client).await?,
-        "force_custom_plan",
-        "reset after a failure"
-    );
+    let (_, hot) = plans(&custom, "INSERT INTO user_conversations").await?;
+    assert!(hot.is_empty(), "the hot statements never ran here: {hot:?}");
     env.teardown().await
 }
 

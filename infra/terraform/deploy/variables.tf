@@ -305,7 +305,7 @@ variable "jwt_audience" {
 }
 
 variable "shard_pool_size" {
-  description = "Connections per shard in each process's pool (SHARD_POOL_SIZE). Mind max_connections: (gateways + multiplexers) x pool size per shard, plus 4 per gateway in delete-on-ack mode (its pushes' key reads)."
+  description = "Connections per shard in each process's pool (SHARD_POOL_SIZE). Mind max_connections: (gateways + 2 x multiplexers) x pool size per shard (a multiplexer keeps two pools per shard: one for its statements with generic plans), plus 4 per gateway in delete-on-ack mode (its pushes' key reads)."
   type        = number
   default     = 8
 }
