@@ -254,12 +254,34 @@ if has_stage e2e || has_stage connections; then
   create_dbs s; E2E_DSNS="$DSNS"
 fi
 
+# Postgres settled before each e2e search: every database of the run vacuumed, then each server
+# checkpointed, so that the background work left by what ran before (autovacuum's pass over the
+# millions of rows an earlier search inserted, the checkpointer's writes of their pages) is done
+# before the search's trials, not during them. Without it delete-on-ack's search, which follows
+# keep mode's on the same server, slowed by about 1.4 in its late trials where, run alone, it
+# did not (docs/performance-log.md, 2026-12-06). Each search pays the same: the first one finds
+# only the baselines' databases.
+settle_postgres() {
+  local t0=$SECONDS entry server
+  for entry in "${DBS[@]}"; do
+    server="${entry% *}"
+    psql -q "${server%/*}/${entry##* }" -c 'VACUUM (ANALYZE)' >>"$OUT/logs/settle.log" 2>&1 \
+      || echo "bench: vacuuming ${entry##* } failed (see $OUT/logs/settle.log)" >&2
+  done
+  for server in "${PG_SERVERS[@]}"; do
+    psql -q "$server" -c 'CHECKPOINT' >>"$OUT/logs/settle.log" 2>&1 \
+      || echo "bench: a checkpoint on $server failed (see $OUT/logs/settle.log)" >&2
+  done
+  log "Postgres settled: ${#DBS[@]} databases vacuumed, ${#PG_SERVERS[@]} server(s) checkpointed in $((SECONDS - t0)) s"
+}
+
 # One e2e search: gateways and a multiplexer in one retention mode on their own shards, topic
 # prefix, consumer groups and users; the search scrapes both processes' metrics around each trial.
 e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process and log names)
   local retention="$1" dir="$2" prefix="$3" dsns="$4" users="$5" tag="$6" g port mx_port
   local urls=() watch_gw=() metrics=() gw_ports=()
   mkdir -p "$dir"
+  settle_postgres
   log "end to end ($retention): $NGW gateway(s) + 1 multiplexer, $USERS users, ack $ACK"
   for g in $(seq 1 "$NGW"); do
     port="$(free_port $((18480 + g)))"
