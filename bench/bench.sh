@@ -212,8 +212,47 @@ create_dbs() { # name_prefix [shards, default 4] -> sets DSNS to the DSN list
   DSNS="$dsns"
 }
 
+# The machine's speed through the run: the same work on one core (SHA-256 over a 1 MiB buffer,
+# 256 times, the best of 3), timed before each stage and each e2e search while nothing of the run
+# is busy, in MB/s. Its speed changed within runs by more than most changes move a figure: in the
+# run at 9f19d27 the raw stages at the start matched the run before's (Kafka 3.6 against 3.4 µs a
+# record, the insert 19.7 against 20.3), yet Centrifugo, measured at the end, took 1.41 times the
+# CPU a message it took at the end of the run before. A figure from late in a run is read against
+# this (docs/performance-log.md, 2026-12-06). Each reading goes to $OUT/yardstick.tsv and the
+# results end with them.
+yardstick() { # what comes next
+  local mbs
+  mbs="$(python3 -c '
+import hashlib, time
+buf, best = b"\x5a" * (1 << 20), None
+for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(256):
+        hashlib.sha256(buf).digest()
+    best = min(best or 1e9, time.perf_counter() - t)
+print(round(256 / best))' 2>/dev/null || echo "?")"
+  printf '%s\t%s\t%s\n' "$((SECONDS - START_TIME))" "$1" "$mbs" >>"$OUT/yardstick.tsv"
+  log "the machine's speed before $1: SHA-256 at $mbs MB/s on one core"
+}
+
+# The yardstick's readings as a section of the results: each one, and its ratio to the first.
+yardstick_section() {
+  [[ -s "$OUT/yardstick.tsv" ]] || return 0
+  echo
+  echo "### The machine's speed through the run"
+  echo
+  echo "The same work on one core (SHA-256 over a 1 MiB buffer, 256 times, the best of 3) before each stage and each e2e search, with nothing of the run busy. A figure measured where the machine ran slower than at the start is slower by that much for reasons outside the code."
+  echo
+  echo "| at (s) | before | MB/s | / first |"
+  echo "|---:|---|---:|---:|"
+  awk -F'\t' 'NR == 1 { first = $3 } {
+      r = (first > 0 && $3 > 0) ? sprintf("%.2f", $3 / first) : "?"
+      printf "| %s | %s | %s | %s |\n", $1, $2, $3, r }' "$OUT/yardstick.tsv"
+}
+
 # ---------------------------------------------------------------- 1. baselines
 if has_stage baselines; then
+  yardstick "the baselines"
   log "baseline: raw Kafka"
   "$BIN/chatctl" topics --brokers "$BROKERS" --prefix "${PREFIX}raw-" --gateways x >>"$OUT/logs/topics.log"
   "$BIN/loadgen" raw-kafka --brokers "$BROKERS" --topic "${PREFIX}raw-inbound" --group "${PREFIX}raw" \
@@ -282,6 +321,9 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
   local urls=() watch_gw=() metrics=() gw_ports=()
   mkdir -p "$dir"
   settle_postgres
+  local where="${dir#"$OUT"}"
+  where="${where#/}"
+  yardstick "e2e, $retention mode${where:+ ($where)}"
   log "end to end ($retention): $NGW gateway(s) + 1 multiplexer, $USERS users, ack $ACK"
   for g in $(seq 1 "$NGW"); do
     port="$(free_port $((18480 + g)))"
@@ -391,6 +433,7 @@ fi
 
 # ---------------------------------------------------------------- 4. connections
 if has_stage connections; then
+  yardstick "the connection stages"
   log "connections: $CONNS idle websockets on one gateway (fd limit $(ulimit -Sn))"
   port="$(free_port 18486)"
   # shellcheck disable=SC2046
@@ -444,6 +487,7 @@ fi
 
 # ---------------------------------------------------------------- 5. connect storm
 if has_stage storm; then
+  yardstick "the connect storm"
   STORM_USERS="${BENCH_STORM_USERS:-$([[ "$QUICK" == 1 ]] && echo 3000 || echo 18000)}"
   STORM_USER_PREFIX="${RUN_ID}s"
   STORM_PLAN=(--users "$STORM_USERS" --user-prefix "$STORM_USER_PREFIX")
@@ -508,18 +552,21 @@ fi
 # ---------------------------------------------------------------- 8. what TLS costs
 # bench/tls.sh: its outputs in $OUT/tls/, section 8 of the results.
 if has_stage tls; then
+  yardstick "the TLS stage"
   source bench/tls.sh
 fi
 
 # ---------------------------------------------------------------- 7. a peer: Centrifugo
 # Optional (BENCH_PEER=1 or "peer" in BENCH_STAGES): bench/peer.sh writes $OUT/peer.md.
 if has_stage peer || [[ "${BENCH_PEER:-0}" == 1 ]]; then
+  yardstick "the peer stage"
   source bench/peer.sh
 fi
 
 # ---------------------------------------------------------------- the table
 log "results"
-"$BIN/loadgen" report --dir "$OUT" >"$OUT/results.md"
+yardstick "the report"
+{ "$BIN/loadgen" report --dir "$OUT"; yardstick_section; } >"$OUT/results.md"
 echo
 cat "$OUT/results.md"
 echo
