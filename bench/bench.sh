@@ -296,10 +296,11 @@ fi
 # Postgres settled before each e2e search: every database of the run vacuumed, then each server
 # checkpointed, so that the background work left by what ran before (autovacuum's pass over the
 # millions of rows an earlier search inserted, the checkpointer's writes of their pages) is done
-# before the search's trials, not during them. Without it delete-on-ack's search, which follows
-# keep mode's on the same server, slowed by about 1.4 in its late trials where, run alone, it
-# did not (docs/performance-log.md, 2026-12-06). Each search pays the same: the first one finds
-# only the baselines' databases.
+# before the search's trials, not during them, and each search starts alike (the first finds
+# only the baselines' databases). It takes a few seconds: in the run at 9f19d27, 1 to 4 s, so
+# little was left to do, and delete-on-ack's search, which follows keep mode's on the same server,
+# still ran slower late than alone (docs/performance-log.md, 2026-12-06); the yardstick readings
+# (above) show whether the machine did.
 settle_postgres() {
   local t0=$SECONDS entry server
   for entry in "${DBS[@]}"; do
