@@ -324,7 +324,7 @@ e2e_search() { # retention out_dir topic_prefix dsns user_prefix tag (of process
   settle_postgres
   local where="${dir#"$OUT"}"
   where="${where#/}"
-  yardstick "e2e, $retention mode${where:+ ($where)}"
+  yardstick "e2e, ${where:-the search in $retention mode}"
   log "end to end ($retention): $NGW gateway(s) + 1 multiplexer, $USERS users, ack $ACK"
   for g in $(seq 1 "$NGW"); do
     port="$(free_port $((18480 + g)))"
