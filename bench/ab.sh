@@ -25,7 +25,8 @@
 # and two short trials the search always ends with. The report reads the confirm and latency
 # trials: delivered and receipt p50 / p99 as the load generator saw them, the hops' p50 / p99 from
 # the pipeline's histograms, CPU per message by process, the gateways' socket writes and the
-# context switches by process per message. The load generator and chatctl are
+# context switches by process per message, and the machine's busy cores (/proc/stat: the watched
+# processes' share, the rest, interrupts, steal). The load generator and chatctl are
 # this tree's in every run (bench.sh's BENCH_SERVICES_BIN), so the measuring side stays the same.
 #
 # A broker just started runs slower until its JIT has warmed up, so a run of the first variant

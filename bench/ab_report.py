@@ -12,7 +12,8 @@ stands in for it in the tables. Last, each variant's median of the gateways' soc
 flush each) per message delivered, and its ratio to the first variant's; then, when the trials
 counted them, its median of the context switches per message delivered by process (a thread
 that blocked or was preempted: what the pipeline's wake-ups cost, counted), and the ratio of
-their sum to the first variant's.
+their sum to the first variant's; then, when the trials read them, its median of the machine's
+cores (/proc/stat): busy, the watched processes' share, the rest, interrupts and steal.
 
 With --statements, each run directory also holds statements.tsv (pg_stat_statements over the
 whole run, one line a statement: calls, rows, ms executing, ms planning, WAL bytes, text). The
@@ -129,7 +130,39 @@ def figures(trial):
         f[f"switches {p}"] = n / delivered if n is not None and delivered else None
     f["switches all"] = (sum(switches.get(p, 0) for p in PROCESSES) / delivered
                          if switches and delivered else None)
+    machine, wall = cpu.get("machine"), cpu.get("wall_seconds")
+    if machine and wall:
+        busy = sum(machine.get(k, 0.0) for k in ("user", "system", "irq", "steal"))
+        f["cores busy"] = busy / wall
+        f["cores watched"] = (total or 0.0) / wall
+        f["cores unwatched"] = (busy - (total or 0.0)) / wall
+        f["cores irq"] = machine.get("irq", 0.0) / wall
+        f["cores steal"] = machine.get("steal", 0.0) / wall
     return f
+
+
+MACHINE = ("busy", "watched", "unwatched", "irq", "steal")
+
+
+def machine_table(order, rows):
+    """Each variant's median over its trials of the machine's cores (from /proc/stat): busy on
+    average, the watched processes' share, the rest (busy less watched: what no CPU row counts),
+    and of the busy ones those in interrupts and softirqs and those stolen by the hypervisor;
+    None when no trial read them (a load generator from before they were)."""
+    if all(f.get("cores busy") is None for _, f, _ in rows):
+        return None
+    out = ["The machine's cores through each trial (from /proc/stat; busy on average, those the "
+           "watched processes were charged, the rest, and of the busy ones those in interrupts and "
+           "softirqs and those the hypervisor gave to other guests; each variant's median over its "
+           "trials)", ""]
+    out.append("| variant | trials | " + " | ".join(MACHINE) + " |")
+    out.append("|---|" + "---:|" * (len(MACHINE) + 1))
+    for v in order:
+        mine = [f for _, f, w in rows if w == v]
+        m = {c: median([f.get(f"cores {c}") for f in mine]) for c in MACHINE}
+        trials = sum(1 for f in mine if f.get("cores busy") is not None)
+        out.append(f"| {v} | {trials} | " + " | ".join(cell(m[c], 2) for c in MACHINE) + " |")
+    return "\n".join(out) + "\n"
 
 
 def switches_table(order, rows):
@@ -305,6 +338,9 @@ def main():
     switched = switches_table(order, rows)
     if switched:
         print(switched)
+    machine = machine_table(order, rows)
+    if machine:
+        print(machine)
     if statement_runs:
         print(statement_table(order, statement_runs))
     if wal_runs:

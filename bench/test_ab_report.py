@@ -14,6 +14,8 @@
   variant's median over its runs; a flush's time stays empty when the server did not time it.
 - Context switches per message delivered by process, when the trials counted them: each
   variant's median, and the ratio of their sum to the first variant's; no table without them.
+- The machine's cores (busy, watched, the rest, interrupts, steal), when the trials read them:
+  each variant's median; no table without them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def trial(label, rate, delivered_p50, postgres_seconds, passed=True, delivered=1
             # Context switches: the gateway's follow the Postgres seconds (10,000 a second).
             "switches": {"gateway": round(postgres_seconds * 10_000), "kafka": 3000,
                          "loadgen": 2000, "multiplexer": 1000, "postgres": 4000},
+            # The machine over 5 s: the watched processes' time and 3.6 s more, 0.5 of it in
+            # interrupts and 0.1 stolen.
+            "wall_seconds": 5.0,
+            "machine": {"user": 1.9 + postgres_seconds + 1.0, "system": 2.0, "irq": 0.5,
+                        "steal": 0.1, "idle": 5.0},
         },
         "pipeline": {"histograms": {
             "multiplexer_store_seconds": {"p50": 0.002, "p99": None},
@@ -129,6 +136,13 @@ def test_medians_and_ratios_of_the_trials_at_the_rate(tmp_path):
                 for line in lines[head + 2:head + 4]]
     assert switched == [["a", "4", "11.50", "3.00", "2.00", "1.00", "4.00", "21.50", "1.00"],
                         ["b", "3", "8.00", "3.00", "2.00", "1.00", "4.00", "18.00", "0.84"]]
+    # The machine's cores over each trial's 5 s: watched = (1.9 + the Postgres seconds) / 5 (a's
+    # median 3.05 / 5, b's 2.7 / 5), busy 3.6 / 5 more, all of that unwatched.
+    head = lines.index("| variant | trials | busy | watched | unwatched | irq | steal |")
+    machine = [[c.strip() for c in line.strip("|").split("|")]
+               for line in lines[head + 2:head + 4]]
+    assert machine == [["a", "4", "1.33", "0.61", "0.72", "0.10", "0.02"],
+                       ["b", "3", "1.26", "0.54", "0.72", "0.10", "0.02"]]
 
 
 def test_a_run_without_its_trials_is_named(tmp_path):
@@ -249,3 +263,12 @@ def test_no_switches_table_from_a_load_generator_that_did_not_count_them(tmp_pat
     text = report(tmp_path, 500, [("1", "a", run)])
     assert "writes a message" in text
     assert "Context switches" not in text
+
+
+def test_no_machine_table_from_a_load_generator_that_did_not_read_it(tmp_path):
+    old = trial("confirm", 500, 10.0, 1.0)
+    del old["cpu"]["machine"]
+    run = write_run(tmp_path, "a1", [old])
+    text = report(tmp_path, 500, [("1", "a", run)])
+    assert "Context switches" in text
+    assert "The machine's cores" not in text

@@ -145,25 +145,71 @@ fn thread_switches(pid: u32) -> Option<u64> {
     Some(sum)
 }
 
+/// The whole machine's CPU time (every CPU, the first line of `/proc/stat`) by what it was
+/// spent on, in seconds: since boot, or over a measurement (`since`). The watched processes'
+/// own time is part of `user` and `system`; `irq` is time in interrupts and softirqs (the
+/// loopback's packet processing among it), which a kernel that samples time by ticks also
+/// charges to the process it interrupted and one that accounts irq time apart charges to none;
+/// `steal` is time the hypervisor gave to other guests while this one could run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MachineTime {
+    /// user and nice (guest time is counted in user already).
+    pub user: f64,
+    pub system: f64,
+    /// hardware interrupts and softirqs.
+    pub irq: f64,
+    pub steal: f64,
+    /// idle and iowait.
+    pub idle: f64,
+}
+
+impl MachineTime {
+    pub fn now() -> Option<Self> {
+        let s = std::fs::read_to_string("/proc/stat").ok()?;
+        Self::parse(&s)
+    }
+
+    /// From the text of `/proc/stat`: the `cpu` line's user nice system idle iowait irq
+    /// softirq steal, in ticks.
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|v| v.parse::<u64>().map(|t| t as f64 / ticks_per_sec()))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        (f.len() == 8).then(|| Self {
+            user: f[0] + f[1],
+            system: f[2],
+            idle: f[3] + f[4],
+            irq: f[5] + f[6],
+            steal: f[7],
+        })
+    }
+
+    /// The time spent from `earlier` to this reading.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            user: (self.user - earlier.user).max(0.0),
+            system: (self.system - earlier.system).max(0.0),
+            irq: (self.irq - earlier.irq).max(0.0),
+            steal: (self.steal - earlier.steal).max(0.0),
+            idle: (self.idle - earlier.idle).max(0.0),
+        }
+    }
+
+    /// Every CPU's time but idle and iowait.
+    pub fn busy(&self) -> f64 {
+        self.user + self.system + self.irq + self.steal
+    }
+}
+
 /// CPU seconds the whole machine has spent busy (every CPU, `/proc/stat`: all but idle and
 /// iowait) since boot: with the watched processes' share, how much else ran meanwhile.
 pub fn machine_busy_seconds() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = s.lines().find(|l| l.starts_with("cpu "))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is counted in user already).
-    let busy: u64 = f
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, v)| v)
-        .sum();
-    Some(busy as f64 / ticks_per_sec())
+    MachineTime::now().map(|m| m.busy())
 }
 
 /// Resident memory in KiB (`VmRSS`), of the process alone.
@@ -195,6 +241,7 @@ pub struct Probe {
     watches: Vec<Watch>,
     /// Each watch's CPU seconds and context switches at the start.
     start: Vec<(Option<f64>, Option<u64>)>,
+    machine: Option<MachineTime>,
     started: Instant,
 }
 
@@ -210,6 +257,10 @@ pub struct CpuUse {
     /// wake-ups cost, counted.
     #[serde(default)]
     pub switches: BTreeMap<String, u64>,
+    /// The whole machine's time over the measurement: what every process (watched or not) and
+    /// the kernel's interrupt work took, beside the watched processes' `total_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineTime>,
 }
 
 impl Probe {
@@ -217,6 +268,7 @@ impl Probe {
         Self {
             watches: watches.to_vec(),
             start: watches.iter().map(usage).collect(),
+            machine: MachineTime::now(),
             started: Instant::now(),
         }
     }
@@ -224,6 +276,10 @@ impl Probe {
     pub fn stop(&self) -> CpuUse {
         let mut out = CpuUse {
             wall_seconds: self.started.elapsed().as_secs_f64(),
+            machine: self
+                .machine
+                .zip(MachineTime::now())
+                .map(|(a, b)| b.since(&a)),
             ..Default::default()
         };
         for (w, (cpu_then, switches_then)) in self.watches.iter().zip(&self.start) {
@@ -278,6 +334,60 @@ mod tests {
             "{switched} context switches counted for 200 sleeps"
         );
         Ok(())
+    }
+
+    /// The `cpu` line's eight fields, by what they count; a line cut short is no reading.
+    #[test]
+    fn the_machine_s_time_is_read_by_kind() {
+        let t = ticks_per_sec();
+        let stat = "cpu  100 10 50 1000 5 1 20 3 0 0\ncpu0 50 5 25 500 2 1 10 1 0 0\n";
+        let m = MachineTime::parse(stat).expect("a full cpu line");
+        let in_ticks = |v: f64| (v * t).round() as u64;
+        assert_eq!(
+            [m.user, m.system, m.irq, m.steal, m.idle].map(in_ticks),
+            [110, 50, 21, 3, 1005]
+        );
+        assert_eq!(in_ticks(m.busy()), 184);
+        assert_eq!(MachineTime::parse("cpu  100 10 50 1000\n"), None);
+        let later = MachineTime {
+            user: m.user + 1.0,
+            ..m
+        };
+        assert!((later.since(&m).busy() - 1.0).abs() < 1e-9);
+    }
+
+    /// A thread that spins for 300 ms of CPU: the machine's busy time over the measurement
+    /// covers what this process was charged (within two ticks of rounding).
+    #[test]
+    fn the_machine_s_busy_time_covers_a_watched_process_s() -> anyhow::Result<()> {
+        let me: Watch = "self=self".parse().map_err(anyhow::Error::msg)?;
+        let probe = Probe::start(std::slice::from_ref(&me));
+        let spinner = std::thread::spawn(|| {
+            let (start, wall) = (cpu_now(), Instant::now());
+            let mut x = 0u64;
+            while cpu_now() - start < 0.3 && wall.elapsed() < Duration::from_secs(10) {
+                for i in 0..1_000_000u64 {
+                    x = x.wrapping_mul(31).wrapping_add(i);
+                }
+            }
+            std::hint::black_box(x);
+        });
+        spinner
+            .join()
+            .map_err(|_| anyhow::anyhow!("the spinner panicked"))?;
+        let used = probe.stop();
+        let machine = used.machine.context("/proc/stat read")?;
+        let two_ticks = 2.0 / ticks_per_sec();
+        assert!(used.total_seconds >= 0.25, "{used:?}");
+        assert!(machine.busy() + two_ticks >= used.total_seconds, "{used:?}");
+        Ok(())
+    }
+
+    /// This process's CPU seconds so far.
+    fn cpu_now() -> f64 {
+        stat(std::process::id())
+            .map(|(_, t, _)| t as f64 / ticks_per_sec())
+            .unwrap_or(0.0)
     }
 
     /// A tree counts its descendants' switches: a shell whose child shell sleeps ten times (each

@@ -847,12 +847,13 @@ fn curve_table(o: &mut String, mode: &str, s: &SearchReport) -> anyhow::Result<(
         None if drawn == 0 => writeln!(o, "No chart: no trial passed.\n")?,
         None => writeln!(o, "No chart in this report.\n")?,
     }
-    writeln!(o, "| # | trial | rate (msg/s) | s | delivered p50 / p99 (ms) | receipt p50 / p99 (ms) | CPU/msg | passed |")?;
-    writeln!(o, "|---:|---|---:|---:|---|---|---:|---|")?;
+    writeln!(o, "The machine's cores: how many of its cores were busy through the trial on average (`/proc/stat`), how many of them the watched processes were charged, and how many went to interrupts and softirqs (the loopback's packets among them) and to the hypervisor's other guests (steal). A kernel that samples time by ticks charges an interrupt to the process it interrupted, so the irq cores may be part of the watched ones; busy cores beyond the watched ones ran something no row of CPU/msg counts.\n")?;
+    writeln!(o, "| # | trial | rate (msg/s) | s | delivered p50 / p99 (ms) | receipt p50 / p99 (ms) | CPU/msg | cores: busy / watched / irq / steal | passed |")?;
+    writeln!(o, "|---:|---|---:|---:|---|---|---:|---|---|")?;
     for (i, t) in rows {
         writeln!(
             o,
-            "| {i} | {} | {} | {} | {} / {} | {} / {} | {} | {} |",
+            "| {i} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} |",
             t.spec.label,
             n(t.spec.rate),
             t.spec.seconds,
@@ -861,10 +862,29 @@ fn curve_table(o: &mut String, mode: &str, s: &SearchReport) -> anyhow::Result<(
             ms(t.receipt_latency.p50_ms),
             ms(t.receipt_latency.p99_ms),
             us(t.cpu_seconds_per_message),
+            machine_cores(&t.cpu),
             if t.passed { "yes" } else { "**no**" }
         )?;
     }
     Ok(())
+}
+
+/// The machine's busy cores through a measurement, the watched processes' share, and the
+/// interrupts' and steal's: "1.92 / 1.80 / 0.11 / 0.00", or "-" where it was not read.
+fn machine_cores(cpu: &crate::cpu::CpuUse) -> String {
+    let (Some(m), wall) = (cpu.machine, cpu.wall_seconds) else {
+        return "-".into();
+    };
+    if wall <= 0.0 {
+        return "-".into();
+    }
+    format!(
+        "{:.2} / {:.2} / {:.2} / {:.2}",
+        m.busy() / wall,
+        cpu.total_seconds / wall,
+        m.irq / wall,
+        m.steal / wall
+    )
 }
 
 /// A histogram value in milliseconds.
@@ -1780,6 +1800,29 @@ mod tests {
             "max_sustained_trial": if held { Some(2) } else { None },
             "latency_points": {}, "total_seconds": 90.0
         })
+    }
+
+    /// A trial's cores: the machine's busy time over the wall time, the watched processes',
+    /// the interrupts' and steal; a trial from before the machine was read shows "-".
+    #[test]
+    fn a_trials_cores_are_the_machines_time_over_its_wall_time() {
+        let cpu = crate::cpu::CpuUse {
+            wall_seconds: 10.0,
+            total_seconds: 15.0,
+            machine: Some(crate::cpu::MachineTime {
+                user: 14.0,
+                system: 3.0,
+                irq: 1.2,
+                steal: 0.1,
+                idle: 1.7,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(machine_cores(&cpu), "1.83 / 1.50 / 0.12 / 0.01");
+        let old: crate::cpu::CpuUse =
+            serde_json::from_str(r#"{"wall_seconds": 10.0, "seconds": {}, "total_seconds": 15.0}"#)
+                .expect("a trial's cpu from before");
+        assert_eq!(machine_cores(&old), "-");
     }
 
     /// Delete-on-ack's maximum is its search's, or the rate of the modes at one rate when it
