@@ -206,7 +206,7 @@ create_dbs() { # name_prefix [shards, default 4] -> sets DSNS to the DSN list
     db="${RUN_ID}_$1$i" server="${PG_SERVERS[i % ${#PG_SERVERS[@]}]}"
     psql -q "$server" -c "CREATE DATABASE \"$db\"" >/dev/null
     DBS+=("$server $db")
-    dsns+="${dsns:+,}${server%/*}/$db"
+    dsns+="${dsns:+,}$(dsn_with_db "$server" "$db")"
   done
   SHARD_DSNS="$dsns" "$SERVICES_BIN/db-writer" migrate >>"$OUT/logs/migrate.log" 2>&1 || die "migrate failed"
   DSNS="$dsns"
@@ -305,7 +305,7 @@ settle_postgres() {
   local t0=$SECONDS entry server
   for entry in "${DBS[@]}"; do
     server="${entry% *}"
-    psql -q "${server%/*}/${entry##* }" -c 'VACUUM (ANALYZE)' >>"$OUT/logs/settle.log" 2>&1 \
+    psql -q "$(dsn_with_db "$server" "${entry##* }")" -c 'VACUUM (ANALYZE)' >>"$OUT/logs/settle.log" 2>&1 \
       || echo "bench: vacuuming ${entry##* } failed (see $OUT/logs/settle.log)" >&2
   done
   for server in "${PG_SERVERS[@]}"; do

@@ -26,6 +26,15 @@ tail_log() {
   fi
 }
 
+# dsn_with_db DSN DB -> DSN (URL form) with its database replaced by DB and its parameters kept
+# (sslmode, sslrootcert=/a/path...), as e2e's with_database does: the path is cut at the last
+# slash before the '?', not in the query.
+dsn_with_db() {
+  local url="${1%%\?*}" query=""
+  [[ "$1" == *\?* ]] && query="?${1#*\?}"
+  echo "${url%/*}/$2$query"
+}
+
 # port_open HOST PORT -> 0 when something accepts TCP connections there.
 port_open() {
   (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null

@@ -30,7 +30,8 @@ BIN_DIR="${BIN_DIR:-$REPO/target/debug}"
 RETENTION="${RETENTION:-keep}"
 BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 ADMIN_PG="${CHAT_TEST_PG:-postgres://chat@127.0.0.1:54320/postgres}"
-PG_BASE="${ADMIN_PG%/*}"
+# shellcheck source=../../infra/scripts/lib.sh
+source "$REPO/infra/scripts/lib.sh"
 ART="$WEB_DIR/test-artifacts/$RETENTION"
 
 case "$RETENTION" in keep|delete-on-ack) ;; *) echo "run-e2e: RETENTION must be keep or delete-on-ack" >&2; exit 2 ;; esac
@@ -42,7 +43,7 @@ command -v psql >/dev/null || { echo "run-e2e: psql is missing" >&2; exit 2; }
 
 P="webe2e$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 DBS=("${P}_s0" "${P}_s1")
-DSNS="$PG_BASE/${DBS[0]},$PG_BASE/${DBS[1]}"
+DSNS="$(dsn_with_db "$ADMIN_PG" "${DBS[0]}"),$(dsn_with_db "$ADMIN_PG" "${DBS[1]}")"
 mkdir -p "$ART"
 rm -f "$ART"/*.log "$ART"/*.png
 PIDS=()
