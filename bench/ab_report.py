@@ -154,7 +154,8 @@ def machine_table(order, rows):
     out = ["The machine's cores through each trial (from /proc/stat; busy on average, those the "
            "watched processes were charged, the rest, and of the busy ones those in interrupts and "
            "softirqs and those the hypervisor gave to other guests; each variant's median over its "
-           "trials)", ""]
+           "trials; the processes' ticks and the machine's are read a moment apart, so the rest "
+           "can read a hundredth or so below 0)", ""]
     out.append("| variant | trials | " + " | ".join(MACHINE) + " |")
     out.append("|---|" + "---:|" * (len(MACHINE) + 1))
     for v in order:
