@@ -59,10 +59,13 @@ static METRICS: OnceLock<Metrics> = OnceLock::new();
 pub fn metrics_handle() -> &'static Metrics {
     METRICS.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
-            // Fine below 25 ms, where a message's hops are judged against a 10 ms target.
+            // Fine below 25 ms, where a message's hops are judged against a 10 ms target, and
+            // finest from 1 to 5 ms, where each hop's p99 lies at low rates (at 500 msg/s, nine
+            // hops with p99s of 1-6 ms; with no bound between 1 and 2.5 ms, and none between
+            // 2.5 and 5, a quantile there was a straight line through the bucket).
             .set_buckets(&[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
-                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075,
+                0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ])
             .expect("static bucket list is non-empty")
             .set_buckets_for_metric(
