@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPORT = Path(__file__).resolve().parent / "ab_report.py"
 
 
@@ -256,19 +258,15 @@ def test_the_key_statements_of_both_designs_are_grouped():
                  "WHERE created_at_ms < $1 LIMIT $2)") == "other"
 
 
-def test_no_switches_table_from_a_load_generator_that_did_not_count_them(tmp_path):
+@pytest.mark.parametrize("missing, still_there, gone", [
+    ("switches", "writes a message", "Context switches"),
+    ("machine", "Context switches", "The machine's cores"),
+])
+def test_no_table_of_what_an_older_load_generator_did_not_read(tmp_path, missing, still_there,
+                                                               gone):
     old = trial("confirm", 500, 10.0, 1.0)
-    del old["cpu"]["switches"]
+    del old["cpu"][missing]
     run = write_run(tmp_path, "a1", [old])
     text = report(tmp_path, 500, [("1", "a", run)])
-    assert "writes a message" in text
-    assert "Context switches" not in text
-
-
-def test_no_machine_table_from_a_load_generator_that_did_not_read_it(tmp_path):
-    old = trial("confirm", 500, 10.0, 1.0)
-    del old["cpu"]["machine"]
-    run = write_run(tmp_path, "a1", [old])
-    text = report(tmp_path, 500, [("1", "a", run)])
-    assert "Context switches" in text
-    assert "The machine's cores" not in text
+    assert still_there in text
+    assert gone not in text

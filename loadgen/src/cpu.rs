@@ -206,12 +206,6 @@ impl MachineTime {
     }
 }
 
-/// CPU seconds the whole machine has spent busy (every CPU, `/proc/stat`: all but idle and
-/// iowait) since boot: with the watched processes' share, how much else ran meanwhile.
-pub fn machine_busy_seconds() -> Option<f64> {
-    MachineTime::now().map(|m| m.busy())
-}
-
 /// Resident memory in KiB (`VmRSS`), of the process alone.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

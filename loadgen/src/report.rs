@@ -872,12 +872,10 @@ fn curve_table(o: &mut String, mode: &str, s: &SearchReport) -> anyhow::Result<(
 /// The machine's busy cores through a measurement, the watched processes' share, and the
 /// interrupts' and steal's: "1.92 / 1.80 / 0.11 / 0.00", or "-" where it was not read.
 fn machine_cores(cpu: &crate::cpu::CpuUse) -> String {
-    let (Some(m), wall) = (cpu.machine, cpu.wall_seconds) else {
+    let wall = cpu.wall_seconds;
+    let Some(m) = cpu.machine.filter(|_| wall > 0.0) else {
         return "-".into();
     };
-    if wall <= 0.0 {
-        return "-".into();
-    }
     format!(
         "{:.2} / {:.2} / {:.2} / {:.2}",
         m.busy() / wall,

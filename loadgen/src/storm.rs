@@ -473,7 +473,6 @@ pub async fn storm(a: StormArgs) -> anyhow::Result<StormReport> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
     let bar = crate::progress_bar(n as u64, "storm: connected to syncDone");
     let probe = Probe::start(&a.watches);
-    let machine_before = cpu::machine_busy_seconds();
     let t0 = Instant::now();
     for (user, (token, expected)) in prepared.into_iter().enumerate() {
         let source = (!a.source_ips.is_empty()).then(|| a.source_ips[user % a.source_ips.len()]);
@@ -540,9 +539,7 @@ pub async fn storm(a: StormArgs) -> anyhow::Result<StormReport> {
         }
     }
     let cpu = probe.stop();
-    let machine_busy_seconds = machine_before
-        .zip(cpu::machine_busy_seconds())
-        .map(|(b, e)| e - b);
+    let machine_busy_seconds = cpu.machine.map(|m| m.busy());
     let load_average = std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next()?.parse().ok());
