@@ -24,9 +24,11 @@
 # the rate and a 5 s probe, then a confirm trial and a latency trial of S seconds each at the rate,
 # and two short trials the search always ends with. The report reads the confirm and latency
 # trials: delivered and receipt p50 / p99 as the load generator saw them, the hops' p50 / p99 from
-# the pipeline's histograms, CPU per message by process, the gateways' socket writes and the
-# context switches by process per message, and the machine's busy cores (/proc/stat: the watched
-# processes' share, the rest, interrupts, steal). The load generator and chatctl are
+# the pipeline's histograms, the delivered p99 second by second (the median second's, the
+# slowest, the seconds over 1.5 times the median: a stall against a tail every second shares),
+# CPU per message by process, the gateways' socket writes and the context switches by process per
+# message, and the machine's busy cores (/proc/stat: the watched processes' share, the rest,
+# interrupts, steal). The load generator and chatctl are
 # this tree's in every run (bench.sh's BENCH_SERVICES_BIN), so the measuring side stays the same.
 #
 # A broker just started runs slower until its JIT has warmed up, so a run of the first variant

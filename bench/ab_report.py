@@ -138,6 +138,13 @@ def figures(trial):
         f["cores unwatched"] = (busy - (total or 0.0)) / wall
         f["cores irq"] = machine.get("irq", 0.0) / wall
         f["cores steal"] = machine.get("steal", 0.0) / wall
+    seconds = [x.get("p99_ms") for x in trial.get("delivered_by_second") or []]
+    seconds = [v for v in seconds if v is not None]
+    if seconds:
+        f["seconds"] = len(seconds)
+        f["seconds p99 median"] = median(seconds)
+        f["seconds p99 slowest"] = max(seconds)
+        f["seconds over 1.5x"] = sum(1 for v in seconds if v > 1.5 * f["seconds p99 median"])
     return f
 
 
@@ -163,6 +170,40 @@ def machine_table(order, rows):
         m = {c: median([f.get(f"cores {c}") for f in mine]) for c in MACHINE}
         trials = sum(1 for f in mine if f.get("cores busy") is not None)
         out.append(f"| {v} | {trials} | " + " | ".join(cell(m[c], 2) for c in MACHINE) + " |")
+    return "\n".join(out) + "\n"
+
+
+def seconds_table(order, rows):
+    """Each trial's delivered p99 second by second (the messages scheduled in each second):
+    the median second's, the slowest, and how many seconds were over 1.5 times the median; then
+    each variant's median of those. A p99 that one stall set shows as a slow second over a median
+    near the rest; one every second shares, as a median near the trial's p99. None when no trial
+    has them (a load generator from before they were)."""
+    if all(f.get("seconds") is None for _, f, _ in rows):
+        return None
+    out = ["Delivered p99 second by second (of the messages scheduled in each second of a trial: "
+           "the median second's, the slowest second's, and the seconds over 1.5 times the median; "
+           "then each variant's median over its trials)", ""]
+    out.append("| round | variant | trial | delivered p99 | seconds | median second | slowest "
+               "second | seconds over 1.5x |")
+    out.append("|---|---|---|---:|---:|---:|---:|---:|")
+    for labels, f, _ in rows:
+        if f.get("seconds") is None:
+            continue
+        out.append("| " + " | ".join(labels) + " | " + " | ".join(
+            [cell(f.get("delivered p99"), 1), str(f["seconds"]),
+             cell(f["seconds p99 median"], 1), cell(f["seconds p99 slowest"], 1),
+             str(f["seconds over 1.5x"])]) + " |")
+    for v in order:
+        mine = [f for _, f, w in rows if w == v and f.get("seconds") is not None]
+        if not mine:
+            continue
+        out.append(f"| median of {len(mine)} | {v} | | "
+                   + " | ".join([cell(median([f.get("delivered p99") for f in mine]), 1), "",
+                                 cell(median([f["seconds p99 median"] for f in mine]), 1),
+                                 cell(median([f["seconds p99 slowest"] for f in mine]), 1),
+                                 cell(median([f["seconds over 1.5x"] for f in mine]), 1)])
+                   + " |")
     return "\n".join(out) + "\n"
 
 
@@ -333,6 +374,9 @@ def main():
     print(table("Per variant (medians over its trials; ratios to the first variant's)", LATENCY,
                 summary, 1))
     print(table("", CPU, summary, 1).lstrip("\n"))
+    by_second = seconds_table(order, rows)
+    if by_second:
+        print(by_second)
     writes = writes_table(order, rows)
     if writes:
         print(writes)

@@ -16,6 +16,9 @@
   variant's median, and the ratio of their sum to the first variant's; no table without them.
 - The machine's cores (busy, watched, the rest, interrupts, steal), when the trials read them:
   each variant's median; no table without them.
+- The delivered p99 second by second, when the trials have it: each trial's median second, its
+  slowest, and its seconds over 1.5 times the median, then each variant's medians; no table
+  without it.
 """
 
 from __future__ import annotations
@@ -256,6 +259,36 @@ def test_the_key_statements_of_both_designs_are_grouped():
     # The expiry's sweep of unused keys is not the store's.
     assert group("DELETE FROM sealing_keys WHERE id IN (SELECT id FROM sealing_keys "
                  "WHERE created_at_ms < $1 LIMIT $2)") == "other"
+
+
+def with_seconds(t, p99s):
+    t["delivered_by_second"] = [{"second": i, "delivered": 500, "p50_ms": 4.0, "p99_ms": v,
+                                 "max_ms": v + 1.0} for i, v in enumerate(p99s)]
+    return t
+
+
+def test_the_delivered_p99_second_by_second(tmp_path):
+    # a: one stall in an otherwise quick trial, then a trial alike throughout; b: every second
+    # alike, slower.
+    a1 = write_run(tmp_path, "a1", [with_seconds(trial("confirm", 500, 3.0, 1.0),
+                                                 [8.0, 9.0, 30.0, 7.0, 10.0]),
+                                    with_seconds(trial("latency-low", 500, 3.0, 1.0),
+                                                 [8.0, 8.0, 9.0, 8.0])])
+    b1 = write_run(tmp_path, "b1", [with_seconds(trial("confirm", 500, 4.0, 1.0),
+                                                 [12.0, 11.0, 13.0, 12.0])])
+    text = report(tmp_path, 500, [("1", "a", a1), ("1", "b", b1)])
+    table = text.split("Delivered p99 second by second", 1)[1].split("\n\n", 2)[1]
+    assert rows(table, "1") == [
+        ["1", "a", "confirm", "9.0", "5", "9.0", "30.0", "1"],
+        ["1", "a", "latency-low", "9.0", "4", "8.0", "9.0", "0"],
+        ["1", "b", "confirm", "12.0", "4", "12.0", "13.0", "0"],
+    ]
+    assert rows(table, "median") == [
+        ["median of 2", "a", "", "9.0", "", "8.5", "19.5", "0.5"],
+        ["median of 1", "b", "", "12.0", "", "12.0", "13.0", "0.0"],
+    ]
+    older = write_run(tmp_path, "c1", [trial("confirm", 500, 3.0, 1.0)])
+    assert "second by second" not in report(tmp_path, 500, [("1", "c", older)])
 
 
 @pytest.mark.parametrize("missing, still_there, gone", [

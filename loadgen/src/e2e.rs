@@ -463,6 +463,7 @@ impl Fleet {
             let _ = s.send(Cmd::Trial(trial.clone()));
         }
         tokio::time::sleep_until(trial.t0.into()).await;
+        let started_unix_ms = unix_ms_at(trial.t0);
         let probe = Probe::start(&self.setup.watches);
 
         let bar = crate::progress_bar((spec.seconds * 10.0) as u64, &spec.label);
@@ -521,6 +522,7 @@ impl Fleet {
         };
         let mut report = analyse(&trial, spec, sent, send_end, cpu, late_max_us, aborted);
         report.pipeline = pipeline;
+        report.started_unix_ms = started_unix_ms;
         if let Err(e) = draw(&trial, &report, sent, chart_path) {
             eprintln!("chart {}: {e}", chart_path.display());
         }
@@ -548,6 +550,16 @@ impl Fleet {
     }
 }
 
+/// The wall-clock time of `at`, in milliseconds since the Unix epoch.
+fn unix_ms_at(at: Instant) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let since = Instant::now().saturating_duration_since(at).as_millis() as i64;
+    let until = at.saturating_duration_since(Instant::now()).as_millis() as i64;
+    now - since + until
+}
+
 fn progress_msg(t: &Trial, sent: u32) -> String {
     format!(
         "sent {sent} acc {} del {} rcpt {} err {}",
@@ -556,6 +568,41 @@ fn progress_msg(t: &Trial, sent: u32) -> String {
         t.n_receipted.load(Ordering::Relaxed),
         t.n_refused.load(Ordering::Relaxed)
     )
+}
+
+/// The delivered latency of the messages scheduled in one second of a trial.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecondLatency {
+    /// Seconds since the trial's clock started.
+    pub second: u32,
+    pub delivered: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Each second's delivered latency, from (scheduled, latency) pairs in microseconds.
+fn by_second(samples: impl IntoIterator<Item = (u64, u64)>) -> Vec<SecondLatency> {
+    let mut seconds: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (sched, lat) in samples {
+        seconds
+            .entry((sched / 1_000_000) as u32)
+            .or_default()
+            .push(lat);
+    }
+    seconds
+        .into_iter()
+        .map(|(second, mut lats)| {
+            let l = Latency::of_us(&mut lats);
+            SecondLatency {
+                second,
+                delivered: l.count as u64,
+                p50_ms: l.p50_ms,
+                p99_ms: l.p99_ms,
+                max_ms: l.max_ms,
+            }
+        })
+        .collect()
 }
 
 /// One trial's figures.
@@ -582,6 +629,15 @@ pub struct TrialReport {
     pub receipt_latency: Latency,
     /// Receipt latency p99 per window (5 s of scheduled send time).
     pub window_p99_ms: Vec<f64>,
+    /// When the trial's clock started (its first scheduled send), in milliseconds since the
+    /// Unix epoch: second `s` of `delivered_by_second` began `s` seconds after it, so a slow
+    /// second can be laid beside the servers' logs. 0 in reports of an older load generator.
+    #[serde(default)]
+    pub started_unix_ms: i64,
+    /// Delivered latency of the messages scheduled in each second of the trial (every second
+    /// that scheduled one); empty in reports of an older load generator.
+    #[serde(default)]
+    pub delivered_by_second: Vec<SecondLatency>,
     pub cpu: CpuUse,
     /// CPU seconds per message (all watched processes).
     pub cpu_seconds_per_message: f64,
@@ -631,6 +687,7 @@ fn analyse(
 ) -> TrialReport {
     let load = |v: &AtomicU32| v.load(Ordering::Relaxed);
     let (mut acc, mut del, mut rec) = (Vec::new(), Vec::new(), Vec::new());
+    let mut del_sched = Vec::new();
     let secs = (send_end.as_secs_f64() + spec.drain_seconds + 2.0).ceil() as usize;
     let mut per = vec![(0u64, 0u64, 0u64, 0u64); secs.max(1)];
     let window_us = 5_000_000u64;
@@ -659,6 +716,7 @@ fn analyse(
         if d > 0 {
             let at = d as u64 - 1;
             del.push(at.saturating_sub(sched));
+            del_sched.push((sched, at.saturating_sub(sched)));
             let s = bucket(at, &mut per);
             per[s].2 += 1;
         }
@@ -738,6 +796,8 @@ fn analyse(
         deliver_latency: Latency::of_us(&mut del),
         receipt_latency,
         window_p99_ms,
+        started_unix_ms: 0,
+        delivered_by_second: by_second(del_sched),
         cpu_seconds_per_message: cpu_per,
         cpu,
         passed,
@@ -1251,7 +1311,54 @@ fn draw_curve(
 
 #[cfg(test)]
 mod tests {
-    use super::Confirms;
+    use super::{by_second, unix_ms_at, Confirms, SecondLatency};
+    use std::time::{Duration, Instant};
+
+    /// Each message counts in the second it was scheduled in, whenever it was delivered: a
+    /// second whose sends were all slow shows so even if they arrived in the next one.
+    #[test]
+    fn delivered_latency_by_the_second_it_was_scheduled() {
+        // Second 0: 100 messages at 1..=100 ms; second 2: one at 250 ms, scheduled at 2.9 s.
+        let mut samples: Vec<(u64, u64)> = (1..=100).map(|i| (i * 9_000, i * 1_000)).collect();
+        samples.push((2_900_000, 250_000));
+        samples.reverse();
+        let seconds = by_second(samples);
+        assert_eq!(
+            seconds,
+            vec![
+                SecondLatency {
+                    second: 0,
+                    delivered: 100,
+                    p50_ms: 50.0,
+                    p99_ms: 99.0,
+                    max_ms: 100.0
+                },
+                SecondLatency {
+                    second: 2,
+                    delivered: 1,
+                    p50_ms: 250.0,
+                    p99_ms: 250.0,
+                    max_ms: 250.0
+                },
+            ]
+        );
+    }
+
+    /// An instant's wall-clock time, before it and after it: the second it names in a report.
+    #[test]
+    fn an_instant_on_the_wall_clock() {
+        let now = chat_common::now_ms();
+        let later = unix_ms_at(Instant::now() + Duration::from_secs(30));
+        let earlier = unix_ms_at(Instant::now() - Duration::from_secs(30));
+        assert!(
+            (later - now - 30_000).abs() < 1_000,
+            "{later} against {now}"
+        );
+        assert!(
+            (now - earlier - 30_000).abs() < 1_000,
+            "{earlier} against {now}"
+        );
+    }
 
     /// Against a machine that holds every rate up to a limit and none above it, the confirms
     /// never claim a rate above the limit and find one within 9% of it (or of the probes' best,

@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::e2e::{SearchReport, TrialReport};
+use crate::e2e::{SearchReport, SecondLatency, TrialReport};
 use crate::prometheus::HistogramDelta;
 use crate::raw::{EchoReport, HoldReport, KafkaReport, PgReport};
 use crate::storm::StormReport;
@@ -991,8 +991,49 @@ fn hops_section(o: &mut String, mode: &str, s: &SearchReport) -> anyhow::Result<
         for (what, why) in &p.errors {
             writeln!(o, "\nnot read: {what}: {why}")?;
         }
+        if let Some(line) = by_second_line(t) {
+            writeln!(o, "\n{line}")?;
+        }
     }
     Ok(())
+}
+
+/// A trial's delivered p99 second by second: whether its p99 came from a few slow seconds or
+/// from every second alike, and when the slowest were, to lay beside the servers' logs. `None`
+/// for a report of an older load generator.
+fn by_second_line(t: &TrialReport) -> Option<String> {
+    let seconds = &t.delivered_by_second;
+    if seconds.is_empty() {
+        return None;
+    }
+    let mut p99s: Vec<f64> = seconds.iter().map(|x| x.p99_ms).collect();
+    p99s.sort_by(f64::total_cmp);
+    let median = p99s[(p99s.len() - 1) / 2];
+    let mut slowest: Vec<&SecondLatency> = seconds.iter().collect();
+    slowest.sort_by(|a, b| b.p99_ms.total_cmp(&a.p99_ms).then(a.second.cmp(&b.second)));
+    let at = |second: u32| {
+        if t.started_unix_ms <= 0 {
+            return String::new();
+        }
+        let of_day = (t.started_unix_ms / 1000 + i64::from(second)).rem_euclid(86_400);
+        format!(
+            " at {:02}:{:02}:{:02} UTC",
+            of_day / 3600,
+            of_day / 60 % 60,
+            of_day % 60
+        )
+    };
+    let shown: Vec<String> = slowest
+        .iter()
+        .take(3)
+        .map(|x| format!("{} ms (second {}{})", ms(x.p99_ms), x.second, at(x.second)))
+        .collect();
+    Some(format!(
+        "Second by second (the delivered p99 of the messages scheduled in each of its {} seconds): median {} ms; the slowest {}.",
+        seconds.len(),
+        ms(median),
+        shown.join(", ")
+    ))
 }
 
 /// The targets of issue 18, for each retention mode.
@@ -1821,6 +1862,42 @@ mod tests {
             serde_json::from_str(r#"{"wall_seconds": 10.0, "seconds": {}, "total_seconds": 15.0}"#)
                 .expect("a trial's cpu from before");
         assert_eq!(machine_cores(&old), "-");
+    }
+
+    /// The second-by-second line names the median second and the three slowest, with their
+    /// wall-clock time; a report from before the field has none.
+    #[test]
+    fn a_trials_slowest_seconds_are_named_with_their_time() -> anyhow::Result<()> {
+        let mut trial = bounded_search(500.0, true)["trials"][2].clone();
+        // 2026-12-07 02:10:04.500 UTC.
+        trial["started_unix_ms"] = serde_json::json!(1_796_609_404_500i64);
+        let second = |s: u32, p99: f64| {
+            serde_json::json!({"second": s, "delivered": 500, "p50_ms": 4.0, "p99_ms": p99,
+                               "max_ms": p99 + 1.0})
+        };
+        trial["delivered_by_second"] = serde_json::json!([
+            second(0, 9.0),
+            second(1, 47.0),
+            second(2, 8.0),
+            second(3, 109.0),
+            second(4, 9.5),
+            second(5, 12.0)
+        ]);
+        let t: TrialReport = serde_json::from_value(trial.clone())?;
+        assert_eq!(
+            by_second_line(&t).as_deref(),
+            Some(
+                "Second by second (the delivered p99 of the messages scheduled in each of its 6 seconds): \
+                 median 9.50 ms; the slowest 109 ms (second 3 at 02:10:07 UTC), 47.0 ms (second 1 at \
+                 02:10:05 UTC), 12.0 ms (second 5 at 02:10:09 UTC)."
+            )
+        );
+        trial
+            .as_object_mut()
+            .map(|o| (o.remove("delivered_by_second"), o.remove("started_unix_ms")));
+        let old: TrialReport = serde_json::from_value(trial)?;
+        assert_eq!(by_second_line(&old), None);
+        Ok(())
     }
 
     /// Delete-on-ack's maximum is its search's, or the rate of the modes at one rate when it
