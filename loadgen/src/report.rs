@@ -1008,7 +1008,13 @@ fn by_second_line(t: &TrialReport) -> Option<String> {
     }
     let mut p99s: Vec<f64> = seconds.iter().map(|x| x.p99_ms).collect();
     p99s.sort_by(f64::total_cmp);
-    let median = p99s[(p99s.len() - 1) / 2];
+    // As bench/ab_report.py takes it: the middle one, or the mean of the middle two.
+    let mid = p99s.len() / 2;
+    let median = if p99s.len() % 2 == 1 {
+        p99s[mid]
+    } else {
+        (p99s[mid - 1] + p99s[mid]) / 2.0
+    };
     let mut slowest: Vec<&SecondLatency> = seconds.iter().collect();
     slowest.sort_by(|a, b| b.p99_ms.total_cmp(&a.p99_ms).then(a.second.cmp(&b.second)));
     let at = |second: u32| {
@@ -1888,7 +1894,7 @@ mod tests {
             by_second_line(&t).as_deref(),
             Some(
                 "Second by second (the delivered p99 of the messages scheduled in each of its 6 seconds): \
-                 median 9.50 ms; the slowest 109 ms (second 3 at 02:10:07 UTC), 47.0 ms (second 1 at \
+                 median 10.8 ms; the slowest 109 ms (second 3 at 02:10:07 UTC), 47.0 ms (second 1 at \
                  02:10:05 UTC), 12.0 ms (second 5 at 02:10:09 UTC)."
             )
         );
