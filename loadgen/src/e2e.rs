@@ -686,7 +686,9 @@ fn analyse(
     aborted: Option<String>,
 ) -> TrialReport {
     let load = |v: &AtomicU32| v.load(Ordering::Relaxed);
-    let (mut acc, mut del, mut rec) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut acc, mut rec) = (Vec::new(), Vec::new());
+    // Each delivered message's scheduled time and latency: the trial's percentiles and each
+    // second's.
     let mut del_sched = Vec::new();
     let secs = (send_end.as_secs_f64() + spec.drain_seconds + 2.0).ceil() as usize;
     let mut per = vec![(0u64, 0u64, 0u64, 0u64); secs.max(1)];
@@ -715,7 +717,6 @@ fn analyse(
         let d = load(&t.delivered[i as usize]);
         if d > 0 {
             let at = d as u64 - 1;
-            del.push(at.saturating_sub(sched));
             del_sched.push((sched, at.saturating_sub(sched)));
             let s = bucket(at, &mut per);
             per[s].2 += 1;
@@ -778,6 +779,7 @@ fn analyse(
     } else {
         0.0
     };
+    let mut del: Vec<u64> = del_sched.iter().map(|&(_, latency)| latency).collect();
     TrialReport {
         spec: spec.clone(),
         users: 0,
