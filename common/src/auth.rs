@@ -71,7 +71,7 @@ impl TokenVerifier {
     /// The user the token names, if it is valid.
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
-        Ok(UserId::parse(&data.claims.sub)?)
+        Ok(UserId::parse_addressable(&data.claims.sub)?)
     }
 }
 
@@ -167,9 +167,35 @@ mod tests {
         .expect("encode");
         assert!(verifier.verify(&expired).is_err());
 
-        // A subject outside the user id alphabet.
-        let bad = issuer.issue(&alice, 60).expect("issue");
-        assert!(verifier.verify(&bad).is_ok());
+        // Subjects that are not a user's id: outside the alphabet, or a dot segment (a user a URL
+        // cannot name).
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        for (sub, why) in [
+            ("a/b", IdError::BadChar { kind: "user id" }),
+            ("..", IdError::DotSegment { kind: "user id" }),
+            (".", IdError::DotSegment { kind: "user id" }),
+        ] {
+            let claims = Claims {
+                sub: sub.into(),
+                iss: "iss".into(),
+                aud: "aud".into(),
+                iat: now,
+                exp: now + 60,
+            };
+            let token = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"s3cret"),
+            )
+            .expect("encode");
+            match verifier.verify(&token) {
+                Err(AuthError::BadSubject(e)) => assert_eq!(e, why, "{sub:?}"),
+                other => panic!("{sub:?}: {other:?}"),
+            }
+        }
         assert!(verifier.verify("not a token").is_err());
     }
 }

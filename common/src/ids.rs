@@ -24,6 +24,8 @@ pub enum IdError {
     BadChar { kind: &'static str },
     #[error("conversation key must be two distinct, sorted user ids joined by ':'")]
     BadConversation,
+    #[error("{kind} may not be '.' or '..': a URL cannot hold them as a path segment")]
+    DotSegment { kind: &'static str },
 }
 
 fn check(kind: &'static str, s: &str, max: usize) -> Result<(), IdError> {
@@ -43,14 +45,31 @@ fn check(kind: &'static str, s: &str, max: usize) -> Result<(), IdError> {
 }
 
 /// A user id: 1 to 64 bytes of `[A-Za-z0-9_.-]`. The alphabet leaves out ':' (the conversation key
-/// separator), '/', whitespace and control characters, so ids are safe in keys, URLs and logs.
+/// separator), '/', whitespace and control characters, so ids are safe in keys, URLs and logs;
+/// and a user named from now on ([`UserId::parse_addressable`]) is neither `.` nor `..`, which a
+/// URL path cannot hold as a segment.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UserId(String);
 
 impl UserId {
+    /// An id as it may already be stored or logged: the alphabet and the length. What is read
+    /// back (Kafka records, shard rows) goes through here, so that data written before
+    /// [`UserId::parse_addressable`]'s rule reads back.
     pub fn parse(s: &str) -> Result<Self, IdError> {
         check("user id", s, MAX_ID_LEN)?;
         Ok(Self(s.to_owned()))
+    }
+
+    /// An id that names a user from now on: a token's subject, a message's recipient, the peer
+    /// of a request. [`UserId::parse`]'s rules, and neither `.` nor `..`: clients normalise
+    /// those path segments away (`/messages/..` is `/`; browsers do it to `%2E%2E` too), so such
+    /// a user could never be reached over REST.
+    pub fn parse_addressable(s: &str) -> Result<Self, IdError> {
+        let id = Self::parse(s)?;
+        if matches!(s, "." | "..") {
+            return Err(IdError::DotSegment { kind: "user id" });
+        }
+        Ok(id)
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -205,6 +224,31 @@ mod tests {
                 matches!(UserId::parse(bad), Err(IdError::BadChar { .. })),
                 "{bad:?}"
             );
+        }
+    }
+
+    /// `.` and `..` are refused for a user named from now on, and read back where stored; any
+    /// other id of dots, or with dots in it, is a user's like any other.
+    #[test]
+    fn a_user_named_from_now_on_is_neither_dot_nor_dot_dot() {
+        for dots in [".", ".."] {
+            assert_eq!(
+                UserId::parse_addressable(dots),
+                Err(IdError::DotSegment { kind: "user id" })
+            );
+            assert_eq!(UserId::parse(dots).map(|u| u.0), Ok(dots.to_owned()));
+        }
+        for fine in ["...", ".a", "a.", "a..b", "..a", "-", "_"] {
+            assert_eq!(
+                UserId::parse_addressable(fine).map(|u| u.0),
+                Ok(fine.to_owned())
+            );
+        }
+        for (bad, err) in [
+            ("", IdError::Empty { kind: "user id" }),
+            ("a/b", IdError::BadChar { kind: "user id" }),
+        ] {
+            assert_eq!(UserId::parse_addressable(bad), Err(err));
         }
     }
 

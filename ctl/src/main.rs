@@ -357,7 +357,7 @@ async fn main() -> anyhow::Result<()> {
             }
         },
         Command::Token { user, ttl } => {
-            let user = UserId::parse(&user)?;
+            let user = UserId::parse_addressable(&user)?;
             let secret = env_or("JWT_SECRET", DEV_JWT_SECRET);
             let issuer = TokenIssuer::hs256(
                 secret.as_bytes(),

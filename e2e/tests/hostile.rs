@@ -114,6 +114,16 @@ async fn malformed_frames_get_errors_and_close_codes_and_others_are_unaffected(
             "{recipient:?}/{cid:?}: {code}"
         );
     }
+    // Users a URL cannot name (clients turn `/messages/..` into `/`): refused as recipients.
+    for (recipient, cid) in [(".", "c8"), ("..", "c9")] {
+        let send = serde_json::json!({"send": {"clientMessageId": cid, "recipient": recipient, "body": "x"}});
+        ws.send(Message::Text(send.to_string().into())).await?;
+        assert_eq!(
+            next_error(&mut ws).await,
+            "invalid_recipient",
+            "{recipient:?}"
+        );
+    }
     // Acks for nothing, out of order, for a bad peer: harmless.
     for ack in [
         r#"{"ack":{"peer":"bob","upToSeq":"999999"}}"#,

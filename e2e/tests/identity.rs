@@ -42,6 +42,9 @@ async fn bad_tokens_are_refused_before_the_upgrade() -> anyhow::Result<()> {
                 now - 3600,
             )?,
         ),
+        // Signed, but for a user a URL cannot name (`/messages/..` is `/`).
+        ("subject ..", env.token("..")),
+        ("subject .", env.token(".")),
         // {"alg":"none","typ":"JWT"} with valid claims and no signature.
         (
             "alg none",

@@ -495,7 +495,7 @@ async fn dev_token(user: String, app: Arc<App>) -> Result<impl Reply, Rejection>
             "dev tokens are disabled",
         ));
     };
-    let user = UserId::parse(&user)
+    let user = UserId::parse_addressable(&user)
         .map_err(|e| reject(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
     let token = issuer
         .issue(&user, 24 * 3600)

@@ -3,10 +3,12 @@
 // Modules: store.js (local history, ordering, dedup, ack/unread bookkeeping), connection.js
 // (websocket with reconnect/backoff), this file (protocol handling and the DOM).
 
-import { ChatStore, isValidUserId, int } from './store.js';
+import { ChatStore, isAddressableUserId, isValidUserId, int } from './store.js';
 import { Connection, CLOSE } from './connection.js';
 
 const SESSION_KEY = 'chat.v1.session';
+/** What a typed user id must be (isAddressableUserId). */
+const USER_ID_RULE = 'Enter a user id: 1 to 64 letters, digits, dots, dashes or underscores, other than "." and "..".';
 /** A send without an answer for this long is shown as failed (with a retry button). */
 const SEND_TIMEOUT_MS = 15_000;
 /** The gateway's default MAX_BODY_BYTES; the server does not advertise its own value. */
@@ -112,10 +114,10 @@ async function onSignIn(ev) {
       if (!sub) throw new Error('That does not look like an access token (a JWT with a user id as subject).');
       session = { user: sub, token: pasted };
     } else {
-      if (!isValidUserId(user)) {
+      if (!isAddressableUserId(user)) {
         $('signin-user').setAttribute('aria-invalid', 'true');
         $('signin-user').focus();
-        throw new Error('Enter a user id: 1 to 64 letters, digits, dots, dashes or underscores.');
+        throw new Error(USER_ID_RULE);
       }
       $('signin-user').removeAttribute('aria-invalid');
       let res;
@@ -820,8 +822,8 @@ function onOpenContact(ev) {
   const input = $('contact-input');
   const peer = input.value.trim();
   const err = $('contact-error');
-  if (!isValidUserId(peer)) {
-    err.textContent = 'Enter a user id: 1 to 64 letters, digits, dots, dashes or underscores.';
+  if (!isAddressableUserId(peer)) {
+    err.textContent = USER_ID_RULE;
     input.setAttribute('aria-invalid', 'true');
     input.focus();
     return;

@@ -26,6 +26,14 @@ export function isValidUserId(s) {
   return typeof s === 'string' && /^[A-Za-z0-9_.-]{1,64}$/.test(s);
 }
 
+/**
+ * A user id someone types to sign in or to write to: also neither "." nor "..", which a URL
+ * cannot hold as a path segment (`/messages/..` is `/`); the server refuses them the same way.
+ */
+export function isAddressableUserId(s) {
+  return isValidUserId(s) && s !== '.' && s !== '..';
+}
+
 /** proto3 JSON carries 64-bit integers as strings and omits zero values. */
 export function int(v) {
   if (v === undefined || v === null || v === '') return 0;

@@ -2,7 +2,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ChatStore, STORAGE_PREFIX, isValidUserId, int } from '../public/store.js';
+import { ChatStore, STORAGE_PREFIX, isAddressableUserId, isValidUserId, int } from '../public/store.js';
 import { BACKOFF, Connection, STABLE_MS, backoffCeiling, backoffDelay } from '../public/connection.js';
 
 class MemoryStorage {
@@ -39,6 +39,15 @@ test('proto3 JSON helpers', () => {
   assert.ok(!isValidUserId('a:b'));
   assert.ok(!isValidUserId(''));
   assert.ok(!isValidUserId('x'.repeat(65)));
+});
+
+test('a typed user id is neither "." nor "..", which stored ids may still be', () => {
+  for (const dots of ['.', '..']) {
+    assert.ok(!isAddressableUserId(dots), dots);
+    assert.ok(isValidUserId(dots), dots);
+  }
+  for (const fine of ['...', '.a', 'a..b', 'alice']) assert.ok(isAddressableUserId(fine), fine);
+  for (const bad of ['', 'a/b', 'x'.repeat(65), undefined]) assert.ok(!isAddressableUserId(bad), String(bad));
 });
 
 test('a message delivered twice (sync + live + history) is kept once', () => {

@@ -104,8 +104,9 @@ impl App {
             let retry_after = not_until.wait_time_from(self.user_limiter.clock().now());
             return Err(SendError::RateLimited { retry_after });
         }
-        let recipient =
-            UserId::parse(recipient).map_err(|e| SendError::InvalidRecipient(e.to_string()))?;
+        // A user named from now on: `.` and `..` could never be reached over REST.
+        let recipient = UserId::parse_addressable(recipient)
+            .map_err(|e| SendError::InvalidRecipient(e.to_string()))?;
         let client_id = ClientMessageId::parse(client_message_id)
             .map_err(|e| SendError::InvalidClientId(e.to_string()))?;
         let conversation = ConversationKey::of(sender, &recipient).ok_or(SendError::SelfMessage)?;
