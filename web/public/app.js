@@ -3,7 +3,7 @@
 // Modules: store.js (local history, ordering, dedup, ack/unread bookkeeping), connection.js
 // (websocket with reconnect/backoff), this file (protocol handling and the DOM).
 
-import { ChatStore, isAddressableUserId, isValidUserId, int } from './store.js';
+import { ChatStore, isAddressableUserId, isValidUserId, int, pastedTokenUser } from './store.js';
 import { Connection, CLOSE } from './connection.js';
 
 const SESSION_KEY = 'chat.v1.session';
@@ -78,17 +78,6 @@ const app = {
 // Session
 // ---------------------------------------------------------------------------------------------
 
-function decodeJwtSubject(token) {
-  try {
-    const part = token.split('.')[1];
-    const json = atob(part.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(part.length / 4) * 4, '='));
-    const sub = JSON.parse(json).sub;
-    return isValidUserId(sub) ? sub : null;
-  } catch {
-    return null;
-  }
-}
-
 function loadSession() {
   try {
     const s = JSON.parse(localStorage.getItem(SESSION_KEY) || 'null');
@@ -110,9 +99,9 @@ async function onSignIn(ev) {
   try {
     let session;
     if (pasted) {
-      const sub = decodeJwtSubject(pasted);
-      if (!sub) throw new Error('That does not look like an access token (a JWT with a user id as subject).');
-      session = { user: sub, token: pasted };
+      const read = pastedTokenUser(pasted);
+      if (read.error) throw new Error(read.error);
+      session = { user: read.user, token: pasted };
     } else {
       if (!isAddressableUserId(user)) {
         $('signin-user').setAttribute('aria-invalid', 'true');

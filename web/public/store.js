@@ -34,6 +34,30 @@ export function isAddressableUserId(s) {
   return isValidUserId(s) && s !== '.' && s !== '..';
 }
 
+/**
+ * The user a pasted access token signs in as: `{ user }`, or `{ error }` saying why it cannot.
+ * Only the subject is read (the gateway checks the signature and the expiry); a subject that is
+ * no user id, or one nobody can be reached at ("." or ".."), is refused here rather than by the
+ * gateway's 401 after the page has stored the session.
+ */
+export function pastedTokenUser(token) {
+  let sub;
+  try {
+    const part = String(token).split('.')[1];
+    const json = atob(part.replace(/-/g, '+').replace(/_/g, '/').padEnd(Math.ceil(part.length / 4) * 4, '='));
+    sub = JSON.parse(json).sub;
+  } catch {
+    return { error: 'That does not look like an access token (a JWT with a user id as subject).' };
+  }
+  if (!isValidUserId(sub)) {
+    return { error: 'That token\'s subject is not a user id (1 to 64 letters, digits, dots, dashes or underscores).' };
+  }
+  if (!isAddressableUserId(sub)) {
+    return { error: `That token is for the user "${sub}", which no one can sign in as: a user id may not be "." or "..".` };
+  }
+  return { user: sub };
+}
+
 /** proto3 JSON carries 64-bit integers as strings and omits zero values. */
 export function int(v) {
   if (v === undefined || v === null || v === '') return 0;

@@ -12,9 +12,9 @@
 //      dropping the socket (4008) and a second tab taking over (4001).
 //   3. a receipt produced while the sender was offline reaches it with the next sync.
 //   4. a new device: hank reads his messages in one browser context (gina's, answered; juno's,
-//      never answered), then signs in from a fresh context: the server's conversation list
-//      brings both (unread 0, with their previews in keep mode), and ivy's messages sent
-//      meanwhile show an unread badge of 2.
+//      never answered), then signs in from a fresh context by pasting his token (one for ".." is
+//      refused on the page first): the server's conversation list brings both (unread 0, with
+//      their previews in keep mode), and ivy's messages sent meanwhile show an unread badge of 2.
 //   5. over https: the page from a gateway serving TLS itself (E2E_GW3) opens its websocket
 //      with wss:// and talks to a user on a plain gateway.
 //
@@ -472,8 +472,19 @@ test('a new device lists every conversation, read ones too, with unread badges',
   const device = await fresh.newPage();
   device.on('pageerror', (e) => console.error('[hank, new device] page error:', e));
   await device.goto('/');
+  // Signed in with a token brought from elsewhere (pasted). First one for "..", which no one can
+  // be reached as: refused on the page, before anything is stored or sent.
+  await device.getByText('Use an access token instead').click();
+  const unsigned = (claims) => ['{"alg":"RS256"}', JSON.stringify(claims)].map((j) => Buffer.from(j).toString('base64url')).join('.') + '.c2ln';
+  await device.getByLabel('Access token (JWT)').fill(unsigned({ sub: '..' }));
+  await device.getByRole('button', { name: 'Sign in' }).click();
+  await device.locator('#signin-error', { hasText: 'may not be "." or ".."' }).waitFor({ timeout: WAIT });
+  assert.equal(await device.evaluate(() => localStorage.getItem('chat.v1.session')), null);
   const listed = device.waitForResponse((r) => new URL(r.url()).pathname === '/conversations');
-  await signIn(device, 'hank');
+  await device.getByLabel('Access token (JWT)').fill(hankToken);
+  await device.getByRole('button', { name: 'Sign in' }).click();
+  await connected(device);
+  await device.locator('#me-name', { hasText: 'hank' }).waitFor({ timeout: WAIT });
   assert.equal((await listed).status(), 200);
 
   const row = (peer) => device.locator(`#contact-list button[data-peer="${peer}"]`);

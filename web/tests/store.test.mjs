@@ -2,7 +2,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ChatStore, STORAGE_PREFIX, isAddressableUserId, isValidUserId, int } from '../public/store.js';
+import { ChatStore, STORAGE_PREFIX, isAddressableUserId, isValidUserId, int, pastedTokenUser } from '../public/store.js';
 import { BACKOFF, Connection, STABLE_MS, backoffCeiling, backoffDelay } from '../public/connection.js';
 
 class MemoryStorage {
@@ -48,6 +48,35 @@ test('a typed user id is neither "." nor "..", which stored ids may still be', (
   }
   for (const fine of ['...', '.a', 'a..b', 'alice']) assert.ok(isAddressableUserId(fine), fine);
   for (const bad of ['', 'a/b', 'x'.repeat(65), undefined]) assert.ok(!isAddressableUserId(bad), String(bad));
+});
+
+test('a pasted token signs in as its subject, unless that is no user id or "." / ".."', () => {
+  // Unsigned tokens with the given claims, base64url as a JWT carries them (no padding).
+  const b64url = (o) => Buffer.from(JSON.stringify(o)).toString('base64').replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+  const token = (claims) => `${b64url({ alg: 'RS256', typ: 'JWT' })}.${b64url(claims)}.c2ln`;
+  for (const user of ['alice', 'a.b-c_9', '...', 'x'.repeat(64)]) {
+    // A claim whose base64url holds '-' and '_', which atob reads only once they are turned back.
+    const t = token({ sub: user, exp: 2000000000, note: '~?~?~?' });
+    assert.match(t.split('.')[1], /-/);
+    assert.match(t.split('.')[1], /_/);
+    assert.deepEqual(pastedTokenUser(t), { user }, user);
+  }
+  assert.deepEqual(pastedTokenUser(`  ${token({ sub: 'bob' })}`.trim()), { user: 'bob' });
+  for (const dots of ['.', '..']) {
+    const r = pastedTokenUser(token({ sub: dots }));
+    assert.equal(r.user, undefined, dots);
+    assert.match(r.error, /may not be "\." or "\.\."/, dots);
+  }
+  for (const sub of ['a/b', '', 'x'.repeat(65), 42, null, undefined]) {
+    const r = pastedTokenUser(token({ sub }));
+    assert.equal(r.user, undefined, String(sub));
+    assert.match(r.error, /subject is not a user id/, String(sub));
+  }
+  for (const junk of ['', 'abc', 'a.b', 'a.!!!.c', `${b64url({})}.${Buffer.from('not json').toString('base64')}.x`, undefined]) {
+    const r = pastedTokenUser(junk);
+    assert.equal(r.user, undefined, String(junk));
+    assert.match(r.error, /does not look like an access token/, String(junk));
+  }
 });
 
 test('a message delivered twice (sync + live + history) is kept once', () => {
