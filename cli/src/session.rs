@@ -144,7 +144,7 @@ impl Session {
         let answer = self
             .request(
                 "PUT",
-                &format!("/messages/{}", segment(to)),
+                &format!("/messages/{}", segment(to, "invalid_recipient")?),
                 Some(json!({ "body": body, "clientMessageId": client_message_id })),
             )
             .await?;
@@ -167,7 +167,7 @@ impl Session {
         if let Some(b) = before {
             query.push(format!("before={b}"));
         }
-        let mut path = format!("/messages/{}", segment(peer));
+        let mut path = format!("/messages/{}", segment(peer, "invalid_user")?);
         if !query.is_empty() {
             path = format!("{path}?{}", query.join("&"));
         }
@@ -202,8 +202,9 @@ impl Session {
 /// `GET /dev/token/{user}` (local stack only).
 pub async fn dev_token(server: &Server, user: &str) -> Result<String, Failure> {
     // Not `Rest::dev_token`: its error drops the status and the server's code.
+    let path = format!("/dev/token/{}", segment(user, "invalid_user")?);
     let r = Rest::with_tls(&server.http, &server.tls)
-        .request("GET", &format!("/dev/token/{}", segment(user)), None, None)
+        .request("GET", &path, None, None)
         .await
         .map_err(|e| Failure::from_client(e, &server.http))?;
     match (r.status, r.body["token"].as_str()) {
@@ -219,21 +220,28 @@ pub async fn dev_token(server: &Server, user: &str) -> Result<String, Failure> {
     }
 }
 
-/// Percent-encodes a path segment (user ids are plain ASCII; anything else is the server's to
-/// refuse, not ours to mangle).
-pub fn segment(s: &str) -> String {
-    // "." and ".." would be resolved away as path steps.
-    let only_dots = s.bytes().all(|b| b == b'.');
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') || (b == b'.' && !only_dots)
-        {
+/// A user id as a path segment, percent-encoded (user ids are plain ASCII; anything else is the
+/// server's to refuse, not ours to mangle). "." and ".." are refused here, as the gateway refuses
+/// them (with `code`): every client resolves them away as path steps (`/messages/..` is `/`), and
+/// the gateway does not decode `%2E`, so no request can name such a user. Other all-dot ids
+/// (`...`) are ordinary segments and go as they are.
+pub fn segment(user: &str, code: &str) -> Result<String, Failure> {
+    if matches!(user, "." | "..") {
+        return Err(Failure::Refused {
+            code: code.to_owned(),
+            message: "user id may not be '.' or '..': a URL cannot hold them as a path segment"
+                .to_owned(),
+        });
+    }
+    let mut out = String::with_capacity(user.len());
+    for b in user.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~' | b'.') {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-    out
+    Ok(out)
 }
 
 /// Asks for the rest of a sync answer that hit the gateway's limit.
@@ -280,11 +288,24 @@ mod tests {
 
     #[test]
     fn path_segments_are_encoded() {
-        assert_eq!(segment("bob"), "bob");
-        assert_eq!(segment("b b"), "b%20b");
-        assert_eq!(segment("a/b"), "a%2Fb");
-        assert_eq!(segment("a.b"), "a.b");
-        assert_eq!(segment("a."), "a.");
-        assert_eq!(segment(".."), "%2E%2E");
+        let seg = |s: &str| segment(s, "invalid_user").expect("a segment");
+        assert_eq!(seg("bob"), "bob");
+        assert_eq!(seg("b b"), "b%20b");
+        assert_eq!(seg("a/b"), "a%2Fb");
+        assert_eq!(seg("a%2E"), "a%252E");
+        assert_eq!(seg("a.b"), "a.b");
+        assert_eq!(seg("a."), "a.");
+        // Three dots and more are a user id like any other: the gateway would refuse `%2E%2E%2E`.
+        assert_eq!(seg("..."), "...");
+        assert_eq!(seg("...."), "....");
+        for dots in [".", ".."] {
+            match segment(dots, "invalid_recipient") {
+                Err(Failure::Refused { code, message }) => {
+                    assert_eq!(code, "invalid_recipient");
+                    assert!(message.contains("may not be '.' or '..'"), "{message}");
+                }
+                other => panic!("{dots:?}: {other:?}"),
+            }
+        }
     }
 }

@@ -337,6 +337,32 @@ async fn login_send_listen_and_history() -> anyhow::Result<()> {
     assert_eq!(out.stdout, "#2 alice: second message\n#3 alice: third\n");
     assert!(out.stderr.contains("--before 2"), "{out:?}");
 
+    // "..." is a user like any other (only "." and ".." are refused): it logs in, is written to
+    // over REST, and both read the conversation's history.
+    let three = dir.user("three-dots");
+    three.login("...", &server).await?;
+    let mut listen = three.spawn(&["listen", "--json"])?;
+    alice
+        .run(&["send", "...", "to three dots"])
+        .await?
+        .assert_ok();
+    assert_eq!(
+        message(&listen.until("message").await?),
+        ("alice", "to three dots", 1)
+    );
+    assert!(listen.terminate().await?.success());
+    for (who, peer) in [(&alice, "..."), (&three, "alice")] {
+        let out = who.run(&["history", peer, "--json"]).await?;
+        out.assert_ok();
+        let lines = out.stdout_json();
+        let messages: Vec<(&str, &str, u64)> = lines
+            .iter()
+            .filter(|l| l["event"] == "message")
+            .map(message)
+            .collect();
+        assert_eq!(messages, [("alice", "to three dots", 1)], "{peer}");
+    }
+
     gw.stop().await;
     mux.stop().await;
     env.teardown().await
@@ -475,6 +501,28 @@ async fn errors_have_clear_messages_and_exit_codes() -> anyhow::Result<()> {
     assert_eq!(out.code, Some(EXIT_REFUSED), "{out:?}");
     assert!(out.stderr.contains("invalid_user"), "{out:?}");
 
+    // "." and ".." name no one a request can reach (clients resolve them as path steps): refused
+    // with the gateway's code and reason, at login, as a recipient (REST and websocket) and as a
+    // peer ("..." is a user like any other: login_send_listen_and_history).
+    for dots in [".", ".."] {
+        let out = nobody.run(&["login", dots, "--server", &server]).await?;
+        assert_eq!(out.code, Some(EXIT_REFUSED), "{dots}: {out:?}");
+        assert!(
+            out.stderr.contains("invalid_user") && out.stderr.contains("may not be '.' or '..'"),
+            "{dots}: {out:?}"
+        );
+        for wait in [false, true] {
+            let extra: &[&str] = if wait { &["--wait-delivered"] } else { &[] };
+            let out = alice
+                .run(&[&["send", dots, "hi", "--json"][..], extra].concat())
+                .await?;
+            assert_eq!(out.code, Some(EXIT_REFUSED), "{dots}, {wait}: {out:?}");
+            assert_eq!(out.error_json()["code"], "invalid_recipient", "{out:?}");
+        }
+        let out = alice.run(&["history", dots, "--json"]).await?;
+        assert_eq!(out.code, Some(EXIT_REFUSED), "{dots}: {out:?}");
+        assert_eq!(out.error_json()["code"], "invalid_user", "{out:?}");
+    }
     gw.stop().await;
     env.teardown().await
 }
