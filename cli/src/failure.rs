@@ -42,6 +42,12 @@ pub enum Failure {
         code: String,
         message: String,
     },
+    /// What the server would refuse with `code`, refused here because no request can carry it
+    /// (exit code and `--json` code as the server's refusal).
+    NotSent {
+        code: &'static str,
+        message: String,
+    },
     Timeout(Duration),
     Replaced,
     Other(anyhow::Error),
@@ -116,7 +122,7 @@ impl Failure {
             Failure::NotLoggedIn(_) => exit::NOT_LOGGED_IN,
             Failure::Unauthorized { .. } => exit::UNAUTHORIZED,
             Failure::Unreachable { .. } => exit::UNREACHABLE,
-            Failure::Refused { .. } => exit::REFUSED,
+            Failure::Refused { .. } | Failure::NotSent { .. } => exit::REFUSED,
             Failure::Timeout(_) => exit::TIMEOUT,
             Failure::Replaced => exit::REPLACED,
             Failure::Other(_) => exit::ERROR,
@@ -131,6 +137,7 @@ impl Failure {
             Failure::Unauthorized { .. } => "unauthorized",
             Failure::Unreachable { .. } => "unreachable",
             Failure::Refused { code, .. } => code,
+            Failure::NotSent { code, .. } => code,
             Failure::Timeout(_) => "timeout",
             Failure::Replaced => "replaced",
             Failure::Other(_) => "error",
@@ -157,6 +164,7 @@ impl Failure {
             Failure::Refused { code, message } => {
                 format!("the server refused it: {code}: {message}")
             }
+            Failure::NotSent { code, message } => format!("not sent: {code}: {message}"),
             Failure::Timeout(d) => format!("no answer within {} s", d.as_secs_f32()),
             Failure::Replaced => {
                 "another session of this user replaced this one (close code 4001)".to_owned()

@@ -39,7 +39,8 @@ Exit codes:
   3  not logged in (run `chat login <user>`)
   4  the server refused the token (HTTP 401)
   5  the server cannot be reached, or is not a chat gateway
-  6  the server refused the request (its code and message are printed)
+  6  the server refused the request (its code and message are printed), or would:
+     a user id of '.' or '..' cannot be sent
   7  timeout (--timeout)
   8  another session of the same user replaced this one";
 

@@ -221,14 +221,14 @@ pub async fn dev_token(server: &Server, user: &str) -> Result<String, Failure> {
 }
 
 /// A user id as a path segment, percent-encoded (user ids are plain ASCII; anything else is the
-/// server's to refuse, not ours to mangle). "." and ".." are refused here, as the gateway refuses
-/// them (with `code`): every client resolves them away as path steps (`/messages/..` is `/`), and
-/// the gateway does not decode `%2E`, so no request can name such a user. Other all-dot ids
-/// (`...`) are ordinary segments and go as they are.
-pub fn segment(user: &str, code: &str) -> Result<String, Failure> {
+/// server's to refuse, not ours to mangle). "." and ".." are refused here with the code the
+/// gateway refuses them with: every client resolves them away as path steps (`/messages/..` is
+/// `/`), and the gateway does not decode `%2E`, so no request can name such a user. Other all-dot
+/// ids (`...`) are ordinary segments and go as they are.
+pub fn segment(user: &str, code: &'static str) -> Result<String, Failure> {
     if matches!(user, "." | "..") {
-        return Err(Failure::Refused {
-            code: code.to_owned(),
+        return Err(Failure::NotSent {
+            code,
             message: "user id may not be '.' or '..': a URL cannot hold them as a path segment"
                 .to_owned(),
         });
@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(seg("...."), "....");
         for dots in [".", ".."] {
             match segment(dots, "invalid_recipient") {
-                Err(Failure::Refused { code, message }) => {
+                Err(Failure::NotSent { code, message }) => {
                     assert_eq!(code, "invalid_recipient");
                     assert!(message.contains("may not be '.' or '..'"), "{message}");
                 }

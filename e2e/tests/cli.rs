@@ -508,7 +508,8 @@ async fn errors_have_clear_messages_and_exit_codes() -> anyhow::Result<()> {
         let out = nobody.run(&["login", dots, "--server", &server]).await?;
         assert_eq!(out.code, Some(EXIT_REFUSED), "{dots}: {out:?}");
         assert!(
-            out.stderr.contains("invalid_user") && out.stderr.contains("may not be '.' or '..'"),
+            out.stderr.starts_with("chat: not sent: invalid_user: ")
+                && out.stderr.contains("may not be '.' or '..'"),
             "{dots}: {out:?}"
         );
         for wait in [false, true] {
