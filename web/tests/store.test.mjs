@@ -61,7 +61,6 @@ test('a pasted token signs in as its subject, unless that is no user id or "." /
     assert.match(t.split('.')[1], /_/);
     assert.deepEqual(pastedTokenUser(t), { user }, user);
   }
-  assert.deepEqual(pastedTokenUser(`  ${token({ sub: 'bob' })}`.trim()), { user: 'bob' });
   for (const dots of ['.', '..']) {
     const r = pastedTokenUser(token({ sub: dots }));
     assert.equal(r.user, undefined, dots);
