@@ -116,13 +116,23 @@ async fn rest_send_validates_and_is_idempotent() -> anyhow::Result<()> {
     assert_eq!(first.body["conversation"], "alice:bob");
     assert!(first.body["sentAtMs"].as_str().is_some());
     let again = rest
-        .request("PUT", "/messages/bob", Some(&alice), Some(body))
+        .request("PUT", "/messages/bob", Some(&alice), Some(body.clone()))
         .await?;
     assert_eq!(again.status, 202);
     assert_eq!(
         again.body["messageId"].as_str(),
         Some(id.as_str()),
         "retry returns the original id"
+    );
+    // A user id in the path is percent-decoded (`%6F` is `o`): the same retry, to bob.
+    let encoded = rest
+        .request("PUT", "/messages/b%6Fb", Some(&alice), Some(body))
+        .await?;
+    assert_eq!(
+        (encoded.status, encoded.body["messageId"].as_str()),
+        (202, Some(id.as_str())),
+        "{}",
+        encoded.body
     );
 
     // Bad input: each a clear status and code.
@@ -186,6 +196,18 @@ async fn rest_send_validates_and_is_idempotent() -> anyhow::Result<()> {
         assert_eq!(ids, vec![id.as_str()]);
     }
     bob.close();
+    // History names the peer the same way, encoded or not: bob's page with alice.
+    let page = rest
+        .request("GET", "/messages/al%69ce", Some(&env.token("bob")), None)
+        .await?;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let ids: Vec<&str> = page.body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["messageId"].as_str())
+        .collect();
+    assert_eq!(ids, vec![id.as_str()]);
     gw.stop().await;
     mux.stop().await;
     env.teardown().await

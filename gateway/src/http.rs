@@ -304,13 +304,13 @@ pub(crate) fn routes(
         .and(connection_slot())
         .and(with_app(app.clone()))
         .map(open_websocket);
-    let send = warp::path!("messages" / String)
+    let send = warp::path!("messages" / PathUser)
         .and(warp::put())
         .and(authenticated(app.clone()))
         .and(json_body::<SendBody>(max_body, config.http.body_timeout))
         .and(with_app(app.clone()))
         .and_then(send_message);
-    let history = warp::path!("messages" / String)
+    let history = warp::path!("messages" / PathUser)
         .and(warp::get())
         .and(authenticated(app.clone()))
         .and(history_query())
@@ -326,7 +326,7 @@ pub(crate) fn routes(
         .and(warp::get())
         .and(authenticated(app.clone()))
         .map(whoami);
-    let dev_token = warp::path!("dev" / "token" / String)
+    let dev_token = warp::path!("dev" / "token" / PathUser)
         .and(warp::get())
         .and(with_app(app.clone()))
         .and_then(dev_token);
@@ -378,10 +378,27 @@ fn open_websocket(
     })
 }
 
+/// A path segment that names a user, percent-decoded: `%2E` and `.` are the same character in
+/// a URL (RFC 3986), so `/messages/a%2Eb` names `a.b`, and `/dev/token/%2E%2E` names `..`, which
+/// the id check then refuses for what it is. A segment that does not decode to UTF-8 stays as
+/// sent, and the id check refuses its `%`.
+struct PathUser(String);
+
+impl std::str::FromStr for PathUser {
+    type Err = Infallible;
+
+    fn from_str(segment: &str) -> Result<Self, Infallible> {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8();
+        Ok(PathUser(
+            decoded.map_or_else(|_| segment.to_owned(), |d| d.into_owned()),
+        ))
+    }
+}
+
 /// `PUT /messages/{user_id}`: sends to that user; 202 with the `Accepted` answer once Kafka
 /// has the message.
 async fn send_message(
-    peer: String,
+    PathUser(peer): PathUser,
     user: UserId,
     body: SendBody,
     app: Arc<App>,
@@ -425,7 +442,7 @@ fn history_query() -> impl Filter<Extract = (HistoryQuery,), Error = Rejection> 
 /// `GET /messages/{user_id}`: a page of the caller's conversation with that user; 503
 /// `shard_unavailable` (with `Retry-After`) while the conversation's shard does not answer.
 async fn history_page(
-    peer: String,
+    PathUser(peer): PathUser,
     user: UserId,
     query: HistoryQuery,
     app: Arc<App>,
@@ -487,7 +504,7 @@ fn whoami(user: UserId) -> impl Reply {
 
 /// `GET /dev/token/{user}` (only with dev tokens enabled, on the local stack): a token for that
 /// user, valid for a day.
-async fn dev_token(user: String, app: Arc<App>) -> Result<impl Reply, Rejection> {
+async fn dev_token(PathUser(user): PathUser, app: Arc<App>) -> Result<impl Reply, Rejection> {
     let Some(issuer) = &app.config().dev_issuer else {
         return Err(reject(
             StatusCode::NOT_FOUND,
@@ -592,7 +609,23 @@ fn generic_refusal(err: &Rejection) -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::is_json;
+    use super::{is_json, PathUser};
+
+    #[test]
+    fn user_ids_in_paths_are_percent_decoded() {
+        let user = |s: &str| s.parse::<PathUser>().expect("never refused").0;
+        assert_eq!(user("bob"), "bob");
+        assert_eq!(user("a%2Eb"), "a.b");
+        assert_eq!(user("%62%6f%62"), "bob");
+        // Decoded, then refused by the id check for what they are.
+        assert_eq!(user("%2E%2E"), "..");
+        assert_eq!(user("a%2Fb"), "a/b");
+        assert_eq!(user("b%20b"), "b b");
+        // Not UTF-8 once decoded, or not an escape: kept as sent (the id check refuses the `%`).
+        assert_eq!(user("%FF"), "%FF");
+        assert_eq!(user("a%2"), "a%2");
+        assert_eq!(user("a%zz"), "a%zz");
+    }
 
     #[test]
     fn json_content_types_are_recognised_with_any_parameters_and_case() {
