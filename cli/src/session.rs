@@ -223,8 +223,9 @@ pub async fn dev_token(server: &Server, user: &str) -> Result<String, Failure> {
 /// A user id as a path segment, percent-encoded (user ids are plain ASCII; anything else is the
 /// server's to refuse, not ours to mangle). "." and ".." are refused here with the code the
 /// gateway refuses them with: every client resolves them away as path steps (`/messages/..` is
-/// `/`), and the gateway does not decode `%2E`, so no request can name such a user. Other all-dot
-/// ids (`...`) are ordinary segments and go as they are.
+/// `/`, and so is `/messages/%2E%2E` to most), and the gateway decodes `%2E%2E` to `..`, so no
+/// request can name such a user. Other all-dot ids (`...`) are ordinary segments and go as they
+/// are.
 pub fn segment(user: &str, code: &'static str) -> Result<String, Failure> {
     if matches!(user, "." | "..") {
         return Err(Failure::NotSent {
@@ -295,7 +296,7 @@ mod tests {
         assert_eq!(seg("a%2E"), "a%252E");
         assert_eq!(seg("a.b"), "a.b");
         assert_eq!(seg("a."), "a.");
-        // Three dots and more are a user id like any other: the gateway would refuse `%2E%2E%2E`.
+        // Three dots and more are a user id like any other, and an ordinary path segment.
         assert_eq!(seg("..."), "...");
         assert_eq!(seg("...."), "....");
         for dots in [".", ".."] {
