@@ -304,7 +304,8 @@ export class ChatStore {
     }
     if (m.deadLettered) return m; // a repeat answer: it was set aside since
     m.messageId = a.messageId || m.messageId;
-    m.sentAtMs = int(a.sentAtMs) || m.sentAtMs;
+    // This attempt's time, until the stored message's is known (`ingest`).
+    if (!m.sentAtStored) m.sentAtMs = int(a.sentAtMs) || m.sentAtMs;
     m.conversation = a.conversation || m.conversation;
     if (m.status === 'sending' || m.status === 'failed') m.status = 'accepted';
     m.error = '';
@@ -440,7 +441,13 @@ export class ChatStore {
     if (m) {
       if (!m.messageId) { m.messageId = w.messageId; changed = true; }
       if (w.seq && m.seq !== w.seq) { m.seq = w.seq; changed = true; }
-      if (w.sentAtMs && !m.sentAtMs) { m.sentAtMs = w.sentAtMs; changed = true; }
+      // The stored message's time wins over an `accepted`'s: a retry's answer carries the
+      // retry's time, the message keeps the first stored attempt's.
+      if (w.sentAtMs && (m.sentAtMs !== w.sentAtMs || !m.sentAtStored)) {
+        m.sentAtMs = w.sentAtMs;
+        m.sentAtStored = true;
+        changed = true;
+      }
       if (w.conversation && !m.conversation) m.conversation = w.conversation;
       // Never replace a body with an empty one: the server erased it (delete-on-ack), we did not.
       if (w.body && !m.body) { m.body = w.body; m.erased = false; changed = true; }
@@ -452,6 +459,7 @@ export class ChatStore {
       }
     } else {
       m = { ...w, createdAt: this.now() };
+      if (w.sentAtMs) m.sentAtStored = true;
       if (!w.body) m.erased = true;
       if (w.sender === this.me) m.status = 'accepted';
       conv.messages.push(m);

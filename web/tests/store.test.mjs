@@ -169,9 +169,33 @@ test('a failed send the server did store is shown as accepted once history says 
   s.ingestPage('bob', [{ ...wire(1, 'alice', 'bob', 'hi'), clientMessageId: m.clientMessageId }], undefined, { latest: true });
   assert.equal(m.status, 'accepted');
   assert.equal(m.messageId, 'id-alice-1');
-  // The late `accepted` of the retry maps onto the same message.
+  // The late `accepted` of the retry maps onto the same message, and its time (the retry's)
+  // does not replace the stored message's.
   s.markAccepted({ clientMessageId: m.clientMessageId, messageId: 'id-alice-1', sentAtMs: '1', conversation: 'alice:bob' });
   assert.equal(s.messages('bob').length, 1);
+  assert.equal(m.sentAtMs, 1_700_000_000_001);
+});
+
+test("a retry's `accepted` gives the message a time until the stored message's comes", () => {
+  const s = new ChatStore('alice', new MemoryStorage(), now);
+  const m = s.addOutgoing('bob', 'hi');
+  // The first attempt's answer was lost; the retry, half an hour on, is answered with its time.
+  s.markAccepted({ clientMessageId: m.clientMessageId, messageId: 'id-alice-1', sentAtMs: '1700000001800', conversation: 'alice:bob' });
+  assert.equal(m.sentAtMs, 1_700_000_001_800);
+  // History brings the stored message: the first attempt's time, which bob was shown.
+  s.ingestPage('bob', [{ ...wire(1, 'alice', 'bob', 'hi'), clientMessageId: m.clientMessageId }], undefined, { latest: true });
+  assert.equal(m.sentAtMs, 1_700_000_000_001);
+  // Yet another answer to a repeat does not move it back, and the time outlives a reload.
+  s.markAccepted({ clientMessageId: m.clientMessageId, messageId: 'id-alice-1', sentAtMs: '1700000002400', conversation: 'alice:bob' });
+  assert.equal(m.sentAtMs, 1_700_000_000_001);
+  const storage = new MemoryStorage();
+  const t = new ChatStore('alice', storage, now);
+  const n = t.addOutgoing('bob', 'hi');
+  t.ingestPage('bob', [{ ...wire(1, 'alice', 'bob', 'hi'), clientMessageId: n.clientMessageId }], undefined, { latest: true });
+  t.save();
+  const reloaded = new ChatStore('alice', storage, now);
+  reloaded.markAccepted({ clientMessageId: n.clientMessageId, messageId: 'id-alice-1', sentAtMs: '1700000002400', conversation: 'alice:bob' });
+  assert.equal(reloaded.messages('bob')[0].sentAtMs, 1_700_000_000_001);
 });
 
 test('delete-on-ack: an erased body from the server never replaces the local one', () => {
