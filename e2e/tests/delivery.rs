@@ -51,7 +51,11 @@ async fn a_retry_with_the_same_client_id_creates_nothing_new() -> anyhow::Result
     assert_eq!(first.message_id, third.message_id);
 
     let got = bob.next_message(WAIT).await?;
-    assert_eq!((got.message_id, got.seq), (first.message_id.clone(), 1));
+    // The message keeps its first attempt's time; each retry's answer carries its own.
+    assert_eq!(
+        (got.message_id, got.seq, got.sent_at_ms),
+        (first.message_id.clone(), 1, first.sent_at_ms)
+    );
     // A marker proves nothing else was delivered before it.
     let marker = alice.send("bob", "marker").await?;
     let next = bob.next_message(WAIT).await?;
