@@ -230,6 +230,15 @@ fn message(v: &Value) -> (&str, &str, u64) {
     )
 }
 
+/// The `message` events of a `--json` output's lines, as [`message`] reads each.
+fn messages(lines: &[Value]) -> Vec<(&str, &str, u64)> {
+    lines
+        .iter()
+        .filter(|l| l["event"] == "message")
+        .map(message)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_send_listen_and_history() -> anyhow::Result<()> {
     let env = TestEnv::new(2, &["gw1"]).await?;
@@ -312,13 +321,8 @@ async fn login_send_listen_and_history() -> anyhow::Result<()> {
     let out = bob.run(&["history", "alice", "--json"]).await?;
     out.assert_ok();
     let lines = out.stdout_json();
-    let messages: Vec<(&str, &str, u64)> = lines
-        .iter()
-        .filter(|l| l["event"] == "message")
-        .map(message)
-        .collect();
     assert_eq!(
-        messages,
+        messages(&lines),
         [
             ("alice", "hi", 1),
             ("alice", "second message", 2),
@@ -355,12 +359,7 @@ async fn login_send_listen_and_history() -> anyhow::Result<()> {
         let out = who.run(&["history", peer, "--json"]).await?;
         out.assert_ok();
         let lines = out.stdout_json();
-        let messages: Vec<(&str, &str, u64)> = lines
-            .iter()
-            .filter(|l| l["event"] == "message")
-            .map(message)
-            .collect();
-        assert_eq!(messages, [("alice", "to three dots", 1)], "{peer}");
+        assert_eq!(messages(&lines), [("alice", "to three dots", 1)], "{peer}");
     }
 
     gw.stop().await;
